@@ -1,0 +1,226 @@
+//! A Llama-style tokenizer over the Hugging Face `tokenizers` crate.
+//!
+//! Loads any `tokenizer.json` (the Llama 2 one included: SentencePiece-style BPE with byte
+//! fallback, `<unk>`=0, `<s>`=1, `</s>`=2, no pad token), and trains one offline from text with the
+//! same conventions, so the shipped default needs no download.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use tokenizers::decoders::byte_fallback::ByteFallback;
+use tokenizers::decoders::fuse::Fuse;
+use tokenizers::decoders::sequence::Sequence as DecoderSequence;
+use tokenizers::decoders::strip::Strip;
+use tokenizers::normalizers::replace::Replace;
+use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
+use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
+use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerBuilder};
+
+use crate::DataError;
+
+pub const UNK: &str = "<unk>";
+pub const BOS: &str = "<s>";
+pub const EOS: &str = "</s>";
+
+/// A loaded tokenizer and the ids the pipeline needs. There is deliberately no pad id: padding
+/// positions are masked, never trained as EOS.
+#[derive(Clone)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    bos: u32,
+    eos: u32,
+    unk: Option<u32>,
+    fingerprint: String,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tokenizer")
+            .field("vocab_size", &self.vocab_size())
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("fingerprint", &self.fingerprint)
+            .finish()
+    }
+}
+
+impl Tokenizer {
+    /// Loads a `tokenizer.json`; it must define `<s>` and `</s>`.
+    pub fn from_file(path: &Path) -> Result<Self, DataError> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| DataError::Tokenizer(format!("{}: cannot load tokenizer: {e}", path.display())))?;
+        Self::from_inner(inner, &path.display().to_string())
+    }
+
+    fn from_inner(inner: tokenizers::Tokenizer, origin: &str) -> Result<Self, DataError> {
+        let id = |t: &str| inner.token_to_id(t);
+        let bos = id(BOS).ok_or_else(|| DataError::Tokenizer(format!("{origin}: no `{BOS}` (BOS) token")))?;
+        let eos = id(EOS).ok_or_else(|| DataError::Tokenizer(format!("{origin}: no `{EOS}` (EOS) token")))?;
+        let json = inner.to_string(false).map_err(|e| DataError::Tokenizer(format!("{origin}: {e}")))?;
+        let fingerprint = format!("sha256:{:x}", Sha256::digest(json.as_bytes()));
+        Ok(Self { unk: id(UNK), inner, bos, eos, fingerprint })
+    }
+
+    /// Trains a BPE tokenizer with byte fallback on `texts`, Llama-style: `<unk>`=0, `<s>`=1,
+    /// `</s>`=2, then the 256 byte tokens `<0x00>`..`<0xFF>`, then merges; words are split on
+    /// spaces (marked `▁`, as SentencePiece does) and digits are split one by one.
+    pub fn train<I, S>(texts: I, vocab_size: usize) -> Result<Self, DataError>
+    where
+        I: Iterator<Item = S> + Send,
+        S: AsRef<str> + Send,
+    {
+        if vocab_size < 3 + 256 + 1 {
+            return Err(DataError::Tokenizer(format!("vocab_size {vocab_size} is too small: it needs 259 reserved tokens and some merges")));
+        }
+        let bpe = BPE::builder()
+            .byte_fallback(true)
+            .unk_token(UNK.into())
+            .build()
+            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let mut specials: Vec<AddedToken> = [UNK, BOS, EOS].iter().map(|t| AddedToken::from(*t, true)).collect();
+        specials.extend((0..=255u8).map(|b| AddedToken::from(format!("<0x{b:02X}>"), true)));
+        let mut trainer = BpeTrainerBuilder::new()
+            .vocab_size(vocab_size)
+            .min_frequency(2)
+            .special_tokens(specials)
+            .show_progress(false)
+            .build();
+        let pre: Vec<PreTokenizerWrapper> =
+            vec![Metaspace::new('▁', PrependScheme::First, true).into(), Digits::new(true).into()];
+        // Llama's own decoder chain: ▁ -> space, bytes, fuse, drop the one leading space.
+        let replace = Replace::new("▁", " ").map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let decoder: Vec<DecoderWrapper> = vec![replace.into(), ByteFallback::new().into(), Fuse::new().into(), Strip::new(' ', 1, 0).into()];
+        let mut trainable = TokenizerBuilder::new()
+            .with_model(bpe)
+            .with_normalizer(None::<tokenizers::NormalizerWrapper>)
+            .with_pre_tokenizer(Some(PreTokenizerWrapper::Sequence(PreSequence::new(pre))))
+            .with_post_processor(None::<tokenizers::PostProcessorWrapper>)
+            .with_decoder(Some(DecoderWrapper::Sequence(DecoderSequence::new(decoder))))
+            .build()
+            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        trainable.train(&mut trainer, texts).map_err(|e| DataError::Tokenizer(format!("training failed: {e}")))?;
+        // Rebuild with only <unk>/<s>/</s> as special added tokens: byte tokens stay ordinary
+        // vocabulary so that decoding with `skip_special_tokens` keeps byte-fallback text.
+        let mut inner = tokenizers::Tokenizer::new(trainable.get_model().clone());
+        inner.with_pre_tokenizer(trainable.get_pre_tokenizer().cloned());
+        inner.with_decoder(trainable.get_decoder().cloned());
+        inner
+            .add_special_tokens([AddedToken::from(UNK, true), AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
+            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let tok = Self::from_inner(inner, "trained tokenizer")?;
+        debug_assert_eq!((tok.unk, tok.bos, tok.eos), (Some(0), 1, 2));
+        Ok(tok)
+    }
+
+    /// Writes `tokenizer.json` (through a temporary file and a rename).
+    pub fn save(&self, path: &Path) -> Result<(), DataError> {
+        let json = self.inner.to_string(true).map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        crate::write_atomic(path, json.as_bytes())
+    }
+
+    /// Token ids of `text`, with BOS before and/or EOS after when asked.
+    pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Result<Vec<u32>, DataError> {
+        let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
+        let mut ids = Vec::with_capacity(enc.len() + 2);
+        if bos {
+            ids.push(self.bos);
+        }
+        ids.extend_from_slice(enc.get_ids());
+        if eos {
+            ids.push(self.eos);
+        }
+        Ok(ids)
+    }
+
+    /// Encodes many texts in parallel (rayon, inside `tokenizers`), without BOS/EOS.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, DataError> {
+        let encs = self
+            .inner
+            .encode_batch(texts.to_vec(), false)
+            .map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    /// Text of `ids`; special tokens (BOS, EOS, unk) are dropped.
+    pub fn decode(&self, ids: &[u32]) -> Result<String, DataError> {
+        self.inner.decode(ids, true).map_err(|e| DataError::Tokenizer(format!("cannot decode: {e}")))
+    }
+
+    /// Number of ids, added tokens included: every id the tokenizer can produce is below it.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn bos_id(&self) -> u32 {
+        self.bos
+    }
+    pub fn eos_id(&self) -> u32 {
+        self.eos
+    }
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk
+    }
+    /// Llama 2 has no pad token, and neither do we: pads are masked, not aliased to EOS.
+    pub fn pad_id(&self) -> Option<u32> {
+        None
+    }
+
+    /// `sha256:` of the canonical JSON; shard manifests record it.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn inner(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn corpus() -> Vec<String> {
+        let base = "The quick brown fox jumps over the lazy dog. In 1961 the jury said 42 things about the election.";
+        (0..50).map(|i| format!("{base} Sentence number {i} talks about the fox and the dog.")).collect()
+    }
+
+    #[test]
+    fn trained_tokenizer_has_llama_ids_and_round_trips() {
+        let tok = Tokenizer::train(corpus().iter(), 400).unwrap();
+        assert_eq!((tok.unk_id(), tok.bos_id(), tok.eos_id(), tok.pad_id()), (Some(0), 1, 2, None));
+        assert_eq!(tok.token_to_id("<0x41>"), Some(3 + 0x41));
+        assert!(tok.vocab_size() <= 400);
+        let text = "The lazy fox said 1961 things.";
+        let ids = tok.encode(text, true, true).unwrap();
+        assert_eq!(ids[0], 1);
+        assert_eq!(*ids.last().unwrap(), 2);
+        assert_eq!(tok.decode(&ids).unwrap(), text);
+        // Digits are split one by one.
+        let digits = tok.encode("1961", false, false).unwrap();
+        assert!(digits.len() >= 4, "{digits:?}");
+        // Characters never seen in training fall back to bytes and come back intact.
+        let odd = "naïve – 漢字";
+        assert_eq!(tok.decode(&tok.encode(odd, false, false).unwrap()).unwrap(), odd);
+        assert!(!tok.encode(odd, false, false).unwrap().contains(&0), "no <unk> with byte fallback");
+    }
+
+    #[test]
+    fn save_and_load_preserve_fingerprint_and_ids() {
+        let tok = Tokenizer::train(corpus().iter(), 320).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        let back = Tokenizer::from_file(&path).unwrap();
+        assert_eq!(back.fingerprint(), tok.fingerprint());
+        let text = "the jury and the fox";
+        assert_eq!(back.encode(text, true, false).unwrap(), tok.encode(text, true, false).unwrap());
+        std::fs::write(&path, "{not json").unwrap();
+        assert!(Tokenizer::from_file(&path).unwrap_err().to_string().contains("tokenizer.json"));
+    }
+}

@@ -1,0 +1,381 @@
+//! The Llama architecture hyper-parameters: loading, validation, parameter and memory counting.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ModelError;
+
+/// Hyper-parameters of a Llama model, as found in the `[model]` table of a run's TOML file.
+///
+/// Defaults are those of Llama 2 (RMSNorm eps 1e-5, RoPE theta 10000, context 4096, vocab 32000,
+/// untied output projection). `configs/7b.toml`, `13b.toml` and `70b.toml` are the paper's presets.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LlamaConfig {
+    /// Width of the residual stream.
+    pub dim: usize,
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Number of query heads.
+    pub n_heads: usize,
+    /// Number of key/value heads (grouped-query attention); `n_heads` when absent.
+    #[serde(default)]
+    pub n_kv_heads: Option<usize>,
+    /// Vocabulary size (rows of the embedding and of the output projection).
+    #[serde(default = "default_vocab_size")]
+    pub vocab_size: usize,
+    /// The SwiGLU hidden width is rounded up to a multiple of this.
+    #[serde(default = "default_multiple_of")]
+    pub multiple_of: usize,
+    /// Optional factor applied to the SwiGLU hidden width before rounding (1.3 for 70B).
+    #[serde(default)]
+    pub ffn_dim_multiplier: Option<f64>,
+    /// Explicit SwiGLU hidden width; overrides the formula (Hugging Face `intermediate_size`).
+    #[serde(default)]
+    pub ffn_hidden_dim: Option<usize>,
+    /// RMSNorm epsilon: 1e-5 for Llama 2 (1e-6 is a known porting bug).
+    #[serde(default = "default_norm_eps")]
+    pub norm_eps: f64,
+    /// RoPE base frequency.
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f64,
+    /// Longest sequence the model is built for (RoPE table and KV cache bound).
+    #[serde(default = "default_max_seq_len")]
+    pub max_seq_len: usize,
+    /// Share the embedding matrix with the output projection.
+    #[serde(default)]
+    pub tie_word_embeddings: bool,
+}
+
+fn default_vocab_size() -> usize {
+    32000
+}
+fn default_multiple_of() -> usize {
+    256
+}
+fn default_norm_eps() -> f64 {
+    1e-5
+}
+fn default_rope_theta() -> f64 {
+    10000.0
+}
+fn default_max_seq_len() -> usize {
+    4096
+}
+
+/// Storage precision used by the memory estimate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Precision {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl Precision {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Precision::F32 => 4,
+            Precision::Bf16 | Precision::F16 => 2,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "f32" | "fp32" | "float32" => Some(Self::F32),
+            "bf16" | "bfloat16" => Some(Self::Bf16),
+            "f16" | "fp16" | "float16" => Some(Self::F16),
+            _ => None,
+        }
+    }
+}
+
+/// Estimated training memory of one device, in bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct MemoryEstimate {
+    pub weights: u64,
+    /// f32 master copy kept beside low-precision weights (0 in f32).
+    pub master_weights: u64,
+    pub gradients: u64,
+    /// AdamW first and second moments, always f32.
+    pub optimizer: u64,
+    pub activations: u64,
+}
+
+impl MemoryEstimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.master_weights + self.gradients + self.optimizer + self.activations
+    }
+}
+
+impl LlamaConfig {
+    /// A config with the given shape and every other value at the Llama 2 default.
+    pub fn new(dim: usize, n_layers: usize, n_heads: usize) -> Self {
+        Self {
+            dim,
+            n_layers,
+            n_heads,
+            n_kv_heads: None,
+            vocab_size: default_vocab_size(),
+            multiple_of: default_multiple_of(),
+            ffn_dim_multiplier: None,
+            ffn_hidden_dim: None,
+            norm_eps: default_norm_eps(),
+            rope_theta: default_rope_theta(),
+            max_seq_len: default_max_seq_len(),
+            tie_word_embeddings: false,
+        }
+    }
+
+    pub fn with_vocab_size(mut self, v: usize) -> Self {
+        self.vocab_size = v;
+        self
+    }
+    pub fn with_n_kv_heads(mut self, n: usize) -> Self {
+        self.n_kv_heads = Some(n);
+        self
+    }
+    pub fn with_multiple_of(mut self, m: usize) -> Self {
+        self.multiple_of = m;
+        self
+    }
+    pub fn with_max_seq_len(mut self, n: usize) -> Self {
+        self.max_seq_len = n;
+        self
+    }
+    pub fn with_tie_word_embeddings(mut self, tie: bool) -> Self {
+        self.tie_word_embeddings = tie;
+        self
+    }
+
+    /// Reads the `[model]` table of a TOML file (or a file that is only that table's keys) and
+    /// validates it. Errors name the file and the key.
+    pub fn from_toml_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ModelError::Io(format!("cannot read {}: {e}", path.display())))?;
+        Self::from_toml_str(&text, &path.display().to_string())
+    }
+
+    /// Parses TOML text holding a `[model]` table; `origin` names the source in errors.
+    pub fn from_toml_str(text: &str, origin: &str) -> Result<Self, ModelError> {
+        #[derive(Deserialize)]
+        struct Wrapper {
+            model: toml::Value,
+        }
+        let value: toml::Table = toml::from_str(text)
+            .map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
+        let model = if value.contains_key("model") {
+            let w: Wrapper = toml::Value::Table(value)
+                .try_into()
+                .map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
+            w.model
+        } else {
+            return Err(ModelError::Config(format!("{origin}: missing table [model]")));
+        };
+        let cfg: LlamaConfig = model
+            .try_into()
+            .map_err(|e| ModelError::Config(format!("{origin}: in [model]: {e}")))?;
+        cfg.validate().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
+        Ok(cfg)
+    }
+
+    /// Checks every relation the architecture needs; the message names the offending key.
+    pub fn validate(&self) -> Result<(), String> {
+        let positive = [
+            ("model.dim", self.dim),
+            ("model.n_layers", self.n_layers),
+            ("model.n_heads", self.n_heads),
+            ("model.vocab_size", self.vocab_size),
+            ("model.multiple_of", self.multiple_of),
+            ("model.max_seq_len", self.max_seq_len),
+        ];
+        for (key, v) in positive {
+            if v == 0 {
+                return Err(format!("{key} must be > 0"));
+            }
+        }
+        if self.dim % self.n_heads != 0 {
+            return Err(format!(
+                "model.dim ({}) must be divisible by model.n_heads ({})",
+                self.dim, self.n_heads
+            ));
+        }
+        if self.head_dim() % 2 != 0 {
+            return Err(format!(
+                "model.dim / model.n_heads = {} must be even (RoPE rotates pairs)",
+                self.head_dim()
+            ));
+        }
+        let kv = self.n_kv_heads();
+        if kv == 0 || self.n_heads % kv != 0 {
+            return Err(format!(
+                "model.n_kv_heads ({kv}) must be > 0 and divide model.n_heads ({})",
+                self.n_heads
+            ));
+        }
+        if let Some(m) = self.ffn_dim_multiplier {
+            if !(m.is_finite() && m > 0.0) {
+                return Err(format!("model.ffn_dim_multiplier must be a positive number, got {m}"));
+            }
+        }
+        if self.ffn_hidden_dim == Some(0) {
+            return Err("model.ffn_hidden_dim must be > 0".into());
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(format!("model.norm_eps must be > 0, got {}", self.norm_eps));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(format!("model.rope_theta must be > 0, got {}", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    pub fn n_kv_heads(&self) -> usize {
+        self.n_kv_heads.unwrap_or(self.n_heads)
+    }
+
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+
+    /// SwiGLU hidden width, as Meta's reference computes it:
+    /// `int(2 * 4d / 3)`, times the multiplier if set, rounded up to `multiple_of`.
+    pub fn ffn_hidden(&self) -> usize {
+        if let Some(h) = self.ffn_hidden_dim {
+            return h;
+        }
+        let mut hidden = 2 * 4 * self.dim / 3;
+        if let Some(m) = self.ffn_dim_multiplier {
+            hidden = (m * hidden as f64) as usize;
+        }
+        hidden.div_ceil(self.multiple_of) * self.multiple_of
+    }
+
+    /// Exact number of parameters, computed without allocating weights.
+    pub fn num_params(&self) -> u64 {
+        let d = self.dim as u64;
+        let hd = self.head_dim() as u64;
+        let q = self.n_heads as u64 * hd;
+        let kv = self.n_kv_heads() as u64 * hd;
+        let f = self.ffn_hidden() as u64;
+        let v = self.vocab_size as u64;
+        let attention = d * q + 2 * d * kv + q * d;
+        let ffn = 3 * d * f;
+        let norms = 2 * d;
+        let per_layer = attention + ffn + norms;
+        let embeddings = v * d;
+        let output = if self.tie_word_embeddings { 0 } else { v * d };
+        embeddings + self.n_layers as u64 * per_layer + d + output
+    }
+
+    /// Forward+backward FLOPs per token for training at sequence length `seq_len`:
+    /// `6 * N_matmul + 12 * n_layers * dim * seq_len` (PaLM appendix B; embedding lookups excluded).
+    pub fn train_flops_per_token(&self, seq_len: usize) -> f64 {
+        // The input embedding is a lookup, not a matmul; when tied, the shared matrix is counted
+        // once, as the output projection. Norm weights are elementwise.
+        let embedding = if self.tie_word_embeddings { 0 } else { (self.vocab_size * self.dim) as u64 };
+        let norms = (2 * self.n_layers as u64 + 1) * self.dim as u64;
+        let n = self.num_params() - embedding - norms;
+        6.0 * n as f64 + 12.0 * (self.n_layers * self.dim * seq_len) as f64
+    }
+
+    /// Memory needed to train on one device with `micro_batch` sequences of `seq_len` tokens.
+    ///
+    /// Weights, gradients in `precision`; AdamW moments in f32; an f32 master copy when
+    /// `precision` is not f32. Activations count the tensors our forward keeps for backward
+    /// (no recomputation, attention scores materialised as the autodiff fallback does), plus the
+    /// logits and their f32 softmax. An estimate: allocator slack and workspace are not counted.
+    pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, precision: Precision) -> MemoryEstimate {
+        let p = self.num_params();
+        let b = precision.bytes();
+        let tokens = (micro_batch * seq_len) as u64;
+        let d = self.dim as u64;
+        let kv = (self.n_kv_heads() * self.head_dim()) as u64;
+        let f = self.ffn_hidden() as u64;
+        let h = self.n_heads as u64;
+        let t = seq_len as u64;
+        // Per token and layer: two norm inputs and outputs (4d), q/k/v (d + 2kv), RoPE'd q/k
+        // (d + kv), expanded k/v for GQA (2d), scores and probabilities (2 h t), attention output
+        // (d), residuals (2d), SwiGLU gate, up, silu and product (4f).
+        let per_token_layer = 4 * d + (d + 2 * kv) + (d + kv) + 2 * d + 2 * h * t + d + 2 * d + 4 * f;
+        let layers = tokens * self.n_layers as u64 * per_token_layer * b;
+        let logits = tokens * self.vocab_size as u64 * (b + 4 + 4);
+        MemoryEstimate {
+            weights: p * b,
+            master_weights: if precision == Precision::F32 { 0 } else { p * 4 },
+            gradients: p * b,
+            optimizer: 2 * p * 4,
+            activations: layers + logits,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn preset(name: &str) -> LlamaConfig {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name);
+        LlamaConfig::from_toml_file(&path).unwrap()
+    }
+
+    #[test]
+    fn parameter_counts_match_released_checkpoints() {
+        assert_eq!(preset("7b.toml").num_params(), 6_738_415_616);
+        assert_eq!(preset("13b.toml").num_params(), 13_015_864_320);
+        assert_eq!(preset("70b.toml").num_params(), 68_976_648_192);
+    }
+
+    #[test]
+    fn ffn_hidden_follows_meta_formula() {
+        assert_eq!(preset("7b.toml").ffn_hidden(), 11008);
+        assert_eq!(preset("13b.toml").ffn_hidden(), 13824);
+        assert_eq!(preset("70b.toml").ffn_hidden(), 28672);
+    }
+
+    #[test]
+    fn unknown_and_missing_keys_are_named() {
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nfoo = 1\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("x.toml") && err.contains("foo"), "{err}");
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_heads = 4\n", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("n_layers"), "{err}");
+        let err = LlamaConfig::from_toml_str("[model]\ndim = \"big\"\nn_layers = 2\nn_heads = 4\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dim"), "{err}");
+        let err = LlamaConfig::from_toml_str("dim = 64", "x.toml").unwrap_err().to_string();
+        assert!(err.contains("[model]"), "{err}");
+    }
+
+    #[test]
+    fn invalid_relations_are_rejected_with_the_key() {
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 66\nn_layers = 2\nn_heads = 4\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.dim"), "{err}");
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 3\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.n_kv_heads"), "{err}");
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nnorm_eps = -1.0\n", "x.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model.norm_eps"), "{err}");
+    }
+
+    #[test]
+    fn memory_estimate_counts_adam_and_master_weights() {
+        let c = preset("7b.toml");
+        let p = c.num_params();
+        let m32 = c.memory_estimate(1, 4096, Precision::F32);
+        assert_eq!(m32.weights, 4 * p);
+        assert_eq!(m32.optimizer, 8 * p);
+        assert_eq!(m32.master_weights, 0);
+        let m16 = c.memory_estimate(1, 4096, Precision::Bf16);
+        assert_eq!(m16.weights, 2 * p);
+        assert_eq!(m16.master_weights, 4 * p);
+        assert!(m16.activations < m32.activations);
+    }
+}

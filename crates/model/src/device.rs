@@ -1,0 +1,69 @@
+//! Run-time device selection: `flex` (CPU, always built), `vulkan[:N]`, `wgpu[:N]`, `cuda[:N]`
+//! (each present only when its cargo feature is enabled).
+
+use burn::tensor::Device;
+
+use crate::ModelError;
+
+/// Names of the devices this binary was built with, for `--help` and error messages.
+pub fn available() -> Vec<&'static str> {
+    let mut names = vec!["flex"];
+    if cfg!(feature = "vulkan") {
+        names.push("vulkan[:N]");
+    }
+    if cfg!(feature = "wgpu") {
+        names.push("wgpu[:N]");
+    }
+    if cfg!(feature = "cuda") {
+        names.push("cuda[:N]");
+    }
+    names
+}
+
+/// Parses `flex`, `vulkan`, `vulkan:1`, `wgpu`, `cuda`, `cuda:0`, ... into a Burn device.
+pub fn parse(spec: &str) -> Result<Device, ModelError> {
+    let (kind, index) = match spec.split_once(':') {
+        Some((k, i)) => {
+            let i: usize = i.parse().map_err(|_| {
+                ModelError::Device(format!("device `{spec}`: `{i}` is not a device index (expected e.g. cuda:0)"))
+            })?;
+            (k, Some(i))
+        }
+        None => (spec, None),
+    };
+    #[allow(unused_variables)]
+    let index_or_0 = index.unwrap_or(0);
+    match kind {
+        "flex" | "cpu" if index.is_none() => Ok(Device::flex()),
+        #[cfg(feature = "vulkan")]
+        "vulkan" => Ok(Device::vulkan(gpu_kind(index))),
+        #[cfg(feature = "wgpu")]
+        "wgpu" => Ok(Device::wgpu(gpu_kind(index))),
+        #[cfg(feature = "cuda")]
+        "cuda" => Ok(Device::cuda(index_or_0)),
+        _ => Err(ModelError::Device(format!(
+            "device `{spec}` is not available in this build; available: {} \
+             (GPU backends are cargo features: --features vulkan|wgpu|cuda)",
+            available().join(", ")
+        ))),
+    }
+}
+
+#[cfg(any(feature = "vulkan", feature = "wgpu"))]
+fn gpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
+    match index {
+        Some(i) => burn::tensor::DeviceKind::DiscreteGpu(i),
+        None => burn::tensor::DeviceKind::DefaultDevice,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn parses_flex_and_rejects_unknown() {
+        assert!(super::parse("flex").is_ok());
+        let err = super::parse("tpu:0").unwrap_err().to_string();
+        assert!(err.contains("tpu:0") && err.contains("flex"), "{err}");
+        assert!(super::parse("cuda:x").is_err());
+    }
+}

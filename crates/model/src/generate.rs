@@ -1,0 +1,282 @@
+//! Batched generation with a KV cache: B prompts of different lengths, temperature / top-k /
+//! top-p / greedy sampling, per-row stop on EOS or `max_new_tokens`, seeded and reproducible.
+//!
+//! Prompts are left-padded to a common length and pad keys are masked. RoPE depends only on the
+//! distance between a query and a key, so a row shifted right by its padding sees exactly the
+//! attention it would see unpadded (up to float rounding): the logits equal those of a full forward
+//! pass over the row alone.
+//!
+//! The log-probability returned for each generated token is that of the model's own distribution
+//! (log-softmax of the raw logits, temperature 1, no top-k/top-p filtering): the quantity PPO's
+//! trainer recomputes, so the two can be compared directly.
+
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::{KvCache, Llama, ModelError};
+
+/// How to pick each next token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingConfig {
+    /// Softmax temperature; 0 means greedy (argmax).
+    pub temperature: f32,
+    /// Keep only the `k` most likely tokens (None or 0: no limit).
+    pub top_k: Option<usize>,
+    /// Keep the smallest set of tokens whose probability reaches `p` (None or >= 1: no limit).
+    pub top_p: Option<f32>,
+    pub max_new_tokens: usize,
+    /// Stop a row when it produces this token (it is included in the output).
+    pub eos_id: Option<u32>,
+    pub seed: u64,
+}
+
+impl Default for SamplingConfig {
+    fn default() -> Self {
+        Self { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 64, eos_id: Some(2), seed: 0 }
+    }
+}
+
+impl SamplingConfig {
+    pub fn greedy(max_new_tokens: usize) -> Self {
+        Self { temperature: 0.0, max_new_tokens, ..Self::default() }
+    }
+
+    pub fn validate(&self) -> Result<(), ModelError> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ModelError::Generation(format!("temperature must be >= 0, got {}", self.temperature)));
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(ModelError::Generation(format!("top_p must be in (0, 1], got {p}")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What [`generate`] returns, one entry per prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generation {
+    /// Generated tokens (the prompt excluded; the EOS included when the row stopped on it).
+    pub tokens: Vec<Vec<u32>>,
+    /// `log p(token | prefix)` under the model, for each generated token.
+    pub logprobs: Vec<Vec<f32>>,
+    /// Whether the row stopped on EOS (false: it hit `max_new_tokens`).
+    pub stopped_on_eos: Vec<bool>,
+}
+
+/// Incremental decoder over a left-padded batch; [`generate`] drives it, tests use it to compare
+/// cached logits with full forward passes.
+pub struct BatchDecoder<'a> {
+    model: &'a Llama,
+    cache: KvCache,
+    /// Left padding of each row.
+    pad: Vec<usize>,
+    device: Device,
+}
+
+impl<'a> BatchDecoder<'a> {
+    /// Feeds the prompts and returns the logits for the first new token of each row.
+    ///
+    /// # Shapes
+    /// - output: `[batch, vocab]`
+    pub fn prefill(model: &'a Llama, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<(Self, Tensor<2>), ModelError> {
+        if prompts.is_empty() {
+            return Err(ModelError::Generation("no prompts to generate from".into()));
+        }
+        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+            return Err(ModelError::Generation(format!("prompt {i} is empty (it needs at least a BOS token)")));
+        }
+        let vocab = model.vocab_size();
+        for (i, p) in prompts.iter().enumerate() {
+            if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
+                return Err(ModelError::Generation(format!("prompt {i}: token id {t} is outside the vocabulary (size {vocab})")));
+            }
+        }
+        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+        let total = longest + max_new_tokens;
+        if total > model.max_seq_len() {
+            return Err(ModelError::Generation(format!(
+                "longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's max_seq_len ({})",
+                model.max_seq_len()
+            )));
+        }
+        let device = model.tok_embeddings.weight.device();
+        let batch = prompts.len();
+        let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+        let mut ids = Vec::with_capacity(batch * longest);
+        for (p, &n) in prompts.iter().zip(&pad) {
+            ids.extend(std::iter::repeat_n(0i64, n));
+            ids.extend(p.iter().map(|&t| t as i64));
+        }
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, longest]), &device);
+        // A pad query may see earlier pads (so no softmax row is empty); a real query never sees a pad.
+        let mut mask = Vec::with_capacity(batch * longest * longest);
+        for &n in &pad {
+            for q in 0..longest {
+                for k in 0..longest {
+                    mask.push(k < n && q >= n);
+                }
+            }
+        }
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(mask, [batch, longest, longest]), &device);
+        let mut cache = KvCache::for_model(model, batch, total);
+        let logits = model.forward_cached(tokens, &mut cache, Some(mask));
+        let last = logits.slice([0..batch, longest - 1..longest]).squeeze_dim::<2>(1);
+        Ok((Self { model, cache, pad, device }, last))
+    }
+
+    /// Feeds one token per row and returns the logits for the next one.
+    ///
+    /// # Shapes
+    /// - output: `[batch, vocab]`
+    pub fn step(&mut self, next: &[u32]) -> Tensor<2> {
+        let batch = self.pad.len();
+        let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
+        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, 1]), &self.device);
+        let keys = self.cache.len() + 1;
+        let mask: Vec<bool> = self.pad.iter().flat_map(|&n| (0..keys).map(move |k| k < n)).collect();
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(mask, [batch, 1, keys]), &self.device);
+        self.model.forward_cached(tokens, &mut self.cache, Some(mask)).squeeze_dim::<2>(1)
+    }
+}
+
+/// Generates up to `config.max_new_tokens` tokens after each prompt.
+///
+/// Run it on a model without autodiff (`model.valid()` or a plain device): generation keeps no
+/// graph. Row `i` draws from its own RNG seeded by `(seed, i)`, so a row's sample depends only on
+/// the seed, its prompt and its index.
+pub fn generate(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig) -> Result<Generation, ModelError> {
+    config.validate()?;
+    let batch = prompts.len();
+    let (mut decoder, mut logits) = BatchDecoder::prefill(model, prompts, config.max_new_tokens)?;
+    let mut rngs: Vec<StdRng> = (0..batch)
+        .map(|i| StdRng::seed_from_u64(config.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
+        .collect();
+    let mut out = Generation { tokens: vec![vec![]; batch], logprobs: vec![vec![]; batch], stopped_on_eos: vec![false; batch] };
+    let vocab = model.vocab_size();
+    for step in 0..config.max_new_tokens {
+        let host: Vec<f32> = logits
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec()
+            .map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
+        let mut next = vec![config.eos_id.unwrap_or(0); batch];
+        for (row, row_logits) in host.chunks(vocab).enumerate() {
+            if out.stopped_on_eos[row] {
+                continue;
+            }
+            let token = sample(row_logits, config, &mut rngs[row]);
+            out.tokens[row].push(token as u32);
+            out.logprobs[row].push(log_softmax_at(row_logits, token));
+            next[row] = token as u32;
+            if config.eos_id == Some(token as u32) {
+                out.stopped_on_eos[row] = true;
+            }
+        }
+        if out.stopped_on_eos.iter().all(|&s| s) || step + 1 == config.max_new_tokens {
+            break;
+        }
+        logits = decoder.step(&next);
+    }
+    Ok(out)
+}
+
+/// `log softmax(logits)[index]`, computed stably in f64.
+pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    (logits[index] as f64 - max - sum.ln()) as f32
+}
+
+/// Picks one token from a row of logits according to `config`.
+pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> usize {
+    if config.temperature == 0.0 {
+        return argmax(logits);
+    }
+    let mut order: Vec<usize> = (0..logits.len()).collect();
+    order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
+    if let Some(k) = config.top_k.filter(|&k| k > 0) {
+        order.truncate(k);
+    }
+    let max = logits[order[0]] as f64;
+    let mut probs: Vec<f64> = order.iter().map(|&i| ((logits[i] as f64 - max) / config.temperature as f64).exp()).collect();
+    let total: f64 = probs.iter().sum();
+    probs.iter_mut().for_each(|p| *p /= total);
+    if let Some(p) = config.top_p.filter(|&p| p < 1.0) {
+        let mut cumulative = 0.0;
+        let keep = probs
+            .iter()
+            .position(|&q| {
+                cumulative += q;
+                cumulative >= p as f64
+            })
+            .map_or(probs.len(), |i| i + 1);
+        probs.truncate(keep);
+    }
+    let total: f64 = probs.iter().sum();
+    let mut u = rng.random::<f64>() * total;
+    for (i, &p) in probs.iter().enumerate() {
+        if u < p {
+            return order[i];
+        }
+        u -= p;
+    }
+    order[probs.len() - 1]
+}
+
+fn argmax(logits: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(temperature: f32, top_k: Option<usize>, top_p: Option<f32>) -> SamplingConfig {
+        SamplingConfig { temperature, top_k, top_p, ..SamplingConfig::default() }
+    }
+
+    #[test]
+    fn greedy_takes_the_argmax() {
+        let mut rng = StdRng::seed_from_u64(0);
+        assert_eq!(sample(&[0.1, 3.0, -1.0, 2.9], &cfg(0.0, None, None), &mut rng), 1);
+    }
+
+    #[test]
+    fn top_k_one_is_greedy_and_top_p_keeps_the_nucleus() {
+        let logits = [0.0, 5.0, 4.9, -3.0];
+        let mut rng = StdRng::seed_from_u64(1);
+        for _ in 0..50 {
+            assert_eq!(sample(&logits, &cfg(1.0, Some(1), None), &mut rng), 1);
+            // p(1) ~ 0.52, p(2) ~ 0.47: a nucleus of 0.9 holds exactly tokens 1 and 2.
+            let t = sample(&logits, &cfg(1.0, None, Some(0.9)), &mut rng);
+            assert!(t == 1 || t == 2, "{t}");
+        }
+    }
+
+    #[test]
+    fn sampling_follows_the_distribution() {
+        // logits ln(1), ln(3): token 1 should come 3/4 of the time.
+        let logits = [0.0f32, 3f32.ln()];
+        let mut rng = StdRng::seed_from_u64(7);
+        let n = 20_000;
+        let ones = (0..n).filter(|_| sample(&logits, &cfg(1.0, None, None), &mut rng) == 1).count();
+        let share = ones as f64 / n as f64;
+        assert!((share - 0.75).abs() < 0.015, "{share}");
+    }
+
+    #[test]
+    fn log_softmax_matches_formula() {
+        let l = [1.0f32, 2.0, 3.0];
+        let z: f64 = l.iter().map(|&x| (x as f64).exp()).sum();
+        assert!((log_softmax_at(&l, 2) as f64 - (3.0 - z.ln())).abs() < 1e-6);
+    }
+}

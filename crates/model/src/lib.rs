@@ -1,0 +1,32 @@
+//! The Llama 2 architecture on Burn 0.22.
+//!
+//! - [`LlamaConfig`]: hyper-parameters, validation, exact parameter count, memory estimate.
+//! - [`Llama`]: the module (see `model.rs`, the whole forward in one file) and its [`KvCache`].
+//! - [`generate`]: batched sampling with temperature / top-k / top-p / greedy, returning the
+//!   log-probability of every generated token.
+//! - [`checkpoint`]: native checkpoints and Hugging Face `LlamaForCausalLM` directories, both ways.
+//! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
+
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod model;
+
+pub use config::{LlamaConfig, MemoryEstimate, Precision};
+pub use model::{Attention, Block, FeedForward, KvCache, Llama};
+
+/// Errors of the model crate; each message says what was wrong and where.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Io(String),
+    #[error("{0}")]
+    Checkpoint(String),
+    #[error("{0}")]
+    Generation(String),
+    #[error("{0}")]
+    Device(String),
+}

@@ -1,0 +1,317 @@
+//! The Llama 2 transformer, whole, in one file.
+//!
+//! `tokens -> embedding -> n_layers x [x + attn(norm(x)); h + ffn(norm(h))] -> norm -> output`.
+//! Pre-norm RMSNorm (f32 statistics), rotary position embeddings on q and k (Meta's interleaved
+//! pair layout), grouped-query attention, SwiGLU feed-forward, no biases anywhere.
+
+use burn::module::{Module, Param};
+use burn::nn::{
+    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
+    RotaryEncodingConfig,
+};
+use burn::tensor::activation::silu;
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Device, Int, Tensor};
+
+use crate::LlamaConfig;
+
+/// Standard deviation of the normal initialisation (as Hugging Face `initializer_range`).
+pub const INIT_STD: f64 = 0.02;
+
+fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
+    LinearConfig::new(d_in, d_out)
+        .with_bias(false)
+        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+        .init(device)
+}
+
+fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
+    RmsNormConfig::new(config.dim).with_epsilon(config.norm_eps).init(device)
+}
+
+/// Causal self-attention with RoPE and grouped-query attention (`n_kv_heads` <= `n_heads`).
+#[derive(Module, Debug)]
+pub struct Attention {
+    pub wq: Linear,
+    pub wk: Linear,
+    pub wv: Linear,
+    pub wo: Linear,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl Attention {
+    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        let (d, hd) = (config.dim, config.head_dim());
+        Self {
+            wq: linear(d, config.n_heads * hd, device),
+            wk: linear(d, config.n_kv_heads() * hd, device),
+            wv: linear(d, config.n_kv_heads() * hd, device),
+            wo: linear(config.n_heads * hd, d, device),
+            n_heads: config.n_heads,
+            n_kv_heads: config.n_kv_heads(),
+            head_dim: hd,
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, dim]`, the new tokens at positions `start..start + seq`
+    /// - mask: `[batch, seq, start + seq]`, `true` hides a key (added to the causal mask)
+    /// - output: `[batch, seq, dim]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RotaryEncoding,
+        start: usize,
+        mask: Option<Tensor<3, Bool>>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let [b, t, _] = x.dims();
+        let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
+        let q = rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), start);
+        let k = rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), start);
+        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        let (k, v) = match cache {
+            Some(cache) => cache.append(k, v, start),
+            None => (k, v),
+        };
+        let n_rep = self.n_heads / self.n_kv_heads;
+        let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
+        let mask = mask.map(|m| {
+            let [_, tq, tk] = m.dims();
+            m.unsqueeze_dim::<4>(1).expand([b, self.n_heads, tq, tk])
+        });
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let out = attention(q, k, v, mask, None, options);
+        self.wo.forward(out.swap_dims(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
+    }
+}
+
+/// Repeats each key/value head `n_rep` times so that GQA becomes plain multi-head attention.
+///
+/// # Shapes
+/// - x: `[batch, n_kv_heads, seq, head_dim]` -> `[batch, n_kv_heads * n_rep, seq, head_dim]`
+fn repeat_kv(x: Tensor<4>, n_rep: usize) -> Tensor<4> {
+    if n_rep == 1 {
+        return x;
+    }
+    let [b, h, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, h, n_rep, t, d]).reshape([b, h * n_rep, t, d])
+}
+
+/// SwiGLU feed-forward: `w2(silu(w1 x) * w3 x)`.
+#[derive(Module, Debug)]
+pub struct FeedForward {
+    pub w1: Linear,
+    pub w2: Linear,
+    pub w3: Linear,
+}
+
+impl FeedForward {
+    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        let (d, f) = (config.dim, config.ffn_hidden());
+        Self { w1: linear(d, f, device), w2: linear(f, d, device), w3: linear(d, f, device) }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
+    pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.w2.forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+    }
+}
+
+/// One pre-norm transformer block.
+#[derive(Module, Debug)]
+pub struct Block {
+    pub attention_norm: RmsNorm,
+    pub attention: Attention,
+    pub ffn_norm: RmsNorm,
+    pub feed_forward: FeedForward,
+}
+
+impl Block {
+    pub fn new(config: &LlamaConfig, device: &Device) -> Self {
+        Self {
+            attention_norm: rms_norm(config, device),
+            attention: Attention::new(config, device),
+            ffn_norm: rms_norm(config, device),
+            feed_forward: FeedForward::new(config, device),
+        }
+    }
+
+    /// # Shapes
+    /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
+    pub fn forward(
+        &self,
+        x: Tensor<3>,
+        rope: &RotaryEncoding,
+        start: usize,
+        mask: Option<Tensor<3, Bool>>,
+        cache: Option<&mut LayerCache>,
+    ) -> Tensor<3> {
+        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x), rope, start, mask, cache);
+        h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
+    }
+}
+
+/// The Llama decoder: embedding, blocks, final norm, output projection (absent when tied).
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub tok_embeddings: Embedding,
+    pub layers: Vec<Block>,
+    pub norm: RmsNorm,
+    pub output: Option<Linear>,
+    /// RoPE cos/sin table: a constant, not a parameter (never saved or trained).
+    pub rope: RotaryEncoding,
+}
+
+impl LlamaConfig {
+    /// Builds a randomly initialised model (normal, std 0.02; norms at 1) on `device`.
+    pub fn init(&self, device: &Device) -> Llama {
+        Llama {
+            tok_embeddings: EmbeddingConfig::new(self.vocab_size, self.dim)
+                .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
+                .init(device),
+            layers: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
+            norm: rms_norm(self, device),
+            output: (!self.tie_word_embeddings).then(|| linear(self.dim, self.vocab_size, device)),
+            rope: RotaryEncodingConfig::new(self.max_seq_len, self.head_dim())
+                .with_theta(self.rope_theta as f32)
+                .init(device),
+        }
+    }
+}
+
+impl Llama {
+    /// Next-token logits for every position (causal, no cache).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` -> `[batch, seq, vocab]`
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.project(self.forward_hidden(tokens, None))
+    }
+
+    /// Final-normed hidden states; `mask` hides extra keys on top of the causal mask (padding,
+    /// or the boundaries of packed conversations).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]`, mask: `[batch, seq, seq]` -> `[batch, seq, dim]`
+    pub fn forward_hidden(&self, tokens: Tensor<2, Int>, mask: Option<Tensor<3, Bool>>) -> Tensor<3> {
+        let mut x = self.tok_embeddings.forward(tokens);
+        for layer in &self.layers {
+            x = layer.forward(x, &self.rope, 0, mask.clone(), None);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Runs new tokens through the model, reading and extending `cache`.
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` at positions `cache.len()..cache.len() + seq`
+    /// - mask: `[batch, seq, cache.len() + seq]`, `true` hides a key
+    /// - output: logits `[batch, seq, vocab]`
+    pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache, mask: Option<Tensor<3, Bool>>) -> Tensor<3> {
+        let start = cache.len;
+        let [_, t] = tokens.dims();
+        let mut x = self.tok_embeddings.forward(tokens);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            x = layer.forward(x, &self.rope, start, mask.clone(), Some(layer_cache));
+        }
+        cache.len = start + t;
+        self.project(self.norm.forward(x))
+    }
+
+    /// Output projection of hidden states (through the embedding matrix when tied).
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, dim]` -> `[batch, seq, vocab]`
+    pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
+        match &self.output {
+            Some(output) => output.forward(hidden),
+            None => hidden.matmul(self.tok_embeddings.weight.val().transpose().unsqueeze()),
+        }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.rope.freq_complex.dims()[0]
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok_embeddings.weight.dims()[0]
+    }
+
+    /// Replaces a parameter's value, keeping its id (optimizer state stays attached).
+    pub(crate) fn set<const D: usize>(param: &mut Param<Tensor<D>>, value: Tensor<D>) {
+        let mut new = Param::from_tensor(value);
+        new.id = param.id;
+        *param = new;
+    }
+}
+
+/// Keys and values of one layer for the positions seen so far, preallocated to `max_len`.
+#[derive(Debug, Clone)]
+pub struct LayerCache {
+    k: Tensor<4>,
+    v: Tensor<4>,
+}
+
+impl LayerCache {
+    /// Writes the new keys/values at `start..` and returns all of them up to the new end.
+    ///
+    /// # Shapes
+    /// - k, v: `[batch, n_kv_heads, seq, head_dim]` -> `[batch, n_kv_heads, start + seq, head_dim]`
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
+        let [b, h, t, d] = k.dims();
+        let end = start + t;
+        assert!(end <= self.k.dims()[2], "KV cache overflow: {end} > {}", self.k.dims()[2]);
+        self.k = self.k.clone().slice_assign([0..b, 0..h, start..end, 0..d], k);
+        self.v = self.v.clone().slice_assign([0..b, 0..h, start..end, 0..d], v);
+        (self.k.clone().slice([0..b, 0..h, 0..end, 0..d]), self.v.clone().slice([0..b, 0..h, 0..end, 0..d]))
+    }
+}
+
+/// A key/value cache for incremental decoding, sized for grouped-query attention: it stores
+/// `n_kv_heads` heads, not `n_heads`, so 70B's cache is 8x smaller than with MHA.
+#[derive(Debug, Clone)]
+pub struct KvCache {
+    layers: Vec<LayerCache>,
+    len: usize,
+}
+
+impl KvCache {
+    pub fn new(config: &LlamaConfig, batch: usize, max_len: usize, device: &Device) -> Self {
+        let shape = [batch, config.n_kv_heads(), max_len, config.head_dim()];
+        let layer = || LayerCache { k: Tensor::zeros(shape, device), v: Tensor::zeros(shape, device) };
+        Self { layers: (0..config.n_layers).map(|_| layer()).collect(), len: 0 }
+    }
+
+    /// A cache shaped for `model` (layers, KV heads and head width read off its weights).
+    pub fn for_model(model: &Llama, batch: usize, max_len: usize) -> Self {
+        let device = model.tok_embeddings.weight.device();
+        let layers = model
+            .layers
+            .iter()
+            .map(|block| {
+                let a = &block.attention;
+                let shape = [batch, a.n_kv_heads, max_len, a.head_dim];
+                LayerCache { k: Tensor::zeros(shape, &device), v: Tensor::zeros(shape, &device) }
+            })
+            .collect();
+        Self { layers, len: 0 }
+    }
+
+    /// Number of positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.layers.first().map_or(0, |l| l.k.dims()[2])
+    }
+}

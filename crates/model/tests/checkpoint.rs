@@ -1,0 +1,138 @@
+//! Checkpoint tests: Hugging Face parity (fixtures made by scripts/make_hf_fixture.py with
+//! `transformers`), export round trips, native save/load, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use llama_model::checkpoint::{self, load_hf, load_native, load_weights, save_hf, save_native};
+use llama_model::{Llama, LlamaConfig};
+use serde_json::Value;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+}
+
+fn expected(dir: &Path) -> (Vec<Vec<i64>>, Vec<f32>) {
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("expected.json")).unwrap()).unwrap();
+    let ids: Vec<Vec<i64>> = serde_json::from_value(v["input_ids"].clone()).unwrap();
+    let logits: Vec<Vec<Vec<f32>>> = serde_json::from_value(v["logits"].clone()).unwrap();
+    (ids, logits.into_iter().flatten().flatten().collect())
+}
+
+fn logits_of(model: &Llama, ids: &[Vec<i64>], device: &Device) -> Vec<f32> {
+    let flat: Vec<i64> = ids.iter().flatten().copied().collect();
+    let input = Tensor::<2, Int>::from_data(TensorData::new(flat, [ids.len(), ids[0].len()]), device);
+    model.forward(input).into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn check_parity(name: &str) {
+    let device = Device::flex();
+    let dir = fixture(name);
+    let (ids, want) = expected(&dir);
+    let (config, model) = load_hf(&dir, &device).unwrap();
+    let diff = max_abs_diff(&logits_of(&model, &ids, &device), &want);
+    assert!(diff < 1e-4, "{name}: our logits differ from transformers' by {diff}");
+
+    // Export, reload: the same logits again (single file and sharded).
+    let tmp = tempfile::tempdir().unwrap();
+    for (sub, shard) in [("single", u64::MAX), ("sharded", 20_000)] {
+        let out = tmp.path().join(sub);
+        save_hf(&model, &config, &out, shard).unwrap();
+        if sub == "sharded" {
+            assert!(out.join(checkpoint::HF_INDEX).is_file(), "expected an index for sharded output");
+        }
+        let (config2, model2) = load_hf(&out, &device).unwrap();
+        assert_eq!(config2.num_params(), config.num_params());
+        let diff = max_abs_diff(&logits_of(&model2, &ids, &device), &want);
+        assert!(diff < 1e-4, "{name} ({sub} export): {diff}");
+    }
+}
+
+#[test]
+fn hugging_face_gqa_parity_and_round_trip() {
+    check_parity("hf-tiny-gqa");
+}
+
+#[test]
+fn hugging_face_tied_embeddings_parity_and_round_trip() {
+    check_parity("hf-tiny-tied");
+    let (config, model) = load_hf(&fixture("hf-tiny-tied"), &Device::flex()).unwrap();
+    assert!(config.tie_word_embeddings && model.output.is_none());
+}
+
+#[test]
+fn native_round_trip_and_wrong_config_is_an_error() {
+    let device = Device::flex();
+    let (config, model) = load_hf(&fixture("hf-tiny-gqa"), &device).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("native");
+    save_native(&model, &config, &dir).unwrap();
+    assert_eq!(checkpoint::detect(&dir).unwrap(), checkpoint::Format::Native);
+    let (config2, model2) = load_native(&dir, &device).unwrap();
+    assert_eq!(config2, config);
+    let (ids, want) = expected(&fixture("hf-tiny-gqa"));
+    assert!(max_abs_diff(&logits_of(&model2, &ids, &device), &want) < 1e-4);
+
+    // The same weights into a model of another shape: an error that names a tensor.
+    let other = LlamaConfig { n_kv_heads: Some(4), ..config.clone() };
+    let mut wrong = other.init(&device);
+    let err = load_weights(&mut wrong, &dir.join(checkpoint::NATIVE_WEIGHTS)).unwrap_err().to_string();
+    assert!(err.contains("does not match") && err.contains("wk"), "{err}");
+    let deeper = LlamaConfig { n_layers: 3, ..config };
+    let err = load_weights(&mut deeper.init(&device), &dir.join(checkpoint::NATIVE_WEIGHTS)).unwrap_err().to_string();
+    assert!(err.contains("missing tensor") && err.contains("layers.2"), "{err}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn broken_hugging_face_directories_are_clear_errors() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+
+    // A config whose intermediate_size disagrees with the tensors.
+    let dir = tmp.path().join("shape");
+    copy_dir(&fixture("hf-tiny-gqa"), &dir);
+    let mut cfg: Value = serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["intermediate_size"] = Value::from(96);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let err = load_hf(&dir, &device).unwrap_err().to_string();
+    assert!(err.contains("shape") && err.contains("mlp"), "{err}");
+
+    // A weights file with one tensor removed.
+    let dir = tmp.path().join("missing");
+    copy_dir(&fixture("hf-tiny-gqa"), &dir);
+    let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    safetensors::tensor::serialize_to_file(kept, None, &dir.join("model.safetensors.new")).unwrap();
+    std::fs::rename(dir.join("model.safetensors.new"), dir.join("model.safetensors")).unwrap();
+    let err = load_hf(&dir, &device).unwrap_err().to_string();
+    assert!(err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("missing"), "{err}");
+
+    // Not safetensors at all.
+    let dir = tmp.path().join("garbage");
+    copy_dir(&fixture("hf-tiny-gqa"), &dir);
+    std::fs::write(dir.join("model.safetensors"), b"definitely not a tensor file").unwrap();
+    let err = load_hf(&dir, &device).unwrap_err().to_string();
+    assert!(err.contains("not a valid safetensors"), "{err}");
+
+    // No weights, and no directory.
+    let dir = tmp.path().join("noweights");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(fixture("hf-tiny-gqa").join("config.json"), dir.join("config.json")).unwrap();
+    assert!(load_hf(&dir, &device).unwrap_err().to_string().contains("no model.safetensors"));
+    assert!(checkpoint::load(&tmp.path().join("nowhere"), &device).unwrap_err().to_string().contains("not a checkpoint directory"));
+}

@@ -1,0 +1,227 @@
+//! Architecture tests: shapes, causality, GQA, RoPE, gradients, cached decoding, generation.
+
+use burn::module::Module;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use llama_model::generate::{BatchDecoder, SamplingConfig, generate, log_softmax_at};
+use llama_model::{Llama, LlamaConfig};
+
+fn tiny(vocab: usize, kv: usize) -> LlamaConfig {
+    LlamaConfig::new(32, 2, 4).with_n_kv_heads(kv).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(64)
+}
+
+fn ids(rows: &[Vec<u32>], device: &Device) -> Tensor<2, Int> {
+    let t = rows[0].len();
+    let flat: Vec<i64> = rows.iter().flatten().map(|&x| x as i64).collect();
+    Tensor::from_data(TensorData::new(flat, [rows.len(), t]), device)
+}
+
+fn host<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().try_to_vec::<f32>().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[test]
+fn forward_shapes_and_parameter_count() {
+    let device = Device::flex();
+    let config = tiny(50, 2);
+    let model = config.init(&device);
+    let logits = model.forward(ids(&[vec![1, 2, 3, 4, 5], vec![6, 7, 8, 9, 10]], &device));
+    assert_eq!(logits.dims(), [2, 5, 50]);
+    assert_eq!(model.num_params() as u64, config.num_params());
+    let tied = tiny(50, 2).with_tie_word_embeddings(true);
+    assert_eq!(tied.init(&device).num_params() as u64, tied.num_params());
+    assert_eq!(tied.num_params() + 50 * 32, config.num_params());
+}
+
+#[test]
+fn changing_a_token_never_changes_earlier_logits() {
+    let device = Device::flex();
+    let model = tiny(50, 4).init(&device);
+    let a = host(model.forward(ids(&[vec![1, 2, 3, 4, 5, 6]], &device)));
+    let b = host(model.forward(ids(&[vec![1, 2, 3, 49, 5, 6]], &device)));
+    let v = 50;
+    assert!(max_abs_diff(&a[..3 * v], &b[..3 * v]) == 0.0, "positions before 3 must not move");
+    assert!(max_abs_diff(&a[3 * v..4 * v], &b[3 * v..4 * v]) > 1e-4, "position 3 must move");
+}
+
+/// A GQA model equals the MHA model whose key/value heads are the GQA heads repeated.
+#[test]
+fn grouped_query_attention_equals_repeated_heads() {
+    let device = Device::flex();
+    let gqa = tiny(40, 2).init(&device);
+    let mut mha = tiny(40, 4).init(&device);
+    let hd = 8;
+    let repeat = |w: Tensor<2>| -> Tensor<2> {
+        // [dim, 2 * hd] -> [dim, 4 * hd], kv head h serves query heads 2h and 2h+1.
+        let [d, _] = w.dims();
+        w.reshape([d, 2, 1, hd]).repeat_dim(2, 2).reshape([d, 4 * hd])
+    };
+    mha.tok_embeddings = gqa.tok_embeddings.clone();
+    mha.norm = gqa.norm.clone();
+    mha.output = gqa.output.clone();
+    for (m, g) in mha.layers.iter_mut().zip(&gqa.layers) {
+        m.attention_norm = g.attention_norm.clone();
+        m.ffn_norm = g.ffn_norm.clone();
+        m.feed_forward = g.feed_forward.clone();
+        m.attention.wq = g.attention.wq.clone();
+        m.attention.wo = g.attention.wo.clone();
+        let (wk, wv) = (repeat(g.attention.wk.weight.val()), repeat(g.attention.wv.weight.val()));
+        m.attention.wk.weight = m.attention.wk.weight.clone().map(|_| wk);
+        m.attention.wv.weight = m.attention.wv.weight.clone().map(|_| wv);
+    }
+    let input = ids(&[vec![1, 7, 3, 9, 5, 11, 2]], &device);
+    let diff = max_abs_diff(&host(gqa.forward(input.clone())), &host(mha.forward(input)));
+    assert!(diff < 1e-5, "GQA vs repeated MHA: {diff}");
+}
+
+/// Meta's RoPE: pair (x[2i], x[2i+1]) at position p rotated by p * theta^(-2i/d).
+#[test]
+fn rope_matches_the_direct_formula() {
+    let device = Device::flex();
+    let model = tiny(40, 4).init(&device);
+    let (t, hd) = (6, 8);
+    let x: Vec<f32> = (0..t * hd).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect();
+    let start = 3;
+    let got = host(model.rope.apply(Tensor::<3>::from_data(TensorData::new(x.clone(), [1, t, hd]), &device), start));
+    let mut want = vec![0.0f32; t * hd];
+    for p in 0..t {
+        let pos = (p + start) as f64;
+        for i in 0..hd / 2 {
+            let angle = pos * 10000f64.powf(-((2 * i) as f64) / hd as f64);
+            let (a, b) = (x[p * hd + 2 * i] as f64, x[p * hd + 2 * i + 1] as f64);
+            want[p * hd + 2 * i] = (a * angle.cos() - b * angle.sin()) as f32;
+            want[p * hd + 2 * i + 1] = (a * angle.sin() + b * angle.cos()) as f32;
+        }
+    }
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-5, "RoPE differs from the formula by {diff}");
+}
+
+fn loss_of(model: &Llama, input: &Tensor<2, Int>, targets: &[usize]) -> Tensor<1> {
+    let logits = model.forward(input.clone());
+    let [b, t, v] = logits.dims();
+    let logp = burn::tensor::activation::log_softmax(logits.reshape([b * t, v]), 1);
+    let idx = Tensor::<2, Int>::from_data(TensorData::new(targets.iter().map(|&x| x as i64).collect::<Vec<_>>(), [b * t, 1]), &input.device());
+    logp.gather(1, idx).sum().neg()
+}
+
+/// Autodiff gradients of a tiny model against central finite differences.
+#[test]
+fn gradients_match_finite_differences() {
+    let device = Device::flex().autodiff();
+    let config = LlamaConfig::new(16, 2, 2).with_n_kv_heads(1).with_vocab_size(13).with_multiple_of(8).with_max_seq_len(16);
+    let model = config.init(&device);
+    let input = ids(&[vec![1, 4, 7, 2, 9]], &device);
+    let targets = [4, 7, 2, 9, 3];
+    let grads = loss_of(&model, &input, &targets).backward();
+    type Getter = fn(&mut Llama) -> &mut burn::module::Param<Tensor<2>>;
+    let probes: [(&str, Getter); 5] = [
+        ("wq", |m| &mut m.layers[0].attention.wq.weight),
+        ("wk", |m| &mut m.layers[1].attention.wk.weight),
+        ("w2", |m| &mut m.layers[0].feed_forward.w2.weight),
+        ("embedding", |m| &mut m.tok_embeddings.weight),
+        ("output", |m| &mut m.output.as_mut().unwrap().weight),
+    ];
+    for (name, get) in probes {
+        let mut probe = model.clone();
+        let param = get(&mut probe).val();
+        let shape = param.dims();
+        let analytic = host(param.grad(&grads).expect("gradient"));
+        let values = host(get(&mut probe).val());
+        // Three entries: the one with the largest gradient and two fixed ones.
+        let largest = (0..analytic.len()).max_by(|&a, &b| analytic[a].abs().total_cmp(&analytic[b].abs())).unwrap();
+        for idx in [largest, 0, analytic.len() / 2] {
+            let eps = 1e-2f32;
+            let eval = |delta: f32| -> f64 {
+                let mut v = values.clone();
+                v[idx] += delta;
+                let mut m = model.clone();
+                let p = get(&mut m);
+                let t = Tensor::<2>::from_data(TensorData::new(v, shape), &device);
+                *p = p.clone().map(|_| t);
+                loss_of(&m, &input, &targets).into_scalar::<f32>() as f64
+            };
+            let numeric = (eval(eps) - eval(-eps)) / (2.0 * eps as f64);
+            let a = analytic[idx] as f64;
+            let tol = 2e-2 * a.abs().max(numeric.abs()).max(1e-1);
+            assert!((a - numeric).abs() < tol, "{name}[{idx}]: autodiff {a} vs finite difference {numeric}");
+        }
+    }
+}
+
+/// Cached incremental decoding equals full forward passes, for prompts of different lengths.
+#[test]
+fn cached_decoding_equals_full_forward() {
+    let device = Device::flex();
+    let config = tiny(60, 2);
+    let model = config.init(&device);
+    let prompts = vec![vec![1u32, 5, 9], vec![1, 22, 33, 44, 55, 6, 7], vec![1, 8, 8, 8, 9]];
+    let steps = 5;
+    let (mut decoder, mut logits) = BatchDecoder::prefill(&model, &prompts, steps).unwrap();
+    let mut seqs = prompts.clone();
+    for step in 0..=steps {
+        let got = host(logits.clone());
+        for (row, seq) in seqs.iter().enumerate() {
+            let full = host(model.forward(ids(&[seq.clone()], &device)));
+            let want = &full[(seq.len() - 1) * 60..seq.len() * 60];
+            let diff = max_abs_diff(&got[row * 60..(row + 1) * 60], want);
+            assert!(diff < 1e-4, "step {step} row {row}: cached vs full differ by {diff}");
+        }
+        if step == steps {
+            break;
+        }
+        let next: Vec<u32> = (0..3).map(|r| ((step * 7 + r * 13) % 60) as u32).collect();
+        for (s, &n) in seqs.iter_mut().zip(&next) {
+            s.push(n);
+        }
+        logits = decoder.step(&next);
+    }
+}
+
+#[test]
+fn generation_is_seeded_stops_per_row_and_returns_model_logprobs() {
+    let device = Device::flex();
+    let model = tiny(60, 2).init(&device);
+    let prompts = vec![vec![1u32, 5, 9], vec![1, 22, 33, 44, 55, 6, 7]];
+    let sampling = SamplingConfig { temperature: 1.0, top_k: Some(20), top_p: Some(0.95), max_new_tokens: 6, eos_id: None, seed: 3 };
+    let a = generate(&model, &prompts, &sampling).unwrap();
+    let b = generate(&model, &prompts, &sampling).unwrap();
+    assert_eq!(a, b, "same seed, same output");
+    let c = generate(&model, &prompts, &SamplingConfig { seed: 4, ..sampling.clone() }).unwrap();
+    assert_ne!(a.tokens, c.tokens, "another seed, another sample");
+    assert!(a.tokens.iter().all(|t| t.len() == 6));
+    // Log-probabilities equal those of a full forward pass over prompt + generated tokens.
+    for (row, prompt) in prompts.iter().enumerate() {
+        let seq: Vec<u32> = prompt.iter().chain(&a.tokens[row]).copied().collect();
+        let full = host(model.forward(ids(&[seq.clone()], &device)));
+        for (i, (&tok, &lp)) in a.tokens[row].iter().zip(&a.logprobs[row]).enumerate() {
+            let pos = prompt.len() - 1 + i;
+            let want = log_softmax_at(&full[pos * 60..(pos + 1) * 60], tok as usize);
+            assert!((want - lp).abs() < 1e-4, "row {row} token {i}: {lp} vs {want}");
+        }
+    }
+    // Stop on EOS per row: make row 0's first greedy token the EOS.
+    let greedy = generate(&model, &prompts, &SamplingConfig { eos_id: None, ..SamplingConfig::greedy(4) }).unwrap();
+    let eos = greedy.tokens[0][0];
+    let stopped = generate(&model, &prompts, &SamplingConfig { eos_id: Some(eos), ..SamplingConfig::greedy(4) }).unwrap();
+    assert_eq!(stopped.tokens[0], vec![eos]);
+    assert!(stopped.stopped_on_eos[0]);
+    let row1_until_eos: Vec<u32> = greedy.tokens[1].iter().copied().take_while(|&t| t != eos).collect();
+    assert!(stopped.tokens[1].starts_with(&row1_until_eos));
+}
+
+#[test]
+fn generation_rejects_bad_prompts() {
+    let device = Device::flex();
+    let model = tiny(60, 2).init(&device);
+    let greedy = SamplingConfig::greedy(4);
+    assert!(generate(&model, &[], &greedy).unwrap_err().to_string().contains("no prompts"));
+    assert!(generate(&model, &[vec![]], &greedy).unwrap_err().to_string().contains("empty"));
+    assert!(generate(&model, &[vec![1, 60]], &greedy).unwrap_err().to_string().contains("outside the vocabulary"));
+    let long = SamplingConfig::greedy(100);
+    assert!(generate(&model, &[vec![1]], &long).unwrap_err().to_string().contains("max_seq_len"));
+}

@@ -1,0 +1,358 @@
+//! The pre-training stage: next-token cross-entropy on packed windows of tokenized shards.
+//!
+//! `main.rs` parses the command line; [`run`] reads and checks the whole config, prepares the
+//! shards if asked, builds the model and data, and hands them to the shared training loop.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::tensor::activation::log_softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use llama_data::prepare::{PrepareConfig, prepare};
+use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, Split, Tokenizer};
+use llama_model::generate::{SamplingConfig, generate};
+use llama_model::{Llama, LlamaConfig};
+use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, TrainConfig, load_toml, resolve_model};
+use llama_trainer::{LoopConfig, Metrics, Objective, Schedule, Summary};
+use serde::Deserialize;
+
+/// A pre-training run, as one TOML file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// The model: its keys, or `preset = "7b.toml"` plus overrides.
+    pub model: toml::Value,
+    pub data: DataConfig,
+    #[serde(default)]
+    pub optim: OptimConfig,
+    #[serde(default)]
+    pub schedule: ScheduleConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+    #[serde(default)]
+    pub eval: EvalConfig,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Directory of shards written by `prepare` (train and val splits).
+    pub shards: PathBuf,
+    /// The tokenizer the shards were made with (checked against the manifest).
+    pub tokenizer: PathBuf,
+    /// Tokens per training sequence (windows are seq_len + 1 long).
+    pub seq_len: usize,
+    /// When `shards` does not exist yet, tokenize this text (file or directory) into it first.
+    #[serde(default)]
+    pub source: Option<PathBuf>,
+    #[serde(default = "yes")]
+    pub shuffle: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Evaluation extras: sample generations from fixed prompts at every evaluation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    pub prompts: Vec<String>,
+    pub max_new_tokens: usize,
+    pub temperature: f32,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { prompts: vec![], max_new_tokens: 48, temperature: 0.8 }
+    }
+}
+
+/// Command-line overrides of the common knobs.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub max_steps: Option<u64>,
+    pub out: Option<PathBuf>,
+    pub device: Option<String>,
+    pub resume: bool,
+    pub stop_after: Option<u64>,
+}
+
+/// Reads, overrides and validates a config file; every error names the file and the key.
+pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(PretrainConfig, LlamaConfig)> {
+    let mut cfg: PretrainConfig = load_toml(path)?;
+    let model = resolve_model(&cfg.model, path)?;
+    if let Some(s) = overrides.max_steps {
+        cfg.train.max_steps = Some(s);
+    }
+    if let Some(out) = &overrides.out {
+        cfg.run.out_dir = out.clone();
+    }
+    if let Some(d) = &overrides.device {
+        cfg.run.device = d.clone();
+    }
+    let origin = path.display();
+    let checks = [cfg.optim.validate(), cfg.schedule.validate(), cfg.train.validate(), cfg.run.validate()];
+    for check in checks {
+        check.map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    }
+    if cfg.data.seq_len == 0 || cfg.data.seq_len > model.max_seq_len {
+        bail!("{origin}: data.seq_len ({}) must be in 1..=model.max_seq_len ({})", cfg.data.seq_len, model.max_seq_len);
+    }
+    if !(cfg.eval.temperature >= 0.0) {
+        bail!("{origin}: eval.temperature must be >= 0");
+    }
+    Ok((cfg, model))
+}
+
+/// A micro-batch: `size` windows of `seq_len + 1` tokens.
+pub struct Windows(pub Vec<Vec<u32>>);
+
+/// Inputs and targets of packed windows.
+///
+/// # Shapes
+/// - output: inputs `[batch, seq_len]`, targets `[batch * seq_len, 1]`
+pub fn inputs_and_targets(windows: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let (b, t) = (windows.len(), windows[0].len() - 1);
+    let inputs: Vec<i64> = windows.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
+    let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
+    (
+        Tensor::from_data(TensorData::new(inputs, [b, t]), device),
+        Tensor::from_data(TensorData::new(targets, [b * t, 1]), device),
+    )
+}
+
+/// Summed next-token cross-entropy of the windows.
+pub fn cross_entropy_sum(model: &Llama, windows: &[Vec<u32>], device: &Device) -> Tensor<1> {
+    let (inputs, targets) = inputs_and_targets(windows, device);
+    let logits = model.forward(inputs);
+    let [b, t, v] = logits.dims();
+    log_softmax(logits.reshape([b * t, v]), 1).gather(1, targets).sum().neg()
+}
+
+/// The pre-training objective over a packed reader.
+pub struct Pretrain {
+    train: PackedReader,
+    shards: PathBuf,
+    vocab_size: usize,
+    seq_len: usize,
+    micro_batch: usize,
+    eval_batches: usize,
+    device: Device,
+    tokenizer: Tokenizer,
+    eval: EvalConfig,
+    /// Cross-entropy of the validation tokens under the training unigram distribution.
+    pub unigram_loss: Option<f64>,
+}
+
+impl Pretrain {
+    /// Validation loss over up to `eval_batches` micro-batches of the val split (no autodiff).
+    pub fn validation_loss(&self, model: &Llama) -> anyhow::Result<Option<f64>> {
+        let config = ReaderConfig { shuffle: false, epochs: Some(1), ..ReaderConfig::new(self.seq_len) };
+        let mut reader = match PackedReader::open(&self.shards, Split::Val, self.vocab_size, config) {
+            Ok(r) => r,
+            Err(llama_data::DataError::Empty(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let model = model.valid();
+        let device = model.tok_embeddings.weight.device();
+        let (mut sum, mut count) = (0.0, 0usize);
+        for _ in 0..self.eval_batches {
+            let mut windows = vec![];
+            while windows.len() < self.micro_batch {
+                match reader.next_window()? {
+                    Some(w) => windows.push(w),
+                    None => break,
+                }
+            }
+            if windows.is_empty() {
+                break;
+            }
+            count += windows.len() * self.seq_len;
+            sum += cross_entropy_sum(&model, &windows, &device).into_scalar::<f32>() as f64;
+        }
+        Ok((count > 0).then(|| sum / count as f64))
+    }
+}
+
+impl Objective<Llama> for Pretrain {
+    type Batch = Windows;
+
+    fn next_batch(&mut self, size: usize) -> anyhow::Result<Option<Windows>> {
+        Ok(self.train.next_batch(size)?.map(Windows))
+    }
+
+    fn weight(&self, batch: &Windows) -> f64 {
+        (batch.0.len() * self.seq_len) as f64
+    }
+
+    fn tokens(&self, batch: &Windows) -> usize {
+        batch.0.len() * self.seq_len
+    }
+
+    fn loss_sum(&self, model: &Llama, batch: &Windows) -> Tensor<1> {
+        cross_entropy_sum(model, &batch.0, &self.device)
+    }
+
+    fn evaluate(&mut self, model: &Llama, step: u64, metrics: &mut Metrics) -> anyhow::Result<()> {
+        if let Some(loss) = self.validation_loss(model)? {
+            let mut values = vec![("val/loss", loss), ("val/perplexity", loss.exp())];
+            if let Some(u) = self.unigram_loss {
+                values.push(("val/unigram_loss", u));
+            }
+            metrics.scalars(step, &values)?;
+            metrics.println(&format!("step {step}: val loss {loss:.4} (perplexity {:.1})", loss.exp()));
+        }
+        if !self.eval.prompts.is_empty() {
+            let prompts: Vec<Vec<u32>> = self.eval.prompts.iter().map(|p| self.tokenizer.encode(p, true, false)).collect::<Result<_, _>>()?;
+            let sampling = SamplingConfig {
+                temperature: self.eval.temperature,
+                top_p: Some(0.95),
+                top_k: None,
+                max_new_tokens: self.eval.max_new_tokens,
+                eos_id: Some(self.tokenizer.eos_id()),
+                seed: step,
+            };
+            let out = generate(&model.valid(), &prompts, &sampling)?;
+            let mut text = String::new();
+            for (p, tokens) in self.eval.prompts.iter().zip(&out.tokens) {
+                text.push_str(&format!("**{p}**{}\n\n", self.tokenizer.decode(tokens)?));
+            }
+            metrics.text(step, "samples", &text)?;
+        }
+        Ok(())
+    }
+
+    fn data_state(&self) -> serde_json::Value {
+        serde_json::json!({ "train": self.train.cursor() })
+    }
+
+    fn restore_data_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
+        let cursor: Cursor = serde_json::from_value(state["train"].clone()).context("checkpoint state has no valid train cursor")?;
+        self.train.restore(cursor)?;
+        Ok(())
+    }
+}
+
+/// Cross-entropy (nats/token) of the validation targets under the add-one-smoothed unigram
+/// distribution of the first `max_tokens` training tokens: the bar a model must clear.
+pub fn unigram_baseline(shards: &Path, vocab_size: usize, seq_len: usize, max_tokens: usize) -> anyhow::Result<Option<f64>> {
+    let once = |split| PackedReader::open(shards, split, vocab_size, ReaderConfig { shuffle: false, epochs: Some(1), ..ReaderConfig::new(seq_len) });
+    let mut counts = vec![1.0f64; vocab_size];
+    let mut train = once(Split::Train)?;
+    let mut seen = 0;
+    while let Some(w) = train.next_window()? {
+        w[1..].iter().for_each(|&t| counts[t as usize] += 1.0);
+        seen += seq_len;
+        if seen >= max_tokens {
+            break;
+        }
+    }
+    let total: f64 = counts.iter().sum();
+    let mut val = match once(Split::Val) {
+        Ok(r) => r,
+        Err(llama_data::DataError::Empty(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let (mut sum, mut n) = (0.0, 0usize);
+    while let Some(w) = val.next_window()? {
+        for &t in &w[1..] {
+            sum -= (counts[t as usize] / total).ln();
+            n += 1;
+        }
+    }
+    Ok((n > 0).then(|| sum / n as f64))
+}
+
+/// Everything `pretrain` does after parsing its arguments.
+pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
+    let (cfg, model_config) = load_config(config_path, overrides)?;
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    if tokenizer.vocab_size() > model_config.vocab_size {
+        bail!(
+            "{}: the tokenizer {} has {} ids but model.vocab_size is {}",
+            config_path.display(),
+            cfg.data.tokenizer.display(),
+            tokenizer.vocab_size(),
+            model_config.vocab_size
+        );
+    }
+    if !cfg.data.shards.exists() {
+        match &cfg.data.source {
+            Some(source) => {
+                println!("preparing shards {} from {}", cfg.data.shards.display(), source.display());
+                prepare(&PrepareConfig::new(vec![source.clone()], cfg.data.shards.clone()), &tokenizer)?;
+            }
+            None => bail!(
+                "{}: data.shards {} does not exist (run `prepare`, or set data.source to prepare it automatically)",
+                config_path.display(),
+                cfg.data.shards.display()
+            ),
+        }
+    }
+    let manifest_path = cfg.data.shards.join(llama_data::shards::MANIFEST);
+    if manifest_path.is_file() {
+        let manifest = Manifest::load(&cfg.data.shards)?;
+        if manifest.vocab_size > model_config.vocab_size {
+            bail!(
+                "{}: the shards' vocabulary ({} ids) exceeds model.vocab_size ({})",
+                manifest_path.display(),
+                manifest.vocab_size,
+                model_config.vocab_size
+            );
+        }
+        manifest.check_tokenizer(tokenizer.fingerprint(), tokenizer.vocab_size(), &cfg.data.shards)?;
+    }
+    let device = llama_model::device::parse(&cfg.run.device)?;
+    device.seed(cfg.train.seed);
+    let train_device = device.clone().autodiff();
+    let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, ..ReaderConfig::new(cfg.data.seq_len) };
+    let train_reader = PackedReader::open(&cfg.data.shards, Split::Train, model_config.vocab_size, reader_config)?;
+    let total_steps = cfg.train.total_steps(cfg.data.seq_len);
+    let unigram_loss = unigram_baseline(&cfg.data.shards, model_config.vocab_size, cfg.data.seq_len, 2_000_000)?;
+    println!(
+        "model: {} parameters | {} steps of {} x {} tokens | device {} | out {}",
+        model_config.num_params(),
+        total_steps,
+        cfg.train.batch_size,
+        cfg.data.seq_len,
+        cfg.run.device,
+        cfg.run.out_dir.display()
+    );
+    if let Some(u) = unigram_loss {
+        println!("unigram baseline on the validation split: {u:.4} nats/token");
+    }
+    let model = model_config.init(&train_device);
+    let mut objective = Pretrain {
+        train: train_reader,
+        shards: cfg.data.shards.clone(),
+        vocab_size: model_config.vocab_size,
+        seq_len: cfg.data.seq_len,
+        micro_batch: cfg.train.micro_batch_size,
+        eval_batches: cfg.train.eval_batches,
+        device: train_device,
+        tokenizer,
+        eval: cfg.eval,
+        unigram_loss,
+    };
+    let mut model_table = toml::Table::new();
+    model_table.insert("model".into(), toml::Value::try_from(&model_config)?);
+    let loop_config = LoopConfig {
+        schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
+        total_steps,
+        stop_after: overrides.stop_after,
+        resume: overrides.resume,
+        flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
+        model_config: toml::to_string(&model_table)?,
+        train: cfg.train,
+        run: cfg.run,
+        optim: cfg.optim,
+    };
+    let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
+    if let Some(dir) = &summary.checkpoint {
+        println!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display());
+    }
+    Ok(summary)
+}

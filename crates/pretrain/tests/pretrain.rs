@@ -1,0 +1,199 @@
+//! `pretrain` end to end, as a user runs it: resume equality, interrupted checkpoints,
+//! TensorBoard's own reader, learning on the shipped corpus, and bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use llama_data::Tokenizer;
+use llama_data::prepare::{PrepareConfig, prepare};
+use serde_json::Value;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn pretrain(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain"));
+    cmd.args(args).current_dir(repo());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// A tokenizer and shards made from a slice of the shipped corpus.
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(vocab: usize) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let corpus = std::fs::read_to_string(repo().join("data/corpus/brown.jsonl")).unwrap();
+        let lines: Vec<&str> = corpus.lines().take(40).collect();
+        let src = dir.path().join("corpus.jsonl");
+        std::fs::write(&src, lines.join("\n")).unwrap();
+        let texts: Vec<String> = lines.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+        let tok = Tokenizer::train(texts.iter(), vocab).unwrap();
+        tok.save(&dir.path().join("tokenizer.json")).unwrap();
+        let cfg = PrepareConfig { show_progress: false, val_fraction: 0.1, row_group_docs: 4, ..PrepareConfig::new(vec![src], dir.path().join("shards")) };
+        prepare(&cfg, &tok).unwrap();
+        Self { dir }
+    }
+
+    fn path(&self, p: &str) -> String {
+        self.dir.path().join(p).display().to_string()
+    }
+
+    /// Writes a run config; `extra` replaces whole sections or adds keys at the end.
+    fn config(&self, name: &str, model: &str, train: &str, extra: &str) -> String {
+        let text = format!(
+            "[model]\n{model}\n\n[data]\nshards = \"{}\"\ntokenizer = \"{}\"\nseq_len = 32\n\n[optim]\nlr = 3e-3\n\n[schedule]\nwarmup_steps = 2\n\n[train]\n{train}\n\n[run]\nout_dir = \"{}\"\n\n[eval]\nprompts = [\"The jury\"]\nmax_new_tokens = 8\n{extra}\n",
+            self.path("shards"),
+            self.path("tokenizer.json"),
+            self.path(&format!("out-{name}")),
+        );
+        let path = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    }
+}
+
+const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
+const TRAIN: &str = "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 5";
+
+/// (step, loss, grad_norm) of every logged training step.
+fn train_curve(out: &str) -> Vec<(u64, f64, f64)> {
+    std::fs::read_to_string(Path::new(out).join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap(), v["train/grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+#[test]
+fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_reads_them() {
+    let f = Fixture::new(400);
+    let straight = f.config("straight", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &straight], &[]);
+    assert!(ok, "{err}");
+    let want = train_curve(&f.path("out-straight"));
+    assert_eq!(want.iter().map(|c| c.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
+
+    // Interrupted after step 3, then resumed: every logged loss is bit-identical.
+    let resumed = f.config("resumed", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &resumed, "--stop-after", "3"], &[]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = pretrain(&["--config", &resumed, "--resume"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("resumed from"), "{out}");
+    assert_eq!(train_curve(&f.path("out-resumed")), want);
+
+    // Killed while writing the step-4 checkpoint (after the weights, before the optimizer state):
+    // --resume ignores the half-written one and continues from step 2, exactly.
+    let killed = f.config("killed", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &killed], &[("LLAMA2_TEST_FAIL_CHECKPOINT_AFTER", "model.bpk@4")]);
+    assert!(!ok && err.contains("checkpoint interrupted"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let (ok, out, err) = pretrain(&["--config", &killed, "--resume"], &[]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(step 2)"), "{out}");
+    let curve = train_curve(&f.path("out-killed"));
+    let after = curve[curve.len() - 4..].to_vec();
+    assert_eq!(after, want[2..].to_vec());
+
+    // TensorBoard's own event reader reads the scalars and the samples.
+    let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
+    let script = r#"
+import sys, json
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+acc = EventAccumulator(sys.argv[1], size_guidance={"scalars": 0, "tensors": 0})
+acc.Reload()
+tags = acc.Tags()
+out = {t: [e.step for e in acc.Scalars(t)] for t in tags["scalars"]}
+out["_text"] = sorted(acc.PluginTagToContent("text").keys())
+print(json.dumps(out))
+"#;
+    let res = Command::new(&python).arg("-c").arg(script).arg(f.path("out-straight/tensorboard")).output().unwrap_or_else(|e| {
+        panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the tensorboard package")
+    });
+    assert!(res.status.success(), "TensorBoard reader failed (run scripts/test.sh to install it): {}", String::from_utf8_lossy(&res.stderr));
+    let tb: Value = serde_json::from_slice(&res.stdout).unwrap();
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps"] {
+        assert_eq!(tb[tag], serde_json::json!([1, 2, 3, 4, 5, 6]), "{tag}: {tb}");
+    }
+    for tag in ["val/loss", "val/perplexity"] {
+        assert_eq!(tb[tag], serde_json::json!([3, 6]), "{tag}: {tb}");
+    }
+    assert_eq!(tb["_text"], serde_json::json!(["samples"]), "{tb}");
+}
+
+#[test]
+fn bad_configs_and_data_are_clear_errors_before_training() {
+    let f = Fixture::new(400);
+    let cases: Vec<(String, &str)> = vec![
+        (f.config("toml", MODEL, "max_steps = [", ""), "parse error"),
+        (f.config("unknown", MODEL, &format!("{TRAIN}\nlearning_rate = 1"), ""), "learning_rate"),
+        (f.config("type", MODEL, "max_steps = \"six\"\nbatch_size = 4\nmicro_batch_size = 2", ""), "max_steps"),
+        (f.config("neglr", MODEL, TRAIN, ""), "optim.lr"),
+        (f.config("divisible", MODEL, "max_steps = 6\nbatch_size = 5\nmicro_batch_size = 2", ""), "train.micro_batch_size"),
+        (f.config("vocab", &MODEL.replace("vocab_size = 400", "vocab_size = 256"), TRAIN, ""), "vocab"),
+    ];
+    // Negative LR: rewrite that config's [optim] section.
+    let neg = std::fs::read_to_string(&cases[3].0).unwrap().replace("lr = 3e-3", "lr = -1.0");
+    std::fs::write(&cases[3].0, neg).unwrap();
+    for (config, needle) in &cases {
+        let (ok, _, err) = pretrain(&["--config", config], &[]);
+        assert!(!ok, "{config} should fail");
+        assert!(err.contains(needle), "{config}: expected `{needle}` in: {err}");
+        assert!(err.contains(".toml"), "{config}: the error should name the file: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    // Missing shard directory.
+    let missing = f.config("missing", MODEL, TRAIN, "");
+    std::fs::write(&missing, std::fs::read_to_string(&missing).unwrap().replace("/shards\"", "/nowhere\"")).unwrap();
+    let (ok, _, err) = pretrain(&["--config", &missing], &[]);
+    assert!(!ok && err.contains("nowhere") && err.contains("does not exist"), "{err}");
+    // Shards made with another, larger tokenizer than the model's vocabulary.
+    let other = Fixture::new(600);
+    let bigger = f.config("bigger", MODEL, TRAIN, "");
+    std::fs::write(&bigger, std::fs::read_to_string(&bigger).unwrap().replace(&f.path("shards"), &other.path("shards"))).unwrap();
+    let (ok, _, err) = pretrain(&["--config", &bigger], &[]);
+    assert!(!ok && err.contains("manifest.json") && err.contains("exceeds model.vocab_size"), "{err}");
+    // An output directory holding another run's checkpoints, of another shape.
+    let first = f.config("shape", MODEL, "max_steps = 2\nbatch_size = 2\nmicro_batch_size = 2\ncheckpoint_every = 1", "");
+    assert!(pretrain(&["--config", &first], &[]).0);
+    let wider = MODEL.replace("dim = 32", "dim = 64");
+    let second = f.config("shape", &wider, "max_steps = 2\nbatch_size = 2\nmicro_batch_size = 2", "");
+    let (ok, _, err) = pretrain(&["--config", &second], &[]);
+    assert!(!ok && err.contains("already holds checkpoints") && err.contains("--resume"), "{err}");
+    let (ok, _, err) = pretrain(&["--config", &second, "--resume"], &[]);
+    assert!(!ok && err.contains("another model config"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+/// On the shipped corpus and tokenizer, a small model beats the unigram baseline within a minute.
+#[test]
+fn learns_the_shipped_corpus_below_the_unigram_baseline() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let config = tmp.path().join("learn.toml");
+    let text = std::fs::read_to_string(repo().join("configs/tiny.toml"))
+        .unwrap()
+        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", tmp.path().join("shards").display()))
+        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", out.display()))
+        .replace("dim = 128", "dim = 64")
+        .replace("n_layers = 4", "n_layers = 2")
+        .replace("seq_len = 128", "seq_len = 64")
+        .replace("eval_every = 100", "eval_every = 1000");
+    std::fs::write(&config, text).unwrap();
+    let (ok, stdout, err) = pretrain(&["--config", config.to_str().unwrap(), "--max-steps", "80"], &[]);
+    assert!(ok, "{err}");
+    let lines: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let last = lines.iter().rev().find(|v| v.get("val/loss").is_some()).expect("a validation at the end");
+    let (val, unigram) = (last["val/loss"].as_f64().unwrap(), last["val/unigram_loss"].as_f64().unwrap());
+    assert!(val < unigram - 0.2, "validation loss {val} is not clearly below the unigram baseline {unigram}\n{stdout}");
+}

@@ -1,0 +1,146 @@
+//! Training checkpoints: `out_dir/checkpoints/step-00000100/` holding the model (burnpack, which
+//! keeps parameter ids), the optimizer state, and `state.json` (step, counters, data cursor).
+//!
+//! A checkpoint is written into `.step-00000100.tmp/` and renamed into place only when every file
+//! is there, so a directory named `step-*` is always complete: a run killed mid-write leaves a
+//! temporary directory that `--resume` ignores (and the next save removes).
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub const MODEL_FILE: &str = "model.bpk";
+pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
+pub const STATE_FILE: &str = "state.json";
+
+/// Test hook: `FILE` or `FILE@STEP` makes the writer fail right after writing FILE (of the
+/// checkpoint of STEP only, if given), as a process killed mid-checkpoint would.
+pub const FAIL_AFTER_ENV: &str = "LLAMA2_TEST_FAIL_CHECKPOINT_AFTER";
+
+/// Counters and positions a resumed run needs besides the weights and the optimizer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: u64,
+    /// Tokens trained on so far.
+    pub tokens: u64,
+    /// Steps skipped for a non-finite loss or gradient, in all and in a row.
+    pub skipped: u64,
+    pub consecutive_bad: u64,
+    /// The stage's data position (reader cursors).
+    pub data: serde_json::Value,
+    /// The model config the weights belong to, as TOML text, to refuse a resume with another.
+    pub model_config: String,
+    pub seed: u64,
+}
+
+/// The checkpoints of one run directory.
+pub struct Checkpoints {
+    root: PathBuf,
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+impl Checkpoints {
+    pub fn new(out_dir: &Path) -> Self {
+        Self { root: out_dir.join("checkpoints") }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Complete checkpoints, oldest first.
+    pub fn list(&self) -> Vec<(u64, PathBuf)> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return vec![] };
+        let mut found: Vec<(u64, PathBuf)> = entries
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let step = name.strip_prefix("step-")?.parse().ok()?;
+                e.path().join(STATE_FILE).is_file().then_some((step, e.path()))
+            })
+            .collect();
+        found.sort();
+        found
+    }
+
+    pub fn latest(&self) -> Option<(u64, PathBuf)> {
+        self.list().pop()
+    }
+
+    /// Writes checkpoint `step` through `write` (which fills the directory it is given), renames
+    /// it into place, and deletes all but the newest `keep`.
+    pub fn save(&self, step: u64, keep: usize, write: impl FnOnce(&Path, &dyn Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
+        std::fs::create_dir_all(&self.root).map_err(|e| anyhow::anyhow!("{}: {e}", self.root.display()))?;
+        let name = step_name(step);
+        let tmp = self.root.join(format!(".{name}.tmp"));
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp)?;
+        }
+        std::fs::create_dir_all(&tmp)?;
+        let fail_after = std::env::var(FAIL_AFTER_ENV).ok().and_then(|v| match v.split_once('@') {
+            Some((file, at)) => (at.parse::<u64>().ok() == Some(step)).then(|| file.to_string()),
+            None => Some(v),
+        });
+        let written = move |file: &str| -> anyhow::Result<()> {
+            if fail_after.as_deref() == Some(file) {
+                anyhow::bail!("checkpoint interrupted after writing {file} ({FAIL_AFTER_ENV} is set)");
+            }
+            Ok(())
+        };
+        write(&tmp, &written)?;
+        let dest = self.root.join(&name);
+        if dest.exists() {
+            std::fs::remove_dir_all(&dest)?;
+        }
+        std::fs::rename(&tmp, &dest).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+        let all = self.list();
+        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            std::fs::remove_dir_all(old).map_err(|e| anyhow::anyhow!("{}: {e}", old.display()))?;
+        }
+        Ok(dest)
+    }
+
+    pub fn load_state(dir: &Path) -> anyhow::Result<TrainState> {
+        let path = dir.join(STATE_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid checkpoint state: {e}", path.display()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupted_saves_are_never_listed_and_old_ones_are_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = Checkpoints::new(tmp.path());
+        let write_all = |dir: &Path, done: &dyn Fn(&str) -> anyhow::Result<()>| -> anyhow::Result<()> {
+            std::fs::write(dir.join(MODEL_FILE), b"m")?;
+            done(MODEL_FILE)?;
+            std::fs::write(dir.join(STATE_FILE), b"{}")?;
+            done(STATE_FILE)
+        };
+        for step in [10, 20, 30] {
+            ck.save(step, 2, write_all).unwrap();
+        }
+        assert_eq!(ck.list().iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 30]);
+        // A failure between files leaves the newest complete checkpoint in charge.
+        let err = ck
+            .save(40, 2, |dir, _done| {
+                std::fs::write(dir.join(MODEL_FILE), b"half")?;
+                anyhow::bail!("killed")
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("killed"));
+        assert_eq!(ck.latest().unwrap().0, 30);
+        // The next save cleans the leftover temporary directory.
+        ck.save(40, 2, write_all).unwrap();
+        assert_eq!(ck.latest().unwrap().0, 40);
+        assert!(!ck.root().join(".step-00000040.tmp").exists());
+    }
+}

@@ -1,0 +1,251 @@
+//! Config sections every stage shares. Defaults are the Llama 2 pre-training recipe; each
+//! section has `deny_unknown_fields` and a `validate` whose messages name the key.
+
+use std::path::{Path, PathBuf};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Reads and deserialises a TOML file; errors name the file, and toml names the key and line.
+pub fn load_toml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read config: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+}
+
+/// Resolves a `[model]` table: either the keys themselves, or `preset = "7b.toml"` (relative to
+/// the config file) whose `[model]` table is loaded and then overridden by the other keys.
+pub fn resolve_model(value: &toml::Value, config_path: &Path) -> anyhow::Result<llama_model::LlamaConfig> {
+    let origin = config_path.display().to_string();
+    let mut table = value.as_table().cloned().ok_or_else(|| anyhow::anyhow!("{origin}: [model] must be a table"))?;
+    if let Some(preset) = table.remove("preset") {
+        let preset = preset.as_str().ok_or_else(|| anyhow::anyhow!("{origin}: model.preset must be a path string"))?;
+        let path = config_path.parent().unwrap_or(Path::new(".")).join(preset);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{origin}: model.preset {}: {e}", path.display()))?;
+        let base: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let mut merged = base
+            .get("model")
+            .and_then(|m| m.as_table())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("{}: missing table [model]", path.display()))?;
+        merged.extend(table);
+        table = merged;
+    }
+    let mut wrapper = toml::Table::new();
+    wrapper.insert("model".into(), toml::Value::Table(table));
+    Ok(llama_model::LlamaConfig::from_toml_str(&toml::to_string(&wrapper)?, &origin)?)
+}
+
+/// AdamW and clipping (Llama 2: beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, clip 1.0).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OptimConfig {
+    /// Peak learning rate (3e-4 for 7B/13B, 1.5e-4 for 34B/70B).
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Also decay RMSNorm weights and the embedding (the paper does not say; most recipes don't).
+    pub decay_norms_and_embeddings: bool,
+    /// Clip the gradient to this global L2 norm (0 disables).
+    pub grad_clip: f64,
+}
+
+impl Default for OptimConfig {
+    fn default() -> Self {
+        Self { lr: 3e-4, beta1: 0.9, beta2: 0.95, eps: 1e-5, weight_decay: 0.1, decay_norms_and_embeddings: false, grad_clip: 1.0 }
+    }
+}
+
+impl OptimConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(format!("optim.lr must be > 0, got {}", self.lr));
+        }
+        for (key, v) in [("optim.beta1", self.beta1), ("optim.beta2", self.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!("{key} must be in [0, 1), got {v}"));
+            }
+        }
+        if !(self.eps > 0.0) {
+            return Err(format!("optim.eps must be > 0, got {}", self.eps));
+        }
+        if !(self.weight_decay >= 0.0) {
+            return Err(format!("optim.weight_decay must be >= 0, got {}", self.weight_decay));
+        }
+        if !(self.grad_clip >= 0.0) {
+            return Err(format!("optim.grad_clip must be >= 0 (0 disables), got {}", self.grad_clip));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScheduleKind {
+    /// Linear warmup, then cosine decay to `min_lr_ratio * lr` at the last step.
+    Cosine,
+    /// Linear warmup, then linear decay to `min_lr_ratio * lr`.
+    Linear,
+    /// Linear warmup, then constant.
+    Constant,
+}
+
+/// Learning-rate schedule (Llama 2 pre-training: 2000 warmup steps, cosine to 10%).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ScheduleConfig {
+    pub kind: ScheduleKind,
+    pub warmup_steps: u64,
+    /// Warmup as a share of all steps instead (the reward models: 3%); overrides warmup_steps.
+    pub warmup_ratio: Option<f64>,
+    /// Lower bound on the warmup when it comes from warmup_ratio (reward models: 5).
+    pub min_warmup_steps: u64,
+    pub min_lr_ratio: f64,
+}
+
+impl Default for ScheduleConfig {
+    fn default() -> Self {
+        Self { kind: ScheduleKind::Cosine, warmup_steps: 2000, warmup_ratio: None, min_warmup_steps: 0, min_lr_ratio: 0.1 }
+    }
+}
+
+impl ScheduleConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return Err(format!("schedule.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio));
+        }
+        if let Some(r) = self.warmup_ratio {
+            if !(0.0..1.0).contains(&r) {
+                return Err(format!("schedule.warmup_ratio must be in [0, 1), got {r}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Steps, batch and bookkeeping of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TrainConfig {
+    /// Optimizer steps; alternatively give `max_tokens`.
+    pub max_steps: Option<u64>,
+    /// Token budget; the step count is `ceil(max_tokens / (batch_size * seq_len))`.
+    pub max_tokens: Option<u64>,
+    /// Sequences per optimizer step, over all devices (Llama 2: 1024 x 4096 = 4M tokens).
+    pub batch_size: usize,
+    /// Sequences per forward/backward pass on one device; `batch_size / micro_batch_size`
+    /// passes are accumulated into one step.
+    pub micro_batch_size: usize,
+    pub seed: u64,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (they are
+    /// skipped and counted), leaving a checkpoint of the last good state.
+    pub max_bad_steps: u64,
+    pub log_every: u64,
+    pub eval_every: u64,
+    /// Validation batches per evaluation.
+    pub eval_batches: usize,
+    pub checkpoint_every: u64,
+    /// Complete checkpoints kept (older ones are deleted).
+    pub keep_checkpoints: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            max_steps: None,
+            max_tokens: None,
+            batch_size: 1024,
+            micro_batch_size: 4,
+            seed: 0,
+            max_bad_steps: 5,
+            log_every: 10,
+            eval_every: 1000,
+            eval_batches: 20,
+            checkpoint_every: 1000,
+            keep_checkpoints: 3,
+        }
+    }
+}
+
+impl TrainConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_steps.is_none() && self.max_tokens.is_none() {
+            return Err("train.max_steps or train.max_tokens must be set".into());
+        }
+        if self.max_steps == Some(0) || self.max_tokens == Some(0) {
+            return Err("train.max_steps / train.max_tokens must be > 0".into());
+        }
+        if self.batch_size == 0 || self.micro_batch_size == 0 {
+            return Err("train.batch_size and train.micro_batch_size must be > 0".into());
+        }
+        if self.batch_size % self.micro_batch_size != 0 {
+            return Err(format!(
+                "train.batch_size ({}) must be a multiple of train.micro_batch_size ({})",
+                self.batch_size, self.micro_batch_size
+            ));
+        }
+        for (key, v) in [("train.log_every", self.log_every), ("train.eval_every", self.eval_every), ("train.checkpoint_every", self.checkpoint_every)] {
+            if v == 0 {
+                return Err(format!("{key} must be > 0"));
+            }
+        }
+        if self.keep_checkpoints == 0 {
+            return Err("train.keep_checkpoints must be >= 1".into());
+        }
+        Ok(())
+    }
+
+    /// Total optimizer steps for sequences of `seq_len` tokens.
+    pub fn total_steps(&self, seq_len: usize) -> u64 {
+        match (self.max_steps, self.max_tokens) {
+            (Some(s), _) => s,
+            (None, Some(t)) => t.div_ceil((self.batch_size * seq_len) as u64),
+            (None, None) => 0,
+        }
+    }
+
+    pub fn accumulation(&self) -> usize {
+        self.batch_size / self.micro_batch_size
+    }
+}
+
+/// Where the run writes, and what it runs on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RunConfig {
+    /// Checkpoints, TensorBoard events and metrics.jsonl go here.
+    pub out_dir: PathBuf,
+    /// flex (CPU), or vulkan / wgpu / cuda[:N] when built with that feature.
+    pub device: String,
+    /// Compute precision: f32 (bf16 mixed precision is GPU work, issue 9).
+    pub dtype: String,
+    /// Peak FLOP/s of the device in TFLOP/s, for MFU (default: 0.1 on CPU, 989 on CUDA = H100 bf16 dense).
+    pub peak_tflops: Option<f64>,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None }
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.dtype != "f32" {
+            return Err(format!("run.dtype `{}` is not supported yet: allowed values: f32", self.dtype));
+        }
+        if let Err(e) = llama_model::device::parse(&self.device) {
+            return Err(format!("run.device: {e}"));
+        }
+        if self.peak_tflops.is_some_and(|p| !(p > 0.0)) {
+            return Err("run.peak_tflops must be > 0".into());
+        }
+        Ok(())
+    }
+
+    pub fn peak_flops(&self) -> f64 {
+        let default = if self.device.starts_with("cuda") { 989.0 } else { 0.1 };
+        self.peak_tflops.unwrap_or(default) * 1e12
+    }
+}

@@ -1,0 +1,16 @@
+//! The training loop every stage shares, and what it is made of: config sections with the
+//! paper's defaults, AdamW with global-norm clipping, the LR schedule, gradient accumulation,
+//! checkpoints with atomic rename and resume, TensorBoard events and terminal progress.
+
+pub mod config;
+pub mod optim;
+pub mod schedule;
+pub mod tensorboard;
+pub mod checkpoint;
+pub mod metrics;
+pub mod run;
+
+pub use config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
+pub use metrics::Metrics;
+pub use run::{LoopConfig, Objective, Summary, train};
+pub use schedule::Schedule;

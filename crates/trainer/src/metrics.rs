@@ -1,0 +1,89 @@
+//! Where numbers go: TensorBoard event files, `metrics.jsonl` (one JSON object per logged step,
+//! for pandas and for tests), and the terminal (a progress bar on a TTY, plain lines otherwise).
+
+use std::fs::{File, OpenOptions};
+use std::io::{IsTerminal, Write};
+use std::path::Path;
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::tensorboard::EventWriter;
+
+pub struct Metrics {
+    tb: EventWriter,
+    jsonl: File,
+    bar: Option<ProgressBar>,
+}
+
+impl Metrics {
+    /// Opens the writers under `out_dir` (`tensorboard/` and `metrics.jsonl`, appended to on
+    /// resume); a progress bar of `total_steps` starting at `start_step` when stderr is a TTY.
+    pub fn open(out_dir: &Path, total_steps: u64, start_step: u64) -> anyhow::Result<Self> {
+        let tb = EventWriter::create(&out_dir.join("tensorboard")).map_err(|e| anyhow::anyhow!("{}: {e}", out_dir.display()))?;
+        let path = out_dir.join("metrics.jsonl");
+        let jsonl = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total_steps);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} step {pos}/{len} [{bar:30}] {msg} ETA {eta}")
+                    .expect("valid template")
+                    .progress_chars("=> "),
+            );
+            bar.set_position(start_step);
+            bar
+        });
+        Ok(Self { tb, jsonl, bar })
+    }
+
+    /// Records scalars of one step in TensorBoard and metrics.jsonl.
+    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) -> anyhow::Result<()> {
+        let mut line = serde_json::Map::new();
+        line.insert("step".into(), step.into());
+        for (tag, v) in values {
+            self.tb.scalar(tag, step, *v)?;
+            line.insert((*tag).into(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
+        }
+        writeln!(self.jsonl, "{}", serde_json::Value::Object(line))?;
+        self.tb.flush()?;
+        Ok(())
+    }
+
+    pub fn text(&mut self, step: u64, tag: &str, text: &str) -> anyhow::Result<()> {
+        self.tb.text(tag, step, text)?;
+        self.tb.flush()?;
+        Ok(())
+    }
+
+    /// Advances the bar, or prints a plain line when not on a terminal.
+    pub fn progress(&self, step: u64, total: u64, summary: &str) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                bar.set_message(summary.to_string());
+            }
+            None => println!("step {step}/{total} {summary}"),
+        }
+    }
+
+    /// Prints a message without breaking the bar.
+    pub fn println(&self, msg: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(msg),
+            None => println!("{msg}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

@@ -1,0 +1,103 @@
+//! AdamW (Burn's) with parameter groups, plus what Burn lacks: clipping by the *global* gradient
+//! norm (Burn's `GradientClipping::Norm` clips each tensor on its own).
+
+use std::path::Path;
+
+use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::tensor::Tensor;
+
+use crate::config::OptimConfig;
+
+/// Parameter paths excluded from weight decay unless `decay_norms_and_embeddings` is set.
+pub const NO_DECAY: &[&str] = &["norm", "tok_embeddings"];
+
+/// The optimizer of a run: AdamW for all parameters, a zero-decay group for norms/embeddings.
+#[derive(Clone)]
+pub struct Optimizer {
+    inner: ModuleOptimizer,
+}
+
+fn adamw(config: &OptimConfig, weight_decay: f64) -> AdamWConfig {
+    AdamWConfig::new()
+        .with_beta_1(config.beta1 as f32)
+        .with_beta_2(config.beta2 as f32)
+        .with_epsilon(config.eps as f32)
+        .with_weight_decay(weight_decay as f32)
+}
+
+impl Optimizer {
+    pub fn new(config: &OptimConfig) -> Self {
+        let mut inner = adamw(config, config.weight_decay).init();
+        if !config.decay_norms_and_embeddings && config.weight_decay > 0.0 {
+            inner = inner.with_group(ParamGroup::from_any_predicates(NO_DECAY.to_vec()), adamw(config, 0.0).build(), None);
+        }
+        Self { inner }
+    }
+
+    /// One AdamW update of `model` with learning rate `lr`.
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: GradientsParams) -> M {
+        self.inner.step(lr, model, grads)
+    }
+
+    pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        self.inner.save(path).map_err(|e| anyhow::anyhow!("{}: cannot save optimizer state: {e}", path.display()))
+    }
+
+    pub fn load(self, path: &Path) -> anyhow::Result<Self> {
+        let inner = self.inner.load(path).map_err(|e| anyhow::anyhow!("{}: cannot load optimizer state: {e}", path.display()))?;
+        Ok(Self { inner })
+    }
+}
+
+struct SumOfSquares<'a> {
+    grads: &'a GradientsParams,
+    total: Option<Tensor<1>>,
+}
+
+impl ModuleVisitor for SumOfSquares<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let s = (g.clone() * g).sum();
+            self.total = Some(match self.total.take() {
+                Some(t) => t + s,
+                None => s,
+            });
+        }
+    }
+}
+
+/// L2 norm of all gradients together (one host sync).
+pub fn global_grad_norm<M: Module>(model: &M, grads: &GradientsParams) -> f64 {
+    let mut v = SumOfSquares { grads, total: None };
+    model.visit(&mut v);
+    v.total.map_or(0.0, |t| (t.into_scalar::<f32>() as f64).sqrt())
+}
+
+struct Scale<'a> {
+    grads: &'a mut GradientsParams,
+    factor: f64,
+}
+
+impl ModuleVisitor for Scale<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            self.grads.register(param.id, g.mul_scalar(self.factor));
+        }
+    }
+}
+
+/// Multiplies every gradient by `factor`.
+pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f64) {
+    model.visit(&mut Scale { grads, factor });
+}
+
+/// Clips to `max_norm` by the global norm; returns the norm before clipping. `max_norm` 0
+/// disables clipping.
+pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
+    let norm = global_grad_norm(model, grads);
+    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+        scale_grads(model, grads, max_norm / (norm + 1e-6));
+    }
+    norm
+}

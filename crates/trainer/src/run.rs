@@ -1,0 +1,233 @@
+//! The step-based training loop. A stage supplies an [`Objective`]: how to make micro-batches,
+//! how to turn one into a summed loss, how to evaluate, and its data position; the loop does the
+//! rest: accumulation with correct loss scaling, global-norm clipping, AdamW, the schedule,
+//! non-finite step skipping, logging, evaluation, checkpoints and resume.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::store::ModuleSnapshot;
+use burn::tensor::Tensor;
+use llama_model::checkpoint::{load_weights, save_weights};
+
+use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState};
+use crate::config::{OptimConfig, RunConfig, TrainConfig};
+use crate::metrics::{Metrics, peak_rss_bytes};
+use crate::optim::{Optimizer, clip_global_norm};
+use crate::schedule::Schedule;
+
+/// What a stage trains on and how.
+pub trait Objective<M> {
+    type Batch;
+
+    /// The next micro-batch of `size` sequences; None when the data is exhausted.
+    fn next_batch(&mut self, size: usize) -> anyhow::Result<Option<Self::Batch>>;
+
+    /// How many loss terms (target tokens, pairs) the batch holds: the step's loss is the sum of
+    /// every micro-batch's summed loss divided by the sum of their weights, so a step over
+    /// several micro-batches equals one over their concatenation.
+    fn weight(&self, batch: &Self::Batch) -> f64;
+
+    /// Tokens the batch processes (for throughput).
+    fn tokens(&self, batch: &Self::Batch) -> usize;
+
+    /// The summed loss of the batch (a scalar on the model's autodiff device).
+    fn loss_sum(&self, model: &M, batch: &Self::Batch) -> Tensor<1>;
+
+    /// Runs the stage's evaluation and records its numbers.
+    fn evaluate(&mut self, model: &M, step: u64, metrics: &mut Metrics) -> anyhow::Result<()>;
+
+    /// Where the data readers are (saved in checkpoints).
+    fn data_state(&self) -> serde_json::Value;
+    fn restore_data_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()>;
+}
+
+/// Everything the loop needs besides the model and the objective.
+pub struct LoopConfig {
+    pub train: TrainConfig,
+    pub run: RunConfig,
+    pub optim: OptimConfig,
+    pub schedule: Schedule,
+    pub total_steps: u64,
+    /// Stop (with a checkpoint) after this step, as if interrupted; the schedule still spans
+    /// `total_steps`.
+    pub stop_after: Option<u64>,
+    pub resume: bool,
+    /// Training FLOPs per token, for MFU.
+    pub flops_per_token: f64,
+    /// The model config as TOML, stored in checkpoints and checked on resume.
+    pub model_config: String,
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Summary {
+    pub steps: u64,
+    pub tokens: u64,
+    pub skipped: u64,
+    pub last_loss: Option<f64>,
+    pub checkpoint: Option<PathBuf>,
+}
+
+/// Gradients and loss of one optimizer step over several micro-batches: each micro-batch's
+/// summed loss is divided by the total weight of the step before its backward pass, so the
+/// accumulated gradient is that of the mean loss over the whole step, however it is split.
+pub fn accumulate<M: Module, O: Objective<M>>(model: &M, objective: &O, batches: &[O::Batch]) -> (GradientsParams, f64) {
+    let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        let loss = objective.loss_sum(model, batch);
+        loss_sum += loss.clone().into_scalar::<f32>() as f64;
+        let grads = loss.div_scalar(total_weight).backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    (accumulator.grads(), loss_sum / total_weight)
+}
+
+/// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
+pub fn train<M, O>(mut model: M, objective: &mut O, cfg: &LoopConfig) -> anyhow::Result<(M, Summary)>
+where
+    M: Module + ModuleSnapshot + Clone,
+    O: Objective<M>,
+{
+    let out = &cfg.run.out_dir;
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let checkpoints = Checkpoints::new(out);
+    let mut optimizer = Optimizer::new(&cfg.optim);
+    let mut state = TrainState {
+        step: 0,
+        tokens: 0,
+        skipped: 0,
+        consecutive_bad: 0,
+        data: serde_json::Value::Null,
+        model_config: cfg.model_config.clone(),
+        seed: cfg.train.seed,
+    };
+    match (cfg.resume, checkpoints.latest()) {
+        (true, Some((_, dir))) => {
+            state = Checkpoints::load_state(&dir)?;
+            if state.model_config != cfg.model_config {
+                bail!(
+                    "{}: this checkpoint was written for another model config; resume with the config it was trained with, or choose another run.out_dir",
+                    dir.display()
+                );
+            }
+            load_weights(&mut model, &dir.join(MODEL_FILE))?;
+            optimizer = optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+            objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
+            println!("resumed from {} (step {})", dir.display(), state.step);
+        }
+        (true, None) => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
+        (false, Some((step, dir))) => bail!(
+            "{} already holds checkpoints of a run (newest: step {step}, {}); pass --resume to continue it, or choose another --out",
+            out.display(),
+            dir.display()
+        ),
+        (false, None) => {}
+    }
+
+    let mut metrics = Metrics::open(out, cfg.total_steps, state.step)?;
+    let accumulation = cfg.train.accumulation();
+    let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
+    let mut window = (Instant::now(), 0usize);
+    let mut saved_step = state.step;
+    let save = |model: &M, optimizer: &Optimizer, state: &TrainState, objective: &O| -> anyhow::Result<PathBuf> {
+        let mut state = state.clone();
+        state.data = objective.data_state();
+        checkpoints.save(state.step, cfg.train.keep_checkpoints, |dir, written| {
+            save_weights(model, &dir.join(MODEL_FILE))?;
+            written(MODEL_FILE)?;
+            optimizer.save(&dir.join(OPTIMIZER_FILE))?;
+            written(OPTIMIZER_FILE)?;
+            std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+            written(STATE_FILE)
+        })
+    };
+
+    while state.step < cfg.total_steps {
+        let mut batches = Vec::with_capacity(accumulation);
+        for _ in 0..accumulation {
+            match objective.next_batch(cfg.train.micro_batch_size)? {
+                Some(b) => batches.push(b),
+                None => break,
+            }
+        }
+        if batches.len() < accumulation {
+            metrics.println(&format!("data exhausted after step {}", state.step));
+            break;
+        }
+        let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
+        let (mut grads, loss) = accumulate(&model, objective, &batches);
+        let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
+        let lr = cfg.schedule.lr(state.step);
+        state.step += 1;
+        state.tokens += step_tokens as u64;
+        window.1 += step_tokens;
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            state.skipped += 1;
+            state.consecutive_bad += 1;
+            metrics.scalars(state.step, &[("train/skipped_steps", state.skipped as f64)])?;
+            metrics.println(&format!("step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped", state.step));
+            if state.consecutive_bad >= cfg.train.max_bad_steps {
+                let dir = save(&model, &optimizer, &state, objective)?;
+                metrics.finish();
+                bail!(
+                    "stopping: {} consecutive steps had a non-finite loss or gradient (lower optim.lr, check the data); the last good weights are saved in {}",
+                    state.consecutive_bad,
+                    dir.display()
+                );
+            }
+            continue;
+        }
+        state.consecutive_bad = 0;
+        model = optimizer.step(lr, model, grads);
+        summary.last_loss = Some(loss);
+
+        let last = state.step == cfg.total_steps || cfg.stop_after == Some(state.step);
+        if state.step % cfg.train.log_every == 0 || last {
+            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
+            let tok_s = window.1 as f64 / secs;
+            let mfu = tok_s * cfg.flops_per_token / cfg.run.peak_flops();
+            let mut values = vec![
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/tokens_per_s", tok_s),
+                ("train/mfu", mfu),
+                ("train/tokens", state.tokens as f64),
+                ("train/skipped_steps", state.skipped as f64),
+            ];
+            if let Some(rss) = peak_rss_bytes() {
+                values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
+            }
+            metrics.scalars(state.step, &values)?;
+            metrics.progress(state.step, cfg.total_steps, &format!("loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.3} | {tok_s:.0} tok/s"));
+            window = (Instant::now(), 0);
+        }
+        if state.step % cfg.train.eval_every == 0 || last {
+            objective.evaluate(&model, state.step, &mut metrics)?;
+            window.0 = Instant::now();
+        }
+        if state.step % cfg.train.checkpoint_every == 0 || last {
+            summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);
+            saved_step = state.step;
+            window.0 = Instant::now();
+        }
+        if cfg.stop_after == Some(state.step) {
+            metrics.println(&format!("stopping after step {} as asked (--stop-after)", state.step));
+            break;
+        }
+    }
+    if state.step > saved_step {
+        summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);
+    }
+    metrics.finish();
+    summary.steps = state.step;
+    summary.tokens = state.tokens;
+    summary.skipped = state.skipped;
+    Ok((model, summary))
+}
