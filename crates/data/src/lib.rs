@@ -1,6 +1,7 @@
 //! Data for every stage: the tokenizer, tokenized Parquet shards (`prepare`), and the streaming
 //! packed reader with its resumable cursor. Knows nothing of the model.
 
+pub mod chat;
 pub mod prepare;
 pub mod reader;
 pub mod shards;

@@ -346,6 +346,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         resume: overrides.resume,
         flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
         model_config: toml::to_string(&model_table)?,
+        eval_at_start: false,
         train: cfg.train,
         run: cfg.run,
         optim: cfg.optim,

@@ -144,3 +144,25 @@ mod tests {
         assert!(!ck.root().join(".step-00000040.tmp").exists());
     }
 }
+
+/// Loads a model to start a stage from: a run directory (its newest checkpoint), a training
+/// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint or a Hugging Face
+/// directory. Returns the config and the model on `device`.
+pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<(llama_model::LlamaConfig, llama_model::Llama)> {
+    let run_checkpoints = Checkpoints::new(path);
+    let dir = match run_checkpoints.latest() {
+        Some((_, dir)) => dir,
+        None => path.to_path_buf(),
+    };
+    if dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
+        let state = Checkpoints::load_state(&dir)?;
+        let config = llama_model::LlamaConfig::from_toml_str(&state.model_config, &dir.join(STATE_FILE).display().to_string())?;
+        let mut model = config.init(device);
+        llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
+        return Ok((config, model));
+    }
+    if !dir.exists() {
+        anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
+    }
+    Ok(llama_model::checkpoint::load(&dir, device)?)
+}

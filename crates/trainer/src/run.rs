@@ -60,6 +60,8 @@ pub struct LoopConfig {
     pub flops_per_token: f64,
     /// The model config as TOML, stored in checkpoints and checked on resume.
     pub model_config: String,
+    /// Evaluate the starting model before the first step of a new run (step 0).
+    pub eval_at_start: bool,
 }
 
 /// How a run ended.
@@ -131,6 +133,9 @@ where
     }
 
     let mut metrics = Metrics::open(out, cfg.total_steps, state.step)?;
+    if cfg.eval_at_start && state.step == 0 {
+        objective.evaluate(&model, 0, &mut metrics)?;
+    }
     let accumulation = cfg.train.accumulation();
     let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
     let mut window = (Instant::now(), 0usize);

@@ -107,6 +107,7 @@ fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) ->
         resume: false,
         flops_per_token: 1.0,
         model_config: "toy".into(),
+        eval_at_start: false,
         train,
         run: RunConfig { out_dir: out.to_path_buf(), ..RunConfig::default() },
         optim: OptimConfig { lr: 1e-2, ..OptimConfig::default() },

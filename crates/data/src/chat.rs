@@ -1,0 +1,395 @@
+//! Chat data: conversations, the Llama 2 chat template with its answer-only loss mask, loading
+//! from JSONL or Parquet, and packing for supervised fine-tuning.
+//!
+//! The template is Meta's (`generation.py`, `chat_completion`): each user/assistant exchange is
+//! `<s>[INST] {user} [/INST] {answer} </s>`, with the system prompt folded into the first user
+//! message as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`. Loss falls on answer tokens and their EOS
+//! only (and not on answers marked `"train": false`, as Ghost Attention needs).
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{DataError, Tokenizer};
+
+pub const B_INST: &str = "[INST]";
+pub const E_INST: &str = "[/INST]";
+pub const B_SYS: &str = "<<SYS>>\n";
+pub const E_SYS: &str = "\n<</SYS>>\n\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// For assistant messages: whether the answer is trained on (default true).
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub train: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Self { role, content: content.into(), train: true }
+    }
+}
+
+/// A validated conversation: an optional system message, then user/assistant turns alternating,
+/// starting with a user turn.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+}
+
+impl Conversation {
+    /// Parses `{"messages": [...]}` or `{"prompt": ..., "response": ..., "system"?: ...}`.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
+        let messages = if let Some(list) = value.get("messages") {
+            let list = list.as_array().ok_or("`messages` is not a list")?;
+            list.iter()
+                .enumerate()
+                .map(|(i, m)| {
+                    let role = m.get("role").and_then(|r| r.as_str()).ok_or(format!("message {i} has no `role`"))?;
+                    let role = match role {
+                        "system" => Role::System,
+                        "user" => Role::User,
+                        "assistant" => Role::Assistant,
+                        other => return Err(format!("message {i} has unknown role `{other}` (expected system, user or assistant)")),
+                    };
+                    let content = m.get("content").and_then(|c| c.as_str()).ok_or(format!("message {i} has no string `content`"))?;
+                    let train = m.get("train").and_then(|t| t.as_bool()).unwrap_or(true);
+                    Ok(Message { role, content: content.to_string(), train })
+                })
+                .collect::<Result<Vec<_>, String>>()?
+        } else if let (Some(p), Some(r)) = (value.get("prompt"), value.get("response")) {
+            let p = p.as_str().ok_or("`prompt` is not a string")?;
+            let r = r.as_str().ok_or("`response` is not a string")?;
+            let mut m = vec![];
+            if let Some(s) = value.get("system").and_then(|s| s.as_str()) {
+                m.push(Message::new(Role::System, s));
+            }
+            m.push(Message::new(Role::User, p));
+            m.push(Message::new(Role::Assistant, r));
+            m
+        } else {
+            return Err("expected `messages`, or `prompt` and `response`".into());
+        };
+        let c = Self { messages };
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        let turns = self.turns_start();
+        if self.messages.len() <= turns {
+            return Err("empty conversation (no user turn)".into());
+        }
+        for (i, m) in self.messages.iter().enumerate().skip(turns) {
+            let want = if (i - turns) % 2 == 0 { Role::User } else { Role::Assistant };
+            if m.role == Role::System {
+                return Err(format!("message {i}: a system message may only come first"));
+            }
+            if m.role != want {
+                return Err(format!(
+                    "message {i} is {:?} but {:?} was expected (turns must alternate, starting with the user)",
+                    m.role, want
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn turns_start(&self) -> usize {
+        usize::from(self.messages.first().is_some_and(|m| m.role == Role::System))
+    }
+
+    pub fn system(&self) -> Option<&str> {
+        (self.turns_start() == 1).then(|| self.messages[0].content.as_str())
+    }
+
+    /// (user, assistant) exchanges; the last may have no answer (a prompt to complete).
+    pub fn exchanges(&self) -> Vec<(&Message, Option<&Message>)> {
+        let turns = &self.messages[self.turns_start()..];
+        turns.chunks(2).map(|c| (&c[0], c.get(1))).collect()
+    }
+
+    /// The text of each piece of the template and whether it is trained on, in order
+    /// (BOS and EOS are the `<s>`/`</s>` pieces).
+    pub fn render_pieces(&self) -> Vec<(String, bool)> {
+        let mut pieces = vec![];
+        for (i, (user, answer)) in self.exchanges().into_iter().enumerate() {
+            let user_text = match (i, self.system()) {
+                (0, Some(system)) => format!("{B_SYS}{}{E_SYS}{}", system.trim(), user.content.trim()),
+                _ => user.content.trim().to_string(),
+            };
+            pieces.push(("<s>".to_string(), false));
+            pieces.push((format!("{B_INST} {user_text} {E_INST}"), false));
+            if let Some(a) = answer {
+                pieces.push((format!(" {} ", a.content.trim()), a.train));
+                pieces.push(("</s>".to_string(), a.train));
+            }
+        }
+        pieces
+    }
+
+    /// The whole rendered text (for display and golden tests).
+    pub fn render_text(&self) -> String {
+        self.render_pieces().into_iter().map(|p| p.0).collect()
+    }
+
+    /// Token ids and, per id, whether it is an answer token that carries loss.
+    pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+        let (mut ids, mut mask) = (vec![], vec![]);
+        for (text, train) in self.render_pieces() {
+            let piece = match text.as_str() {
+                "<s>" => vec![tokenizer.bos_id()],
+                "</s>" => vec![tokenizer.eos_id()],
+                t => tokenizer.encode(t, false, false)?,
+            };
+            mask.extend(std::iter::repeat_n(train, piece.len()));
+            ids.extend(piece);
+        }
+        Ok((ids, mask))
+    }
+
+    /// The prompt to generate an answer for the last user turn: every exchange rendered, the
+    /// last without its answer.
+    pub fn prompt_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, DataError> {
+        let mut c = self.clone();
+        if c.messages.last().is_some_and(|m| m.role == Role::Assistant) {
+            c.messages.pop();
+        }
+        Ok(c.tokenize(tokenizer)?.0)
+    }
+}
+
+/// Reads conversations from `.jsonl` (one object per line) or `.parquet` (a `messages` column of
+/// `list<struct<role, content>>`, or `prompt`/`response` string columns). Errors name the file
+/// and line (or row).
+pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    let io = |e: std::io::Error| DataError::Io(format!("{}: {e}", path.display()));
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("jsonl" | "json") => {
+            let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
+            let mut out = vec![];
+            for (n, line) in reader.lines().enumerate() {
+                let at = format!("{}:{}", path.display(), n + 1);
+                let line = line.map_err(|e| DataError::Input(format!("{at}: {e}")))?;
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Input(format!("{at}: invalid JSON: {e}")))?;
+                out.push(Conversation::from_json(&value).map_err(|e| DataError::Input(format!("{at}: {e}")))?);
+            }
+            Ok(out)
+        }
+        Some("parquet") => load_parquet(path),
+        _ => Err(DataError::Config(format!("{}: unsupported chat file; expected .jsonl or .parquet", path.display()))),
+    }
+}
+
+fn load_parquet(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+    let err = |m: String| DataError::Input(format!("{}: {m}", path.display()));
+    let file = std::fs::File::open(path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))?;
+    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
+        .map_err(|e| err(format!("not a readable Parquet file: {e}")))?
+        .build()
+        .map_err(|e| err(e.to_string()))?;
+    let mut out = vec![];
+    for batch in reader {
+        let batch = batch.map_err(|e| err(e.to_string()))?;
+        // Each row becomes the JSON form, so one parser validates both formats.
+        for value in arrow_rows_to_json(&batch).map_err(err)? {
+            let row = out.len();
+            out.push(Conversation::from_json(&value).map_err(|e| err(format!("row {row}: {e}")))?);
+        }
+    }
+    Ok(out)
+}
+
+/// Turns the `messages` / `prompt` / `response` / `system` columns of a batch into JSON rows.
+fn arrow_rows_to_json(batch: &arrow_array::RecordBatch) -> Result<Vec<serde_json::Value>, String> {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    use arrow_schema::DataType;
+    let string_at = |col: &dyn Array, i: usize| -> Option<String> {
+        match col.data_type() {
+            DataType::Utf8 => Some(col.as_string::<i32>().value(i).to_string()),
+            DataType::LargeUtf8 => Some(col.as_string::<i64>().value(i).to_string()),
+            DataType::Utf8View => Some(col.as_string_view().value(i).to_string()),
+            _ => None,
+        }
+    };
+    let schema = batch.schema();
+    let mut rows = vec![serde_json::Map::new(); batch.num_rows()];
+    for (field, col) in schema.fields().iter().zip(batch.columns()) {
+        match field.name().as_str() {
+            "prompt" | "response" | "system" => {
+                for (i, row) in rows.iter_mut().enumerate() {
+                    if col.is_null(i) {
+                        continue;
+                    }
+                    let s = string_at(col.as_ref(), i).ok_or(format!("column `{}` is not a string column", field.name()))?;
+                    row.insert(field.name().clone(), s.into());
+                }
+            }
+            "messages" => {
+                let list = match col.data_type() {
+                    DataType::List(_) => col.as_list::<i32>(),
+                    other => return Err(format!("column `messages` has type {other}; expected list<struct<role, content>>")),
+                };
+                for (i, row) in rows.iter_mut().enumerate() {
+                    let items = list.value(i);
+                    let s = items.as_struct_opt().ok_or("`messages` items are not structs with role and content")?;
+                    let role = s.column_by_name("role").ok_or("`messages` items have no `role`")?;
+                    let content = s.column_by_name("content").ok_or("`messages` items have no `content`")?;
+                    let msgs: Vec<serde_json::Value> = (0..s.len())
+                        .map(|j| serde_json::json!({ "role": string_at(role.as_ref(), j), "content": string_at(content.as_ref(), j) }))
+                        .collect();
+                    row.insert("messages".into(), msgs.into());
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(rows.into_iter().map(serde_json::Value::Object).collect())
+}
+
+/// What to do with a conversation longer than a training sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    /// Cut it to the sequence length (counted, with a warning).
+    Truncate,
+    /// Leave it out (counted, with a warning).
+    Skip,
+}
+
+/// A packed training sequence: `seq_len + 1` ids, the loss mask of each *target* (ids[1..]), and
+/// for each position the index of the conversation it belongs to (padding is `u32::MAX`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Packed {
+    pub ids: Vec<u32>,
+    pub loss_mask: Vec<bool>,
+    pub segment: Vec<u32>,
+}
+
+/// Packing statistics, reported to the user.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PackStats {
+    pub conversations: usize,
+    pub truncated: usize,
+    pub skipped: usize,
+    pub sequences: usize,
+    pub loss_tokens: usize,
+}
+
+/// Packs tokenized conversations whole into sequences of `seq_len + 1` tokens (a conversation
+/// never straddles two sequences), padding the rest of each sequence with `pad` (masked).
+pub fn pack(items: &[(Vec<u32>, Vec<bool>)], seq_len: usize, pad: u32, overlong: Overlong) -> (Vec<Packed>, PackStats) {
+    let len = seq_len + 1;
+    let mut stats = PackStats { conversations: items.len(), ..PackStats::default() };
+    let mut out = vec![];
+    let mut cur = Packed { ids: vec![], loss_mask: vec![], segment: vec![] };
+    let flush = |cur: &mut Packed, out: &mut Vec<Packed>| {
+        if cur.ids.is_empty() {
+            return;
+        }
+        let n = len - cur.ids.len();
+        cur.ids.extend(std::iter::repeat_n(pad, n));
+        cur.loss_mask.extend(std::iter::repeat_n(false, n));
+        cur.segment.extend(std::iter::repeat_n(u32::MAX, n));
+        out.push(std::mem::replace(cur, Packed { ids: vec![], loss_mask: vec![], segment: vec![] }));
+    };
+    for (index, (ids, mask)) in items.iter().enumerate() {
+        let (mut ids, mut mask) = (ids.clone(), mask.clone());
+        if ids.len() > len {
+            match overlong {
+                Overlong::Skip => {
+                    stats.skipped += 1;
+                    continue;
+                }
+                Overlong::Truncate => {
+                    stats.truncated += 1;
+                    ids.truncate(len);
+                    mask.truncate(len);
+                }
+            }
+        }
+        if cur.ids.len() + ids.len() > len {
+            flush(&mut cur, &mut out);
+        }
+        cur.segment.extend(std::iter::repeat_n(index as u32, ids.len()));
+        cur.ids.extend(ids);
+        cur.loss_mask.extend(mask);
+    }
+    flush(&mut cur, &mut out);
+    // The mask so far is per position; the loss of position t is on target ids[t + 1].
+    for p in &mut out {
+        p.loss_mask.remove(0);
+        stats.loss_tokens += p.loss_mask.iter().filter(|&&m| m).count();
+    }
+    stats.sequences = out.len();
+    (out, stats)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conv(json: &str) -> Result<Conversation, String> {
+        Conversation::from_json(&serde_json::from_str(json).unwrap())
+    }
+
+    #[test]
+    fn template_strings_are_meta_s() {
+        let single = conv(r#"{"prompt": "Hi there", "response": "Hello!"}"#).unwrap();
+        assert_eq!(single.render_text(), "<s>[INST] Hi there [/INST] Hello! </s>");
+        let sys = conv(r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#).unwrap();
+        assert_eq!(sys.render_text(), "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>");
+        let multi = conv(
+            r#"{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]}"#,
+        )
+        .unwrap();
+        assert_eq!(multi.render_text(), "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nA [/INST] B </s><s>[INST] C [/INST] D </s>");
+    }
+
+    #[test]
+    fn bad_conversations_are_named() {
+        assert!(conv(r#"{"messages": [{"role": "robot", "content": "x"}]}"#).unwrap_err().contains("unknown role `robot`"));
+        assert!(conv(r#"{"messages": [{"role": "assistant", "content": "x"}]}"#).unwrap_err().contains("expected"));
+        assert!(conv(r#"{"messages": []}"#).unwrap_err().contains("empty"));
+        assert!(conv(r#"{"messages": [{"role": "system", "content": "x"}]}"#).unwrap_err().contains("empty"));
+        assert!(conv(r#"{"text": "x"}"#).unwrap_err().contains("messages"));
+    }
+
+    #[test]
+    fn packing_keeps_conversations_whole_and_shifts_the_mask_to_targets() {
+        let items = vec![(vec![1, 10, 11, 2], vec![false, false, true, true]), (vec![1, 20, 21, 22, 2], vec![false, false, false, true, true]), (vec![1; 9], vec![true; 9])];
+        let (packed, stats) = pack(&items, 7, 0, Overlong::Skip);
+        assert_eq!(stats.skipped, 1);
+        assert_eq!(packed.len(), 2, "4 + 5 tokens do not fit in one window of 8");
+        assert_eq!(packed[0].ids, vec![1, 10, 11, 2, 0, 0, 0, 0]);
+        assert_eq!(packed[0].loss_mask, vec![false, true, true, false, false, false, false]);
+        assert_eq!(packed[0].segment, vec![0, 0, 0, 0, u32::MAX, u32::MAX, u32::MAX, u32::MAX]);
+        assert_eq!(stats.loss_tokens, 2 + 2);
+        let (packed, stats) = pack(&items, 7, 0, Overlong::Truncate);
+        assert_eq!((stats.truncated, packed.len()), (1, 3));
+        assert_eq!(packed[2].ids.len(), 8);
+    }
+}

@@ -1,0 +1,181 @@
+//! SFT: golden template ids, the answer-only mask's exact zero gradient, bad chat files, Ghost
+//! Attention data, and fine-tuning raising the held-out success rate.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use burn::optim::GradientsParams;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+use llama_data::Tokenizer;
+use llama_data::chat::{Conversation, Overlong, load_conversations, pack};
+use llama_model::LlamaConfig;
+use llama_sft::{batch_tensors, ghost_attention, masked_nll_sum};
+use serde_json::json;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tokenizer() -> Tokenizer {
+    Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap()
+}
+
+fn conv(v: serde_json::Value) -> Conversation {
+    Conversation::from_json(&v).unwrap()
+}
+
+const INST_NAME: [u32; 21] = [340, 312, 294, 299, 304, 305, 313, 591, 921, 408, 745, 1577, 285, 340, 312, 272, 294, 299, 304, 305, 313];
+const ALICE: [u32; 8] = [1028, 573, 1577, 408, 2000, 637, 271, 340];
+
+#[test]
+fn golden_template_token_ids() {
+    let tok = tokenizer();
+    // Single turn, no system prompt: <s>[INST] What is my name? [/INST] Your name is Alice. </s>
+    let single = conv(json!({"prompt": "What is my name?", "response": "Your name is Alice."}));
+    assert_eq!(single.render_text(), "<s>[INST] What is my name? [/INST] Your name is Alice. </s>");
+    let (ids, mask) = single.tokenize(&tok).unwrap();
+    let want: Vec<u32> = [vec![1], INST_NAME.to_vec(), ALICE.to_vec(), vec![2]].concat();
+    assert_eq!(ids, want);
+    let want_mask: Vec<bool> = [vec![false; 1 + INST_NAME.len()], vec![true; ALICE.len() + 1]].concat();
+    assert_eq!(mask, want_mask);
+
+    // Multi-turn with a system prompt folded into the first user turn.
+    let multi = conv(json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "Bye."}]}));
+    assert_eq!(multi.render_text(), "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s><s>[INST] Thanks [/INST] Bye. </s>");
+    let sys_hi: Vec<u32> = vec![
+        340, 312, 294, 299, 304, 305, 313, 340, 63, 63, 304, 310, 304, 65, 65, 259, 287, 318, 358, 485, 1405, 271, 259, 63, 63, 272, 304, 310, 304, 65, 65, 349, 293, 322, 340, 312, 272,
+        294, 299, 304, 305, 313,
+    ];
+    let hello = vec![534, 898, 328, 271, 340];
+    let thanks = vec![340, 312, 294, 299, 304, 305, 313, 1565, 1118, 332, 340, 312, 272, 294, 299, 304, 305, 313];
+    let bye = vec![516, 338, 318, 271, 340];
+    let (ids, mask) = multi.tokenize(&tok).unwrap();
+    assert_eq!(ids, [vec![1], sys_hi.clone(), hello.clone(), vec![2, 1], thanks.clone(), bye.clone(), vec![2]].concat());
+    let mask_want = [vec![false; 1 + sys_hi.len()], vec![true; hello.len() + 1], vec![false; 1 + thanks.len()], vec![true; bye.len() + 1]].concat();
+    assert_eq!(mask, mask_want);
+    // The generation prompt stops after the last [/INST].
+    let prompt = multi.prompt_ids(&tok).unwrap();
+    assert_eq!(prompt, [vec![1], sys_hi, hello, vec![2, 1], thanks].concat());
+}
+
+/// Changing the target of a masked (user) position changes neither the loss nor any gradient;
+/// changing an answer target does.
+#[test]
+fn masked_tokens_get_exactly_zero_gradient() {
+    let tok = tokenizer();
+    let device = Device::flex().autodiff();
+    let config = LlamaConfig::new(32, 2, 2).with_vocab_size(tok.vocab_size()).with_multiple_of(16).with_max_seq_len(64);
+    let model = config.init(&device);
+    let c = conv(json!({"prompt": "What is my name?", "response": "Your name is Alice."}));
+    let (packed, _) = pack(&[c.tokenize(&tok).unwrap()], 40, tok.eos_id(), Overlong::Truncate);
+    let user_pos = 5;
+    let answer_pos = packed[0].loss_mask.iter().position(|&m| m).unwrap();
+    assert!(!packed[0].loss_mask[user_pos]);
+    for separate in [false, true] {
+        let (inputs, targets, mask, attention) = batch_tensors(&packed, separate, &device);
+        let with_target = |pos: usize, id: i64| {
+            let mut t = targets.clone().into_data().convert::<i64>().into_vec::<i64>().unwrap();
+            t[pos] = id;
+            Tensor::<2, Int>::from_data(TensorData::new(t, [40, 1]), &device)
+        };
+        let a = masked_nll_sum(&model, inputs.clone(), targets.clone(), mask.clone(), attention.clone());
+        let b = masked_nll_sum(&model, inputs.clone(), with_target(user_pos, 777), mask.clone(), attention.clone());
+        assert_eq!(a.clone().into_scalar::<f32>(), b.clone().into_scalar::<f32>());
+        let (ga, gb) = (GradientsParams::from_grads(a.clone().backward(), &model), GradientsParams::from_grads(b.backward(), &model));
+        for id in [model.output.as_ref().unwrap().weight.id, model.layers[0].attention.wq.weight.id] {
+            assert_eq!(ga.get::<2>(id).unwrap().into_data(), gb.get::<2>(id).unwrap().into_data(), "separate = {separate}");
+        }
+        let c = masked_nll_sum(&model, inputs, with_target(answer_pos, 777), mask, attention);
+        assert_ne!(a.into_scalar::<f32>(), c.into_scalar::<f32>());
+    }
+}
+
+#[test]
+fn bad_chat_files_name_file_and_line() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cases = [
+        ("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}", ":1", "unknown role `robot`"),
+        ("{\"prompt\": \"a\", \"response\": \"b\"}\n{\"messages\": [{\"role\": \"assistant\", \"content\": \"x\"}]}", ":2", "expected"),
+        ("{\"prompt\": \"a\", \"response\": \"b\"}\n\n{\"messages\": []}", ":3", "empty conversation"),
+        ("{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": broken", ":2", "invalid JSON"),
+    ];
+    for (i, (text, line, needle)) in cases.iter().enumerate() {
+        let path = tmp.path().join(format!("case{i}.jsonl"));
+        std::fs::write(&path, text).unwrap();
+        let err = load_conversations(&path).unwrap_err().to_string();
+        assert!(err.contains(&format!("case{i}.jsonl{line}")) && err.contains(needle), "{err}");
+    }
+    let path = tmp.path().join("utf8.jsonl");
+    std::fs::write(&path, b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\xfe\", \"response\": \"b\"}\n").unwrap();
+    let err = load_conversations(&path).unwrap_err().to_string();
+    assert!(err.contains("utf8.jsonl:2"), "{err}");
+}
+
+#[test]
+fn ghost_attention_keeps_the_instruction_in_the_first_turn_and_trains_the_last_answer() {
+    let dialogues = load_conversations(&repo().join("data/chat/multiturn.jsonl")).unwrap();
+    let instructions = vec!["Act as a pirate.".to_string()];
+    let out = ghost_attention(&dialogues, &instructions, 0).unwrap();
+    assert_eq!(out.len(), dialogues.len());
+    let tok = tokenizer();
+    for (g, d) in out.iter().zip(&dialogues) {
+        let users: Vec<_> = g.exchanges().into_iter().map(|(u, _)| u.content.clone()).collect();
+        assert!(users[0].starts_with("Act as a pirate. "));
+        assert!(users[1..].iter().all(|u| !u.contains("pirate")));
+        let answers: Vec<bool> = g.exchanges().into_iter().filter_map(|(_, a)| a.map(|a| a.train)).collect();
+        assert_eq!(answers, vec![false, true]);
+        // Only the last answer (and its EOS) carries loss.
+        let (ids, mask) = g.tokenize(&tok).unwrap();
+        let trained = mask.iter().filter(|&&m| m).count();
+        let last_answer = tok.encode(&format!(" {} ", d.messages.last().unwrap().content), false, false).unwrap().len() + 1;
+        assert_eq!(trained, last_answer);
+        assert_eq!(ids.iter().filter(|&&t| t == tok.eos_id()).count(), 2);
+    }
+    // Round trip through the chat format.
+    let json = serde_json::to_value(&out[0]).unwrap();
+    assert_eq!(Conversation::from_json(&json).unwrap(), out[0]);
+}
+
+/// A short pre-training, then SFT on the shipped chats: the held-out success rate (answers that
+/// contain the fact given in the question) rises above the pre-trained model's.
+#[test]
+fn fine_tuning_raises_the_held_out_success_rate() {
+    let tmp = tempfile::tempdir().unwrap();
+    let pre_cfg = tmp.path().join("pre.toml");
+    let text = std::fs::read_to_string(repo().join("configs/tiny.toml"))
+        .unwrap()
+        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", tmp.path().join("shards").display()))
+        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("pre").display()))
+        .replace("dim = 128", "dim = 64")
+        .replace("n_layers = 4", "n_layers = 2")
+        .replace("seq_len = 128", "seq_len = 64")
+        .replace("eval_every = 100", "eval_every = 1000")
+        .replace("\"data/", &format!("\"{}/data/", repo().display()));
+    std::fs::write(&pre_cfg, text).unwrap();
+    let overrides = llama_pretrain::Overrides { max_steps: Some(20), ..Default::default() };
+    llama_pretrain::run(&pre_cfg, &overrides).unwrap();
+
+    let sft_cfg = tmp.path().join("sft.toml");
+    let text = std::fs::read_to_string(repo().join("configs/sft-tiny.toml"))
+        .unwrap()
+        .replace("init = \"runs/tiny\"", &format!("init = \"{}\"", tmp.path().join("pre").display()))
+        .replace("out_dir = \"runs/sft-tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("sft").display()))
+        .replace("seq_len = 128", "seq_len = 64")
+        .replace("success_samples = 100", "success_samples = 40");
+    std::fs::write(&sft_cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(["--config", sft_cfg.to_str().unwrap(), "--max-steps", "150"]).current_dir(repo()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rates: Vec<(u64, f64)> = std::fs::read_to_string(tmp.path().join("sft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter_map(|v| Some((v["step"].as_u64()?, v.get("eval/success_rate")?.as_f64()?)))
+        .collect();
+    let (first, last) = (rates.first().unwrap(), rates.last().unwrap());
+    assert_eq!(first.0, 0, "the starting model is evaluated at step 0");
+    assert!(last.1 > first.1 + 0.2, "success rate {first:?} -> {last:?} did not rise enough\n{stdout}");
+}
