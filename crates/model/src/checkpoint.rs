@@ -24,6 +24,8 @@ use crate::{Llama, LlamaConfig, ModelError};
 
 pub const NATIVE_CONFIG: &str = "config.toml";
 pub const NATIVE_WEIGHTS: &str = "model.safetensors";
+/// Training checkpoints keep burnpack weights (parameter ids preserved for the optimizer).
+pub const NATIVE_WEIGHTS_BURNPACK: &str = "model.bpk";
 pub const HF_CONFIG: &str = "config.json";
 pub const HF_INDEX: &str = "model.safetensors.index.json";
 
@@ -70,8 +72,21 @@ pub fn detect(dir: &Path) -> Result<Format, ModelError> {
     }
 }
 
-/// Loads either kind of checkpoint directory.
+/// A training run directory (`OUT/checkpoints/step-N/`) resolves to its newest checkpoint.
+pub fn resolve(dir: &Path) -> PathBuf {
+    let checkpoints = dir.join("checkpoints");
+    let newest = std::fs::read_dir(&checkpoints).ok().and_then(|entries| {
+        entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join(NATIVE_CONFIG).is_file())
+            .max()
+    });
+    newest.unwrap_or_else(|| dir.to_path_buf())
+}
+
+/// Loads either kind of checkpoint directory (or a run directory's newest checkpoint).
 pub fn load(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
+    let dir = &resolve(dir);
     match detect(dir)? {
         Format::Native => load_native(dir, device),
         Format::HuggingFace => load_hf(dir, device),
@@ -115,7 +130,8 @@ fn is_burnpack(path: &Path) -> bool {
 pub fn load_native(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
     let config = LlamaConfig::from_toml_file(&dir.join(NATIVE_CONFIG))?;
     let mut model = config.init(device);
-    load_weights(&mut model, &dir.join(NATIVE_WEIGHTS))?;
+    let weights = if dir.join(NATIVE_WEIGHTS).is_file() { dir.join(NATIVE_WEIGHTS) } else { dir.join(NATIVE_WEIGHTS_BURNPACK) };
+    load_weights(&mut model, &weights)?;
     Ok((config, model))
 }
 

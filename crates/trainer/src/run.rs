@@ -140,6 +140,7 @@ where
     let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
     let mut window = (Instant::now(), 0usize);
     let mut saved_step = state.step;
+    let mut evaluated_step = state.step;
     let save = |model: &M, optimizer: &Optimizer, state: &TrainState, objective: &O| -> anyhow::Result<PathBuf> {
         let mut state = state.clone();
         state.data = objective.data_state();
@@ -148,6 +149,9 @@ where
             written(MODEL_FILE)?;
             optimizer.save(&dir.join(OPTIMIZER_FILE))?;
             written(OPTIMIZER_FILE)?;
+            // config.toml beside model.bpk makes the checkpoint a native model directory too
+            // (`llama generate --checkpoint OUT`, `sft init = OUT`).
+            std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &state.model_config)?;
             std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
             written(STATE_FILE)
         })
@@ -215,6 +219,7 @@ where
         }
         if state.step % cfg.train.eval_every == 0 || last {
             objective.evaluate(&model, state.step, &mut metrics)?;
+            evaluated_step = state.step;
             window.0 = Instant::now();
         }
         if state.step % cfg.train.checkpoint_every == 0 || last {
@@ -226,6 +231,9 @@ where
             metrics.println(&format!("stopping after step {} as asked (--stop-after)", state.step));
             break;
         }
+    }
+    if state.step > evaluated_step {
+        objective.evaluate(&model, state.step, &mut metrics)?;
     }
     if state.step > saved_step {
         summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);
