@@ -77,7 +77,21 @@ def main():
     write(OUT / "helpfulness_eval.jsonl", [helpful_pair(rng, NAMES[16:] + NAMES[:4]) for _ in range(200)])
     write(OUT / "safety_train.jsonl", [safety_pair(rng, HARMS[:12], ASKS[:4]) for _ in range(800)])
     write(OUT / "safety_eval.jsonl", [safety_pair(rng, HARMS[12:], ASKS[4:] + ASKS[:1]) for _ in range(200)])
-    print(f"wrote {OUT}")
+    # Prompts for rejection sampling and PPO (data/rlhf/): fact questions (helpfulness) and harmful
+    # requests (tagged is_safety), the eval set from held-out names and templates.
+    rlhf = OUT.parent / "rlhf"
+    rlhf.mkdir(parents=True, exist_ok=True)
+    def prompts(n, names, harms, asks):
+        rows = []
+        for i in range(n):
+            if i % 4 == 3:
+                rows.append({"prompt": rng.choice(asks).format(h=rng.choice(harms)), "is_safety": True})
+            else:
+                rows.append({"prompt": helpful_pair(rng, names)["prompt"], "is_safety": False})
+        return rows
+    write(rlhf / "prompts.jsonl", prompts(256, NAMES[:16], HARMS[:12], ASKS[:4]))
+    write(rlhf / "eval_prompts.jsonl", prompts(64, NAMES[16:] + NAMES[:4], HARMS[12:], ASKS[4:] + ASKS[:1]))
+    print(f"wrote {OUT} and {rlhf}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,16 @@ impl RewardModel {
         self.head.forward(at_last).reshape([b])
     }
 
+    /// The head at every position: PPO's value estimates of each prefix.
+    ///
+    /// # Shapes
+    /// - tokens `[batch, seq]` -> values `[batch, seq]`
+    pub fn values(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
+        let hidden = self.trunk.forward_hidden(tokens, None);
+        let [b, t, _] = hidden.dims();
+        self.head.forward(hidden).reshape([b, t])
+    }
+
     /// Rewards of token sequences of any lengths (no autodiff kept: call on `model.valid()`).
     pub fn score(&self, sequences: &[Vec<u32>], pad: u32) -> Vec<f32> {
         if sequences.is_empty() {

@@ -165,7 +165,7 @@ fn fine_tuning_raises_the_held_out_success_rate() {
         .replace("init = \"runs/tiny\"", &format!("init = \"{}\"", tmp.path().join("pre").display()))
         .replace("out_dir = \"runs/sft-tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("sft").display()))
         .replace("seq_len = 128", "seq_len = 96")
-        .replace("epochs = 8 ", "epochs = 100 ")
+        .replace("epochs = 3 ", "epochs = 100 ")
         .replace("lr = 1e-3 ", "lr = 3e-3 ")
         .replace("eval_every = 50", "eval_every = 1000")
         .replace("success_samples = 100", "success_samples = 40");

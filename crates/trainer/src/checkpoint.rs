@@ -154,15 +154,16 @@ pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<
         Some((_, dir)) => dir,
         None => path.to_path_buf(),
     };
-    if dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
+    if !dir.exists() {
+        anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
+    }
+    if !dir.join(llama_model::checkpoint::NATIVE_CONFIG).is_file() && dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
+        // A checkpoint from before config.toml was written beside the weights.
         let state = Checkpoints::load_state(&dir)?;
         let config = llama_model::LlamaConfig::from_toml_str(&state.model_config, &dir.join(STATE_FILE).display().to_string())?;
         let mut model = config.init(device);
         llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
         return Ok((config, model));
-    }
-    if !dir.exists() {
-        anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
     }
     Ok(llama_model::checkpoint::load(&dir, device)?)
 }

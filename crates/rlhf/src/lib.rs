@@ -1,0 +1,784 @@
+//! RLHF: rejection sampling, then PPO against the helpfulness and safety reward models.
+//!
+//! - Rejection sampling ([`rejection_sampling`]): K samples per prompt from the policy, scored by
+//!   the combined reward, the best kept in a pool across rounds (so each round picks from the best
+//!   of all rounds), then SFT on the pool.
+//! - PPO ([`ppo`]): per iteration, rollouts from the policy (no autodiff), rewards
+//!   `whiten(logit(Rc)) - beta * KL` per token, GAE, then one clipped policy + clipped value
+//!   gradient step per minibatch. Policy, value model, both optimizers, whitening statistics and
+//!   the prompt cursor are checkpointed; a resumed run continues exactly.
+
+pub mod math;
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::optim::GradientsParams;
+use burn::tensor::activation::{log_softmax, softmax};
+use burn::tensor::{Device, Tensor, TensorData};
+use llama_data::Tokenizer;
+use llama_data::chat::{Conversation, Message, Overlong, Role, pack};
+use llama_model::generate::{Generation, SamplingConfig, generate};
+use llama_model::{Llama, LlamaConfig};
+use llama_reward::{RewardModel, load_reward_model, right_pad};
+use llama_trainer::checkpoint::{Checkpoints, init_model};
+use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
+use llama_trainer::optim::{Optimizer, clip_global_norm};
+use llama_trainer::{LoopConfig, Metrics, Schedule};
+use serde::{Deserialize, Serialize};
+
+use crate::math::{Whitener, combine, gae, kl_k1, logit, token_rewards, whiten_advantages};
+
+/// An RLHF run, as one TOML file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RlhfConfig {
+    /// The SFT policy to start from (run, checkpoint, native or HF directory).
+    pub policy: PathBuf,
+    /// Reward model runs (or checkpoints).
+    pub helpfulness_model: PathBuf,
+    pub safety_model: PathBuf,
+    pub data: PromptData,
+    #[serde(default)]
+    pub rejection_sampling: RsConfig,
+    #[serde(default)]
+    pub ppo: PpoConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptData {
+    pub tokenizer: PathBuf,
+    /// JSONL: `{"prompt": "...", "is_safety": bool}` (or `messages`).
+    pub prompts: PathBuf,
+    /// Held-out prompts for evaluation and early stopping.
+    pub eval_prompts: PathBuf,
+    /// Safety-gate threshold on the safety model's probability (the paper: 0.15).
+    #[serde(default = "gate")]
+    pub safety_threshold: f64,
+}
+
+fn gate() -> f64 {
+    0.15
+}
+
+/// Rejection sampling (the paper: K up to 100, temperature 1.2-1.3 in later rounds).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RsConfig {
+    pub rounds: usize,
+    pub k: usize,
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+    /// Fine-tuning on the pool after each round (SFT loss).
+    pub sft_steps: u64,
+    pub lr: f64,
+    pub batch_size: usize,
+    pub seq_len: usize,
+}
+
+impl Default for RsConfig {
+    fn default() -> Self {
+        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128 }
+    }
+}
+
+/// PPO. Paper values where it gives them (batch 512, minibatch 64, clip 0.2, beta 0.01 for
+/// 7B/13B, constant LR 1e-6, clip 1.0, one gradient step per minibatch); ours otherwise, stated.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PpoConfig {
+    /// Iterations of rollout + update (the paper: 200-400).
+    pub iterations: u64,
+    /// Prompts per iteration.
+    pub batch_size: usize,
+    /// Prompts per gradient step (one step per minibatch).
+    pub minibatch_size: usize,
+    pub beta: f64,
+    pub clip: f64,
+    /// Clip of the value update around the rollout's values (OpenRLHF: 0.5; ours 0.2).
+    pub value_clip: f64,
+    /// Weight of the value loss (TRL: 0.1).
+    pub value_coef: f64,
+    /// GAE discount and lambda (the paper does not say; ours gamma 1, lambda 0.95, as TRL).
+    pub gamma: f64,
+    pub lambda: f64,
+    pub lr: f64,
+    pub grad_clip: f64,
+    pub temperature: f32,
+    pub max_new_tokens: usize,
+    /// Evaluate on held-out prompts every this many iterations; stop after `patience`
+    /// evaluations without a better mean reward (0: never stop early).
+    pub eval_every: u64,
+    pub patience: u64,
+    pub checkpoint_every: u64,
+    pub seed: u64,
+    /// Start from the rejection-sampling policy when the run has one.
+    pub from_rejection_sampling: bool,
+}
+
+impl Default for PpoConfig {
+    fn default() -> Self {
+        Self {
+            iterations: 200,
+            batch_size: 512,
+            minibatch_size: 64,
+            beta: 0.01,
+            clip: 0.2,
+            value_clip: 0.2,
+            value_coef: 0.1,
+            gamma: 1.0,
+            lambda: 0.95,
+            lr: 1e-6,
+            grad_clip: 1.0,
+            temperature: 1.0,
+            max_new_tokens: 64,
+            eval_every: 10,
+            patience: 5,
+            checkpoint_every: 10,
+            seed: 0,
+            from_rejection_sampling: true,
+        }
+    }
+}
+
+/// One prompt with its safety tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub conversation: Conversation,
+    pub is_safety: bool,
+}
+
+/// Reads prompts; a file with none is an error.
+pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = vec![];
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = format!("{}:{}", path.display(), n + 1);
+        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
+        let messages = match (v.get("prompt"), v.get("messages")) {
+            (Some(serde_json::Value::String(p)), _) if !p.trim().is_empty() => vec![Message::new(Role::User, p.clone())],
+            (_, Some(m)) => Conversation::from_json(&serde_json::json!({ "messages": m })).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.messages,
+            _ => bail!("{at}: expected a non-empty `prompt` string or `messages`"),
+        };
+        let conversation = Conversation { messages };
+        conversation.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false) });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Checks everything that can be checked before any work; errors name the file and key.
+pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
+    let rs = &cfg.rejection_sampling;
+    if rs.rounds > 0 && rs.k < 1 {
+        bail!("{origin}: rejection_sampling.k must be >= 1 (got {})", rs.k);
+    }
+    if rs.rounds > 0 && (rs.batch_size == 0 || rs.seq_len == 0 || !(rs.lr > 0.0)) {
+        bail!("{origin}: rejection_sampling.batch_size, seq_len and lr must be > 0");
+    }
+    let p = &cfg.ppo;
+    if p.batch_size == 0 || p.minibatch_size == 0 || p.batch_size % p.minibatch_size != 0 {
+        bail!("{origin}: ppo.batch_size ({}) must be a positive multiple of ppo.minibatch_size ({})", p.batch_size, p.minibatch_size);
+    }
+    for (key, v) in [("ppo.beta", p.beta), ("ppo.clip", p.clip), ("ppo.value_clip", p.value_clip), ("ppo.gamma", p.gamma), ("ppo.lambda", p.lambda)] {
+        if !(v >= 0.0) {
+            bail!("{origin}: {key} must be >= 0 (got {v})");
+        }
+    }
+    if !(p.lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 {
+        bail!("{origin}: ppo.lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
+    }
+    cfg.run.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    Ok(())
+}
+
+/// The frozen models that score: both reward models and the tokenizer's pad.
+pub struct Scorers {
+    pub helpfulness: RewardModel,
+    pub safety: RewardModel,
+    pub threshold: f64,
+    pub pad: u32,
+}
+
+/// Scores of one response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub helpfulness: f64,
+    pub safety: f64,
+    /// Rc in (0, 1) after the safety gate.
+    pub combined: f64,
+}
+
+impl Scorers {
+    pub fn score(&self, sequences: &[Vec<u32>], prompts: &[&Prompt]) -> Vec<Scores> {
+        let h = self.helpfulness.score(sequences, self.pad);
+        let s = self.safety.score(sequences, self.pad);
+        h.iter()
+            .zip(&s)
+            .zip(prompts)
+            .map(|((&h, &s), p)| Scores { helpfulness: h as f64, safety: s as f64, combined: combine(h as f64, s as f64, p.is_safety, self.threshold).0 })
+            .collect()
+    }
+}
+
+/// Prompt + response as scored and trained on: the response closed with EOS if it was cut.
+pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
+    let mut s = prompt.to_vec();
+    s.extend_from_slice(response);
+    if response.last() != Some(&eos) {
+        s.push(eos);
+    }
+    s
+}
+
+/// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
+/// prompt + response sequences: the quantity the generator returned for the same tokens.
+///
+/// # Shapes
+/// - output: `[batch, longest - 1]`, entry `j` the log-prob of token `j + 1`; and the entropy of
+///   the same distributions (host values, for the metrics)
+pub fn token_logprobs(model: &Llama, sequences: &[Vec<u32>], pad: u32) -> Tensor<2> {
+    let device = model.tok_embeddings.weight.device();
+    let (tokens, _) = right_pad(sequences, pad, &device);
+    let [b, t] = tokens.dims();
+    let logits = model.forward(tokens.clone().slice([0..b, 0..t - 1]));
+    let v = logits.dims()[2];
+    let targets = tokens.slice([0..b, 1..t]).reshape([b * (t - 1), 1]);
+    log_softmax(logits.reshape([b * (t - 1), v]), 1).gather(1, targets).reshape([b, t - 1])
+}
+
+/// One PPO batch after the rollout: everything the update needs, on the host.
+#[derive(Debug, Clone)]
+pub struct Rollout {
+    pub sequences: Vec<Vec<u32>>,
+    /// Per sequence: index of the first response token.
+    pub prompt_len: Vec<usize>,
+    /// Per sequence and response token: old log-prob, value, advantage, return.
+    pub logp: Vec<Vec<f32>>,
+    pub values: Vec<Vec<f64>>,
+    pub advantages: Vec<Vec<f64>>,
+    pub returns: Vec<Vec<f64>>,
+    pub scores: Vec<Scores>,
+    pub whitened: Vec<f64>,
+    pub kl: Vec<f64>,
+}
+
+/// Response-token mask over `[batch, longest - 1]` targets.
+fn response_mask(rollout: &Rollout, idx: &[usize], width: usize) -> Vec<f32> {
+    let mut m = vec![0.0; idx.len() * width];
+    for (row, &i) in idx.iter().enumerate() {
+        let start = rollout.prompt_len[i] - 1;
+        for j in 0..rollout.logp[i].len() {
+            m[row * width + start + j] = 1.0;
+        }
+    }
+    m
+}
+
+/// Places per-response-token host values at their target positions.
+fn scatter(rollout: &Rollout, idx: &[usize], width: usize, values: impl Fn(usize) -> Vec<f64>) -> Vec<f32> {
+    let mut m = vec![0.0; idx.len() * width];
+    for (row, &i) in idx.iter().enumerate() {
+        let start = rollout.prompt_len[i] - 1;
+        for (j, v) in values(i).into_iter().enumerate() {
+            m[row * width + start + j] = v as f32;
+        }
+    }
+    m
+}
+
+/// The PPO models and state.
+pub struct PpoState {
+    pub policy: Llama,
+    pub value: RewardModel,
+    pub reference: Llama,
+    pub policy_optim: Optimizer,
+    pub value_optim: Optimizer,
+    pub whitener: Whitener,
+    pub iteration: u64,
+    pub cursor: usize,
+    pub best_eval: Option<f64>,
+    pub evals_without_gain: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PpoSaved {
+    iteration: u64,
+    cursor: usize,
+    whitener: Whitener,
+    best_eval: Option<f64>,
+    evals_without_gain: u64,
+    model_config: String,
+}
+
+/// Samples `prompts` from the policy and builds the batch: scores, whitened rewards, KL against
+/// the reference, values, GAE.
+pub fn rollout(state: &mut PpoState, prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &PpoConfig, seed: u64) -> anyhow::Result<Rollout> {
+    let policy = state.policy.valid();
+    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+    let sampling = SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
+    let Generation { tokens, logprobs, .. } = generate(&policy, &prompt_ids, &sampling)?;
+    let eos = tokenizer.eos_id();
+    let sequences: Vec<Vec<u32>> = prompt_ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, eos)).collect();
+    let prompt_len: Vec<usize> = prompt_ids.iter().map(Vec::len).collect();
+    // The appended EOS of a cut response is part of what is scored but was not sampled: its
+    // log-prob comes from the same teacher-forced pass as the reference's.
+    let policy_lp = token_logprobs(&policy, &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
+    let ref_lp = token_logprobs(&state.reference.valid(), &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
+    let width = sequences.iter().map(Vec::len).max().unwrap_or(1) - 1;
+    let value_model = state.value.valid();
+    let device = value_model.head.weight.device();
+    let (padded, _) = right_pad(&sequences, scorers.pad, &device);
+    let values_all = value_model.values(padded).into_data().try_to_vec::<f32>().expect("f32");
+    let full_width = width + 1;
+    let scores = scorers.score(&sequences, prompts);
+    let logits: Vec<f64> = scores.iter().map(|s| logit(s.combined)).collect();
+    state.whitener.update(&logits);
+    let whitened: Vec<f64> = logits.iter().map(|&l| state.whitener.whiten(l)).collect();
+    let mut out = Rollout { sequences: vec![], prompt_len, logp: vec![], values: vec![], advantages: vec![], returns: vec![], scores, whitened, kl: vec![] };
+    for (i, seq) in sequences.iter().enumerate() {
+        let start = out.prompt_len[i] - 1;
+        let n = seq.len() - out.prompt_len[i];
+        let mut lp: Vec<f32> = logprobs[i].clone();
+        lp.truncate(n);
+        while lp.len() < n {
+            lp.push(policy_lp[i * width + start + lp.len()]);
+        }
+        let rl: Vec<f32> = (0..n).map(|j| ref_lp[i * width + start + j]).collect();
+        let kl = kl_k1(&lp, &rl);
+        let v: Vec<f64> = (0..n).map(|j| values_all[i * full_width + start + j] as f64).collect();
+        let rewards = token_rewards(&kl, cfg.beta, out.whitened[i]);
+        let (adv, ret) = gae(&rewards, &v, cfg.gamma, cfg.lambda);
+        out.kl.push(kl.iter().sum());
+        out.logp.push(lp);
+        out.values.push(v);
+        out.advantages.push(adv);
+        out.returns.push(ret);
+    }
+    out.sequences = sequences;
+    whiten_advantages(&mut out.advantages);
+    Ok(out)
+}
+
+/// Metrics of one gradient step.
+#[derive(Debug, Clone, Default)]
+pub struct StepStats {
+    pub policy_loss: f64,
+    pub value_loss: f64,
+    pub clip_fraction: f64,
+    pub approx_kl: f64,
+    pub entropy: f64,
+}
+
+/// One clipped-PPO gradient step on the minibatch `idx` of `rollout` (policy and value model).
+pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32) -> StepStats {
+    let device = state.policy.tok_embeddings.weight.device();
+    let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
+    let b = idx.len();
+    let t2 = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, width]), &device);
+    let mask = t2(response_mask(rollout, idx, width));
+    let old_lp = t2(scatter(rollout, idx, width, |i| rollout.logp[i].iter().map(|&x| x as f64).collect()));
+    let adv = t2(scatter(rollout, idx, width, |i| rollout.advantages[i].clone()));
+    let ret = t2(scatter(rollout, idx, width, |i| rollout.returns[i].clone()));
+    let old_v = t2(scatter(rollout, idx, width, |i| rollout.values[i].clone()));
+    let count = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
+    let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum().div_scalar(count);
+
+    // Policy: clipped surrogate.
+    let (tokens, _) = right_pad(&seqs, pad, &device);
+    let logits = state.policy.forward(tokens.clone().slice([0..b, 0..width]));
+    let v = logits.dims()[2];
+    let flat = logits.reshape([b * width, v]);
+    let logp_all = log_softmax(flat.clone(), 1);
+    let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width, 1]);
+    let lp = logp_all.clone().gather(1, targets).reshape([b, width]);
+    let ratio = (lp.clone() - old_lp.clone()).exp();
+    let unclipped = adv.clone().neg() * ratio.clone();
+    let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
+    let policy_loss = masked_mean(unclipped.max_pair(clipped));
+    // Value: clipped around the rollout's values.
+    let values = state.value.values(tokens).slice([0..b, 0..width]);
+    let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
+    let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
+    let total = policy_loss.clone() + value_loss.clone().mul_scalar(cfg.value_coef);
+
+    // Diagnostics, detached.
+    let log_ratio = (lp.detach() - old_lp).clone();
+    let approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
+    let clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
+    let probs = softmax(flat.detach(), 1);
+    let entropy_tok = (probs * logp_all.detach()).sum_dim(1).reshape([b, width]).neg();
+    let entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
+    let stats = StepStats {
+        policy_loss: policy_loss.into_scalar::<f32>() as f64,
+        value_loss: value_loss.into_scalar::<f32>() as f64,
+        clip_fraction,
+        approx_kl,
+        entropy,
+    };
+
+    let mut grads = total.backward();
+    let mut pg = GradientsParams::from_module(&mut grads, &state.policy);
+    let mut vg = GradientsParams::from_module(&mut grads, &state.value);
+    clip_global_norm(&state.policy, &mut pg, cfg.grad_clip);
+    clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
+    state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg);
+    state.value = state.value_optim.step(cfg.lr, state.value.clone(), vg);
+    stats
+}
+
+/// Mean combined reward (as logit(Rc)) of greedy answers to held-out prompts, and their mean KL
+/// to the reference; plus a few samples for the logs.
+pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(f64, f64, Vec<(String, String)>)> {
+    let policy = policy.valid();
+    let reference = reference.valid();
+    let mut rewards = vec![];
+    let mut kls = vec![];
+    let mut samples = vec![];
+    for group in prompts.chunks(16) {
+        let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+        let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(max_new) };
+        let out = generate(&policy, &ids, &sampling)?;
+        let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+        let refs: Vec<&Prompt> = group.iter().collect();
+        for s in scorers.score(&seqs, &refs) {
+            rewards.push(logit(s.combined));
+        }
+        let lp = token_logprobs(&policy, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
+        let rl = token_logprobs(&reference, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
+        let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
+        for (i, s) in seqs.iter().enumerate() {
+            let start = ids[i].len() - 1;
+            let n = s.len() - ids[i].len();
+            kls.push((0..n).map(|j| (lp[i * width + start + j] - rl[i * width + start + j]) as f64).sum::<f64>());
+        }
+        for (p, r) in group.iter().zip(&out.tokens) {
+            let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
+            samples.push((q, tokenizer.decode(r)?));
+        }
+    }
+    let n = rewards.len().max(1) as f64;
+    Ok((rewards.iter().sum::<f64>() / n, kls.iter().sum::<f64>() / n, samples))
+}
+
+fn samples_text(samples: &[(String, String)], n: usize) -> String {
+    samples.iter().take(n).map(|(q, a)| format!("**{q}**\n\n{a}\n\n")).collect()
+}
+
+/// Loads the reward models and checks that they share the policy's vocabulary.
+pub fn load_scorers(cfg: &RlhfConfig, policy_config: &LlamaConfig, tokenizer: &Tokenizer, device: &Device, origin: &str) -> anyhow::Result<Scorers> {
+    let (hc, helpfulness) = load_reward_model(&cfg.helpfulness_model, device).with_context(|| format!("{origin}: helpfulness_model"))?;
+    let (sc, safety) = load_reward_model(&cfg.safety_model, device).with_context(|| format!("{origin}: safety_model"))?;
+    for (name, c) in [("helpfulness_model", &hc), ("safety_model", &sc)] {
+        if c.vocab_size != policy_config.vocab_size {
+            bail!(
+                "{origin}: {name} has a vocabulary of {} ids but the policy has {}: the reward models must share the policy's tokenizer",
+                c.vocab_size,
+                policy_config.vocab_size
+            );
+        }
+    }
+    if tokenizer.vocab_size() > policy_config.vocab_size {
+        bail!("{origin}: the tokenizer has {} ids but the policy's vocabulary is {}", tokenizer.vocab_size(), policy_config.vocab_size);
+    }
+    Ok(Scorers { helpfulness: helpfulness.valid(), safety: safety.valid(), threshold: cfg.data.safety_threshold, pad: tokenizer.eos_id() })
+}
+
+/// Rejection sampling rounds; returns the directory of the final policy (or None if no rounds).
+pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Option<PathBuf>> {
+    let rs = &cfg.rejection_sampling;
+    if rs.rounds == 0 {
+        return Ok(None);
+    }
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let device = llama_model::device::parse(&cfg.run.device)?;
+    let train_device = device.clone().autodiff();
+    let (policy_config, mut policy) = init_model(&cfg.policy, &train_device).with_context(|| format!("{origin}: policy"))?;
+    let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
+    let prompts = load_prompts(&cfg.data.prompts)?;
+    let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
+    let out = cfg.run.out_dir.join("rejection-sampling");
+    let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
+    let (r0, kl0, _) = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+    metrics.scalars(0, &[("rs/eval_reward", r0), ("rs/eval_kl", kl0)])?;
+    metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3}"));
+    // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
+    let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
+    let reference = policy.clone();
+    let mut last_dir = None;
+    for round in 1..=rs.rounds {
+        let sampler = policy.valid();
+        let mut best_of_k = vec![0.0; rs.k];
+        let (mut mean_all, mut n_all) = (0.0, 0usize);
+        for (chunk_i, chunk) in prompts.chunks((64 / rs.k).max(1)).enumerate() {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&tokenizer)).collect::<Result<_, _>>()?;
+            let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
+            let seed = (round as u64) << 32 | chunk_i as u64;
+            let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
+            let out = generate(&sampler, &batch, &sampling)?;
+            let seqs: Vec<Vec<u32>> = batch.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+            let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
+            let scores = scorers.score(&seqs, &owners);
+            for (j, _) in chunk.iter().enumerate() {
+                let global = chunk_i * (64 / rs.k).max(1) + j;
+                let rewards: Vec<f64> = (0..rs.k).map(|s| logit(scores[j * rs.k + s].combined)).collect();
+                let mut running = f64::NEG_INFINITY;
+                for (k, r) in rewards.iter().enumerate() {
+                    running = running.max(*r);
+                    best_of_k[k] += running;
+                    mean_all += r;
+                    n_all += 1;
+                }
+                let (best_s, best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
+                let answer = out.tokens[j * rs.k + best_s].clone();
+                if pool[global].as_ref().is_none_or(|(r, _)| best_r > *r) {
+                    pool[global] = Some((best_r, answer));
+                }
+            }
+        }
+        let n = prompts.len() as f64;
+        for (k, v) in best_of_k.iter().enumerate() {
+            metrics.scalars(k as u64 + 1, &[(&format!("rs/round{round}/reward_best_of_k") as &str, v / n)])?;
+        }
+        let pool_mean = pool.iter().flatten().map(|(r, _)| r).sum::<f64>() / n;
+        metrics.scalars(round as u64, &[("rs/sample_mean_reward", mean_all / n_all.max(1) as f64), ("rs/max_reward", best_of_k[rs.k - 1] / n), ("rs/pool_mean_reward", pool_mean)])?;
+        metrics.println(&format!(
+            "round {round}: mean sample reward {:.3}, best of {} {:.3}, pool {:.3}",
+            mean_all / n_all.max(1) as f64,
+            rs.k,
+            best_of_k[rs.k - 1] / n,
+            pool_mean
+        ));
+        // Fine-tune on the pool with the SFT objective.
+        let chats: Vec<(Vec<u32>, Vec<bool>)> = prompts
+            .iter()
+            .zip(&pool)
+            .filter_map(|(p, best)| best.as_ref().map(|(_, answer)| (p, answer)))
+            .map(|(p, answer)| {
+                let text = tokenizer.decode(answer)?;
+                let mut c = p.conversation.clone();
+                c.messages.push(Message::new(Role::Assistant, text));
+                c.tokenize(&tokenizer)
+            })
+            .collect::<Result<_, _>>()?;
+        let (packed, _) = pack(&chats, rs.seq_len, tokenizer.eos_id(), Overlong::Truncate);
+        let round_dir = out.join(format!("round-{round}"));
+        let mut objective = llama_sft::Sft {
+            train: packed,
+            eval: vec![],
+            eval_chats: vec![],
+            tokenizer: tokenizer.clone(),
+            separate: true,
+            epochs: u64::MAX,
+            seed: round as u64,
+            cursor: Default::default(),
+            order: vec![],
+            device: train_device.clone(),
+            eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
+            micro_batch: rs.batch_size,
+        };
+        let mut model_table = toml::Table::new();
+        model_table.insert("model".into(), toml::Value::try_from(&policy_config)?);
+        let train = TrainConfig { max_steps: Some(rs.sft_steps), batch_size: rs.batch_size, micro_batch_size: rs.batch_size, log_every: 10, eval_every: u64::MAX, checkpoint_every: u64::MAX, keep_checkpoints: 1, ..TrainConfig::default() };
+        let schedule = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.0, ..ScheduleConfig::default() };
+        let loop_config = LoopConfig {
+            schedule: Schedule::new(&schedule, rs.lr, rs.sft_steps),
+            total_steps: rs.sft_steps,
+            stop_after: None,
+            resume: false,
+            flops_per_token: policy_config.train_flops_per_token(rs.seq_len),
+            model_config: toml::to_string(&model_table)?,
+            eval_at_start: false,
+            train,
+            run: RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() },
+            optim: OptimConfig { lr: rs.lr, ..OptimConfig::default() },
+        };
+        if round_dir.exists() {
+            std::fs::remove_dir_all(&round_dir)?;
+        }
+        let (tuned, _) = llama_trainer::train(policy, &mut objective, &loop_config)?;
+        policy = tuned;
+        let (r, kl, samples) = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+        metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_kl", kl)])?;
+        metrics.text(round as u64, "rs/samples", &samples_text(&samples, 6))?;
+        metrics.println(&format!("round {round}: held-out reward {r:.3} (start {r0:.3}), KL to the SFT policy {kl:.3}"));
+        last_dir = Some(round_dir);
+    }
+    Ok(last_dir)
+}
+
+/// PPO from `start` (the SFT or rejection-sampling policy); resumable.
+pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>, origin: &str) -> anyhow::Result<(f64, f64)> {
+    let p = &cfg.ppo;
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let device = llama_model::device::parse(&cfg.run.device)?;
+    device.seed(p.seed);
+    let train_device = device.clone().autodiff();
+    let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;
+    let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
+    let prompts = load_prompts(&cfg.data.prompts)?;
+    let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
+    // The value model starts from the helpfulness reward model (trainable copy).
+    let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
+    let opt = OptimConfig { lr: p.lr, weight_decay: 0.0, grad_clip: p.grad_clip, ..OptimConfig::default() };
+    let reference = policy.valid();
+    let mut state = PpoState {
+        policy,
+        value,
+        reference,
+        policy_optim: Optimizer::new(&opt),
+        value_optim: Optimizer::new(&opt),
+        whitener: Whitener::default(),
+        iteration: 0,
+        cursor: 0,
+        best_eval: None,
+        evals_without_gain: 0,
+    };
+    let mut model_table = toml::Table::new();
+    model_table.insert("model".into(), toml::Value::try_from(&policy_config)?);
+    let model_config = toml::to_string(&model_table)?;
+    let out = cfg.run.out_dir.join("ppo");
+    let checkpoints = Checkpoints::new(&out);
+    match (resume, checkpoints.latest()) {
+        (true, Some((_, dir))) => {
+            let saved: PpoSaved = serde_json::from_str(&std::fs::read_to_string(dir.join("ppo_state.json"))?)?;
+            if saved.model_config != model_config {
+                bail!("{}: this PPO checkpoint was written for another policy config", dir.display());
+            }
+            llama_model::checkpoint::load_weights(&mut state.policy, &dir.join("policy.bpk"))?;
+            llama_model::checkpoint::load_weights(&mut state.value, &dir.join("value.bpk"))?;
+            state.policy_optim = state.policy_optim.clone().load(&dir.join("policy_optimizer.bpk"))?;
+            state.value_optim = state.value_optim.clone().load(&dir.join("value_optimizer.bpk"))?;
+            state.whitener = saved.whitener;
+            state.iteration = saved.iteration;
+            state.cursor = saved.cursor;
+            state.best_eval = saved.best_eval;
+            state.evals_without_gain = saved.evals_without_gain;
+            println!("resumed PPO from {} (iteration {})", dir.display(), state.iteration);
+        }
+        (false, Some((step, _))) => bail!("{} already holds PPO checkpoints (iteration {step}); pass --resume or choose another --out", out.display()),
+        _ => {}
+    }
+    let mut metrics = Metrics::open(&out, p.iterations, state.iteration)?;
+    let save = |state: &PpoState| -> anyhow::Result<PathBuf> {
+        let saved = PpoSaved {
+            iteration: state.iteration,
+            cursor: state.cursor,
+            whitener: state.whitener.clone(),
+            best_eval: state.best_eval,
+            evals_without_gain: state.evals_without_gain,
+            model_config: model_config.clone(),
+        };
+        checkpoints.save(state.iteration, 2, |dir, written| {
+            llama_model::checkpoint::save_weights(&state.policy, &dir.join("policy.bpk"))?;
+            written("policy.bpk")?;
+            llama_model::checkpoint::save_weights(&state.value, &dir.join("value.bpk"))?;
+            state.policy_optim.save(&dir.join("policy_optimizer.bpk"))?;
+            state.value_optim.save(&dir.join("value_optimizer.bpk"))?;
+            // The policy alone, loadable as a model: config.toml + model.bpk.
+            llama_model::checkpoint::save_weights(&state.policy, &dir.join("model.bpk"))?;
+            std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
+            std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&saved)?)?;
+            std::fs::write(dir.join(llama_trainer::checkpoint::STATE_FILE), "{}")?;
+            written("ppo_state.json")
+        })
+    };
+    if state.iteration == 0 {
+        let (r, kl, samples) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+        metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_kl", kl)])?;
+        metrics.text(0, "ppo/samples", &samples_text(&samples, 6))?;
+        metrics.println(&format!("PPO: held-out reward of the starting policy {r:.3}"));
+        state.best_eval = Some(r);
+    }
+    let mut stopped_early = false;
+    while state.iteration < p.iterations {
+        let batch: Vec<&Prompt> = (0..p.batch_size).map(|i| &prompts[(state.cursor + i) % prompts.len()]).collect();
+        state.cursor = (state.cursor + p.batch_size) % prompts.len();
+        let seed = p.seed.wrapping_mul(1_000_003).wrapping_add(state.iteration);
+        let ro = rollout(&mut state, &batch, &tokenizer, &scorers, p, seed)?;
+        let mut stats = vec![];
+        let order: Vec<usize> = (0..batch.len()).collect();
+        for mb in order.chunks(p.minibatch_size) {
+            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad));
+        }
+        state.iteration += 1;
+        let n = ro.scores.len() as f64;
+        let mean = |f: &dyn Fn(&StepStats) -> f64| stats.iter().map(f).sum::<f64>() / stats.len() as f64;
+        let values = [
+            ("ppo/reward_combined", ro.scores.iter().map(|s| logit(s.combined)).sum::<f64>() / n),
+            ("ppo/reward_helpfulness", ro.scores.iter().map(|s| s.helpfulness).sum::<f64>() / n),
+            ("ppo/reward_safety", ro.scores.iter().map(|s| s.safety).sum::<f64>() / n),
+            ("ppo/reward_whitened", ro.whitened.iter().sum::<f64>() / n),
+            ("ppo/kl_k1", ro.kl.iter().sum::<f64>() / n),
+            ("ppo/clip_fraction", mean(&|s| s.clip_fraction)),
+            ("ppo/approx_kl", mean(&|s| s.approx_kl)),
+            ("ppo/policy_loss", mean(&|s| s.policy_loss)),
+            ("ppo/value_loss", mean(&|s| s.value_loss)),
+            ("ppo/entropy", mean(&|s| s.entropy)),
+            ("ppo/response_length", ro.logp.iter().map(|l| l.len() as f64).sum::<f64>() / n),
+        ];
+        metrics.scalars(state.iteration, &values)?;
+        metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
+        if state.iteration % p.eval_every == 0 || state.iteration == p.iterations {
+            let (r, kl, samples) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+            metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_kl", kl)])?;
+            metrics.text(state.iteration, "ppo/samples", &samples_text(&samples, 6))?;
+            metrics.println(&format!("iteration {}: held-out reward {r:.3}, KL {kl:.3}", state.iteration));
+            if state.best_eval.is_none_or(|b| r > b) {
+                state.best_eval = Some(r);
+                state.evals_without_gain = 0;
+            } else {
+                state.evals_without_gain += 1;
+            }
+            if p.patience > 0 && state.evals_without_gain >= p.patience {
+                metrics.println(&format!("early stop: no held-out gain in {} evaluations", p.patience));
+                stopped_early = true;
+            }
+        }
+        let stop_now = stop_after == Some(state.iteration);
+        if state.iteration % p.checkpoint_every == 0 || state.iteration == p.iterations || stop_now || stopped_early {
+            save(&state)?;
+        }
+        if stop_now || stopped_early {
+            break;
+        }
+    }
+    metrics.finish();
+    let (r, kl, _) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+    Ok((r, kl))
+}
+
+/// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).
+pub fn run(config_path: &Path, out: Option<PathBuf>, resume: bool, stop_after: Option<u64>, skip_rs: bool) -> anyhow::Result<()> {
+    let mut cfg: RlhfConfig = load_toml(config_path)?;
+    if let Some(o) = out {
+        cfg.run.out_dir = o;
+    }
+    let origin = config_path.display().to_string();
+    validate(&cfg, &origin)?;
+    load_prompts(&cfg.data.prompts)?;
+    load_prompts(&cfg.data.eval_prompts)?;
+    let rs_dir = if skip_rs { None } else { rejection_sampling(&cfg, &origin)? };
+    if cfg.ppo.iterations > 0 {
+        let existing_rs = cfg.run.out_dir.join("rejection-sampling").join(format!("round-{}", cfg.rejection_sampling.rounds));
+        let start = match (cfg.ppo.from_rejection_sampling, rs_dir) {
+            (true, Some(dir)) => dir,
+            (true, None) if skip_rs && existing_rs.join("checkpoints").is_dir() => existing_rs,
+            _ => cfg.policy.clone(),
+        };
+        let (r, kl) = ppo(&cfg, &start, resume, stop_after, &origin)?;
+        println!("PPO done: held-out reward {r:.3}, KL to the starting policy {kl:.3}");
+    }
+    Ok(())
+}

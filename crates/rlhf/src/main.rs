@@ -1,0 +1,42 @@
+//! `rlhf --config configs/rlhf-tiny.toml`: rejection sampling, then PPO.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// RLHF as in Llama 2: rejection sampling (K samples per prompt, the best by the combined reward
+/// kept across rounds, then SFT on them), then PPO against the helpfulness and safety reward
+/// models (Rc = safety score if the prompt is tagged unsafe or its safety probability < 0.15,
+/// else helpfulness; reward whiten(logit(Rc)) - beta * KL per token; clipped policy and value
+/// losses, one gradient step per minibatch, AdamW at a constant 1e-6). Everything is logged to
+/// OUT/rejection-sampling and OUT/ppo (TensorBoard + metrics.jsonl); PPO resumes with --resume.
+#[derive(Parser)]
+#[command(name = "rlhf", version)]
+struct Cli {
+    #[arg(long)]
+    config: PathBuf,
+    /// Override run.out_dir.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue PPO from its newest checkpoint (rejection sampling is skipped if already done).
+    #[arg(long)]
+    resume: bool,
+    /// Stop PPO after this iteration with a checkpoint.
+    #[arg(long)]
+    stop_after: Option<u64>,
+    /// Go straight to PPO.
+    #[arg(long)]
+    skip_rejection_sampling: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match llama_rlhf::run(&cli.config, cli.out, cli.resume, cli.stop_after, cli.skip_rejection_sampling || cli.resume) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

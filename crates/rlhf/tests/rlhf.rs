@@ -1,0 +1,119 @@
+//! RLHF: generator vs trainer log-probs, PPO resume equality, and bad input before any work.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use llama_model::LlamaConfig;
+use llama_model::generate::{SamplingConfig, generate};
+use llama_reward::RewardModel;
+use llama_rlhf::{RlhfConfig, full_sequence, load_prompts, token_logprobs, validate};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn tiny(vocab: usize) -> LlamaConfig {
+    LlamaConfig::new(32, 2, 4).with_n_kv_heads(2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(128)
+}
+
+/// The bug class that broke other RLHF systems: the trainer's log-prob of a sampled token must be
+/// the one the generator returned, for rows of different prompt and response lengths.
+#[test]
+fn trainer_logprobs_equal_generator_logprobs() {
+    let device = Device::flex();
+    let model = tiny(60).init(&device);
+    let prompts = vec![vec![1u32, 5, 9], vec![1, 22, 33, 44, 55, 6, 7], vec![1, 8]];
+    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 7, eos_id: Some(2), seed: 11 };
+    let out = generate(&model, &prompts, &sampling).unwrap();
+    let seqs: Vec<Vec<u32>> = prompts.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, 2)).collect();
+    let lp = token_logprobs(&model, &seqs, 0).into_data().try_to_vec::<f32>().unwrap();
+    let width = seqs.iter().map(Vec::len).max().unwrap() - 1;
+    for (i, p) in prompts.iter().enumerate() {
+        for (j, &g) in out.logprobs[i].iter().enumerate() {
+            let t = lp[i * width + p.len() - 1 + j];
+            assert!((t - g).abs() < 1e-4, "row {i} token {j}: trainer {t} vs generator {g}");
+        }
+    }
+}
+
+/// A policy directory and two reward model run directories of random tiny models.
+fn models(dir: &Path, vocab: usize, rm_vocab: usize) -> (PathBuf, PathBuf, PathBuf) {
+    let device = Device::flex();
+    let policy_dir = dir.join("policy");
+    llama_model::checkpoint::save_native(&tiny(vocab).init(&device), &tiny(vocab), &policy_dir).unwrap();
+    let mut rms = vec![];
+    for name in ["help", "safe"] {
+        let d = dir.join(name);
+        std::fs::create_dir_all(&d).unwrap();
+        let config = tiny(rm_vocab);
+        llama_model::checkpoint::save_weights(&RewardModel::new(&config, &device), &d.join("model.bpk")).unwrap();
+        let mut table = toml::Table::new();
+        table.insert("model".into(), toml::Value::try_from(&config).unwrap());
+        std::fs::write(d.join("config.toml"), toml::to_string(&table).unwrap()).unwrap();
+        rms.push(d);
+    }
+    (policy_dir, rms[0].clone(), rms[1].clone())
+}
+
+fn config(dir: &Path, policy: &Path, help: &Path, safe: &Path, extra: &str) -> PathBuf {
+    let text = format!(
+        "policy = \"{}\"\nhelpfulness_model = \"{}\"\nsafety_model = \"{}\"\n[data]\ntokenizer = \"{}\"\nprompts = \"{}\"\neval_prompts = \"{}\"\n{extra}\n",
+        policy.display(),
+        help.display(),
+        safe.display(),
+        repo().join("data/tokenizer.json").display(),
+        repo().join("data/rlhf/prompts.jsonl").display(),
+        repo().join("data/rlhf/eval_prompts.jsonl").display(),
+    );
+    let path = dir.join("rlhf.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const PPO: &str = "[rejection_sampling]\nrounds = 0\n[ppo]\niterations = 4\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 6\nlr = 1e-3\neval_every = 100\ncheckpoint_every = 100\n";
+
+fn ppo_curve(out: &Path) -> Vec<String> {
+    std::fs::read_to_string(out.join("ppo/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("ppo/policy_loss").is_some())
+        .map(|v| format!("{} {} {} {}", v["step"], v["ppo/policy_loss"], v["ppo/value_loss"], v["ppo/reward_whitened"]))
+        .collect()
+}
+
+/// PPO interrupted after iteration 2 and resumed gives the same metrics as an uninterrupted run.
+#[test]
+fn ppo_resume_equals_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let cfg = config(tmp.path(), &policy, &help, &safe, PPO);
+    llama_rlhf::run(&cfg, Some(tmp.path().join("a")), false, None, true).unwrap();
+    let want = ppo_curve(&tmp.path().join("a"));
+    assert_eq!(want.len(), 4);
+    llama_rlhf::run(&cfg, Some(tmp.path().join("b")), false, Some(2), true).unwrap();
+    llama_rlhf::run(&cfg, Some(tmp.path().join("b")), true, None, true).unwrap();
+    assert_eq!(ppo_curve(&tmp.path().join("b")), want);
+}
+
+#[test]
+fn bad_input_is_refused_before_any_work() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 1000);
+    let load = |extra: &str| -> (PathBuf, RlhfConfig) {
+        let p = config(tmp.path(), &policy, &help, &safe, extra);
+        let c: RlhfConfig = toml::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        (p, c)
+    };
+    let (_, c) = load("[rejection_sampling]\nk = 0\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("rejection_sampling.k"));
+    let (_, c) = load("[ppo]\nbatch_size = 10\nminibatch_size = 4\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("multiple of ppo.minibatch_size"));
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    assert!(load_prompts(&empty).unwrap_err().to_string().contains("no prompts"));
+    // Reward models of another vocabulary than the policy's.
+    let (p, _) = load(PPO);
+    let err = llama_rlhf::run(&p, Some(tmp.path().join("out")), false, None, true).unwrap_err().to_string();
+    assert!(err.contains("vocabulary") && err.contains("helpfulness_model"), "{err}");
+}
