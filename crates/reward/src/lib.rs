@@ -469,6 +469,7 @@ pub fn load_reward_model(path: &Path, device: &Device) -> anyhow::Result<(LlamaC
 pub struct Overrides {
     pub max_steps: Option<u64>,
     pub out: Option<PathBuf>,
+    pub init: Option<PathBuf>,
     pub device: Option<String>,
     pub resume: bool,
     pub stop_after: Option<u64>,
@@ -483,6 +484,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     }
     if let Some(d) = &overrides.device {
         cfg.run.device = d.clone();
+    }
+    if let Some(i) = &overrides.init {
+        cfg.init = i.clone();
     }
     for check in [cfg.optim.validate(), cfg.schedule.validate(), cfg.run.validate()] {
         check.map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;

@@ -29,6 +29,9 @@ struct Cli {
     out: Option<PathBuf>,
     #[arg(long)]
     device: Option<String>,
+    /// Override init (the SFT or pretrain run, checkpoint, native or HF directory).
+    #[arg(long)]
+    init: Option<PathBuf>,
     /// Continue from the newest complete checkpoint in the output directory.
     #[arg(long)]
     resume: bool,
@@ -105,7 +108,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config.context("--config is required (or use the `score` subcommand); see --help")?;
-            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, resume: cli.resume, stop_after: cli.stop_after };
+            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, resume: cli.resume, stop_after: cli.stop_after };
             run(&config, &overrides)?;
             Ok(())
         }

@@ -761,9 +761,32 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
 
 /// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).
 pub fn run(config_path: &Path, out: Option<PathBuf>, resume: bool, stop_after: Option<u64>, skip_rs: bool) -> anyhow::Result<()> {
+    run_with(config_path, &Paths { out, ..Paths::default() }, resume, stop_after, skip_rs)
+}
+
+/// Command-line replacements of the config's paths.
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    pub out: Option<PathBuf>,
+    pub policy: Option<PathBuf>,
+    pub helpfulness_model: Option<PathBuf>,
+    pub safety_model: Option<PathBuf>,
+}
+
+/// [`run`] with any of the config's paths replaced.
+pub fn run_with(config_path: &Path, paths: &Paths, resume: bool, stop_after: Option<u64>, skip_rs: bool) -> anyhow::Result<()> {
     let mut cfg: RlhfConfig = load_toml(config_path)?;
-    if let Some(o) = out {
-        cfg.run.out_dir = o;
+    if let Some(o) = &paths.out {
+        cfg.run.out_dir = o.clone();
+    }
+    if let Some(p) = &paths.policy {
+        cfg.policy = p.clone();
+    }
+    if let Some(p) = &paths.helpfulness_model {
+        cfg.helpfulness_model = p.clone();
+    }
+    if let Some(p) = &paths.safety_model {
+        cfg.safety_model = p.clone();
     }
     let origin = config_path.display().to_string();
     validate(&cfg, &origin)?;

@@ -28,11 +28,21 @@ struct Cli {
     /// Go straight to PPO.
     #[arg(long)]
     skip_rejection_sampling: bool,
+    /// Override policy (the SFT run or checkpoint).
+    #[arg(long)]
+    policy: Option<PathBuf>,
+    /// Override helpfulness_model.
+    #[arg(long)]
+    helpfulness_model: Option<PathBuf>,
+    /// Override safety_model.
+    #[arg(long)]
+    safety_model: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match llama_rlhf::run(&cli.config, cli.out, cli.resume, cli.stop_after, cli.skip_rejection_sampling || cli.resume) {
+    let paths = llama_rlhf::Paths { out: cli.out, policy: cli.policy, helpfulness_model: cli.helpfulness_model, safety_model: cli.safety_model };
+    match llama_rlhf::run_with(&cli.config, &paths, cli.resume, cli.stop_after, cli.skip_rejection_sampling || cli.resume) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The whole tiny recipe, end to end, on the shipped data: prepare (inside pretrain), pretrain,
+# SFT, both reward models, rejection sampling, PPO. One TensorBoard directory holds every stage:
+#   tensorboard --logdir runs/pipeline
+# OUT=dir changes where it writes (default runs/pipeline; it is replaced).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
+OUT="${OUT:-runs/pipeline}"
+cargo build --release --bin pretrain --bin sft --bin reward --bin rlhf
+bin="$CARGO_TARGET_DIR/release"
+rm -rf "$OUT"
+start=$(date +%s)
+stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
+
+stage "pretrain"
+"$bin/pretrain" --config configs/tiny.toml --out "$OUT/pretrain"
+stage "sft"
+"$bin/sft" --config configs/sft-tiny.toml --init "$OUT/pretrain" --out "$OUT/sft"
+stage "reward: helpfulness"
+"$bin/reward" --config configs/reward-helpfulness-tiny.toml --init "$OUT/sft" --out "$OUT/reward-helpfulness"
+stage "reward: safety"
+"$bin/reward" --config configs/reward-safety-tiny.toml --init "$OUT/sft" --out "$OUT/reward-safety"
+stage "rlhf: rejection sampling, then PPO"
+"$bin/rlhf" --config configs/rlhf-tiny.toml --policy "$OUT/sft" \
+    --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --out "$OUT/rlhf"
+stage "done"
+echo "TensorBoard: tensorboard --logdir $OUT"
