@@ -54,6 +54,28 @@ enum Command {
         #[arg(long, default_value_t = 5.0)]
         shard_size_gb: f64,
     },
+    /// Benchmark training steps (forward, backward, AdamW) and KV-cache generation on random
+    /// tokens: tokens/s, time per phase, achieved GFLOP/s, peak memory.
+    Bench {
+        /// A TOML file with a [model] table (configs/bench-small.toml, configs/bench-medium.toml).
+        #[arg(long)]
+        config: PathBuf,
+        #[arg(long, default_value_t = 8)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        /// Timed training steps (after one warm-up step).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+        /// Tokens generated per sequence (batch `batch`, prompts of 16 tokens); 0 skips generation.
+        #[arg(long, default_value_t = 64)]
+        gen_tokens: usize,
+        #[arg(long, default_value = "flex")]
+        device: String,
+        /// Write the figures as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Generate text from one or more prompts with a KV cache, batched.
     Generate {
         /// Checkpoint directory (native or Hugging Face).
@@ -159,6 +181,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {:?} checkpoint to {} ({} parameters)", target, to.display(), config.num_params());
             Ok(())
         }
+        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, json } => bench(&config, batch, seq_len, steps, gen_tokens, &device, json),
         Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
             let device = device::parse(&device)?;
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
@@ -184,4 +207,93 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn peak_rss_gib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
+        .map_or(0.0, |kb| kb / (1024.0 * 1024.0))
+}
+
+fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, json: Option<PathBuf>) -> Result<()> {
+    use burn::module::Module;
+    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::tensor::activation::log_softmax;
+    use burn::tensor::{Int, Tensor, TensorData};
+    use std::time::Instant;
+    let c = LlamaConfig::from_toml_file(config)?;
+    if seq_len > c.max_seq_len {
+        bail!("--seq-len {seq_len} exceeds model.max_seq_len {}", c.max_seq_len);
+    }
+    let device = device::parse(device)?.autodiff();
+    device.seed(0);
+    let mut model = c.init(&device);
+    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(0.1).init();
+    let mut rng = 12345u64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % c.vocab_size as u64) as i64
+    };
+    let tokens: Vec<i64> = (0..batch * (seq_len + 1)).map(|_| next()).collect();
+    let inputs: Vec<i64> = tokens.chunks(seq_len + 1).flat_map(|w| w[..seq_len].to_vec()).collect();
+    let targets: Vec<i64> = tokens.chunks(seq_len + 1).flat_map(|w| w[1..].to_vec()).collect();
+    let inputs = Tensor::<2, Int>::from_data(TensorData::new(inputs, [batch, seq_len]), &device);
+    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [batch * seq_len, 1]), &device);
+    let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
+    for step in 0..=steps {
+        let t0 = Instant::now();
+        let logits = model.forward(inputs.clone());
+        let v = c.vocab_size;
+        let loss = log_softmax(logits.reshape([batch * seq_len, v]), 1).gather(1, targets.clone()).mean().neg();
+        let loss_value = loss.clone().into_scalar::<f32>();
+        let t1 = Instant::now();
+        let grads = GradientsParams::from_grads(loss.backward(), &model);
+        // Materialise the gradients before stopping the clock (backends may be lazy).
+        let _ = model.norm.gamma.val().sum().into_scalar::<f32>();
+        let t2 = Instant::now();
+        model = optim.step(1e-4, model, grads);
+        let _ = model.norm.gamma.val().sum().into_scalar::<f32>();
+        let t3 = Instant::now();
+        if step > 0 {
+            fwd += (t1 - t0).as_secs_f64();
+            bwd += (t2 - t1).as_secs_f64();
+            opt += (t3 - t2).as_secs_f64();
+        }
+        if !loss_value.is_finite() {
+            bail!("non-finite loss in the benchmark");
+        }
+    }
+    let n = steps.max(1) as f64;
+    let step_s = (fwd + bwd + opt) / n;
+    let train_tok_s = (batch * seq_len) as f64 / step_s;
+    let gflops = train_tok_s * c.train_flops_per_token(seq_len) / 1e9;
+    let mut report = serde_json::json!({
+        "config": config.display().to_string(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
+        "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
+        "train_gflops_per_s": gflops,
+    });
+    println!("model {} ({} parameters), batch {batch} x seq {seq_len}", config.display(), c.num_params());
+    println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
+    if gen_tokens > 0 {
+        let plain = model.valid();
+        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..16).map(|_| next() as u32).collect()).collect();
+        let sampling = SamplingConfig { eos_id: None, ..SamplingConfig::greedy(gen_tokens) };
+        let _ = generate(&plain, &prompts, &SamplingConfig { max_new_tokens: 2, ..sampling.clone() })?;
+        let t = Instant::now();
+        let out = generate(&plain, &prompts, &sampling)?;
+        let secs = t.elapsed().as_secs_f64();
+        let produced: usize = out.tokens.iter().map(Vec::len).sum();
+        println!("decode {:>10.1} tokens/s | {produced} tokens ({batch} x {gen_tokens}) in {secs:.3} s, KV cache", produced as f64 / secs);
+        report["decode_tokens_per_s"] = serde_json::json!(produced as f64 / secs);
+    }
+    let peak = peak_rss_gib();
+    println!("peak RSS {peak:.3} GiB");
+    report["peak_rss_gib"] = serde_json::json!(peak);
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
