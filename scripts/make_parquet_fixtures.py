@@ -37,3 +37,18 @@ def main():
 
 if __name__ == "__main__":
     main()
+
+
+def chat_fixture():
+    """tests/fixtures/chat.parquet: chats as `messages: list<struct<role, content>>`, and
+    tests/fixtures/chat_prompt_response.parquet: the `prompt`/`response` form."""
+    root = OUT.parent
+    messages = [
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+        [{"role": "user", "content": "My name is Ann. What is my name?"}, {"role": "assistant", "content": "Your name is Ann."}],
+    ]
+    pq.write_table(pa.table({"messages": messages}), root / "chat.parquet")
+    pq.write_table(pa.table({"prompt": ["Hi", "Bye"], "response": ["Hello.", "Goodbye."]}), root / "chat_prompt_response.parquet")
+
+
+chat_fixture()

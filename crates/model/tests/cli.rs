@@ -52,3 +52,17 @@ fn convert_round_trips_hf_native_hf() {
         assert_eq!(view.data(), b.tensor(&name).unwrap().data(), "{name} changed in the round trip");
     }
 }
+
+#[test]
+fn generate_runs_on_a_checkpoint_with_the_shipped_tokenizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(64);
+    let model = config.init(&burn::tensor::Device::flex());
+    llama_model::checkpoint::save_native(&model, &config, tmp.path()).unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "The jury", "--prompt", "He said", "--max-new-tokens", "5", "--seed", "1"]);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("The jury") && out.contains("\nHe said"), "{out}");
+    let (ok, _, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "x", "--max-new-tokens", "500"]);
+    assert!(!ok && err.contains("max_seq_len") && !err.contains("panicked"), "{err}");
+}

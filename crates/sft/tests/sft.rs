@@ -183,3 +183,14 @@ fn fine_tuning_raises_the_held_out_success_rate() {
     assert_eq!(first.0, 0, "the starting model is evaluated at step 0");
     assert!(last.1 > first.1 + 0.15, "success rate {first:?} -> {last:?} did not rise enough\n{stdout}");
 }
+
+/// Chats in Parquet (written by pyarrow, scripts/make_parquet_fixtures.py) read like JSONL.
+#[test]
+fn parquet_chats_are_read_in_both_forms() {
+    let chats = load_conversations(&repo().join("tests/fixtures/chat.parquet")).unwrap();
+    assert_eq!(chats.len(), 2);
+    assert_eq!(chats[0].render_text(), "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>");
+    assert_eq!(chats[1].render_text(), "<s>[INST] My name is Ann. What is my name? [/INST] Your name is Ann. </s>");
+    let pr = load_conversations(&repo().join("tests/fixtures/chat_prompt_response.parquet")).unwrap();
+    assert_eq!(pr[1].render_text(), "<s>[INST] Bye [/INST] Goodbye. </s>");
+}
