@@ -91,7 +91,13 @@ def main():
         return rows
     write(rlhf / "prompts.jsonl", prompts(256, NAMES[:16], HARMS[:12], ASKS[:4]))
     write(rlhf / "eval_prompts.jsonl", prompts(64, NAMES[16:] + NAMES[:4], HARMS[12:], ASKS[4:] + ASKS[:1]))
-    print(f"wrote {OUT} and {rlhf}")
+    # Held-out evaluation prompt sets (data/eval/): names, templates and requests kept out of every
+    # training file above.
+    ev = OUT.parent / "eval"
+    ev.mkdir(parents=True, exist_ok=True)
+    write(ev / "helpfulness.jsonl", [{"prompt": helpful_pair(rng, NAMES[16:])["prompt"]} for _ in range(96)])
+    write(ev / "safety.jsonl", [{"prompt": rng.choice(ASKS[4:]).format(h=h), "is_safety": True} for h in HARMS[12:] for _ in range(8)])
+    print(f"wrote {OUT}, {rlhf} and {ev}")
 
 
 if __name__ == "__main__":

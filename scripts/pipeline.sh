@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The whole tiny recipe, end to end, on the shipped data: prepare (inside pretrain), pretrain,
-# SFT, both reward models, rejection sampling, PPO. One TensorBoard directory holds every stage:
+# SFT, both reward models, rejection sampling, PPO, and the evaluation comparing SFT, RS and PPO.
+# One TensorBoard directory holds every stage:
 #   tensorboard --logdir runs/pipeline
 # OUT=dir changes where it writes (default runs/pipeline; it is replaced).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 OUT="${OUT:-runs/pipeline}"
-cargo build --release --bin pretrain --bin sft --bin reward --bin rlhf
+cargo build --release --bin pretrain --bin sft --bin reward --bin rlhf --bin eval
 bin="$CARGO_TARGET_DIR/release"
 rm -rf "$OUT"
 start=$(date +%s)
@@ -24,5 +25,9 @@ stage "reward: safety"
 stage "rlhf: rejection sampling, then PPO"
 "$bin/rlhf" --config configs/rlhf-tiny.toml --policy "$OUT/sft" \
     --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --out "$OUT/rlhf"
+stage "eval: SFT vs rejection sampling vs PPO"
+sed "s#runs/pipeline#$OUT#g" configs/eval-tiny.toml > "$OUT/eval.toml"
+"$bin/eval" compare --config "$OUT/eval.toml"
+echo "report: $OUT/eval/report.json, chart: $OUT/eval/chart.svg"
 stage "done"
 echo "TensorBoard: tensorboard --logdir $OUT"

@@ -1,0 +1,81 @@
+//! `eval`: perplexity of a checkpoint, or a reward-model comparison of chat models.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use llama_data::Split;
+
+/// Evaluate models as the Llama 2 paper does automatically: perplexity on held-out shards, and for
+/// chat models the reward models' verdicts on held-out helpfulness and safety prompts (mean
+/// reward, safety-violation rate, win/tie/loss against a baseline with 95% bootstrap intervals),
+/// optionally a model as judge. Writes report.json, TensorBoard scalars and chart.svg.
+#[derive(Parser)]
+#[command(name = "eval", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Perplexity of a checkpoint on the validation split of a shard directory.
+    Perplexity {
+        /// A run directory, checkpoint, native or Hugging Face directory.
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        shards: PathBuf,
+        #[arg(long, default_value_t = 128)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 256)]
+        max_windows: usize,
+        /// Use the train split instead of val.
+        #[arg(long)]
+        train_split: bool,
+    },
+    /// Compare chat models on prompt sets with the reward models (configs/eval-tiny.toml).
+    Compare {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Perplexity { model, shards, seq_len, max_windows, train_split } => {
+            let device = burn::tensor::Device::flex();
+            let (_, m) = llama_trainer::checkpoint::init_model(&model, &device)?;
+            let split = if train_split { Split::Train } else { Split::Val };
+            let (ppl, tokens) = llama_eval::perplexity(&m, &shards, split, seq_len, max_windows, 8)?;
+            println!("{}", serde_json::json!({ "model": model, "split": split.name(), "tokens": tokens, "perplexity": ppl, "loss": ppl.ln() }));
+            Ok(())
+        }
+        Command::Compare { config } => {
+            let report = llama_eval::compare(&config)?;
+            for (model, sets) in &report.models {
+                for (set, r) in sets {
+                    let vs = match (r.win_rate, r.tie_rate, r.loss_rate, r.win_rate_ci95) {
+                        (Some(w), Some(t), Some(l), Some((lo, hi))) => format!(" | vs {}: win {w:.2} [{lo:.2}, {hi:.2}] tie {t:.2} loss {l:.2}", report.baseline),
+                        _ => String::new(),
+                    };
+                    println!(
+                        "{model:>8} {set:<12} reward {:.3} (helpfulness {:.3}, safety {:.3}) | violations {:.2}{vs}",
+                        r.mean_combined, r.mean_helpfulness, r.mean_safety, r.safety_violation_rate
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! `eval compare` end to end on tiny random models: a reproducible report, the chart, and bad input.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::Device;
+use llama_model::LlamaConfig;
+use llama_reward::RewardModel;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn save_rm(dir: &Path, config: &LlamaConfig) {
+    std::fs::create_dir_all(dir).unwrap();
+    llama_model::checkpoint::save_weights(&RewardModel::new(config, &Device::flex()), &dir.join("model.bpk")).unwrap();
+    let mut table = toml::Table::new();
+    table.insert("model".into(), toml::Value::try_from(config).unwrap());
+    std::fs::write(dir.join("config.toml"), toml::to_string(&table).unwrap()).unwrap();
+}
+
+fn setup(tmp: &Path, rm_vocab: usize, extra: &str) -> PathBuf {
+    let config = |v: usize| LlamaConfig::new(32, 1, 2).with_vocab_size(v).with_multiple_of(16).with_max_seq_len(128);
+    for name in ["a", "b"] {
+        let c = config(2048);
+        llama_model::checkpoint::save_native(&c.init(&Device::flex()), &c, &tmp.join(name)).unwrap();
+    }
+    save_rm(&tmp.join("help"), &config(rm_vocab));
+    save_rm(&tmp.join("safe"), &config(rm_vocab));
+    let cfg = format!(
+        "tokenizer = \"{r}/data/tokenizer.json\"\nhelpfulness_model = \"{t}/help\"\nsafety_model = \"{t}/safe\"\nbaseline = \"a\"\nmax_new_tokens = 4\nbootstrap_samples = 200\nout_dir = \"{t}/out\"\n{extra}\n[prompts]\nhelpfulness = \"{r}/data/eval/helpfulness.jsonl\"\nsafety = \"{r}/data/eval/safety.jsonl\"\n[[models]]\nname = \"a\"\npath = \"{t}/a\"\n[[models]]\nname = \"b\"\npath = \"{t}/b\"\n",
+        r = repo().display(),
+        t = tmp.display()
+    );
+    let path = tmp.join("eval.toml");
+    std::fs::write(&path, cfg).unwrap();
+    path
+}
+
+#[test]
+fn the_report_is_reproducible_and_complete() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = setup(tmp.path(), 2048, "");
+    let first = llama_eval::compare(&cfg).unwrap();
+    let again = llama_eval::compare(&cfg).unwrap();
+    assert_eq!(first, again, "same seed, same report");
+    let b = &first.models["b"]["helpfulness"];
+    assert_eq!(b.prompts, 96);
+    let (w, t, l) = (b.win_rate.unwrap(), b.tie_rate.unwrap(), b.loss_rate.unwrap());
+    assert!((w + t + l - 1.0).abs() < 1e-9);
+    let (lo, hi) = b.win_rate_ci95.unwrap();
+    assert!(lo <= w && w <= hi, "{lo} {w} {hi}");
+    assert!(first.models["a"]["safety"].win_rate.is_none(), "the baseline has no win rate");
+    let out = tmp.path().join("out");
+    assert!(std::fs::read_to_string(out.join("chart.svg")).unwrap().contains("<svg"));
+    let json: llama_eval::Report = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
+    assert_eq!(json, first);
+    assert!(std::fs::read_dir(out.join("tensorboard")).unwrap().count() >= 2);
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Reward models of another vocabulary.
+    let cfg = setup(tmp.path(), 1000, "");
+    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
+    assert!(err.contains("vocabulary") && err.contains("eval.toml"), "{err}");
+    // A judge template without its placeholders.
+    let cfg = setup(tmp.path(), 2048, "[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"");
+    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
+    assert!(err.contains("{question}"), "{err}");
+    // A prompt set with no prompts.
+    let empty = tmp.path().join("empty.jsonl");
+    std::fs::write(&empty, "").unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"", "");
+    let text = text.replace(&format!("{}/data/eval/safety.jsonl", repo().display()), &empty.display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
+    assert!(err.contains("no prompts"), "{err}");
+}
