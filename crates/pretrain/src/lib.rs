@@ -337,15 +337,13 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval: cfg.eval,
         unigram_loss,
     };
-    let mut model_table = toml::Table::new();
-    model_table.insert("model".into(), toml::Value::try_from(&model_config)?);
     let loop_config = LoopConfig {
         schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
         total_steps,
         stop_after: overrides.stop_after,
         resume: overrides.resume,
         flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
-        model_config: toml::to_string(&model_table)?,
+        model_config: llama_trainer::model_config_toml(&model_config)?,
         eval_at_start: false,
         train: cfg.train,
         run: cfg.run,

@@ -18,7 +18,7 @@ use llama_data::chat::{Conversation, Message, Role};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::checkpoint::{Checkpoints, MODEL_FILE, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{LoopConfig, Metrics, Objective, Schedule, Summary};
+use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Schedule, Summary, model_config_toml};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -365,18 +365,9 @@ pub struct RewardObjective {
     pub evals: Vec<(String, Vec<Pair>)>,
     pub margin: MarginPreset,
     pub pad: u32,
-    pub epochs: u64,
-    pub seed: u64,
-    pub cursor: (u64, usize),
-    pub order: Vec<usize>,
+    /// Epochs over `train`, shuffled per epoch.
+    pub sampler: EpochSampler,
     pub device: Device,
-}
-
-impl RewardObjective {
-    fn shuffle(&mut self) {
-        self.order = (0..self.train.len()).collect();
-        self.order.shuffle(&mut StdRng::seed_from_u64(self.seed.wrapping_add(self.cursor.0)));
-    }
 }
 
 impl Objective<RewardModel> for RewardObjective {
@@ -385,17 +376,9 @@ impl Objective<RewardModel> for RewardObjective {
     fn next_batch(&mut self, size: usize) -> anyhow::Result<Option<Vec<Pair>>> {
         let mut out = vec![];
         while out.len() < size {
-            if self.cursor.0 >= self.epochs {
-                return Ok(None);
-            }
-            if self.order.len() != self.train.len() {
-                self.shuffle();
-            }
-            out.push(self.train[self.order[self.cursor.1]].clone());
-            self.cursor.1 += 1;
-            if self.cursor.1 == self.train.len() {
-                self.cursor = (self.cursor.0 + 1, 0);
-                self.shuffle();
+            match self.sampler.next_index() {
+                Some(i) => out.push(self.train[i].clone()),
+                None => return Ok(None),
             }
         }
         Ok(Some(out))
@@ -439,15 +422,12 @@ impl Objective<RewardModel> for RewardObjective {
     }
 
     fn data_state(&self) -> serde_json::Value {
-        serde_json::json!({ "epoch": self.cursor.0, "index": self.cursor.1 })
+        serde_json::to_value(self.sampler.cursor()).expect("cursor serialises")
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
-        let epoch = state["epoch"].as_u64().context("checkpoint state has no reward cursor")?;
-        let index = state["index"].as_u64().context("checkpoint state has no reward cursor")? as usize;
-        self.cursor = (epoch, index);
-        self.shuffle();
-        Ok(())
+        let cursor: EpochCursor = serde_json::from_value(state.clone()).context("checkpoint state has no valid reward cursor")?;
+        self.sampler.restore(cursor)
     }
 }
 
@@ -533,25 +513,20 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.run.out_dir.display()
     );
     let mut objective = RewardObjective {
+        sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed),
         train,
         evals,
         margin: cfg.data.margin,
         pad: tokenizer.eos_id(),
-        epochs: cfg.data.epochs,
-        seed: cfg.train.seed,
-        cursor: (0, 0),
-        order: vec![],
         device: train_device,
     };
-    let mut model_table = toml::Table::new();
-    model_table.insert("model".into(), toml::Value::try_from(&model_config)?);
     let loop_config = LoopConfig {
         schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
         total_steps,
         stop_after: overrides.stop_after,
         resume: overrides.resume,
         flops_per_token: model_config.train_flops_per_token(longest.max(1)),
-        model_config: toml::to_string(&model_table)?,
+        model_config: model_config_toml(&model_config)?,
         eval_at_start: true,
         train: cfg.train,
         run: cfg.run,

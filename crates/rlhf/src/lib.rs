@@ -573,6 +573,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             })
             .collect::<Result<_, _>>()?;
         let (packed, _) = pack(&chats, rs.seq_len, tokenizer.eos_id(), Overlong::Truncate);
+        let packed_len = packed.len();
         let round_dir = out.join(format!("round-{round}"));
         let mut objective = llama_sft::Sft {
             train: packed,
@@ -580,16 +581,11 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             eval_chats: vec![],
             tokenizer: tokenizer.clone(),
             separate: true,
-            epochs: u64::MAX,
-            seed: round as u64,
-            cursor: Default::default(),
-            order: vec![],
+            sampler: llama_trainer::EpochSampler::new(packed_len, u64::MAX, round as u64),
             device: train_device.clone(),
             eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
             micro_batch: rs.batch_size,
         };
-        let mut model_table = toml::Table::new();
-        model_table.insert("model".into(), toml::Value::try_from(&policy_config)?);
         let train = TrainConfig { max_steps: Some(rs.sft_steps), batch_size: rs.batch_size, micro_batch_size: rs.batch_size, log_every: 10, eval_every: u64::MAX, checkpoint_every: u64::MAX, keep_checkpoints: 1, ..TrainConfig::default() };
         let schedule = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.0, ..ScheduleConfig::default() };
         let loop_config = LoopConfig {
@@ -598,7 +594,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             stop_after: None,
             resume: false,
             flops_per_token: policy_config.train_flops_per_token(rs.seq_len),
-            model_config: toml::to_string(&model_table)?,
+            model_config: llama_trainer::model_config_toml(&policy_config)?,
             eval_at_start: false,
             train,
             run: RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() },
@@ -645,9 +641,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         best_eval: None,
         evals_without_gain: 0,
     };
-    let mut model_table = toml::Table::new();
-    model_table.insert("model".into(), toml::Value::try_from(&policy_config)?);
-    let model_config = toml::to_string(&model_table)?;
+    let model_config = llama_trainer::model_config_toml(&policy_config)?;
     let out = cfg.run.out_dir.join("ppo");
     let checkpoints = Checkpoints::new(&out);
     match (resume, checkpoints.latest()) {

@@ -14,11 +14,11 @@ use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{LoopConfig, Metrics, Objective, Schedule, Summary};
+use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Schedule, Summary, model_config_toml};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rand::seq::{IndexedRandom, SliceRandom};
-use serde::{Deserialize, Serialize};
+use rand::seq::IndexedRandom;
+use serde::Deserialize;
 
 /// A fine-tuning run, as one TOML file.
 #[derive(Debug, Deserialize)]
@@ -166,13 +166,6 @@ pub fn masked_nll_sum(model: &Llama, inputs: Tensor<2, Int>, targets: Tensor<2, 
     (nll * mask).sum()
 }
 
-/// Where the SFT reader is: epoch and position in that epoch's shuffled order.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct SftCursor {
-    pub epoch: u64,
-    pub index: usize,
-}
-
 /// The SFT objective.
 pub struct Sft {
     pub train: Vec<Packed>,
@@ -180,21 +173,14 @@ pub struct Sft {
     pub eval_chats: Vec<(Conversation, Option<String>)>,
     pub tokenizer: Tokenizer,
     pub separate: bool,
-    pub epochs: u64,
-    pub seed: u64,
-    pub cursor: SftCursor,
-    pub order: Vec<usize>,
+    /// Epochs over `train`, shuffled per epoch.
+    pub sampler: EpochSampler,
     pub device: Device,
     pub eval_cfg: SftEval,
     pub micro_batch: usize,
 }
 
 impl Sft {
-    fn shuffle(&mut self) {
-        self.order = (0..self.train.len()).collect();
-        self.order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-    }
-
     /// Mean answer-token loss on the held-out chats (no autodiff).
     pub fn eval_loss(&self, model: &Llama) -> Option<f64> {
         if self.eval.is_empty() {
@@ -243,17 +229,9 @@ impl Objective<Llama> for Sft {
     fn next_batch(&mut self, size: usize) -> anyhow::Result<Option<Vec<Packed>>> {
         let mut out = Vec::with_capacity(size);
         while out.len() < size {
-            if self.cursor.epoch >= self.epochs {
-                return Ok(None);
-            }
-            if self.order.len() != self.train.len() {
-                self.shuffle();
-            }
-            out.push(self.train[self.order[self.cursor.index]].clone());
-            self.cursor.index += 1;
-            if self.cursor.index == self.train.len() {
-                self.cursor = SftCursor { epoch: self.cursor.epoch + 1, index: 0 };
-                self.shuffle();
+            match self.sampler.next_index() {
+                Some(i) => out.push(self.train[i].clone()),
+                None => return Ok(None),
             }
         }
         Ok(Some(out))
@@ -297,13 +275,12 @@ impl Objective<Llama> for Sft {
     }
 
     fn data_state(&self) -> serde_json::Value {
-        serde_json::to_value(&self.cursor).expect("cursor serialises")
+        serde_json::to_value(self.sampler.cursor()).expect("cursor serialises")
     }
 
     fn restore_data_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()> {
-        self.cursor = serde_json::from_value(state.clone()).context("checkpoint state has no valid SFT cursor")?;
-        self.shuffle();
-        Ok(())
+        let cursor: EpochCursor = serde_json::from_value(state.clone()).context("checkpoint state has no valid SFT cursor")?;
+        self.sampler.restore(cursor)
     }
 }
 
@@ -398,28 +375,23 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.run.out_dir.display()
     );
     let mut objective = Sft {
+        sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed),
         train,
         eval,
         eval_chats,
         tokenizer,
         separate: cfg.data.separate_packed,
-        epochs: cfg.data.epochs,
-        seed: cfg.train.seed,
-        cursor: SftCursor::default(),
-        order: vec![],
         device: train_device,
         eval_cfg: cfg.eval,
         micro_batch: cfg.train.micro_batch_size,
     };
-    let mut model_table = toml::Table::new();
-    model_table.insert("model".into(), toml::Value::try_from(&model_config)?);
     let loop_config = LoopConfig {
         schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
         total_steps,
         stop_after: overrides.stop_after,
         resume: overrides.resume,
         flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
-        model_config: toml::to_string(&model_table)?,
+        model_config: model_config_toml(&model_config)?,
         eval_at_start: true,
         train: cfg.train,
         run: cfg.run,

@@ -9,8 +9,17 @@ pub mod tensorboard;
 pub mod checkpoint;
 pub mod metrics;
 pub mod run;
+pub mod sampler;
 
 pub use config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use metrics::Metrics;
 pub use run::{LoopConfig, Objective, Summary, train};
+pub use sampler::{EpochCursor, EpochSampler};
 pub use schedule::Schedule;
+
+/// A model config as the TOML text (a `[model]` table) that checkpoints store and compare.
+pub fn model_config_toml(config: &llama_model::LlamaConfig) -> anyhow::Result<String> {
+    let mut table = toml::Table::new();
+    table.insert("model".into(), toml::Value::try_from(config)?);
+    Ok(toml::to_string(&table)?)
+}
