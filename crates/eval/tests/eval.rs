@@ -77,3 +77,24 @@ fn bad_input_is_a_clear_error() {
     let err = llama_eval::compare(&cfg).unwrap_err().to_string();
     assert!(err.contains("no prompts"), "{err}");
 }
+
+/// Perplexity of an untrained model is about the vocabulary size (uniform guessing), and it
+/// reads any model directory.
+#[test]
+fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = llama_data::Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap();
+    let corpus = std::fs::read_to_string(repo().join("data/corpus/brown.jsonl")).unwrap();
+    let src = tmp.path().join("c.jsonl");
+    std::fs::write(&src, corpus.lines().take(30).collect::<Vec<_>>().join("\n")).unwrap();
+    let shards = tmp.path().join("shards");
+    let cfg = llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) };
+    llama_data::prepare::prepare(&cfg, &tok).unwrap();
+    let config = LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(128);
+    let model = config.init(&Device::flex());
+    let (ppl, tokens) = llama_eval::perplexity(&model, &shards, llama_data::Split::Val, 64, 16, 4).unwrap();
+    assert_eq!(tokens, 16 * 64);
+    assert!(ppl > 1500.0 && ppl < 2800.0, "{ppl}");
+    let err = llama_eval::perplexity(&model, &tmp.path().join("none"), llama_data::Split::Val, 64, 16, 4).unwrap_err().to_string();
+    assert!(err.contains("none"), "{err}");
+}
