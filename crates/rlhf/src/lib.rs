@@ -689,6 +689,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         })
     };
     if state.iteration == 0 {
+        save_best(&state.policy, &model_config, &out)?;
         let (r, kl, samples) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
         metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_kl", kl)])?;
         metrics.text(0, "ppo/samples", &samples_text(&samples, 6))?;
@@ -732,6 +733,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             if state.best_eval.is_none_or(|b| r > b) {
                 state.best_eval = Some(r);
                 state.evals_without_gain = 0;
+                save_best(&state.policy, &model_config, &out)?;
             } else {
                 state.evals_without_gain += 1;
             }
@@ -749,8 +751,29 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         }
     }
     metrics.finish();
-    let (r, kl, _) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+    // The result of PPO is the best policy on the held-out prompts (early stopping).
+    let (_, best) = init_model(&out.join("best"), &device)?;
+    let (r, kl, _) = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+    println!("best PPO policy (held-out reward {:.3}) in {}", state.best_eval.unwrap_or(r), out.join("best").display());
     Ok((r, kl))
+}
+
+/// Early stopping keeps the policy with the best held-out reward in `OUT/ppo/best` (a model
+/// directory: config.toml + model.bpk), written atomically.
+fn save_best(policy: &Llama, model_config: &str, out: &Path) -> anyhow::Result<()> {
+    let best = out.join("best");
+    let tmp = out.join(".best.tmp");
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    llama_model::checkpoint::save_weights(policy, &tmp.join("model.bpk"))?;
+    std::fs::write(tmp.join(llama_model::checkpoint::NATIVE_CONFIG), model_config)?;
+    if best.exists() {
+        std::fs::remove_dir_all(&best)?;
+    }
+    std::fs::rename(&tmp, &best)?;
+    Ok(())
 }
 
 /// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).
