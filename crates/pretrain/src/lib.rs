@@ -14,7 +14,7 @@ use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, Split, Tokenizer}
 use llama_model::generate::{SamplingConfig, generate};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, TrainConfig, load_toml, resolve_model};
-use llama_trainer::{LoopConfig, Metrics, Objective, Schedule, Summary};
+use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
 use serde::Deserialize;
 
 /// A pre-training run, as one TOML file.
@@ -70,15 +70,8 @@ impl Default for EvalConfig {
     }
 }
 
-/// Command-line overrides of the common knobs.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub max_steps: Option<u64>,
-    pub out: Option<PathBuf>,
-    pub device: Option<String>,
-    pub resume: bool,
-    pub stop_after: Option<u64>,
-}
+/// Command-line overrides of the common knobs (the trainer's, shared by every stage).
+pub use llama_trainer::Overrides;
 
 /// Reads, overrides and validates a config file; every error names the file and the key.
 pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(PretrainConfig, LlamaConfig)> {
@@ -87,12 +80,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
     if let Some(s) = overrides.max_steps {
         cfg.train.max_steps = Some(s);
     }
-    if let Some(out) = &overrides.out {
-        cfg.run.out_dir = out.clone();
-    }
-    if let Some(d) = &overrides.device {
-        cfg.run.device = d.clone();
-    }
+    overrides.apply_run(&mut cfg.run);
     let origin = path.display();
     let checks = [cfg.optim.validate(), cfg.schedule.validate(), cfg.train.validate(), cfg.run.validate()];
     for check in checks {
@@ -337,18 +325,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval: cfg.eval,
         unigram_loss,
     };
-    let loop_config = LoopConfig {
-        schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
-        total_steps,
-        stop_after: overrides.stop_after,
-        resume: overrides.resume,
-        flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
-        model_config: llama_trainer::model_config_toml(&model_config)?,
-        eval_at_start: false,
-        train: cfg.train,
-        run: cfg.run,
-        optim: cfg.optim,
-    };
+    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)?;
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
         println!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display());

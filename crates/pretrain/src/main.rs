@@ -39,7 +39,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, resume: cli.resume, stop_after: cli.stop_after };
+    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, resume: cli.resume, stop_after: cli.stop_after, init: None };
     match run(&cli.config, &overrides) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

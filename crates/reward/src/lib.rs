@@ -18,7 +18,7 @@ use llama_data::chat::{Conversation, Message, Role};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::checkpoint::{Checkpoints, MODEL_FILE, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Schedule, Summary, model_config_toml};
+use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -444,27 +444,14 @@ pub fn load_reward_model(path: &Path, device: &Device) -> anyhow::Result<(LlamaC
     Ok((config, model))
 }
 
-/// Command-line overrides.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub max_steps: Option<u64>,
-    pub out: Option<PathBuf>,
-    pub init: Option<PathBuf>,
-    pub device: Option<String>,
-    pub resume: bool,
-    pub stop_after: Option<u64>,
-}
+/// Command-line overrides (the trainer's, shared by every stage).
+pub use llama_trainer::Overrides;
 
 /// Everything `reward --config` does after parsing its arguments.
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let mut cfg: RewardConfig = load_toml(config_path)?;
     let origin = config_path.display();
-    if let Some(out) = &overrides.out {
-        cfg.run.out_dir = out.clone();
-    }
-    if let Some(d) = &overrides.device {
-        cfg.run.device = d.clone();
-    }
+    overrides.apply_run(&mut cfg.run);
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }
@@ -520,18 +507,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         pad: tokenizer.eos_id(),
         device: train_device,
     };
-    let loop_config = LoopConfig {
-        schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
-        total_steps,
-        stop_after: overrides.stop_after,
-        resume: overrides.resume,
-        flops_per_token: model_config.train_flops_per_token(longest.max(1)),
-        model_config: model_config_toml(&model_config)?,
-        eval_at_start: true,
-        train: cfg.train,
-        run: cfg.run,
-        optim: cfg.optim,
-    };
+    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, longest.max(1), overrides, true)?;
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     Ok(summary)
 }

@@ -14,7 +14,7 @@ use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Schedule, Summary, model_config_toml};
+use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -307,26 +307,13 @@ fn report(what: &str, stats: &PackStats) {
     );
 }
 
-/// Command-line overrides.
-#[derive(Debug, Default, Clone)]
-pub struct Overrides {
-    pub max_steps: Option<u64>,
-    pub out: Option<PathBuf>,
-    pub device: Option<String>,
-    pub init: Option<PathBuf>,
-    pub resume: bool,
-    pub stop_after: Option<u64>,
-}
+/// Command-line overrides (the trainer's, shared by every stage).
+pub use llama_trainer::Overrides;
 
 /// Everything `sft` does after parsing its arguments.
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let mut cfg = load_config(config_path)?;
-    if let Some(out) = &overrides.out {
-        cfg.run.out_dir = out.clone();
-    }
-    if let Some(d) = &overrides.device {
-        cfg.run.device = d.clone();
-    }
+    overrides.apply_run(&mut cfg.run);
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }
@@ -385,18 +372,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval_cfg: cfg.eval,
         micro_batch: cfg.train.micro_batch_size,
     };
-    let loop_config = LoopConfig {
-        schedule: Schedule::new(&cfg.schedule, cfg.optim.lr, total_steps),
-        total_steps,
-        stop_after: overrides.stop_after,
-        resume: overrides.resume,
-        flops_per_token: model_config.train_flops_per_token(cfg.data.seq_len),
-        model_config: model_config_toml(&model_config)?,
-        eval_at_start: true,
-        train: cfg.train,
-        run: cfg.run,
-        optim: cfg.optim,
-    };
+    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, true)?;
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
         println!("done: {} steps; checkpoint {}", summary.steps, dir.display());

@@ -13,7 +13,7 @@ pub mod sampler;
 
 pub use config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use metrics::Metrics;
-pub use run::{LoopConfig, Objective, Summary, train};
+pub use run::{LoopConfig, Objective, Overrides, Summary, train};
 pub use sampler::{EpochCursor, EpochSampler};
 pub use schedule::Schedule;
 

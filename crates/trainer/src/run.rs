@@ -64,6 +64,62 @@ pub struct LoopConfig {
     pub eval_at_start: bool,
 }
 
+/// Command-line overrides every training stage takes (`--max-steps --out --device --init
+/// --resume --stop-after`); a stage uses the ones its binary offers.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub max_steps: Option<u64>,
+    pub out: Option<PathBuf>,
+    pub device: Option<String>,
+    /// What to start from (stages that start from a model).
+    pub init: Option<PathBuf>,
+    pub resume: bool,
+    pub stop_after: Option<u64>,
+}
+
+impl Overrides {
+    /// Applies `--out` and `--device` to the run section.
+    pub fn apply_run(&self, run: &mut RunConfig) {
+        if let Some(out) = &self.out {
+            run.out_dir = out.clone();
+        }
+        if let Some(d) = &self.device {
+            run.device = d.clone();
+        }
+    }
+}
+
+impl LoopConfig {
+    /// The loop configuration of a stage's run: the schedule over `total_steps` from the peak LR,
+    /// FLOPs per token at `seq_len` for MFU, the model config for checkpoints, and the overrides'
+    /// `--resume` / `--stop-after`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        train: TrainConfig,
+        run: RunConfig,
+        optim: OptimConfig,
+        schedule: &crate::config::ScheduleConfig,
+        total_steps: u64,
+        model: &llama_model::LlamaConfig,
+        seq_len: usize,
+        overrides: &Overrides,
+        eval_at_start: bool,
+    ) -> anyhow::Result<Self> {
+        Ok(Self {
+            schedule: Schedule::new(schedule, optim.lr, total_steps),
+            total_steps,
+            stop_after: overrides.stop_after,
+            resume: overrides.resume,
+            flops_per_token: model.train_flops_per_token(seq_len),
+            model_config: crate::model_config_toml(model)?,
+            eval_at_start,
+            train,
+            run,
+            optim,
+        })
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Summary {
