@@ -5,14 +5,11 @@
 //! pair layout), grouped-query attention, SwiGLU feed-forward, no biases anywhere.
 
 use burn::module::{Module, Param};
-use burn::nn::{
-    Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig, RotaryEncoding,
-    RotaryEncodingConfig,
-};
+use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
 use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Device, Int, Tensor};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 
@@ -28,6 +25,55 @@ fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 
 fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
     RmsNormConfig::new(config.dim).with_epsilon(config.norm_eps).init(device)
+}
+
+/// Rotary position embedding in Meta's interleaved-pair layout: the pair `(x[2i], x[2i+1])` at
+/// position `p` is rotated by the angle `p * theta^(-2i / head_dim)`.
+///
+/// Ours rather than `burn::nn::RotaryEncoding`, which rotates through a matmul with an f32
+/// constant: that costs a matmul per call and fails on bf16/f16 inputs (mixed precision). Here the
+/// cos/sin tables are cast to the input's dtype and the rotation is four element-wise products.
+#[derive(Module, Debug)]
+pub struct Rope {
+    /// `[max_seq_len, head_dim / 2]`, constants (never saved or trained).
+    pub cos: Tensor<2>,
+    pub sin: Tensor<2>,
+}
+
+impl Rope {
+    pub fn new(max_seq_len: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
+        let half = head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(max_seq_len * half), Vec::with_capacity(max_seq_len * half));
+        for p in 0..max_seq_len {
+            for i in 0..half {
+                let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        let table = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_seq_len, half]), device);
+        Self { cos: table(cos), sin: table(sin) }
+    }
+
+    pub fn max_seq_len(&self) -> usize {
+        self.cos.dims()[0]
+    }
+
+    /// Rotates `x` whose positions are `start..start + seq`.
+    ///
+    /// # Shapes
+    /// - x: `[batch, heads, seq, head_dim]` -> same
+    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+        let [b, h, t, d] = x.dims();
+        let table = |c: &Tensor<2>| c.clone().slice([start..start + t]).cast(x.dtype()).reshape([1, 1, t, d / 2, 1]);
+        let (cos, sin) = (table(&self.cos), table(&self.sin));
+        let pairs = x.reshape([b, h, t, d / 2, 2]);
+        let even = pairs.clone().slice([0..b, 0..h, 0..t, 0..d / 2, 0..1]);
+        let odd = pairs.slice([0..b, 0..h, 0..t, 0..d / 2, 1..2]);
+        let rotated_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
+        let rotated_odd = even * sin + odd * cos;
+        Tensor::cat(vec![rotated_even, rotated_odd], 4).reshape([b, h, t, d])
+    }
 }
 
 /// Causal self-attention with RoPE and grouped-query attention (`n_kv_heads` <= `n_heads`).
@@ -63,7 +109,7 @@ impl Attention {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RotaryEncoding,
+        rope: &Rope,
         start: usize,
         mask: Option<Tensor<3, Bool>>,
         cache: Option<&mut LayerCache>,
@@ -146,7 +192,7 @@ impl Block {
     pub fn forward(
         &self,
         x: Tensor<3>,
-        rope: &RotaryEncoding,
+        rope: &Rope,
         start: usize,
         mask: Option<Tensor<3, Bool>>,
         cache: Option<&mut LayerCache>,
@@ -163,8 +209,8 @@ pub struct Llama {
     pub layers: Vec<Block>,
     pub norm: RmsNorm,
     pub output: Option<Linear>,
-    /// RoPE cos/sin table: a constant, not a parameter (never saved or trained).
-    pub rope: RotaryEncoding,
+    /// RoPE cos/sin tables: constants, not parameters (never saved or trained).
+    pub rope: Rope,
 }
 
 impl LlamaConfig {
@@ -177,9 +223,7 @@ impl LlamaConfig {
             layers: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
             norm: rms_norm(self, device),
             output: (!self.tie_word_embeddings).then(|| linear(self.dim, self.vocab_size, device)),
-            rope: RotaryEncodingConfig::new(self.max_seq_len, self.head_dim())
-                .with_theta(self.rope_theta as f32)
-                .init(device),
+            rope: Rope::new(self.max_seq_len, self.head_dim(), self.rope_theta, device),
         }
     }
 }
@@ -227,15 +271,18 @@ impl Llama {
     ///
     /// # Shapes
     /// - hidden: `[batch, seq, dim]` -> `[batch, seq, vocab]`
+    /// Logits are f32 whatever the compute dtype, so that log-softmax and the losses built on
+    /// it never run in half precision (what PyTorch's autocast does for cross-entropy).
     pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
-        match &self.output {
+        let logits = match &self.output {
             Some(output) => output.forward(hidden),
             None => hidden.matmul(self.tok_embeddings.weight.val().transpose().unsqueeze()),
-        }
+        };
+        logits.cast(DType::F32)
     }
 
     pub fn max_seq_len(&self) -> usize {
-        self.rope.freq_complex.dims()[0]
+        self.rope.max_seq_len()
     }
 
     pub fn vocab_size(&self) -> usize {

@@ -86,7 +86,7 @@ fn rope_matches_the_direct_formula() {
     let (t, hd) = (6, 8);
     let x: Vec<f32> = (0..t * hd).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect();
     let start = 3;
-    let got = host(model.rope.apply(Tensor::<3>::from_data(TensorData::new(x.clone(), [1, t, hd]), &device), start));
+    let got = host(model.rope.apply(Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 1, t, hd]), &device), start));
     let mut want = vec![0.0f32; t * hd];
     for p in 0..t {
         let pos = (p + start) as f64;

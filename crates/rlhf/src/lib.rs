@@ -199,6 +199,12 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
         bail!("{origin}: ppo.lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
     }
     cfg.run.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    if cfg.run.dtype != "f32" {
+        bail!(
+            "{origin}: run.dtype `{}`: the rlhf stage computes in f32 only (bf16/f16 mixed precision is in the shared loop of pretrain, sft and reward); allowed values: f32",
+            cfg.run.dtype
+        );
+    }
     Ok(())
 }
 
@@ -599,6 +605,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             train,
             run: RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() },
             optim: OptimConfig { lr: rs.lr, ..OptimConfig::default() },
+            precision: llama_trainer::Precision::F32,
         };
         if round_dir.exists() {
             std::fs::remove_dir_all(&round_dir)?;

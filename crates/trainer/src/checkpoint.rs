@@ -32,6 +32,9 @@ pub struct TrainState {
     /// The model config the weights belong to, as TOML text, to refuse a resume with another.
     pub model_config: String,
     pub seed: u64,
+    /// The f16 loss scale (absent in f32 and bf16 runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loss_scale: Option<crate::precision::LossScale>,
 }
 
 /// The checkpoints of one run directory.

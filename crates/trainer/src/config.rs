@@ -218,7 +218,9 @@ pub struct RunConfig {
     pub out_dir: PathBuf,
     /// flex (CPU), or vulkan / wgpu / cuda[:N] when built with that feature.
     pub device: String,
-    /// Compute precision: f32 (bf16 mixed precision is GPU work, issue 9).
+    /// Compute dtype: f32, or bf16 / f16 mixed precision (f32 master weights and AdamW state,
+    /// forward and backward in the half type; f16 adds dynamic loss scaling). On CPU use f32:
+    /// flex computes half types through f32 conversions, which is slower.
     pub dtype: String,
     /// Peak FLOP/s of the device in TFLOP/s, for MFU (default: 0.1 on CPU, 989 on CUDA = H100 bf16 dense).
     pub peak_tflops: Option<f64>,
@@ -232,9 +234,7 @@ impl Default for RunConfig {
 
 impl RunConfig {
     pub fn validate(&self) -> Result<(), String> {
-        if self.dtype != "f32" {
-            return Err(format!("run.dtype `{}` is not supported yet: allowed values: f32", self.dtype));
-        }
+        crate::precision::Precision::parse(&self.dtype)?;
         if let Err(e) = llama_model::device::parse(&self.device) {
             return Err(format!("run.device: {e}"));
         }

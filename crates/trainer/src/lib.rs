@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod optim;
+pub mod precision;
 pub mod schedule;
 pub mod tensorboard;
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod sampler;
 
 pub use config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use metrics::Metrics;
+pub use precision::{LossScale, Precision};
 pub use run::{LoopConfig, Objective, Overrides, Summary, train};
 pub use sampler::{EpochCursor, EpochSampler};
 pub use schedule::Schedule;

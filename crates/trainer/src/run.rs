@@ -10,13 +10,14 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::store::ModuleSnapshot;
-use burn::tensor::Tensor;
+use burn::tensor::{FloatDType, Tensor};
 use llama_model::checkpoint::{load_weights, save_weights};
 
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState};
 use crate::config::{OptimConfig, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
-use crate::optim::{Optimizer, clip_global_norm};
+use crate::optim::{Optimizer, clip_global_norm, scale_grads};
+use crate::precision::{LossScale, Precision};
 use crate::schedule::Schedule;
 
 /// What a stage trains on and how.
@@ -62,6 +63,8 @@ pub struct LoopConfig {
     pub model_config: String,
     /// Evaluate the starting model before the first step of a new run (step 0).
     pub eval_at_start: bool,
+    /// The compute dtype (`run.dtype`); master weights and optimizer state are always f32.
+    pub precision: Precision,
 }
 
 /// Command-line overrides every training stage takes (`--max-steps --out --device --init
@@ -105,7 +108,11 @@ impl LoopConfig {
         overrides: &Overrides,
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
+        let precision = Precision::parse(&run.dtype).map_err(anyhow::Error::msg)?;
+        let device = llama_model::device::parse(&run.device)?;
+        precision.check_device(&device, &run.device).map_err(anyhow::Error::msg)?;
         Ok(Self {
+            precision,
             schedule: Schedule::new(schedule, optim.lr, total_steps),
             total_steps,
             stop_after: overrides.stop_after,
@@ -133,17 +140,33 @@ pub struct Summary {
 /// Gradients and loss of one optimizer step over several micro-batches: each micro-batch's
 /// summed loss is divided by the total weight of the step before its backward pass, so the
 /// accumulated gradient is that of the mean loss over the whole step, however it is split.
-pub fn accumulate<M: Module, O: Objective<M>>(model: &M, objective: &O, batches: &[O::Batch]) -> (GradientsParams, f64) {
+///
+/// The passes run on `precision`'s compute copy of `model`; the gradients returned are f32 and
+/// belong to `model`'s (master) parameters. `loss_scale` multiplies the loss before each backward
+/// pass and divides the gradients after (1.0 unless f16).
+pub fn accumulate<M: Module + Clone, O: Objective<M>>(
+    model: &M,
+    objective: &O,
+    batches: &[O::Batch],
+    precision: Precision,
+    loss_scale: f64,
+) -> (GradientsParams, f64) {
     let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut loss_sum = 0.0;
     for batch in batches {
-        let loss = objective.loss_sum(model, batch);
+        // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
+        let compute = precision.compute_model(model);
+        let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
         loss_sum += loss.clone().into_scalar::<f32>() as f64;
-        let grads = loss.div_scalar(total_weight).backward();
+        let grads = loss.mul_scalar(loss_scale / total_weight).backward();
         accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
     }
-    (accumulator.grads(), loss_sum / total_weight)
+    let mut grads = accumulator.grads();
+    if loss_scale != 1.0 {
+        scale_grads(model, &mut grads, 1.0 / loss_scale);
+    }
+    (grads, loss_sum / total_weight)
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
@@ -164,6 +187,7 @@ where
         data: serde_json::Value::Null,
         model_config: cfg.model_config.clone(),
         seed: cfg.train.seed,
+        loss_scale: cfg.precision.needs_loss_scaling().then(LossScale::new),
     };
     match (cfg.resume, checkpoints.latest()) {
         (true, Some((_, dir))) => {
@@ -177,6 +201,9 @@ where
             load_weights(&mut model, &dir.join(MODEL_FILE))?;
             optimizer = optimizer.load(&dir.join(OPTIMIZER_FILE))?;
             objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
+            if cfg.precision.needs_loss_scaling() && state.loss_scale.is_none() {
+                state.loss_scale = Some(LossScale::new());
+            }
             println!("resumed from {} (step {})", dir.display(), state.step);
         }
         (true, None) => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
@@ -226,12 +253,21 @@ where
             break;
         }
         let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
-        let (mut grads, loss) = accumulate(&model, objective, &batches);
+        let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+        let (mut grads, loss) = accumulate(&model, objective, &batches, cfg.precision, scale);
         let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;
         state.tokens += step_tokens as u64;
         window.1 += step_tokens;
+        if loss.is_finite() && !grad_norm.is_finite() && state.loss_scale.as_mut().is_some_and(|s| s.overflow()) {
+            // f16 gradients overflowed at this loss scale: an expected event, not a divergence.
+            state.skipped += 1;
+            let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+            metrics.scalars(state.step, &[("train/skipped_steps", state.skipped as f64), ("train/loss_scale", scale)])?;
+            metrics.println(&format!("step {}: f16 gradients overflowed; update skipped, loss scale now {scale}", state.step));
+            continue;
+        }
         if !(loss.is_finite() && grad_norm.is_finite()) {
             state.skipped += 1;
             state.consecutive_bad += 1;
@@ -249,6 +285,9 @@ where
             continue;
         }
         state.consecutive_bad = 0;
+        if let Some(s) = state.loss_scale.as_mut() {
+            s.good_step();
+        }
         model = optimizer.step(lr, model, grads);
         summary.last_loss = Some(loss);
 
@@ -266,6 +305,9 @@ where
                 ("train/tokens", state.tokens as f64),
                 ("train/skipped_steps", state.skipped as f64),
             ];
+            if let Some(s) = &state.loss_scale {
+                values.push(("train/loss_scale", s.scale));
+            }
             if let Some(rss) = peak_rss_bytes() {
                 values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
             }

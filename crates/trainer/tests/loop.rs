@@ -6,8 +6,10 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, TrainConfig};
 use llama_trainer::optim::{clip_global_norm, global_grad_norm};
+use burn::module::Module;
 use llama_trainer::run::accumulate;
-use llama_trainer::{LoopConfig, Metrics, Objective, Schedule, train};
+use llama_trainer::{LoopConfig, Metrics, Objective, Precision, Schedule, train};
+use burn::tensor::DType;
 
 fn tiny() -> LlamaConfig {
     LlamaConfig::new(16, 1, 2).with_vocab_size(11).with_multiple_of(8).with_max_seq_len(16)
@@ -111,6 +113,7 @@ fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) ->
         train,
         run: RunConfig { out_dir: out.to_path_buf(), ..RunConfig::default() },
         optim: OptimConfig { lr: 1e-2, ..OptimConfig::default() },
+        precision: Precision::F32,
     }
 }
 
@@ -125,8 +128,8 @@ fn accumulated_micro_batches_equal_one_big_batch() {
     let big = vec![data.next_batch(4).unwrap().unwrap()];
     let mut data = toy(&device, None);
     let micro: Vec<_> = (0..4).map(|_| data.next_batch(1).unwrap().unwrap()).collect();
-    let (g_big, loss_big) = accumulate(&model, &data, &big);
-    let (g_micro, loss_micro) = accumulate(&model, &data, &micro);
+    let (g_big, loss_big) = accumulate(&model, &data, &big, Precision::F32, 1.0);
+    let (g_micro, loss_micro) = accumulate(&model, &data, &micro, Precision::F32, 1.0);
     assert!((loss_big - loss_micro).abs() < 1e-5, "{loss_big} vs {loss_micro}");
     // The mean loss by hand: 4 rows x 5 targets.
     let direct = data.loss_sum(&model, &big[0]).div_scalar(20.0);
@@ -155,4 +158,116 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let err = train(model, &mut toy(&device, Some(Box::new(|_| true))), &loop_config(&tmp.path().join("b"), 10, 1, 1)).err().unwrap().to_string();
     assert!(err.contains("2 consecutive steps") && err.contains("checkpoints"), "{err}");
     assert!(tmp.path().join("b/checkpoints/step-00000002/state.json").is_file());
+}
+
+/// The per-step training losses a run wrote to metrics.jsonl.
+fn loss_curve(out: &std::path::Path) -> Vec<f64> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("train/loss").and_then(|x| x.as_f64()))
+        .collect()
+}
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x as f64) * (*y as f64)).sum();
+    let norm = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (norm(a) * norm(b))
+}
+
+/// bf16 and f16 gradients come back as f32 gradients of the f32 master parameters, and point
+/// the same way as the f32 ones (cosine > 0.999 on every weight matrix of the tiny model).
+#[test]
+fn half_precision_gradients_are_f32_and_match_f32_gradients() {
+    let device = Device::flex().autodiff();
+    let model = tiny().init(&device);
+    let mut data = toy(&device, None);
+    let batch = vec![data.next_batch(4).unwrap().unwrap()];
+    let (g32, loss32) = accumulate(&model, &data, &batch, Precision::F32, 1.0);
+    for (precision, scale) in [(Precision::Bf16, 1.0), (Precision::F16, 1024.0)] {
+        let (g, loss) = accumulate(&model, &data, &batch, precision, scale);
+        assert!((loss - loss32).abs() < 0.02 * loss32, "{precision:?}: loss {loss} vs f32 {loss32}");
+        let block = &model.layers[0];
+        for (name, id) in [("wq", block.attention.wq.weight.id), ("w2", block.feed_forward.w2.weight.id), ("output", model.output.as_ref().unwrap().weight.id)] {
+            let half = g.get::<2>(id).unwrap();
+            assert_eq!(half.dtype(), DType::F32, "{precision:?} {name}: gradient dtype");
+            let c = cosine(&host(half), &host(g32.get::<2>(id).unwrap()));
+            assert!(c > 0.999, "{precision:?} {name}: cosine with the f32 gradient {c}");
+        }
+    }
+    // The compute copy is in the half type, the master untouched.
+    let compute = Precision::Bf16.compute_model(&model);
+    assert_eq!(compute.layers[0].attention.wq.weight.val().dtype(), DType::BF16);
+    assert_eq!(model.layers[0].attention.wq.weight.val().dtype(), DType::F32);
+}
+
+/// Training in bf16 from the same start follows the f32 loss curve: every step's loss within 2%
+/// of f32's (measured over 8 random starts: within 0.45%; f16 within 0.04%). f16 with dynamic loss scaling overflows at the initial scale
+/// 2^16 on this model (a real overflow, on most random starts): the step is skipped and the scale
+/// halved, so its curve, entry k being the loss after k updates, is compared entry by entry with
+/// f32's (constant LR, so a skipped step only delays the updates). Master weights are f32 after
+/// training.
+#[test]
+fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
+    let device = Device::flex().autodiff();
+    let model = tiny().init(&device);
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |precision: Precision| {
+        let out = tmp.path().join(precision.name());
+        let constant = ScheduleConfig { warmup_steps: 0, kind: llama_trainer::ScheduleKind::Constant, ..ScheduleConfig::default() };
+        let cfg = LoopConfig { precision, schedule: Schedule::new(&constant, 3e-3, 30), ..loop_config(&out, 30, 4, 2) };
+        let (trained, summary) = train(model.clone(), &mut toy(&device, None), &cfg).unwrap();
+        assert_eq!(summary.steps, 30, "{precision:?}");
+        (trained, loss_curve(&out), out, summary.skipped)
+    };
+    let (_, f32_curve, _, skipped) = run(Precision::F32);
+    assert_eq!((f32_curve.len(), skipped), (30, 0));
+    assert!(f32_curve[29] < 0.7 * f32_curve[0], "f32 did not learn: {f32_curve:?}");
+    for (precision, tolerance) in [(Precision::Bf16, 0.02), (Precision::F16, 0.01)] {
+        let (trained, curve, out, skipped) = run(precision);
+        assert_eq!(curve.len() as u64, 30 - skipped, "{precision:?}: one logged loss per update");
+        let worst = curve.iter().zip(&f32_curve).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
+        assert!(worst <= tolerance, "{precision:?}: loss {worst:.4} (relative) away from f32's\n{curve:?}\n{f32_curve:?}");
+        let mut dtypes = vec![];
+        trained.visit(&mut ParamDtypes(&mut dtypes));
+        assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32), "{precision:?}: master dtypes {dtypes:?}");
+        let state: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000030/state.json")).unwrap()).unwrap();
+        match precision {
+            Precision::Bf16 => assert!(skipped == 0 && state.get("loss_scale").is_none(), "{state}"),
+            _ => {
+                assert!(skipped <= 4, "f16 skipped {skipped} steps");
+                let scale = state["loss_scale"]["scale"].as_f64().unwrap();
+                assert_eq!(scale, 65536.0 / 2f64.powi(skipped as i32), "one halving per overflow");
+            }
+        }
+    }
+}
+
+struct ParamDtypes<'a>(&'a mut Vec<DType>);
+
+impl burn::module::ModuleVisitor for ParamDtypes<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.push(param.val().dtype());
+    }
+}
+
+#[test]
+fn half_precision_names_the_allowed_values() {
+    let err = LoopConfig::new(
+        TrainConfig::default(),
+        RunConfig { dtype: "fp8".into(), ..RunConfig::default() },
+        OptimConfig::default(),
+        &ScheduleConfig::default(),
+        10,
+        &tiny(),
+        8,
+        &Default::default(),
+        false,
+    )
+    .err()
+    .unwrap()
+    .to_string();
+    assert!(err.contains("fp8") && err.contains("f32, bf16, f16"), "{err}");
 }
