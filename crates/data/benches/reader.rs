@@ -10,7 +10,7 @@ use llama_data::prepare::{PrepareConfig, prepare};
 use llama_data::{PackedReader, ReaderConfig, Split, Tokenizer};
 
 fn main() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let repo = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..");
     let tokenizer = Tokenizer::from_file(&repo.join("data/tokenizer.json")).unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let shards = tmp.path().join("shards");

@@ -7,7 +7,7 @@ use llama_data::prepare::{PrepareConfig, prepare};
 use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, ShardFile, Split, Tokenizer};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../tests/fixtures")
 }
 
 const WORDS: &[&str] = &["the", "jury", "said", "county", "election", "fox", "river", "quick", "green", "house", "city", "of", "and", "a"];

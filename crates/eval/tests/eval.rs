@@ -7,7 +7,7 @@ use llama_model::LlamaConfig;
 use llama_reward::RewardModel;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
 fn save_rm(dir: &Path, config: &LlamaConfig) {

@@ -64,7 +64,8 @@ fn default_max_seq_len() -> usize {
     4096
 }
 
-/// Storage precision used by the memory estimate.
+/// The compute dtype of a training run (`run.dtype`) and of the memory estimate: f32, or bf16 /
+/// f16 mixed precision with f32 master weights (the trainer's `precision` module does the rest).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Precision {
     F32,
@@ -73,6 +74,8 @@ pub enum Precision {
 }
 
 impl Precision {
+    pub const ALLOWED: &'static str = "f32, bf16, f16";
+
     pub fn bytes(self) -> u64 {
         match self {
             Precision::F32 => 4,
@@ -87,6 +90,42 @@ impl Precision {
             "f16" | "fp16" | "float16" => Some(Self::F16),
             _ => None,
         }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+            Self::F16 => "f16",
+        }
+    }
+
+    pub fn dtype(self) -> burn::tensor::FloatDType {
+        match self {
+            Self::F32 => burn::tensor::FloatDType::F32,
+            Self::Bf16 => burn::tensor::FloatDType::BF16,
+            Self::F16 => burn::tensor::FloatDType::F16,
+        }
+    }
+
+    /// The model a mixed-precision step runs: `master` itself in f32, else a copy whose
+    /// parameters are the master's cast to this dtype *inside the autodiff graph* (Burn's cast is
+    /// differentiable), so the backward pass carries f32 gradients back to the f32 master
+    /// parameters, which keep their ids.
+    pub fn compute_copy<M: burn::module::Module + Clone>(self, master: &M) -> M {
+        match self {
+            Self::F32 => master.clone(),
+            half => master.clone().map(&mut CastParams(half.dtype())),
+        }
+    }
+}
+
+struct CastParams(burn::tensor::FloatDType);
+
+impl burn::module::ModuleMapper for CastParams {
+    fn map_float<const D: usize>(&mut self, param: burn::module::Param<burn::tensor::Tensor<D>>) -> burn::module::Param<burn::tensor::Tensor<D>> {
+        let dtype = self.0;
+        param.map(|t| t.cast(dtype))
     }
 }
 
@@ -315,7 +354,7 @@ mod tests {
     use super::*;
 
     fn preset(name: &str) -> LlamaConfig {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name);
+        let path = Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../configs").join(name);
         LlamaConfig::from_toml_file(&path).unwrap()
     }
 

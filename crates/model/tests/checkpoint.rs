@@ -9,7 +9,7 @@ use llama_model::{Llama, LlamaConfig};
 use serde_json::Value;
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(name)
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../tests/fixtures").join(name)
 }
 
 fn expected(dir: &Path) -> (Vec<Vec<i64>>, Vec<f32>) {

@@ -6,7 +6,7 @@ use std::process::Command;
 fn llama(args: &[&str]) -> (bool, String, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_llama"))
         .args(args)
-        .current_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../.."))
+        .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../.."))
         .output()
         .unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
@@ -45,7 +45,7 @@ fn convert_round_trips_hf_native_hf() {
     assert!(native.join("config.toml").is_file());
     let (ok, _, err) = llama(&["convert", "--from", native.to_str().unwrap(), "--to", hf.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let a = std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/hf-tiny-gqa/model.safetensors")).unwrap();
+    let a = std::fs::read(Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../tests/fixtures/hf-tiny-gqa/model.safetensors")).unwrap();
     let b = std::fs::read(hf.join("model.safetensors")).unwrap();
     let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
     for (name, view) in a.tensors() {

@@ -92,6 +92,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
     if !(cfg.eval.temperature >= 0.0) {
         bail!("{origin}: eval.temperature must be >= 0");
     }
+    cfg.run.check_launch(&model, cfg.train.micro_batch_size, cfg.data.seq_len).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     Ok((cfg, model))
 }
 

@@ -28,6 +28,9 @@ struct Cli {
     /// Override run.device: flex (CPU), vulkan, wgpu, cuda[:N] (GPU ones need their cargo feature).
     #[arg(long)]
     device: Option<String>,
+    /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
+    #[arg(long)]
+    dtype: Option<String>,
     /// Continue from the newest complete checkpoint in the output directory.
     #[arg(long)]
     resume: bool,
@@ -39,7 +42,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, resume: cli.resume, stop_after: cli.stop_after, init: None };
+    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, dtype: cli.dtype, resume: cli.resume, stop_after: cli.stop_after, init: None };
     match run(&cli.config, &overrides) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

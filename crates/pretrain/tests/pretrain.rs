@@ -9,7 +9,7 @@ use llama_data::prepare::{PrepareConfig, prepare};
 use serde_json::Value;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
 fn pretrain(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {

@@ -29,6 +29,9 @@ struct Cli {
     out: Option<PathBuf>,
     #[arg(long)]
     device: Option<String>,
+    /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
+    #[arg(long)]
+    dtype: Option<String>,
     /// Override init (the SFT or pretrain run, checkpoint, native or HF directory).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -108,7 +111,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config.context("--config is required (or use the `score` subcommand); see --help")?;
-            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, resume: cli.resume, stop_after: cli.stop_after };
+            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, dtype: cli.dtype, resume: cli.resume, stop_after: cli.stop_after };
             run(&config, &overrides)?;
             Ok(())
         }

@@ -9,7 +9,7 @@ use llama_model::LlamaConfig;
 use llama_reward::{Category, MarginPreset, Rating, RewardModel, load_pairs, ranking_loss_sum};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
 fn t(v: &[f32]) -> Tensor<1> {

@@ -9,7 +9,7 @@ use llama_reward::RewardModel;
 use llama_rlhf::{RlhfConfig, full_sequence, load_prompts, token_logprobs, validate};
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
 fn tiny(vocab: usize) -> LlamaConfig {

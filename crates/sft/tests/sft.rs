@@ -13,7 +13,7 @@ use llama_sft::{batch_tensors, ghost_attention, masked_nll_sum};
 use serde_json::json;
 
 fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
 fn tokenizer() -> Tokenizer {

@@ -224,24 +224,40 @@ pub struct RunConfig {
     pub dtype: String,
     /// Peak FLOP/s of the device in TFLOP/s, for MFU (default: 0.1 on CPU, 989 on CUDA = H100 bf16 dense).
     pub peak_tflops: Option<f64>,
+    /// The device's memory in GiB for the fit check before launch (default: nvidia-smi's figure
+    /// on a GPU, RAM on the CPU).
+    pub device_memory_gib: Option<f64>,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None }
+        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None, device_memory_gib: None }
     }
 }
 
 impl RunConfig {
     pub fn validate(&self) -> Result<(), String> {
-        crate::precision::Precision::parse(&self.dtype)?;
+        crate::precision::parse(&self.dtype)?;
         if let Err(e) = llama_model::device::parse(&self.device) {
             return Err(format!("run.device: {e}"));
         }
         if self.peak_tflops.is_some_and(|p| !(p > 0.0)) {
             return Err("run.peak_tflops must be > 0".into());
         }
+        if self.device_memory_gib.is_some_and(|g| !(g > 0.0)) {
+            return Err("run.device_memory_gib must be > 0".into());
+        }
         Ok(())
+    }
+
+    /// What can only be checked with the model in hand, before any work: the device computes in
+    /// `run.dtype`, and one device's training memory estimate fits in its memory.
+    pub fn check_launch(&self, model: &llama_model::LlamaConfig, micro_batch: usize, seq_len: usize) -> Result<llama_model::Precision, String> {
+        let precision = crate::precision::parse(&self.dtype)?;
+        let device = llama_model::device::parse(&self.device).map_err(|e| format!("run.device: {e}"))?;
+        crate::precision::check_device(precision, &device, &self.device)?;
+        crate::memory::check_fits(self, model, micro_batch, seq_len, precision)?;
+        Ok(precision)
     }
 
     pub fn peak_flops(&self) -> f64 {

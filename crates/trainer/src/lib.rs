@@ -3,6 +3,7 @@
 //! checkpoints with atomic rename and resume, TensorBoard events and terminal progress.
 
 pub mod config;
+pub mod memory;
 pub mod optim;
 pub mod precision;
 pub mod schedule;

@@ -2,7 +2,7 @@
 //!
 //! The model the optimizer sees (the *master*) always holds f32 parameters, and AdamW's moments
 //! are f32 because they are made from f32 gradients. For each step the loop builds a *compute
-//! copy*: every parameter cast to bf16 or f16 **as a tracked autodiff op**. The forward and
+//! copy* (`Precision::compute_copy`): every parameter cast to bf16 or f16 **as a tracked autodiff op**. The forward and
 //! backward passes run in the compute dtype; the cast's backward turns each parameter's gradient
 //! back into f32 on the master parameter, so `GradientsParams::from_grads(grads, &master)` reads
 //! f32 gradients and the update is applied in f32. Numerically sensitive parts stay f32 inside the
@@ -14,85 +14,34 @@
 //! zero, the gradients are divided by it again, and a step whose gradients overflowed is skipped
 //! with the factor halved. bf16 has f32's range and needs none.
 
-use burn::module::{Module, ModuleMapper, Param};
-use burn::tensor::{DType, Device, FloatDType, Tensor};
+use burn::tensor::{DType, Device};
 use serde::{Deserialize, Serialize};
 
-/// The compute dtype of a run (`run.dtype`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Precision {
-    F32,
-    Bf16,
-    F16,
+pub use llama_model::Precision;
+
+/// `run.dtype` parsed, with an error that names the key and the allowed values.
+pub fn parse(name: &str) -> Result<Precision, String> {
+    Precision::parse(name).ok_or_else(|| format!("run.dtype `{name}` is not a compute dtype: allowed values: {}", Precision::ALLOWED))
 }
 
-impl Precision {
-    pub const ALLOWED: &'static str = "f32, bf16, f16";
-
-    pub fn parse(name: &str) -> Result<Self, String> {
-        match name {
-            "f32" => Ok(Self::F32),
-            "bf16" => Ok(Self::Bf16),
-            "f16" => Ok(Self::F16),
-            other => Err(format!("run.dtype `{other}` is not a compute dtype: allowed values: {}", Self::ALLOWED)),
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::F32 => "f32",
-            Self::Bf16 => "bf16",
-            Self::F16 => "f16",
-        }
-    }
-
-    pub fn dtype(self) -> FloatDType {
-        match self {
-            Self::F32 => FloatDType::F32,
-            Self::Bf16 => FloatDType::BF16,
-            Self::F16 => FloatDType::F16,
-        }
-    }
-
-    /// Whether this precision trains with a dynamic loss scale.
-    pub fn needs_loss_scaling(self) -> bool {
-        self == Self::F16
-    }
-
-    /// An error naming the device when it cannot compute in this dtype (checked before any work:
-    /// Vulkan drivers, for one, often store bf16 but cannot do arithmetic on it).
-    pub fn check_device(self, device: &Device, device_name: &str) -> Result<(), String> {
-        if self == Self::F32 || device.supports_dtype(DType::from(self.dtype())) {
-            return Ok(());
-        }
-        let supported: Vec<&str> =
-            [Self::F32, Self::Bf16, Self::F16].into_iter().filter(|p| device.supports_dtype(DType::from(p.dtype()))).map(|p| p.name()).collect();
-        Err(format!(
-            "run.dtype `{}`: device `{device_name}` cannot compute in {} (it supports: {}); choose one of those, or the cuda build for bf16",
-            self.name(),
-            self.name(),
-            supported.join(", ")
-        ))
-    }
-
-    /// The model a step's forward and backward passes run: `master` itself in f32, else a copy
-    /// whose parameters are the master's cast to the compute dtype, inside the autodiff graph,
-    /// so that gradients flow back to the f32 master parameters (same parameter ids).
-    pub fn compute_model<M: Module + Clone>(self, master: &M) -> M {
-        match self {
-            Self::F32 => master.clone(),
-            _ => master.clone().map(&mut CastParams(self.dtype())),
-        }
-    }
+/// Whether this precision trains with a dynamic loss scale (f16 only).
+pub fn needs_loss_scaling(precision: Precision) -> bool {
+    precision == Precision::F16
 }
 
-struct CastParams(FloatDType);
-
-impl ModuleMapper for CastParams {
-    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let dtype = self.0;
-        param.map(|t| t.cast(dtype))
+/// An error naming the device when it cannot compute in this dtype (checked before any work:
+/// Vulkan drivers, for one, often store bf16 but cannot do arithmetic on it).
+pub fn check_device(precision: Precision, device: &Device, device_name: &str) -> Result<(), String> {
+    let computes = |p: Precision| p == Precision::F32 || device.supports_dtype(DType::from(p.dtype()));
+    if computes(precision) {
+        return Ok(());
     }
+    let supported: Vec<&str> = [Precision::F32, Precision::Bf16, Precision::F16].into_iter().filter(|p| computes(*p)).map(|p| p.name()).collect();
+    Err(format!(
+        "run.dtype `{0}`: device `{device_name}` cannot compute in {0} (it supports: {1}); choose one of those, or the cuda build for bf16",
+        precision.name(),
+        supported.join(", ")
+    ))
 }
 
 /// Dynamic loss scaling for f16 (as PyTorch's `GradScaler`): start at 2^16, halve on a step whose
@@ -146,8 +95,8 @@ mod tests {
 
     #[test]
     fn parses_names_and_rejects_others() {
-        assert_eq!(Precision::parse("bf16"), Ok(Precision::Bf16));
-        let err = Precision::parse("fp8").unwrap_err();
+        assert_eq!(parse("bf16"), Ok(Precision::Bf16));
+        let err = parse("fp8").unwrap_err();
         assert!(err.contains("fp8") && err.contains("f32, bf16, f16"), "{err}");
     }
 
@@ -169,7 +118,7 @@ mod tests {
     fn flex_computes_in_all_three() {
         let device = Device::flex();
         for p in [Precision::F32, Precision::Bf16, Precision::F16] {
-            assert!(p.check_device(&device, "flex").is_ok());
+            assert!(check_device(p, &device, "flex").is_ok());
         }
     }
 }

@@ -17,7 +17,7 @@ use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, Tra
 use crate::config::{OptimConfig, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
 use crate::optim::{Optimizer, clip_global_norm, scale_grads};
-use crate::precision::{LossScale, Precision};
+use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
 
 /// What a stage trains on and how.
@@ -67,13 +67,15 @@ pub struct LoopConfig {
     pub precision: Precision,
 }
 
-/// Command-line overrides every training stage takes (`--max-steps --out --device --init
-/// --resume --stop-after`); a stage uses the ones its binary offers.
+/// Command-line overrides every training stage takes (`--max-steps --out --device --dtype
+/// --init --resume --stop-after`); a stage uses the ones its binary offers.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub max_steps: Option<u64>,
     pub out: Option<PathBuf>,
     pub device: Option<String>,
+    /// Compute dtype (`run.dtype`): f32, bf16, f16.
+    pub dtype: Option<String>,
     /// What to start from (stages that start from a model).
     pub init: Option<PathBuf>,
     pub resume: bool,
@@ -88,6 +90,9 @@ impl Overrides {
         }
         if let Some(d) = &self.device {
             run.device = d.clone();
+        }
+        if let Some(d) = &self.dtype {
+            run.dtype = d.clone();
         }
     }
 }
@@ -108,9 +113,7 @@ impl LoopConfig {
         overrides: &Overrides,
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
-        let precision = Precision::parse(&run.dtype).map_err(anyhow::Error::msg)?;
-        let device = llama_model::device::parse(&run.device)?;
-        precision.check_device(&device, &run.device).map_err(anyhow::Error::msg)?;
+        let precision = run.check_launch(model, train.micro_batch_size, seq_len).map_err(anyhow::Error::msg)?;
         Ok(Self {
             precision,
             schedule: Schedule::new(schedule, optim.lr, total_steps),
@@ -156,7 +159,7 @@ pub fn accumulate<M: Module + Clone, O: Objective<M>>(
     let mut loss_sum = 0.0;
     for batch in batches {
         // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
-        let compute = precision.compute_model(model);
+        let compute = precision.compute_copy(model);
         let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
         loss_sum += loss.clone().into_scalar::<f32>() as f64;
         let grads = loss.mul_scalar(loss_scale / total_weight).backward();
@@ -187,7 +190,7 @@ where
         data: serde_json::Value::Null,
         model_config: cfg.model_config.clone(),
         seed: cfg.train.seed,
-        loss_scale: cfg.precision.needs_loss_scaling().then(LossScale::new),
+        loss_scale: precision::needs_loss_scaling(cfg.precision).then(LossScale::new),
     };
     match (cfg.resume, checkpoints.latest()) {
         (true, Some((_, dir))) => {
@@ -201,7 +204,7 @@ where
             load_weights(&mut model, &dir.join(MODEL_FILE))?;
             optimizer = optimizer.load(&dir.join(OPTIMIZER_FILE))?;
             objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
-            if cfg.precision.needs_loss_scaling() && state.loss_scale.is_none() {
+            if precision::needs_loss_scaling(cfg.precision) && state.loss_scale.is_none() {
                 state.loss_scale = Some(LossScale::new());
             }
             println!("resumed from {} (step {})", dir.display(), state.step);
@@ -310,6 +313,10 @@ where
             }
             if let Some(rss) = peak_rss_bytes() {
                 values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
+            }
+            // On a GPU: what Burn's memory pool has reserved on the device (it grows to the peak).
+            if let Some(pool) = model.devices().first().and_then(|d| d.memory_pool_usage()) {
+                values.push(("memory/device_reserved_gib", pool.bytes_reserved as f64 / (1u64 << 30) as f64));
             }
             metrics.scalars(state.step, &values)?;
             metrics.progress(state.step, cfg.total_steps, &format!("loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.3} | {tok_s:.0} tok/s"));

@@ -197,7 +197,7 @@ fn half_precision_gradients_are_f32_and_match_f32_gradients() {
         }
     }
     // The compute copy is in the half type, the master untouched.
-    let compute = Precision::Bf16.compute_model(&model);
+    let compute = Precision::Bf16.compute_copy(&model);
     assert_eq!(compute.layers[0].attention.wq.weight.val().dtype(), DType::BF16);
     assert_eq!(model.layers[0].attention.wq.weight.val().dtype(), DType::F32);
 }

@@ -72,6 +72,10 @@ enum Command {
         gen_tokens: usize,
         #[arg(long, default_value = "flex")]
         device: String,
+        /// Compute dtype of the training steps: f32, or bf16 / f16 mixed precision (f32 master
+        /// weights and AdamW state, forward and backward in the half type, as `pretrain` does).
+        #[arg(long, default_value = "f32")]
+        dtype: String,
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -181,7 +185,10 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {:?} checkpoint to {} ({} parameters)", target, to.display(), config.num_params());
             Ok(())
         }
-        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, json } => bench(&config, batch, seq_len, steps, gen_tokens, &device, json),
+        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json } => {
+            let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
+            bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json)
+        }
         Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
             let device = device::parse(&device)?;
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
@@ -216,7 +223,8 @@ fn peak_rss_gib() -> f64 {
         .map_or(0.0, |kb| kb / (1024.0 * 1024.0))
 }
 
-fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, json: Option<PathBuf>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{AdamWConfig, GradientsParams};
     use burn::tensor::activation::log_softmax;
@@ -227,6 +235,9 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
         bail!("--seq-len {seq_len} exceeds model.max_seq_len {}", c.max_seq_len);
     }
     let device = device::parse(device)?.autodiff();
+    if !device.supports_dtype(burn::tensor::DType::from(precision.dtype())) {
+        bail!("--dtype {}: this device cannot compute in {} (try f16, or the cuda build for bf16)", precision.name(), precision.name());
+    }
     device.seed(0);
     let mut model = c.init(&device);
     let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(0.1).init();
@@ -245,7 +256,7 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     for step in 0..=steps {
         let t0 = Instant::now();
-        let logits = model.forward(inputs.clone());
+        let logits = precision.compute_copy(&model).forward(inputs.clone());
         let v = c.vocab_size;
         let loss = log_softmax(logits.reshape([batch * seq_len, v]), 1).gather(1, targets.clone()).mean().neg();
         let loss_value = loss.clone().into_scalar::<f32>();
@@ -271,11 +282,11 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let train_tok_s = (batch * seq_len) as f64 / step_s;
     let gflops = train_tok_s * c.train_flops_per_token(seq_len) / 1e9;
     let mut report = serde_json::json!({
-        "config": config.display().to_string(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
+        "config": config.display().to_string(), "dtype": precision.name(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
         "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
         "train_gflops_per_s": gflops,
     });
-    println!("model {} ({} parameters), batch {batch} x seq {seq_len}", config.display(), c.num_params());
+    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}", config.display(), c.num_params(), precision.name());
     println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
     if gen_tokens > 0 {
         let plain = model.valid();
@@ -292,6 +303,11 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let peak = peak_rss_gib();
     println!("peak RSS {peak:.3} GiB");
     report["peak_rss_gib"] = serde_json::json!(peak);
+    if let Some(pool) = device.memory_pool_usage() {
+        let gib = pool.bytes_reserved as f64 / (1u64 << 30) as f64;
+        println!("device memory reserved by Burn's pool {gib:.3} GiB");
+        report["device_reserved_gib"] = serde_json::json!(gib);
+    }
     if let Some(path) = json {
         std::fs::write(&path, serde_json::to_string_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
     }

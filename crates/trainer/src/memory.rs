@@ -1,0 +1,68 @@
+//! The check before launch that a run fits its device: the model crate's estimate of one
+//! device's training memory (weights, f32 master copy, gradients, AdamW moments, activations of a
+//! micro-batch) against what the device has.
+
+use llama_model::{LlamaConfig, Precision};
+
+use crate::config::RunConfig;
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The device's memory in bytes and where that figure came from: `run.device_memory_gib` if set;
+/// else `nvidia-smi` for a GPU device (absent on other vendors: no check); else, on the CPU,
+/// the machine's RAM.
+pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
+    if let Some(gib) = run.device_memory_gib {
+        return Some(((gib * GIB) as u64, "run.device_memory_gib".into()));
+    }
+    if run.device.starts_with("flex") || run.device == "cpu" {
+        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+        let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+        return Some((kib * 1024, "/proc/meminfo MemTotal".into()));
+    }
+    let index = run.device.split_once(':').map_or("0", |(_, i)| i);
+    let out = std::process::Command::new("nvidia-smi")
+        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index])
+        .output()
+        .ok()?;
+    let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
+    Some((mib << 20, format!("nvidia-smi, GPU {index}")))
+}
+
+/// An error before any work when the estimate exceeds the device's memory; None when it fits or
+/// the capacity is unknown.
+pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_len: usize, precision: Precision) -> Result<(), String> {
+    let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
+    let m = model.memory_estimate(micro_batch, seq_len, precision);
+    if m.total() <= capacity {
+        return Ok(());
+    }
+    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
+    Err(format!(
+        "this run needs about {} GiB on device `{}` (micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); lower train.micro_batch_size (gradient accumulation keeps the batch), use run.dtype = \"bf16\", or choose a larger device (`llama info --config ... --micro-batch N` prints the estimate)",
+        g(m.total()),
+        run.device,
+        precision.name(),
+        g(m.weights),
+        g(m.master_weights),
+        g(m.gradients),
+        g(m.optimizer),
+        g(m.activations),
+        g(capacity),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refuses_a_model_larger_than_the_stated_memory_and_accepts_a_small_one() {
+        let run = RunConfig { device_memory_gib: Some(80.0), ..RunConfig::default() };
+        let seven_b = LlamaConfig::new(4096, 32, 32);
+        let err = check_fits(&run, &seven_b, 4, 4096, Precision::F32).unwrap_err();
+        assert!(err.contains("80.0 GiB") && err.contains("micro_batch_size") && err.contains("run.device_memory_gib"), "{err}");
+        let tiny = LlamaConfig::new(64, 2, 4).with_vocab_size(256);
+        assert!(check_fits(&run, &tiny, 4, 128, Precision::F32).is_ok());
+    }
+}
