@@ -285,6 +285,12 @@ impl Llama {
         self.rope.max_seq_len()
     }
 
+    /// The device the weights live on (inputs are made there: a data-parallel replica's differs
+    /// from the objective's).
+    pub fn device(&self) -> Device {
+        self.tok_embeddings.weight.device()
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tok_embeddings.weight.dims()[0]
     }

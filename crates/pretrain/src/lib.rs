@@ -129,7 +129,6 @@ pub struct Pretrain {
     seq_len: usize,
     micro_batch: usize,
     eval_batches: usize,
-    device: Device,
     tokenizer: Tokenizer,
     eval: EvalConfig,
     /// Cross-entropy of the validation tokens under the training unigram distribution.
@@ -182,7 +181,7 @@ impl Objective<Llama> for Pretrain {
     }
 
     fn loss_sum(&self, model: &Llama, batch: &Windows) -> Tensor<1> {
-        cross_entropy_sum(model, &batch.0, &self.device)
+        cross_entropy_sum(model, &batch.0, &model.device())
     }
 
     fn evaluate(&mut self, model: &Llama, step: u64, metrics: &mut Metrics) -> anyhow::Result<()> {
@@ -321,7 +320,6 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         seq_len: cfg.data.seq_len,
         micro_batch: cfg.train.micro_batch_size,
         eval_batches: cfg.train.eval_batches,
-        device: train_device,
         tokenizer,
         eval: cfg.eval,
         unigram_loss,

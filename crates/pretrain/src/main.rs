@@ -31,6 +31,9 @@ struct Cli {
     /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// Data parallel over N devices (run.devices): vulkan:0..N-1, cuda:0..N-1, ...
+    #[arg(long)]
+    devices: Option<usize>,
     /// Continue from the newest complete checkpoint in the output directory.
     #[arg(long)]
     resume: bool,
@@ -42,7 +45,7 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, dtype: cli.dtype, resume: cli.resume, stop_after: cli.stop_after, init: None };
+    let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, dtype: cli.dtype, devices: cli.devices, resume: cli.resume, stop_after: cli.stop_after, init: None };
     match run(&cli.config, &overrides) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => {

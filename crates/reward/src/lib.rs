@@ -396,10 +396,11 @@ impl Objective<RewardModel> for RewardObjective {
         // Chosen and rejected in one forward pass: rows 0..b are chosen, b..2b rejected.
         let b = batch.len();
         let seqs: Vec<Vec<u32>> = batch.iter().map(|p| p.chosen.clone()).chain(batch.iter().map(|p| p.rejected.clone())).collect();
-        let (tokens, lengths) = right_pad(&seqs, self.pad, &self.device);
+        let device = model.trunk.device();
+        let (tokens, lengths) = right_pad(&seqs, self.pad, &device);
         let rewards = model.forward(tokens, &lengths);
         let margins: Vec<f32> = batch.iter().map(|p| self.margin.margin(p.rating) as f32).collect();
-        let margins = Tensor::<1>::from_data(TensorData::new(margins, [b]), &self.device);
+        let margins = Tensor::<1>::from_data(TensorData::new(margins, [b]), &device);
         ranking_loss_sum(rewards.clone().slice([0..b]), rewards.slice([b..2 * b]), margins)
     }
 

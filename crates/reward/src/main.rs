@@ -32,6 +32,9 @@ struct Cli {
     /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
     #[arg(long)]
     dtype: Option<String>,
+    /// Data parallel over N devices (run.devices): vulkan:0..N-1, cuda:0..N-1, ...
+    #[arg(long)]
+    devices: Option<usize>,
     /// Override init (the SFT or pretrain run, checkpoint, native or HF directory).
     #[arg(long)]
     init: Option<PathBuf>,
@@ -111,7 +114,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config.context("--config is required (or use the `score` subcommand); see --help")?;
-            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, dtype: cli.dtype, resume: cli.resume, stop_after: cli.stop_after };
+            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, dtype: cli.dtype, devices: cli.devices, resume: cli.resume, stop_after: cli.stop_after };
             run(&config, &overrides)?;
             Ok(())
         }

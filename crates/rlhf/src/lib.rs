@@ -606,6 +606,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             run: RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() },
             optim: OptimConfig { lr: rs.lr, ..OptimConfig::default() },
             precision: llama_trainer::Precision::F32,
+            devices: vec![],
         };
         if round_dir.exists() {
             std::fs::remove_dir_all(&round_dir)?;

@@ -246,7 +246,7 @@ impl Objective<Llama> for Sft {
     }
 
     fn loss_sum(&self, model: &Llama, batch: &Vec<Packed>) -> Tensor<1> {
-        masked_loss_sum(model, batch, self.separate, &self.device)
+        masked_loss_sum(model, batch, self.separate, &model.device())
     }
 
     fn evaluate(&mut self, model: &Llama, step: u64, metrics: &mut Metrics) -> anyhow::Result<()> {

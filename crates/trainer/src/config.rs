@@ -227,11 +227,15 @@ pub struct RunConfig {
     /// The device's memory in GiB for the fit check before launch (default: nvidia-smi's figure
     /// on a GPU, RAM on the CPU).
     pub device_memory_gib: Option<f64>,
+    /// Data parallel over this many devices of `device`'s kind (indices counting up from its
+    /// own): each runs micro-batches of `train.micro_batch_size`; gradients are summed on the
+    /// first. On flex the replicas share the one CPU device (no speed-up).
+    pub devices: usize,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None, device_memory_gib: None }
+        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None, device_memory_gib: None, devices: 1 }
     }
 }
 
@@ -243,6 +247,9 @@ impl RunConfig {
         }
         if self.peak_tflops.is_some_and(|p| !(p > 0.0)) {
             return Err("run.peak_tflops must be > 0".into());
+        }
+        if self.devices == 0 {
+            return Err("run.devices must be >= 1".into());
         }
         if self.device_memory_gib.is_some_and(|g| !(g > 0.0)) {
             return Err("run.device_memory_gib must be > 0".into());

@@ -5,6 +5,7 @@
 pub mod config;
 pub mod memory;
 pub mod optim;
+pub mod parallel;
 pub mod precision;
 pub mod schedule;
 pub mod tensorboard;

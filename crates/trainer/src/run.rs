@@ -8,9 +8,9 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::store::ModuleSnapshot;
-use burn::tensor::{FloatDType, Tensor};
+use burn::tensor::Tensor;
 use llama_model::checkpoint::{load_weights, save_weights};
 
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState};
@@ -65,10 +65,12 @@ pub struct LoopConfig {
     pub eval_at_start: bool,
     /// The compute dtype (`run.dtype`); master weights and optimizer state are always f32.
     pub precision: Precision,
+    /// Data-parallel replicas' devices (`run.devices`); empty or one: the model's own device.
+    pub devices: Vec<burn::tensor::Device>,
 }
 
 /// Command-line overrides every training stage takes (`--max-steps --out --device --dtype
-/// --init --resume --stop-after`); a stage uses the ones its binary offers.
+/// --devices --init --resume --stop-after`); a stage uses the ones its binary offers.
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub max_steps: Option<u64>,
@@ -76,6 +78,8 @@ pub struct Overrides {
     pub device: Option<String>,
     /// Compute dtype (`run.dtype`): f32, bf16, f16.
     pub dtype: Option<String>,
+    /// Data-parallel devices (`run.devices`).
+    pub devices: Option<usize>,
     /// What to start from (stages that start from a model).
     pub init: Option<PathBuf>,
     pub resume: bool,
@@ -93,6 +97,9 @@ impl Overrides {
         }
         if let Some(d) = &self.dtype {
             run.dtype = d.clone();
+        }
+        if let Some(n) = self.devices {
+            run.devices = n;
         }
     }
 }
@@ -114,8 +121,19 @@ impl LoopConfig {
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
         let precision = run.check_launch(model, train.micro_batch_size, seq_len).map_err(anyhow::Error::msg)?;
+        let accumulation = train.accumulation();
+        if accumulation % run.devices != 0 {
+            bail!(
+                "train.batch_size ({}) must be a multiple of train.micro_batch_size ({}) x run.devices ({}): each device runs micro-batches of micro_batch_size",
+                train.batch_size,
+                train.micro_batch_size,
+                run.devices
+            );
+        }
+        let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         Ok(Self {
             precision,
+            devices,
             schedule: Schedule::new(schedule, optim.lr, total_steps),
             total_steps,
             stop_after: overrides.stop_after,
@@ -155,17 +173,7 @@ pub fn accumulate<M: Module + Clone, O: Objective<M>>(
     loss_scale: f64,
 ) -> (GradientsParams, f64) {
     let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
-    let mut accumulator = GradientsAccumulator::<M>::new();
-    let mut loss_sum = 0.0;
-    for batch in batches {
-        // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
-        let compute = precision.compute_copy(model);
-        let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
-        loss_sum += loss.clone().into_scalar::<f32>() as f64;
-        let grads = loss.mul_scalar(loss_scale / total_weight).backward();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
-    }
-    let mut grads = accumulator.grads();
+    let (mut grads, loss_sum) = crate::parallel::backward_part(model, objective, batches, precision, loss_scale, total_weight);
     if loss_scale != 1.0 {
         scale_grads(model, &mut grads, 1.0 / loss_scale);
     }
@@ -175,8 +183,9 @@ pub fn accumulate<M: Module + Clone, O: Objective<M>>(
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
 pub fn train<M, O>(mut model: M, objective: &mut O, cfg: &LoopConfig) -> anyhow::Result<(M, Summary)>
 where
-    M: Module + ModuleSnapshot + Clone,
-    O: Objective<M>,
+    M: Module + ModuleSnapshot + Clone + Send + Sync,
+    O: Objective<M> + Sync,
+    O::Batch: Sync,
 {
     let out = &cfg.run.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -257,7 +266,10 @@ where
         }
         let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
         let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (mut grads, loss) = accumulate(&model, objective, &batches, cfg.precision, scale);
+        let (mut grads, loss) = match cfg.devices.len() {
+            0 | 1 => accumulate(&model, objective, &batches, cfg.precision, scale),
+            _ => crate::parallel::accumulate(&model, objective, &batches, cfg.precision, scale, &cfg.devices),
+        };
         let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;

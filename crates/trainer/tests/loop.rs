@@ -50,8 +50,8 @@ struct Toy {
     rows: Vec<Vec<u32>>,
     next: usize,
     device: Device,
-    nan_on_call: Option<Box<dyn Fn(usize) -> bool>>,
-    calls: std::cell::Cell<usize>,
+    nan_on_call: Option<Box<dyn Fn(usize) -> bool + Send + Sync>>,
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl Objective<Llama> for Toy {
@@ -68,8 +68,7 @@ impl Objective<Llama> for Toy {
         batch.len() * (batch[0].len() - 1)
     }
     fn loss_sum(&self, model: &Llama, batch: &Self::Batch) -> Tensor<1> {
-        let call = self.calls.get();
-        self.calls.set(call + 1);
+        let call = self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let t = batch[0].len() - 1;
         let inputs: Vec<i64> = batch.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
         let targets: Vec<i64> = batch.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
@@ -94,7 +93,7 @@ impl Objective<Llama> for Toy {
     }
 }
 
-fn toy(device: &Device, nan: Option<Box<dyn Fn(usize) -> bool>>) -> Toy {
+fn toy(device: &Device, nan: Option<Box<dyn Fn(usize) -> bool + Send + Sync>>) -> Toy {
     let rows = vec![vec![1, 3, 5, 7, 9, 2], vec![1, 4, 4, 4, 4, 2], vec![1, 8, 6, 8, 6, 2], vec![1, 10, 3, 10, 3, 2]];
     Toy { rows, next: 0, device: device.clone(), nan_on_call: nan, calls: Default::default() }
 }
@@ -114,6 +113,7 @@ fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) ->
         run: RunConfig { out_dir: out.to_path_buf(), ..RunConfig::default() },
         optim: OptimConfig { lr: 1e-2, ..OptimConfig::default() },
         precision: Precision::F32,
+        devices: vec![],
     }
 }
 
@@ -270,4 +270,73 @@ fn half_precision_names_the_allowed_values() {
     .unwrap()
     .to_string();
     assert!(err.contains("fp8") && err.contains("f32, bf16, f16"), "{err}");
+}
+
+fn max_param_diff(a: &Llama, b: &Llama) -> f32 {
+    let (mut x, mut y) = (vec![], vec![]);
+    a.visit(&mut Flatten(&mut x));
+    b.visit(&mut Flatten(&mut y));
+    assert_eq!(x.len(), y.len());
+    x.iter().zip(&y).map(|(p, q)| (p - q).abs()).fold(0.0, f32::max)
+}
+
+struct Flatten<'a>(&'a mut Vec<f32>);
+
+impl burn::module::ModuleVisitor for Flatten<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        self.0.extend(host(param.val()));
+    }
+}
+
+/// Two replicas with micro-batch 2 give the gradient of one device with batch 4; and whole runs
+/// agree: 2 devices x micro-batch 2 (batch 4) trains to the same weights and losses as 1 device
+/// with micro-batch 4, and a 2-device run interrupted at step 3 resumes on 1 device to the same
+/// end. (flex has one CPU device, so the replicas share it: this tests the sharding, the loss
+/// scaling and the reduction, not a speed-up.)
+#[test]
+fn data_parallel_equals_one_device_with_the_whole_batch_and_resumes_on_another_count() {
+    use llama_trainer::parallel;
+    let device = Device::flex().autodiff();
+    let model = tiny().init(&device);
+    let two = parallel::devices("flex", 2).unwrap();
+    let mut data = toy(&device, None);
+    let whole = vec![data.next_batch(4).unwrap().unwrap()];
+    let mut data = toy(&device, None);
+    let halves: Vec<_> = (0..2).map(|_| data.next_batch(2).unwrap().unwrap()).collect();
+    let (g1, l1) = accumulate(&model, &data, &whole, Precision::F32, 1.0);
+    let (g2, l2) = parallel::accumulate(&model, &data, &halves, Precision::F32, 1.0, &two);
+    assert!((l1 - l2).abs() < 1e-5, "loss {l1} vs {l2}");
+    for id in [model.layers[0].attention.wq.weight.id, model.layers[0].feed_forward.w1.weight.id, model.output.as_ref().unwrap().weight.id] {
+        let (a, b) = (host(g1.get::<2>(id).unwrap()), host(g2.get::<2>(id).unwrap()));
+        let scale = a.iter().map(|x| x.abs()).fold(0.0, f32::max);
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max);
+        assert!(scale > 1e-6 && diff < 1e-5 * scale.max(1.0), "gradient differs by {diff} (scale {scale})");
+    }
+
+    let tmp = tempfile::tempdir().unwrap();
+    let run = |name: &str, micro: usize, devices: Vec<Device>, stop_after: Option<u64>, resume: bool| {
+        let cfg = LoopConfig { devices, stop_after, resume, ..loop_config(&tmp.path().join(name), 6, 4, micro) };
+        train(model.clone(), &mut toy(&device, None), &cfg).unwrap()
+    };
+    let (one, _) = run("one", 4, vec![], None, false);
+    let (dp, _) = run("two", 2, two.clone(), None, false);
+    assert_eq!(loss_curve(&tmp.path().join("one")).len(), 6);
+    for (a, b) in loss_curve(&tmp.path().join("one")).iter().zip(&loss_curve(&tmp.path().join("two"))) {
+        assert!((a - b).abs() < 1e-5, "loss {a} vs {b}");
+    }
+    let diff = max_param_diff(&one, &dp);
+    assert!(diff < 1e-5, "2 devices end {diff} away from 1 device");
+    run("moved", 2, two, Some(3), false);
+    let (moved, summary) = run("moved", 4, vec![], None, true);
+    assert_eq!(summary.steps, 6);
+    let diff = max_param_diff(&one, &moved);
+    assert!(diff < 1e-5, "resumed on another device count: {diff}");
+}
+
+#[test]
+fn a_batch_that_does_not_split_over_the_devices_is_refused() {
+    let run = RunConfig { devices: 3, ..RunConfig::default() };
+    let train = TrainConfig { batch_size: 8, micro_batch_size: 2, ..TrainConfig::default() };
+    let err = LoopConfig::new(train, run, OptimConfig::default(), &ScheduleConfig::default(), 10, &tiny(), 8, &Default::default(), false).err().unwrap().to_string();
+    assert!(err.contains("run.devices (3)") && err.contains("train.micro_batch_size (2)"), "{err}");
 }

@@ -1,0 +1,127 @@
+//! Data parallelism over the devices of one machine (`run.devices = N`, `--devices N`).
+//!
+//! Each optimizer step's micro-batches are dealt out round-robin: replica `r` takes micro-batches
+//! `r, r + N, r + 2N, ...` (the reader's windows sharded by rank), runs forward and backward on its
+//! own device in its own thread, and the gradients are summed onto the first device, where the
+//! one optimizer updates the one master model; the next step's replicas are copies of it. Every
+//! micro-batch's loss is divided by the whole step's weight, so the summed gradient is exactly
+//! that of one device running all the micro-batches (tested). Checkpoints hold the master model,
+//! the optimizer and the one data cursor, so a run resumes on any device count.
+//!
+//! The reduction is a gather onto device 0 (`Tensor::to_device`) rather than Burn's
+//! `burn::tensor::distributed::all_reduce`: that needs a backend with collective support (NCCL
+//! through `cuda`); on `flex` it is `unimplemented!()` and on `vulkan`/`wgpu` it is not offered.
+//! [`reduce`] is the one function to swap when NCCL is available to test.
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::tensor::{Device, FloatDType, Tensor};
+use llama_model::Precision;
+
+use crate::optim::scale_grads;
+use crate::run::Objective;
+
+/// The devices of a run: `count` of the kind in `spec` (`flex`, `vulkan`, `cuda:2`, ...), indices
+/// counting up from the one given. On `flex` there is one CPU device: N replicas share it (for
+/// testing the arithmetic; no speed-up).
+pub fn devices(spec: &str, count: usize) -> Result<Vec<Device>, String> {
+    if count == 0 {
+        return Err("run.devices must be >= 1".into());
+    }
+    let (kind, first) = match spec.split_once(':') {
+        Some((k, i)) => (k, i.parse::<usize>().map_err(|_| format!("run.device `{spec}`: `{i}` is not a device index"))?),
+        None => (spec, 0),
+    };
+    (0..count)
+        .map(|i| {
+            let name = if kind == "flex" || kind == "cpu" || count == 1 { spec.to_string() } else { format!("{kind}:{}", first + i) };
+            llama_model::device::parse(&name).map(|d| d.autodiff()).map_err(|e| format!("run.devices: {e}"))
+        })
+        .collect()
+}
+
+/// One replica's share of a step: the summed-then-scaled gradients of its micro-batches and the
+/// sum of their (unscaled) losses. `total_weight` is the whole step's, across all replicas.
+pub fn backward_part<'a, M, O>(
+    model: &M,
+    objective: &O,
+    batches: impl IntoIterator<Item = &'a O::Batch>,
+    precision: Precision,
+    scale: f64,
+    total_weight: f64,
+) -> (GradientsParams, f64)
+where
+    M: Module + Clone,
+    O: Objective<M>,
+    O::Batch: 'a,
+{
+    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut loss_sum = 0.0;
+    for batch in batches {
+        // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
+        let compute = precision.compute_copy(model);
+        let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
+        loss_sum += loss.clone().into_scalar::<f32>() as f64;
+        let grads = loss.mul_scalar(scale / total_weight).backward();
+        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+    }
+    (accumulator.grads(), loss_sum)
+}
+
+/// The step's gradients (on `master`'s device, unscaled) and mean loss, computed by one replica
+/// per device in parallel threads.
+pub fn accumulate<M, O>(master: &M, objective: &O, batches: &[O::Batch], precision: Precision, scale: f64, devices: &[Device]) -> (GradientsParams, f64)
+where
+    M: Module + Clone + Send + Sync,
+    O: Objective<M> + Sync,
+    O::Batch: Sync,
+{
+    let world = devices.len();
+    let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
+    let parts: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices
+            .iter()
+            .enumerate()
+            .map(|(rank, device)| {
+                scope.spawn(move || {
+                    let replica = if rank == 0 { master.clone() } else { master.clone().fork(device) };
+                    backward_part(&replica, objective, batches.iter().skip(rank).step_by(world), precision, scale, total_weight)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().expect("a data-parallel replica panicked")).collect()
+    });
+    let loss_sum: f64 = parts.iter().map(|(_, l)| l).sum();
+    let mut grads = reduce(master, parts.into_iter().map(|(g, _)| g).collect());
+    if scale != 1.0 {
+        scale_grads(master, &mut grads, 1.0 / scale);
+    }
+    (grads, loss_sum / total_weight)
+}
+
+/// Sums the replicas' gradients, parameter by parameter, onto the master's device.
+pub fn reduce<M: Module>(master: &M, parts: Vec<GradientsParams>) -> GradientsParams {
+    let mut sum = SumOnto { parts, out: GradientsParams::new() };
+    master.visit(&mut sum);
+    sum.out
+}
+
+struct SumOnto {
+    parts: Vec<GradientsParams>,
+    out: GradientsParams,
+}
+
+impl ModuleVisitor for SumOnto {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let device = param.val().device();
+        let total = self
+            .parts
+            .iter_mut()
+            .filter_map(|g| g.remove::<D>(param.id))
+            .map(|g| g.to_device(&device))
+            .reduce(|a, b| a + b);
+        if let Some(total) = total {
+            self.out.register(param.id, total);
+        }
+    }
+}
