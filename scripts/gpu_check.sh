@@ -48,13 +48,13 @@ fi
 
 for dtype in f32 "$half"; do
     stamp "bench $dtype"
-    timeout 120 "$BIN/llama" bench --config configs/bench-medium.toml --batch 16 --seq-len 512 --steps 5 --gen-tokens 64 \
+    timeout 75 "$BIN/llama" bench --config configs/bench-medium.toml --batch 16 --seq-len 512 --steps 5 --gen-tokens 64 \
         --device "$DEVICE" --dtype "$dtype" --json "$OUT/bench-ours-$dtype.json"
 done
 if python3 -c "import torch, transformers; assert torch.cuda.is_available()" 2>/dev/null; then
     for dtype in f32 bf16; do
         stamp "torch bench $dtype"
-        HF_HUB_OFFLINE=1 timeout 120 python3 scripts/bench_torch.py --config configs/bench-medium.toml --batch 16 --seq-len 512 \
+        HF_HUB_OFFLINE=1 timeout 75 python3 scripts/bench_torch.py --config configs/bench-medium.toml --batch 16 --seq-len 512 \
             --steps 5 --gen-tokens 64 --device cuda --dtype "$dtype" --threads 8 --json "$OUT/bench-torch-$dtype.json"
     done
 fi

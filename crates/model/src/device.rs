@@ -49,6 +49,39 @@ pub fn parse(spec: &str) -> Result<Device, ModelError> {
     }
 }
 
+/// Opens `device` with a one-element computation, so that a missing driver or adapter is a clear
+/// error before any work rather than a panic inside the backend's device thread.
+pub fn probe(device: &Device, spec: &str) -> Result<(), ModelError> {
+    if spec == "flex" || spec == "cpu" {
+        return Ok(());
+    }
+    use std::sync::{Arc, Mutex};
+    let first_message: Arc<Mutex<Option<String>>> = Arc::default();
+    let previous = std::panic::take_hook();
+    let sink = first_message.clone();
+    std::panic::set_hook(Box::new(move |info| {
+        let text = info
+            .payload()
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| info.payload().downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_else(|| "unknown panic".into());
+        sink.lock().unwrap().get_or_insert(text);
+    }));
+    let d = device.clone();
+    let opened = std::panic::catch_unwind(move || burn::tensor::Tensor::<1>::zeros([1], &d).into_data());
+    std::panic::set_hook(previous);
+    match opened {
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let why = first_message.lock().unwrap().take().unwrap_or_default();
+            Err(ModelError::Device(format!(
+                "device `{spec}` cannot be opened: {why}. Check the GPU driver (Vulkan: the libvulkan1 loader and the vendor's ICD, `vulkaninfo --summary`; CUDA: nvidia-smi)"
+            )))
+        }
+    }
+}
+
 #[cfg(any(feature = "vulkan", feature = "wgpu"))]
 fn gpu_kind(index: Option<usize>) -> burn::tensor::DeviceKind {
     match index {

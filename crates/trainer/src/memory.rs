@@ -2,11 +2,13 @@
 //! device's training memory (weights, f32 master copy, gradients, AdamW moments, activations of a
 //! micro-batch) against what the device has.
 
+use llama_model::config::MEASURED_OVERHEAD;
 use llama_model::{LlamaConfig, Precision};
 
 use crate::config::RunConfig;
 
 const GIB: f64 = (1u64 << 30) as f64;
+
 
 /// The device's memory in bytes and where that figure came from: `run.device_memory_gib` if set;
 /// else `nvidia-smi` for a GPU device (absent on other vendors: no check); else, on the CPU,
@@ -34,13 +36,14 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
 pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_len: usize, precision: Precision) -> Result<(), String> {
     let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
     let m = model.memory_estimate(micro_batch, seq_len, precision);
-    if m.total() <= capacity {
+    let expected = m.expected_peak();
+    if expected <= capacity {
         return Ok(());
     }
     let g = |b: u64| format!("{:.1}", b as f64 / GIB);
     Err(format!(
-        "this run needs about {} GiB on device `{}` (micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); lower train.micro_batch_size (gradient accumulation keeps the batch), use run.dtype = \"bf16\", or choose a larger device (`llama info --config ... --micro-batch N` prints the estimate)",
-        g(m.total()),
+        "this run needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate of micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); lower train.micro_batch_size (gradient accumulation keeps the batch), use run.dtype = \"bf16\", or choose a larger device (`llama info --config ... --micro-batch N` prints the estimate)",
+        g(expected),
         run.device,
         precision.name(),
         g(m.weights),

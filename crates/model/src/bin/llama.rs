@@ -141,24 +141,29 @@ fn run(cli: Cli) -> Result<()> {
             println!("parameters       {} ({:.3} B)", c.num_params(), c.num_params() as f64 / 1e9);
             println!("train FLOPs/tok  {:.3e} at seq {seq}", c.train_flops_per_token(seq));
             println!("\ntraining memory per device, micro-batch {micro_batch} x seq {seq} (AdamW, no recomputation):");
-            println!("{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}", "dtype", "weights", "master f32", "grads", "AdamW", "activations", "total");
+            println!(
+                "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
+                "dtype", "weights", "master f32", "grads", "AdamW", "activations", "total", "expected peak"
+            );
             for (name, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
                 let m = c.memory_estimate(micro_batch, seq, p);
                 let fits = match device_memory_gib {
-                    Some(g) if (m.total() as f64) <= g * (1u64 << 30) as f64 => "  fits",
+                    Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
                     Some(_) => "  does NOT fit",
                     None => "",
                 };
                 println!(
-                    "{name:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12}{fits}",
+                    "{name:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}{fits}",
                     gib(m.weights),
                     gib(m.master_weights),
                     gib(m.gradients),
                     gib(m.optimizer),
                     gib(m.activations),
-                    gib(m.total())
+                    gib(m.total()),
+                    gib(m.expected_peak())
                 );
             }
+            println!("expected peak = total x {} (peak device memory measured on an H100 over this estimate)", llama_model::config::MEASURED_OVERHEAD);
             Ok(())
         }
         Command::Convert { from, to, to_format, shard_size_gb } => {
