@@ -78,11 +78,14 @@ pub struct RsConfig {
     pub lr: f64,
     pub batch_size: usize,
     pub seq_len: usize,
+    /// Let the policy's greedy answer compete with the K samples (ours; the paper keeps the best
+    /// sample only).
+    pub include_greedy: bool,
 }
 
 impl Default for RsConfig {
     fn default() -> Self {
-        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128 }
+        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false }
     }
 }
 
@@ -527,6 +530,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         let sampler = policy.valid();
         let mut best_of_k = vec![0.0; rs.k];
         let (mut mean_all, mut n_all) = (0.0, 0usize);
+        let mut greedy_sum = 0.0;
         for (chunk_i, chunk) in prompts.chunks((64 / rs.k).max(1)).enumerate() {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&tokenizer)).collect::<Result<_, _>>()?;
             let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
@@ -536,6 +540,16 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             let seqs: Vec<Vec<u32>> = batch.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
             let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
             let scores = scorers.score(&seqs, &owners);
+            // The policy's own greedy answer competes too: the kept answer is never worse than
+            // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
+            let greedy = if rs.include_greedy {
+                let g = generate(&sampler, &ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(rs.max_new_tokens) })?;
+                let seqs: Vec<Vec<u32>> = ids.iter().zip(&g.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+                let refs: Vec<&Prompt> = chunk.iter().collect();
+                Some((g.tokens, scorers.score(&seqs, &refs)))
+            } else {
+                None
+            };
             for (j, _) in chunk.iter().enumerate() {
                 let global = chunk_i * (64 / rs.k).max(1) + j;
                 let rewards: Vec<f64> = (0..rs.k).map(|s| logit(scores[j * rs.k + s].combined)).collect();
@@ -546,8 +560,15 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
                     mean_all += r;
                     n_all += 1;
                 }
-                let (best_s, best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
-                let answer = out.tokens[j * rs.k + best_s].clone();
+                let (best_s, mut best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
+                let mut answer = out.tokens[j * rs.k + best_s].clone();
+                if let Some((tokens, scores)) = &greedy {
+                    let r = logit(scores[j].combined);
+                    greedy_sum += r;
+                    if r > best_r {
+                        (best_r, answer) = (r, tokens[j].clone());
+                    }
+                }
                 if pool[global].as_ref().is_none_or(|(r, _)| best_r > *r) {
                     pool[global] = Some((best_r, answer));
                 }
@@ -559,6 +580,9 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         }
         let pool_mean = pool.iter().flatten().map(|(r, _)| r).sum::<f64>() / n;
         metrics.scalars(round as u64, &[("rs/sample_mean_reward", mean_all / n_all.max(1) as f64), ("rs/max_reward", best_of_k[rs.k - 1] / n), ("rs/pool_mean_reward", pool_mean)])?;
+        if rs.include_greedy {
+            metrics.scalars(round as u64, &[("rs/greedy_mean_reward", greedy_sum / n)])?;
+        }
         metrics.println(&format!(
             "round {round}: mean sample reward {:.3}, best of {} {:.3}, pool {:.3}",
             mean_all / n_all.max(1) as f64,

@@ -117,3 +117,27 @@ fn bad_input_is_refused_before_any_work() {
     let err = llama_rlhf::run(&p, Some(tmp.path().join("out")), false, None, true).unwrap_err().to_string();
     assert!(err.contains("vocabulary") && err.contains("helpfulness_model"), "{err}");
 }
+
+fn last_value(metrics: &Path, key: &str) -> f64 {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
+        .last()
+        .unwrap_or_else(|| panic!("{key} not logged"))
+}
+
+/// With `include_greedy`, the policy's greedy answer competes with the K samples, so the kept
+/// pool's mean reward is at least both the greedy answers' mean and the best-of-K mean.
+#[test]
+fn rejection_sampling_pool_is_never_worse_than_greedy_or_best_of_k() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let extra = "[rejection_sampling]\nrounds = 1\nk = 2\nmax_new_tokens = 4\nsft_steps = 1\nbatch_size = 4\nseq_len = 64\ninclude_greedy = true\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
+    let cfg = config(tmp.path(), &policy, &help, &safe, extra);
+    llama_rlhf::run(&cfg, Some(tmp.path().join("out")), false, None, false).unwrap();
+    let m = tmp.path().join("out/rejection-sampling/metrics.jsonl");
+    let (pool, greedy, best) = (last_value(&m, "rs/pool_mean_reward"), last_value(&m, "rs/greedy_mean_reward"), last_value(&m, "rs/max_reward"));
+    assert!(pool >= greedy - 1e-9 && pool >= best - 1e-9, "pool {pool}, greedy {greedy}, best of k {best}");
+}
