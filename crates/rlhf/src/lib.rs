@@ -81,11 +81,14 @@ pub struct RsConfig {
     /// Let the policy's greedy answer compete with the K samples (ours; the paper keeps the best
     /// sample only).
     pub include_greedy: bool,
+    /// Hand PPO the round with the best held-out reward (the starting policy included) rather
+    /// than the last round (ours: early stopping on held-out prompts, as PPO does).
+    pub keep_best_round: bool,
 }
 
 impl Default for RsConfig {
     fn default() -> Self {
-        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false }
+        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false }
     }
 }
 
@@ -525,7 +528,8 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
     let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
     let reference = policy.clone();
-    let mut last_dir = None;
+    // (held-out reward, round directory): the best round, or the last one without keep_best_round.
+    let mut best: (f64, Option<PathBuf>) = (r0, None);
     for round in 1..=rs.rounds {
         let sampler = policy.valid();
         let mut best_of_k = vec![0.0; rs.k];
@@ -641,9 +645,17 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_kl", kl)])?;
         metrics.text(round as u64, "rs/samples", &samples_text(&samples, 6))?;
         metrics.println(&format!("round {round}: held-out reward {r:.3} (start {r0:.3}), KL to the SFT policy {kl:.3}"));
-        last_dir = Some(round_dir);
+        if !rs.keep_best_round || r > best.0 {
+            best = (r, Some(round_dir));
+        }
     }
-    Ok(last_dir)
+    if rs.keep_best_round {
+        match &best.1 {
+            Some(dir) => metrics.println(&format!("rejection sampling: keeping {} (held-out reward {:.3})", dir.display(), best.0)),
+            None => metrics.println(&format!("rejection sampling: no round beat the starting policy ({r0:.3}); PPO starts from it")),
+        }
+    }
+    Ok(best.1)
 }
 
 /// PPO from `start` (the SFT or rejection-sampling policy); resumable.

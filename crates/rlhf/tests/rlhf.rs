@@ -141,3 +141,28 @@ fn rejection_sampling_pool_is_never_worse_than_greedy_or_best_of_k() {
     let (pool, greedy, best) = (last_value(&m, "rs/pool_mean_reward"), last_value(&m, "rs/greedy_mean_reward"), last_value(&m, "rs/max_reward"));
     assert!(pool >= greedy - 1e-9 && pool >= best - 1e-9, "pool {pool}, greedy {greedy}, best of k {best}");
 }
+
+fn all_values(metrics: &Path, key: &str) -> Vec<f64> {
+    std::fs::read_to_string(metrics)
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
+        .collect()
+}
+
+/// With `keep_best_round`, PPO starts from the best of the starting policy and the RS rounds by
+/// held-out reward: PPO's step-0 held-out reward is the maximum of the RS evaluations.
+#[test]
+fn keep_best_round_hands_ppo_the_best_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let extra = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-2\nbatch_size = 4\nseq_len = 64\nkeep_best_round = true\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
+    let cfg = config(tmp.path(), &policy, &help, &safe, extra);
+    llama_rlhf::run(&cfg, Some(tmp.path().join("out")), false, None, false).unwrap();
+    let rs = all_values(&tmp.path().join("out/rejection-sampling/metrics.jsonl"), "rs/eval_reward");
+    assert_eq!(rs.len(), 3, "start + 2 rounds: {rs:?}");
+    let best = rs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let ppo_start = all_values(&tmp.path().join("out/ppo/metrics.jsonl"), "ppo/eval_reward")[0];
+    assert!((ppo_start - best).abs() < 1e-6, "PPO started at {ppo_start}, best RS evaluation {best} of {rs:?}");
+}
