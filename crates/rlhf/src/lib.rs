@@ -452,10 +452,24 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
 /// Mean combined reward (as logit(Rc)) of greedy answers to held-out prompts, and their mean KL
 /// to the reference; plus a few samples for the logs.
-pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(f64, f64, Vec<(String, String)>)> {
+/// The held-out evaluation of a policy: greedy answers to the held-out prompts.
+pub struct HeldOut {
+    /// Mean `logit(Rc)`: PPO's reward scale (what early stopping compares).
+    pub reward: f64,
+    /// Mean `Rc`, the combined score in [0, 1] itself: bounded, so a few answers scored near 0 or
+    /// 1 cannot swing it the way they swing the logit mean.
+    pub combined: f64,
+    /// Mean summed per-token `log pi - log pi_ref` (k1).
+    pub kl: f64,
+    /// (question, answer) pairs.
+    pub samples: Vec<(String, String)>,
+}
+
+pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<HeldOut> {
     let policy = policy.valid();
     let reference = reference.valid();
     let mut rewards = vec![];
+    let mut combined = vec![];
     let mut kls = vec![];
     let mut samples = vec![];
     for group in prompts.chunks(16) {
@@ -466,6 +480,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
         let refs: Vec<&Prompt> = group.iter().collect();
         for s in scorers.score(&seqs, &refs) {
             rewards.push(logit(s.combined));
+            combined.push(s.combined);
         }
         let lp = token_logprobs(&policy, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
         let rl = token_logprobs(&reference, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
@@ -481,7 +496,8 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
         }
     }
     let n = rewards.len().max(1) as f64;
-    Ok((rewards.iter().sum::<f64>() / n, kls.iter().sum::<f64>() / n, samples))
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+    Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), samples })
 }
 
 fn samples_text(samples: &[(String, String)], n: usize) -> String {
@@ -522,9 +538,10 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
     let out = cfg.run.out_dir.join("rejection-sampling");
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
-    let (r0, kl0, _) = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
-    metrics.scalars(0, &[("rs/eval_reward", r0), ("rs/eval_kl", kl0)])?;
-    metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3}"));
+    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+    let r0 = start.reward;
+    metrics.scalars(0, &[("rs/eval_reward", r0), ("rs/eval_combined", start.combined), ("rs/eval_kl", start.kl)])?;
+    metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
     // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
     let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
     let reference = policy.clone();
@@ -641,10 +658,14 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         }
         let (tuned, _) = llama_trainer::train(policy, &mut objective, &loop_config)?;
         policy = tuned;
-        let (r, kl, samples) = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
-        metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_kl", kl)])?;
-        metrics.text(round as u64, "rs/samples", &samples_text(&samples, 6))?;
-        metrics.println(&format!("round {round}: held-out reward {r:.3} (start {r0:.3}), KL to the SFT policy {kl:.3}"));
+        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+        let (r, kl) = (held_out.reward, held_out.kl);
+        metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_combined", held_out.combined), ("rs/eval_kl", kl)])?;
+        metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
+        metrics.println(&format!(
+            "round {round}: held-out reward {r:.3} (start {r0:.3}), mean Rc {:.3} (start {:.3}), KL to the SFT policy {kl:.3}",
+            held_out.combined, start.combined
+        ));
         if !rs.keep_best_round || r > best.0 {
             best = (r, Some(round_dir));
         }
@@ -734,10 +755,11 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     };
     if state.iteration == 0 {
         save_best(&state.policy, &model_config, &out)?;
-        let (r, kl, samples) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
-        metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_kl", kl)])?;
-        metrics.text(0, "ppo/samples", &samples_text(&samples, 6))?;
-        metrics.println(&format!("PPO: held-out reward of the starting policy {r:.3}"));
+        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+        let r = held_out.reward;
+        metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", held_out.kl)])?;
+        metrics.text(0, "ppo/samples", &samples_text(&held_out.samples, 6))?;
+        metrics.println(&format!("PPO: held-out reward of the starting policy {r:.3} (mean Rc {:.3})", held_out.combined));
         state.best_eval = Some(r);
     }
     let mut stopped_early = false;
@@ -770,10 +792,11 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         metrics.scalars(state.iteration, &values)?;
         metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
         if state.iteration % p.eval_every == 0 || state.iteration == p.iterations {
-            let (r, kl, samples) = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
-            metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_kl", kl)])?;
-            metrics.text(state.iteration, "ppo/samples", &samples_text(&samples, 6))?;
-            metrics.println(&format!("iteration {}: held-out reward {r:.3}, KL {kl:.3}", state.iteration));
+            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+            let (r, kl) = (held_out.reward, held_out.kl);
+            metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", kl)])?;
+            metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
+            metrics.println(&format!("iteration {}: held-out reward {r:.3}, mean Rc {:.3}, KL {kl:.3}", state.iteration, held_out.combined));
             if state.best_eval.is_none_or(|b| r > b) {
                 state.best_eval = Some(r);
                 state.evals_without_gain = 0;
@@ -797,7 +820,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     metrics.finish();
     // The result of PPO is the best policy on the held-out prompts (early stopping).
     let (_, best) = init_model(&out.join("best"), &device)?;
-    let (r, kl, _) = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
     println!("best PPO policy (held-out reward {:.3}) in {}", state.best_eval.unwrap_or(r), out.join("best").display());
     Ok((r, kl))
 }
