@@ -108,6 +108,21 @@ impl Precision {
         }
     }
 
+    /// An error naming the device when it cannot compute in this dtype (Vulkan drivers, for one,
+    /// store bf16 but cannot do arithmetic on it).
+    pub fn check_device(self, device: &burn::tensor::Device, device_name: &str) -> Result<(), String> {
+        let computes = |p: Precision| p == Precision::F32 || device.supports_dtype(burn::tensor::DType::from(p.dtype()));
+        if computes(self) {
+            return Ok(());
+        }
+        let supported: Vec<&str> = [Precision::F32, Precision::Bf16, Precision::F16].into_iter().filter(|p| computes(*p)).map(|p| p.name()).collect();
+        Err(format!(
+            "run.dtype `{0}`: device `{device_name}` cannot compute in {0} (it supports: {1}); choose one of those, or the cuda build for bf16",
+            self.name(),
+            supported.join(", ")
+        ))
+    }
+
     /// The model a mixed-precision step runs: `master` itself in f32, else a copy whose
     /// parameters are the master's cast to this dtype *inside the autodiff graph* (Burn's cast is
     /// differentiable), so the backward pass carries f32 gradients back to the f32 master

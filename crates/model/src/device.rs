@@ -49,10 +49,15 @@ pub fn parse(spec: &str) -> Result<Device, ModelError> {
     }
 }
 
+/// Whether `spec` names the CPU backend (one device, host memory).
+pub fn is_cpu(spec: &str) -> bool {
+    spec == "flex" || spec == "cpu"
+}
+
 /// Opens `device` with a one-element computation, so that a missing driver or adapter is a clear
 /// error before any work rather than a panic inside the backend's device thread.
 pub fn probe(device: &Device, spec: &str) -> Result<(), ModelError> {
-    if spec == "flex" || spec == "cpu" {
+    if is_cpu(spec) {
         return Ok(());
     }
     use std::sync::{Arc, Mutex};

@@ -92,7 +92,6 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
     if !(cfg.eval.temperature >= 0.0) {
         bail!("{origin}: eval.temperature must be >= 0");
     }
-    cfg.run.check_launch(&model, cfg.train.micro_batch_size, cfg.data.seq_len).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     Ok((cfg, model))
 }
 
@@ -257,6 +256,10 @@ pub fn unigram_baseline(shards: &Path, vocab_size: usize, seq_len: usize, max_to
 /// Everything `pretrain` does after parsing its arguments.
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let (cfg, model_config) = load_config(config_path, overrides)?;
+    // Built first: its launch check (device, dtype, memory fit) runs before any work.
+    let total_steps = cfg.train.total_steps(cfg.data.seq_len);
+    let loop_config = LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim.clone(), &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?;
     let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
     if tokenizer.vocab_size() > model_config.vocab_size {
         bail!(
@@ -298,7 +301,6 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let train_device = device.clone().autodiff();
     let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, ..ReaderConfig::new(cfg.data.seq_len) };
     let train_reader = PackedReader::open(&cfg.data.shards, Split::Train, model_config.vocab_size, reader_config)?;
-    let total_steps = cfg.train.total_steps(cfg.data.seq_len);
     let unigram_loss = unigram_baseline(&cfg.data.shards, model_config.vocab_size, cfg.data.seq_len, 2_000_000)?;
     println!(
         "model: {} parameters | {} steps of {} x {} tokens | device {} | out {}",
@@ -324,7 +326,6 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval: cfg.eval,
         unigram_loss,
     };
-    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)?;
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
         println!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display());

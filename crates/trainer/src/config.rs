@@ -263,7 +263,7 @@ impl RunConfig {
         let precision = crate::precision::parse(&self.dtype)?;
         let device = llama_model::device::parse(&self.device).map_err(|e| format!("run.device: {e}"))?;
         llama_model::device::probe(&device, &self.device).map_err(|e| format!("run.device: {e}"))?;
-        crate::precision::check_device(precision, &device, &self.device)?;
+        precision.check_device(&device, &self.device)?;
         crate::memory::check_fits(self, model, micro_batch, seq_len, precision)?;
         Ok(precision)
     }

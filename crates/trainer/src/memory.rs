@@ -9,7 +9,6 @@ use crate::config::RunConfig;
 
 const GIB: f64 = (1u64 << 30) as f64;
 
-
 /// The device's memory in bytes and where that figure came from: `run.device_memory_gib` if set;
 /// else `nvidia-smi` for a GPU device (absent on other vendors: no check); else, on the CPU,
 /// the machine's RAM.
@@ -17,7 +16,7 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
     if let Some(gib) = run.device_memory_gib {
         return Some(((gib * GIB) as u64, "run.device_memory_gib".into()));
     }
-    if run.device.starts_with("flex") || run.device == "cpu" {
+    if llama_model::device::is_cpu(&run.device) {
         let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
         let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
         return Some((kib * 1024, "/proc/meminfo MemTotal".into()));

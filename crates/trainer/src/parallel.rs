@@ -34,7 +34,7 @@ pub fn devices(spec: &str, count: usize) -> Result<Vec<Device>, String> {
     };
     (0..count)
         .map(|i| {
-            let name = if kind == "flex" || kind == "cpu" || count == 1 { spec.to_string() } else { format!("{kind}:{}", first + i) };
+            let name = if llama_model::device::is_cpu(kind) || count == 1 { spec.to_string() } else { format!("{kind}:{}", first + i) };
             llama_model::device::parse(&name).map(|d| d.autodiff()).map_err(|e| format!("run.devices: {e}"))
         })
         .collect()
@@ -68,8 +68,8 @@ where
     (accumulator.grads(), loss_sum)
 }
 
-/// The step's gradients (on `master`'s device, unscaled) and mean loss, computed by one replica
-/// per device in parallel threads.
+/// The step's gradients (on `master`'s device, unscaled) and mean loss: with several `devices`,
+/// computed by one replica per device in parallel threads; with none or one, by `master` itself.
 pub fn accumulate<M, O>(master: &M, objective: &O, batches: &[O::Batch], precision: Precision, scale: f64, devices: &[Device]) -> (GradientsParams, f64)
 where
     M: Module + Clone + Send + Sync,
@@ -78,6 +78,13 @@ where
 {
     let world = devices.len();
     let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
+    if world <= 1 {
+        let (mut grads, loss_sum) = backward_part(master, objective, batches, precision, scale, total_weight);
+        if scale != 1.0 {
+            scale_grads(master, &mut grads, 1.0 / scale);
+        }
+        return (grads, loss_sum / total_weight);
+    }
     let parts: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
         let handles: Vec<_> = devices
             .iter()

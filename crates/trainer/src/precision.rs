@@ -14,7 +14,6 @@
 //! zero, the gradients are divided by it again, and a step whose gradients overflowed is skipped
 //! with the factor halved. bf16 has f32's range and needs none.
 
-use burn::tensor::{DType, Device};
 use serde::{Deserialize, Serialize};
 
 pub use llama_model::Precision;
@@ -27,21 +26,6 @@ pub fn parse(name: &str) -> Result<Precision, String> {
 /// Whether this precision trains with a dynamic loss scale (f16 only).
 pub fn needs_loss_scaling(precision: Precision) -> bool {
     precision == Precision::F16
-}
-
-/// An error naming the device when it cannot compute in this dtype (checked before any work:
-/// Vulkan drivers, for one, often store bf16 but cannot do arithmetic on it).
-pub fn check_device(precision: Precision, device: &Device, device_name: &str) -> Result<(), String> {
-    let computes = |p: Precision| p == Precision::F32 || device.supports_dtype(DType::from(p.dtype()));
-    if computes(precision) {
-        return Ok(());
-    }
-    let supported: Vec<&str> = [Precision::F32, Precision::Bf16, Precision::F16].into_iter().filter(|p| computes(*p)).map(|p| p.name()).collect();
-    Err(format!(
-        "run.dtype `{0}`: device `{device_name}` cannot compute in {0} (it supports: {1}); choose one of those, or the cuda build for bf16",
-        precision.name(),
-        supported.join(", ")
-    ))
 }
 
 /// Dynamic loss scaling for f16 (as PyTorch's `GradScaler`): start at 2^16, halve on a step whose
@@ -116,9 +100,9 @@ mod tests {
 
     #[test]
     fn flex_computes_in_all_three() {
-        let device = Device::flex();
+        let device = burn::tensor::Device::flex();
         for p in [Precision::F32, Precision::Bf16, Precision::F16] {
-            assert!(check_device(p, &device, "flex").is_ok());
+            assert!(p.check_device(&device, "flex").is_ok());
         }
     }
 }

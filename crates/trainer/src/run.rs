@@ -16,7 +16,7 @@ use llama_model::checkpoint::{load_weights, save_weights};
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState};
 use crate::config::{OptimConfig, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
-use crate::optim::{Optimizer, clip_global_norm, scale_grads};
+use crate::optim::{Optimizer, clip_global_norm};
 use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
 
@@ -121,6 +121,7 @@ impl LoopConfig {
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
         let precision = run.check_launch(model, train.micro_batch_size, seq_len).map_err(anyhow::Error::msg)?;
+        let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
         if accumulation % run.devices != 0 {
             bail!(
@@ -130,7 +131,6 @@ impl LoopConfig {
                 run.devices
             );
         }
-        let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         Ok(Self {
             precision,
             devices,
@@ -165,19 +165,13 @@ pub struct Summary {
 /// The passes run on `precision`'s compute copy of `model`; the gradients returned are f32 and
 /// belong to `model`'s (master) parameters. `loss_scale` multiplies the loss before each backward
 /// pass and divides the gradients after (1.0 unless f16).
-pub fn accumulate<M: Module + Clone, O: Objective<M>>(
-    model: &M,
-    objective: &O,
-    batches: &[O::Batch],
-    precision: Precision,
-    loss_scale: f64,
-) -> (GradientsParams, f64) {
-    let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
-    let (mut grads, loss_sum) = crate::parallel::backward_part(model, objective, batches, precision, loss_scale, total_weight);
-    if loss_scale != 1.0 {
-        scale_grads(model, &mut grads, 1.0 / loss_scale);
-    }
-    (grads, loss_sum / total_weight)
+pub fn accumulate<M, O>(model: &M, objective: &O, batches: &[O::Batch], precision: Precision, loss_scale: f64) -> (GradientsParams, f64)
+where
+    M: Module + Clone + Send + Sync,
+    O: Objective<M> + Sync,
+    O::Batch: Sync,
+{
+    crate::parallel::accumulate(model, objective, batches, precision, loss_scale, &[])
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
@@ -266,10 +260,7 @@ where
         }
         let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
         let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (mut grads, loss) = match cfg.devices.len() {
-            0 | 1 => accumulate(&model, objective, &batches, cfg.precision, scale),
-            _ => crate::parallel::accumulate(&model, objective, &batches, cfg.precision, scale, &cfg.devices),
-        };
+        let (mut grads, loss) = crate::parallel::accumulate(&model, objective, &batches, cfg.precision, scale, &cfg.devices);
         let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;

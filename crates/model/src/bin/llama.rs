@@ -239,10 +239,9 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     if seq_len > c.max_seq_len {
         bail!("--seq-len {seq_len} exceeds model.max_seq_len {}", c.max_seq_len);
     }
-    let device = device::parse(device)?.autodiff();
-    if !device.supports_dtype(burn::tensor::DType::from(precision.dtype())) {
-        bail!("--dtype {}: this device cannot compute in {} (try f16, or the cuda build for bf16)", precision.name(), precision.name());
-    }
+    let device_spec = device;
+    let device = device::parse(device_spec)?.autodiff();
+    precision.check_device(&device, device_spec).map_err(anyhow::Error::msg)?;
     device.seed(0);
     let mut model = c.init(&device);
     let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(0.1).init();
