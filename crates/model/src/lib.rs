@@ -6,11 +6,13 @@
 //!   log-probability of every generated token.
 //! - [`checkpoint`]: native checkpoints and Hugging Face `LlamaForCausalLM` directories, both ways.
 //! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
+//! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod generate;
+pub mod host_memory;
 pub mod model;
 
 pub use config::{LlamaConfig, MemoryEstimate, Precision};

@@ -44,6 +44,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, dtype: cli.dtype, devices: cli.devices, resume: cli.resume, stop_after: cli.stop_after, init: None };
     match run(&cli.config, &overrides) {

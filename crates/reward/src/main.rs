@@ -66,6 +66,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    llama_model::host_memory::keep_freed_memory();
     match run_cli(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -40,6 +40,7 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     let paths = llama_rlhf::Paths { out: cli.out, policy: cli.policy, helpfulness_model: cli.helpfulness_model, safety_model: cli.safety_model };
     match llama_rlhf::run_with(&cli.config, &paths, cli.resume, cli.stop_after, cli.skip_rejection_sampling || cli.resume) {

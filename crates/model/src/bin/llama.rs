@@ -109,6 +109,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    llama_model::host_memory::keep_freed_memory();
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
