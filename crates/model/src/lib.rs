@@ -6,6 +6,7 @@
 //!   log-probability of every generated token.
 //! - [`checkpoint`]: native checkpoints and Hugging Face `LlamaForCausalLM` directories, both ways.
 //! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
+//! - [`loss`]: next-token cross-entropy, one fused op with its own backward on the CPU.
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
 pub mod checkpoint;
@@ -13,6 +14,7 @@ pub mod config;
 pub mod device;
 pub mod generate;
 pub mod host_memory;
+pub mod loss;
 pub mod model;
 
 pub use config::{LlamaConfig, MemoryEstimate, Precision};

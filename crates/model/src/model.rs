@@ -278,7 +278,8 @@ impl Llama {
             Some(output) => output.forward(hidden),
             None => hidden.matmul(self.tok_embeddings.weight.val().transpose().unsqueeze()),
         };
-        logits.cast(DType::F32)
+        // Casting f32 to f32 would still add a node to the autodiff graph.
+        if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }
     }
 
     pub fn max_seq_len(&self) -> usize {

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
+use llama_model::loss::token_nll;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_data::prepare::{PrepareConfig, prepare};
 use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, Split, Tokenizer};
@@ -117,7 +117,7 @@ pub fn cross_entropy_sum(model: &Llama, windows: &[Vec<u32>], device: &Device) -
     let (inputs, targets) = inputs_and_targets(windows, device);
     let logits = model.forward(inputs);
     let [b, t, v] = logits.dims();
-    log_softmax(logits.reshape([b * t, v]), 1).gather(1, targets).sum().neg()
+    token_nll(logits.reshape([b * t, v]), targets.reshape([b * t])).sum()
 }
 
 /// The pre-training objective over a packed reader.

@@ -20,6 +20,7 @@ use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Overlong, Role, pack};
 use llama_model::generate::{Generation, SamplingConfig, generate};
+use llama_model::loss::token_nll;
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::checkpoint::{Checkpoints, init_model};
@@ -265,8 +266,8 @@ pub fn token_logprobs(model: &Llama, sequences: &[Vec<u32>], pad: u32) -> Tensor
     let [b, t] = tokens.dims();
     let logits = model.forward(tokens.clone().slice([0..b, 0..t - 1]));
     let v = logits.dims()[2];
-    let targets = tokens.slice([0..b, 1..t]).reshape([b * (t - 1), 1]);
-    log_softmax(logits.reshape([b * (t - 1), v]), 1).gather(1, targets).reshape([b, t - 1])
+    let targets = tokens.slice([0..b, 1..t]).reshape([b * (t - 1)]);
+    token_nll(logits.reshape([b * (t - 1), v]), targets).neg().reshape([b, t - 1])
 }
 
 /// One PPO batch after the rollout: everything the update needs, on the host.

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use burn::tensor::activation::log_softmax;
+use llama_model::loss::token_nll;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, pack};
@@ -162,7 +162,7 @@ pub fn masked_loss_sum(model: &Llama, seqs: &[Packed], separate: bool, device: &
 pub fn masked_nll_sum(model: &Llama, inputs: Tensor<2, Int>, targets: Tensor<2, Int>, mask: Tensor<1>, attention: Option<Tensor<3, Bool>>) -> Tensor<1> {
     let logits = model.project(model.forward_hidden(inputs, attention));
     let [b, t, v] = logits.dims();
-    let nll = log_softmax(logits.reshape([b * t, v]), 1).gather(1, targets).reshape([b * t]).neg();
+    let nll = token_nll(logits.reshape([b * t, v]), targets.reshape([b * t]));
     (nll * mask).sum()
 }
 

@@ -233,7 +233,7 @@ fn peak_rss_gib() -> f64 {
 fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{AdamWConfig, GradientsParams};
-    use burn::tensor::activation::log_softmax;
+    use llama_model::loss::token_nll;
     use burn::tensor::{Int, Tensor, TensorData};
     use std::time::Instant;
     let c = LlamaConfig::from_toml_file(config)?;
@@ -257,13 +257,13 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let inputs: Vec<i64> = tokens.chunks(seq_len + 1).flat_map(|w| w[..seq_len].to_vec()).collect();
     let targets: Vec<i64> = tokens.chunks(seq_len + 1).flat_map(|w| w[1..].to_vec()).collect();
     let inputs = Tensor::<2, Int>::from_data(TensorData::new(inputs, [batch, seq_len]), &device);
-    let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [batch * seq_len, 1]), &device);
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [batch * seq_len]), &device);
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     for step in 0..=steps {
         let t0 = Instant::now();
         let logits = precision.compute_copy(&model).forward(inputs.clone());
         let v = c.vocab_size;
-        let loss = log_softmax(logits.reshape([batch * seq_len, v]), 1).gather(1, targets.clone()).mean().neg();
+        let loss = token_nll(logits.reshape([batch * seq_len, v]), targets.clone()).mean();
         let loss_value = loss.clone().into_scalar::<f32>();
         let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
