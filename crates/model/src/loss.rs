@@ -99,7 +99,7 @@ impl TokenNllBackend for Flex {
             let lse = nll[i] + row[t];
             let g = grad[i];
             for (o, &v) in out.iter_mut().zip(row) {
-                *o = g * (v - lse).exp();
+                *o = g * exp_nonpositive(v - lse);
             }
             out[t] -= g;
         });
@@ -131,14 +131,49 @@ fn target_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
         .collect()
 }
 
-/// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows.
+/// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows. Eight
+/// independent accumulators let the compiler vectorise both reductions.
 fn log_sum_exp(row: &[f32]) -> f32 {
-    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let (chunks, rest) = row.as_chunks::<8>();
+    let mut maxes = [f32::NEG_INFINITY; 8];
+    for chunk in chunks {
+        for (m, &v) in maxes.iter_mut().zip(chunk) {
+            *m = if v > *m { v } else { *m };
+        }
+    }
+    let max = maxes.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
         return max;
     }
-    let sum: f32 = row.iter().map(|&v| (v - max).exp()).sum();
+    let mut sums = [0f32; 8];
+    for chunk in chunks {
+        for (s, &v) in sums.iter_mut().zip(chunk) {
+            *s += exp_nonpositive(v - max);
+        }
+    }
+    let sum: f32 = sums.iter().sum::<f32>() + rest.iter().map(|&v| exp_nonpositive(v - max)).sum::<f32>();
     max + sum.ln()
+}
+
+/// `exp(x)` for `x <= 0` (a logit minus its row's maximum or log-sum-exp), without branches so
+/// that the loops above vectorise: the libm `expf` call per element was 10% of a training step.
+/// `2^(x log2 e) = 2^n 2^f` with `n` the nearest integer and `|f| <= 1/2`; `2^f = e^(f ln 2)` by
+/// its Taylor series to degree 7 (relative error below 2e-7 on that interval). Arguments below
+/// -87 give `exp(-87)` ~ 1.6e-38 (instead of a smaller subnormal or zero), negligible next to the
+/// row's largest term, 1; NaN stays NaN.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    // Not `x.max(-87.0)`: that would turn NaN into -87.
+    let x = if x < -87.0 { -87.0 } else { x };
+    let t = x * std::f32::consts::LOG2_E;
+    // Round to nearest by adding and subtracting 1.5 * 2^23 (no `round` instruction needed).
+    let n = (t + 12_582_912.0) - 12_582_912.0;
+    // g = x - n ln 2, with ln 2 split in two (Cody-Waite) so that n ln 2 is exact for |n| <= 127.
+    let g = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
+    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0 + g * (1.0 / 5040.0)))))));
+    // 2^n for n in -126..=0, built from its exponent bits.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    p * scale
 }
 
 impl<B: Backend + TokenNllBackend, C: CheckpointStrategy> TokenNllBackend for Autodiff<B, C> {
@@ -225,6 +260,20 @@ mod tests {
         let (fused, composed) = (grad_of(true), grad_of(false));
         assert!(composed.iter().any(|g| g.abs() > 1e-3), "the reference gradient is not trivially zero");
         assert_close(fused, composed, 1e-5);
+    }
+
+    #[test]
+    fn exp_nonpositive_matches_libm() {
+        let mut worst = 0f64;
+        for i in 0..=200_000 {
+            let x = -87.0 * i as f32 / 200_000.0;
+            let (ours, libm) = (exp_nonpositive(x) as f64, (x as f64).exp());
+            worst = worst.max((ours - libm).abs() / libm);
+        }
+        assert!(worst < 1e-6, "worst relative error {worst:e}");
+        assert_eq!(exp_nonpositive(0.0), 1.0);
+        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
+        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]
