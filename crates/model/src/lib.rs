@@ -6,9 +6,11 @@
 //!   log-probability of every generated token.
 //! - [`checkpoint`]: native checkpoints and Hugging Face `LlamaForCausalLM` directories, both ways.
 //! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
+//! - [`attention`]: causal self-attention, one fused op with its own backward on the CPU.
 //! - [`loss`]: next-token cross-entropy, one fused op with its own backward on the CPU.
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
+pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;

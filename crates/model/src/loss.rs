@@ -162,7 +162,7 @@ fn log_sum_exp(row: &[f32]) -> f32 {
 /// -87 give `exp(-87)` ~ 1.6e-38 (instead of a smaller subnormal or zero), negligible next to the
 /// row's largest term, 1; NaN stays NaN.
 #[inline(always)]
-fn exp_nonpositive(x: f32) -> f32 {
+pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     // Not `x.max(-87.0)`: that would turn NaN into -87.
     let x = if x < -87.0 { -87.0 } else { x };
     let t = x * std::f32::consts::LOG2_E;

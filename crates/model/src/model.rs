@@ -12,6 +12,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
+use crate::attention::causal_attention;
 
 /// Standard deviation of the normal initialisation (as Hugging Face `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
@@ -21,6 +22,20 @@ fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
         .with_bias(false)
         .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
         .init(device)
+}
+
+/// `linear.forward` over `[batch, seq, d_in]` as one `[batch * seq, d_in]` matmul. Given the 3-d
+/// input, Burn keeps a batched matmul whenever seq is a multiple of 32, and the flex backend then
+/// packs the weight once per sequence (the 32000-row output projection 8 times per forward on
+/// bench-small) with one thread per sequence; one matmul packs it once and splits the rows.
+///
+/// # Shapes
+/// - x: `[batch, seq, d_in]` -> `[batch, seq, d_out]`
+fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    let [b, t, d] = x.dims();
+    let y = linear.forward(x.reshape([b * t, d]));
+    let n = y.dims()[1];
+    y.reshape([b, t, n])
 }
 
 fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
@@ -116,22 +131,25 @@ impl Attention {
     ) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(self.wq.forward(x.clone()), self.n_heads), start);
-        let k = rope.apply(heads(self.wk.forward(x.clone()), self.n_kv_heads), start);
-        let v = heads(self.wv.forward(x), self.n_kv_heads);
+        let q = rope.apply(heads(apply(&self.wq, x.clone()), self.n_heads), start);
+        let k = rope.apply(heads(apply(&self.wk, x.clone()), self.n_kv_heads), start);
+        let v = heads(apply(&self.wv, x), self.n_kv_heads);
         let (k, v) = match cache {
             Some(cache) => cache.append(k, v, start),
             None => (k, v),
         };
         let n_rep = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
-        let mask = mask.map(|m| {
-            let [_, tq, tk] = m.dims();
-            m.unsqueeze_dim::<4>(1).expand([b, self.n_heads, tq, tk])
-        });
-        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
-        let out = attention(q, k, v, mask, None, options);
-        self.wo.forward(out.swap_dims(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
+        let out = match mask {
+            None => causal_attention(q, k, v),
+            Some(m) => {
+                let [_, tq, tk] = m.dims();
+                let mask = m.unsqueeze_dim::<4>(1).expand([b, self.n_heads, tq, tk]);
+                let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+                attention(q, k, v, Some(mask), None, options)
+            }
+        };
+        apply(&self.wo, out.swap_dims(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
     }
 }
 
@@ -164,7 +182,7 @@ impl FeedForward {
     /// # Shapes
     /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        self.w2.forward(silu(self.w1.forward(x.clone())) * self.w3.forward(x))
+        apply(&self.w2, silu(apply(&self.w1, x.clone())) * apply(&self.w3, x))
     }
 }
 
@@ -275,8 +293,13 @@ impl Llama {
     /// it never run in half precision (what PyTorch's autocast does for cross-entropy).
     pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
         let logits = match &self.output {
-            Some(output) => output.forward(hidden),
-            None => hidden.matmul(self.tok_embeddings.weight.val().transpose().unsqueeze()),
+            Some(output) => apply(output, hidden),
+            None => {
+                let [b, t, d] = hidden.dims();
+                let logits = hidden.reshape([b * t, d]).matmul(self.tok_embeddings.weight.val().transpose());
+                let v = logits.dims()[1];
+                logits.reshape([b, t, v])
+            }
         };
         // Casting f32 to f32 would still add a node to the autodiff graph.
         if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }

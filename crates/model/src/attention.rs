@@ -1,0 +1,267 @@
+//! Causal self-attention, fused on the CPU.
+//!
+//! Under autodiff Burn 0.22 composes attention from about ten tensor ops (matmul, scale, causal
+//! mask built and applied, max, subtract, exp, sum, divide, matmul) and as many more in backward,
+//! each a full pass over the `[batch, heads, seq, seq]` scores, most of them on one thread in the
+//! flex backend. [`causal_attention`] is one Burn backend extension op ([`CausalAttentionBackend`])
+//! with its own backward: per (batch, head), in parallel over the rayon pool, one matmul for the
+//! scores, one in-place masked softmax, one matmul for the output; backward is the four matmuls
+//! and one element-wise pass of the softmax gradient. The probabilities are kept for backward
+//! (what the composed graph keeps too).
+//!
+//! Only the flex (CPU) backend has the fused kernel, for f32 and no extra mask (pre-training, and
+//! prefill); everywhere else [`causal_attention`] calls Burn's `attention`.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::loss::exp_nonpositive;
+
+/// `softmax(q k^T / sqrt(head_dim) + causal mask) v`: query `i` sees keys `0..=i`.
+///
+/// # Shapes
+/// - q, k, v: `[batch, heads, seq, head_dim]` (k and v already repeated to `heads`) -> same
+pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let on_flex = matches!(q.device().as_dispatch().clone().inner(), DispatchDevice::Flex(_));
+    if on_flex && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
+        let out = <Dispatch as CausalAttentionBackend>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+        Tensor::from_dispatch(out)
+    } else {
+        composed_causal_attention(q, k, v)
+    }
+}
+
+/// [`causal_attention`] through Burn's `attention` (composed under autodiff): the reference the
+/// fused op is tested against, and the path on every other backend.
+pub fn composed_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: true })
+}
+
+/// The fused attention as a Burn backend extension, implemented for `Flex` and `Autodiff<Flex>`;
+/// [`causal_attention`] calls it only on flex tensors.
+#[backend_extension(Flex, Autodiff)]
+pub trait CausalAttentionBackend: Backend {
+    /// The attention output. Shapes as [`causal_attention`].
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self>;
+
+    /// The output and the attention probabilities `[batch, heads, seq, seq]` (zero above the
+    /// diagonal), which backward needs.
+    fn causal_attention_with_probs(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+
+    /// Gradients of q, k and v from the output's gradient.
+    fn causal_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+/// Contiguous f32 values of a flex tensor and its 4 dims.
+fn values(t: &FlexTensor) -> (FlexTensor, [usize; 4]) {
+    let t = t.to_contiguous();
+    let s = t.layout().shape();
+    let dims = [s[0], s[1], s[2], s[3]];
+    (t, dims)
+}
+
+fn slice_of(t: &FlexTensor) -> &[f32] {
+    let start = t.layout().start_offset();
+    &t.storage::<f32>()[start..start + t.layout().num_elements()]
+}
+
+/// `dst = lhs * rhs` for row-major `lhs` `[m, k]` and `rhs` `[k, n]` given by their strides
+/// (`(row, column)` in elements, so a transposed operand is just swapped strides); one thread.
+#[allow(clippy::too_many_arguments)]
+fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: &[f32], lhs_rs: usize, lhs_cs: usize, rhs: &[f32], rhs_rs: usize, rhs_cs: usize, scale: f32) {
+    debug_assert!(dst.len() >= m * n);
+    // SAFETY: the strides describe matrices inside the given slices (checked by the callers'
+    // shapes); dst is [m, n] row-major and does not alias the inputs.
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            dst.as_mut_ptr(), 1, n as isize, false,
+            lhs.as_ptr(), lhs_cs as isize, lhs_rs as isize,
+            rhs.as_ptr(), rhs_cs as isize, rhs_rs as isize,
+            0.0, scale, false, false, false, gemm::Parallelism::None,
+        );
+    }
+}
+
+impl CausalAttentionBackend for Flex {
+    fn causal_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> FlexTensor {
+        Self::causal_attention_with_probs(q, k, v).0
+    }
+
+    fn causal_attention_with_probs(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> (FlexTensor, FlexTensor) {
+        let ((q, [b, h, t, d]), (k, _), (v, _)) = (values(&q), values(&k), values(&v));
+        let (q, k, v) = (slice_of(&q), slice_of(&k), slice_of(&v));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; b * h * t * d];
+        let mut probs = vec![0f32; b * h * t * t];
+        out.par_chunks_mut(t * d).zip(probs.par_chunks_mut(t * t)).enumerate().for_each(|(bh, (out, p))| {
+            let (q, k, v) = (&q[bh * t * d..][..t * d], &k[bh * t * d..][..t * d], &v[bh * t * d..][..t * d]);
+            // scores = q k^T * scale (k^T: k's strides swapped)
+            matmul(p, t, t, d, q, d, 1, k, 1, d, scale);
+            for (i, row) in p.chunks_mut(t).enumerate() {
+                let (seen, future) = row.split_at_mut(i + 1);
+                let max = seen.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let mut sum = 0.0;
+                for s in seen.iter_mut() {
+                    *s = exp_nonpositive(*s - max);
+                    sum += *s;
+                }
+                let inv = 1.0 / sum;
+                seen.iter_mut().for_each(|s| *s *= inv);
+                future.fill(0.0);
+            }
+            matmul(out, t, d, t, p, t, 1, v, d, 1, 1.0);
+        });
+        (FlexTensor::from_data(TensorData::new(out, [b, h, t, d])), FlexTensor::from_data(TensorData::new(probs, [b, h, t, t])))
+    }
+
+    fn causal_attention_backward(q: FlexTensor, k: FlexTensor, v: FlexTensor, probs: FlexTensor, grad: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let ((q, [b, h, t, d]), (k, _), (v, _), (probs, _), (grad, _)) = (values(&q), values(&k), values(&v), values(&probs), values(&grad));
+        let (q, k, v, probs, grad) = (slice_of(&q), slice_of(&k), slice_of(&v), slice_of(&probs), slice_of(&grad));
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * t * d], vec![0f32; b * h * t * d], vec![0f32; b * h * t * d]);
+        dq.par_chunks_mut(t * d)
+            .zip(dk.par_chunks_mut(t * d))
+            .zip(dv.par_chunks_mut(t * d))
+            .enumerate()
+            .for_each(|(bh, ((dq, dk), dv))| {
+                let r = bh * t * d..(bh + 1) * t * d;
+                let (q, k, v, g) = (&q[r.clone()], &k[r.clone()], &v[r.clone()], &grad[r]);
+                let p = &probs[bh * t * t..(bh + 1) * t * t];
+                // dv = p^T g
+                matmul(dv, t, d, t, p, 1, t, g, d, 1, 1.0);
+                // dp = g v^T, then ds = p * (dp - rowsum(p * dp)), in place
+                let mut ds = vec![0f32; t * t];
+                matmul(&mut ds, t, t, d, g, d, 1, v, 1, d, 1.0);
+                for (row, p_row) in ds.chunks_mut(t).zip(p.chunks(t)) {
+                    let dot: f32 = row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - dot));
+                }
+                // dq = ds k * scale, dk = ds^T q * scale
+                matmul(dq, t, d, t, &ds, t, 1, k, d, 1, scale);
+                matmul(dk, t, d, t, &ds, 1, t, q, d, 1, scale);
+            });
+        let shape = [b, h, t, d];
+        (
+            FlexTensor::from_data(TensorData::new(dq, shape)),
+            FlexTensor::from_data(TensorData::new(dk, shape)),
+            FlexTensor::from_data(TensorData::new(dv, shape)),
+        )
+    }
+}
+
+impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttentionBackend for Autodiff<B, C> {
+    fn causal_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [q.node(), k.node(), v.node()];
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let (out, probs) = B::causal_attention_with_probs(q.clone(), k.clone(), v.clone());
+        match CausalAttention.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((q, k, v, probs), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+
+    /// Not differentiated itself: computed on the inner backend, returned untracked.
+    fn causal_attention_with_probs(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>) {
+        let (out, probs) = B::causal_attention_with_probs(q.into_primitive(), k.into_primitive(), v.into_primitive());
+        (FloatTensor::<Self>::new(out), FloatTensor::<Self>::new(probs))
+    }
+
+    /// Not differentiated itself: computed on the inner backend, returned untracked.
+    fn causal_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        probs: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        let (dq, dk, dv) = B::causal_attention_backward(q.into_primitive(), k.into_primitive(), v.into_primitive(), probs.into_primitive(), grad.into_primitive());
+        (FloatTensor::<Self>::new(dq), FloatTensor::<Self>::new(dk), FloatTensor::<Self>::new(dv))
+    }
+}
+
+/// The backward step [`CausalAttentionBackend::causal_attention`] records on the autodiff graph.
+#[derive(Debug)]
+struct CausalAttention;
+
+impl<B: Backend + CausalAttentionBackend> Backward<B, 3> for CausalAttention {
+    /// q, k, v and the attention probabilities.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, probs) = ops.state;
+        let (dq, dk, dv) = B::causal_attention_backward(q, k, v, probs, grad);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn close(a: Tensor<4>, b: Tensor<4>, tol: f32) {
+        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
+        assert_eq!(a.len(), b.len());
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
+        }
+    }
+
+    fn qkv(device: &Device) -> [Tensor<4>; 3] {
+        device.seed(7);
+        [0, 1, 2].map(|_| Tensor::<4>::random([2, 3, 9, 8], Distribution::Normal(0.0, 1.0), device))
+    }
+
+    #[test]
+    fn fused_forward_equals_composed() {
+        let [q, k, v] = qkv(&Device::flex());
+        close(causal_attention(q.clone(), k.clone(), v.clone()), composed_causal_attention(q, k, v), 1e-5);
+    }
+
+    /// Gradients of q, k and v through the fused op and through Burn's composed attention, for an
+    /// uneven upstream gradient, agree to 1e-5; also for strided (swapped-dims) inputs as the
+    /// model passes them.
+    #[test]
+    fn fused_gradients_equal_composed() {
+        let device = Device::flex().autodiff();
+        let [q, k, v] = qkv(&device);
+        let weights = Tensor::<4>::random([2, 3, 9, 8], Distribution::Normal(0.0, 1.0), &device);
+        let grads_of = |fused: bool| {
+            let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
+            // Strided views, as `Attention::forward` produces them.
+            let (qs, ks, vs) = (q.clone().swap_dims(1, 2).swap_dims(1, 2), k.clone(), v.clone().swap_dims(1, 2).swap_dims(1, 2));
+            let out = if fused { causal_attention(qs, ks, vs) } else { composed_causal_attention(qs, ks, vs) };
+            let grads = (out * weights.clone()).sum().backward();
+            [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
+        };
+        for (fused, composed) in grads_of(true).into_iter().zip(grads_of(false)) {
+            close(fused, composed, 1e-4);
+        }
+    }
+}
