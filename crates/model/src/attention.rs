@@ -18,7 +18,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Autodiff, Backend, Dispatch, DispatchDevice, Flex, backend_extension};
+use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData};
@@ -31,8 +31,7 @@ use crate::loss::exp_nonpositive;
 /// # Shapes
 /// - q, k, v: `[batch, heads, seq, head_dim]` (k and v already repeated to `heads`) -> same
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    let on_flex = matches!(q.device().as_dispatch().clone().inner(), DispatchDevice::Flex(_));
-    if on_flex && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
+    if crate::device::is_flex(&q.device()) && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
         let out = <Dispatch as CausalAttentionBackend>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(out)
     } else {

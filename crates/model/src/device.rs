@@ -54,6 +54,12 @@ pub fn is_cpu(spec: &str) -> bool {
     spec == "flex" || spec == "cpu"
 }
 
+/// Whether `device` is the flex (CPU) backend, with or without autodiff: the backend our fused
+/// kernels (`loss`, `attention`) are written for.
+pub fn is_flex(device: &Device) -> bool {
+    matches!(device.as_dispatch().clone().inner(), burn::backend::DispatchDevice::Flex(_))
+}
+
 /// Opens `device` with a one-element computation, so that a missing driver or adapter is a clear
 /// error before any work rather than a panic inside the backend's device thread.
 pub fn probe(device: &Device, spec: &str) -> Result<(), ModelError> {
