@@ -4,13 +4,7 @@
 #   scripts/bench.sh [configs/bench-small.toml:8:256 configs/bench-medium.toml:4:512 ...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
-venv="${LLAMA2_TORCH_VENV:-$HOME/.cache/llama2-rs/torch-venv}"
-if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers
-fi
-cargo build --release --bin llama
+source scripts/bench_env.sh
 out="${BENCH_OUT:-runs/bench}"; mkdir -p "$out"
 runs=("$@"); [ ${#runs[@]} -eq 0 ] && runs=(configs/bench-small.toml:8:256 configs/bench-medium.toml:4:512)
 for spec in "${runs[@]}"; do

@@ -3,16 +3,10 @@
 # writes runs/bench-seq/*.json and docs/bench-seq-len.svg (issue 8). Two timed steps per point
 # after a warm-up step (the first step after warm-up still grows the heap), alternating ours /
 # PyTorch; 2 threads each.
-#   scripts/bench_seq_len.sh [CONFIG:BATCH:SEQ,SEQ,... ...]    (both configs: about 25 minutes)
+#   scripts/bench_seq_len.sh [CONFIG:BATCH:SEQ,SEQ,... ...]    (both configs: about 20 minutes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
-venv="${LLAMA2_TORCH_VENV:-$HOME/.cache/llama2-rs/torch-venv}"
-if ! "$venv/bin/python" -c "import torch, transformers" 2>/dev/null; then
-    python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check torch transformers
-fi
-cargo build --release --bin llama
+source scripts/bench_env.sh
 out="${BENCH_OUT:-runs/bench-seq}"; mkdir -p "$out"
 sweep() {  # config batch seq...
     local cfg=$1 batch=$2; shift 2
@@ -27,4 +21,4 @@ for spec in "${specs[@]}"; do
     IFS=: read -r cfg batch seqs <<<"$spec"
     sweep "$cfg" "$batch" ${seqs//,/ }
 done
-python3 scripts/plot_seq_len.py "$out" docs/bench-seq-len.svg
+python3 scripts/plot_seq_len.py "$out" "${BENCH_SVG:-docs/bench-seq-len.svg}"

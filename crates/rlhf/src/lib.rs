@@ -85,11 +85,13 @@ pub struct RsConfig {
     /// Hand PPO the round with the best held-out reward (the starting policy included) rather
     /// than the last round (ours: early stopping on held-out prompts, as PPO does).
     pub keep_best_round: bool,
+    /// Seed of the K samples (0 reproduces earlier runs; vary it to repeat an experiment).
+    pub seed: u64,
 }
 
 impl Default for RsConfig {
     fn default() -> Self {
-        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false }
+        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false, seed: 0 }
     }
 }
 
@@ -556,7 +558,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         for (chunk_i, chunk) in prompts.chunks((64 / rs.k).max(1)).enumerate() {
             let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&tokenizer)).collect::<Result<_, _>>()?;
             let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
-            let seed = (round as u64) << 32 | chunk_i as u64;
+            let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
             let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
             let out = generate(&sampler, &batch, &sampling)?;
             let seqs: Vec<Vec<u32>> = batch.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
