@@ -453,9 +453,9 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     stats
 }
 
-/// Mean combined reward (as logit(Rc)) of greedy answers to held-out prompts, and their mean KL
-/// to the reference; plus a few samples for the logs.
-/// The held-out evaluation of a policy: greedy answers to the held-out prompts.
+/// The held-out evaluation of a policy: the mean combined reward of its greedy answers to the
+/// held-out prompts (as logit(Rc) and as Rc), their mean KL to the reference, and a few samples
+/// for the logs.
 pub struct HeldOut {
     /// Mean `logit(Rc)`: PPO's reward scale (what early stopping compares).
     pub reward: f64,
