@@ -24,7 +24,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::loss::exp_nonpositive;
+use crate::flex_kernels::{exp_nonpositive, f32_values};
 
 /// `softmax(q k^T / sqrt(head_dim) + causal mask) v`: query `i` sees keys `0..=i`.
 ///
@@ -78,11 +78,6 @@ fn values(t: &FlexTensor) -> (FlexTensor, [usize; 4]) {
     (t, dims)
 }
 
-fn slice_of(t: &FlexTensor) -> &[f32] {
-    let start = t.layout().start_offset();
-    &t.storage::<f32>()[start..start + t.layout().num_elements()]
-}
-
 /// `dst = lhs * rhs` for row-major `lhs` `[m, k]` and `rhs` `[k, n]` given by their strides
 /// (`(row, column)` in elements, so a transposed operand is just swapped strides); one thread.
 #[allow(clippy::too_many_arguments)]
@@ -108,7 +103,7 @@ impl CausalAttentionBackend for Flex {
 
     fn causal_attention_with_probs(q: FlexTensor, k: FlexTensor, v: FlexTensor) -> (FlexTensor, FlexTensor) {
         let ((q, [b, h, t, d]), (k, _), (v, _)) = (values(&q), values(&k), values(&v));
-        let (q, k, v) = (slice_of(&q), slice_of(&k), slice_of(&v));
+        let (q, k, v) = (f32_values(&q), f32_values(&k), f32_values(&v));
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; b * h * t * d];
         let mut probs = vec![0f32; b * h * t * t];
@@ -135,7 +130,7 @@ impl CausalAttentionBackend for Flex {
 
     fn causal_attention_backward(q: FlexTensor, k: FlexTensor, v: FlexTensor, probs: FlexTensor, grad: FlexTensor) -> (FlexTensor, FlexTensor, FlexTensor) {
         let ((q, [b, h, t, d]), (k, _), (v, _), (probs, _), (grad, _)) = (values(&q), values(&k), values(&v), values(&probs), values(&grad));
-        let (q, k, v, probs, grad) = (slice_of(&q), slice_of(&k), slice_of(&v), slice_of(&probs), slice_of(&grad));
+        let (q, k, v, probs, grad) = (f32_values(&q), f32_values(&k), f32_values(&v), f32_values(&probs), f32_values(&grad));
         let scale = 1.0 / (d as f32).sqrt();
         let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * t * d], vec![0f32; b * h * t * d], vec![0f32; b * h * t * d]);
         dq.par_chunks_mut(t * d)

@@ -14,6 +14,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+mod flex_kernels;
 pub mod generate;
 pub mod host_memory;
 pub mod loss;

@@ -24,6 +24,8 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+use crate::flex_kernels::{exp_nonpositive, f32_values};
+
 /// Negative log-likelihood of each row's target under `softmax(logits)`.
 ///
 /// # Shapes
@@ -86,7 +88,7 @@ impl TokenNllBackend for Flex {
         let (x, rows, vocab) = rows_of(&logits);
         let targets = target_ids(&targets, rows, vocab);
         let (nll, grad) = (nll.to_contiguous(), grad.to_contiguous());
-        let (nll, grad) = (&nll.storage::<f32>()[nll.layout().start_offset()..], &grad.storage::<f32>()[grad.layout().start_offset()..]);
+        let (nll, grad) = (f32_values(&nll), f32_values(&grad));
         // Every element is written below: no zero-filling pass over the logits-sized buffer.
         let mut out: Vec<f32> = Vec::with_capacity(rows * vocab);
         out.spare_capacity_mut().par_chunks_mut(vocab).enumerate().for_each(|(i, out)| {
@@ -106,12 +108,10 @@ impl TokenNllBackend for Flex {
     }
 }
 
-/// The contiguous f32 rows of a `[rows, vocab]` flex tensor.
+/// The f32 rows of a contiguous `[rows, vocab]` flex tensor.
 fn rows_of(logits: &FlexTensor) -> (&[f32], usize, usize) {
     let shape = logits.layout().shape();
-    let (rows, vocab) = (shape[0], shape[1]);
-    let start = logits.layout().start_offset();
-    (&logits.storage::<f32>()[start..start + rows * vocab], rows, vocab)
+    (f32_values(logits), shape[0], shape[1])
 }
 
 fn target_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
@@ -152,32 +152,6 @@ fn log_sum_exp(row: &[f32]) -> f32 {
     }
     let sum: f32 = sums.iter().sum::<f32>() + rest.iter().map(|&v| exp_nonpositive(v - max)).sum::<f32>();
     max + sum.ln()
-}
-
-/// `exp(x)` for `x <= 0` (a logit minus its row's maximum or log-sum-exp), without branches so
-/// that the loops above vectorise: the libm `expf` call per element was 10% of a training step.
-/// `2^(x log2 e) = 2^n 2^f` with `n` the nearest integer and `|f| <= 1/2`; `2^f = e^(f ln 2)` by
-/// its Taylor series to degree 7 (relative error below 2e-7 on that interval). Arguments below
-/// -87 give `exp(-87)` ~ 1.6e-38 (instead of a smaller subnormal or zero), negligible next to the
-/// row's largest term, 1; NaN stays NaN.
-#[inline(always)]
-pub(crate) fn exp_nonpositive(x: f32) -> f32 {
-    // Not `x.max(-87.0)`: that would turn NaN into -87.
-    let x = if x < -87.0 { -87.0 } else { x };
-    let t = x * std::f32::consts::LOG2_E;
-    // Round to nearest by adding 1.5 * 2^23: the sum's low mantissa bits are then n itself (two's
-    // complement), so neither a `round` nor a float-to-int conversion is needed (both keep LLVM
-    // from vectorising on the baseline x86-64 target).
-    const MAGIC: f32 = 12_582_912.0;
-    let shifted = t + MAGIC;
-    let n = shifted - MAGIC;
-    let n_bits = shifted.to_bits().wrapping_sub(MAGIC.to_bits());
-    // g = x - n ln 2, with ln 2 split in two (Cody-Waite) so that n ln 2 is exact for |n| <= 127.
-    let g = (x - n * 0.693_359_4) + n * 2.121_944_4e-4;
-    let p = 1.0 + g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0 + g * (1.0 / 720.0 + g * (1.0 / 5040.0)))))));
-    // 2^n for n in -126..=0, built from its exponent bits.
-    let scale = f32::from_bits(n_bits.wrapping_add(127) << 23);
-    p * scale
 }
 
 impl<B: Backend + TokenNllBackend, C: CheckpointStrategy> TokenNllBackend for Autodiff<B, C> {
@@ -264,20 +238,6 @@ mod tests {
         let (fused, composed) = (grad_of(true), grad_of(false));
         assert!(composed.iter().any(|g| g.abs() > 1e-3), "the reference gradient is not trivially zero");
         assert_close(fused, composed, 1e-5);
-    }
-
-    #[test]
-    fn exp_nonpositive_matches_libm() {
-        let mut worst = 0f64;
-        for i in 0..=200_000 {
-            let x = -87.0 * i as f32 / 200_000.0;
-            let (ours, libm) = (exp_nonpositive(x) as f64, (x as f64).exp());
-            worst = worst.max((ours - libm).abs() / libm);
-        }
-        assert!(worst < 1e-6, "worst relative error {worst:e}");
-        assert_eq!(exp_nonpositive(0.0), 1.0);
-        assert!(exp_nonpositive(f32::NEG_INFINITY) < 1e-37);
-        assert!(exp_nonpositive(f32::NAN).is_nan());
     }
 
     #[test]

@@ -32,8 +32,13 @@ fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 /// # Shapes
 /// - x: `[batch, seq, d_in]` -> `[batch, seq, d_out]`
 fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
+    over_rows(x, |rows| linear.forward(rows))
+}
+
+/// `f` applied to `x`'s `[batch * seq, d]` rows, the result reshaped back to `[batch, seq, _]`.
+fn over_rows(x: Tensor<3>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<3> {
     let [b, t, d] = x.dims();
-    let y = linear.forward(x.reshape([b * t, d]));
+    let y = f(x.reshape([b * t, d]));
     let n = y.dims()[1];
     y.reshape([b, t, n])
 }
@@ -294,12 +299,7 @@ impl Llama {
     pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
         let logits = match &self.output {
             Some(output) => apply(output, hidden),
-            None => {
-                let [b, t, d] = hidden.dims();
-                let logits = hidden.reshape([b * t, d]).matmul(self.tok_embeddings.weight.val().transpose());
-                let v = logits.dims()[1];
-                logits.reshape([b, t, v])
-            }
+            None => over_rows(hidden, |rows| rows.matmul(self.tok_embeddings.weight.val().transpose())),
         };
         // Casting f32 to f32 would still add a node to the autodiff graph.
         if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }

@@ -256,6 +256,18 @@ pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
     s
 }
 
+/// The policy's greedy answers to `prompts` (token ids `ids`), scored: (answer tokens, prompt +
+/// answer sequences as scored, scores). What the held-out evaluation measures, and the answer
+/// that competes with the K samples under `include_greedy`.
+fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(max_new) };
+    let out = generate(policy, ids, &sampling)?;
+    let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+    let refs: Vec<&Prompt> = prompts.iter().collect();
+    let scores = scorers.score(&seqs, &refs);
+    Ok((out.tokens, seqs, scores))
+}
+
 /// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
 /// prompt + response sequences: the quantity the generator returned for the same tokens.
 ///
@@ -477,11 +489,8 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
     let mut samples = vec![];
     for group in prompts.chunks(16) {
         let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-        let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(max_new) };
-        let out = generate(&policy, &ids, &sampling)?;
-        let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-        let refs: Vec<&Prompt> = group.iter().collect();
-        for s in scorers.score(&seqs, &refs) {
+        let (answers, seqs, scores) = greedy_answers(&policy, &ids, group, tokenizer, scorers, max_new)?;
+        for s in scores {
             rewards.push(logit(s.combined));
             combined.push(s.combined);
         }
@@ -493,7 +502,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
             let n = s.len() - ids[i].len();
             kls.push((0..n).map(|j| (lp[i * width + start + j] - rl[i * width + start + j]) as f64).sum::<f64>());
         }
-        for (p, r) in group.iter().zip(&out.tokens) {
+        for (p, r) in group.iter().zip(&answers) {
             let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
             samples.push((q, tokenizer.decode(r)?));
         }
@@ -567,10 +576,8 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             // The policy's own greedy answer competes too: the kept answer is never worse than
             // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
             let greedy = if rs.include_greedy {
-                let g = generate(&sampler, &ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(rs.max_new_tokens) })?;
-                let seqs: Vec<Vec<u32>> = ids.iter().zip(&g.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-                let refs: Vec<&Prompt> = chunk.iter().collect();
-                Some((g.tokens, scorers.score(&seqs, &refs)))
+                let (tokens, _, scores) = greedy_answers(&sampler, &ids, chunk, &tokenizer, &scorers, rs.max_new_tokens)?;
+                Some((tokens, scores))
             } else {
                 None
             };

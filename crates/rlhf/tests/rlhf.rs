@@ -119,13 +119,7 @@ fn bad_input_is_refused_before_any_work() {
 }
 
 fn last_value(metrics: &Path, key: &str) -> f64 {
-    std::fs::read_to_string(metrics)
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
-        .last()
-        .unwrap_or_else(|| panic!("{key} not logged"))
+    *all_values(metrics, key).last().unwrap_or_else(|| panic!("{key} not logged"))
 }
 
 /// With `include_greedy`, the policy's greedy answer competes with the K samples, so the kept
