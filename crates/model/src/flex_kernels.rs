@@ -1,6 +1,18 @@
-//! Helpers shared by the fused flex kernels ([`crate::loss`], [`crate::attention`]).
+//! Helpers shared by the fused flex kernels ([`crate::loss`], [`crate::attention`],
+//! [`crate::swiglu`], [`crate::rotary`]).
 
 use burn::backend::flex::FlexTensor;
+use burn::tensor::DType;
+
+/// Elements per rayon task in the element-wise kernels: large enough that scheduling costs
+/// nothing next to the work, small enough that both cores get many pieces of a `[rows, d]` tensor.
+pub(crate) const CHUNK: usize = 1 << 14;
+
+/// `t` in row-major order (copied only when it is a strided view), checked to hold f32.
+pub(crate) fn contiguous_f32(t: FlexTensor) -> FlexTensor {
+    assert_eq!(t.dtype(), DType::F32, "fused flex kernels take f32 tensors");
+    t.to_contiguous()
+}
 
 /// The f32 values of a contiguous flex tensor (from its start offset, `num_elements` long).
 pub(crate) fn f32_values(t: &FlexTensor) -> &[f32] {

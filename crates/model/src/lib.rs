@@ -8,6 +8,7 @@
 //! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
 //! - [`attention`]: causal self-attention, one fused op with its own backward on the CPU.
 //! - [`loss`]: next-token cross-entropy, one fused op with its own backward on the CPU.
+//! - [`rotary`], [`swiglu`]: RoPE's rotation and the SwiGLU gate, fused element-wise on the CPU.
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
 pub mod attention;
@@ -19,6 +20,8 @@ pub mod generate;
 pub mod host_memory;
 pub mod loss;
 pub mod model;
+pub mod rotary;
+pub mod swiglu;
 
 pub use config::{LlamaConfig, MemoryEstimate, Precision};
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};

@@ -6,13 +6,14 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, EmbeddingConfig, Initializer, Linear, LinearConfig, RmsNorm, RmsNormConfig};
-use burn::tensor::activation::silu;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::attention::causal_attention;
+use crate::rotary::rotate_pairs;
+use crate::swiglu::swiglu;
 
 /// Standard deviation of the normal initialisation (as Hugging Face `initializer_range`).
 pub const INIT_STD: f64 = 0.02;
@@ -52,7 +53,8 @@ fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
 ///
 /// Ours rather than `burn::nn::RotaryEncoding`, which rotates through a matmul with an f32
 /// constant: that costs a matmul per call and fails on bf16/f16 inputs (mixed precision). Here the
-/// cos/sin tables are cast to the input's dtype and the rotation is four element-wise products.
+/// rotation is [`rotate_pairs`]: element-wise, one fused pass on the CPU, the cos/sin tables cast
+/// to the input's dtype elsewhere.
 #[derive(Module, Debug)]
 pub struct Rope {
     /// `[max_seq_len, head_dim / 2]`, constants (never saved or trained).
@@ -84,15 +86,7 @@ impl Rope {
     /// # Shapes
     /// - x: `[batch, heads, seq, head_dim]` -> same
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        let [b, h, t, d] = x.dims();
-        let table = |c: &Tensor<2>| c.clone().slice([start..start + t]).cast(x.dtype()).reshape([1, 1, t, d / 2, 1]);
-        let (cos, sin) = (table(&self.cos), table(&self.sin));
-        let pairs = x.reshape([b, h, t, d / 2, 2]);
-        let even = pairs.clone().slice([0..b, 0..h, 0..t, 0..d / 2, 0..1]);
-        let odd = pairs.slice([0..b, 0..h, 0..t, 0..d / 2, 1..2]);
-        let rotated_even = even.clone() * cos.clone() - odd.clone() * sin.clone();
-        let rotated_odd = even * sin + odd * cos;
-        Tensor::cat(vec![rotated_even, rotated_odd], 4).reshape([b, h, t, d])
+        rotate_pairs(x, &self.cos, &self.sin, start)
     }
 }
 
@@ -187,7 +181,7 @@ impl FeedForward {
     /// # Shapes
     /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        apply(&self.w2, silu(apply(&self.w1, x.clone())) * apply(&self.w3, x))
+        apply(&self.w2, swiglu(apply(&self.w1, x.clone()), apply(&self.w3, x)))
     }
 }
 
