@@ -31,7 +31,7 @@ use crate::flex_kernels::{exp_nonpositive, f32_values};
 /// # Shapes
 /// - q, k, v: `[batch, heads, seq, head_dim]` (k and v already repeated to `heads`) -> same
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    if crate::device::is_flex(&q.device()) && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
+    if crate::flex_kernels::enabled(&q.device()) && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
         let out = <Dispatch as CausalAttentionBackend>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(out)
     } else {

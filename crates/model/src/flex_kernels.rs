@@ -1,8 +1,36 @@
-//! Helpers shared by the fused flex kernels ([`crate::loss`], [`crate::attention`],
-//! [`crate::swiglu`], [`crate::rotary`]).
+//! What the fused flex kernels ([`crate::loss`], [`crate::attention`], [`crate::swiglu`],
+//! [`crate::rotary`], [`crate::rms_norm`]) share: the switch that turns them off, and helpers.
+
+use std::cell::Cell;
 
 use burn::backend::flex::FlexTensor;
-use burn::tensor::DType;
+use burn::tensor::{DType, Device};
+
+thread_local! {
+    /// Set by [`without_fused_kernels`] for the calling thread.
+    static COMPOSED_ONLY: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether an op on `device` takes its fused kernel: on the flex (CPU) backend, unless
+/// [`without_fused_kernels`] turned them off on this thread. (Each op also checks its dtypes.)
+pub(crate) fn enabled(device: &Device) -> bool {
+    !COMPOSED_ONLY.get() && crate::device::is_flex(device)
+}
+
+/// Runs `f` with the fused CPU kernels turned off on this thread, so that every op composes
+/// Burn's tensor ops as it does on a GPU: for tests that compare the two paths and benchmarks
+/// that attribute a speed-up. The backward of a graph follows the path its forward took.
+pub fn without_fused_kernels<R>(f: impl FnOnce() -> R) -> R {
+    /// Restores the previous setting even if `f` panics.
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            COMPOSED_ONLY.set(self.0);
+        }
+    }
+    let _restore = Restore(COMPOSED_ONLY.replace(true));
+    f()
+}
 
 /// Elements per rayon task in the element-wise kernels: large enough that scheduling costs
 /// nothing next to the work, small enough that both cores get many pieces of a `[rows, d]` tensor.

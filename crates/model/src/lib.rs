@@ -8,7 +8,8 @@
 //! - [`device`]: `--device flex|vulkan|wgpu|cuda[:N]` parsing.
 //! - [`attention`]: causal self-attention, one fused op with its own backward on the CPU.
 //! - [`loss`]: next-token cross-entropy, one fused op with its own backward on the CPU.
-//! - [`rotary`], [`swiglu`]: RoPE's rotation and the SwiGLU gate, fused element-wise on the CPU.
+//! - [`rms_norm`], [`rotary`], [`swiglu`]: RMSNorm, RoPE's rotation and the SwiGLU gate, each one
+//!   fused op with its own backward on the CPU.
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
 pub mod attention;
@@ -20,10 +21,12 @@ pub mod generate;
 pub mod host_memory;
 pub mod loss;
 pub mod model;
+pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
 
 pub use config::{LlamaConfig, MemoryEstimate, Precision};
+pub use flex_kernels::without_fused_kernels;
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
 
 /// Errors of the model crate; each message says what was wrong and where.

@@ -34,7 +34,7 @@ use crate::flex_kernels::{exp_nonpositive, f32_values};
 /// # Panics
 /// On a target outside `0..vocab` (callers validate token ids when data is loaded).
 pub fn token_nll(logits: Tensor<2>, targets: Tensor<1, Int>) -> Tensor<1> {
-    if crate::device::is_flex(&logits.device()) && logits.dtype() == DType::F32 {
+    if crate::flex_kernels::enabled(&logits.device()) && logits.dtype() == DType::F32 {
         let nll = <Dispatch as TokenNllBackend>::token_nll(logits.into_dispatch(), targets.into_dispatch());
         Tensor::from_dispatch(nll)
     } else {

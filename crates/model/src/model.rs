@@ -12,6 +12,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::attention::causal_attention;
+use crate::rms_norm::rms_norm;
 use crate::rotary::rotate_pairs;
 use crate::swiglu::swiglu;
 
@@ -44,7 +45,7 @@ fn over_rows(x: Tensor<3>, f: impl FnOnce(Tensor<2>) -> Tensor<2>) -> Tensor<3> 
     y.reshape([b, t, n])
 }
 
-fn rms_norm(config: &LlamaConfig, device: &Device) -> RmsNorm {
+fn norm_layer(config: &LlamaConfig, device: &Device) -> RmsNorm {
     RmsNormConfig::new(config.dim).with_epsilon(config.norm_eps).init(device)
 }
 
@@ -197,9 +198,9 @@ pub struct Block {
 impl Block {
     pub fn new(config: &LlamaConfig, device: &Device) -> Self {
         Self {
-            attention_norm: rms_norm(config, device),
+            attention_norm: norm_layer(config, device),
             attention: Attention::new(config, device),
-            ffn_norm: rms_norm(config, device),
+            ffn_norm: norm_layer(config, device),
             feed_forward: FeedForward::new(config, device),
         }
     }
@@ -214,8 +215,8 @@ impl Block {
         mask: Option<Tensor<3, Bool>>,
         cache: Option<&mut LayerCache>,
     ) -> Tensor<3> {
-        let h = x.clone() + self.attention.forward(self.attention_norm.forward(x), rope, start, mask, cache);
-        h.clone() + self.feed_forward.forward(self.ffn_norm.forward(h))
+        let h = x.clone() + self.attention.forward(rms_norm(&self.attention_norm, x), rope, start, mask, cache);
+        h.clone() + self.feed_forward.forward(rms_norm(&self.ffn_norm, h))
     }
 }
 
@@ -238,7 +239,7 @@ impl LlamaConfig {
                 .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
                 .init(device),
             layers: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
-            norm: rms_norm(self, device),
+            norm: norm_layer(self, device),
             output: (!self.tie_word_embeddings).then(|| linear(self.dim, self.vocab_size, device)),
             rope: Rope::new(self.max_seq_len, self.head_dim(), self.rope_theta, device),
         }
@@ -264,7 +265,7 @@ impl Llama {
         for layer in &self.layers {
             x = layer.forward(x, &self.rope, 0, mask.clone(), None);
         }
-        self.norm.forward(x)
+        rms_norm(&self.norm, x)
     }
 
     /// Runs new tokens through the model, reading and extending `cache`.
@@ -281,7 +282,7 @@ impl Llama {
             x = layer.forward(x, &self.rope, start, mask.clone(), Some(layer_cache));
         }
         cache.len = start + t;
-        self.project(self.norm.forward(x))
+        self.project(rms_norm(&self.norm, x))
     }
 
     /// Output projection of hidden states (through the embedding matrix when tied).

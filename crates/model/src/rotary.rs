@@ -35,7 +35,7 @@ use crate::flex_kernels::{contiguous_f32, f32_values};
 pub fn rotate_pairs(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, start: usize) -> Tensor<4> {
     let [_, _, t, d] = x.dims();
     assert!(start + t <= cos.dims()[0] && 2 * cos.dims()[1] == d, "rotate_pairs: tables {:?} for {t} positions from {start}, head_dim {d}", cos.dims());
-    if crate::device::is_flex(&x.device()) && x.dtype() == DType::F32 && cos.dtype() == DType::F32 {
+    if crate::flex_kernels::enabled(&x.device()) && x.dtype() == DType::F32 && cos.dtype() == DType::F32 {
         let out = <Dispatch as RotaryBackend>::rotate_pairs(x.into_dispatch(), cos.clone().into_dispatch(), sin.clone().into_dispatch(), start, false);
         Tensor::from_dispatch(out)
     } else {

@@ -29,7 +29,7 @@ use crate::flex_kernels::{CHUNK, contiguous_f32, exp_nonpositive, f32_values};
 /// - gate, up: `[..]` (the same shape) -> the same shape
 pub fn swiglu<const D: usize>(gate: Tensor<D>, up: Tensor<D>) -> Tensor<D> {
     assert_eq!(gate.dims(), up.dims(), "swiglu: gate and up differ in shape");
-    if crate::device::is_flex(&gate.device()) && gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
+    if crate::flex_kernels::enabled(&gate.device()) && gate.dtype() == DType::F32 && up.dtype() == DType::F32 {
         Tensor::from_dispatch(<Dispatch as SwigluBackend>::swiglu(gate.into_dispatch(), up.into_dispatch()))
     } else {
         composed_swiglu(gate, up)

@@ -229,3 +229,50 @@ fn generation_rejects_bad_prompts() {
     let long = SamplingConfig::greedy(100);
     assert!(generate(&model, &[vec![1]], &long).unwrap_err().to_string().contains("max_seq_len"));
 }
+
+/// Every parameter's gradient, flattened, in the module's visiting order.
+struct AllGrads<'a> {
+    grads: &'a burn::optim::GradientsParams,
+    out: Vec<(String, Vec<f32>)>,
+}
+
+impl burn::module::ModuleVisitor for AllGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
+        let grad = self.grads.get::<D>(param.id).map(host).unwrap_or_default();
+        self.out.push((format!("{:?}", param.val().dims()), grad));
+    }
+}
+
+/// The fused CPU kernels (cross-entropy, attention, RoPE, SwiGLU, RMSNorm) give the loss and
+/// every parameter's gradient that Burn's composed ops give, on a model with grouped-query
+/// attention and sequences longer than one attention block.
+#[test]
+fn fused_kernels_equal_composed_ops_on_the_whole_model() {
+    let device = Device::flex().autodiff();
+    device.seed(21);
+    let config = LlamaConfig::new(32, 2, 4).with_n_kv_heads(2).with_vocab_size(50).with_multiple_of(16).with_max_seq_len(160);
+    let model = config.init(&device);
+    let (b, t) = (2, 150);
+    let tokens: Vec<u32> = (0..b * (t + 1)).map(|i| (i * 7 + i / 13) as u32 % 50).collect();
+    let rows: Vec<Vec<u32>> = tokens.chunks(t + 1).map(|r| r[..t].to_vec()).collect();
+    let targets: Vec<i64> = tokens.chunks(t + 1).flat_map(|r| r[1..].iter().map(|&x| x as i64)).collect();
+    let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [b * t]), &device);
+    let run = || {
+        let logits = model.forward(ids(&rows, &device));
+        let loss = llama_model::loss::token_nll(logits.reshape([b * t, 50]), targets.clone()).mean();
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+        let mut all = AllGrads { grads: &grads, out: vec![] };
+        model.visit(&mut all);
+        (loss.into_scalar::<f32>(), all.out)
+    };
+    let (fused_loss, fused) = run();
+    let (composed_loss, composed) = llama_model::without_fused_kernels(run);
+    assert!((fused_loss - composed_loss).abs() < 1e-5, "loss: fused {fused_loss} vs composed {composed_loss}");
+    assert_eq!(fused.len(), composed.len());
+    for (i, ((shape, f), (_, c))) in fused.iter().zip(&composed).enumerate() {
+        assert!(!c.is_empty() && c.iter().any(|g| g.abs() > 1e-6), "parameter {i} {shape}: no reference gradient");
+        let scale = c.iter().fold(0f32, |m, g| m.max(g.abs()));
+        let diff = max_abs_diff(f, c);
+        assert!(diff <= 1e-4 * scale.max(1e-3), "parameter {i} {shape}: gradients differ by {diff} (largest {scale})");
+    }
+}

@@ -176,7 +176,9 @@ fn bad_configs_and_data_are_clear_errors_before_training() {
 }
 
 /// On the shipped corpus and tokenizer, a small model (64 wide, 2 layers, 200 steps of 1,024
-/// tokens) clearly beats the unigram baseline within about a minute.
+/// tokens) clearly beats the unigram baseline within about a minute. LR 5e-3 ends ~0.4 nats below
+/// it; at 1e-2 the loss was still noisy at step 200 and the margin (0.03-0.16) moved with float
+/// rounding alone.
 #[test]
 fn learns_the_shipped_corpus_below_the_unigram_baseline() {
     let tmp = tempfile::tempdir().unwrap();
@@ -190,7 +192,7 @@ fn learns_the_shipped_corpus_below_the_unigram_baseline() {
         .replace("n_layers = 4", "n_layers = 2")
         .replace("seq_len = 128", "seq_len = 64")
         .replace("eval_every = 100", "eval_every = 1000")
-        .replace("lr = 3e-3 ", "lr = 1e-2 ");
+        .replace("lr = 3e-3 ", "lr = 5e-3 ");
     std::fs::write(&config, text).unwrap();
     let (ok, stdout, err) = pretrain(&["--config", config.to_str().unwrap(), "--max-steps", "200"], &[]);
     assert!(ok, "{err}");
