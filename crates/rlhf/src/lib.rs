@@ -42,6 +42,8 @@ pub struct RlhfConfig {
     pub safety_model: PathBuf,
     pub data: PromptData,
     #[serde(default)]
+    pub eval: EvalConfig,
+    #[serde(default)]
     pub rejection_sampling: RsConfig,
     #[serde(default)]
     pub ppo: PpoConfig,
@@ -64,6 +66,26 @@ pub struct PromptData {
 
 fn gate() -> f64 {
     0.15
+}
+
+/// The held-out evaluation that rejection sampling's rounds and PPO's early stopping compare.
+/// The mean reward of one greedy answer per prompt is a noisy judge on small prompt sets: a
+/// greedy answer flips to another one at tiny policy changes. Ours also scores
+/// `samples_per_prompt` sampled answers per prompt, drawn with the same seeds at every
+/// evaluation (common random numbers), so that two evaluations differ by the policy only.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EvalConfig {
+    /// Sampled answers per held-out prompt, scored beside the greedy answer (0: greedy only).
+    pub samples_per_prompt: usize,
+    pub temperature: f32,
+    pub seed: u64,
+}
+
+impl Default for EvalConfig {
+    fn default() -> Self {
+        Self { samples_per_prompt: 4, temperature: 1.0, seed: 1 }
+    }
 }
 
 /// Rejection sampling (the paper: K up to 100, temperature 1.2-1.3 in later rounds).
@@ -204,6 +226,9 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
             bail!("{origin}: {key} must be >= 0 (got {v})");
         }
     }
+    if !(cfg.eval.temperature > 0.0) {
+        bail!("{origin}: eval.temperature must be > 0 (got {}); eval.samples_per_prompt = 0 scores the greedy answers only", cfg.eval.temperature);
+    }
     if !(p.lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 {
         bail!("{origin}: ppo.lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
     }
@@ -256,16 +281,20 @@ pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
     s
 }
 
-/// The policy's greedy answers to `prompts` (token ids `ids`), scored: (answer tokens, prompt +
-/// answer sequences as scored, scores). What the held-out evaluation measures, and the answer
-/// that competes with the K samples under `include_greedy`.
-fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
-    let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..SamplingConfig::greedy(max_new) };
-    let out = generate(policy, ids, &sampling)?;
+/// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
+/// prompt + answer sequences as scored, scores).
+fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, sampling: &SamplingConfig) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    let out = generate(policy, ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() })?;
     let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
     let refs: Vec<&Prompt> = prompts.iter().collect();
     let scores = scorers.score(&seqs, &refs);
     Ok((out.tokens, seqs, scores))
+}
+
+/// The policy's greedy answers, scored: what the held-out evaluation always includes, and the
+/// answer that competes with the K samples under `include_greedy`.
+fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new))
 }
 
 /// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
@@ -465,9 +494,9 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     stats
 }
 
-/// The held-out evaluation of a policy: the mean combined reward of its greedy answers to the
-/// held-out prompts (as logit(Rc) and as Rc), their mean KL to the reference, and a few samples
-/// for the logs.
+/// The held-out evaluation of a policy: the mean combined reward of its answers to the held-out
+/// prompts (the greedy answer and `eval.samples_per_prompt` sampled ones per prompt; as logit(Rc)
+/// and as Rc), their mean KL to the reference, and the greedy answers of a few for the logs.
 pub struct HeldOut {
     /// Mean `logit(Rc)`: PPO's reward scale (what early stopping compares).
     pub reward: f64,
@@ -476,40 +505,61 @@ pub struct HeldOut {
     pub combined: f64,
     /// Mean summed per-token `log pi - log pi_ref` (k1).
     pub kl: f64,
-    /// (question, answer) pairs.
+    /// (question, greedy answer) pairs.
     pub samples: Vec<(String, String)>,
 }
 
-pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<HeldOut> {
+pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize, eval: &EvalConfig) -> anyhow::Result<HeldOut> {
     let policy = policy.valid();
     let reference = reference.valid();
     let mut rewards = vec![];
     let mut combined = vec![];
     let mut kls = vec![];
     let mut samples = vec![];
-    for group in prompts.chunks(16) {
+    for (g, group) in prompts.chunks(16).enumerate() {
         let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-        let (answers, seqs, scores) = greedy_answers(&policy, &ids, group, tokenizer, scorers, max_new)?;
-        for s in scores {
-            rewards.push(logit(s.combined));
-            combined.push(s.combined);
-        }
-        let lp = token_logprobs(&policy, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
-        let rl = token_logprobs(&reference, &seqs, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
-        let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
-        for (i, s) in seqs.iter().enumerate() {
-            let start = ids[i].len() - 1;
-            let n = s.len() - ids[i].len();
-            kls.push((0..n).map(|j| (lp[i * width + start + j] - rl[i * width + start + j]) as f64).sum::<f64>());
-        }
-        for (p, r) in group.iter().zip(&answers) {
-            let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
-            samples.push((q, tokenizer.decode(r)?));
+        // The greedy answers, then each round of sampled ones with its fixed seed.
+        let samplings = std::iter::once(SamplingConfig::greedy(max_new)).chain((0..eval.samples_per_prompt).map(|s| SamplingConfig {
+            temperature: eval.temperature,
+            top_k: None,
+            top_p: None,
+            max_new_tokens: max_new,
+            eos_id: None,
+            seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
+        }));
+        for (i, sampling) in samplings.enumerate() {
+            let (answers, seqs, scores) = scored_answers(&policy, &ids, group, tokenizer, scorers, &sampling)?;
+            for s in scores {
+                rewards.push(logit(s.combined));
+                combined.push(s.combined);
+            }
+            kls.extend(sequence_kls(&policy, &reference, &ids, &seqs, scorers.pad));
+            if i == 0 {
+                for (p, r) in group.iter().zip(&answers) {
+                    let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
+                    samples.push((q, tokenizer.decode(r)?));
+                }
+            }
         }
     }
-    let n = rewards.len().max(1) as f64;
-    let mean = |v: &[f64]| v.iter().sum::<f64>() / n;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), samples })
+}
+
+/// Per sequence, the summed `log pi - log pi_ref` (k1) of its response tokens (those after the
+/// prompt `ids[i]`).
+fn sequence_kls(policy: &Llama, reference: &Llama, ids: &[Vec<u32>], seqs: &[Vec<u32>], pad: u32) -> Vec<f64> {
+    let lp = token_logprobs(policy, seqs, pad).into_data().try_to_vec::<f32>().expect("f32");
+    let rl = token_logprobs(reference, seqs, pad).into_data().try_to_vec::<f32>().expect("f32");
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let start = ids[i].len() - 1;
+            let n = s.len() - ids[i].len();
+            (0..n).map(|j| (lp[i * width + start + j] - rl[i * width + start + j]) as f64).sum::<f64>()
+        })
+        .collect()
 }
 
 fn samples_text(samples: &[(String, String)], n: usize) -> String {
@@ -550,7 +600,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
     let out = cfg.run.out_dir.join("rejection-sampling");
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
-    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
     let r0 = start.reward;
     metrics.scalars(0, &[("rs/eval_reward", r0), ("rs/eval_combined", start.combined), ("rs/eval_kl", start.kl)])?;
     metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
@@ -668,7 +718,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         }
         let (tuned, _) = llama_trainer::train(policy, &mut objective, &loop_config)?;
         policy = tuned;
-        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens)?;
+        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
         let (r, kl) = (held_out.reward, held_out.kl);
         metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_combined", held_out.combined), ("rs/eval_kl", kl)])?;
         metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
@@ -765,7 +815,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     };
     if state.iteration == 0 {
         save_best(&state.policy, &model_config, &out)?;
-        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
         let r = held_out.reward;
         metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", held_out.kl)])?;
         metrics.text(0, "ppo/samples", &samples_text(&held_out.samples, 6))?;
@@ -802,7 +852,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         metrics.scalars(state.iteration, &values)?;
         metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
         if state.iteration % p.eval_every == 0 || state.iteration == p.iterations {
-            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
             let (r, kl) = (held_out.reward, held_out.kl);
             metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", kl)])?;
             metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
@@ -830,7 +880,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     metrics.finish();
     // The result of PPO is the best policy on the held-out prompts (early stopping).
     let (_, best) = init_model(&out.join("best"), &device)?;
-    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens)?;
+    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
     println!("best PPO policy (held-out reward {:.3}) in {}", state.best_eval.unwrap_or(r), out.join("best").display());
     Ok((r, kl))
 }

@@ -107,6 +107,8 @@ fn bad_input_is_refused_before_any_work() {
     };
     let (_, c) = load("[rejection_sampling]\nk = 0\n");
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("rejection_sampling.k"));
+    let (_, c) = load("[eval]\ntemperature = 0.0\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("eval.temperature"));
     let (_, c) = load("[ppo]\nbatch_size = 10\nminibatch_size = 4\n");
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("multiple of ppo.minibatch_size"));
     let empty = tmp.path().join("empty.jsonl");
@@ -146,7 +148,8 @@ fn all_values(metrics: &Path, key: &str) -> Vec<f64> {
 }
 
 /// With `keep_best_round`, PPO starts from the best of the starting policy and the RS rounds by
-/// held-out reward: PPO's step-0 held-out reward is the maximum of the RS evaluations.
+/// held-out reward: PPO's step-0 held-out reward is the maximum of the RS evaluations. (Also shows
+/// that the held-out evaluation, sampled answers included, repeats exactly for the same policy.)
 #[test]
 fn keep_best_round_hands_ppo_the_best_policy() {
     let tmp = tempfile::tempdir().unwrap();
