@@ -10,8 +10,10 @@
 //! - [`loss`]: next-token cross-entropy, one fused op with its own backward on the CPU.
 //! - [`rms_norm`], [`rotary`], [`swiglu`]: RMSNorm, RoPE's rotation and the SwiGLU gate, each one
 //!   fused op with its own backward on the CPU.
+//! - [`adamw`]: Burn's AdamW with one fused pass per parameter on the CPU (same state, same values).
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
+pub mod adamw;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;

@@ -1,10 +1,12 @@
-//! AdamW (Burn's) with parameter groups, plus what Burn lacks: clipping by the *global* gradient
-//! norm (Burn's `GradientClipping::Norm` clips each tensor on its own).
+//! AdamW (Burn's arithmetic and state; one fused pass per parameter on the CPU, see
+//! `llama_model::adamw`) with parameter groups, plus what Burn lacks: clipping by the *global*
+//! gradient norm (Burn's `GradientClipping::Norm` clips each tensor on its own).
 
 use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
-use burn::optim::{AdamWConfig, GradientsParams, ModuleOptimizer};
+use burn::optim::{GradientsParams, ModuleOptimizer};
+use llama_model::adamw::FusedAdamW;
 use burn::tensor::Tensor;
 
 use crate::config::OptimConfig;
@@ -18,19 +20,15 @@ pub struct Optimizer {
     inner: ModuleOptimizer,
 }
 
-fn adamw(config: &OptimConfig, weight_decay: f64) -> AdamWConfig {
-    AdamWConfig::new()
-        .with_beta_1(config.beta1 as f32)
-        .with_beta_2(config.beta2 as f32)
-        .with_epsilon(config.eps as f32)
-        .with_weight_decay(weight_decay as f32)
+fn adamw(config: &OptimConfig, weight_decay: f64) -> FusedAdamW {
+    FusedAdamW::new(config.beta1 as f32, config.beta2 as f32, config.eps as f32, weight_decay as f32)
 }
 
 impl Optimizer {
     pub fn new(config: &OptimConfig) -> Self {
-        let mut inner = adamw(config, config.weight_decay).init();
+        let mut inner = ModuleOptimizer::from(adamw(config, config.weight_decay));
         if !config.decay_norms_and_embeddings && config.weight_decay > 0.0 {
-            inner = inner.with_group(ParamGroup::from_any_predicates(NO_DECAY.to_vec()), adamw(config, 0.0).build(), None);
+            inner = inner.with_group(ParamGroup::from_any_predicates(NO_DECAY.to_vec()), adamw(config, 0.0), None);
         }
         Self { inner }
     }

@@ -232,7 +232,8 @@ fn peak_rss_gib() -> f64 {
 #[allow(clippy::too_many_arguments)]
 fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>) -> Result<()> {
     use burn::module::Module;
-    use burn::optim::{AdamWConfig, GradientsParams};
+    use burn::optim::{GradientsParams, ModuleOptimizer};
+    use llama_model::adamw::FusedAdamW;
     use llama_model::loss::token_nll;
     use burn::tensor::{Int, Tensor, TensorData};
     use std::time::Instant;
@@ -245,7 +246,7 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     precision.check_device(&device, device_spec).map_err(anyhow::Error::msg)?;
     device.seed(0);
     let mut model = c.init(&device);
-    let mut optim = AdamWConfig::new().with_beta_2(0.95).with_weight_decay(0.1).init();
+    let mut optim = ModuleOptimizer::from(FusedAdamW::new(0.9, 0.95, 1e-5, 0.1));
     let mut rng = 12345u64;
     let mut next = || {
         rng ^= rng << 13;

@@ -1,0 +1,167 @@
+//! AdamW with one fused pass per parameter on the CPU.
+//!
+//! Burn's AdamW composes about twelve tensor ops per parameter and step (two moment updates, two
+//! bias corrections, square root, divide, decay, update), each a pass over the parameter on one
+//! thread in the flex backend: on bench-medium (134 M parameters) that was 0.6-0.9 s a step.
+//! [`FusedAdamW`] is a Burn [`Optimizer`] with Burn's AdamW state ([`AdamWState`], so optimizer
+//! checkpoints of either load in the other) whose step on flex f32 tensors is one pass over the
+//! parameter, its gradient and both moments, chunks spread over the rayon pool; the arithmetic is
+//! Burn's, in the same order. On other backends it calls Burn's AdamW. It lives beside the other fused flex kernels; the trainer and `llama bench`
+//! both build their optimizers from it.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::optim::{AdamW, AdamWConfig, AdamWState, AdaptiveMomentumState, LearningRate, Optimizer};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::flex_kernels::{CHUNK, contiguous_f32, f32_values};
+
+/// AdamW: Burn's arithmetic and state, one fused pass per parameter on the CPU.
+#[derive(Clone)]
+pub struct FusedAdamW {
+    burn: AdamW,
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+}
+
+impl FusedAdamW {
+    /// Burn's AdamW with these settings (no AMSGrad, plain decoupled weight decay).
+    pub fn new(beta_1: f32, beta_2: f32, epsilon: f32, weight_decay: f32) -> Self {
+        let config = AdamWConfig::new().with_beta_1(beta_1).with_beta_2(beta_2).with_epsilon(epsilon).with_weight_decay(weight_decay);
+        Self { burn: config.build(), beta_1, beta_2, epsilon, weight_decay }
+    }
+}
+
+/// The hyper-parameters of one fused update.
+#[derive(Debug, Clone, Copy)]
+struct Update {
+    lr: f64,
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    weight_decay: f32,
+    /// The step number, from 1 (bias corrections).
+    time: usize,
+}
+
+impl Optimizer for FusedAdamW {
+    type State<const D: usize> = AdamWState<D>;
+
+    fn step<const D: usize>(&self, lr: LearningRate, tensor: Tensor<D>, grad: Tensor<D>, state: Option<Self::State<D>>) -> (Tensor<D>, Option<Self::State<D>>) {
+        if !crate::flex_kernels::enabled(&tensor.device()) || tensor.dtype() != DType::F32 || grad.dtype() != DType::F32 {
+            return self.burn.step(lr, tensor, grad, state);
+        }
+        let (time, moment_1, moment_2) = match state {
+            Some(s) => (s.momentum.time + 1, s.momentum.moment_1, s.momentum.moment_2),
+            // Zero moments: the first update then gives Burn's initial `(1 - beta) g` and `g^2`.
+            None => (1, tensor.zeros_like(), tensor.zeros_like()),
+        };
+        let update = Update { lr, beta_1: self.beta_1, beta_2: self.beta_2, epsilon: self.epsilon, weight_decay: self.weight_decay, time };
+        let (tensor, moment_1, moment_2) = <Dispatch as AdamWBackend>::adamw_update(
+            tensor.into_dispatch(),
+            grad.into_dispatch(),
+            moment_1.into_dispatch(),
+            moment_2.into_dispatch(),
+            update.lr,
+            [update.beta_1, update.beta_2, update.epsilon, update.weight_decay],
+            update.time,
+        );
+        let momentum = AdaptiveMomentumState::new(time, Tensor::from_dispatch(moment_1), Tensor::from_dispatch(moment_2));
+        (Tensor::from_dispatch(tensor), Some(AdamWState::new(momentum)))
+    }
+
+    fn to_device<const D: usize>(state: Self::State<D>, device: &Device) -> Self::State<D> {
+        <AdamW as Optimizer>::to_device(state, device)
+    }
+}
+
+/// The fused update as a Burn backend extension, implemented for `Flex` (the optimizer works on
+/// the parameters' inner, non-autodiff tensors).
+#[backend_extension(Flex)]
+pub trait AdamWBackend: Backend {
+    /// One AdamW step: (parameter, first moment, second moment) after it. `betas_eps_decay` is
+    /// `[beta_1, beta_2, epsilon, weight_decay]`; `time` the step number from 1.
+    fn adamw_update(
+        param: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+        moment_1: FloatTensor<Self>,
+        moment_2: FloatTensor<Self>,
+        lr: f64,
+        betas_eps_decay: [f32; 4],
+        time: usize,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>);
+}
+
+impl AdamWBackend for Flex {
+    fn adamw_update(param: FlexTensor, grad: FlexTensor, moment_1: FlexTensor, moment_2: FlexTensor, lr: f64, betas_eps_decay: [f32; 4], time: usize) -> (FlexTensor, FlexTensor, FlexTensor) {
+        let [beta_1, beta_2, epsilon, weight_decay] = betas_eps_decay;
+        let shape = param.layout().shape().clone();
+        let (param, grad, moment_1, moment_2) = (contiguous_f32(param), contiguous_f32(grad), contiguous_f32(moment_1), contiguous_f32(moment_2));
+        let (p, g, m, v) = (f32_values(&param), f32_values(&grad), f32_values(&moment_1), f32_values(&moment_2));
+        // As Burn computes them: f32 factors and bias corrections, the decay rate in f64.
+        let (factor_1, factor_2) = (1.0 - beta_1, 1.0 - beta_2);
+        let (correction_1, correction_2) = (1f32 - beta_1.powi(time as i32), 1f32 - beta_2.powi(time as i32));
+        let keep = (1.0 - lr * weight_decay as f64) as f32;
+        let lr = lr as f32;
+        let n = p.len();
+        let (mut p_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
+        p_out
+            .par_chunks_mut(CHUNK)
+            .zip(m_out.par_chunks_mut(CHUNK))
+            .zip(v_out.par_chunks_mut(CHUNK))
+            .enumerate()
+            .for_each(|(c, ((p_out, m_out), v_out))| {
+                let range = c * CHUNK..(c * CHUNK + p_out.len());
+                let (p, g, m, v) = (&p[range.clone()], &g[range.clone()], &m[range.clone()], &v[range]);
+                for i in 0..p.len() {
+                    let m_new = m[i] * beta_1 + g[i] * factor_1;
+                    let v_new = v[i] * beta_2 + g[i] * g[i] * factor_2;
+                    let delta = (m_new / correction_1) / ((v_new / correction_2).sqrt() + epsilon);
+                    m_out[i] = m_new;
+                    v_out[i] = v_new;
+                    p_out[i] = p[i] * keep - delta * lr;
+                }
+            });
+        let tensor = |values: Vec<f32>| FlexTensor::from_data(TensorData::new(values, shape.clone()));
+        (tensor(p_out), tensor(m_out), tensor(v_out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::optim::{GradientsParams, ModuleOptimizer};
+    use burn::tensor::Distribution;
+
+    /// Four steps of the fused optimizer and of Burn's AdamW from the same model and gradients
+    /// (weight decay on, the paper's betas) give the same parameters to 1e-6.
+    #[test]
+    fn fused_steps_equal_burns_adamw() {
+        let device = Device::flex().autodiff();
+        device.seed(9);
+        let config = AdamWConfig::new().with_beta_1(0.9).with_beta_2(0.95).with_epsilon(1e-5).with_weight_decay(0.1);
+        let start: Linear = LinearConfig::new(40, 1000).init(&device);
+        let x = Tensor::<2>::random([8, 40], Distribution::Normal(0.0, 1.0), &device);
+        let train = |mut optim: ModuleOptimizer| {
+            let mut model = start.clone();
+            for step in 0..4 {
+                let loss = model.forward(x.clone()).powi_scalar(2).mean() * (step + 1) as f32;
+                let grads = GradientsParams::from_grads(loss.backward(), &model);
+                model = optim.step(1e-2, model, grads);
+            }
+            model.weight.val().into_data().try_to_vec::<f32>().unwrap()
+        };
+        let fused = train(ModuleOptimizer::from(FusedAdamW::new(0.9, 0.95, 1e-5, 0.1)));
+        let burn = train(config.init());
+        let moved = fused.iter().zip(&start.weight.val().into_data().try_to_vec::<f32>().unwrap()).any(|(a, b)| (a - b).abs() > 1e-3);
+        assert!(moved, "the parameters did not move");
+        for (i, (a, b)) in fused.iter().zip(&burn).enumerate() {
+            assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "weight {i}: fused {a} vs Burn {b}");
+        }
+    }
+}
