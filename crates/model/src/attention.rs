@@ -268,15 +268,8 @@ impl<B: Backend + CausalAttentionBackend> Backward<B, 3> for CausalAttention {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flex_kernels::assert_close;
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: Tensor<4>, b: Tensor<4>, tol: f32) {
-        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
-        }
-    }
 
     /// Shapes with one query block and with several (the last one partial).
     const SHAPES: [[usize; 4]; 2] = [[2, 3, 9, 8], [1, 2, 2 * BLOCK + 22, 8]];
@@ -290,7 +283,7 @@ mod tests {
     fn fused_forward_equals_composed() {
         for shape in SHAPES {
             let [q, k, v] = qkv(&Device::flex(), shape);
-            close(causal_attention(q.clone(), k.clone(), v.clone()), composed_causal_attention(q, k, v), 1e-5);
+            assert_close(causal_attention(q.clone(), k.clone(), v.clone()), composed_causal_attention(q, k, v), 1e-5);
         }
     }
 
@@ -317,7 +310,7 @@ mod tests {
             [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
         };
         for (fused, composed) in grads_of(true).into_iter().zip(grads_of(false)) {
-            close(fused, composed, 1e-4);
+            assert_close(fused, composed, 1e-4);
         }
     }
 }

@@ -75,6 +75,17 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
     p * scale
 }
 
+/// Asserts that a fused op's result equals the composed reference, element by element, to
+/// `tol` relative (plus `tol` absolute near zero). For the kernels' tests.
+#[cfg(test)]
+pub(crate) fn assert_close<const D: usize>(fused: burn::tensor::Tensor<D>, reference: burn::tensor::Tensor<D>, tol: f32) {
+    let (a, b) = (fused.into_data().try_to_vec::<f32>().unwrap(), reference.into_data().try_to_vec::<f32>().unwrap());
+    assert_eq!(a.len(), b.len());
+    for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+        assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

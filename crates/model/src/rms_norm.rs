@@ -150,17 +150,10 @@ impl<B: Backend + RmsNormBackend> Backward<B, 2> for RmsNormStep {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flex_kernels::assert_close;
     use burn::module::Param;
     use burn::nn::RmsNormConfig;
     use burn::tensor::{Device, Distribution};
-
-    fn close<const D: usize>(a: Tensor<D>, b: Tensor<D>, tol: f32) {
-        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
-        }
-    }
 
     /// A norm with a non-trivial gain, and `[2, 70, 24]` inputs (more rows than one task),
     /// strided (dims swapped) as a view would be.
@@ -175,7 +168,7 @@ mod tests {
     #[test]
     fn fused_forward_equals_burns() {
         let (norm, x) = inputs(&Device::flex());
-        close(rms_norm(&norm, x.clone()), norm.forward(x), 1e-5);
+        assert_close(rms_norm(&norm, x.clone()), norm.forward(x), 1e-5);
     }
 
     /// Gradients of x and of the gain through the fused op and through Burn's module, for an
@@ -192,7 +185,7 @@ mod tests {
             (x.grad(&grads).unwrap(), norm.gamma.val().grad(&grads).unwrap())
         };
         let ((dx, dgamma), (dx_ref, dgamma_ref)) = (grads_of(true), grads_of(false));
-        close(dx, dx_ref, 1e-4);
-        close(dgamma, dgamma_ref, 1e-4);
+        assert_close(dx, dx_ref, 1e-4);
+        assert_close(dgamma, dgamma_ref, 1e-4);
     }
 }

@@ -127,16 +127,9 @@ impl<B: Backend + RotaryBackend> Backward<B, 1> for RotatePairs {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flex_kernels::assert_close;
     use crate::model::Rope;
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: Tensor<4>, b: Tensor<4>, tol: f32) {
-        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
-        }
-    }
 
     /// The head split's strided view `[batch, heads, seq, head_dim]` of `[batch, seq, heads *
     /// head_dim]` rows, as `Attention::forward` passes it.
@@ -151,7 +144,7 @@ mod tests {
         let rope = Rope::new(32, 8, 10_000.0, &device);
         for start in [0, 5, 23] {
             let x = heads(&device);
-            close(rotate_pairs(x.clone(), &rope.cos, &rope.sin, start), composed_rotate_pairs(x, &rope.cos, &rope.sin, start), 1e-6);
+            assert_close(rotate_pairs(x.clone(), &rope.cos, &rope.sin, start), composed_rotate_pairs(x, &rope.cos, &rope.sin, start), 1e-6);
         }
     }
 
@@ -168,7 +161,7 @@ mod tests {
             let out = if fused { rotate_pairs(x.clone(), &rope.cos, &rope.sin, 3) } else { composed_rotate_pairs(x.clone(), &rope.cos, &rope.sin, 3) };
             x.grad(&(out * weights.clone()).sum().backward()).unwrap()
         };
-        close(grad_of(true), grad_of(false), 1e-6);
+        assert_close(grad_of(true), grad_of(false), 1e-6);
     }
 
     #[test]
@@ -180,6 +173,6 @@ mod tests {
         let back = Tensor::from_dispatch(<Dispatch as RotaryBackend>::rotate_pairs(
             there.into_dispatch(), rope.cos.clone().into_dispatch(), rope.sin.clone().into_dispatch(), 4, true,
         ));
-        close(back, x, 1e-6);
+        assert_close(back, x, 1e-6);
     }
 }

@@ -139,15 +139,8 @@ impl<B: Backend + SwigluBackend> Backward<B, 2> for Swiglu {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::flex_kernels::assert_close;
     use burn::tensor::{Device, Distribution};
-
-    fn close(a: Tensor<3>, b: Tensor<3>, tol: f32) {
-        let (a, b) = (a.into_data().try_to_vec::<f32>().unwrap(), b.into_data().try_to_vec::<f32>().unwrap());
-        assert_eq!(a.len(), b.len());
-        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "element {i}: fused {x} vs composed {y}");
-        }
-    }
 
     /// Values from -40 to 40 (both sides of the sigmoid's branch point and its saturated tails)
     /// over more elements than one parallel chunk; `gate` is a strided view (dims swapped).
@@ -161,7 +154,7 @@ mod tests {
     #[test]
     fn fused_forward_equals_composed() {
         let [gate, up] = inputs(&Device::flex());
-        close(swiglu(gate.clone(), up.clone()), composed_swiglu(gate, up), 1e-5);
+        assert_close(swiglu(gate.clone(), up.clone()), composed_swiglu(gate, up), 1e-5);
     }
 
     /// Gradients of gate and up through the fused op and through Burn's composed ops, for an
@@ -178,7 +171,7 @@ mod tests {
             [gate.grad(&grads).unwrap(), up.grad(&grads).unwrap()]
         };
         for (fused, composed) in grads_of(true).into_iter().zip(grads_of(false)) {
-            close(fused, composed, 1e-5);
+            assert_close(fused, composed, 1e-5);
         }
     }
 }
