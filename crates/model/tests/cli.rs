@@ -66,3 +66,26 @@ fn generate_runs_on_a_checkpoint_with_the_shipped_tokenizer() {
     let (ok, _, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "x", "--max-new-tokens", "500"]);
     assert!(!ok && err.contains("max_seq_len") && !err.contains("panicked"), "{err}");
 }
+
+/// `llama bench` on a tiny model: every phase is timed and reported (terminal and JSON), the
+/// figures are positive and finite; a sequence longer than the model's is refused up front.
+#[test]
+fn bench_reports_every_phase() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("tiny.toml");
+    std::fs::write(&config, "[model]\ndim = 32\nn_layers = 2\nn_heads = 4\nvocab_size = 64\nmultiple_of = 16\nmax_seq_len = 32\n").unwrap();
+    let json = tmp.path().join("bench.json");
+    let (ok, out, err) = llama(&[
+        "bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "4",
+        "--json", json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("tokens/s") && out.contains("AdamW") && out.contains("decode") && out.contains("peak RSS"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in ["train_tokens_per_s", "forward_s", "backward_s", "optimizer_s", "train_gflops_per_s", "decode_tokens_per_s", "peak_rss_gib"] {
+        let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
+    let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
+    assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
+}
