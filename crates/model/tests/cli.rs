@@ -86,6 +86,12 @@ fn bench_reports_every_phase() {
         let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
+    assert_eq!(report["fused_kernels"], serde_json::Value::Bool(true));
+    // Burn's composed ops instead of the fused kernels: the same report, marked.
+    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--unfused", "--json", json.to_str().unwrap()]);
+    assert!(ok && out.contains("--unfused"), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["fused_kernels"], serde_json::Value::Bool(false));
     let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
     assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
 }

@@ -79,6 +79,11 @@ enum Command {
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
+        /// Run Burn's composed tensor ops instead of our fused CPU kernels (cross-entropy,
+        /// attention, RoPE, SwiGLU, RMSNorm, AdamW), to measure what they buy. No effect on GPUs,
+        /// where the composed ops always run.
+        #[arg(long)]
+        unfused: bool,
     },
     /// Generate text from one or more prompts with a KV cache, batched.
     Generate {
@@ -191,9 +196,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {:?} checkpoint to {} ({} parameters)", target, to.display(), config.num_params());
             Ok(())
         }
-        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json } => {
+        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused } => {
             let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
-            bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json)
+            let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused);
+            // The switch is per thread; every op of the benchmark runs on this one.
+            if unfused { llama_model::without_fused_kernels(run) } else { run() }
         }
         Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
             let device = device::parse(&device)?;
@@ -230,7 +237,7 @@ fn peak_rss_gib() -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>) -> Result<()> {
+fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>, fused: bool) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{GradientsParams, ModuleOptimizer};
     use llama_model::adamw::FusedAdamW;
@@ -290,9 +297,10 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let mut report = serde_json::json!({
         "config": config.display().to_string(), "dtype": precision.name(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
         "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
-        "train_gflops_per_s": gflops,
+        "train_gflops_per_s": gflops, "fused_kernels": fused,
     });
-    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}", config.display(), c.num_params(), precision.name());
+    let ops = if fused { "" } else { ", Burn's composed ops (--unfused)" };
+    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}", config.display(), c.num_params(), precision.name());
     println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
     if gen_tokens > 0 {
         let plain = model.valid();
