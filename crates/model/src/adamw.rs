@@ -6,8 +6,8 @@
 //! [`FusedAdamW`] is a Burn [`Optimizer`] with Burn's AdamW state ([`AdamWState`], so optimizer
 //! checkpoints of either load in the other) whose step on flex f32 tensors is one pass over the
 //! parameter, its gradient and both moments, chunks spread over the rayon pool; the arithmetic is
-//! Burn's, in the same order. On other backends it calls Burn's AdamW. It lives beside the other fused flex kernels; the trainer and `llama bench`
-//! both build their optimizers from it.
+//! Burn's, in the same order. On other backends it calls Burn's AdamW. It lives beside the other
+//! fused flex kernels; the trainer and `llama bench` both build their optimizers from it.
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
@@ -36,18 +36,6 @@ impl FusedAdamW {
     }
 }
 
-/// The hyper-parameters of one fused update.
-#[derive(Debug, Clone, Copy)]
-struct Update {
-    lr: f64,
-    beta_1: f32,
-    beta_2: f32,
-    epsilon: f32,
-    weight_decay: f32,
-    /// The step number, from 1 (bias corrections).
-    time: usize,
-}
-
 impl Optimizer for FusedAdamW {
     type State<const D: usize> = AdamWState<D>;
 
@@ -60,15 +48,14 @@ impl Optimizer for FusedAdamW {
             // Zero moments: the first update then gives Burn's initial `(1 - beta) g` and `g^2`.
             None => (1, tensor.zeros_like(), tensor.zeros_like()),
         };
-        let update = Update { lr, beta_1: self.beta_1, beta_2: self.beta_2, epsilon: self.epsilon, weight_decay: self.weight_decay, time };
         let (tensor, moment_1, moment_2) = <Dispatch as AdamWBackend>::adamw_update(
             tensor.into_dispatch(),
             grad.into_dispatch(),
             moment_1.into_dispatch(),
             moment_2.into_dispatch(),
-            update.lr,
-            [update.beta_1, update.beta_2, update.epsilon, update.weight_decay],
-            update.time,
+            lr,
+            [self.beta_1, self.beta_2, self.epsilon, self.weight_decay],
+            time,
         );
         let momentum = AdaptiveMomentumState::new(time, Tensor::from_dispatch(moment_1), Tensor::from_dispatch(moment_2));
         (Tensor::from_dispatch(tensor), Some(AdamWState::new(momentum)))

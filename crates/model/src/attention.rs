@@ -24,7 +24,7 @@ use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::flex_kernels::{exp_nonpositive, f32_values};
+use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
 
 /// `softmax(q k^T / sqrt(head_dim) + causal mask) v`: query `i` sees keys `0..=i`.
 ///
@@ -72,7 +72,7 @@ pub trait CausalAttentionBackend: Backend {
 
 /// Contiguous f32 values of a flex tensor and its 4 dims.
 fn values(t: &FlexTensor) -> (FlexTensor, [usize; 4]) {
-    let t = t.to_contiguous();
+    let t = contiguous_f32(t.clone());
     let s = t.layout().shape();
     let dims = [s[0], s[1], s[2], s[3]];
     (t, dims)

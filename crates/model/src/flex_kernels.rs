@@ -1,5 +1,6 @@
 //! What the fused flex kernels ([`crate::loss`], [`crate::attention`], [`crate::swiglu`],
-//! [`crate::rotary`], [`crate::rms_norm`]) share: the switch that turns them off, and helpers.
+//! [`crate::rotary`], [`crate::rms_norm`], [`crate::adamw`]) share: the switch that turns them
+//! off, and helpers.
 
 use std::cell::Cell;
 

@@ -24,7 +24,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::flex_kernels::{exp_nonpositive, f32_values};
+use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
 
 /// Negative log-likelihood of each row's target under `softmax(logits)`.
 ///
@@ -72,7 +72,7 @@ pub trait TokenNllBackend: Backend {
 
 impl TokenNllBackend for Flex {
     fn token_nll(logits: FlexTensor, targets: FlexTensor) -> FlexTensor {
-        let logits = logits.to_contiguous();
+        let logits = contiguous_f32(logits);
         let (x, rows, vocab) = rows_of(&logits);
         let targets = target_ids(&targets, rows, vocab);
         let mut nll = vec![0f32; rows];
@@ -84,10 +84,10 @@ impl TokenNllBackend for Flex {
     }
 
     fn token_nll_backward(logits: FlexTensor, targets: FlexTensor, nll: FlexTensor, grad: FlexTensor) -> FlexTensor {
-        let logits = logits.to_contiguous();
+        let logits = contiguous_f32(logits);
         let (x, rows, vocab) = rows_of(&logits);
         let targets = target_ids(&targets, rows, vocab);
-        let (nll, grad) = (nll.to_contiguous(), grad.to_contiguous());
+        let (nll, grad) = (contiguous_f32(nll), contiguous_f32(grad));
         let (nll, grad) = (f32_values(&nll), f32_values(&grad));
         // Every element is written below: no zero-filling pass over the logits-sized buffer.
         let mut out: Vec<f32> = Vec::with_capacity(rows * vocab);

@@ -283,17 +283,16 @@ pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
 
 /// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
 /// prompt + answer sequences as scored, scores).
-fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, sampling: &SamplingConfig) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, sampling: &SamplingConfig) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
     let out = generate(policy, ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() })?;
     let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-    let refs: Vec<&Prompt> = prompts.iter().collect();
-    let scores = scorers.score(&seqs, &refs);
+    let scores = scorers.score(&seqs, prompts);
     Ok((out.tokens, seqs, scores))
 }
 
 /// The policy's greedy answers, scored: what the held-out evaluation always includes, and the
 /// answer that competes with the K samples under `include_greedy`.
-fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
     scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new))
 }
 
@@ -518,6 +517,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
     let mut samples = vec![];
     for (g, group) in prompts.chunks(16).enumerate() {
         let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+        let refs: Vec<&Prompt> = group.iter().collect();
         // The greedy answers, then each round of sampled ones with its fixed seed.
         let samplings = std::iter::once(SamplingConfig::greedy(max_new)).chain((0..eval.samples_per_prompt).map(|s| SamplingConfig {
             temperature: eval.temperature,
@@ -528,7 +528,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
             seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
         }));
         for (i, sampling) in samplings.enumerate() {
-            let (answers, seqs, scores) = scored_answers(&policy, &ids, group, tokenizer, scorers, &sampling)?;
+            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling)?;
             for s in scores {
                 rewards.push(logit(s.combined));
                 combined.push(s.combined);
@@ -618,15 +618,14 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&tokenizer)).collect::<Result<_, _>>()?;
             let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
             let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
-            let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
-            let out = generate(&sampler, &batch, &sampling)?;
-            let seqs: Vec<Vec<u32>> = batch.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+            let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
             let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
-            let scores = scorers.score(&seqs, &owners);
+            let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &tokenizer, &scorers, &sampling)?;
             // The policy's own greedy answer competes too: the kept answer is never worse than
             // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
             let greedy = if rs.include_greedy {
-                let (tokens, _, scores) = greedy_answers(&sampler, &ids, chunk, &tokenizer, &scorers, rs.max_new_tokens)?;
+                let refs: Vec<&Prompt> = chunk.iter().collect();
+                let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &tokenizer, &scorers, rs.max_new_tokens)?;
                 Some((tokens, scores))
             } else {
                 None
@@ -642,7 +641,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
                     n_all += 1;
                 }
                 let (best_s, mut best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
-                let mut answer = out.tokens[j * rs.k + best_s].clone();
+                let mut answer = samples[j * rs.k + best_s].clone();
                 if let Some((tokens, scores)) = &greedy {
                     let r = logit(scores[j].combined);
                     greedy_sum += r;
