@@ -203,7 +203,10 @@ fn half_precision_gradients_are_f32_and_match_f32_gradients() {
 }
 
 /// Training in bf16 from the same start follows the f32 loss curve: every step's loss within 2%
-/// of f32's (measured over 8 random starts: within 0.45%; f16 within 0.04%). f16 with dynamic loss scaling overflows at the initial scale
+/// of f32's (measured over 45 random starts: within 0.32%; f16 within 0.04%). The LR (2e-3) keeps
+/// the run below the edge of stability: at 3e-3 the f32 curve itself spikes after ~20 steps on
+/// some starts, and two runs that differ only in rounding then part ways (1 start in ~50 read
+/// 3.7% in CI). f16 with dynamic loss scaling overflows at the initial scale
 /// 2^16 on this model (a real overflow, on most random starts): the step is skipped and the scale
 /// halved, so its curve, entry k being the loss after k updates, is compared entry by entry with
 /// f32's (constant LR, so a skipped step only delays the updates). Master weights are f32 after
@@ -216,14 +219,15 @@ fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
     let run = |precision: Precision| {
         let out = tmp.path().join(precision.name());
         let constant = ScheduleConfig { warmup_steps: 0, kind: llama_trainer::ScheduleKind::Constant, ..ScheduleConfig::default() };
-        let cfg = LoopConfig { precision, schedule: Schedule::new(&constant, 3e-3, 30), ..loop_config(&out, 30, 4, 2) };
+        let cfg = LoopConfig { precision, schedule: Schedule::new(&constant, 2e-3, 30), ..loop_config(&out, 30, 4, 2) };
         let (trained, summary) = train(model.clone(), &mut toy(&device, None), &cfg).unwrap();
         assert_eq!(summary.steps, 30, "{precision:?}");
         (trained, loss_curve(&out), out, summary.skipped)
     };
     let (_, f32_curve, _, skipped) = run(Precision::F32);
     assert_eq!((f32_curve.len(), skipped), (30, 0));
-    assert!(f32_curve[29] < 0.7 * f32_curve[0], "f32 did not learn: {f32_curve:?}");
+    // 30 steps at 2e-3 take the loss to 0.65-0.69 of its start (45 starts).
+    assert!(f32_curve[29] < 0.8 * f32_curve[0], "f32 did not learn: {f32_curve:?}");
     for (precision, tolerance) in [(Precision::Bf16, 0.02), (Precision::F16, 0.01)] {
         let (trained, curve, out, skipped) = run(precision);
         assert_eq!(curve.len() as u64, 30 - skipped, "{precision:?}: one logged loss per update");
