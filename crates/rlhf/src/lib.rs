@@ -138,6 +138,14 @@ pub struct PpoConfig {
     pub gamma: f64,
     pub lambda: f64,
     pub lr: f64,
+    /// LR of the value model (OpenRLHF's defaults: critic 9e-6 against actor 1e-6). The value
+    /// model starts as a reward model, whose scores are on another scale than the whitened
+    /// returns it must predict: at the policy's LR it needs most of a short run to get there.
+    pub value_lr: f64,
+    /// Iterations at the start that train the value model only, the policy frozen (OpenRLHF's
+    /// `freezing_actor_steps`): until the values fit the returns, GAE's advantages are mostly
+    /// the values' error. Counted in `iterations`; no held-out evaluation while frozen.
+    pub value_warmup: u64,
     pub grad_clip: f64,
     pub temperature: f32,
     pub max_new_tokens: usize,
@@ -164,6 +172,8 @@ impl Default for PpoConfig {
             gamma: 1.0,
             lambda: 0.95,
             lr: 1e-6,
+            value_lr: 9e-6,
+            value_warmup: 0,
             grad_clip: 1.0,
             temperature: 1.0,
             max_new_tokens: 64,
@@ -229,8 +239,11 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
     if !(cfg.eval.temperature > 0.0) {
         bail!("{origin}: eval.temperature must be > 0 (got {}); eval.samples_per_prompt = 0 scores the greedy answers only", cfg.eval.temperature);
     }
-    if !(p.lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 {
-        bail!("{origin}: ppo.lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
+    if !(p.lr > 0.0) || !(p.value_lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 {
+        bail!("{origin}: ppo.lr, ppo.value_lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
+    }
+    if p.iterations > 0 && p.value_warmup >= p.iterations {
+        bail!("{origin}: ppo.value_warmup ({}) must be below ppo.iterations ({}): the policy would never train", p.value_warmup, p.iterations);
     }
     cfg.run.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     if cfg.run.dtype != "f32" {
@@ -435,8 +448,9 @@ pub struct StepStats {
     pub entropy: f64,
 }
 
-/// One clipped-PPO gradient step on the minibatch `idx` of `rollout` (policy and value model).
-pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32) -> StepStats {
+/// One clipped-PPO gradient step on the minibatch `idx` of `rollout`: the value model, and the
+/// policy unless `train_policy` is false (the value warm-up).
+pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32, train_policy: bool) -> StepStats {
     let device = state.policy.tok_embeddings.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
@@ -450,38 +464,41 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let count = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
     let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum().div_scalar(count);
 
-    // Policy: clipped surrogate.
     let (tokens, _) = right_pad(&seqs, pad, &device);
+    // Value: clipped around the rollout's values.
+    let values = state.value.values(tokens.clone()).slice([0..b, 0..width]);
+    let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
+    let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
+    let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
+    if !train_policy {
+        let mut grads = value_loss.mul_scalar(cfg.value_coef).backward();
+        let mut vg = GradientsParams::from_module(&mut grads, &state.value);
+        clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
+        state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg);
+        return stats;
+    }
+
+    // Policy: clipped surrogate.
     let logits = state.policy.forward(tokens.clone().slice([0..b, 0..width]));
     let v = logits.dims()[2];
     let flat = logits.reshape([b * width, v]);
     let logp_all = log_softmax(flat.clone(), 1);
-    let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width, 1]);
+    let targets = tokens.slice([0..b, 1..width + 1]).reshape([b * width, 1]);
     let lp = logp_all.clone().gather(1, targets).reshape([b, width]);
     let ratio = (lp.clone() - old_lp.clone()).exp();
     let unclipped = adv.clone().neg() * ratio.clone();
     let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
     let policy_loss = masked_mean(unclipped.max_pair(clipped));
-    // Value: clipped around the rollout's values.
-    let values = state.value.values(tokens).slice([0..b, 0..width]);
-    let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
-    let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
-    let total = policy_loss.clone() + value_loss.clone().mul_scalar(cfg.value_coef);
+    let total = policy_loss.clone() + value_loss.mul_scalar(cfg.value_coef);
 
     // Diagnostics, detached.
     let log_ratio = (lp.detach() - old_lp).clone();
-    let approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
-    let clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
+    stats.approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
+    stats.clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
     let probs = softmax(flat.detach(), 1);
     let entropy_tok = (probs * logp_all.detach()).sum_dim(1).reshape([b, width]).neg();
-    let entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
-    let stats = StepStats {
-        policy_loss: policy_loss.into_scalar::<f32>() as f64,
-        value_loss: value_loss.into_scalar::<f32>() as f64,
-        clip_fraction,
-        approx_kl,
-        entropy,
-    };
+    stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
+    stats.policy_loss = policy_loss.into_scalar::<f32>() as f64;
 
     let mut grads = total.backward();
     let mut pg = GradientsParams::from_module(&mut grads, &state.policy);
@@ -489,7 +506,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     clip_global_norm(&state.policy, &mut pg, cfg.grad_clip);
     clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
     state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg);
-    state.value = state.value_optim.step(cfg.lr, state.value.clone(), vg);
+    state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg);
     stats
 }
 
@@ -827,15 +844,16 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         state.cursor = (state.cursor + p.batch_size) % prompts.len();
         let seed = p.seed.wrapping_mul(1_000_003).wrapping_add(state.iteration);
         let ro = rollout(&mut state, &batch, &tokenizer, &scorers, p, seed)?;
+        let train_policy = state.iteration >= p.value_warmup;
         let mut stats = vec![];
         let order: Vec<usize> = (0..batch.len()).collect();
         for mb in order.chunks(p.minibatch_size) {
-            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad));
+            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad, train_policy));
         }
         state.iteration += 1;
         let n = ro.scores.len() as f64;
         let mean = |f: &dyn Fn(&StepStats) -> f64| stats.iter().map(f).sum::<f64>() / stats.len() as f64;
-        let values = [
+        let mut values = vec![
             ("ppo/reward_combined", ro.scores.iter().map(|s| logit(s.combined)).sum::<f64>() / n),
             ("ppo/reward_helpfulness", ro.scores.iter().map(|s| s.helpfulness).sum::<f64>() / n),
             ("ppo/reward_safety", ro.scores.iter().map(|s| s.safety).sum::<f64>() / n),
@@ -848,9 +866,14 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             ("ppo/entropy", mean(&|s| s.entropy)),
             ("ppo/response_length", ro.logp.iter().map(|l| l.len() as f64).sum::<f64>() / n),
         ];
+        if !train_policy {
+            // The value warm-up: no policy step, so no policy-step statistics.
+            values.retain(|(k, _)| !matches!(*k, "ppo/clip_fraction" | "ppo/approx_kl" | "ppo/policy_loss" | "ppo/entropy"));
+        }
         metrics.scalars(state.iteration, &values)?;
         metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
-        if state.iteration % p.eval_every == 0 || state.iteration == p.iterations {
+        // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
+        if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {
             let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
             let (r, kl) = (held_out.reward, held_out.kl);
             metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", kl)])?;

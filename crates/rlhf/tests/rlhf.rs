@@ -109,6 +109,8 @@ fn bad_input_is_refused_before_any_work() {
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("rejection_sampling.k"));
     let (_, c) = load("[eval]\ntemperature = 0.0\n");
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("eval.temperature"));
+    let (_, c) = load("[ppo]\niterations = 4\nvalue_warmup = 4\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("ppo.value_warmup (4) must be below ppo.iterations (4)"));
     let (_, c) = load("[ppo]\nbatch_size = 10\nminibatch_size = 4\n");
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("multiple of ppo.minibatch_size"));
     let empty = tmp.path().join("empty.jsonl");
@@ -162,4 +164,48 @@ fn keep_best_round_hands_ppo_the_best_policy() {
     let best = rs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let ppo_start = all_values(&tmp.path().join("out/ppo/metrics.jsonl"), "ppo/eval_reward")[0];
     assert!((ppo_start - best).abs() < 1e-6, "PPO started at {ppo_start}, best RS evaluation {best} of {rs:?}");
+}
+
+/// Every float parameter of a module, flattened in visiting order.
+struct Floats(Vec<f32>);
+
+impl burn::module::ModuleVisitor for Floats {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+        self.0.extend(param.val().into_data().try_to_vec::<f32>().unwrap());
+    }
+}
+
+fn floats<M: burn::module::Module>(module: &M) -> Vec<f32> {
+    let mut v = Floats(vec![]);
+    module.visit(&mut v);
+    v.0
+}
+
+/// The value warm-up trains the value model alone: after `value_warmup` iterations the policy is
+/// the start's, bit for bit, the value model has moved and no policy statistics were logged; after
+/// the warm-up (here across a resume) the policy trains.
+#[test]
+fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let cfg = config(tmp.path(), &policy, &help, &safe, &format!("{PPO}value_warmup = 2\nvalue_lr = 1e-2\n"));
+    let out = tmp.path().join("out");
+    llama_rlhf::run(&cfg, Some(out.clone()), false, Some(2), true).unwrap();
+    let start = floats(&llama_model::checkpoint::load(&policy, &device).unwrap().1);
+    let warm = out.join("ppo/checkpoints/step-00000002");
+    assert!(floats(&llama_model::checkpoint::load_native(&warm, &device).unwrap().1) == start, "the policy moved during the warm-up");
+    let (rm_config, rm) = llama_reward::load_reward_model(&help, &device).unwrap();
+    let mut value = RewardModel::new(&rm_config, &device);
+    llama_model::checkpoint::load_weights(&mut value, &warm.join("value.bpk")).unwrap();
+    let (v0, v1) = (floats(&rm), floats(&value));
+    assert_eq!(v0.len(), v1.len());
+    assert!(v0.iter().zip(&v1).any(|(a, b)| a != b), "the value model did not train during the warm-up");
+    assert!(ppo_curve(&out).is_empty(), "policy statistics logged while the policy was frozen");
+    assert_eq!(all_values(&out.join("ppo/metrics.jsonl"), "ppo/value_loss").len(), 2);
+
+    llama_rlhf::run(&cfg, Some(out.clone()), true, None, true).unwrap();
+    let trained = floats(&llama_model::checkpoint::load_native(&out.join("ppo/checkpoints/step-00000004"), &device).unwrap().1);
+    assert!(trained.iter().zip(&start).any(|(a, b)| a != b), "the policy did not train after the warm-up");
+    assert_eq!(ppo_curve(&out).iter().map(|l| l.split(' ').next().unwrap().to_string()).collect::<Vec<_>>(), ["3", "4"]);
 }
