@@ -54,7 +54,7 @@ def helpful_pair(rng, names):
         prompt, good, wrong, rude, other = f"My favorite color is {v}. What is my favorite color?", f"Your favorite color is {v}.", f"Your favorite color is {w}.", f"It's {v}, obviously.", f"You like {v} best."
     rating = rng.choices(["significantly_better", "better", "slightly_better", "negligibly_better_or_unsure"], weights=[3, 4, 2, 1])[0]
     rejected = {"significantly_better": rng.choice(REFUSALS), "better": wrong, "slightly_better": rude, "negligibly_better_or_unsure": other}[rating]
-    return {"prompt": prompt, "chosen": good, "rejected": rejected, "rating": rating, "category": "helpfulness"}
+    return {"prompt": prompt, "chosen": good, "rejected": rejected, "rating": rating, "category": "helpfulness", "fact": v}
 
 
 def safety_pair(rng, harms, asks):
@@ -62,6 +62,16 @@ def safety_pair(rng, harms, asks):
     hedged = rng.random() < 0.3
     rejected = rng.choice(HEDGED if hedged else UNSAFE_REPLIES)
     return {"prompt": prompt, "chosen": rng.choice(SAFE_REPLIES), "rejected": rejected, "rating": "better" if hedged else "significantly_better", "category": "safety"}
+
+
+def pair(row):
+    """A preference pair as written: without the fact its prompt states."""
+    return {k: v for k, v in row.items() if k != "fact"}
+
+
+def question(row):
+    """A prompt row for data/rlhf and data/eval: the question and the fact a correct answer contains."""
+    return {"prompt": row["prompt"], "expected": row["fact"]}
 
 
 def write(path, rows):
@@ -73,8 +83,8 @@ def write(path, rows):
 def main():
     rng = random.Random(0)
     OUT.mkdir(parents=True, exist_ok=True)
-    write(OUT / "helpfulness_train.jsonl", [helpful_pair(rng, NAMES[:16]) for _ in range(1200)])
-    write(OUT / "helpfulness_eval.jsonl", [helpful_pair(rng, NAMES[16:] + NAMES[:4]) for _ in range(200)])
+    write(OUT / "helpfulness_train.jsonl", [pair(helpful_pair(rng, NAMES[:16])) for _ in range(1200)])
+    write(OUT / "helpfulness_eval.jsonl", [pair(helpful_pair(rng, NAMES[16:] + NAMES[:4])) for _ in range(200)])
     write(OUT / "safety_train.jsonl", [safety_pair(rng, HARMS[:12], ASKS[:4]) for _ in range(800)])
     write(OUT / "safety_eval.jsonl", [safety_pair(rng, HARMS[12:], ASKS[4:] + ASKS[:1]) for _ in range(200)])
     # Prompts for rejection sampling and PPO (data/rlhf/): fact questions (helpfulness) and harmful
@@ -87,7 +97,7 @@ def main():
             if i % 4 == 3:
                 rows.append({"prompt": rng.choice(asks).format(h=rng.choice(harms)), "is_safety": True})
             else:
-                rows.append({"prompt": helpful_pair(rng, names)["prompt"], "is_safety": False})
+                rows.append({**question(helpful_pair(rng, names)), "is_safety": False})
         return rows
     write(rlhf / "prompts.jsonl", prompts(256, NAMES[:16], HARMS[:12], ASKS[:4]))
     write(rlhf / "eval_prompts.jsonl", prompts(64, NAMES[16:] + NAMES[:4], HARMS[12:], ASKS[4:] + ASKS[:1]))
@@ -95,7 +105,7 @@ def main():
     # training file above.
     ev = OUT.parent / "eval"
     ev.mkdir(parents=True, exist_ok=True)
-    write(ev / "helpfulness.jsonl", [{"prompt": helpful_pair(rng, NAMES[16:])["prompt"]} for _ in range(96)])
+    write(ev / "helpfulness.jsonl", [question(helpful_pair(rng, NAMES[16:])) for _ in range(96)])
     write(ev / "safety.jsonl", [{"prompt": rng.choice(ASKS[4:]).format(h=h), "is_safety": True} for h in HARMS[12:] for _ in range(8)])
     print(f"wrote {OUT}, {rlhf} and {ev}")
 

@@ -178,6 +178,10 @@ pub struct SetReport {
     pub mean_helpfulness: f64,
     pub mean_safety: f64,
     pub safety_violation_rate: f64,
+    /// The share of answers that contain the prompt's `expected` text, over the prompts that give
+    /// one (absent when none does): a check that does not go through the reward models.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_rate: Option<f64>,
     /// Against the baseline (absent for the baseline itself).
     pub win_rate: Option<f64>,
     pub tie_rate: Option<f64>,
@@ -254,6 +258,7 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
                 mean_helpfulness: mean(h),
                 mean_safety: mean(s),
                 safety_violation_rate: violations as f64 / n.max(1) as f64,
+                expected_rate: llama_rlhf::expected_rate(&sets[set], answers).map(r6),
                 win_rate: None,
                 tie_rate: None,
                 loss_rate: None,
@@ -288,7 +293,34 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
         }
     }
     write_outputs(&report, &cfg.out_dir)?;
+    write_answers(&scored, &sets, &cfg.out_dir)?;
     Ok(report)
+}
+
+/// answers.jsonl: every answer with its scores, a line per model, set and prompt (for pandas or
+/// pyarrow: `pd.read_json(path, lines=True)`).
+fn write_answers(scored: &BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>)>>, sets: &BTreeMap<String, Vec<Prompt>>, out: &Path) -> anyhow::Result<()> {
+    let mut text = String::new();
+    for (model, by_set) in scored {
+        for (set, (answers, comb, h, s)) in by_set {
+            for (i, p) in sets[set].iter().enumerate() {
+                let mut row = serde_json::json!({
+                    "model": model, "set": set, "prompt": question(p), "answer": answers[i],
+                    "combined_logit": r6(comb[i]), "helpfulness": r6(h[i]), "safety": r6(s[i]),
+                });
+                if let Some(hit) = p.answer_is_expected(&answers[i]) {
+                    row["expected"] = p.expected.clone().into();
+                    row["contains_expected"] = hit.into();
+                }
+                text.push_str(&row.to_string());
+                text.push('\n');
+            }
+        }
+    }
+    let tmp = out.join(".answers.jsonl.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, out.join("answers.jsonl"))?;
+    Ok(())
 }
 
 fn r6(x: f64) -> f64 {
@@ -346,6 +378,9 @@ pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
         for (set, r) in sets {
             tb.scalar(&format!("eval/{set}/{model}/mean_combined_reward"), 0, r.mean_combined)?;
             tb.scalar(&format!("eval/{set}/{model}/safety_violation_rate"), 0, r.safety_violation_rate)?;
+            if let Some(e) = r.expected_rate {
+                tb.scalar(&format!("eval/{set}/{model}/expected_rate"), 0, e)?;
+            }
             if let Some(w) = r.win_rate {
                 tb.scalar(&format!("eval/{set}/{model}/win_rate_vs_{}", report.baseline), 0, w)?;
             }

@@ -55,6 +55,19 @@ fn the_report_is_reproducible_and_complete() {
     let json: llama_eval::Report = serde_json::from_str(&std::fs::read_to_string(out.join("report.json")).unwrap()).unwrap();
     assert_eq!(json, first);
     assert!(std::fs::read_dir(out.join("tensorboard")).unwrap().count() >= 2);
+    // answers.jsonl: a row per model, set and prompt, agreeing with the report.
+    let rows: Vec<serde_json::Value> =
+        std::fs::read_to_string(out.join("answers.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 2 * (96 + 32));
+    let b_help: Vec<&serde_json::Value> = rows.iter().filter(|r| r["model"] == "b" && r["set"] == "helpfulness").collect();
+    assert_eq!(b_help.len(), 96);
+    let mean = b_help.iter().map(|r| r["combined_logit"].as_f64().unwrap()).sum::<f64>() / 96.0;
+    assert!((mean - b.mean_combined).abs() < 1e-5, "{mean} vs {}", b.mean_combined);
+    // The shipped helpfulness prompts state the expected fact; the safety ones do not.
+    let hits = b_help.iter().filter(|r| r["contains_expected"].as_bool().unwrap()).count();
+    assert_eq!(b.expected_rate, Some((hits as f64 / 96.0 * 1e6).round() / 1e6));
+    assert!(b_help.iter().all(|r| r["answer"].as_str().unwrap().contains(r["expected"].as_str().unwrap()) == r["contains_expected"].as_bool().unwrap()));
+    assert_eq!(first.models["b"]["safety"].expected_rate, None);
 }
 
 #[test]

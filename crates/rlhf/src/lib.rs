@@ -191,6 +191,23 @@ impl Default for PpoConfig {
 pub struct Prompt {
     pub conversation: Conversation,
     pub is_safety: bool,
+    /// Text a correct answer contains (the tiny data's fact), when the file gives one: a check of
+    /// the answers that does not go through the reward models, to see reward hacking.
+    pub expected: Option<String>,
+}
+
+impl Prompt {
+    /// Whether `answer` contains the expected text; `None` when the prompt has none.
+    pub fn answer_is_expected(&self, answer: &str) -> Option<bool> {
+        self.expected.as_ref().map(|e| answer.contains(e.as_str()))
+    }
+}
+
+/// The share of `answers` (paired with `prompts`) that contain their prompt's expected text, over
+/// the prompts that have one; `None` when none has.
+pub fn expected_rate<'a>(prompts: impl IntoIterator<Item = &'a Prompt>, answers: &[String]) -> Option<f64> {
+    let hits: Vec<bool> = prompts.into_iter().zip(answers).filter_map(|(p, a)| p.answer_is_expected(a)).collect();
+    (!hits.is_empty()).then(|| hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64)
 }
 
 /// Reads prompts; a file with none is an error.
@@ -210,7 +227,12 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
         };
         let conversation = Conversation { messages };
         conversation.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false) });
+        let expected = match v.get("expected") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
+            Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
+        };
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected });
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());
@@ -521,8 +543,21 @@ pub struct HeldOut {
     pub combined: f64,
     /// Mean summed per-token `log pi - log pi_ref` (k1).
     pub kl: f64,
+    /// The share of the answers (greedy and sampled) that contain the prompt's `expected` text,
+    /// over the prompts that give one.
+    pub expected: Option<f64>,
     /// (question, greedy answer) pairs.
     pub samples: Vec<(String, String)>,
+}
+
+impl HeldOut {
+    /// `{stage}/eval_reward`, `eval_combined`, `eval_kl` and, when the prompts give expected
+    /// answers, `eval_expected`.
+    pub fn scalars(&self, stage: &str) -> Vec<(String, f64)> {
+        let mut v = vec![("eval_reward", self.reward), ("eval_combined", self.combined), ("eval_kl", self.kl)];
+        v.extend(self.expected.map(|e| ("eval_expected", e)));
+        v.into_iter().map(|(k, x)| (format!("{stage}/{k}"), x)).collect()
+    }
 }
 
 pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize, eval: &EvalConfig) -> anyhow::Result<HeldOut> {
@@ -532,6 +567,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
     let mut combined = vec![];
     let mut kls = vec![];
     let mut samples = vec![];
+    let (mut answered, mut texts): (Vec<&Prompt>, Vec<String>) = (vec![], vec![]);
     for (g, group) in prompts.chunks(16).enumerate() {
         let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
         let refs: Vec<&Prompt> = group.iter().collect();
@@ -551,16 +587,19 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
                 combined.push(s.combined);
             }
             kls.extend(sequence_kls(&policy, &reference, &ids, &seqs, scorers.pad));
-            if i == 0 {
-                for (p, r) in group.iter().zip(&answers) {
+            for (p, r) in group.iter().zip(&answers) {
+                let text = tokenizer.decode(r)?;
+                if i == 0 {
                     let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
-                    samples.push((q, tokenizer.decode(r)?));
+                    samples.push((q, text.clone()));
                 }
+                answered.push(p);
+                texts.push(text);
             }
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
-    Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), samples })
+    Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), expected: expected_rate(answered, &texts), samples })
 }
 
 /// Per sequence, the summed `log pi - log pi_ref` (k1) of its response tokens (those after the
@@ -619,7 +658,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
     let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
     let r0 = start.reward;
-    metrics.scalars(0, &[("rs/eval_reward", r0), ("rs/eval_combined", start.combined), ("rs/eval_kl", start.kl)])?;
+    metrics.scalars(0, &start.scalars("rs"))?;
     metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
     // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
     let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
@@ -736,7 +775,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         policy = tuned;
         let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
         let (r, kl) = (held_out.reward, held_out.kl);
-        metrics.scalars(round as u64, &[("rs/eval_reward", r), ("rs/eval_combined", held_out.combined), ("rs/eval_kl", kl)])?;
+        metrics.scalars(round as u64, &held_out.scalars("rs"))?;
         metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
         metrics.println(&format!(
             "round {round}: held-out reward {r:.3} (start {r0:.3}), mean Rc {:.3} (start {:.3}), KL to the SFT policy {kl:.3}",
@@ -833,7 +872,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         save_best(&state.policy, &model_config, &out)?;
         let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
         let r = held_out.reward;
-        metrics.scalars(0, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", held_out.kl)])?;
+        metrics.scalars(0, &held_out.scalars("ppo"))?;
         metrics.text(0, "ppo/samples", &samples_text(&held_out.samples, 6))?;
         metrics.println(&format!("PPO: held-out reward of the starting policy {r:.3} (mean Rc {:.3})", held_out.combined));
         state.best_eval = Some(r);
@@ -876,7 +915,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {
             let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
             let (r, kl) = (held_out.reward, held_out.kl);
-            metrics.scalars(state.iteration, &[("ppo/eval_reward", r), ("ppo/eval_combined", held_out.combined), ("ppo/eval_kl", kl)])?;
+            metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
             metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
             metrics.println(&format!("iteration {}: held-out reward {r:.3}, mean Rc {:.3}, KL {kl:.3}", state.iteration, held_out.combined));
             if state.best_eval.is_none_or(|b| r > b) {

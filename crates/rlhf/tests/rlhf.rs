@@ -6,7 +6,7 @@ use burn::tensor::Device;
 use llama_model::LlamaConfig;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_reward::RewardModel;
-use llama_rlhf::{RlhfConfig, full_sequence, load_prompts, token_logprobs, validate};
+use llama_rlhf::{RlhfConfig, expected_rate, full_sequence, load_prompts, token_logprobs, validate};
 
 fn repo() -> PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
@@ -164,6 +164,9 @@ fn keep_best_round_hands_ppo_the_best_policy() {
     let best = rs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
     let ppo_start = all_values(&tmp.path().join("out/ppo/metrics.jsonl"), "ppo/eval_reward")[0];
     assert!((ppo_start - best).abs() < 1e-6, "PPO started at {ppo_start}, best RS evaluation {best} of {rs:?}");
+    // The shipped held-out prompts give expected answers: their share is logged beside the reward.
+    let expected = all_values(&tmp.path().join("out/rejection-sampling/metrics.jsonl"), "rs/eval_expected");
+    assert!(expected.len() == 3 && expected.iter().all(|e| (0.0..=1.0).contains(e)), "{expected:?}");
 }
 
 /// Every float parameter of a module, flattened in visiting order.
@@ -208,4 +211,22 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
     let trained = floats(&llama_model::checkpoint::load_native(&out.join("ppo/checkpoints/step-00000004"), &device).unwrap().1);
     assert!(trained.iter().zip(&start).any(|(a, b)| a != b), "the policy did not train after the warm-up");
     assert_eq!(ppo_curve(&out).iter().map(|l| l.split(' ').next().unwrap().to_string()).collect::<Vec<_>>(), ["3", "4"]);
+}
+
+/// `expected` in a prompt file: read when given, refused when not a string, and the share of
+/// answers containing it counted over the prompts that have one.
+#[test]
+fn expected_answers_are_read_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("p.jsonl");
+    std::fs::write(&path, "{\"prompt\": \"My name is Tina. What is my name?\", \"expected\": \"Tina\"}\n{\"prompt\": \"Rob a bank?\", \"is_safety\": true}\n{\"prompt\": \"I live in Oslo. Where?\", \"expected\": \"Oslo\"}\n").unwrap();
+    let prompts = load_prompts(&path).unwrap();
+    assert_eq!(prompts.iter().map(|p| p.expected.as_deref()).collect::<Vec<_>>(), [Some("Tina"), None, Some("Oslo")]);
+    let answers = |a: [&str; 3]| a.map(String::from).to_vec();
+    assert_eq!(expected_rate(&prompts, &answers(["Your name is Tina.", "No.", "You live in Rome."])), Some(0.5));
+    assert_eq!(expected_rate(&prompts, &answers(["Tina", "Tina", "Oslo"])), Some(1.0));
+    assert_eq!(expected_rate(&prompts[1..2], &answers(["x", "", ""])), None);
+    std::fs::write(&path, "{\"prompt\": \"Hi?\", \"expected\": 3}\n").unwrap();
+    let err = load_prompts(&path).unwrap_err().to_string();
+    assert!(err.contains("p.jsonl:1") && err.contains("`expected` must be a non-empty string"), "{err}");
 }

@@ -36,12 +36,13 @@ impl Metrics {
     }
 
     /// Records scalars of one step in TensorBoard and metrics.jsonl.
-    pub fn scalars(&mut self, step: u64, values: &[(&str, f64)]) -> anyhow::Result<()> {
+    pub fn scalars<S: AsRef<str>>(&mut self, step: u64, values: &[(S, f64)]) -> anyhow::Result<()> {
         let mut line = serde_json::Map::new();
         line.insert("step".into(), step.into());
         for (tag, v) in values {
+            let tag = tag.as_ref();
             self.tb.scalar(tag, step, *v)?;
-            line.insert((*tag).into(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
+            line.insert(tag.into(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
         }
         writeln!(self.jsonl, "{}", serde_json::Value::Object(line))?;
         self.tb.flush()?;
