@@ -230,3 +230,12 @@ fn expected_answers_are_read_and_counted() {
     let err = load_prompts(&path).unwrap_err().to_string();
     assert!(err.contains("p.jsonl:1") && err.contains("`expected` must be a non-empty string"), "{err}");
 }
+
+/// The shipped tiny config parses (no unknown keys) and passes validation.
+#[test]
+fn shipped_config_is_valid() {
+    let path = repo().join("configs/rlhf-tiny.toml");
+    let cfg: RlhfConfig = llama_trainer::config::load_toml(&path).unwrap();
+    validate(&cfg, "configs/rlhf-tiny.toml").unwrap();
+    assert!(cfg.ppo.value_warmup < cfg.ppo.iterations && cfg.ppo.value_lr > 0.0);
+}
