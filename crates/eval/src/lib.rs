@@ -265,7 +265,7 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
                 win_rate_ci95: None,
                 judge_win_rate: None,
                 judge_agreement: None,
-                samples: sets[set].iter().zip(answers).take(4).map(|(p, a)| (question(p), a.clone())).collect(),
+                samples: sets[set].iter().zip(answers).take(4).map(|(p, a)| (p.question(), a.clone())).collect(),
             };
             if *name != cfg.baseline {
                 let base = &scored[&cfg.baseline][set];
@@ -277,7 +277,7 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
                 if let Some((judge, template)) = &judge {
                     let (mut wins, mut agree) = (0usize, 0usize);
                     for (i, p) in sets[set].iter().enumerate() {
-                        let q = question(p);
+                        let q = p.question();
                         // Both orders; positive = prefers this model's answer.
                         let m = judge_margin(judge, &tokenizer, template, &q, &answers[i], &base.0[i])?
                             - judge_margin(judge, &tokenizer, template, &q, &base.0[i], &answers[i])?;
@@ -305,7 +305,7 @@ fn write_answers(scored: &BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<f6
         for (set, (answers, comb, h, s)) in by_set {
             for (i, p) in sets[set].iter().enumerate() {
                 let mut row = serde_json::json!({
-                    "model": model, "set": set, "prompt": question(p), "answer": answers[i],
+                    "model": model, "set": set, "prompt": p.question(), "answer": answers[i],
                     "combined_logit": r6(comb[i]), "helpfulness": r6(h[i]), "safety": r6(s[i]),
                 });
                 if let Some(hit) = p.answer_is_expected(&answers[i]) {
@@ -327,9 +327,6 @@ fn r6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-fn question(p: &Prompt) -> String {
-    p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default()
-}
 
 fn answer_and_score(
     model: &Llama,

@@ -197,6 +197,11 @@ pub struct Prompt {
 }
 
 impl Prompt {
+    /// The last user message: the question, for logs and data files.
+    pub fn question(&self) -> String {
+        self.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default()
+    }
+
     /// Whether `answer` contains the expected text; `None` when the prompt has none.
     pub fn answer_is_expected(&self, answer: &str) -> Option<bool> {
         self.expected.as_ref().map(|e| answer.contains(e.as_str()))
@@ -590,8 +595,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
             for (p, r) in group.iter().zip(&answers) {
                 let text = tokenizer.decode(r)?;
                 if i == 0 {
-                    let q = p.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default();
-                    samples.push((q, text.clone()));
+                    samples.push((p.question(), text.clone()));
                 }
                 answered.push(p);
                 texts.push(text);
@@ -726,6 +730,29 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             best_of_k[rs.k - 1] / n,
             pool_mean
         ));
+        // The pool as data (what this round fine-tunes on): pool-round-N.jsonl, and the share of
+        // its answers that contain the expected text.
+        let mut rows = String::new();
+        let mut answers = vec![];
+        let mut answered = vec![];
+        for (p, best) in prompts.iter().zip(&pool) {
+            if let Some((r, tokens)) = best {
+                let text = tokenizer.decode(tokens)?;
+                let mut row = serde_json::json!({ "prompt": p.question(), "answer": text, "reward": r, "is_safety": p.is_safety });
+                if let Some(hit) = p.answer_is_expected(&text) {
+                    row["expected"] = p.expected.clone().into();
+                    row["contains_expected"] = hit.into();
+                }
+                rows.push_str(&row.to_string());
+                rows.push('\n');
+                answers.push(text);
+                answered.push(p);
+            }
+        }
+        llama_model::checkpoint::write_atomic(&out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
+        if let Some(e) = expected_rate(answered, &answers) {
+            metrics.scalars(round as u64, &[("rs/pool_expected", e)])?;
+        }
         // Fine-tune on the pool with the SFT objective.
         let chats: Vec<(Vec<u32>, Vec<bool>)> = prompts
             .iter()

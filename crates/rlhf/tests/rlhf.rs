@@ -138,6 +138,18 @@ fn rejection_sampling_pool_is_never_worse_than_greedy_or_best_of_k() {
     let m = tmp.path().join("out/rejection-sampling/metrics.jsonl");
     let (pool, greedy, best) = (last_value(&m, "rs/pool_mean_reward"), last_value(&m, "rs/greedy_mean_reward"), last_value(&m, "rs/max_reward"));
     assert!(pool >= greedy - 1e-9 && pool >= best - 1e-9, "pool {pool}, greedy {greedy}, best of k {best}");
+    // The pool is written as data: a row per prompt, its mean reward the logged one.
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(tmp.path().join("out/rejection-sampling/pool-round-1.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), load_prompts(&repo().join("data/rlhf/prompts.jsonl")).unwrap().len());
+    let mean = rows.iter().map(|r| r["reward"].as_f64().unwrap()).sum::<f64>() / rows.len() as f64;
+    assert!((mean - pool).abs() < 1e-9, "pool file mean {mean} vs logged {pool}");
+    let with_fact: Vec<&serde_json::Value> = rows.iter().filter(|r| r.get("expected").is_some()).collect();
+    let share = with_fact.iter().filter(|r| r["contains_expected"] == true).count() as f64 / with_fact.len() as f64;
+    assert!((share - last_value(&m, "rs/pool_expected")).abs() < 1e-12);
 }
 
 fn all_values(metrics: &Path, key: &str) -> Vec<f64> {
