@@ -317,16 +317,13 @@ fn write_answers(scored: &BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<f6
             }
         }
     }
-    let tmp = out.join(".answers.jsonl.tmp");
-    std::fs::write(&tmp, text)?;
-    std::fs::rename(&tmp, out.join("answers.jsonl"))?;
+    llama_model::checkpoint::write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
     Ok(())
 }
 
 fn r6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
-
 
 fn answer_and_score(
     model: &Llama,
@@ -367,9 +364,7 @@ fn answer_and_score(
 pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = serde_json::to_string_pretty(report)?;
-    let tmp = out.join(".report.json.tmp");
-    std::fs::write(&tmp, json)?;
-    std::fs::rename(&tmp, out.join("report.json"))?;
+    llama_model::checkpoint::write_atomic(&out.join("report.json"), json.as_bytes())?;
     let mut tb = llama_trainer::tensorboard::EventWriter::create(&out.join("tensorboard"))?;
     for (model, sets) in &report.models {
         for (set, r) in sets {

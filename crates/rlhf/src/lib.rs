@@ -497,42 +497,42 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
     let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
     let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
-    if !train_policy {
-        let mut grads = value_loss.mul_scalar(cfg.value_coef).backward();
-        let mut vg = GradientsParams::from_module(&mut grads, &state.value);
-        clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
-        state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg);
-        return stats;
-    }
+    let value_term = value_loss.mul_scalar(cfg.value_coef);
 
-    // Policy: clipped surrogate.
-    let logits = state.policy.forward(tokens.clone().slice([0..b, 0..width]));
-    let v = logits.dims()[2];
-    let flat = logits.reshape([b * width, v]);
-    let logp_all = log_softmax(flat.clone(), 1);
-    let targets = tokens.slice([0..b, 1..width + 1]).reshape([b * width, 1]);
-    let lp = logp_all.clone().gather(1, targets).reshape([b, width]);
-    let ratio = (lp.clone() - old_lp.clone()).exp();
-    let unclipped = adv.clone().neg() * ratio.clone();
-    let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
-    let policy_loss = masked_mean(unclipped.max_pair(clipped));
-    let total = policy_loss.clone() + value_loss.mul_scalar(cfg.value_coef);
+    // Policy: clipped surrogate (not during the value warm-up).
+    let total = if train_policy {
+        let logits = state.policy.forward(tokens.clone().slice([0..b, 0..width]));
+        let v = logits.dims()[2];
+        let flat = logits.reshape([b * width, v]);
+        let logp_all = log_softmax(flat.clone(), 1);
+        let targets = tokens.slice([0..b, 1..width + 1]).reshape([b * width, 1]);
+        let lp = logp_all.clone().gather(1, targets).reshape([b, width]);
+        let ratio = (lp.clone() - old_lp.clone()).exp();
+        let unclipped = adv.clone().neg() * ratio.clone();
+        let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
+        let policy_loss = masked_mean(unclipped.max_pair(clipped));
 
-    // Diagnostics, detached.
-    let log_ratio = (lp.detach() - old_lp).clone();
-    stats.approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
-    stats.clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
-    let probs = softmax(flat.detach(), 1);
-    let entropy_tok = (probs * logp_all.detach()).sum_dim(1).reshape([b, width]).neg();
-    stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
-    stats.policy_loss = policy_loss.into_scalar::<f32>() as f64;
+        // Diagnostics, detached.
+        let log_ratio = (lp.detach() - old_lp).clone();
+        stats.approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
+        stats.clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
+        let probs = softmax(flat.detach(), 1);
+        let entropy_tok = (probs * logp_all.detach()).sum_dim(1).reshape([b, width]).neg();
+        stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
+        stats.policy_loss = policy_loss.clone().into_scalar::<f32>() as f64;
+        policy_loss + value_term
+    } else {
+        value_term
+    };
 
     let mut grads = total.backward();
-    let mut pg = GradientsParams::from_module(&mut grads, &state.policy);
+    if train_policy {
+        let mut pg = GradientsParams::from_module(&mut grads, &state.policy);
+        clip_global_norm(&state.policy, &mut pg, cfg.grad_clip);
+        state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg);
+    }
     let mut vg = GradientsParams::from_module(&mut grads, &state.value);
-    clip_global_norm(&state.policy, &mut pg, cfg.grad_clip);
     clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
-    state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg);
     state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg);
     stats
 }
@@ -730,36 +730,32 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             best_of_k[rs.k - 1] / n,
             pool_mean
         ));
-        // The pool as data (what this round fine-tunes on): pool-round-N.jsonl, and the share of
-        // its answers that contain the expected text.
+        // The pool as text, decoded once: written as data (pool-round-N.jsonl, what this round
+        // fine-tunes on), counted for the expected text, then fine-tuned on.
+        let kept: Vec<(&Prompt, f64, String)> = prompts
+            .iter()
+            .zip(&pool)
+            .filter_map(|(p, best)| best.as_ref().map(|(r, tokens)| tokenizer.decode(tokens).map(|text| (p, *r, text))))
+            .collect::<Result<_, _>>()?;
         let mut rows = String::new();
-        let mut answers = vec![];
-        let mut answered = vec![];
-        for (p, best) in prompts.iter().zip(&pool) {
-            if let Some((r, tokens)) = best {
-                let text = tokenizer.decode(tokens)?;
-                let mut row = serde_json::json!({ "prompt": p.question(), "answer": text, "reward": r, "is_safety": p.is_safety });
-                if let Some(hit) = p.answer_is_expected(&text) {
-                    row["expected"] = p.expected.clone().into();
-                    row["contains_expected"] = hit.into();
-                }
-                rows.push_str(&row.to_string());
-                rows.push('\n');
-                answers.push(text);
-                answered.push(p);
+        for (p, r, text) in &kept {
+            let mut row = serde_json::json!({ "prompt": p.question(), "answer": text, "reward": r, "is_safety": p.is_safety });
+            if let Some(hit) = p.answer_is_expected(text) {
+                row["expected"] = p.expected.clone().into();
+                row["contains_expected"] = hit.into();
             }
+            rows.push_str(&row.to_string());
+            rows.push('\n');
         }
         llama_model::checkpoint::write_atomic(&out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
-        if let Some(e) = expected_rate(answered, &answers) {
+        let answers: Vec<String> = kept.iter().map(|(_, _, text)| text.clone()).collect();
+        if let Some(e) = expected_rate(kept.iter().map(|(p, _, _)| *p), &answers) {
             metrics.scalars(round as u64, &[("rs/pool_expected", e)])?;
         }
         // Fine-tune on the pool with the SFT objective.
-        let chats: Vec<(Vec<u32>, Vec<bool>)> = prompts
-            .iter()
-            .zip(&pool)
-            .filter_map(|(p, best)| best.as_ref().map(|(_, answer)| (p, answer)))
-            .map(|(p, answer)| {
-                let text = tokenizer.decode(answer)?;
+        let chats: Vec<(Vec<u32>, Vec<bool>)> = kept
+            .into_iter()
+            .map(|(p, _, text)| {
                 let mut c = p.conversation.clone();
                 c.messages.push(Message::new(Role::Assistant, text));
                 c.tokenize(&tokenizer)
