@@ -186,9 +186,7 @@ pub fn prepare(config: &PrepareConfig, tokenizer: &Tokenizer) -> Result<Manifest
         return Err(DataError::Config(format!("val_fraction must be in [0, 1), got {}", config.val_fraction)));
     }
     let files = input_files(&config.inputs)?;
-    if config.out.join(MANIFEST).exists() && !config.overwrite {
-        return Err(DataError::Config(format!("{} already holds shards; pass --overwrite to replace them", config.out.display())));
-    }
+    let replaced = check_output_dir(&config.out, config.overwrite)?;
     let parent = config.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| DataError::Io(format!("{}: {e}", parent.display())))?;
     let name = config.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "shards".into());
@@ -206,10 +204,57 @@ pub fn prepare(config: &PrepareConfig, tokenizer: &Tokenizer) -> Result<Manifest
         }
     };
     if config.out.exists() {
-        std::fs::remove_dir_all(&config.out).map_err(|e| DataError::Io(format!("{}: {e}", config.out.display())))?;
+        // Only what the check above found there: our own files (or nothing).
+        for file in &replaced {
+            let path = config.out.join(file);
+            std::fs::remove_file(&path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))?;
+        }
+        std::fs::remove_dir(&config.out).map_err(|e| DataError::Io(format!("{}: cannot replace it: {e}", config.out.display())))?;
     }
     std::fs::rename(&tmp, &config.out).map_err(|e| DataError::Io(format!("{}: {e}", config.out.display())))?;
     Ok(manifest)
+}
+
+/// Checks, before any work, that `out` may receive a shard directory: it does not exist, or is an
+/// empty directory, or (with `overwrite`) is a shard directory `prepare` wrote that holds nothing
+/// else. Returns the files to remove when replacing it. Anything else is refused, naming it: a
+/// directory we did not write is never emptied.
+fn check_output_dir(out: &Path, overwrite: bool) -> Result<Vec<String>, DataError> {
+    if out.file_name().is_none() {
+        return Err(DataError::Config(format!("--out {}: name a directory of its own for the shards (e.g. data/shards/mine)", out.display())));
+    }
+    if !out.exists() {
+        return Ok(vec![]);
+    }
+    if !out.is_dir() {
+        return Err(DataError::Config(format!("--out {} exists and is not a directory", out.display())));
+    }
+    let entries: Vec<String> = std::fs::read_dir(out)
+        .and_then(|dir| dir.map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned())).collect())
+        .map_err(|e| DataError::Io(format!("{}: {e}", out.display())))?;
+    if entries.is_empty() {
+        return Ok(vec![]);
+    }
+    let Ok(manifest) = Manifest::load(out) else {
+        return Err(DataError::Config(format!(
+            "--out {} exists and is not a shard directory written by prepare (no valid {MANIFEST}); choose a new or empty directory",
+            out.display()
+        )));
+    };
+    if !overwrite {
+        return Err(DataError::Config(format!("{} already holds shards; pass --overwrite to replace them", out.display())));
+    }
+    let ours: std::collections::HashSet<&str> =
+        manifest.train.iter().chain(&manifest.val).map(|s| s.file.as_str()).chain([MANIFEST]).collect();
+    let foreign: Vec<&str> = entries.iter().map(String::as_str).filter(|e| !ours.contains(e)).collect();
+    if !foreign.is_empty() {
+        return Err(DataError::Config(format!(
+            "{} holds files prepare did not write ({}); --overwrite replaces only a shard directory's own files: move them or choose another --out",
+            out.display(),
+            foreign.join(", ")
+        )));
+    }
+    Ok(entries)
 }
 
 fn write_shards(config: &PrepareConfig, tokenizer: &Tokenizer, files: &[PathBuf], dir: &Path) -> Result<Manifest, DataError> {

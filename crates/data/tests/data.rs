@@ -227,3 +227,39 @@ fn prepare_rejects_bad_inputs_and_keeps_existing_output() {
     let err = PackedReader::open(&out, Split::Train, 100, ReaderConfig::new(4)).err().unwrap().to_string();
     assert!(err.contains("larger than the model"), "{err}");
 }
+
+/// `prepare` never empties a directory it did not write: an existing directory with other files
+/// is refused (with or without --overwrite) and left as it was; `.` is refused; --overwrite
+/// replaces a shard directory's own files, and refuses one that also holds a foreign file.
+#[test]
+fn prepare_never_deletes_what_it_did_not_write() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = Tokenizer::train(corpus().iter(), 300).unwrap();
+    let good = tmp.path().join("good.jsonl");
+    std::fs::write(&good, "{\"text\": \"the jury said\"}\n{\"text\": \"the fox\"}\n").unwrap();
+    let cfg = |out: &Path, overwrite: bool| PrepareConfig { show_progress: false, overwrite, ..PrepareConfig::new(vec![good.clone()], out.to_path_buf()) };
+
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir_all(&mine).unwrap();
+    std::fs::write(mine.join("precious.txt"), "keep me").unwrap();
+    for overwrite in [false, true] {
+        let err = prepare(&cfg(&mine, overwrite), &tok).unwrap_err().to_string();
+        assert!(err.contains("mine") && err.contains("not a shard directory"), "{err}");
+        assert_eq!(std::fs::read_to_string(mine.join("precious.txt")).unwrap(), "keep me");
+    }
+    let err = prepare(&cfg(Path::new("."), true), &tok).unwrap_err().to_string();
+    assert!(err.contains("--out ."), "{err}");
+
+    // An empty directory is fine; --overwrite replaces our own shards.
+    let shards = tmp.path().join("shards");
+    std::fs::create_dir_all(&shards).unwrap();
+    prepare(&cfg(&shards, false), &tok).unwrap();
+    prepare(&cfg(&shards, true), &tok).unwrap();
+    assert!(Manifest::load(&shards).is_ok());
+    // ... but not when something else lives beside them.
+    std::fs::write(shards.join("notes.md"), "mine").unwrap();
+    let err = prepare(&cfg(&shards, true), &tok).unwrap_err().to_string();
+    assert!(err.contains("notes.md") && err.contains("did not write"), "{err}");
+    assert_eq!(std::fs::read_to_string(shards.join("notes.md")).unwrap(), "mine");
+    assert!(Manifest::load(&shards).is_ok(), "the refused run left the shards alone");
+}

@@ -144,16 +144,67 @@ impl burn::module::ModuleMapper for CastParams {
     }
 }
 
-/// Estimated training memory of one device, in bytes.
+/// What a training forward keeps for backward (`train.recompute`, `--recompute`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// Every block's intermediate tensors (fastest; activations grow with layers x tokens).
+    #[default]
+    None,
+    /// Only each block's input; backward re-runs the block (about one more forward per step).
+    Block,
+}
+
+/// Where the f32 master weights and AdamW's moments live (`run.optimizer`, `--optimizer`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerPlacement {
+    /// On the training device, beside the model.
+    #[default]
+    Device,
+    /// In host memory, updated on the CPU (ZeRO-Offload's split): the device keeps only the
+    /// compute-dtype weights, their gradients and the activations.
+    Host,
+}
+
+/// Positions per chunk of the output projection and loss when `train.logits_chunk` is not set
+/// and blocks are recomputed: 1024 x 32000 f32 logits are 125 MiB per chunk.
+pub const DEFAULT_LOGITS_CHUNK: usize = 1024;
+
+/// How a run trains, as far as memory goes: the inputs of [`LlamaConfig::memory_estimate`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TrainingMemory {
+    pub precision: Precision,
+    pub recompute: Recompute,
+    pub optimizer: OptimizerPlacement,
+    /// Positions per chunk of the output projection and loss (None: the whole logits at once).
+    pub logits_chunk: Option<usize>,
+}
+
+impl TrainingMemory {
+    /// No recomputation, optimizer on the device, whole logits.
+    pub fn new(precision: Precision) -> Self {
+        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None }
+    }
+}
+
+/// Estimated training memory, in bytes: one device's share (the first five fields) and the
+/// host's (`host_*`, non-zero with the optimizer on the host).
 #[derive(Debug, Clone, Copy)]
 pub struct MemoryEstimate {
     pub weights: u64,
-    /// f32 master copy kept beside low-precision weights (0 in f32).
+    /// f32 master copy kept beside low-precision weights on the device (0 in f32 or on the host).
     pub master_weights: u64,
     pub gradients: u64,
-    /// AdamW first and second moments, always f32.
+    /// AdamW first and second moments, always f32 (0 when on the host).
     pub optimizer: u64,
     pub activations: u64,
+    /// Host: f32 master weights (the model itself when the optimizer is on the host).
+    pub host_master_weights: u64,
+    /// Host: AdamW moments.
+    pub host_optimizer: u64,
+    /// Host: the f32 gradients accumulated there.
+    pub host_gradients: u64,
 }
 
 /// What a run really takes over [`MemoryEstimate::total`]: on an H100 (Vulkan) the 134M config's
@@ -162,8 +213,14 @@ pub struct MemoryEstimate {
 pub const MEASURED_OVERHEAD: f64 = 1.35;
 
 impl MemoryEstimate {
+    /// The device's total.
     pub fn total(&self) -> u64 {
         self.weights + self.master_weights + self.gradients + self.optimizer + self.activations
+    }
+
+    /// The host's total (0 with the optimizer on the device).
+    pub fn host_total(&self) -> u64 {
+        self.host_master_weights + self.host_optimizer + self.host_gradients
     }
 
     /// The peak to plan for: the total times [`MEASURED_OVERHEAD`].
@@ -345,31 +402,45 @@ impl LlamaConfig {
 
     /// Memory needed to train on one device with `micro_batch` sequences of `seq_len` tokens.
     ///
-    /// Weights, gradients in `precision`; AdamW moments in f32; an f32 master copy when
-    /// `precision` is not f32. Activations count the tensors our forward keeps for backward
-    /// (no recomputation, attention scores materialised as the autodiff fallback does), plus the
-    /// logits and their f32 softmax. An estimate: allocator slack and workspace are not counted.
-    pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, precision: Precision) -> MemoryEstimate {
+    /// Weights and gradients in the compute dtype; AdamW moments in f32 and an f32 master copy
+    /// (when the compute dtype is not f32) on the device, or with `OptimizerPlacement::Host` on
+    /// the host with an f32 gradient accumulator. Activations count the tensors our forward keeps
+    /// for backward (attention scores materialised, as Burn's autodiff attention does) and the
+    /// logits with their f32 softmax and gradient; with `Recompute::Block`, each block's input
+    /// plus twice one block's tensors (its re-run and the gradients flowing through it); with
+    /// `logits_chunk`, the logits of one chunk. An estimate: allocator slack and workspace are
+    /// not counted (see [`MEASURED_OVERHEAD`]).
+    pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> MemoryEstimate {
         let p = self.num_params();
-        let b = precision.bytes();
+        let b = plan.precision.bytes();
         let tokens = (micro_batch * seq_len) as u64;
         let d = self.dim as u64;
         let kv = (self.n_kv_heads() * self.head_dim()) as u64;
         let f = self.ffn_hidden() as u64;
         let h = self.n_heads as u64;
         let t = seq_len as u64;
+        let layers = self.n_layers as u64;
         // Per token and layer: two norm inputs and outputs (4d), q/k/v (d + 2kv), RoPE'd q/k
         // (d + kv), expanded k/v for GQA (2d), scores and probabilities (2 h t), attention output
         // (d), residuals (2d), SwiGLU gate, up, silu and product (4f).
         let per_token_layer = 4 * d + (d + 2 * kv) + (d + kv) + 2 * d + 2 * h * t + d + 2 * d + 4 * f;
-        let layers = tokens * self.n_layers as u64 * per_token_layer * b;
-        let logits = tokens * self.vocab_size as u64 * (b + 4 + 4);
+        let blocks = match plan.recompute {
+            Recompute::None => tokens * layers * per_token_layer * b,
+            Recompute::Block => tokens * layers * d * b + 2 * tokens * per_token_layer * b,
+        };
+        let logit_rows = plan.logits_chunk.map_or(tokens, |c| (c as u64).min(tokens));
+        let logits = logit_rows * self.vocab_size as u64 * (b + 4 + 4);
+        let master = if plan.precision == Precision::F32 { 0 } else { p * 4 };
+        let on_host = plan.optimizer == OptimizerPlacement::Host;
         MemoryEstimate {
             weights: p * b,
-            master_weights: if precision == Precision::F32 { 0 } else { p * 4 },
+            master_weights: if on_host { 0 } else { master },
             gradients: p * b,
-            optimizer: 2 * p * 4,
-            activations: layers + logits,
+            optimizer: if on_host { 0 } else { 2 * p * 4 },
+            activations: blocks + logits,
+            host_master_weights: if on_host { p * 4 } else { 0 },
+            host_optimizer: if on_host { 2 * p * 4 } else { 0 },
+            host_gradients: if on_host { p * 4 } else { 0 },
         }
     }
 }
@@ -433,13 +504,34 @@ mod tests {
     fn memory_estimate_counts_adam_and_master_weights() {
         let c = preset("7b.toml");
         let p = c.num_params();
-        let m32 = c.memory_estimate(1, 4096, Precision::F32);
+        let m32 = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::F32));
         assert_eq!(m32.weights, 4 * p);
         assert_eq!(m32.optimizer, 8 * p);
         assert_eq!(m32.master_weights, 0);
-        let m16 = c.memory_estimate(1, 4096, Precision::Bf16);
+        assert_eq!(m32.host_total(), 0);
+        let m16 = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::Bf16));
         assert_eq!(m16.weights, 2 * p);
         assert_eq!(m16.master_weights, 4 * p);
         assert!(m16.activations < m32.activations);
+    }
+
+    /// The host optimizer moves exactly the f32 master and AdamW's moments off the device (and
+    /// adds the f32 gradient accumulator on the host); block recomputation and chunked logits
+    /// cut the activations several-fold at 7B x 4096 and leave the rest alone.
+    #[test]
+    fn memory_estimate_knows_recomputation_chunks_and_the_host_optimizer() {
+        let c = preset("7b.toml");
+        let p = c.num_params();
+        let plain = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::Bf16));
+        let host = c.memory_estimate(1, 4096, &TrainingMemory { optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
+        assert_eq!(plain.total() - host.total(), plain.master_weights + plain.optimizer);
+        assert_eq!((host.master_weights, host.optimizer), (0, 0));
+        assert_eq!(host.host_total(), 4 * p + 8 * p + 4 * p);
+        let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };
+        let lean = c.memory_estimate(1, 4096, &saving);
+        assert!(lean.activations * 5 < plain.activations, "{} vs {}", lean.activations, plain.activations);
+        assert_eq!((lean.weights, lean.gradients, lean.optimizer), (plain.weights, plain.gradients, plain.optimizer));
+        // The saved block inputs: 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB of it.
+        assert!(lean.activations > 32 * 4096 * 4096 * 2);
     }
 }

@@ -11,6 +11,8 @@
 //! - [`rms_norm`], [`rotary`], [`swiglu`]: RMSNorm, RoPE's rotation and the SwiGLU gate, each one
 //!   fused op with its own backward on the CPU.
 //! - [`adamw`]: Burn's AdamW with one fused pass per parameter on the CPU (same state, same values).
+//! - [`recompute`]: block recomputation and chunked logits (`with_memory_saving`), one op with
+//!   its own backward on every backend.
 //! - [`host_memory`]: the allocator policy every binary sets first (reuse, not re-fault, big buffers).
 
 pub mod adamw;
@@ -23,11 +25,12 @@ pub mod generate;
 pub mod host_memory;
 pub mod loss;
 pub mod model;
+pub mod recompute;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
 
-pub use config::{LlamaConfig, MemoryEstimate, Precision};
+pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Precision, Recompute, TrainingMemory};
 pub use flex_kernels::without_fused_kernels;
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
 

@@ -12,7 +12,9 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::attention::causal_attention;
+use crate::loss::token_nll;
 use crate::device::is_flex;
+use crate::recompute::{checkpoint, memory_saving};
 use crate::rms_norm::rms_norm;
 use crate::rotary::rotate_pairs;
 use crate::swiglu::swiglu;
@@ -236,7 +238,18 @@ pub struct Llama {
 
 impl LlamaConfig {
     /// Builds a randomly initialised model (normal, std 0.02; norms at 1) on `device`.
+    ///
+    /// Burn initialises parameters lazily, at their first use, from the device's random stream:
+    /// left lazy, the weights would depend on which code touches them first (a forward pass
+    /// reads `w3` before `w2`, a checkpoint or a device copy visits `w2` first). So every
+    /// parameter is drawn here, in declaration order.
     pub fn init(&self, device: &Device) -> Llama {
+        let model = self.init_lazy(device);
+        model.visit(&mut Materialize);
+        model
+    }
+
+    fn init_lazy(&self, device: &Device) -> Llama {
         Llama {
             tok_embeddings: EmbeddingConfig::new(self.vocab_size, self.dim)
                 .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
@@ -263,12 +276,61 @@ impl Llama {
     ///
     /// # Shapes
     /// - tokens: `[batch, seq]`, mask: `[batch, seq, seq]` -> `[batch, seq, dim]`
+    ///
+    /// Under [`crate::recompute::with_memory_saving`] with `recompute_blocks`, a training
+    /// forward keeps only each block's input and backward re-runs the block.
     pub fn forward_hidden(&self, tokens: Tensor<2, Int>, mask: Option<Tensor<3, Bool>>) -> Tensor<3> {
         let mut x = self.tok_embeddings.forward(tokens);
+        let recompute = memory_saving().recompute_blocks && x.is_autodiff();
         for layer in &self.layers {
-            x = layer.forward(x, &self.rope, 0, mask.clone(), None);
+            x = if recompute {
+                // Constants of the re-run: the RoPE tables off the autodiff graph.
+                let (rope, mask) = (self.rope.valid(), mask.clone());
+                checkpoint(layer, x, move |block, x| block.forward(x, &rope, 0, mask.clone(), None))
+            } else {
+                layer.forward(x, &self.rope, 0, mask.clone(), None)
+            };
         }
         rms_norm(&self.norm, x)
+    }
+
+    /// Next-token negative log-likelihood of `targets` given final hidden states: the output
+    /// projection and [`token_nll`] together. Under [`crate::recompute::with_memory_saving`]
+    /// with `logits_chunk = Some(n)`, both run `n` positions at a time and each chunk's logits
+    /// are recomputed in backward, so neither the `[batch * seq, vocab]` logits nor their
+    /// gradient ever exist whole.
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, dim]`, targets: `[batch * seq]` -> `[batch * seq]`
+    pub fn token_nll(&self, hidden: Tensor<3>, targets: Tensor<1, Int>) -> Tensor<1> {
+        let [b, t, d] = hidden.dims();
+        let rows = b * t;
+        let hidden = hidden.reshape([rows, d]);
+        let chunk = match memory_saving().logits_chunk {
+            Some(chunk) if hidden.is_autodiff() && chunk < rows => chunk,
+            _ => return token_nll(self.project_rows(hidden), targets),
+        };
+        assert!(chunk > 0, "logits_chunk must be > 0");
+        let nll: Vec<Tensor<1>> = (0..rows)
+            .step_by(chunk)
+            .map(|r0| {
+                let r1 = (r0 + chunk).min(rows);
+                let (h, y) = (hidden.clone().slice([r0..r1, 0..d]), targets.clone().slice([r0..r1]));
+                match &self.output {
+                    Some(output) => checkpoint(output, h, move |output, h| token_nll(logits_f32(rows_through(output, h)), y.clone())),
+                    None => checkpoint(&self.tok_embeddings, h, move |embedding, h| token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone())),
+                }
+            })
+            .collect();
+        Tensor::cat(nll, 0)
+    }
+
+    /// [`Llama::project`] of `[rows, dim]` hidden states.
+    fn project_rows(&self, hidden: Tensor<2>) -> Tensor<2> {
+        logits_f32(match &self.output {
+            Some(output) => rows_through(output, hidden),
+            None => hidden.matmul(self.tok_embeddings.weight.val().transpose()),
+        })
     }
 
     /// Runs new tokens through the model, reading and extending `cache`.
@@ -295,13 +357,11 @@ impl Llama {
     /// Logits are f32 whatever the compute dtype, so that log-softmax and the losses built on
     /// it never run in half precision (what PyTorch's autocast does for cross-entropy).
     pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {
-        let logits = match &self.output {
+        logits_f32(match &self.output {
             Some(output) => apply(output, hidden),
             None if is_flex(&hidden.device()) => over_rows(hidden, |rows| rows.matmul(self.tok_embeddings.weight.val().transpose())),
             None => hidden.matmul(self.tok_embeddings.weight.val().transpose().unsqueeze()),
-        };
-        // Casting f32 to f32 would still add a node to the autodiff graph.
-        if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }
+        })
     }
 
     pub fn max_seq_len(&self) -> usize {
@@ -324,6 +384,26 @@ impl Llama {
         new.id = param.id;
         *param = new;
     }
+}
+
+/// Draws every lazily initialised parameter (see [`LlamaConfig::init`]).
+struct Materialize;
+
+impl burn::module::ModuleVisitor for Materialize {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let _ = param.val();
+    }
+}
+
+/// Logits in f32 whatever the compute dtype (see [`Llama::project`]).
+fn logits_f32<const D: usize>(logits: Tensor<D>) -> Tensor<D> {
+    // Casting f32 to f32 would still add a node to the autodiff graph.
+    if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }
+}
+
+/// `linear` over `[rows, d_in]` (one matmul on every backend).
+fn rows_through(linear: &Linear, rows: Tensor<2>) -> Tensor<2> {
+    linear.forward(rows)
 }
 
 /// Keys and values of one layer for the positions seen so far, preallocated to `max_len`.

@@ -24,6 +24,30 @@ fn info_prints_exact_parameter_counts_and_memory() {
     assert!(out.contains("does NOT fit"), "70B cannot train on one 80 GiB device: {out}");
 }
 
+/// With block recomputation and the host optimizer, 7B and 13B at micro-batch 1 x 4096 fit one
+/// 80 GiB device in bf16: the chosen settings' table says so, with a host total; without them
+/// (the combination table's first line) they do not. 70B fits in no combination.
+#[test]
+fn info_says_7b_and_13b_fit_80_gib_with_recomputation_and_the_host_optimizer() {
+    let bf16_row = |out: &str| out.lines().find(|l| l.starts_with("bf16 ")).unwrap_or_else(|| panic!("no bf16 row: {out}")).to_string();
+    for file in ["configs/7b.toml", "configs/13b.toml"] {
+        let args = ["info", "--config", file, "--micro-batch", "1", "--seq-len", "4096", "--recompute", "block", "--optimizer", "host", "--device-memory-gib", "80"];
+        let (ok, out, err) = llama(&args);
+        assert!(ok, "{err}");
+        assert!(out.contains("recompute block, optimizer on the host, logits 1024"), "{out}");
+        let row = bf16_row(&out);
+        assert!(row.ends_with("  fits") && row.contains("0.00 GiB"), "{file}: {row}");
+        let none = out.lines().find(|l| l.contains("--recompute none  --optimizer device")).unwrap();
+        assert!(none.ends_with("does NOT fit"), "{file}: {none}");
+        let (ok, plain, _) = llama(&["info", "--config", file, "--micro-batch", "1", "--seq-len", "4096", "--device-memory-gib", "80"]);
+        assert!(ok && bf16_row(&plain).ends_with("does NOT fit"), "{file}: {plain}");
+    }
+    let (_, out, _) = llama(&["info", "--config", "configs/70b.toml", "--recompute", "block", "--optimizer", "host", "--device-memory-gib", "80"]);
+    assert!(!out.lines().any(|l| l.ends_with("  fits")), "70B: {out}");
+    let (ok, _, err) = llama(&["info", "--config", "configs/7b.toml", "--recompute", "layers"]);
+    assert!(!ok && err.contains("block") && !err.contains("panicked"), "{err}");
+}
+
 #[test]
 fn bad_config_is_a_clear_error_without_panic() {
     let tmp = tempfile::tempdir().unwrap();
@@ -94,4 +118,13 @@ fn bench_reports_every_phase() {
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(false));
     let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
     assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
+    // Block recomputation with chunked logits: the same report, marked; bad sizes refused.
+    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--recompute", "block", "--logits-chunk", "8", "--json", json.to_str().unwrap()]);
+    assert!(ok && out.contains("block recomputation") && out.contains("chunks of 8"), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!((report["recompute"].as_str(), report["logits_chunk"].as_u64()), (Some("block"), Some(8)));
+    for bad in [["--batch", "0"], ["--logits-chunk", "0"]] {
+        let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "16", bad[0], bad[1]]);
+        assert!(!ok && err.contains("must be > 0") && !err.contains("panicked"), "{err}");
+    }
 }

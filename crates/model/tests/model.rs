@@ -3,6 +3,7 @@
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_model::generate::{BatchDecoder, SamplingConfig, generate, log_softmax_at};
+use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::{Llama, LlamaConfig};
 
 fn tiny(vocab: usize, kv: usize) -> LlamaConfig {
@@ -275,4 +276,100 @@ fn fused_kernels_equal_composed_ops_on_the_whole_model() {
         let diff = max_abs_diff(f, c);
         assert!(diff <= 1e-4 * scale.max(1e-3), "parameter {i} {shape}: gradients differ by {diff} (largest {scale})");
     }
+}
+
+/// The loss and every parameter's gradient of one training pass of `model` (as a compute copy
+/// in `precision`, gradients on the f32 parameters) under `saving`.
+fn loss_and_grads(model: &Llama, rows: &[Vec<u32>], targets: &Tensor<1, Int>, precision: llama_model::Precision, saving: MemorySaving) -> (f32, Vec<(String, Vec<f32>)>) {
+    let device = model.device();
+    let loss = with_memory_saving(saving, || {
+        let compute = precision.compute_copy(model);
+        compute.token_nll(compute.forward_hidden(ids(rows, &device), None), targets.clone()).mean()
+    });
+    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
+    let mut all = AllGrads { grads: &grads, out: vec![] };
+    model.visit(&mut all);
+    (loss.into_scalar::<f32>(), all.out)
+}
+
+/// Asserts that two gradient lists agree parameter by parameter to `tol` relative to each
+/// parameter's largest reference gradient, and that every reference gradient is non-zero.
+fn assert_same_grads(what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: parameter count");
+    for (i, ((shape, g), (_, w))) in got.iter().zip(want).enumerate() {
+        assert!(!w.is_empty() && w.iter().any(|x| x.abs() > 1e-7), "{what}: parameter {i} {shape}: no reference gradient");
+        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let diff = max_abs_diff(g, w);
+        assert!(diff <= tol * scale, "{what}: parameter {i} {shape}: gradients differ by {diff} (largest {scale})");
+    }
+}
+
+fn gqa_batch(device: &Device, vocab: usize) -> (Llama, Vec<Vec<u32>>, Tensor<1, Int>) {
+    device.seed(5);
+    let config = LlamaConfig::new(32, 3, 4).with_n_kv_heads(2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(96);
+    let model = config.init(device);
+    let (b, t) = (2, 80);
+    let tokens: Vec<u32> = (0..b * (t + 1)).map(|i| (i * 11 + i / 7) as u32 % vocab as u32).collect();
+    let rows: Vec<Vec<u32>> = tokens.chunks(t + 1).map(|r| r[..t].to_vec()).collect();
+    let targets: Vec<i64> = tokens.chunks(t + 1).flat_map(|r| r[1..].iter().map(|&x| x as i64)).collect();
+    (model, rows, Tensor::from_data(TensorData::new(targets, [b * t]), device))
+}
+
+/// Block recomputation (with and without chunked logits) gives the loss and every parameter's
+/// gradient of the plain pass on a GQA model: with the fused CPU kernels and with Burn's
+/// composed ops (the GPU path), in f32 to 1e-5; in bf16, recomputing gives the bf16 pass's
+/// gradients (f32 master gradients through the casts) to a few bf16 rounding steps.
+#[test]
+fn block_recomputation_gives_the_plain_gradients() {
+    use llama_model::Precision;
+    let device = Device::flex().autodiff();
+    let (model, rows, targets) = gqa_batch(&device, 60);
+    let block = MemorySaving { recompute_blocks: true, logits_chunk: None };
+    let block_chunked = MemorySaving { recompute_blocks: true, logits_chunk: Some(48) };
+    for fused in [true, false] {
+        let run = |precision, saving| {
+            let go = || loss_and_grads(&model, &rows, &targets, precision, saving);
+            if fused { go() } else { llama_model::without_fused_kernels(go) }
+        };
+        let (plain_loss, plain) = run(Precision::F32, MemorySaving::default());
+        for (name, saving, segments) in [("block", block, 3), ("block + chunks", block_chunked, 3 + 4)] {
+            let before = llama_model::recompute::reruns();
+            let (loss, grads) = run(Precision::F32, saving);
+            // 3 blocks, and 160 positions in chunks of 48: 4 chunks (tests run in parallel, so at least).
+            assert!(llama_model::recompute::reruns() - before >= segments, "{name}: nothing was recomputed");
+            assert!((loss - plain_loss).abs() < 1e-5, "{name} (fused {fused}): loss {loss} vs {plain_loss}");
+            assert_same_grads(&format!("{name}, f32, fused {fused}"), &grads, &plain, 1e-5);
+        }
+        let (bf16_loss, bf16) = run(Precision::Bf16, MemorySaving::default());
+        let (loss, grads) = run(Precision::Bf16, block);
+        assert!((loss - bf16_loss).abs() < 1e-3 * bf16_loss.abs(), "bf16 (fused {fused}): loss {loss} vs {bf16_loss}");
+        // A few bf16 rounding steps (2^-8 to 2^-7 each) of the largest gradient apart: the re-run
+        // sums the gradients of a tensor's several uses in another order, and bf16 sums round.
+        assert_same_grads(&format!("block, bf16, fused {fused}"), &grads, &bf16, 5e-2);
+    }
+}
+
+/// The chunked output projection + cross-entropy equals the whole-logits one in value and in
+/// every parameter's gradient, for chunks that divide the positions and ones that do not, and
+/// with tied embeddings (the chunk's weight is the embedding matrix).
+#[test]
+fn chunked_logits_equal_whole_logits() {
+    let device = Device::flex().autodiff();
+    let (model, rows, targets) = gqa_batch(&device, 70);
+    let tied = LlamaConfig::new(32, 2, 4).with_vocab_size(70).with_multiple_of(16).with_max_seq_len(96).with_tie_word_embeddings(true).init(&device);
+    for (name, model) in [("untied", &model), ("tied", &tied)] {
+        let (whole_loss, whole) = loss_and_grads(model, &rows, &targets, llama_model::Precision::F32, MemorySaving::default());
+        for chunk in [1, 40, 77, 160, 1000] {
+            let saving = MemorySaving { recompute_blocks: false, logits_chunk: Some(chunk) };
+            let (loss, grads) = loss_and_grads(model, &rows, &targets, llama_model::Precision::F32, saving);
+            assert!((loss - whole_loss).abs() < 1e-5, "{name}, chunk {chunk}: loss {loss} vs {whole_loss}");
+            assert_same_grads(&format!("{name}, chunk {chunk}"), &grads, &whole, 1e-5);
+        }
+    }
+    // Per-position values too, and outside training (no autodiff) the whole logits are used.
+    let plain = model.valid();
+    let hidden = plain.forward_hidden(ids(&rows, &plain.device()), None);
+    let whole = host(plain.token_nll(hidden.clone(), targets.clone().inner()));
+    let chunked = with_memory_saving(MemorySaving { recompute_blocks: false, logits_chunk: Some(33) }, || host(plain.token_nll(hidden, targets.inner())));
+    assert_eq!(whole, chunked);
 }

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use llama_model::loss::token_nll;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_data::prepare::{PrepareConfig, prepare};
 use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, Split, Tokenizer};
@@ -80,7 +79,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
     if let Some(s) = overrides.max_steps {
         cfg.train.max_steps = Some(s);
     }
-    overrides.apply_run(&mut cfg.run);
+    overrides.apply(&mut cfg.run, &mut cfg.train);
     let origin = path.display();
     let checks = [cfg.optim.validate(), cfg.schedule.validate(), cfg.train.validate(), cfg.run.validate()];
     for check in checks {
@@ -115,9 +114,8 @@ pub fn inputs_and_targets(windows: &[Vec<u32>], device: &Device) -> (Tensor<2, I
 /// Summed next-token cross-entropy of the windows.
 pub fn cross_entropy_sum(model: &Llama, windows: &[Vec<u32>], device: &Device) -> Tensor<1> {
     let (inputs, targets) = inputs_and_targets(windows, device);
-    let logits = model.forward(inputs);
-    let [b, t, v] = logits.dims();
-    token_nll(logits.reshape([b * t, v]), targets.reshape([b * t])).sum()
+    let [b, t] = inputs.dims();
+    model.token_nll(model.forward_hidden(inputs, None), targets.reshape([b * t])).sum()
 }
 
 /// The pre-training objective over a packed reader.

@@ -201,3 +201,29 @@ fn learns_the_shipped_corpus_below_the_unigram_baseline() {
     let (val, unigram) = (last["val/loss"].as_f64().unwrap(), last["val/unigram_loss"].as_f64().unwrap());
     assert!(val < unigram - 0.1, "validation loss {val} is not clearly below the unigram baseline {unigram}\n{stdout}");
 }
+
+/// `--recompute block --optimizer host` (the 7B config's settings) from the command line: the
+/// run logs the losses of a plain run (to float rounding: the recomputed blocks sum gradients in
+/// another order), a run interrupted with them resumes without them to the same figures, and a
+/// zero `train.logits_chunk` is refused naming the key.
+#[test]
+fn recomputation_and_the_host_optimizer_from_the_command_line() {
+    let f = Fixture::new(400);
+    let plain = f.config("plain", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &plain], &[]);
+    assert!(ok, "{err}");
+    let want = train_curve(&f.path("out-plain"));
+    let lean = f.config("lean", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &lean, "--recompute", "block", "--optimizer", "host", "--stop-after", "3"], &[]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = pretrain(&["--config", &lean, "--resume"], &[]);
+    assert!(ok, "{err}");
+    let got = train_curve(&f.path("out-lean"));
+    assert_eq!(got.len(), want.len());
+    for ((s, a, ga), (_, b, gb)) in want.iter().zip(&got) {
+        assert!((a - b).abs() < 1e-5 && (ga - gb).abs() < 1e-4 * ga.max(1.0), "step {s}: loss {a} vs {b}, grad norm {ga} vs {gb}");
+    }
+    let bad = f.config("bad", MODEL, &format!("{TRAIN}\nlogits_chunk = 0"), "");
+    let (ok, _, err) = pretrain(&["--config", &bad], &[]);
+    assert!(!ok && err.contains("train.logits_chunk") && !err.contains("panicked"), "{err}");
+}

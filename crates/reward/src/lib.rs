@@ -452,7 +452,7 @@ pub use llama_trainer::Overrides;
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let mut cfg: RewardConfig = load_toml(config_path)?;
     let origin = config_path.display();
-    overrides.apply_run(&mut cfg.run);
+    overrides.apply(&mut cfg.run, &mut cfg.train);
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }

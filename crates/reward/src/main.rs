@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use llama_data::Tokenizer;
-use llama_reward::{Overrides, load_reward_model, render, run};
+use llama_reward::{load_reward_model, render, run};
 
 /// Train a Llama 2 reward model: the chat model's trunk with a scalar head read at the last real
 /// token, trained on preference pairs with the margin ranking loss
@@ -23,26 +23,11 @@ struct Cli {
     /// The run's TOML file (e.g. configs/reward-helpfulness-tiny.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    #[arg(long)]
-    max_steps: Option<u64>,
-    #[arg(long)]
-    out: Option<PathBuf>,
-    #[arg(long)]
-    device: Option<String>,
-    /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Data parallel over N devices (run.devices): vulkan:0..N-1, cuda:0..N-1, ...
-    #[arg(long)]
-    devices: Option<usize>,
+    #[command(flatten)]
+    training: llama_trainer::TrainingArgs,
     /// Override init (the SFT or pretrain run, checkpoint, native or HF directory).
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Continue from the newest complete checkpoint in the output directory.
-    #[arg(long)]
-    resume: bool,
-    #[arg(long)]
-    stop_after: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -115,7 +100,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config.context("--config is required (or use the `score` subcommand); see --help")?;
-            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, init: cli.init, device: cli.device, dtype: cli.dtype, devices: cli.devices, resume: cli.resume, stop_after: cli.stop_after };
+            let overrides = cli.training.overrides(cli.init);
             run(&config, &overrides)?;
             Ok(())
         }

@@ -20,7 +20,6 @@ use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Overlong, Role, pack};
 use llama_model::generate::{Generation, SamplingConfig, generate};
-use llama_model::loss::token_nll;
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::checkpoint::{Checkpoints, init_model};
@@ -346,10 +345,9 @@ pub fn token_logprobs(model: &Llama, sequences: &[Vec<u32>], pad: u32) -> Tensor
     let device = model.tok_embeddings.weight.device();
     let (tokens, _) = right_pad(sequences, pad, &device);
     let [b, t] = tokens.dims();
-    let logits = model.forward(tokens.clone().slice([0..b, 0..t - 1]));
-    let v = logits.dims()[2];
+    let hidden = model.forward_hidden(tokens.clone().slice([0..b, 0..t - 1]), None);
     let targets = tokens.slice([0..b, 1..t]).reshape([b * (t - 1)]);
-    token_nll(logits.reshape([b * (t - 1), v]), targets).neg().reshape([b, t - 1])
+    model.token_nll(hidden, targets).neg().reshape([b, t - 1])
 }
 
 /// One PPO batch after the rollout: everything the update needs, on the host.
@@ -659,6 +657,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let prompts = load_prompts(&cfg.data.prompts)?;
     let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
     let out = cfg.run.out_dir.join("rejection-sampling");
+    let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
     let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
     let r0 = start.reward;
@@ -846,6 +845,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     };
     let model_config = llama_trainer::model_config_toml(&policy_config)?;
     let out = cfg.run.out_dir.join("ppo");
+    let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
     let checkpoints = Checkpoints::new(&out);
     match (resume, checkpoints.latest()) {
         (true, Some((_, dir))) => {

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use llama_model::loss::token_nll;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, pack};
@@ -160,9 +159,8 @@ pub fn masked_loss_sum(model: &Llama, seqs: &[Packed], separate: bool, device: &
 /// - inputs `[batch, seq]`, targets `[batch * seq, 1]`, mask `[batch * seq]`,
 ///   attention `[batch, seq, seq]`
 pub fn masked_nll_sum(model: &Llama, inputs: Tensor<2, Int>, targets: Tensor<2, Int>, mask: Tensor<1>, attention: Option<Tensor<3, Bool>>) -> Tensor<1> {
-    let logits = model.project(model.forward_hidden(inputs, attention));
-    let [b, t, v] = logits.dims();
-    let nll = token_nll(logits.reshape([b * t, v]), targets.reshape([b * t]));
+    let [b, t] = inputs.dims();
+    let nll = model.token_nll(model.forward_hidden(inputs, attention), targets.reshape([b * t]));
     (nll * mask).sum()
 }
 
@@ -313,7 +311,7 @@ pub use llama_trainer::Overrides;
 /// Everything `sft` does after parsing its arguments.
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let mut cfg = load_config(config_path)?;
-    overrides.apply_run(&mut cfg.run);
+    overrides.apply(&mut cfg.run, &mut cfg.train);
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use llama_data::chat::load_conversations;
-use llama_sft::{Overrides, ghost_attention, run};
+use llama_sft::{ghost_attention, run};
 
 /// Supervised fine-tuning of a Llama model on chat data (JSONL or Parquet, `messages` or
 /// `prompt`/`response`), rendered with the Llama 2 chat template; the loss falls on answer tokens
@@ -21,30 +21,11 @@ struct Cli {
     /// The run's TOML file (e.g. configs/sft-tiny.toml).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Override the step count (default: data.epochs over the training chats).
-    #[arg(long)]
-    max_steps: Option<u64>,
-    /// Override run.out_dir.
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// Override run.device.
-    #[arg(long)]
-    device: Option<String>,
-    /// Override run.dtype: f32, or bf16 / f16 mixed precision (f32 master weights; GPU).
-    #[arg(long)]
-    dtype: Option<String>,
-    /// Data parallel over N devices (run.devices): vulkan:0..N-1, cuda:0..N-1, ...
-    #[arg(long)]
-    devices: Option<usize>,
+    #[command(flatten)]
+    training: llama_trainer::TrainingArgs,
     /// Override init (a pretrain run, checkpoint, native or Hugging Face directory).
     #[arg(long)]
     init: Option<PathBuf>,
-    /// Continue from the newest complete checkpoint in the output directory.
-    #[arg(long)]
-    resume: bool,
-    /// Stop after this step with a checkpoint (the schedule still spans the whole run).
-    #[arg(long)]
-    stop_after: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -97,8 +78,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
         }
         None => {
             let config = cli.config.context("--config is required (or use the `gatt` subcommand); see --help")?;
-            let overrides = Overrides { max_steps: cli.max_steps, out: cli.out, device: cli.device, dtype: cli.dtype, devices: cli.devices, init: cli.init, resume: cli.resume, stop_after: cli.stop_after };
-            run(&config, &overrides)?;
+            run(&config, &cli.training.overrides(cli.init))?;
             Ok(())
         }
     }

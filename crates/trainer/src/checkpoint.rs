@@ -170,3 +170,50 @@ pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<
     }
     Ok(llama_model::checkpoint::load(&dir, device)?)
 }
+
+/// An exclusive lock on a run directory (`OUT/.lock`), held while a process writes the run: a
+/// second writer on the same directory is refused instead of interleaving checkpoints and
+/// metrics. It is an OS file lock (flock), so a killed process releases it; the file itself
+/// staying behind means nothing.
+#[derive(Debug)]
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+impl RunLock {
+    pub const FILE: &'static str = ".lock";
+
+    /// Locks `out_dir` (created if needed), or says which directory another process is writing.
+    pub fn acquire(out_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(out_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", out_dir.display()))?;
+        let path = out_dir.join(Self::FILE);
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Self { _file: file }),
+            Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+                "{} is being written by another run (it holds {}); wait for it to finish, or choose another --out",
+                out_dir.display(),
+                path.display()
+            ),
+            Err(std::fs::TryLockError::Error(e)) => anyhow::bail!("{}: cannot lock: {e}", path.display()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod lock_tests {
+    use super::RunLock;
+
+    /// A second writer is refused while the first holds the lock; once it is released (a process
+    /// that ends, killed or not, releases its flock) the lock file left behind does not block.
+    #[test]
+    fn a_run_directory_has_one_writer_at_a_time() {
+        let tmp = tempfile::tempdir().unwrap();
+        let first = RunLock::acquire(tmp.path()).unwrap();
+        let err = RunLock::acquire(tmp.path()).unwrap_err().to_string();
+        assert!(err.contains("another run") && err.contains(".lock"), "{err}");
+        drop(first);
+        assert!(tmp.path().join(RunLock::FILE).exists());
+        let _again = RunLock::acquire(tmp.path()).unwrap();
+    }
+}

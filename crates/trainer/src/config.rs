@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use llama_model::config::DEFAULT_LOGITS_CHUNK;
+use llama_model::recompute::MemorySaving;
+pub use llama_model::{OptimizerPlacement, Recompute, TrainingMemory};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
@@ -148,6 +151,14 @@ pub struct TrainConfig {
     pub checkpoint_every: u64,
     /// Complete checkpoints kept (older ones are deleted).
     pub keep_checkpoints: usize,
+    /// What the forward keeps for backward: "none" (everything), or "block" (each transformer
+    /// block's input only; backward re-runs the block: about one more forward per step, the
+    /// activations several-fold smaller).
+    pub recompute: Recompute,
+    /// Positions per chunk of the output projection and loss, each chunk's logits recomputed in
+    /// backward so that the `[positions, vocab]` logits never exist whole (default: 1024 with
+    /// recompute = "block", else the whole logits at once).
+    pub logits_chunk: Option<usize>,
 }
 
 impl Default for TrainConfig {
@@ -164,6 +175,8 @@ impl Default for TrainConfig {
             eval_batches: 20,
             checkpoint_every: 1000,
             keep_checkpoints: 3,
+            recompute: Recompute::None,
+            logits_chunk: None,
         }
     }
 }
@@ -193,7 +206,16 @@ impl TrainConfig {
         if self.keep_checkpoints == 0 {
             return Err("train.keep_checkpoints must be >= 1".into());
         }
+        if self.logits_chunk == Some(0) {
+            return Err("train.logits_chunk must be > 0 (positions per chunk), or left out for the default".into());
+        }
         Ok(())
+    }
+
+    /// What a training forward saves (`recompute`, `logits_chunk` and its default).
+    pub fn memory_saving(&self) -> MemorySaving {
+        let recompute_blocks = self.recompute == Recompute::Block;
+        MemorySaving { recompute_blocks, logits_chunk: self.logits_chunk.or(recompute_blocks.then_some(DEFAULT_LOGITS_CHUNK)) }
     }
 
     /// Total optimizer steps for sequences of `seq_len` tokens.
@@ -231,11 +253,23 @@ pub struct RunConfig {
     /// own): each runs micro-batches of `train.micro_batch_size`; gradients are summed on the
     /// first. On flex the replicas share the one CPU device (no speed-up).
     pub devices: usize,
+    /// Where the f32 master weights and AdamW's moments live: "device", or "host" (host memory,
+    /// updated on the CPU; the device keeps the compute-dtype weights, their gradients and the
+    /// activations; each micro-batch's gradients come down and each step's weights go up).
+    pub optimizer: OptimizerPlacement,
 }
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { out_dir: PathBuf::from("runs/default"), device: "flex".into(), dtype: "f32".into(), peak_tflops: None, device_memory_gib: None, devices: 1 }
+        Self {
+            out_dir: PathBuf::from("runs/default"),
+            device: "flex".into(),
+            dtype: "f32".into(),
+            peak_tflops: None,
+            device_memory_gib: None,
+            devices: 1,
+            optimizer: OptimizerPlacement::Device,
+        }
     }
 }
 
@@ -258,14 +292,20 @@ impl RunConfig {
     }
 
     /// What can only be checked with the model in hand, before any work: the device computes in
-    /// `run.dtype`, and one device's training memory estimate fits in its memory.
-    pub fn check_launch(&self, model: &llama_model::LlamaConfig, micro_batch: usize, seq_len: usize) -> Result<llama_model::Precision, String> {
+    /// `run.dtype`, and one device's training memory estimate (with the run's recomputation,
+    /// logits chunks and optimizer placement) fits in its memory.
+    pub fn check_launch(&self, model: &llama_model::LlamaConfig, train: &TrainConfig, seq_len: usize) -> Result<llama_model::Precision, String> {
         let precision = crate::precision::parse(&self.dtype)?;
         let device = llama_model::device::parse(&self.device).map_err(|e| format!("run.device: {e}"))?;
         llama_model::device::probe(&device, &self.device).map_err(|e| format!("run.device: {e}"))?;
         precision.check_device(&device, &self.device)?;
-        crate::memory::check_fits(self, model, micro_batch, seq_len, precision)?;
+        crate::memory::check_fits(self, model, train.micro_batch_size, seq_len, &self.training_memory(precision, train))?;
         Ok(precision)
+    }
+
+    /// The memory-relevant settings of a run in `precision`.
+    pub fn training_memory(&self, precision: llama_model::Precision, train: &TrainConfig) -> TrainingMemory {
+        TrainingMemory { precision, recompute: train.recompute, optimizer: self.optimizer, logits_chunk: train.memory_saving().logits_chunk }
     }
 
     pub fn peak_flops(&self) -> f64 {

@@ -10,11 +10,13 @@ pub mod precision;
 pub mod schedule;
 pub mod tensorboard;
 pub mod checkpoint;
+pub mod cli;
 pub mod metrics;
 pub mod run;
 pub mod sampler;
 
-pub use config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
+pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
+pub use cli::TrainingArgs;
 pub use metrics::Metrics;
 pub use precision::{LossScale, Precision};
 pub use run::{LoopConfig, Objective, Overrides, Summary, train};

@@ -3,7 +3,7 @@
 //! micro-batch) against what the device has.
 
 use llama_model::config::MEASURED_OVERHEAD;
-use llama_model::{LlamaConfig, Precision};
+use llama_model::{LlamaConfig, OptimizerPlacement, Recompute, TrainingMemory};
 
 use crate::config::RunConfig;
 
@@ -32,16 +32,28 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
 
 /// An error before any work when the estimate exceeds the device's memory; None when it fits or
 /// the capacity is unknown.
-pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_len: usize, precision: Precision) -> Result<(), String> {
+pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> Result<(), String> {
     let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
-    let m = model.memory_estimate(micro_batch, seq_len, precision);
+    let m = model.memory_estimate(micro_batch, seq_len, plan);
+    let precision = plan.precision;
     let expected = m.expected_peak();
     if expected <= capacity {
         return Ok(());
     }
     let g = |b: u64| format!("{:.1}", b as f64 / GIB);
+    let mut knobs = vec!["lower train.micro_batch_size (gradient accumulation keeps the batch)"];
+    if precision == llama_model::Precision::F32 {
+        knobs.push("use run.dtype = \"bf16\"");
+    }
+    if plan.recompute == Recompute::None {
+        knobs.push("set train.recompute = \"block\"");
+    }
+    if plan.optimizer == OptimizerPlacement::Device {
+        knobs.push("set run.optimizer = \"host\"");
+    }
+    knobs.push("or choose a larger device");
     Err(format!(
-        "this run needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate of micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); lower train.micro_batch_size (gradient accumulation keeps the batch), use run.dtype = \"bf16\", or choose a larger device (`llama info --config ... --micro-batch N` prints the estimate)",
+        "this run needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate of micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); {} (`llama info --config ... --micro-batch N --recompute block --optimizer host` prints the estimate)",
         g(expected),
         run.device,
         precision.name(),
@@ -51,20 +63,38 @@ pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_
         g(m.optimizer),
         g(m.activations),
         g(capacity),
+        knobs.join(", "),
     ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llama_model::Precision;
 
     #[test]
     fn refuses_a_model_larger_than_the_stated_memory_and_accepts_a_small_one() {
         let run = RunConfig { device_memory_gib: Some(80.0), ..RunConfig::default() };
         let seven_b = LlamaConfig::new(4096, 32, 32);
-        let err = check_fits(&run, &seven_b, 4, 4096, Precision::F32).unwrap_err();
+        let err = check_fits(&run, &seven_b, 4, 4096, &TrainingMemory::new(Precision::F32)).unwrap_err();
         assert!(err.contains("80.0 GiB") && err.contains("micro_batch_size") && err.contains("run.device_memory_gib"), "{err}");
+        assert!(err.contains("train.recompute") && err.contains("run.optimizer"), "{err}");
         let tiny = LlamaConfig::new(64, 2, 4).with_vocab_size(256);
-        assert!(check_fits(&run, &tiny, 4, 128, Precision::F32).is_ok());
+        assert!(check_fits(&run, &tiny, 4, 128, &TrainingMemory::new(Precision::F32)).is_ok());
+    }
+
+    /// 7B at micro-batch 1 x 4096 in bf16 fits an 80 GiB device only with both block
+    /// recomputation and the host optimizer; 13B too.
+    #[test]
+    fn seven_b_fits_eighty_gib_with_recomputation_and_the_host_optimizer() {
+        let run = RunConfig { device_memory_gib: Some(80.0), ..RunConfig::default() };
+        let preset = |name: &str| LlamaConfig::from_toml_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name)).unwrap();
+        for model in [preset("7b.toml"), preset("13b.toml")] {
+            let plan = |recompute, optimizer| TrainingMemory { recompute, optimizer, logits_chunk: (recompute == Recompute::Block).then_some(1024), ..TrainingMemory::new(Precision::Bf16) };
+            assert!(check_fits(&run, &model, 1, 4096, &plan(Recompute::Block, OptimizerPlacement::Host)).is_ok());
+            for (r, o) in [(Recompute::None, OptimizerPlacement::Device), (Recompute::Block, OptimizerPlacement::Device), (Recompute::None, OptimizerPlacement::Host)] {
+                assert!(check_fits(&run, &model, 1, 4096, &plan(r, o)).is_err(), "{r:?} {o:?}");
+            }
+        }
     }
 }

@@ -13,10 +13,11 @@
 //! through `cuda`); on `flex` it is `unimplemented!()` and on `vulkan`/`wgpu` it is not offered.
 //! [`reduce`] is the one function to swap when NCCL is available to test.
 
-use burn::module::{Module, ModuleVisitor, Param};
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::optim::{GradientsAccumulator, GradientsParams};
 use burn::tensor::{Device, FloatDType, Tensor};
 use llama_model::Precision;
+use llama_model::recompute::{MemorySaving, with_memory_saving};
 
 use crate::optim::scale_grads;
 use crate::run::Objective;
@@ -40,13 +41,55 @@ pub fn devices(spec: &str, count: usize) -> Result<Vec<Device>, String> {
         .collect()
 }
 
-/// One replica's share of a step: the summed-then-scaled gradients of its micro-batches and the
-/// sum of their (unscaled) losses. `total_weight` is the whole step's, across all replicas.
+/// How a step's passes run: the compute dtype, the memory saving of the forward, and whether
+/// the master model lives on the host (`run.optimizer = "host"`).
+#[derive(Debug, Clone, Copy)]
+pub struct StepPlan {
+    pub precision: Precision,
+    pub saving: MemorySaving,
+    /// The master (f32 weights, optimizer) is on the host; the passes run on device copies in
+    /// the compute dtype, whose gradients come down to the host in f32 after every micro-batch.
+    pub host_master: bool,
+}
+
+impl StepPlan {
+    /// f32, no memory saving, optimizer beside the model.
+    pub fn plain(precision: Precision) -> Self {
+        Self { precision, saving: MemorySaving::default(), host_master: false }
+    }
+}
+
+/// The copy of the host master that a step's passes run on `device`: the master's values in the
+/// compute dtype as fresh leaves there (the same parameter ids, so the gradients find their
+/// master parameters). Building it is what sends each step's updated weights up.
+pub fn device_copy<M: Module + Clone>(master: &M, precision: Precision, device: &Device) -> M {
+    let copy = master.clone().fork(device);
+    match precision {
+        Precision::F32 => copy,
+        half => copy.map(&mut CastLeaves(half.dtype())),
+    }
+}
+
+/// Replaces each parameter by its value cast to a dtype, as a new leaf (not a tracked cast).
+struct CastLeaves(FloatDType);
+
+impl ModuleMapper for CastLeaves {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let id = param.id;
+        let value = param.val().inner().cast(self.0).autodiff().require_grad();
+        Param::initialized(id, value)
+    }
+}
+
+/// One replica's share of a step: the summed-then-scaled gradients of its micro-batches (on
+/// `master`'s device in f32 with a host master, else on `model`'s) and the sum of their
+/// (unscaled) losses. `total_weight` is the whole step's, across all replicas.
 pub fn backward_part<'a, M, O>(
     model: &M,
+    master: &M,
     objective: &O,
     batches: impl IntoIterator<Item = &'a O::Batch>,
-    precision: Precision,
+    plan: StepPlan,
     scale: f64,
     total_weight: f64,
 ) -> (GradientsParams, f64)
@@ -57,20 +100,32 @@ where
 {
     let mut accumulator = GradientsAccumulator::<M>::new();
     let mut loss_sum = 0.0;
+    // A device copy is already in the compute dtype.
+    let precision = if plan.host_master { Precision::F32 } else { plan.precision };
     for batch in batches {
-        // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
-        let compute = precision.compute_copy(model);
-        let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
-        loss_sum += loss.clone().into_scalar::<f32>() as f64;
-        let grads = loss.mul_scalar(scale / total_weight).backward();
-        accumulator.accumulate(model, GradientsParams::from_grads(grads, model));
+        let grads = with_memory_saving(plan.saving, || {
+            // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
+            let compute = precision.compute_copy(model);
+            let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
+            loss_sum += loss.clone().into_scalar::<f32>() as f64;
+            loss.mul_scalar(scale / total_weight).backward()
+        });
+        let grads = GradientsParams::from_grads(grads, model);
+        if plan.host_master {
+            // Down to the host in f32 now: accumulating in the compute dtype would round.
+            accumulator.accumulate(master, reduce(master, vec![grads]));
+        } else {
+            accumulator.accumulate(model, grads);
+        }
     }
     (accumulator.grads(), loss_sum)
 }
 
-/// The step's gradients (on `master`'s device, unscaled) and mean loss: with several `devices`,
-/// computed by one replica per device in parallel threads; with none or one, by `master` itself.
-pub fn accumulate<M, O>(master: &M, objective: &O, batches: &[O::Batch], precision: Precision, scale: f64, devices: &[Device]) -> (GradientsParams, f64)
+/// The step's gradients (on `master`'s device, f32, unscaled) and mean loss: with several
+/// `devices`, computed by one replica per device in parallel threads; with none or one, by
+/// `master` itself, or by its compute copy on `devices[0]` (else the master's device) with a
+/// host master.
+pub fn accumulate<M, O>(master: &M, objective: &O, batches: &[O::Batch], plan: StepPlan, scale: f64, devices: &[Device]) -> (GradientsParams, f64)
 where
     M: Module + Clone + Send + Sync,
     O: Objective<M> + Sync,
@@ -79,7 +134,14 @@ where
     let world = devices.len();
     let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
     if world <= 1 {
-        let (mut grads, loss_sum) = backward_part(master, objective, batches, precision, scale, total_weight);
+        let replica = if plan.host_master {
+            // No device given: the passes run beside the master (as on the CPU).
+            let device = devices.first().cloned().unwrap_or_else(|| master.devices()[0].clone());
+            device_copy(master, plan.precision, &device)
+        } else {
+            master.clone()
+        };
+        let (mut grads, loss_sum) = backward_part(&replica, master, objective, batches, plan, scale, total_weight);
         if scale != 1.0 {
             scale_grads(master, &mut grads, 1.0 / scale);
         }
@@ -91,8 +153,14 @@ where
             .enumerate()
             .map(|(rank, device)| {
                 scope.spawn(move || {
-                    let replica = if rank == 0 { master.clone() } else { master.clone().fork(device) };
-                    backward_part(&replica, objective, batches.iter().skip(rank).step_by(world), precision, scale, total_weight)
+                    let replica = if plan.host_master {
+                        device_copy(master, plan.precision, device)
+                    } else if rank == 0 {
+                        master.clone()
+                    } else {
+                        master.clone().fork(device)
+                    };
+                    backward_part(&replica, master, objective, batches.iter().skip(rank).step_by(world), plan, scale, total_weight)
                 })
             })
             .collect();
@@ -106,7 +174,7 @@ where
     (grads, loss_sum / total_weight)
 }
 
-/// Sums the replicas' gradients, parameter by parameter, onto the master's device.
+/// Sums the replicas' gradients, parameter by parameter, onto the master's device and dtype.
 pub fn reduce<M: Module>(master: &M, parts: Vec<GradientsParams>) -> GradientsParams {
     let mut sum = SumOnto { parts, out: GradientsParams::new() };
     master.visit(&mut sum);
@@ -120,12 +188,16 @@ struct SumOnto {
 
 impl ModuleVisitor for SumOnto {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        let device = param.val().device();
+        let value = param.val();
+        let (device, dtype) = (value.device(), value.dtype());
         let total = self
             .parts
             .iter_mut()
             .filter_map(|g| g.remove::<D>(param.id))
-            .map(|g| g.to_device(&device))
+            .map(|g| {
+                let g = g.to_device(&device);
+                if g.dtype() == dtype { g } else { g.cast(dtype) }
+            })
             .reduce(|a, b| a + b);
         if let Some(total) = total {
             self.out.register(param.id, total);

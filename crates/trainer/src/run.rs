@@ -13,10 +13,12 @@ use burn::store::ModuleSnapshot;
 use burn::tensor::Tensor;
 use llama_model::checkpoint::{load_weights, save_weights};
 
-use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, TrainState};
+use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, RunLock, STATE_FILE, TrainState};
 use crate::config::{OptimConfig, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
+use crate::config::OptimizerPlacement;
 use crate::optim::{Optimizer, clip_global_norm};
+use crate::parallel::{StepPlan, device_copy};
 use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
 
@@ -70,7 +72,7 @@ pub struct LoopConfig {
 }
 
 /// Command-line overrides every training stage takes (`--max-steps --out --device --dtype
-/// --devices --init --resume --stop-after`); a stage uses the ones its binary offers.
+/// --devices --recompute --optimizer --init --resume --stop-after`; see [`crate::cli::TrainingArgs`]).
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub max_steps: Option<u64>,
@@ -80,6 +82,10 @@ pub struct Overrides {
     pub dtype: Option<String>,
     /// Data-parallel devices (`run.devices`).
     pub devices: Option<usize>,
+    /// `train.recompute`.
+    pub recompute: Option<llama_model::Recompute>,
+    /// `run.optimizer`.
+    pub optimizer: Option<llama_model::OptimizerPlacement>,
     /// What to start from (stages that start from a model).
     pub init: Option<PathBuf>,
     pub resume: bool,
@@ -87,8 +93,15 @@ pub struct Overrides {
 }
 
 impl Overrides {
-    /// Applies `--out` and `--device` to the run section.
-    pub fn apply_run(&self, run: &mut RunConfig) {
+    /// Applies `--out`, `--device`, `--dtype`, `--devices`, `--optimizer` to the run section and
+    /// `--recompute` to the train section (the stages apply `--max-steps` their own way).
+    pub fn apply(&self, run: &mut RunConfig, train: &mut TrainConfig) {
+        if let Some(r) = self.recompute {
+            train.recompute = r;
+        }
+        if let Some(o) = self.optimizer {
+            run.optimizer = o;
+        }
         if let Some(out) = &self.out {
             run.out_dir = out.clone();
         }
@@ -120,7 +133,7 @@ impl LoopConfig {
         overrides: &Overrides,
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
-        let precision = run.check_launch(model, train.micro_batch_size, seq_len).map_err(anyhow::Error::msg)?;
+        let precision = run.check_launch(model, &train, seq_len).map_err(anyhow::Error::msg)?;
         let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
         if accumulation % run.devices != 0 {
@@ -171,7 +184,7 @@ where
     O: Objective<M> + Sync,
     O::Batch: Sync,
 {
-    crate::parallel::accumulate(model, objective, batches, precision, loss_scale, &[])
+    crate::parallel::accumulate(model, objective, batches, crate::parallel::StepPlan::plain(precision), loss_scale, &[])
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
@@ -183,6 +196,17 @@ where
 {
     let out = &cfg.run.out_dir;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let _lock = RunLock::acquire(out)?;
+    let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
+    if host_master {
+        // The f32 master weights and AdamW's moments live in host memory (flex); each step's
+        // passes run on a compute-dtype copy on the run's device (`parallel::device_copy`).
+        model = model.fork(&burn::tensor::Device::flex().autodiff());
+    }
+    let plan = StepPlan { precision: cfg.precision, saving: cfg.train.memory_saving(), host_master };
+    let compute_device = cfg.devices.first().cloned().unwrap_or_else(|| model.devices()[0].clone());
+    // What evaluation runs on: the master itself, or its copy on the device.
+    let for_eval = |model: &M| if host_master { device_copy(model, cfg.precision, &compute_device) } else { model.clone() };
     let checkpoints = Checkpoints::new(out);
     let mut optimizer = Optimizer::new(&cfg.optim);
     let mut state = TrainState {
@@ -223,7 +247,7 @@ where
 
     let mut metrics = Metrics::open(out, cfg.total_steps, state.step)?;
     if cfg.eval_at_start && state.step == 0 {
-        objective.evaluate(&model, 0, &mut metrics)?;
+        objective.evaluate(&for_eval(&model), 0, &mut metrics)?;
     }
     let accumulation = cfg.train.accumulation();
     let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
@@ -260,7 +284,7 @@ where
         }
         let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
         let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (mut grads, loss) = crate::parallel::accumulate(&model, objective, &batches, cfg.precision, scale, &cfg.devices);
+        let (mut grads, loss) = crate::parallel::accumulate(&model, objective, &batches, plan, scale, &cfg.devices);
         let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;
@@ -318,7 +342,7 @@ where
                 values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
             }
             // On a GPU: what Burn's memory pool has reserved on the device (it grows to the peak).
-            if let Some(pool) = model.devices().first().and_then(|d| d.memory_pool_usage()) {
+            if let Some(pool) = compute_device.memory_pool_usage() {
                 values.push(("memory/device_reserved_gib", pool.bytes_reserved as f64 / (1u64 << 30) as f64));
             }
             metrics.scalars(state.step, &values)?;
@@ -326,7 +350,7 @@ where
             window = (Instant::now(), 0);
         }
         if state.step % cfg.train.eval_every == 0 || last {
-            objective.evaluate(&model, state.step, &mut metrics)?;
+            objective.evaluate(&for_eval(&model), state.step, &mut metrics)?;
             evaluated_step = state.step;
             window.0 = Instant::now();
         }
@@ -341,7 +365,7 @@ where
         }
     }
     if state.step > evaluated_step {
-        objective.evaluate(&model, state.step, &mut metrics)?;
+        objective.evaluate(&for_eval(&model), state.step, &mut metrics)?;
     }
     if state.step > saved_step {
         summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);

@@ -7,7 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use llama_model::checkpoint::{self, Format};
 use llama_model::generate::{SamplingConfig, generate};
-use llama_model::{LlamaConfig, Precision, device};
+use llama_model::{LlamaConfig, OptimizerPlacement, Precision, Recompute, TrainingMemory, device};
 
 #[derive(Parser)]
 #[command(name = "llama", version, about = "Llama 2 model tools: size a config, convert checkpoints, generate text")]
@@ -20,8 +20,10 @@ struct Cli {
 enum Command {
     /// Print the parameter count and the memory a training run needs, before you launch it.
     ///
-    /// Memory = weights + gradients (in --dtype) + AdamW moments (f32) + an f32 master copy
-    /// (when --dtype is not f32) + activations for one micro-batch, without recomputation.
+    /// Device memory = weights + gradients (in the compute dtype) + activations of one
+    /// micro-batch (less with --recompute block and --logits-chunk), + AdamW moments (f32) and
+    /// an f32 master copy (when the dtype is not f32) unless --optimizer host keeps those in
+    /// host memory. The last table tries every combination in bf16.
     Info {
         /// A TOML file with a [model] table (configs/7b.toml, a run config, a checkpoint's config.toml).
         #[arg(long)]
@@ -35,6 +37,16 @@ enum Command {
         /// Device memory in GiB: say whether the estimate fits.
         #[arg(long)]
         device_memory_gib: Option<f64>,
+        /// What the forward keeps for backward (train.recompute).
+        #[arg(long, value_enum, default_value_t = Recompute::None)]
+        recompute: Recompute,
+        /// Where the f32 master weights and AdamW moments live (run.optimizer).
+        #[arg(long, value_enum, default_value_t = OptimizerPlacement::Device)]
+        optimizer: OptimizerPlacement,
+        /// Positions per chunk of the output projection and loss (train.logits_chunk; default:
+        /// 1024 with --recompute block, else the whole logits).
+        #[arg(long)]
+        logits_chunk: Option<usize>,
     },
     /// Convert between a native checkpoint directory and a Hugging Face LlamaForCausalLM directory.
     ///
@@ -84,6 +96,13 @@ enum Command {
         /// where the composed ops always run.
         #[arg(long)]
         unfused: bool,
+        /// Keep only each block's input and re-run the block in backward (train.recompute).
+        #[arg(long, value_enum, default_value_t = Recompute::None)]
+        recompute: Recompute,
+        /// Positions per chunk of the output projection and loss (train.logits_chunk; default:
+        /// 1024 with --recompute block, else the whole logits).
+        #[arg(long)]
+        logits_chunk: Option<usize>,
     },
     /// Generate text from one or more prompts with a KV cache, batched.
     Generate {
@@ -124,15 +143,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--logits-chunk` when recomputing blocks and none is given (train.logits_chunk's default too).
+const DEFAULT_LOGITS_CHUNK: usize = llama_model::config::DEFAULT_LOGITS_CHUNK;
+
+/// A clap value's name as typed on the command line.
+fn name(value: impl clap::ValueEnum) -> String {
+    value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { config, micro_batch, seq_len, device_memory_gib } => {
+        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk } => {
             let c = LlamaConfig::from_toml_file(&config)?;
             let seq = seq_len.unwrap_or(c.max_seq_len);
+            if logits_chunk == Some(0) {
+                bail!("--logits-chunk must be > 0 (positions per chunk)");
+            }
+            let chunk_for = |r: Recompute| logits_chunk.or((r == Recompute::Block).then_some(DEFAULT_LOGITS_CHUNK));
             println!("config           {}", config.display());
             println!(
                 "shape            dim {} | layers {} | heads {} | kv heads {} | head dim {} | ffn {} | vocab {}",
@@ -146,30 +177,49 @@ fn run(cli: Cli) -> Result<()> {
             );
             println!("parameters       {} ({:.3} B)", c.num_params(), c.num_params() as f64 / 1e9);
             println!("train FLOPs/tok  {:.3e} at seq {seq}", c.train_flops_per_token(seq));
-            println!("\ntraining memory per device, micro-batch {micro_batch} x seq {seq} (AdamW, no recomputation):");
+            let fits = |m: &llama_model::MemoryEstimate| match device_memory_gib {
+                Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
+                Some(_) => "  does NOT fit",
+                None => "",
+            };
+            let chunk_name = |c: Option<usize>| c.map_or("whole".to_string(), |c| c.to_string());
             println!(
-                "{:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}",
-                "dtype", "weights", "master f32", "grads", "AdamW", "activations", "total", "expected peak"
+                "\ntraining memory, micro-batch {micro_batch} x seq {seq}, recompute {}, optimizer on the {}, logits {}:",
+                name(recompute),
+                name(optimizer),
+                chunk_name(chunk_for(recompute))
             );
-            for (name, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
-                let m = c.memory_estimate(micro_batch, seq, p);
-                let fits = match device_memory_gib {
-                    Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
-                    Some(_) => "  does NOT fit",
-                    None => "",
-                };
+            println!(
+                "{:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}",
+                "dtype", "weights", "master f32", "grads", "AdamW", "activations", "device", "expected peak", "host"
+            );
+            for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
+                let plan = TrainingMemory { precision: p, recompute, optimizer, logits_chunk: chunk_for(recompute) };
+                let m = c.memory_estimate(micro_batch, seq, &plan);
                 println!(
-                    "{name:<6} {:>12} {:>12} {:>12} {:>12} {:>12} {:>12} {:>14}{fits}",
+                    "{dtype:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}{}",
                     gib(m.weights),
                     gib(m.master_weights),
                     gib(m.gradients),
                     gib(m.optimizer),
                     gib(m.activations),
                     gib(m.total()),
-                    gib(m.expected_peak())
+                    gib(m.expected_peak()),
+                    gib(m.host_total()),
+                    fits(&m)
                 );
             }
-            println!("expected peak = total x {} (peak device memory measured on an H100 over this estimate)", llama_model::config::MEASURED_OVERHEAD);
+            println!("\nbf16, every combination (device expected peak | host):");
+            for r in [Recompute::None, Recompute::Block] {
+                for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
+                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { precision: Precision::Bf16, recompute: r, optimizer: o, logits_chunk: chunk_for(r) });
+                    println!("  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}", name(r), name(o), gib(m.expected_peak()), gib(m.host_total()), fits(&m));
+                }
+            }
+            println!(
+                "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients",
+                llama_model::config::MEASURED_OVERHEAD
+            );
             Ok(())
         }
         Command::Convert { from, to, to_format, shard_size_gb } => {
@@ -196,9 +246,16 @@ fn run(cli: Cli) -> Result<()> {
             println!("wrote {:?} checkpoint to {} ({} parameters)", target, to.display(), config.num_params());
             Ok(())
         }
-        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused } => {
+        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused, recompute, logits_chunk } => {
             let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
-            let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused);
+            if batch == 0 || seq_len == 0 || logits_chunk == Some(0) {
+                bail!("--batch, --seq-len and --logits-chunk must be > 0");
+            }
+            let saving = llama_model::recompute::MemorySaving {
+                recompute_blocks: recompute == Recompute::Block,
+                logits_chunk: logits_chunk.or((recompute == Recompute::Block).then_some(DEFAULT_LOGITS_CHUNK)),
+            };
+            let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused, saving);
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
         }
@@ -237,11 +294,21 @@ fn peak_rss_gib() -> f64 {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, gen_tokens: usize, device: &str, precision: Precision, json: Option<PathBuf>, fused: bool) -> Result<()> {
+fn bench(
+    config: &std::path::Path,
+    batch: usize,
+    seq_len: usize,
+    steps: usize,
+    gen_tokens: usize,
+    device: &str,
+    precision: Precision,
+    json: Option<PathBuf>,
+    fused: bool,
+    saving: llama_model::recompute::MemorySaving,
+) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{GradientsParams, ModuleOptimizer};
     use llama_model::adamw::FusedAdamW;
-    use llama_model::loss::token_nll;
     use burn::tensor::{Int, Tensor, TensorData};
     use std::time::Instant;
     let c = LlamaConfig::from_toml_file(config)?;
@@ -269,9 +336,10 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
     for step in 0..=steps {
         let t0 = Instant::now();
-        let logits = precision.compute_copy(&model).forward(inputs.clone());
-        let v = c.vocab_size;
-        let loss = token_nll(logits.reshape([batch * seq_len, v]), targets.clone()).mean();
+        let loss = llama_model::recompute::with_memory_saving(saving, || {
+            let compute = precision.compute_copy(&model);
+            compute.token_nll(compute.forward_hidden(inputs.clone(), None), targets.clone()).mean()
+        });
         let loss_value = loss.clone().into_scalar::<f32>();
         let t1 = Instant::now();
         let grads = GradientsParams::from_grads(loss.backward(), &model);
@@ -298,9 +366,12 @@ fn bench(config: &std::path::Path, batch: usize, seq_len: usize, steps: usize, g
         "config": config.display().to_string(), "dtype": precision.name(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
         "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
         "train_gflops_per_s": gflops, "fused_kernels": fused,
+        "recompute": if saving.recompute_blocks { "block" } else { "none" }, "logits_chunk": saving.logits_chunk,
     });
     let ops = if fused { "" } else { ", Burn's composed ops (--unfused)" };
-    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}", config.display(), c.num_params(), precision.name());
+    let recompute = if saving.recompute_blocks { ", block recomputation" } else { "" };
+    let chunks = saving.logits_chunk.map_or(String::new(), |c| format!(", logits in chunks of {c}"));
+    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}{recompute}{chunks}", config.display(), c.num_params(), precision.name());
     println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
     if gen_tokens > 0 {
         let plain = model.valid();
