@@ -23,6 +23,9 @@ use serde::{Deserialize, Serialize};
 
 /// Perplexity of a model on a split of a shard directory (up to `max_windows` windows).
 pub fn perplexity(model: &Llama, shards: &Path, split: Split, seq_len: usize, max_windows: usize, batch: usize) -> anyhow::Result<(f64, usize)> {
+    if seq_len == 0 || seq_len > model.max_seq_len() {
+        bail!("--seq-len {seq_len}: must be in 1..={} (the model's max_seq_len)", model.max_seq_len());
+    }
     let model = model.valid();
     let config = ReaderConfig { shuffle: false, epochs: Some(1), ..ReaderConfig::new(seq_len) };
     let mut reader = PackedReader::open(shards, split, model.vocab_size(), config)?;

@@ -111,3 +111,14 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     let err = llama_eval::perplexity(&model, &tmp.path().join("none"), llama_data::Split::Val, 64, 16, 4).unwrap_err().to_string();
     assert!(err.contains("none"), "{err}");
 }
+
+/// A perplexity window longer than the model's context is an error naming the limit, before any
+/// data is read (it used to panic inside RoPE).
+#[test]
+fn perplexity_refuses_windows_longer_than_the_model() {
+    let model = LlamaConfig::new(32, 1, 2).with_vocab_size(64).with_multiple_of(16).with_max_seq_len(48).init(&Device::flex());
+    for seq_len in [0, 49] {
+        let err = llama_eval::perplexity(&model, Path::new("no-such-shards"), llama_data::Split::Val, seq_len, 4, 2).unwrap_err().to_string();
+        assert!(err.contains(&format!("--seq-len {seq_len}")) && err.contains("48"), "{err}");
+    }
+}

@@ -129,7 +129,7 @@ fn is_burnpack(path: &Path) -> bool {
 /// Loads a native checkpoint directory.
 pub fn load_native(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
     let config = LlamaConfig::from_toml_file(&dir.join(NATIVE_CONFIG))?;
-    let mut model = config.init(device);
+    let mut model = config.init_lazy(device);
     let weights = if dir.join(NATIVE_WEIGHTS).is_file() { dir.join(NATIVE_WEIGHTS) } else { dir.join(NATIVE_WEIGHTS_BURNPACK) };
     load_weights(&mut model, &weights)?;
     Ok((config, model))
@@ -391,7 +391,16 @@ fn hf_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, PathBuf>
         let mut owner = HashMap::new();
         for (name, file) in map {
             let file = file.as_str().ok_or_else(|| ckpt_err(format!("{}: weight_map[{name}] is not a string", index_path.display())))?;
+            // A plain file name inside the checkpoint directory, and a regular file: an index
+            // must not lead the loader elsewhere (`../x`, `/etc/passwd`) or into a FIFO.
+            let plain = Path::new(file).components().count() == 1 && matches!(Path::new(file).components().next(), Some(std::path::Component::Normal(_)));
+            if !plain {
+                return Err(ckpt_err(format!("{}: weight_map[{name}] = `{file}`: shard names must be plain file names in the checkpoint directory", index_path.display())));
+            }
             let path = dir.join(file);
+            if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+                return Err(ckpt_err(format!("{}: weight_map[{name}] = `{file}`: {} is not a regular file", index_path.display(), path.display())));
+            }
             if !files.contains(&path) {
                 files.push(path.clone());
             }
@@ -415,7 +424,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), Mode
         .map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
     let config = config_from_hf(&json, &config_path.display().to_string())?;
     let (files, _) = hf_weight_files(dir)?;
-    let mut model = config.init(device);
+    let mut model = config.init_lazy(device);
     let layout = hf_layout(&config);
     let mut expected: BTreeMap<&str, (&Vec<usize>, Kind)> = layout.iter().map(|(n, s, k)| (n.as_str(), (s, *k))).collect();
     for file in &files {

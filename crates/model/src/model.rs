@@ -249,7 +249,9 @@ impl LlamaConfig {
         model
     }
 
-    fn init_lazy(&self, device: &Device) -> Llama {
+    /// [`LlamaConfig::init`] with the parameters left to draw at first use: for loaders, which
+    /// replace every one of them (drawing 7B random weights first would cost a minute).
+    pub(crate) fn init_lazy(&self, device: &Device) -> Llama {
         Llama {
             tok_embeddings: EmbeddingConfig::new(self.vocab_size, self.dim)
                 .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
@@ -323,6 +325,28 @@ impl Llama {
             })
             .collect();
         Tensor::cat(nll, 0)
+    }
+
+    /// Entropy (nats) of the next-token distribution at each position, a diagnostic: computed
+    /// off the autodiff graph, `logits_chunk` positions at a time under
+    /// [`crate::recompute::with_memory_saving`] (else all at once).
+    ///
+    /// # Shapes
+    /// - hidden: `[batch, seq, dim]` -> `[batch * seq]`
+    pub fn token_entropy(&self, hidden: Tensor<3>) -> Tensor<1> {
+        let [b, t, d] = hidden.dims();
+        let rows = b * t;
+        let (plain, hidden) = (self.valid(), hidden.inner().reshape([rows, d]));
+        let chunk = memory_saving().logits_chunk.unwrap_or(rows).max(1);
+        let entropy: Vec<Tensor<1>> = (0..rows)
+            .step_by(chunk)
+            .map(|r0| {
+                let r1 = (r0 + chunk).min(rows);
+                let logp = burn::tensor::activation::log_softmax(plain.project_rows(hidden.clone().slice([r0..r1, 0..d])), 1);
+                (logp.clone().exp() * logp).sum_dim(1).reshape([r1 - r0]).neg()
+            })
+            .collect();
+        Tensor::cat(entropy, 0)
     }
 
     /// [`Llama::project`] of `[rows, dim]` hidden states.

@@ -1,6 +1,7 @@
 //! Checkpoint tests: Hugging Face parity (fixtures made by scripts/make_hf_fixture.py with
 //! `transformers`), export round trips, native save/load, and bad input.
 
+use std::process::Command;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
@@ -135,4 +136,28 @@ fn broken_hugging_face_directories_are_clear_errors() {
     std::fs::copy(fixture("hf-tiny-gqa").join("config.json"), dir.join("config.json")).unwrap();
     assert!(load_hf(&dir, &device).unwrap_err().to_string().contains("no model.safetensors"));
     assert!(checkpoint::load(&tmp.path().join("nowhere"), &device).unwrap_err().to_string().contains("not a checkpoint directory"));
+}
+
+/// An index whose shard names leave the checkpoint directory (`../`, absolute paths) or name
+/// something that is not a regular file (a FIFO would hang the loader) is refused, naming the
+/// entry; nothing outside the directory is opened.
+#[test]
+fn index_shard_names_stay_inside_the_checkpoint_directory() {
+    let device = Device::flex();
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::copy(fixture("hf-tiny-gqa").join("model.safetensors"), outside.join("x.safetensors")).unwrap();
+    let dir = tmp.path().join("ckpt");
+    copy_dir(&fixture("hf-tiny-gqa"), &dir);
+    std::fs::remove_file(dir.join("model.safetensors")).unwrap();
+    let fifo = dir.join("pipe.safetensors");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let absolute = outside.join("x.safetensors").display().to_string();
+    for (file, says) in [("../outside/x.safetensors", "plain file names"), (absolute.as_str(), "plain file names"), ("/etc/passwd", "plain file names"), ("pipe.safetensors", "not a regular file"), ("absent.safetensors", "not a regular file")] {
+        let index = serde_json::json!({ "weight_map": { "model.embed_tokens.weight": file } });
+        std::fs::write(dir.join(checkpoint::HF_INDEX), index.to_string()).unwrap();
+        let err = load_hf(&dir, &device).unwrap_err().to_string();
+        assert!(err.contains(says) && err.contains("model.embed_tokens.weight"), "{file}: {err}");
+    }
 }

@@ -370,6 +370,39 @@ fn chunked_logits_equal_whole_logits() {
     let plain = model.valid();
     let hidden = plain.forward_hidden(ids(&rows, &plain.device()), None);
     let whole = host(plain.token_nll(hidden.clone(), targets.clone().inner()));
-    let chunked = with_memory_saving(MemorySaving { recompute_blocks: false, logits_chunk: Some(33) }, || host(plain.token_nll(hidden, targets.inner())));
+    let chunks_of_33 = MemorySaving { recompute_blocks: false, logits_chunk: Some(33) };
+    let chunked = with_memory_saving(chunks_of_33, || host(plain.token_nll(hidden.clone(), targets.inner())));
     assert_eq!(whole, chunked);
+    // The entropy diagnostic, whole and by chunks, against -sum p log p from the logits.
+    let logits = plain.forward(ids(&rows, &plain.device()));
+    let [b, t, v] = logits.dims();
+    let p = burn::tensor::activation::softmax(logits.reshape([b * t, v]), 1);
+    let want = host((p.clone() * p.log()).sum_dim(1).reshape([b * t]).neg());
+    for entropy in [host(plain.token_entropy(hidden.clone())), with_memory_saving(chunks_of_33, || host(plain.token_entropy(hidden.clone())))] {
+        assert!(max_abs_diff(&entropy, &want) < 1e-4, "entropy differs by {}", max_abs_diff(&entropy, &want));
+        assert!(want.iter().all(|&e| e > 0.1 && e <= (v as f32).ln() + 1e-4));
+    }
+}
+
+/// With an extra attention mask (SFT's packed chats, reward padding) block recomputation gives
+/// the plain gradients too: the mask is a constant of the re-run.
+#[test]
+fn block_recomputation_with_an_attention_mask() {
+    use burn::tensor::Bool;
+    let device = Device::flex().autodiff();
+    let (model, rows, targets) = gqa_batch(&device, 60);
+    let (b, t) = (rows.len(), rows[0].len());
+    // Two packed sequences per row: positions from 30 on do not see those before.
+    let hide: Vec<bool> = (0..b * t * t).map(|i| (i / t % t >= 30) && (i % t < 30)).collect();
+    let mask = Tensor::<3, Bool>::from_data(TensorData::new(hide, [b, t, t]), &device);
+    let run = |saving| {
+        let loss = with_memory_saving(saving, || model.token_nll(model.forward_hidden(ids(&rows, &device), Some(mask.clone())), targets.clone()).mean());
+        let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
+        let mut all = AllGrads { grads: &grads, out: vec![] };
+        model.visit(&mut all);
+        all.out
+    };
+    let plain = run(MemorySaving::default());
+    let recomputed = run(MemorySaving { recompute_blocks: true, logits_chunk: Some(50) });
+    assert_same_grads("block with a mask", &recomputed, &plain, 1e-5);
 }

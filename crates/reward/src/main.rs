@@ -80,6 +80,10 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
                 for key in ["response", "chosen", "rejected"] {
                     if let Some(text) = v.get(key).and_then(|t| t.as_str()).map(String::from) {
                         let ids = render(&prompt, &text, &tokenizer).map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                        let limit = model.trunk.max_seq_len();
+                        if ids.len() > limit {
+                            anyhow::bail!("{at}: prompt + {key} are {} tokens, longer than the reward model's max_seq_len ({limit})", ids.len());
+                        }
                         let r = model.score(&[ids], tokenizer.eos_id())[0];
                         let name = if key == "response" { "reward".to_string() } else { format!("reward_{key}") };
                         v[name] = serde_json::json!(r);

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Overlong, Role, pack};
+use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::generate::{Generation, SamplingConfig, generate};
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
@@ -46,6 +46,10 @@ pub struct RlhfConfig {
     pub rejection_sampling: RsConfig,
     #[serde(default)]
     pub ppo: PpoConfig,
+    /// Block recomputation and chunked logits for rejection sampling's fine-tuning and PPO's
+    /// policy and value passes (`recompute`, `logits_chunk`, as in `[train]`).
+    #[serde(default)]
+    pub memory: llama_trainer::config::MemoryConfig,
     #[serde(default)]
     pub run: RunConfig,
 }
@@ -246,6 +250,7 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
 
 /// Checks everything that can be checked before any work; errors name the file and key.
 pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
+    cfg.memory.validate("memory").map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     let rs = &cfg.rejection_sampling;
     if rs.rounds > 0 && rs.k < 1 {
         bail!("{origin}: rejection_sampling.k must be >= 1 (got {})", rs.k);
@@ -475,7 +480,7 @@ pub struct StepStats {
 
 /// One clipped-PPO gradient step on the minibatch `idx` of `rollout`: the value model, and the
 /// policy unless `train_policy` is false (the value warm-up).
-pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32, train_policy: bool) -> StepStats {
+pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32, train_policy: bool, saving: MemorySaving) -> StepStats {
     let device = state.policy.tok_embeddings.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
@@ -491,7 +496,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
     let (tokens, _) = right_pad(&seqs, pad, &device);
     // Value: clipped around the rollout's values.
-    let values = state.value.values(tokens.clone()).slice([0..b, 0..width]);
+    let values = with_memory_saving(saving, || state.value.values(tokens.clone())).slice([0..b, 0..width]);
     let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
     let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
     let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
@@ -499,12 +504,12 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
     // Policy: clipped surrogate (not during the value warm-up).
     let total = if train_policy {
-        let logits = state.policy.forward(tokens.clone().slice([0..b, 0..width]));
-        let v = logits.dims()[2];
-        let flat = logits.reshape([b * width, v]);
-        let logp_all = log_softmax(flat.clone(), 1);
-        let targets = tokens.slice([0..b, 1..width + 1]).reshape([b * width, 1]);
-        let lp = logp_all.clone().gather(1, targets).reshape([b, width]);
+        let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width]);
+        let (hidden, lp) = with_memory_saving(saving, || {
+            let hidden = state.policy.forward_hidden(tokens.slice([0..b, 0..width]), None);
+            let lp = state.policy.token_nll(hidden.clone(), targets).neg().reshape([b, width]);
+            (hidden, lp)
+        });
         let ratio = (lp.clone() - old_lp.clone()).exp();
         let unclipped = adv.clone().neg() * ratio.clone();
         let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
@@ -514,8 +519,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
         let log_ratio = (lp.detach() - old_lp).clone();
         stats.approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
         stats.clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
-        let probs = softmax(flat.detach(), 1);
-        let entropy_tok = (probs * logp_all.detach()).sum_dim(1).reshape([b, width]).neg();
+        let entropy_tok = with_memory_saving(saving, || state.policy.token_entropy(hidden)).reshape([b, width]);
         stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
         stats.policy_loss = policy_loss.clone().into_scalar::<f32>() as f64;
         policy_loss + value_term
@@ -774,7 +778,18 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
             micro_batch: rs.batch_size,
         };
-        let train = TrainConfig { max_steps: Some(rs.sft_steps), batch_size: rs.batch_size, micro_batch_size: rs.batch_size, log_every: 10, eval_every: u64::MAX, checkpoint_every: u64::MAX, keep_checkpoints: 1, ..TrainConfig::default() };
+        let train = TrainConfig {
+            max_steps: Some(rs.sft_steps),
+            batch_size: rs.batch_size,
+            micro_batch_size: rs.batch_size,
+            log_every: 10,
+            eval_every: u64::MAX,
+            checkpoint_every: u64::MAX,
+            keep_checkpoints: 1,
+            recompute: cfg.memory.recompute,
+            logits_chunk: cfg.memory.logits_chunk,
+            ..TrainConfig::default()
+        };
         let schedule = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.0, ..ScheduleConfig::default() };
         let loop_config = LoopConfig {
             schedule: Schedule::new(&schedule, rs.lr, rs.sft_steps),
@@ -910,7 +925,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         let mut stats = vec![];
         let order: Vec<usize> = (0..batch.len()).collect();
         for mb in order.chunks(p.minibatch_size) {
-            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad, train_policy));
+            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad, train_policy, cfg.memory.memory_saving()));
         }
         state.iteration += 1;
         let n = ro.scores.len() as f64;

@@ -232,6 +232,28 @@ impl TrainConfig {
     }
 }
 
+/// What a training forward keeps for backward, for loops that have no `[train]` section (RLHF's
+/// `[memory]`): the same keys and defaults as `train.recompute` and `train.logits_chunk`.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    pub recompute: Recompute,
+    pub logits_chunk: Option<usize>,
+}
+
+impl MemoryConfig {
+    pub fn validate(&self, section: &str) -> Result<(), String> {
+        if self.logits_chunk == Some(0) {
+            return Err(format!("{section}.logits_chunk must be > 0 (positions per chunk), or left out for the default"));
+        }
+        Ok(())
+    }
+
+    pub fn memory_saving(&self) -> MemorySaving {
+        TrainConfig { recompute: self.recompute, logits_chunk: self.logits_chunk, ..TrainConfig::default() }.memory_saving()
+    }
+}
+
 /// Where the run writes, and what it runs on.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

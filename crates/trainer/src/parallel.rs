@@ -63,11 +63,12 @@ impl StepPlan {
 /// compute dtype as fresh leaves there (the same parameter ids, so the gradients find their
 /// master parameters). Building it is what sends each step's updated weights up.
 pub fn device_copy<M: Module + Clone>(master: &M, precision: Precision, device: &Device) -> M {
-    let copy = master.clone().fork(device);
-    match precision {
-        Precision::F32 => copy,
-        half => copy.map(&mut CastLeaves(half.dtype())),
-    }
+    // Cast on the host, then move: only compute-dtype weights ever reach the device.
+    let cast = match precision {
+        Precision::F32 => master.clone(),
+        half => master.clone().map(&mut CastLeaves(half.dtype())),
+    };
+    cast.fork(device)
 }
 
 /// Replaces each parameter by its value cast to a dtype, as a new leaf (not a tracked cast).
