@@ -22,15 +22,7 @@ pub(crate) fn enabled(device: &Device) -> bool {
 /// Burn's tensor ops as it does on a GPU: for tests that compare the two paths and benchmarks
 /// that attribute a speed-up. The backward of a graph follows the path its forward took.
 pub fn without_fused_kernels<R>(f: impl FnOnce() -> R) -> R {
-    /// Restores the previous setting even if `f` panics.
-    struct Restore(bool);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            COMPOSED_ONLY.set(self.0);
-        }
-    }
-    let _restore = Restore(COMPOSED_ONLY.replace(true));
-    f()
+    crate::with_setting(&COMPOSED_ONLY, true, f)
 }
 
 /// Elements per rayon task in the element-wise kernels: large enough that scheduling costs

@@ -34,6 +34,20 @@ pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Precision, Rec
 pub use flex_kernels::without_fused_kernels;
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
 
+/// Runs `f` with the thread-local `setting` set to `value`, restoring the previous value after,
+/// even if `f` panics (the switches [`without_fused_kernels`] and
+/// [`recompute::with_memory_saving`]).
+pub(crate) fn with_setting<T: Copy + 'static, R>(setting: &'static std::thread::LocalKey<std::cell::Cell<T>>, value: T, f: impl FnOnce() -> R) -> R {
+    struct Restore<T: Copy + 'static>(&'static std::thread::LocalKey<std::cell::Cell<T>>, T);
+    impl<T: Copy + 'static> Drop for Restore<T> {
+        fn drop(&mut self) {
+            self.0.set(self.1);
+        }
+    }
+    let _restore = Restore(setting, setting.replace(value));
+    f()
+}
+
 /// Errors of the model crate; each message says what was wrong and where.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {

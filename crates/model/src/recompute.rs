@@ -53,15 +53,7 @@ thread_local! {
 /// Runs `f` with `saving` in force on this thread (forward passes read it; a backward pass
 /// re-runs what the forward recorded, whatever the setting is then).
 pub fn with_memory_saving<R>(saving: MemorySaving, f: impl FnOnce() -> R) -> R {
-    /// Restores the previous setting even if `f` panics.
-    struct Restore(MemorySaving);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            MEMORY_SAVING.set(self.0);
-        }
-    }
-    let _restore = Restore(MEMORY_SAVING.replace(saving));
-    f()
+    crate::with_setting(&MEMORY_SAVING, saving, f)
 }
 
 static RERUNS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -98,7 +90,6 @@ where
     // The forward on the inner values: nothing of it is kept for backward.
     let output = f(&template, x.clone().inner());
     let inputs: Vec<DispatchTensor> = std::iter::once(x.into_dispatch()).chain(params.0).collect();
-    let f = Arc::new(f);
     let recompute = Recompute(Arc::new(move |mut values: Vec<DispatchTensor>, grad: DispatchTensor| {
         let x = Tensor::<DI>::from_dispatch(values.remove(0)).autodiff().require_grad();
         let mut leaves = FreshLeaves { values: values.into_iter(), grads: Vec::new() };
@@ -142,7 +133,7 @@ impl<I: Iterator<Item = DispatchTensor>> ModuleMapper for FreshLeaves<I> {
 /// The re-run of a checkpointed segment: from the saved input values (`x`, then the parameters)
 /// and the output's gradient, the gradient of each input (None where it got none).
 #[derive(Clone)]
-pub struct Recompute(Arc<dyn Fn(Vec<DispatchTensor>, DispatchTensor) -> Vec<Option<DispatchTensor>> + Send + Sync>);
+struct Recompute(Arc<dyn Fn(Vec<DispatchTensor>, DispatchTensor) -> Vec<Option<DispatchTensor>> + Send + Sync>);
 
 impl std::fmt::Debug for Recompute {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -154,25 +145,24 @@ impl std::fmt::Debug for Recompute {
 /// checkpoint strategy they carry: by hand rather than through `#[backend_extension]`, whose
 /// routing does not take a list of tensors.
 fn recomputed(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Recompute) -> DispatchTensor {
-    match inputs[0].autodiff {
-        DispatchAutodiffContext::Enabled(GradientCheckpointingStrategy::Balanced) => on_strategy::<BalancedCheckpointing>(inputs, output, recompute),
-        DispatchAutodiffContext::Enabled(_) => on_strategy::<NoCheckpointing>(inputs, output, recompute),
-        DispatchAutodiffContext::Disabled => unreachable!("checkpoint: inputs are autodiff tensors"),
+    // The backend of the inputs, for one concrete checkpoint strategy (Burn converts dispatch
+    // tensors into `Autodiff<B, C>` for its two strategies only, not for a generic `C`).
+    macro_rules! on_strategy {
+        ($strategy:ty) => {{
+            let DispatchTensorKind::Autodiff(inner) = &inputs[0].kind else { unreachable!("checkpoint: inputs are autodiff tensors") };
+            match **inner {
+                DispatchTensorKind::Flex(_) => on_backend::<Flex, $strategy>(inputs, output, recompute),
+                #[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
+                DispatchTensorKind::Cube(_) => on_backend::<burn::backend::Cube, $strategy>(inputs, output, recompute),
+                #[allow(unreachable_patterns)]
+                _ => panic!("checkpoint: no recomputation for this backend in this build"),
+            }
+        }};
     }
-}
-
-fn on_strategy<C>(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Recompute) -> DispatchTensor
-where
-    C: CheckpointStrategy,
-    DispatchTensor: DispatchKindConversion<Autodiff<Flex, C>>,
-{
-    let DispatchTensorKind::Autodiff(inner) = &inputs[0].kind else { unreachable!("checkpoint: inputs are autodiff tensors") };
-    match **inner {
-        DispatchTensorKind::Flex(_) => on_backend::<Flex, C>(inputs, output, recompute),
-        #[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
-        DispatchTensorKind::Cube(_) => on_backend::<burn::backend::Cube, C>(inputs, output, recompute),
-        #[allow(unreachable_patterns)]
-        _ => panic!("checkpoint: no recomputation for this backend in this build"),
+    match inputs[0].autodiff {
+        DispatchAutodiffContext::Enabled(GradientCheckpointingStrategy::Balanced) => on_strategy!(BalancedCheckpointing),
+        DispatchAutodiffContext::Enabled(_) => on_strategy!(NoCheckpointing),
+        DispatchAutodiffContext::Disabled => unreachable!("checkpoint: inputs are autodiff tensors"),
     }
 }
 

@@ -18,9 +18,17 @@ pub struct Metrics {
 impl Metrics {
     /// Opens the writers under `out_dir` (`tensorboard/` and `metrics.jsonl`, appended to on
     /// resume); a progress bar of `total_steps` starting at `start_step` when stderr is a TTY.
+    ///
+    /// A run (re)starting at `start_step` redoes every step after it: what an earlier process
+    /// logged for those steps is dropped from `metrics.jsonl` (rewritten atomically) and marked
+    /// for TensorBoard to discard, so each step is shown once.
     pub fn open(out_dir: &Path, total_steps: u64, start_step: u64) -> anyhow::Result<Self> {
-        let tb = EventWriter::create(&out_dir.join("tensorboard")).map_err(|e| anyhow::anyhow!("{}: {e}", out_dir.display()))?;
+        let mut tb = EventWriter::create(&out_dir.join("tensorboard")).map_err(|e| anyhow::anyhow!("{}: {e}", out_dir.display()))?;
+        // Steps from `redone` on are logged again by this run (at a fresh start, step 0 too).
+        let redone = if start_step == 0 { 0 } else { start_step + 1 };
+        tb.session_start(redone)?;
         let path = out_dir.join("metrics.jsonl");
+        drop_rows_from(&path, redone)?;
         let jsonl = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
@@ -79,6 +87,19 @@ impl Metrics {
             bar.finish_and_clear();
         }
     }
+}
+
+/// Rewrites `path` (JSON lines with a `step`) without the rows of step `from` or later; lines
+/// that are not such rows are kept.
+fn drop_rows_from(path: &Path, from: u64) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let step = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step")?.as_u64());
+    let kept: Vec<&str> = text.lines().filter(|l| step(l).is_none_or(|s| s < from)).collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
+    llama_model::checkpoint::write_atomic(path, body.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.

@@ -22,6 +22,16 @@ struct Event {
     file_version: Option<String>,
     #[prost(message, optional, tag = "5")]
     summary: Option<Summary>,
+    #[prost(message, optional, tag = "7")]
+    session_log: Option<SessionLog>,
+}
+
+/// TensorFlow's `SessionLog`; only `status` is written.
+#[derive(Clone, PartialEq, Message)]
+struct SessionLog {
+    /// 1 = START.
+    #[prost(int32, tag = "1")]
+    status: i32,
 }
 
 #[derive(Clone, PartialEq, Message)]
@@ -96,16 +106,23 @@ impl EventWriter {
         std::fs::create_dir_all(dir)?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "localhost".into());
+        // TensorBoard reads a directory's event files in name order: a resumed run's file must
+        // sort after the earlier ones (its restart mark discards what they hold of redone steps),
+        // even when it starts within the same second.
+        let latest = std::fs::read_dir(dir)?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.strip_prefix("events.out.tfevents.")?.split('.').next()?.parse::<u64>().ok())
+            .max();
+        let secs = latest.map_or(now.as_secs(), |l| now.as_secs().max(l + 1));
         let mut n = 0;
         let path = loop {
-            let p = dir.join(format!("events.out.tfevents.{}.{host}.{}.{n}", now.as_secs(), std::process::id()));
+            let p = dir.join(format!("events.out.tfevents.{secs}.{host}.{}.{n}", std::process::id()));
             if !p.exists() {
                 break p;
             }
             n += 1;
         };
         let mut w = Self { out: BufWriter::new(File::create(&path)?), path };
-        w.write_event(&Event { wall_time: now.as_secs_f64(), step: 0, file_version: Some("brain.Event:2".into()), summary: None })?;
+        w.write_event(&Event { wall_time: now.as_secs_f64(), step: 0, file_version: Some("brain.Event:2".into()), summary: None, session_log: None })?;
         w.flush()?;
         Ok(w)
     }
@@ -130,7 +147,7 @@ impl EventWriter {
     /// One scalar point of the curve `tag`.
     pub fn scalar(&mut self, tag: &str, step: u64, value: f64) -> std::io::Result<()> {
         let value = SummaryValue { tag: tag.into(), simple_value: Some(value as f32), tensor: None, metadata: None };
-        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }) })
+        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }), session_log: None })
     }
 
     /// A text entry (shown in TensorBoard's Text tab; markdown is rendered).
@@ -141,7 +158,14 @@ impl EventWriter {
             tensor: Some(TensorProto { dtype: 7, tensor_shape: Some(TensorShape { dim: vec![Dim { size: 1 }] }), string_val: vec![text.as_bytes().to_vec()] }),
             metadata: Some(SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "text".into(), content: vec![] }) }),
         };
-        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }) })
+        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }), session_log: None })
+    }
+
+    /// Marks a (re)start at `step`: TensorBoard's readers then discard every event of this log
+    /// directory with a step at or after it that came before the mark (TensorFlow's
+    /// `SessionLog.START`, what a resumed run writes so that redone steps are shown once).
+    pub fn session_start(&mut self, step: u64) -> std::io::Result<()> {
+        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: None, session_log: Some(SessionLog { status: 1 }) })
     }
 
     pub fn flush(&mut self) -> std::io::Result<()> {
@@ -192,5 +216,20 @@ mod tests {
         assert_eq!((events[1].step, v.tag.as_str(), v.simple_value), (3, "train/loss", Some(2.5)));
         let t = &events[2].summary.as_ref().unwrap().value[0];
         assert_eq!(t.tensor.as_ref().unwrap().string_val[0], b"hello **world**");
+    }
+
+    /// A second writer in the same directory (a resumed run), started within the same second,
+    /// gets a file that sorts after the first (TensorBoard reads them in name order); its restart
+    /// mark is a `SessionLog` START at the given step.
+    #[test]
+    fn a_later_writer_sorts_after_and_marks_its_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = EventWriter::create(dir.path()).unwrap();
+        let mut second = EventWriter::create(dir.path()).unwrap();
+        assert!(second.path() > first.path(), "{:?} should sort after {:?}", second.path(), first.path());
+        second.session_start(4).unwrap();
+        second.flush().unwrap();
+        let events = read_events(second.path());
+        assert_eq!((events[1].step, events[1].session_log.as_ref().map(|l| l.status)), (4, Some(1)));
     }
 }
