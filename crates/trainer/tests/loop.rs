@@ -391,8 +391,9 @@ fn host_optimizer_equals_device_optimizer_and_resumes_across_the_switch() {
     }
 }
 
-/// `train.recompute = "block"` trains to the weights and losses of `"none"` (1e-5), and a run
-/// interrupted with one resumes with the other to the same end.
+/// `train.recompute = "block"` trains to the weights and losses of `"none"` (1e-5), also with 2
+/// data-parallel replicas and the host optimizer, and a run interrupted with one resumes with the
+/// other to the same end.
 #[test]
 fn block_recomputation_trains_like_none_and_resumes_across_the_switch() {
     use llama_trainer::Recompute;
@@ -414,6 +415,19 @@ fn block_recomputation_trains_like_none_and_resumes_across_the_switch() {
         assert!((a - b).abs() < 1e-5 * a.abs().max(1.0), "loss {a} (none) vs {b} (block)");
     }
     assert!(max_param_diff(&plain, &recomputed) < 1e-5);
+    // With data parallel (2 replicas, each recomputing in its own thread) and the host
+    // optimizer together: the same end.
+    let out = tmp.path().join("dp-host");
+    let base = loop_config(&out, 6, 4, 2);
+    let cfg = LoopConfig {
+        devices: llama_trainer::parallel::devices("flex", 2).unwrap(),
+        train: TrainConfig { recompute: Recompute::Block, ..base.train.clone() },
+        run: RunConfig { optimizer: llama_trainer::OptimizerPlacement::Host, ..base.run.clone() },
+        ..base
+    };
+    let (both, _) = train(model.clone(), &mut toy(&device, None), &cfg).unwrap();
+    let diff = max_param_diff(&plain, &both);
+    assert!(diff < 1e-5, "2 replicas + block + host optimizer: {diff} away");
     run("switch", Recompute::None, Some(3), false);
     let (resumed, summary, _) = run("switch", Recompute::Block, None, true);
     assert_eq!(summary.steps, 6);
