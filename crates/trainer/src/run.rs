@@ -14,9 +14,8 @@ use burn::tensor::Tensor;
 use llama_model::checkpoint::{load_weights, save_weights};
 
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, RunLock, STATE_FILE, TrainState};
-use crate::config::{OptimConfig, RunConfig, TrainConfig};
+use crate::config::{OptimConfig, OptimizerPlacement, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
-use crate::config::OptimizerPlacement;
 use crate::optim::{Optimizer, clip_global_norm};
 use crate::parallel::{StepPlan, device_copy};
 use crate::precision::{self, LossScale, Precision};
@@ -184,7 +183,7 @@ where
     O: Objective<M> + Sync,
     O::Batch: Sync,
 {
-    crate::parallel::accumulate(model, objective, batches, crate::parallel::StepPlan::plain(precision), loss_scale, &[])
+    crate::parallel::accumulate(model, objective, batches, StepPlan::plain(precision), loss_scale, &[])
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
