@@ -312,7 +312,16 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if let Some(u) = unigram_loss {
         println!("unigram baseline on the validation split: {u:.4} nats/token");
     }
-    let model = model_config.init(&train_device);
+    // With the optimizer on the host the f32 master is built there: it never visits the device.
+    let init_device = match cfg.run.optimizer {
+        llama_trainer::OptimizerPlacement::Host => {
+            let host = Device::flex();
+            host.seed(cfg.train.seed);
+            host.autodiff()
+        }
+        llama_trainer::OptimizerPlacement::Device => train_device.clone(),
+    };
+    let model = model_config.init(&init_device);
     let mut objective = Pretrain {
         train: train_reader,
         shards: cfg.data.shards.clone(),
