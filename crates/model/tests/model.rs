@@ -416,6 +416,7 @@ fn block_recomputation_on_vulkan() {
     let (model, rows, targets) = gqa_batch(&device, 60);
     let before = llama_model::recompute::reruns();
     let (plain_loss, plain) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving::default());
+    eprintln!("vulkan: plain pass done (loss {plain_loss})");
     let (loss, grads) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving { recompute_blocks: true, logits_chunk: Some(48) });
     assert!(llama_model::recompute::reruns() - before >= 7, "nothing was recomputed");
     assert!((loss - plain_loss).abs() < 1e-4, "loss {loss} vs {plain_loss}");
