@@ -319,7 +319,7 @@ impl Llama {
                 let r1 = (r0 + chunk).min(rows);
                 let (h, y) = (hidden.clone().slice([r0..r1, 0..d]), targets.clone().slice([r0..r1]));
                 match &self.output {
-                    Some(output) => checkpoint(output, h, move |output, h| token_nll(logits_f32(rows_through(output, h)), y.clone())),
+                    Some(output) => checkpoint(output, h, move |output, h| token_nll(logits_f32(output.forward(h)), y.clone())),
                     None => checkpoint(&self.tok_embeddings, h, move |embedding, h| token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone())),
                 }
             })
@@ -352,7 +352,7 @@ impl Llama {
     /// [`Llama::project`] of `[rows, dim]` hidden states.
     fn project_rows(&self, hidden: Tensor<2>) -> Tensor<2> {
         logits_f32(match &self.output {
-            Some(output) => rows_through(output, hidden),
+            Some(output) => output.forward(hidden),
             None => hidden.matmul(self.tok_embeddings.weight.val().transpose()),
         })
     }
@@ -423,11 +423,6 @@ impl burn::module::ModuleVisitor for Materialize {
 fn logits_f32<const D: usize>(logits: Tensor<D>) -> Tensor<D> {
     // Casting f32 to f32 would still add a node to the autodiff graph.
     if logits.dtype() == DType::F32 { logits } else { logits.cast(DType::F32) }
-}
-
-/// `linear` over `[rows, d_in]` (one matmul on every backend).
-fn rows_through(linear: &Linear, rows: Tensor<2>) -> Tensor<2> {
-    linear.forward(rows)
 }
 
 /// Keys and values of one layer for the positions seen so far, preallocated to `max_len`.

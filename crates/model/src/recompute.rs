@@ -36,6 +36,8 @@ use burn::tensor::GradientCheckpointingStrategy;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::Tensor;
 
+use crate::config::DEFAULT_LOGITS_CHUNK;
+
 /// How a training forward saves memory (`train.recompute`, `train.logits_chunk`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemorySaving {
@@ -44,6 +46,15 @@ pub struct MemorySaving {
     /// Project to the vocabulary and take the loss this many positions at a time, recomputing
     /// each chunk's logits in backward: the `[positions, vocab]` logits never exist whole.
     pub logits_chunk: Option<usize>,
+}
+
+impl MemorySaving {
+    /// The saving of `train.recompute` and `train.logits_chunk`: block recomputation brings
+    /// chunked logits (of [`DEFAULT_LOGITS_CHUNK`] positions) unless a chunk is given.
+    pub fn new(recompute: crate::Recompute, logits_chunk: Option<usize>) -> Self {
+        let recompute_blocks = recompute == crate::Recompute::Block;
+        Self { recompute_blocks, logits_chunk: logits_chunk.or(recompute_blocks.then_some(DEFAULT_LOGITS_CHUNK)) }
+    }
 }
 
 thread_local! {
@@ -90,7 +101,7 @@ where
     // The forward on the inner values: nothing of it is kept for backward.
     let output = f(&template, x.clone().inner());
     let inputs: Vec<DispatchTensor> = std::iter::once(x.into_dispatch()).chain(params.0).collect();
-    let recompute = Recompute(Arc::new(move |mut values: Vec<DispatchTensor>, grad: DispatchTensor| {
+    let recompute = Rerun(Arc::new(move |mut values: Vec<DispatchTensor>, grad: DispatchTensor| {
         let x = Tensor::<DI>::from_dispatch(values.remove(0)).autodiff().require_grad();
         let mut leaves = FreshLeaves { values: values.into_iter(), grads: Vec::new() };
         let module = template.clone().map(&mut leaves);
@@ -133,18 +144,18 @@ impl<I: Iterator<Item = DispatchTensor>> ModuleMapper for FreshLeaves<I> {
 /// The re-run of a checkpointed segment: from the saved input values (`x`, then the parameters)
 /// and the output's gradient, the gradient of each input (None where it got none).
 #[derive(Clone)]
-struct Recompute(Arc<dyn Fn(Vec<DispatchTensor>, DispatchTensor) -> Vec<Option<DispatchTensor>> + Send + Sync>);
+struct Rerun(Arc<dyn Fn(Vec<DispatchTensor>, DispatchTensor) -> Vec<Option<DispatchTensor>> + Send + Sync>);
 
-impl std::fmt::Debug for Recompute {
+impl std::fmt::Debug for Rerun {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Recompute")
+        f.write_str("Rerun")
     }
 }
 
 /// Routes the op to the backend of its inputs (flex, or a cubecl one) and the autodiff
 /// checkpoint strategy they carry: by hand rather than through `#[backend_extension]`, whose
 /// routing does not take a list of tensors.
-fn recomputed(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Recompute) -> DispatchTensor {
+fn recomputed(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Rerun) -> DispatchTensor {
     // The backend of the inputs, for one concrete checkpoint strategy (Burn converts dispatch
     // tensors into `Autodiff<B, C>` for its two strategies only, not for a generic `C`).
     macro_rules! on_strategy {
@@ -166,7 +177,7 @@ fn recomputed(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Re
     }
 }
 
-fn on_backend<B, C>(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Recompute) -> DispatchTensor
+fn on_backend<B, C>(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Rerun) -> DispatchTensor
 where
     B: Backend,
     C: CheckpointStrategy,
@@ -190,7 +201,7 @@ where
 }
 
 /// Records the op with `N` parents (the backward step's arity is a compile-time constant).
-fn record<B, C, const N: usize>(inputs: Vec<FloatTensor<Autodiff<B, C>>>, output: FloatTensor<B>, recompute: Recompute) -> FloatTensor<Autodiff<B, C>>
+fn record<B, C, const N: usize>(inputs: Vec<FloatTensor<Autodiff<B, C>>>, output: FloatTensor<B>, recompute: Rerun) -> FloatTensor<Autodiff<B, C>>
 where
     B: Backend,
     C: CheckpointStrategy,
@@ -216,7 +227,7 @@ where
     DispatchTensor: DispatchKindConversion<B>,
 {
     /// The inputs' values and the re-run.
-    type State = (Vec<FloatTensor<B>>, Recompute);
+    type State = (Vec<FloatTensor<B>>, Rerun);
 
     fn backward(self, ops: Ops<Self::State, N>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
         let grad = grads.consume::<B>(&ops.node);

@@ -3,7 +3,6 @@
 
 use std::path::{Path, PathBuf};
 
-use llama_model::config::DEFAULT_LOGITS_CHUNK;
 use llama_model::recompute::MemorySaving;
 pub use llama_model::{OptimizerPlacement, Recompute, TrainingMemory};
 use serde::de::DeserializeOwned;
@@ -206,16 +205,12 @@ impl TrainConfig {
         if self.keep_checkpoints == 0 {
             return Err("train.keep_checkpoints must be >= 1".into());
         }
-        if self.logits_chunk == Some(0) {
-            return Err("train.logits_chunk must be > 0 (positions per chunk), or left out for the default".into());
-        }
-        Ok(())
+        MemoryConfig { recompute: self.recompute, logits_chunk: self.logits_chunk }.validate("train")
     }
 
     /// What a training forward saves (`recompute`, `logits_chunk` and its default).
     pub fn memory_saving(&self) -> MemorySaving {
-        let recompute_blocks = self.recompute == Recompute::Block;
-        MemorySaving { recompute_blocks, logits_chunk: self.logits_chunk.or(recompute_blocks.then_some(DEFAULT_LOGITS_CHUNK)) }
+        MemorySaving::new(self.recompute, self.logits_chunk)
     }
 
     /// Total optimizer steps for sequences of `seq_len` tokens.
@@ -250,7 +245,7 @@ impl MemoryConfig {
     }
 
     pub fn memory_saving(&self) -> MemorySaving {
-        TrainConfig { recompute: self.recompute, logits_chunk: self.logits_chunk, ..TrainConfig::default() }.memory_saving()
+        MemorySaving::new(self.recompute, self.logits_chunk)
     }
 }
 

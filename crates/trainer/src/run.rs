@@ -194,7 +194,7 @@ where
     O::Batch: Sync,
 {
     let out = &cfg.run.out_dir;
-    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    // Creates the directory too.
     let _lock = RunLock::acquire(out)?;
     let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
     if host_master {

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use llama_model::checkpoint::{self, Format};
 use llama_model::generate::{SamplingConfig, generate};
+use llama_model::recompute::MemorySaving;
 use llama_model::{LlamaConfig, OptimizerPlacement, Precision, Recompute, TrainingMemory, device};
 
 #[derive(Parser)]
@@ -143,9 +144,6 @@ fn main() -> ExitCode {
     }
 }
 
-/// `--logits-chunk` when recomputing blocks and none is given (train.logits_chunk's default too).
-const DEFAULT_LOGITS_CHUNK: usize = llama_model::config::DEFAULT_LOGITS_CHUNK;
-
 /// A clap value's name as typed on the command line.
 fn name(value: impl clap::ValueEnum) -> String {
     value.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
@@ -163,7 +161,7 @@ fn run(cli: Cli) -> Result<()> {
             if logits_chunk == Some(0) {
                 bail!("--logits-chunk must be > 0 (positions per chunk)");
             }
-            let chunk_for = |r: Recompute| logits_chunk.or((r == Recompute::Block).then_some(DEFAULT_LOGITS_CHUNK));
+            let chunk_for = |r: Recompute| MemorySaving::new(r, logits_chunk).logits_chunk;
             println!("config           {}", config.display());
             println!(
                 "shape            dim {} | layers {} | heads {} | kv heads {} | head dim {} | ffn {} | vocab {}",
@@ -251,10 +249,7 @@ fn run(cli: Cli) -> Result<()> {
             if batch == 0 || seq_len == 0 || logits_chunk == Some(0) {
                 bail!("--batch, --seq-len and --logits-chunk must be > 0");
             }
-            let saving = llama_model::recompute::MemorySaving {
-                recompute_blocks: recompute == Recompute::Block,
-                logits_chunk: logits_chunk.or((recompute == Recompute::Block).then_some(DEFAULT_LOGITS_CHUNK)),
-            };
+            let saving = MemorySaving::new(recompute, logits_chunk);
             let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused, saving);
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
@@ -304,7 +299,7 @@ fn bench(
     precision: Precision,
     json: Option<PathBuf>,
     fused: bool,
-    saving: llama_model::recompute::MemorySaving,
+    saving: MemorySaving,
 ) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{GradientsParams, ModuleOptimizer};
