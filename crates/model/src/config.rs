@@ -269,12 +269,40 @@ impl LlamaConfig {
         self
     }
 
-    /// Reads the `[model]` table of a TOML file (or a file that is only that table's keys) and
-    /// validates it. Errors name the file and the key.
+    /// Reads the `[model]` table of a TOML file (its keys, or `preset = "7b.toml"` plus keys that
+    /// override the preset's) and validates it. Errors name the file and the key.
     pub fn from_toml_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ModelError::Io(format!("cannot read {}: {e}", path.display())))?;
-        Self::from_toml_str(&text, &path.display().to_string())
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io(format!("cannot read {origin}: {e}")))?;
+        let table: toml::Table = toml::from_str(&text).map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
+        let model = table.get("model").ok_or_else(|| ModelError::Config(format!("{origin}: missing table [model]")))?;
+        Self::from_model_table(model, path)
+    }
+
+    /// A config from the `[model]` table of the TOML file at `config_path`: either the keys
+    /// themselves, or `preset = "7b.toml"` (relative to that file) whose `[model]` table is loaded
+    /// and then overridden by the other keys.
+    pub fn from_model_table(value: &toml::Value, config_path: &Path) -> Result<Self, ModelError> {
+        let origin = config_path.display().to_string();
+        let config = |msg: String| ModelError::Config(msg);
+        let mut table = value.as_table().cloned().ok_or_else(|| config(format!("{origin}: [model] must be a table")))?;
+        if let Some(preset) = table.remove("preset") {
+            let preset = preset.as_str().ok_or_else(|| config(format!("{origin}: model.preset must be a path string")))?;
+            let path = config_path.parent().unwrap_or(Path::new(".")).join(preset);
+            let text = std::fs::read_to_string(&path).map_err(|e| config(format!("{origin}: model.preset {}: {e}", path.display())))?;
+            let base: toml::Table = toml::from_str(&text).map_err(|e| config(format!("{}: {e}", path.display())))?;
+            let mut merged = base
+                .get("model")
+                .and_then(|m| m.as_table())
+                .cloned()
+                .ok_or_else(|| config(format!("{}: missing table [model]", path.display())))?;
+            merged.extend(table);
+            table = merged;
+        }
+        let mut wrapper = toml::Table::new();
+        wrapper.insert("model".into(), toml::Value::Table(table));
+        let text = toml::to_string(&wrapper).map_err(|e| config(format!("{origin}: {e}")))?;
+        Self::from_toml_str(&text, &origin)
     }
 
     /// Parses TOML text holding a `[model]` table; `origin` names the source in errors.

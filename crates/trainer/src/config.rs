@@ -14,27 +14,10 @@ pub fn load_toml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
-/// Resolves a `[model]` table: either the keys themselves, or `preset = "7b.toml"` (relative to
-/// the config file) whose `[model]` table is loaded and then overridden by the other keys.
+/// Resolves a `[model]` table: its keys, or `preset = "7b.toml"` (relative to the config file)
+/// overridden by the other keys ([`llama_model::LlamaConfig::from_model_table`]).
 pub fn resolve_model(value: &toml::Value, config_path: &Path) -> anyhow::Result<llama_model::LlamaConfig> {
-    let origin = config_path.display().to_string();
-    let mut table = value.as_table().cloned().ok_or_else(|| anyhow::anyhow!("{origin}: [model] must be a table"))?;
-    if let Some(preset) = table.remove("preset") {
-        let preset = preset.as_str().ok_or_else(|| anyhow::anyhow!("{origin}: model.preset must be a path string"))?;
-        let path = config_path.parent().unwrap_or(Path::new(".")).join(preset);
-        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{origin}: model.preset {}: {e}", path.display()))?;
-        let base: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-        let mut merged = base
-            .get("model")
-            .and_then(|m| m.as_table())
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("{}: missing table [model]", path.display()))?;
-        merged.extend(table);
-        table = merged;
-    }
-    let mut wrapper = toml::Table::new();
-    wrapper.insert("model".into(), toml::Value::Table(table));
-    Ok(llama_model::LlamaConfig::from_toml_str(&toml::to_string(&wrapper)?, &origin)?)
+    Ok(llama_model::LlamaConfig::from_model_table(value, config_path)?)
 }
 
 /// AdamW and clipping (Llama 2: beta1 0.9, beta2 0.95, eps 1e-5, weight decay 0.1, clip 1.0).
