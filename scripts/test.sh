@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The test command: the whole workspace's tests, plus the Python checker they call (TensorBoard's
-# own event reader) installed from the package index into a cached virtual environment.
+# The test command: the whole workspace's tests, built with the `mpi` feature so that the MPI jobs
+# (`mpirun -np 2/3`) are tested too, plus the Python checker they call (TensorBoard's own event
+# reader) installed from the package index into a cached virtual environment. OpenMPI and libclang
+# (which the `mpi` crate's build needs) are installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -12,11 +14,16 @@ if ! "$venv/bin/python" -c "import tensorboard" 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard>=2.16,<3"
 fi
 export LLAMA2_PYTHON="$venv/bin/python"
+if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+    echo "installing OpenMPI and libclang for the mpi feature (apt-get)"
+    sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
+    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+fi
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set -o pipefail
-cargo test --workspace "$@" 2>&1 | tee "$log"
+cargo test --workspace --features llama-pretrain/mpi "$@" 2>&1 | tee "$log"
 # cargo prints one summary per test binary (the last is often an empty doc-test run): add them up.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -64,6 +64,8 @@ pub struct PackedReader {
     eos: u32,
     config: ReaderConfig,
     cursor: Cursor,
+    /// The global window the rounds of `world_size` windows are counted from.
+    round_start: u64,
     order: Option<(u64, Vec<usize>)>,
     loaded: Option<(u64, usize, Vec<Vec<u32>>)>,
 }
@@ -110,7 +112,7 @@ impl PackedReader {
         if units.is_empty() {
             return Err(DataError::Empty(format!("{}: the {} split has no documents", dir.display(), split.name())));
         }
-        Ok(Self { files, units, vocab_size, bos, eos, config, cursor: Cursor::default(), order: None, loaded: None })
+        Ok(Self { files, units, vocab_size, bos, eos, config, cursor: Cursor::default(), round_start: 0, order: None, loaded: None })
     }
 
     pub fn cursor(&self) -> &Cursor {
@@ -126,6 +128,7 @@ impl PackedReader {
                 self.units.len()
             )));
         }
+        self.round_start = cursor.window;
         self.cursor = cursor;
         Ok(())
     }
@@ -135,10 +138,18 @@ impl PackedReader {
     }
 
     /// The next window of `seq_len + 1` tokens for this rank, or None when the epochs are done.
+    ///
+    /// Windows are dealt in rounds of `world_size` from where the reader started (window 0, or
+    /// the restored cursor); the rest of a round (the other ranks' windows) is read past at once,
+    /// so after the same number of windows every rank's cursor is the same: any rank's cursor
+    /// resumes the whole job, at any world size.
     pub fn next_window(&mut self) -> Result<Option<Vec<u32>>, DataError> {
+        let world = self.config.world_size as u64;
+        let in_round = |window: u64, start: u64| (window - start) % world;
         loop {
             let Some(window) = self.next_global_window()? else { return Ok(None) };
-            if (self.cursor.window - 1) % self.config.world_size as u64 == self.config.rank as u64 {
+            if in_round(self.cursor.window - 1, self.round_start) == self.config.rank as u64 {
+                while in_round(self.cursor.window, self.round_start) != 0 && self.next_global_window()?.is_some() {}
                 return Ok(Some(window));
             }
         }

@@ -85,15 +85,10 @@ pub trait AdamWBackend: Backend {
 
 impl AdamWBackend for Flex {
     fn adamw_update(param: FlexTensor, grad: FlexTensor, moment_1: FlexTensor, moment_2: FlexTensor, lr: f64, betas_eps_decay: [f32; 4], time: usize) -> (FlexTensor, FlexTensor, FlexTensor) {
-        let [beta_1, beta_2, epsilon, weight_decay] = betas_eps_decay;
         let shape = param.layout().shape().clone();
         let (param, grad, moment_1, moment_2) = (contiguous_f32(param), contiguous_f32(grad), contiguous_f32(moment_1), contiguous_f32(moment_2));
         let (p, g, m, v) = (f32_values(&param), f32_values(&grad), f32_values(&moment_1), f32_values(&moment_2));
-        // As Burn computes them: f32 factors and bias corrections, the decay rate in f64.
-        let (factor_1, factor_2) = (1.0 - beta_1, 1.0 - beta_2);
-        let (correction_1, correction_2) = (1f32 - beta_1.powi(time as i32), 1f32 - beta_2.powi(time as i32));
-        let keep = (1.0 - lr * weight_decay as f64) as f32;
-        let lr = lr as f32;
+        let rule = AdamWRule::new(lr, betas_eps_decay, time);
         let n = p.len();
         let (mut p_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
         p_out
@@ -105,12 +100,7 @@ impl AdamWBackend for Flex {
                 let range = c * CHUNK..(c * CHUNK + p_out.len());
                 let (p, g, m, v) = (&p[range.clone()], &g[range.clone()], &m[range.clone()], &v[range]);
                 for i in 0..p.len() {
-                    let m_new = m[i] * beta_1 + g[i] * factor_1;
-                    let v_new = v[i] * beta_2 + g[i] * g[i] * factor_2;
-                    let delta = (m_new / correction_1) / ((v_new / correction_2).sqrt() + epsilon);
-                    m_out[i] = m_new;
-                    v_out[i] = v_new;
-                    p_out[i] = p[i] * keep - delta * lr;
+                    (p_out[i], m_out[i], v_out[i]) = rule.apply(p[i], g[i], m[i], v[i]);
                 }
             });
         let tensor = |values: Vec<f32>| FlexTensor::from_data(TensorData::new(values, shape.clone()));
@@ -150,5 +140,50 @@ mod tests {
         for (i, (a, b)) in fused.iter().zip(&burn).enumerate() {
             assert!((a - b).abs() <= 1e-6 * (1.0 + b.abs()), "weight {i}: fused {a} vs Burn {b}");
         }
+    }
+}
+
+/// One AdamW step's arithmetic for single values, as Burn computes it (f32 factors and bias
+/// corrections, the decay rate in f64): shared by the fused flex step and the trainer's sharded
+/// optimizer, so both give Burn's numbers.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWRule {
+    beta_1: f32,
+    beta_2: f32,
+    epsilon: f32,
+    factor_1: f32,
+    factor_2: f32,
+    correction_1: f32,
+    correction_2: f32,
+    keep: f32,
+    lr: f32,
+}
+
+impl AdamWRule {
+    /// The rule of step `time` (from 1) at learning rate `lr`; `betas_eps_decay` is
+    /// `[beta_1, beta_2, epsilon, weight_decay]`.
+    pub fn new(lr: f64, betas_eps_decay: [f32; 4], time: usize) -> Self {
+        let [beta_1, beta_2, epsilon, weight_decay] = betas_eps_decay;
+        Self {
+            beta_1,
+            beta_2,
+            epsilon,
+            factor_1: 1.0 - beta_1,
+            factor_2: 1.0 - beta_2,
+            correction_1: 1f32 - beta_1.powi(time as i32),
+            correction_2: 1f32 - beta_2.powi(time as i32),
+            keep: (1.0 - lr * weight_decay as f64) as f32,
+            lr: lr as f32,
+        }
+    }
+
+    /// (parameter, first moment, second moment) after the step, from their values before it
+    /// and the gradient.
+    #[inline]
+    pub fn apply(&self, p: f32, g: f32, m: f32, v: f32) -> (f32, f32, f32) {
+        let m_new = m * self.beta_1 + g * self.factor_1;
+        let v_new = v * self.beta_2 + g * g * self.factor_2;
+        let delta = (m_new / self.correction_1) / ((v_new / self.correction_2).sqrt() + self.epsilon);
+        (p * self.keep - delta * self.lr, m_new, v_new)
     }
 }

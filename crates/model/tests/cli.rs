@@ -48,6 +48,21 @@ fn info_says_7b_and_13b_fit_80_gib_with_recomputation_and_the_host_optimizer() {
     assert!(!ok && err.contains("block") && !err.contains("panicked"), "{err}");
 }
 
+/// A run config with `[model] preset = ...` is read like the preset, and `--ranks N` gives each
+/// rank 1/N of AdamW's moments (8 bytes per parameter) and 2 x 4 x P x (N-1)/N bytes per step.
+#[test]
+fn info_reads_presets_and_shards_the_optimizer_over_ranks() {
+    let (ok, out, err) = llama(&["info", "--config", "configs/7b-gpu-check.toml", "--ranks", "64"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("6738415616"), "{out}");
+    let p = 6_738_415_616f64;
+    let moments = format!("AdamW moments {:.2} GiB on the host (not {:.2} GiB)", 8.0 * p / 64.0 / (1u64 << 30) as f64, 8.0 * p / (1u64 << 30) as f64);
+    assert!(out.contains(&moments), "{moments}\n{out}");
+    assert!(out.contains(&format!("moves {:.2} GB per optimizer step", 8.0 * p * 63.0 / 64.0 / 1e9)), "{out}");
+    let (ok, _, err) = llama(&["info", "--config", "configs/7b.toml", "--ranks", "0"]);
+    assert!(!ok && err.contains("--ranks"), "{err}");
+}
+
 #[test]
 fn bad_config_is_a_clear_error_without_panic() {
     let tmp = tempfile::tempdir().unwrap();

@@ -268,7 +268,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
             model_config.vocab_size
         );
     }
-    if !cfg.data.shards.exists() {
+    // In an MPI job rank 0 prepares missing shards while the others wait.
+    let world = llama_trainer::distributed::world();
+    if world.is_root() && !cfg.data.shards.exists() {
         match &cfg.data.source {
             Some(source) => {
                 println!("preparing shards {} from {}", cfg.data.shards.display(), source.display());
@@ -281,6 +283,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
             ),
         }
     }
+    world.barrier();
     let manifest_path = cfg.data.shards.join(llama_data::shards::MANIFEST);
     if manifest_path.is_file() {
         let manifest = Manifest::load(&cfg.data.shards)?;
@@ -297,10 +300,17 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let device = llama_model::device::parse(&cfg.run.device)?;
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();
-    let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, ..ReaderConfig::new(cfg.data.seq_len) };
+    // Each rank reads every `world`-th window of the one global stream.
+    let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, rank: world.rank(), world_size: world.size(), ..ReaderConfig::new(cfg.data.seq_len) };
     let train_reader = PackedReader::open(&cfg.data.shards, Split::Train, model_config.vocab_size, reader_config)?;
     let unigram_loss = unigram_baseline(&cfg.data.shards, model_config.vocab_size, cfg.data.seq_len, 2_000_000)?;
-    println!(
+    // One report per job: rank 0 speaks for the others.
+    let say = |line: String| {
+        if world.is_root() {
+            println!("{line}");
+        }
+    };
+    say(format!(
         "model: {} parameters | {} steps of {} x {} tokens | device {} | out {}",
         model_config.num_params(),
         total_steps,
@@ -308,9 +318,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.data.seq_len,
         cfg.run.device,
         cfg.run.out_dir.display()
-    );
+    ));
     if let Some(u) = unigram_loss {
-        println!("unigram baseline on the validation split: {u:.4} nats/token");
+        say(format!("unigram baseline on the validation split: {u:.4} nats/token"));
     }
     // With the optimizer on the host the f32 master is built there: it never visits the device.
     let init_device = match cfg.run.optimizer {
@@ -335,7 +345,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     };
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
-        println!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display());
+        say(format!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display()));
     }
     Ok(summary)
 }

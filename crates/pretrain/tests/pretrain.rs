@@ -1,78 +1,15 @@
 //! `pretrain` end to end, as a user runs it: resume equality, interrupted checkpoints,
 //! TensorBoard's own reader, learning on the shipped corpus, and bad input.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-use llama_data::Tokenizer;
-use llama_data::prepare::{PrepareConfig, prepare};
+use common::{Fixture, pretrain, repo, train_curve};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
-}
-
-fn pretrain(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain"));
-    cmd.args(args).current_dir(repo());
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-/// A tokenizer and shards made from a slice of the shipped corpus.
-struct Fixture {
-    dir: tempfile::TempDir,
-}
-
-impl Fixture {
-    fn new(vocab: usize) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let corpus = std::fs::read_to_string(repo().join("data/corpus/brown.jsonl")).unwrap();
-        let lines: Vec<&str> = corpus.lines().take(40).collect();
-        let src = dir.path().join("corpus.jsonl");
-        std::fs::write(&src, lines.join("\n")).unwrap();
-        let texts: Vec<String> = lines.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
-        let tok = Tokenizer::train(texts.iter(), vocab).unwrap();
-        tok.save(&dir.path().join("tokenizer.json")).unwrap();
-        let cfg = PrepareConfig { show_progress: false, val_fraction: 0.1, row_group_docs: 4, ..PrepareConfig::new(vec![src], dir.path().join("shards")) };
-        prepare(&cfg, &tok).unwrap();
-        Self { dir }
-    }
-
-    fn path(&self, p: &str) -> String {
-        self.dir.path().join(p).display().to_string()
-    }
-
-    /// Writes a run config; `extra` replaces whole sections or adds keys at the end.
-    fn config(&self, name: &str, model: &str, train: &str, extra: &str) -> String {
-        let text = format!(
-            "[model]\n{model}\n\n[data]\nshards = \"{}\"\ntokenizer = \"{}\"\nseq_len = 32\n\n[optim]\nlr = 3e-3\n\n[schedule]\nwarmup_steps = 2\n\n[train]\n{train}\n\n[run]\nout_dir = \"{}\"\n\n[eval]\nprompts = [\"The jury\"]\nmax_new_tokens = 8\n{extra}\n",
-            self.path("shards"),
-            self.path("tokenizer.json"),
-            self.path(&format!("out-{name}")),
-        );
-        let path = self.dir.path().join(format!("{name}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path.display().to_string()
-    }
-}
 
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
 const TRAIN: &str = "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 5";
-
-/// (step, loss, grad_norm) of every logged training step.
-fn train_curve(out: &str) -> Vec<(u64, f64, f64)> {
-    std::fs::read_to_string(Path::new(out).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("train/loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap(), v["train/grad_norm"].as_f64().unwrap()))
-        .collect()
-}
 
 #[test]
 fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_reads_them() {

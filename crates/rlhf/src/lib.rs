@@ -892,7 +892,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             evals_without_gain: state.evals_without_gain,
             model_config: model_config.clone(),
         };
-        checkpoints.save(state.iteration, 2, |dir, written| {
+        checkpoints.save(state.iteration, 2, llama_trainer::distributed::World::single(), |dir, written| {
             llama_model::checkpoint::save_weights(&state.policy, &dir.join("policy.bpk"))?;
             written("policy.bpk")?;
             llama_model::checkpoint::save_weights(&state.value, &dir.join("value.bpk"))?;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::distributed::World;
+
 pub const MODEL_FILE: &str = "model.bpk";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 pub const STATE_FILE: &str = "state.json";
@@ -76,14 +78,27 @@ impl Checkpoints {
 
     /// Writes checkpoint `step` through `write` (which fills the directory it is given), renames
     /// it into place, and deletes all but the newest `keep`.
-    pub fn save(&self, step: u64, keep: usize, write: impl FnOnce(&Path, &dyn Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
-        std::fs::create_dir_all(&self.root).map_err(|e| anyhow::anyhow!("{}: {e}", self.root.display()))?;
+    ///
+    /// In a job of several ranks every rank calls it and writes its own files into the one
+    /// temporary directory; rank 0 renames it only once every rank has written its part (a rank
+    /// that failed or died leaves no complete-looking checkpoint).
+    pub fn save(&self, step: u64, keep: usize, world: World, write: impl FnOnce(&Path, &dyn Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
         let name = step_name(step);
         let tmp = self.root.join(format!(".{name}.tmp"));
-        if tmp.exists() {
-            std::fs::remove_dir_all(&tmp)?;
+        let dest = self.root.join(&name);
+        let fresh = || -> anyhow::Result<()> {
+            std::fs::create_dir_all(&self.root).map_err(|e| anyhow::anyhow!("{}: {e}", self.root.display()))?;
+            if tmp.exists() {
+                std::fs::remove_dir_all(&tmp)?;
+            }
+            std::fs::create_dir_all(&tmp)?;
+            Ok(())
+        };
+        let prepared = if world.is_root() { fresh() } else { Ok(()) };
+        if !world.all(prepared.is_ok()) {
+            prepared?;
+            anyhow::bail!("rank 0 could not prepare checkpoint {}", tmp.display());
         }
-        std::fs::create_dir_all(&tmp)?;
         let fail_after = std::env::var(FAIL_AFTER_ENV).ok().and_then(|v| match v.split_once('@') {
             Some((file, at)) => (at.parse::<u64>().ok() == Some(step)).then(|| file.to_string()),
             None => Some(v),
@@ -94,17 +109,30 @@ impl Checkpoints {
             }
             Ok(())
         };
-        write(&tmp, &written)?;
-        let dest = self.root.join(&name);
-        if dest.exists() {
-            std::fs::remove_dir_all(&dest)?;
+        let written_here = write(&tmp, &written);
+        if !world.all(written_here.is_ok()) {
+            written_here?;
+            anyhow::bail!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display());
         }
-        std::fs::rename(&tmp, &dest).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+        let published = if world.is_root() { self.publish(&tmp, &dest, keep) } else { Ok(()) };
+        if !world.all(published.is_ok()) {
+            published?;
+            anyhow::bail!("rank 0 could not publish {}", dest.display());
+        }
+        Ok(dest)
+    }
+
+    /// Renames the written `tmp` to `dest` and prunes all but the newest `keep`.
+    fn publish(&self, tmp: &Path, dest: &Path, keep: usize) -> anyhow::Result<()> {
+        if dest.exists() {
+            std::fs::remove_dir_all(dest)?;
+        }
+        std::fs::rename(tmp, dest).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
         let all = self.list();
         for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
             std::fs::remove_dir_all(old).map_err(|e| anyhow::anyhow!("{}: {e}", old.display()))?;
         }
-        Ok(dest)
+        Ok(())
     }
 
     pub fn load_state(dir: &Path) -> anyhow::Result<TrainState> {
@@ -129,12 +157,12 @@ mod tests {
             done(STATE_FILE)
         };
         for step in [10, 20, 30] {
-            ck.save(step, 2, write_all).unwrap();
+            ck.save(step, 2, World::single(), write_all).unwrap();
         }
         assert_eq!(ck.list().iter().map(|c| c.0).collect::<Vec<_>>(), vec![20, 30]);
         // A failure between files leaves the newest complete checkpoint in charge.
         let err = ck
-            .save(40, 2, |dir, _done| {
+            .save(40, 2, World::single(), |dir, _done| {
                 std::fs::write(dir.join(MODEL_FILE), b"half")?;
                 anyhow::bail!("killed")
             })
@@ -142,7 +170,7 @@ mod tests {
         assert!(err.to_string().contains("killed"));
         assert_eq!(ck.latest().unwrap().0, 30);
         // The next save cleans the leftover temporary directory.
-        ck.save(40, 2, write_all).unwrap();
+        ck.save(40, 2, World::single(), write_all).unwrap();
         assert_eq!(ck.latest().unwrap().0, 40);
         assert!(!ck.root().join(".step-00000040.tmp").exists());
     }

@@ -3,6 +3,7 @@
 //! checkpoints with atomic rename and resume, TensorBoard events and terminal progress.
 
 pub mod config;
+pub mod distributed;
 pub mod memory;
 pub mod optim;
 pub mod parallel;
@@ -14,6 +15,7 @@ pub mod cli;
 pub mod metrics;
 pub mod run;
 pub mod sampler;
+pub mod sharded;
 
 pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use cli::TrainingArgs;

@@ -9,9 +9,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::tensorboard::EventWriter;
 
+/// The writers; absent on the ranks other than 0 of an MPI job (rank 0 logs for the job).
 pub struct Metrics {
-    tb: EventWriter,
-    jsonl: File,
+    writers: Option<(EventWriter, File)>,
     bar: Option<ProgressBar>,
 }
 
@@ -23,6 +23,9 @@ impl Metrics {
     /// logged for those steps is dropped from `metrics.jsonl` (rewritten atomically) and marked
     /// for TensorBoard to discard, so each step is shown once.
     pub fn open(out_dir: &Path, total_steps: u64, start_step: u64) -> anyhow::Result<Self> {
+        if !crate::distributed::world().is_root() {
+            return Ok(Self { writers: None, bar: None });
+        }
         let mut tb = EventWriter::create(&out_dir.join("tensorboard")).map_err(|e| anyhow::anyhow!("{}: {e}", out_dir.display()))?;
         // Steps from `redone` on are logged again by this run (at a fresh start, step 0 too).
         let redone = if start_step == 0 { 0 } else { start_step + 1 };
@@ -40,31 +43,36 @@ impl Metrics {
             bar.set_position(start_step);
             bar
         });
-        Ok(Self { tb, jsonl, bar })
+        Ok(Self { writers: Some((tb, jsonl)), bar })
     }
 
     /// Records scalars of one step in TensorBoard and metrics.jsonl.
     pub fn scalars<S: AsRef<str>>(&mut self, step: u64, values: &[(S, f64)]) -> anyhow::Result<()> {
+        let Some((tb, jsonl)) = &mut self.writers else { return Ok(()) };
         let mut line = serde_json::Map::new();
         line.insert("step".into(), step.into());
         for (tag, v) in values {
             let tag = tag.as_ref();
-            self.tb.scalar(tag, step, *v)?;
+            tb.scalar(tag, step, *v)?;
             line.insert(tag.into(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
         }
-        writeln!(self.jsonl, "{}", serde_json::Value::Object(line))?;
-        self.tb.flush()?;
+        writeln!(jsonl, "{}", serde_json::Value::Object(line))?;
+        tb.flush()?;
         Ok(())
     }
 
     pub fn text(&mut self, step: u64, tag: &str, text: &str) -> anyhow::Result<()> {
-        self.tb.text(tag, step, text)?;
-        self.tb.flush()?;
+        let Some((tb, _)) = &mut self.writers else { return Ok(()) };
+        tb.text(tag, step, text)?;
+        tb.flush()?;
         Ok(())
     }
 
     /// Advances the bar, or prints a plain line when not on a terminal.
     pub fn progress(&self, step: u64, total: u64, summary: &str) {
+        if self.writers.is_none() {
+            return;
+        }
         match &self.bar {
             Some(bar) => {
                 bar.set_position(step);
@@ -76,6 +84,9 @@ impl Metrics {
 
     /// Prints a message without breaking the bar.
     pub fn println(&self, msg: &str) {
+        if self.writers.is_none() {
+            return;
+        }
         match &self.bar {
             Some(bar) => bar.println(msg),
             None => println!("{msg}"),

@@ -24,11 +24,17 @@ fn adamw(config: &OptimConfig, weight_decay: f64) -> FusedAdamW {
     FusedAdamW::new(config.beta1 as f32, config.beta2 as f32, config.eps as f32, weight_decay as f32)
 }
 
+/// The parameters exempt from weight decay (norms and embeddings, unless
+/// `optim.decay_norms_and_embeddings`), or None when all decay alike.
+pub fn no_decay_group(config: &OptimConfig) -> Option<ParamGroup> {
+    (!config.decay_norms_and_embeddings && config.weight_decay > 0.0).then(|| ParamGroup::from_any_predicates(NO_DECAY.to_vec()))
+}
+
 impl Optimizer {
     pub fn new(config: &OptimConfig) -> Self {
         let mut inner = ModuleOptimizer::from(adamw(config, config.weight_decay));
-        if !config.decay_norms_and_embeddings && config.weight_decay > 0.0 {
-            inner = inner.with_group(ParamGroup::from_any_predicates(NO_DECAY.to_vec()), adamw(config, 0.0), None);
+        if let Some(group) = no_decay_group(config) {
+            inner = inner.with_group(group, adamw(config, 0.0), None);
         }
         Self { inner }
     }
@@ -98,4 +104,77 @@ pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_n
         scale_grads(model, grads, max_norm / (norm + 1e-6));
     }
     norm
+}
+
+/// The optimizer of a run: Burn's (per parameter, on the model's device) in one process, or
+/// AdamW sharded over the ranks of an MPI job.
+pub enum StepOptimizer {
+    Local(Optimizer),
+    Sharded(crate::sharded::ShardedAdamW),
+}
+
+/// A step's gradients as the optimizer wants them: every parameter's (already clipped), or this
+/// rank's block of the summed flat gradient (clipped in the step).
+pub enum StepGradients {
+    Local(GradientsParams),
+    Block(Vec<f32>),
+}
+
+impl StepOptimizer {
+    /// The step's gradients, summed over ranks, and their global norm before clipping.
+    pub fn gradients<M: Module>(&mut self, model: &M, mut grads: GradientsParams, max_norm: f64) -> (StepGradients, f64) {
+        match self {
+            Self::Local(_) => {
+                let norm = clip_global_norm(model, &mut grads, max_norm);
+                (StepGradients::Local(grads), norm)
+            }
+            Self::Sharded(sharded) => {
+                let block = sharded.reduce_gradients(model, &grads);
+                let norm = sharded.global_norm(&block);
+                (StepGradients::Block(block), norm)
+            }
+        }
+    }
+
+    /// One AdamW update at learning rate `lr`.
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: StepGradients, norm: f64, max_norm: f64) -> M {
+        match (self, grads) {
+            (Self::Local(o), StepGradients::Local(g)) => o.step(lr, model, g),
+            (Self::Sharded(s), StepGradients::Block(b)) => s.step(lr, model, b, norm, max_norm),
+            _ => unreachable!("gradients come from the same optimizer"),
+        }
+    }
+
+    /// The last step's seconds in collectives and bytes each rank sent (sharded only).
+    pub fn comm_stats(&self) -> Option<(f64, u64)> {
+        match self {
+            Self::Local(_) => None,
+            Self::Sharded(s) => Some(s.comm_stats()),
+        }
+    }
+
+    /// Writes the state into checkpoint directory `dir` (each rank its block when sharded).
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        match self {
+            Self::Local(o) => o.save(&dir.join(crate::checkpoint::OPTIMIZER_FILE)),
+            Self::Sharded(s) => s.save(dir),
+        }
+    }
+
+    /// Restores the state from checkpoint directory `dir`.
+    pub fn load(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let sharded_state = crate::sharded::ShardedAdamW::is_saved_in(dir);
+        match self {
+            Self::Local(o) if !sharded_state => {
+                *o = o.clone().load(&dir.join(crate::checkpoint::OPTIMIZER_FILE))?;
+                Ok(())
+            }
+            Self::Sharded(s) if sharded_state => s.load(dir),
+            Self::Sharded(_) => anyhow::bail!(
+                "{}: the optimizer state was written by a single process (unsharded); resume it with one process, not under mpirun",
+                dir.display()
+            ),
+            Self::Local(_) => unreachable!("a sharded checkpoint is resumed with the sharded optimizer"),
+        }
+    }
 }

@@ -33,9 +33,13 @@ pub fn devices(spec: &str, count: usize) -> Result<Vec<Device>, String> {
         Some((k, i)) => (k, i.parse::<usize>().map_err(|_| format!("run.device `{spec}`: `{i}` is not a device index"))?),
         None => (spec, 0),
     };
+    // In an MPI job each rank of a node takes the next `count` devices (`cuda:LOCAL_RANK` for
+    // one each), unless the spec names an index.
+    let world = crate::distributed::world();
+    let first = if world.is_distributed() && !spec.contains(':') { world.local_rank() * count } else { first };
     (0..count)
         .map(|i| {
-            let name = if llama_model::device::is_cpu(kind) || count == 1 { spec.to_string() } else { format!("{kind}:{}", first + i) };
+            let name = if llama_model::device::is_cpu(kind) || (count == 1 && first == 0) { spec.to_string() } else { format!("{kind}:{}", first + i) };
             llama_model::device::parse(&name).map(|d| d.autodiff()).map_err(|e| format!("run.devices: {e}"))
         })
         .collect()
@@ -133,7 +137,16 @@ where
     O::Batch: Sync,
 {
     let world = devices.len();
-    let total_weight: f64 = batches.iter().map(|b| objective.weight(b)).sum::<f64>().max(1.0);
+    // In an MPI job `batches` is this rank's share: the step's weight and loss are the job's.
+    let ranks = crate::distributed::world();
+    let mut total_weight = [batches.iter().map(|b| objective.weight(b)).sum::<f64>()];
+    ranks.sum_f64(&mut total_weight);
+    let total_weight = total_weight[0].max(1.0);
+    let job_loss = |loss_sum: f64| {
+        let mut loss = [loss_sum];
+        ranks.sum_f64(&mut loss);
+        loss[0] / total_weight
+    };
     if world <= 1 {
         let replica = if plan.host_master {
             // No device given: the passes run beside the master (as on the CPU).
@@ -146,7 +159,7 @@ where
         if scale != 1.0 {
             scale_grads(master, &mut grads, 1.0 / scale);
         }
-        return (grads, loss_sum / total_weight);
+        return (grads, job_loss(loss_sum));
     }
     let parts: Vec<(GradientsParams, f64)> = std::thread::scope(|scope| {
         let handles: Vec<_> = devices
@@ -172,7 +185,7 @@ where
     if scale != 1.0 {
         scale_grads(master, &mut grads, 1.0 / scale);
     }
-    (grads, loss_sum / total_weight)
+    (grads, job_loss(loss_sum))
 }
 
 /// Sums the replicas' gradients, parameter by parameter, onto the master's device and dtype.

@@ -16,7 +16,7 @@ use llama_model::checkpoint::{load_weights, save_weights};
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, RunLock, STATE_FILE, TrainState};
 use crate::config::{OptimConfig, OptimizerPlacement, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
-use crate::optim::{Optimizer, clip_global_norm};
+use crate::optim::{Optimizer, StepOptimizer};
 use crate::parallel::{StepPlan, device_copy};
 use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
@@ -135,9 +135,10 @@ impl LoopConfig {
         let precision = run.check_launch(model, &train, seq_len).map_err(anyhow::Error::msg)?;
         let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
-        if accumulation % run.devices != 0 {
+        let ranks = crate::distributed::world().size();
+        if accumulation % (run.devices * ranks) != 0 {
             bail!(
-                "train.batch_size ({}) must be a multiple of train.micro_batch_size ({}) x run.devices ({}): each device runs micro-batches of micro_batch_size",
+                "train.batch_size ({}) must be a multiple of train.micro_batch_size ({}) x run.devices ({}) x MPI ranks ({ranks}): each device runs micro-batches of micro_batch_size",
                 train.batch_size,
                 train.micro_batch_size,
                 run.devices
@@ -194,8 +195,10 @@ where
     O::Batch: Sync,
 {
     let out = &cfg.run.out_dir;
-    // Creates the directory too.
-    let _lock = RunLock::acquire(out)?;
+    let world = crate::distributed::world();
+    // Creates the directory too. One writer per run directory: rank 0 holds the lock for the job.
+    let _lock = if world.is_root() { Some(RunLock::acquire(out)?) } else { None };
+    world.barrier();
     let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
     if host_master {
         // The f32 master weights and AdamW's moments live in host memory (flex); each step's
@@ -207,7 +210,9 @@ where
     // What evaluation runs on: the master itself, or its copy on the device.
     let for_eval = |model: &M| if host_master { device_copy(model, cfg.precision, &compute_device) } else { model.clone() };
     let checkpoints = Checkpoints::new(out);
-    let mut optimizer = Optimizer::new(&cfg.optim);
+    // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
+    let sharded = world.is_distributed() || (cfg.resume && checkpoints.latest().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(&dir)));
+    let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
     let mut state = TrainState {
         step: 0,
         tokens: 0,
@@ -228,14 +233,17 @@ where
                 );
             }
             load_weights(&mut model, &dir.join(MODEL_FILE))?;
-            optimizer = optimizer.load(&dir.join(OPTIMIZER_FILE))?;
+            optimizer.load(&dir)?;
             objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
             if precision::needs_loss_scaling(cfg.precision) && state.loss_scale.is_none() {
                 state.loss_scale = Some(LossScale::new());
             }
-            println!("resumed from {} (step {})", dir.display(), state.step);
+            if world.is_root() {
+                println!("resumed from {} (step {})", dir.display(), state.step);
+            }
         }
-        (true, None) => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
+        (true, None) if world.is_root() => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
+        (true, None) => {}
         (false, Some((step, dir))) => bail!(
             "{} already holds checkpoints of a run (newest: step {step}, {}); pass --resume to continue it, or choose another --out",
             out.display(),
@@ -244,27 +252,37 @@ where
         (false, None) => {}
     }
 
+    if let StepOptimizer::Sharded(sharded) = &optimizer {
+        // Every rank starts from rank 0's weights, whatever each drew or loaded.
+        model = sharded.broadcast_model(model);
+    }
     let mut metrics = Metrics::open(out, cfg.total_steps, state.step)?;
     if cfg.eval_at_start && state.step == 0 {
         objective.evaluate(&for_eval(&model), 0, &mut metrics)?;
     }
-    let accumulation = cfg.train.accumulation();
+    // Each rank runs its share of the step's micro-batches (LoopConfig::new checked it divides).
+    let accumulation = cfg.train.accumulation() / world.size();
     let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
     let mut window = (Instant::now(), 0usize);
     let mut saved_step = state.step;
     let mut evaluated_step = state.step;
-    let save = |model: &M, optimizer: &Optimizer, state: &TrainState, objective: &O| -> anyhow::Result<PathBuf> {
+    // Every rank calls it: rank 0 writes the model and the state, each rank its optimizer block.
+    let save = |model: &M, optimizer: &StepOptimizer, state: &TrainState, objective: &O| -> anyhow::Result<PathBuf> {
         let mut state = state.clone();
         state.data = objective.data_state();
-        checkpoints.save(state.step, cfg.train.keep_checkpoints, |dir, written| {
-            save_weights(model, &dir.join(MODEL_FILE))?;
-            written(MODEL_FILE)?;
-            optimizer.save(&dir.join(OPTIMIZER_FILE))?;
+        checkpoints.save(state.step, cfg.train.keep_checkpoints, world, |dir, written| {
+            if world.is_root() {
+                save_weights(model, &dir.join(MODEL_FILE))?;
+                written(MODEL_FILE)?;
+            }
+            optimizer.save(dir)?;
             written(OPTIMIZER_FILE)?;
-            // config.toml beside model.bpk makes the checkpoint a native model directory too
-            // (`llama generate --checkpoint OUT`, `sft init = OUT`).
-            std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &state.model_config)?;
-            std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+            if world.is_root() {
+                // config.toml beside model.bpk makes the checkpoint a native model directory too
+                // (`llama generate --checkpoint OUT`, `sft init = OUT`).
+                std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &state.model_config)?;
+                std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
+            }
             written(STATE_FILE)
         })
     };
@@ -277,14 +295,17 @@ where
                 None => break,
             }
         }
-        if batches.len() < accumulation {
+        if !world.all(batches.len() == accumulation) {
             metrics.println(&format!("data exhausted after step {}", state.step));
             break;
         }
-        let step_tokens: usize = batches.iter().map(|b| objective.tokens(b)).sum();
+        let mut step_tokens = [batches.iter().map(|b| objective.tokens(b)).sum::<usize>() as f64];
+        world.sum_f64(&mut step_tokens);
+        let step_tokens = step_tokens[0] as usize;
         let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (mut grads, loss) = crate::parallel::accumulate(&model, objective, &batches, plan, scale, &cfg.devices);
-        let grad_norm = clip_global_norm(&model, &mut grads, cfg.optim.grad_clip);
+        let (grads, loss) = crate::parallel::accumulate(&model, objective, &batches, plan, scale, &cfg.devices);
+        kill_hook(world.rank(), state.step + 1);
+        let (grads, grad_norm) = optimizer.gradients(&model, grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;
         state.tokens += step_tokens as u64;
@@ -317,7 +338,7 @@ where
         if let Some(s) = state.loss_scale.as_mut() {
             s.good_step();
         }
-        model = optimizer.step(lr, model, grads);
+        model = optimizer.step(lr, model, grads, grad_norm, cfg.optim.grad_clip);
         summary.last_loss = Some(loss);
 
         let last = state.step == cfg.total_steps || cfg.stop_after == Some(state.step);
@@ -336,6 +357,11 @@ where
             ];
             if let Some(s) = &state.loss_scale {
                 values.push(("train/loss_scale", s.scale));
+            }
+            if let Some((seconds, bytes)) = optimizer.comm_stats() {
+                // The last step's collectives (MPI), on rank 0.
+                values.push(("dist/comm_seconds", seconds));
+                values.push(("dist/comm_bytes_per_rank", bytes as f64));
             }
             if let Some(rss) = peak_rss_bytes() {
                 values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
@@ -374,4 +400,18 @@ where
     summary.tokens = state.tokens;
     summary.skipped = state.skipped;
     Ok((model, summary))
+}
+
+/// Test hook: `RANK@STEP` makes that rank kill itself with SIGKILL after its backward passes of
+/// that step, before the gradients are reduced (a rank dying mid-step).
+pub const KILL_RANK_ENV: &str = "LLAMA2_TEST_KILL_RANK";
+
+fn kill_hook(rank: usize, step: u64) {
+    let Ok(spec) = std::env::var(KILL_RANK_ENV) else { return };
+    if spec.split_once('@').is_some_and(|(r, s)| r.parse() == Ok(rank) && s.parse() == Ok(step)) {
+        // SAFETY: kill(2) on this process; nothing is left to run after it.
+        unsafe {
+            libc::kill(libc::getpid(), libc::SIGKILL);
+        }
+    }
 }

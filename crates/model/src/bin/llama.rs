@@ -48,6 +48,10 @@ enum Command {
         /// 1024 with --recompute block, else the whole logits).
         #[arg(long)]
         logits_chunk: Option<usize>,
+        /// MPI ranks of a data-parallel job (`mpirun -np N`): also print each rank's share with
+        /// AdamW's moments sharded over them and the bytes each rank moves per step.
+        #[arg(long, default_value_t = 1)]
+        ranks: usize,
     },
     /// Convert between a native checkpoint directory and a Hugging Face LlamaForCausalLM directory.
     ///
@@ -155,8 +159,11 @@ fn gib(bytes: u64) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk } => {
+        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks } => {
             let c = LlamaConfig::from_toml_file(&config)?;
+            if ranks == 0 {
+                bail!("--ranks must be >= 1");
+            }
             let seq = seq_len.unwrap_or(c.max_seq_len);
             if logits_chunk == Some(0) {
                 bail!("--logits-chunk must be > 0 (positions per chunk)");
@@ -218,6 +225,19 @@ fn run(cli: Cli) -> Result<()> {
                 "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients",
                 llama_model::config::MEASURED_OVERHEAD
             );
+            if ranks > 1 {
+                // trainer::sharded: flat f32 blocks, reduce-scattered gradients, all-gathered weights.
+                let p = c.num_params() as u64;
+                let moved = 2.0 * 4.0 * p as f64 * (ranks - 1) as f64 / ranks as f64;
+                println!(
+                    "
+with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on the host (not {}); each rank keeps the f32 master and f32 gradients ({} each) and moves {:.2} GB per optimizer step (reduce-scatter of f32 gradients + all-gather of f32 weights)",
+                    gib(8 * p / ranks as u64),
+                    gib(8 * p),
+                    gib(4 * p),
+                    moved / 1e9
+                );
+            }
             Ok(())
         }
         Command::Convert { from, to, to_format, shard_size_gb } => {

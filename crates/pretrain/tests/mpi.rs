@@ -1,0 +1,128 @@
+//! `pretrain` as an MPI job (`mpirun -np N`, built with the `mpi` feature): data parallel over
+//! ranks with AdamW sharded across them must train exactly as one process does, resume at another
+//! world size, and end the whole job when one rank dies.
+#![cfg(feature = "mpi")]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor};
+use common::{Fixture, pretrain, train_curve};
+
+// 6 micro-batches of one sequence per step: 6 in one process, 3 per rank at world 2, 2 at 3.
+const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
+const TRAIN: &str = "max_steps = 10\nbatch_size = 6\nmicro_batch_size = 1\nlog_every = 1\neval_every = 100\neval_batches = 1\ncheckpoint_every = 5\nkeep_checkpoints = 5";
+
+/// `mpirun -np ranks pretrain args...` (as root where the tests run as root), one thread per rank.
+fn mpirun(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1"]);
+    for (k, v) in env {
+        cmd.args(["-x", &format!("{k}={v}")]);
+    }
+    cmd.arg(env!("CARGO_BIN_EXE_pretrain")).args(args).current_dir(common::repo());
+    let out = cmd.output().expect("mpirun (apt-get install openmpi-bin libopenmpi-dev)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+struct Values(Vec<f32>);
+
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.extend(param.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+    }
+}
+
+/// Every weight of the checkpoint of `step` in run directory `out`, in visiting order.
+fn weights(out: &str, step: u64) -> Vec<f32> {
+    let dir = Path::new(out).join(format!("checkpoints/step-{step:08}"));
+    let (_, model) = llama_model::checkpoint::load(&dir, &Device::flex()).unwrap();
+    let mut v = Values(vec![]);
+    model.visit(&mut v);
+    v.0
+}
+
+fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}[{i}]: {g} vs {w} (all: {got:?} vs {want:?})");
+    }
+}
+
+fn assert_same_run(label: &str, out: &str, want_out: &str, steps: &[u64]) {
+    let (got, want) = (train_curve(out), train_curve(want_out));
+    assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), want.iter().map(|r| r.0).collect::<Vec<_>>(), "{label}: logged steps");
+    assert_close(&format!("{label} loss"), &got.iter().map(|r| r.1).collect::<Vec<_>>(), &want.iter().map(|r| r.1).collect::<Vec<_>>(), 1e-5);
+    assert_close(&format!("{label} grad norm"), &got.iter().map(|r| r.2).collect::<Vec<_>>(), &want.iter().map(|r| r.2).collect::<Vec<_>>(), 1e-5);
+    for &step in steps {
+        let (g, w) = (weights(out, step), weights(want_out, step));
+        let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{label}: weights of step {step} differ by up to {worst}");
+    }
+}
+
+#[test]
+fn world_sizes_1_2_3_train_alike_and_resume_across_world_sizes() {
+    let f = Fixture::new(400);
+    let one = f.config("one", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &one], &[]);
+    assert!(ok, "{err}");
+    let params = weights(&f.path("out-one"), 10).len();
+    assert_ne!(params % 3, 0, "the test wants a parameter count that 3 ranks cannot split evenly");
+    for ranks in [2, 3] {
+        let name = format!("world{ranks}");
+        let cfg = f.config(&name, MODEL, TRAIN, "");
+        let (ok, out, err) = mpirun(ranks, &["--config", &cfg], &[]);
+        assert!(ok, "world {ranks}: {out}\n{err}");
+        assert_same_run(&name, &f.path(&format!("out-{name}")), &f.path("out-one"), &[5, 10]);
+        let manifest = std::fs::read_to_string(f.path(&format!("out-{name}/checkpoints/step-00000010/optimizer/manifest.json"))).unwrap();
+        assert!(manifest.contains(&format!("\"world_size\": {ranks}")), "{manifest}");
+        // Each rank sends (N - 1) / N of the padded f32 vector in each of the two collectives.
+        let metrics = std::fs::read_to_string(f.path(&format!("out-{name}/metrics.jsonl"))).unwrap();
+        let last: serde_json::Value = serde_json::from_str(metrics.lines().rev().find(|l| l.contains("dist/comm_bytes_per_rank")).unwrap()).unwrap();
+        let block = params.div_ceil(ranks);
+        assert_eq!(last["dist/comm_bytes_per_rank"].as_f64().unwrap(), (2 * 4 * block * (ranks - 1)) as f64);
+    }
+    // Stopped at step 5 at world 2, then resumed at world 3 and in one plain process.
+    for (name, resume) in [("w2to3", Some(3)), ("w2to1", None)] {
+        let cfg = f.config(name, MODEL, TRAIN, "");
+        let (ok, out, err) = mpirun(2, &["--config", &cfg, "--stop-after", "5"], &[]);
+        assert!(ok, "{name} first part: {out}\n{err}");
+        let (ok, out, err) = match resume {
+            Some(ranks) => mpirun(ranks, &["--config", &cfg, "--resume"], &[]),
+            None => pretrain(&["--config", &cfg, "--resume"], &[]),
+        };
+        assert!(ok, "{name} resumed: {out}\n{err}");
+        assert_same_run(name, &f.path(&format!("out-{name}")), &f.path("out-one"), &[10]);
+    }
+}
+
+#[test]
+fn a_rank_killed_mid_step_ends_the_job_and_leaves_the_last_complete_checkpoint() {
+    let f = Fixture::new(400);
+    let cfg = f.config("killed", MODEL, TRAIN, "");
+    let started = Instant::now();
+    // Rank 1 kills itself with SIGKILL in step 7, before its gradients are reduced.
+    let (ok, out, err) = mpirun(3, &["--config", &cfg], &[("LLAMA2_TEST_KILL_RANK", "1@7")]);
+    let took = started.elapsed();
+    assert!(!ok, "the job must fail when a rank dies: {out}");
+    assert!(took < Duration::from_secs(60), "the job took {took:?} to end");
+    assert!(err.contains("rank 1"), "mpirun names the dead rank: {err}");
+    let checkpoints: Vec<String> = std::fs::read_dir(f.path("out-killed/checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("step-"))
+        .collect();
+    assert_eq!(checkpoints, vec!["step-00000005".to_string()]);
+    // The job resumes from it (at another world size) to the uninterrupted run's figures.
+    let (ok, out, err) = mpirun(2, &["--config", &cfg, "--resume"], &[]);
+    assert!(ok, "{out}\n{err}");
+    let one = f.config("one", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &one], &[]);
+    assert!(ok, "{err}");
+    assert_same_run("killed then resumed", &f.path("out-killed"), &f.path("out-one"), &[10]);
+}

@@ -1,0 +1,186 @@
+//! The processes of one training job. Built with the `mpi` feature and launched by `mpirun` or
+//! Slurm's `srun`, each process is one rank of an MPI world; otherwise (or without a launcher)
+//! the world is this process alone and every collective is the identity.
+//!
+//! Only the host-buffer collectives data parallelism needs are wrapped (sum all-reduce,
+//! reduce-scatter, all-gather, broadcast, barrier, abort); they are MPI's own. Calls come from the
+//! main thread only (MPI is initialised `Funneled`).
+
+use std::sync::OnceLock;
+
+/// This process's place in the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct World {
+    rank: usize,
+    size: usize,
+    /// Rank among the processes of this node (picks the GPU of `cuda` / `vulkan`).
+    local_rank: usize,
+}
+
+static WORLD: OnceLock<World> = OnceLock::new();
+
+/// Keeps MPI initialised; finalises it when dropped (at the end of `main`).
+pub struct Session {
+    #[cfg(feature = "mpi")]
+    _universe: Option<mpi::environment::Universe>,
+}
+
+/// Whether a process launcher started this process as one rank of several (OpenMPI, MPICH/PMI,
+/// PMIx under Slurm).
+pub fn launched_by_mpi() -> bool {
+    ["OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK"].iter().any(|v| std::env::var_os(v).is_some())
+}
+
+/// Joins the job's world: call first thing in `main` and keep the returned session alive. Without
+/// a launcher (or without the `mpi` feature) the world is this process alone.
+pub fn init() -> anyhow::Result<Session> {
+    #[cfg(feature = "mpi")]
+    if launched_by_mpi() {
+        use mpi::topology::Communicator;
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
+            .ok_or_else(|| anyhow::anyhow!("MPI was initialised twice"))?;
+        let world = universe.world();
+        let local = world.split_shared(world.rank());
+        let me = World { rank: world.rank() as usize, size: world.size() as usize, local_rank: local.rank() as usize };
+        WORLD.set(me).map_err(|_| anyhow::anyhow!("the process world was set twice"))?;
+        return Ok(Session { _universe: Some(universe) });
+    }
+    #[cfg(not(feature = "mpi"))]
+    if launched_by_mpi() && std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some_and(|n| n != "1") {
+        anyhow::bail!("started by mpirun with several ranks, but this binary was built without the `mpi` feature (cargo build --features mpi)");
+    }
+    let _ = WORLD.set(World::single());
+    Ok(Session {
+        #[cfg(feature = "mpi")]
+        _universe: None,
+    })
+}
+
+/// The world of this process (a single process unless [`init`] joined an MPI job).
+pub fn world() -> World {
+    *WORLD.get_or_init(World::single)
+}
+
+impl World {
+    /// This process alone.
+    pub fn single() -> Self {
+        Self { rank: 0, size: 1, local_rank: 0 }
+    }
+    pub fn rank(&self) -> usize {
+        self.rank
+    }
+    pub fn size(&self) -> usize {
+        self.size
+    }
+    pub fn local_rank(&self) -> usize {
+        self.local_rank
+    }
+    /// Rank 0: the one that logs and writes the shared files.
+    pub fn is_root(&self) -> bool {
+        self.rank == 0
+    }
+    pub fn is_distributed(&self) -> bool {
+        self.size > 1
+    }
+
+    /// Waits for every rank.
+    pub fn barrier(&self) {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::collective::CommunicatorCollectives;
+            mpi::topology::SimpleCommunicator::world().barrier();
+        }
+    }
+
+    /// Element-wise sum over ranks, in place.
+    pub fn sum_f64(&self, values: &mut [f64]) {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::collective::{CommunicatorCollectives, SystemOperation};
+            let send = values.to_vec();
+            mpi::topology::SimpleCommunicator::world().all_reduce_into(&send[..], values, SystemOperation::sum());
+        }
+        let _ = values;
+    }
+
+    /// Sums `full` (the same length on every rank, a multiple of the world size) over ranks and
+    /// returns this rank's block of the sum: elements `rank * n .. (rank + 1) * n`, n = len / size.
+    pub fn reduce_scatter_sum(&self, full: &[f32]) -> Vec<f32> {
+        assert_eq!(full.len() % self.size, 0, "reduce-scatter of {} values over {} ranks", full.len(), self.size);
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::collective::{CommunicatorCollectives, SystemOperation};
+            let mut block = vec![0f32; full.len() / self.size];
+            mpi::topology::SimpleCommunicator::world().reduce_scatter_block_into(full, &mut block[..], SystemOperation::sum());
+            return block;
+        }
+        full.to_vec()
+    }
+
+    /// Every rank's `block` (all of one length), concatenated in rank order.
+    pub fn all_gather(&self, block: &[f32]) -> Vec<f32> {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::collective::CommunicatorCollectives;
+            let mut full = vec![0f32; block.len() * self.size];
+            mpi::topology::SimpleCommunicator::world().all_gather_into(block, &mut full[..]);
+            return full;
+        }
+        block.to_vec()
+    }
+
+    /// Root's `values` on every rank.
+    pub fn broadcast(&self, values: &mut [f32]) {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::topology::Communicator;
+            use mpi::collective::Root;
+            mpi::topology::SimpleCommunicator::world().process_at_rank(0).broadcast_into(values);
+        }
+        let _ = values;
+    }
+
+    /// Whether every rank says yes (for "all ranks succeeded" before publishing a file).
+    pub fn all(&self, yes: bool) -> bool {
+        let mut v = [if yes { 0.0 } else { 1.0 }];
+        self.sum_f64(&mut v);
+        v[0] == 0.0
+    }
+
+    /// Ends the whole job with `code` (MPI_Abort: every rank, within the launcher's timeout), or
+    /// this process when alone.
+    pub fn abort(&self, code: i32) -> ! {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::topology::Communicator;
+            mpi::topology::SimpleCommunicator::world().abort(code);
+        }
+        std::process::exit(code)
+    }
+
+    /// `error: ...` on stderr, prefixed by the rank in a job of several.
+    pub fn report_error(&self, error: &anyhow::Error) {
+        if self.is_distributed() {
+            eprintln!("error (rank {} of {}): {error:#}", self.rank, self.size);
+        } else {
+            eprintln!("error: {error:#}");
+        }
+    }
+}
+
+/// What a training binary's `main` does with its result: success, or the error reported (naming
+/// the rank) and the whole job ended with a non-zero status. A rank that failed alone would leave
+/// the others waiting in a collective forever: MPI_Abort ends them too.
+pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            let w = world();
+            w.report_error(&e);
+            if w.is_distributed() {
+                w.abort(1);
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! AdamW with its state sharded over the ranks of a job (ZeRO stage 1), on the host.
+//!
+//! Every float parameter is laid end to end in one flat vector (the model's visiting order),
+//! padded to a multiple of the world size and cut into equal blocks: rank `r` owns block `r`.
+//! A step reduce-scatters the ranks' summed gradients (each rank receives the sum over ranks of
+//! its block only), takes the global gradient norm from an all-reduce of the blocks' sums of
+//! squares, clips, updates its block of the f32 master weights and of the two moments with
+//! Burn's AdamW arithmetic ([`AdamWRule`]), and all-gathers the updated blocks so that every
+//! rank holds the whole updated model. Each rank stores 8 bytes of optimizer state per parameter
+//! divided by the world size.
+//!
+//! Checkpoints hold one file per block (`optimizer/block-R-of-W.safetensors`: `moment_1`,
+//! `moment_2`) and `optimizer/manifest.json` (world size, block length, the parameters' offsets,
+//! step count); a run resumes at any world size (the blocks are re-cut from the files), or in a
+//! single process.
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
+use burn::optim::GradientsParams;
+use burn::tensor::{Tensor, TensorData};
+use llama_model::adamw::AdamWRule;
+use serde::{Deserialize, Serialize};
+
+use crate::config::OptimConfig;
+use crate::distributed::World;
+
+/// The folder of a checkpoint that holds sharded optimizer state.
+pub const SHARDED_DIR: &str = "optimizer";
+const MANIFEST: &str = "manifest.json";
+
+/// Where one parameter lies in the flat vector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Slot {
+    /// The module path (`layers.0.attention.wq.weight`), for messages and for other tools.
+    pub path: String,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+    /// Whether weight decay applies (norms and embeddings are exempt unless configured).
+    pub decay: bool,
+}
+
+impl Slot {
+    fn len(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// What `optimizer/manifest.json` records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct Manifest {
+    world_size: usize,
+    /// Elements per block (the flat vector padded to `world_size * block`).
+    block: usize,
+    /// Steps taken (AdamW's bias-correction time).
+    time: usize,
+    slots: Vec<Slot>,
+}
+
+/// ZeRO-1 AdamW of one rank: see the module docs.
+pub struct ShardedAdamW {
+    world: World,
+    slots: Vec<Slot>,
+    block: usize,
+    moment_1: Vec<f32>,
+    moment_2: Vec<f32>,
+    time: usize,
+    betas_eps: [f32; 3],
+    weight_decay: f32,
+    /// Seconds spent in the last step's collectives (reduce-scatter, norm, all-gather).
+    comm_seconds: f64,
+}
+
+/// The parameters' slots in visiting order, with Burn's module paths.
+struct Layout<'a> {
+    path: Vec<String>,
+    slots: Vec<Slot>,
+    offset: usize,
+    no_decay: Option<&'a ParamGroup>,
+}
+
+impl ModuleVisitor for Layout<'_> {
+    fn enter_module(&mut self, name: &str, _container_type: &str) {
+        self.path.push(name.to_string());
+    }
+    fn exit_module(&mut self, _name: &str, _container_type: &str) {
+        self.path.pop();
+    }
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let path = self.path.join(".");
+        let shape = param.val().dims().to_vec();
+        let decay = !self.no_decay.is_some_and(|g| g.matches(&param.id, Some(&path)));
+        let len: usize = shape.iter().product();
+        self.slots.push(Slot { path, offset: self.offset, shape, decay });
+        self.offset += len;
+    }
+}
+
+fn layout<M: Module>(model: &M, config: &OptimConfig) -> Vec<Slot> {
+    let no_decay = crate::optim::no_decay_group(config);
+    let mut l = Layout { path: vec![], slots: vec![], offset: 0, no_decay: no_decay.as_ref() };
+    model.visit(&mut l);
+    l.slots
+}
+
+/// Copies each parameter's gradient (zeros where it has none) into its slot of the flat vector.
+struct FlattenGrads<'a> {
+    grads: &'a GradientsParams,
+    flat: &'a mut [f32],
+    slots: std::slice::Iter<'a, Slot>,
+}
+
+impl ModuleVisitor for FlattenGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let slot = self.slots.next().expect("the layout covers every parameter");
+        if let Some(g) = self.grads.get::<D>(param.id) {
+            let values = g.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 gradient values");
+            self.flat[slot.offset..slot.offset + slot.len()].copy_from_slice(&values);
+        }
+    }
+}
+
+/// Copies the part of each parameter that falls in `range` of the flat vector into `out`.
+struct FlattenRange<'a> {
+    range: std::ops::Range<usize>,
+    out: &'a mut [f32],
+    slots: std::slice::Iter<'a, Slot>,
+}
+
+impl ModuleVisitor for FlattenRange<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let slot = self.slots.next().expect("the layout covers every parameter");
+        let (start, end) = (slot.offset.max(self.range.start), (slot.offset + slot.len()).min(self.range.end));
+        if start < end {
+            let values = param.val().into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 parameter values");
+            self.out[start - self.range.start..end - self.range.start].copy_from_slice(&values[start - slot.offset..end - slot.offset]);
+        }
+    }
+}
+
+/// Replaces every parameter by its slot of the flat vector (a new leaf on its device and dtype).
+struct Unflatten<'a> {
+    flat: &'a [f32],
+    slots: std::slice::Iter<'a, Slot>,
+}
+
+impl ModuleMapper for Unflatten<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let slot = self.slots.next().expect("the layout covers every parameter");
+        let (id, old) = (param.id, param.val());
+        let inner = old.inner();
+        let data = TensorData::new(self.flat[slot.offset..slot.offset + slot.len()].to_vec(), slot.shape.clone());
+        let value = Tensor::<D>::from_data(data, &inner.device()).cast(inner.dtype()).autodiff().require_grad();
+        Param::initialized(id, value)
+    }
+}
+
+impl ShardedAdamW {
+    /// Zero state for `model`'s parameters, sharded over `world`.
+    pub fn new<M: Module>(model: &M, config: &OptimConfig, world: World) -> Self {
+        let slots = layout(model, config);
+        let total = slots.last().map_or(0, |s| s.offset + s.len());
+        let block = total.div_ceil(world.size());
+        Self {
+            world,
+            slots,
+            block,
+            moment_1: vec![0.0; block],
+            moment_2: vec![0.0; block],
+            time: 0,
+            betas_eps: [config.beta1 as f32, config.beta2 as f32, config.eps as f32],
+            weight_decay: config.weight_decay as f32,
+            comm_seconds: 0.0,
+        }
+    }
+
+    /// Elements of the flat vector (without padding).
+    pub fn total(&self) -> usize {
+        self.slots.last().map_or(0, |s| s.offset + s.len())
+    }
+
+    fn range(&self) -> std::ops::Range<usize> {
+        let start = self.world.rank() * self.block;
+        start..start + self.block
+    }
+
+    /// Every rank's model made equal to rank 0's (run once at the start of a job).
+    pub fn broadcast_model<M: Module>(&self, model: M) -> M {
+        if !self.world.is_distributed() {
+            return model;
+        }
+        let mut flat = vec![0f32; self.total()];
+        model.visit(&mut FlattenRange { range: 0..self.total(), out: &mut flat, slots: self.slots.iter() });
+        self.world.broadcast(&mut flat);
+        model.map(&mut Unflatten { flat: &flat, slots: self.slots.iter() })
+    }
+
+    /// This rank's block of the gradient summed over ranks (`grads` holds this rank's part,
+    /// already divided by the whole step's weight and unscaled).
+    pub fn reduce_gradients<M: Module>(&mut self, model: &M, grads: &GradientsParams) -> Vec<f32> {
+        let mut flat = vec![0f32; self.block * self.world.size()];
+        model.visit(&mut FlattenGrads { grads, flat: &mut flat, slots: self.slots.iter() });
+        let started = Instant::now();
+        let block = self.world.reduce_scatter_sum(&flat);
+        self.comm_seconds = started.elapsed().as_secs_f64();
+        block
+    }
+
+    /// The L2 norm of the whole summed gradient (every rank gets the same value).
+    pub fn global_norm(&mut self, block: &[f32]) -> f64 {
+        let mut sum = [block.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()];
+        let started = Instant::now();
+        self.world.sum_f64(&mut sum);
+        self.comm_seconds += started.elapsed().as_secs_f64();
+        sum[0].sqrt()
+    }
+
+    /// The last step's time in collectives, and the bytes each rank sent in them: a ring
+    /// reduce-scatter and all-gather of the padded f32 vector each send (N - 1) / N of it.
+    pub fn comm_stats(&self) -> (f64, u64) {
+        let n = self.world.size() as u64;
+        (self.comm_seconds, 2 * 4 * self.block as u64 * (n - 1))
+    }
+
+    /// Clips `block` to `max_norm` by the global `norm` (as `optim::clip_global_norm` does),
+    /// updates this rank's block and returns the model with every rank's updated block.
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, mut block: Vec<f32>, norm: f64, max_norm: f64) -> M {
+        if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
+            let factor = (max_norm / (norm + 1e-6)) as f32;
+            block.iter_mut().for_each(|g| *g *= factor);
+        }
+        self.time += 1;
+        let range = self.range();
+        let mut master = vec![0f32; self.block];
+        model.visit(&mut FlattenRange { range: range.clone(), out: &mut master, slots: self.slots.iter() });
+        let [b1, b2, eps] = self.betas_eps;
+        let decaying = AdamWRule::new(lr, [b1, b2, eps, self.weight_decay], self.time);
+        let exempt = AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time);
+        for slot in &self.slots {
+            let (start, end) = (slot.offset.max(range.start), (slot.offset + slot.len()).min(range.end));
+            let rule = if slot.decay { &decaying } else { &exempt };
+            for i in start.saturating_sub(range.start)..end.saturating_sub(range.start) {
+                (master[i], self.moment_1[i], self.moment_2[i]) = rule.apply(master[i], block[i], self.moment_1[i], self.moment_2[i]);
+            }
+        }
+        let started = Instant::now();
+        let flat = self.world.all_gather(&master);
+        self.comm_seconds += started.elapsed().as_secs_f64();
+        model.map(&mut Unflatten { flat: &flat, slots: self.slots.iter() })
+    }
+
+    /// Writes this rank's block into `dir/optimizer/` (and, on rank 0, the manifest). Every rank
+    /// writes into the same (shared) directory.
+    pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
+        let folder = dir.join(SHARDED_DIR);
+        std::fs::create_dir_all(&folder).map_err(|e| anyhow::anyhow!("{}: {e}", folder.display()))?;
+        let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let (m1, m2) = (bytes(&self.moment_1), bytes(&self.moment_2));
+        let shape = vec![self.block];
+        let tensors = [
+            ("moment_1", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &m1)?),
+            ("moment_2", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &m2)?),
+        ];
+        let path = folder.join(block_file(self.world.rank(), self.world.size()));
+        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        if self.world.is_root() {
+            let manifest = Manifest { world_size: self.world.size(), block: self.block, time: self.time, slots: self.slots.clone() };
+            let path = folder.join(MANIFEST);
+            std::fs::write(&path, serde_json::to_string_pretty(&manifest)?).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a checkpoint directory holds sharded optimizer state.
+    pub fn is_saved_in(dir: &Path) -> bool {
+        dir.join(SHARDED_DIR).join(MANIFEST).is_file()
+    }
+
+    /// Restores this rank's block from a checkpoint written at any world size.
+    pub fn load(&mut self, dir: &Path) -> anyhow::Result<()> {
+        let folder = dir.join(SHARDED_DIR);
+        let path = folder.join(MANIFEST);
+        let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let saved: Manifest = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid optimizer manifest: {e}", path.display()))?;
+        if saved.slots != self.slots {
+            anyhow::bail!("{}: the optimizer state was written for other parameters (shapes or order differ from this model's)", path.display());
+        }
+        let range = self.range();
+        let total = self.total();
+        for r in 0..saved.world_size {
+            let (start, end) = ((r * saved.block).max(range.start), ((r + 1) * saved.block).min(range.end).min(total));
+            if start >= end {
+                continue;
+            }
+            let file = folder.join(block_file(r, saved.world_size));
+            let bytes = std::fs::read(&file).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let tensors = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for (name, out) in [("moment_1", &mut self.moment_1), ("moment_2", &mut self.moment_2)] {
+                let view = tensors.tensor(name).map_err(|e| anyhow::anyhow!("{}: {name}: {e}", file.display()))?;
+                if view.dtype() != safetensors::Dtype::F32 || view.shape() != [saved.block] {
+                    anyhow::bail!("{}: {name} is not {} f32 values", file.display(), saved.block);
+                }
+                let values = view.data();
+                for i in start..end {
+                    let at = (i - r * saved.block) * 4;
+                    out[i - range.start] = f32::from_le_bytes(values[at..at + 4].try_into().expect("4 bytes"));
+                }
+            }
+        }
+        self.time = saved.time;
+        Ok(())
+    }
+}
+
+fn block_file(rank: usize, world: usize) -> String {
+    format!("block-{rank:05}-of-{world:05}.safetensors")
+}
