@@ -23,7 +23,7 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set -o pipefail
-cargo test --workspace --features llama-pretrain/mpi "$@" 2>&1 | tee "$log"
+cargo test --workspace --features llama-pretrain/mpi,llama-sft/mpi,llama-reward/mpi "$@" 2>&1 | tee "$log"
 # cargo prints one summary per test binary (the last is often an empty doc-test run): add them up.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -52,13 +52,15 @@ enum Command {
 
 fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
-    match run_cli(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cli = Cli::parse();
+    // Under `mpirun` / `srun` (built with the `mpi` feature) training runs as one rank of a job.
+    let session = match llama_trainer::distributed::init() {
+        Ok(session) => session,
+        Err(e) => return llama_trainer::distributed::exit_with(Err(e)),
+    };
+    let code = llama_trainer::distributed::exit_with(run_cli(cli));
+    drop(session);
+    code
 }
 
 fn run_cli(cli: Cli) -> anyhow::Result<()> {

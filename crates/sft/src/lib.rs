@@ -359,8 +359,10 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.data.seq_len,
         cfg.run.out_dir.display()
     );
+    let world = llama_trainer::distributed::world();
     let mut objective = Sft {
-        sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed),
+        // In an MPI job each rank takes every `world`-th draw.
+        sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed).for_rank(world.rank(), world.size()),
         train,
         eval,
         eval_chats,

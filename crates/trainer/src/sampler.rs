@@ -1,5 +1,7 @@
 //! Epochs over an in-memory training set (SFT chats, preference pairs): a fresh shuffle per
-//! epoch from the seed, and a cursor that checkpoints save and restore exactly.
+//! epoch from the seed, and a cursor that checkpoints save and restore exactly. In an MPI job each
+//! rank takes every `world`-th draw of the one sequence of draws (as the packed reader does with
+//! windows), so the ranks together see what one process would.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -21,13 +23,29 @@ pub struct EpochSampler {
     seed: u64,
     cursor: EpochCursor,
     order: Vec<usize>,
+    rank: usize,
+    world: usize,
+    /// The draw the rounds of `world` draws are counted from (0, or the restored cursor's).
+    round_start: u64,
 }
 
 impl EpochSampler {
     pub fn new(len: usize, epochs: u64, seed: u64) -> Self {
-        let mut s = Self { len, epochs, seed, cursor: EpochCursor::default(), order: vec![] };
+        let mut s = Self { len, epochs, seed, cursor: EpochCursor::default(), order: vec![], rank: 0, world: 1, round_start: 0 };
         s.shuffle();
         s
+    }
+
+    /// The same draws dealt over the ranks of a job: this rank's share.
+    pub fn for_rank(mut self, rank: usize, world: usize) -> Self {
+        assert!(rank < world, "rank {rank} of {world}");
+        (self.rank, self.world) = (rank, world);
+        self
+    }
+
+    /// Draws made so far, all ranks' (every epoch has `len`).
+    fn position(&self) -> u64 {
+        self.cursor.epoch * self.len as u64 + self.cursor.index as u64
     }
 
     fn shuffle(&mut self) {
@@ -35,8 +53,23 @@ impl EpochSampler {
         self.order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
     }
 
-    /// The next index, or None once the epochs are done (or the set is empty).
+    /// This rank's next index, or None once the epochs are done (or the set is empty). Draws are
+    /// dealt in rounds of `world`; the rest of a round (the other ranks' draws) is passed at once,
+    /// so every rank's cursor is the same after the same number of indices.
     pub fn next_index(&mut self) -> Option<usize> {
+        let world = self.world as u64;
+        loop {
+            let at = self.position() - self.round_start;
+            let i = self.draw()?;
+            if at % world == self.rank as u64 {
+                while (self.position() - self.round_start) % world != 0 && self.draw().is_some() {}
+                return Some(i);
+            }
+        }
+    }
+
+    /// The next index of the one sequence of draws.
+    fn draw(&mut self) -> Option<usize> {
         if self.len == 0 || self.cursor.epoch >= self.epochs {
             return None;
         }
@@ -58,6 +91,7 @@ impl EpochSampler {
             anyhow::bail!("data cursor index {} is past the {} items: the data changed since the checkpoint", cursor.index, self.len);
         }
         self.cursor = cursor;
+        self.round_start = self.position();
         self.shuffle();
         Ok(())
     }
@@ -84,5 +118,37 @@ mod tests {
         resumed.restore(first.cursor().clone()).unwrap();
         let tail: Vec<usize> = std::iter::from_fn(|| resumed.next_index()).collect();
         assert_eq!([head, tail].concat(), all);
+    }
+
+    /// Three ranks together draw what one sampler draws, round by round, and any rank's cursor
+    /// resumes the job at another world size.
+    #[test]
+    fn ranks_share_the_draws_and_their_cursors_agree() {
+        let all: Vec<usize> = std::iter::from_fn({
+            let mut s = EpochSampler::new(7, 2, 3);
+            move || s.next_index()
+        })
+        .collect();
+        let mut ranks: Vec<EpochSampler> = (0..3).map(|r| EpochSampler::new(7, 2, 3).for_rank(r, 3)).collect();
+        let mut dealt = vec![];
+        for _ in 0..2 {
+            for r in ranks.iter_mut() {
+                dealt.push(r.next_index().unwrap());
+            }
+        }
+        assert_eq!(dealt, all[..6]);
+        assert!(ranks.iter().all(|r| r.cursor() == ranks[0].cursor()), "cursors agree after equal draws");
+        // Resumed by two ranks from rank 2's cursor: the next draws continue the same sequence.
+        let mut two: Vec<EpochSampler> = (0..2).map(|r| EpochSampler::new(7, 2, 3).for_rank(r, 2)).collect();
+        let mut next = vec![];
+        for s in two.iter_mut() {
+            s.restore(ranks[2].cursor().clone()).unwrap();
+        }
+        for _ in 0..2 {
+            for s in two.iter_mut() {
+                next.push(s.next_index().unwrap());
+            }
+        }
+        assert_eq!(next, all[6..10]);
     }
 }
