@@ -20,7 +20,7 @@ BIN="$CARGO_TARGET_DIR/release/pretrain"
 mkdir -p "$OUT"
 CONFIG="$OUT/config.toml"
 sed -e 's/^max_steps = .*/max_steps = '"$STEPS"'/' -e 's/^batch_size = .*/batch_size = 6/' -e 's/^micro_batch_size = .*/micro_batch_size = 1/' \
-    -e 's/^eval_every = .*/eval_every = 1000/' -e 's/^checkpoint_every = .*/checkpoint_every = 1000/' configs/tiny.toml >"$CONFIG"
+    -e 's/^log_every = .*/log_every = 1/' -e 's/^eval_every = .*/eval_every = 1000/' -e 's/^checkpoint_every = .*/checkpoint_every = 1000/' configs/tiny.toml >"$CONFIG"
 grep -q '^max_steps' "$CONFIG" || sed -i 's/^\[train\]$/[train]\nmax_steps = '"$STEPS"'/' "$CONFIG"
 
 export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

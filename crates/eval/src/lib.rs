@@ -233,6 +233,11 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
                 bail!("{origin}: {name} has a vocabulary of {} ids but model `{}` has {}", rc.vocab_size, m.name, c.vocab_size);
             }
         }
+        // Every prompt must fit this model with its answer (and the EOS after a cut one).
+        for (set, prompts) in &sets {
+            llama_rlhf::check_prompt_lengths(prompts, &cfg.prompts[set], &tokenizer, cfg.max_new_tokens, c.max_seq_len)
+                .with_context(|| format!("{origin}: model `{}`", m.name))?;
+        }
         policies.push((m.name.clone(), model));
     }
     let judge = match &cfg.judge {

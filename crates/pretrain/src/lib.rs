@@ -349,3 +349,22 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     }
     Ok(summary)
 }
+
+/// A small pre-trained start model for the later stages' tests and examples: configs/tiny.toml's
+/// run at width `dim` with 2 layers on `seq_len`-token windows of the shipped corpus (the
+/// repository at `repo`), `steps` steps, written to `dir/pre` (shards in `dir/shards`). Returns
+/// the run directory.
+pub fn pretrain_tiny(repo: &Path, dir: &Path, dim: usize, seq_len: usize, steps: u64) -> anyhow::Result<std::path::PathBuf> {
+    let config = dir.join("pre.toml");
+    let text = std::fs::read_to_string(repo.join("configs/tiny.toml"))?
+        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", dir.join("shards").display()))
+        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", dir.join("pre").display()))
+        .replace("dim = 128", &format!("dim = {dim}"))
+        .replace("n_layers = 4", "n_layers = 2")
+        .replace("seq_len = 128", &format!("seq_len = {seq_len}"))
+        .replace("eval_every = 100", "eval_every = 1000")
+        .replace("\"data/", &format!("\"{}/data/", repo.display()));
+    std::fs::write(&config, text)?;
+    run(&config, &Overrides { max_steps: Some(steps), ..Default::default() })?;
+    Ok(dir.join("pre"))
+}

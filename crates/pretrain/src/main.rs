@@ -26,13 +26,6 @@ struct Cli {
 fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
-    // Under `mpirun` / `srun` (built with the `mpi` feature) this process is one rank of a job;
-    // the session keeps MPI up until the exit status is settled.
-    let session = match llama_trainer::distributed::init() {
-        Ok(session) => session,
-        Err(e) => return llama_trainer::distributed::exit_with(Err(e)),
-    };
-    let code = llama_trainer::distributed::exit_with(run(&cli.config, &cli.training.overrides(None)).map(|_| ()));
-    drop(session);
-    code
+    // Under `mpirun` / `srun` (built with the `mpi` feature) this process is one rank of a job.
+    llama_trainer::distributed::main_with(|| run(&cli.config, &cli.training.overrides(None)).map(|_| ()))
 }

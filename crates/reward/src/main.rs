@@ -54,13 +54,7 @@ fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     // Under `mpirun` / `srun` (built with the `mpi` feature) training runs as one rank of a job.
-    let session = match llama_trainer::distributed::init() {
-        Ok(session) => session,
-        Err(e) => return llama_trainer::distributed::exit_with(Err(e)),
-    };
-    let code = llama_trainer::distributed::exit_with(run_cli(cli));
-    drop(session);
-    code
+    llama_trainer::distributed::main_with(|| run_cli(cli))
 }
 
 fn run_cli(cli: Cli) -> anyhow::Result<()> {

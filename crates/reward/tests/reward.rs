@@ -95,18 +95,7 @@ fn accuracy(out: &Path, set: &str) -> (f64, f64) {
 #[test]
 fn tiny_reward_models_reach_high_held_out_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
-    let pre_cfg = tmp.path().join("pre.toml");
-    let text = std::fs::read_to_string(repo().join("configs/tiny.toml"))
-        .unwrap()
-        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", tmp.path().join("shards").display()))
-        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("pre").display()))
-        .replace("dim = 128", "dim = 64")
-        .replace("n_layers = 4", "n_layers = 2")
-        .replace("seq_len = 128", "seq_len = 64")
-        .replace("eval_every = 100", "eval_every = 1000")
-        .replace("\"data/", &format!("\"{}/data/", repo().display()));
-    std::fs::write(&pre_cfg, text).unwrap();
-    llama_pretrain::run(&pre_cfg, &llama_pretrain::Overrides { max_steps: Some(10), ..Default::default() }).unwrap();
+    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 64, 64, 10).unwrap();
     // Safety (refusal vs compliance) is easy; helpfulness needs the fact copied from the prompt
     // for its `better` pairs (a wrong fact), which a model this small only partly learns.
     for (target, bar) in [("helpfulness", 0.7), ("safety", 0.9)] {

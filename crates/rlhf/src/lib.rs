@@ -197,6 +197,8 @@ pub struct Prompt {
     /// Text a correct answer contains (the tiny data's fact), when the file gives one: a check of
     /// the answers that does not go through the reward models, to see reward hacking.
     pub expected: Option<String>,
+    /// The line of the prompt file it came from (1-based), for messages.
+    pub line: usize,
 }
 
 impl Prompt {
@@ -240,12 +242,36 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
             Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
             Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
         };
-        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected });
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, line: n + 1 });
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());
     }
     Ok(out)
+}
+
+/// Refuses, before any work, a prompt of `path` that the model cannot answer in full: its tokens,
+/// `max_new_tokens`, and the end-of-sequence token appended to an answer cut at that limit must
+/// fit `max_seq_len`. The error names the file and line.
+pub fn check_prompt_lengths(prompts: &[Prompt], path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<()> {
+    for p in prompts {
+        let at = format!("{}:{}", path.display(), p.line);
+        let n = p.conversation.prompt_ids(tokenizer).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.len();
+        let total = n + max_new_tokens + 1;
+        if total > max_seq_len {
+            bail!(
+                "{at}: the prompt is {n} tokens; with max_new_tokens ({max_new_tokens}) and the end-of-sequence token appended to a cut answer that is {total}, more than the model's max_seq_len ({max_seq_len}): shorten or remove the prompt, or lower max_new_tokens"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads a prompt file and checks every prompt's length ([`check_prompt_lengths`]).
+pub fn load_prompts_for(path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<Vec<Prompt>> {
+    let prompts = load_prompts(path)?;
+    check_prompt_lengths(&prompts, path, tokenizer, max_new_tokens, max_seq_len)?;
+    Ok(prompts)
 }
 
 /// Checks everything that can be checked before any work; errors name the file and key.
@@ -266,6 +292,14 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
         if !(v >= 0.0) {
             bail!("{origin}: {key} must be >= 0 (got {v})");
         }
+    }
+    if p.temperature != 1.0 {
+        // The ratio and the KL use the policy's own (temperature 1) log-probs: answers sampled at
+        // another temperature come from another distribution, and PPO's ratio would be wrong.
+        bail!("{origin}: ppo.temperature must be 1.0 (got {}): PPO's probability ratio and KL penalty use the policy's own log-probs, which are those of sampling at temperature 1", p.temperature);
+    }
+    if p.max_new_tokens == 0 || cfg.rejection_sampling.max_new_tokens == 0 {
+        bail!("{origin}: ppo.max_new_tokens and rejection_sampling.max_new_tokens must be > 0");
     }
     if !(cfg.eval.temperature > 0.0) {
         bail!("{origin}: eval.temperature must be > 0 (got {}); eval.samples_per_prompt = 0 scores the greedy answers only", cfg.eval.temperature);
@@ -658,8 +692,8 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let train_device = device.clone().autodiff();
     let (policy_config, mut policy) = init_model(&cfg.policy, &train_device).with_context(|| format!("{origin}: policy"))?;
     let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
-    let prompts = load_prompts(&cfg.data.prompts)?;
-    let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
+    let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
+    let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
     let out = cfg.run.out_dir.join("rejection-sampling");
     let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
@@ -840,8 +874,8 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     let train_device = device.clone().autodiff();
     let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;
     let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
-    let prompts = load_prompts(&cfg.data.prompts)?;
-    let eval_prompts = load_prompts(&cfg.data.eval_prompts)?;
+    let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
+    let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
     // The value model starts from the helpfulness reward model (trainable copy).
     let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
     let opt = OptimConfig { lr: p.lr, weight_decay: 0.0, grad_clip: p.grad_clip, ..OptimConfig::default() };
@@ -862,6 +896,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     let out = cfg.run.out_dir.join("ppo");
     let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
     let checkpoints = Checkpoints::new(&out);
+    checkpoints.remove_leftovers()?;
     match (resume, checkpoints.latest()) {
         (true, Some((_, dir))) => {
             let saved: PpoSaved = serde_json::from_str(&std::fs::read_to_string(dir.join("ppo_state.json"))?)?;

@@ -113,6 +113,10 @@ fn bad_input_is_refused_before_any_work() {
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("ppo.value_warmup (4) must be below ppo.iterations (4)"));
     let (_, c) = load("[ppo]\nbatch_size = 10\nminibatch_size = 4\n");
     assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("multiple of ppo.minibatch_size"));
+    let (_, c) = load("[ppo]\ntemperature = 0.7\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("ppo.temperature must be 1.0"));
+    let (_, c) = load("[ppo]\nmax_new_tokens = 0\n");
+    assert!(validate(&c, "x.toml").unwrap_err().to_string().contains("max_new_tokens must be > 0"));
     let empty = tmp.path().join("empty.jsonl");
     std::fs::write(&empty, "\n").unwrap();
     assert!(load_prompts(&empty).unwrap_err().to_string().contains("no prompts"));
@@ -250,4 +254,24 @@ fn shipped_config_is_valid() {
     let cfg: RlhfConfig = llama_trainer::config::load_toml(&path).unwrap();
     validate(&cfg, "configs/rlhf-tiny.toml").unwrap();
     assert!(cfg.ppo.value_warmup < cfg.ppo.iterations && cfg.ppo.value_lr > 0.0);
+}
+
+/// A prompt that cannot be answered within the model's length is refused when the file is
+/// loaded, naming the file and line, and counting the end-of-sequence token appended to a cut
+/// answer (a prompt of exactly max_seq_len - max_new_tokens tokens is one too many).
+#[test]
+fn over_long_prompts_are_refused_at_load_with_file_and_line() {
+    let tok = llama_data::Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("prompts.jsonl");
+    let long = "the jury said ".repeat(40);
+    std::fs::write(&path, format!("{{\"prompt\": \"Hi\"}}\n\n{{\"prompt\": \"{long}\"}}\n")).unwrap();
+    let err = llama_rlhf::load_prompts_for(&path, &tok, 8, 64).unwrap_err().to_string();
+    assert!(err.contains(&format!("{}:3:", path.display())) && err.contains("max_seq_len (64)"), "{err}");
+    let short = llama_rlhf::load_prompts(&path).unwrap().remove(0);
+    let n = short.conversation.prompt_ids(&tok).unwrap().len();
+    let exact = tmp.path().join("exact.jsonl");
+    std::fs::write(&exact, "{\"prompt\": \"Hi\"}\n").unwrap();
+    assert!(llama_rlhf::load_prompts_for(&exact, &tok, 8, n + 8).is_err(), "no room for the EOS after a cut answer");
+    assert_eq!(llama_rlhf::load_prompts_for(&exact, &tok, 8, n + 9).unwrap().len(), 1);
 }

@@ -22,18 +22,7 @@ fn curve(out: &Path) -> Vec<(f64, f64)> {
 #[test]
 fn two_ranks_fine_tune_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    let pre_cfg = tmp.path().join("pre.toml");
-    let text = std::fs::read_to_string(repo().join("configs/tiny.toml"))
-        .unwrap()
-        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", tmp.path().join("shards").display()))
-        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("pre").display()))
-        .replace("dim = 128", "dim = 32")
-        .replace("n_layers = 4", "n_layers = 2")
-        .replace("seq_len = 128", "seq_len = 32")
-        .replace("eval_every = 100", "eval_every = 1000")
-        .replace("\"data/", &format!("\"{}/data/", repo().display()));
-    std::fs::write(&pre_cfg, text).unwrap();
-    llama_pretrain::run(&pre_cfg, &llama_pretrain::Overrides { max_steps: Some(2), ..Default::default() }).unwrap();
+    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 32, 32, 2).unwrap();
 
     let config = |name: &str| {
         let path = tmp.path().join(format!("{name}.toml"));

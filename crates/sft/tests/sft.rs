@@ -145,19 +145,7 @@ fn ghost_attention_keeps_the_instruction_in_the_first_turn_and_trains_the_last_a
 #[test]
 fn fine_tuning_raises_the_held_out_success_rate() {
     let tmp = tempfile::tempdir().unwrap();
-    let pre_cfg = tmp.path().join("pre.toml");
-    let text = std::fs::read_to_string(repo().join("configs/tiny.toml"))
-        .unwrap()
-        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", tmp.path().join("shards").display()))
-        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("pre").display()))
-        .replace("dim = 128", "dim = 64")
-        .replace("n_layers = 4", "n_layers = 2")
-        .replace("seq_len = 128", "seq_len = 64")
-        .replace("eval_every = 100", "eval_every = 1000")
-        .replace("\"data/", &format!("\"{}/data/", repo().display()));
-    std::fs::write(&pre_cfg, text).unwrap();
-    let overrides = llama_pretrain::Overrides { max_steps: Some(20), ..Default::default() };
-    llama_pretrain::run(&pre_cfg, &overrides).unwrap();
+    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 64, 64, 20).unwrap();
 
     let sft_cfg = tmp.path().join("sft.toml");
     let text = std::fs::read_to_string(repo().join("configs/sft-tiny.toml"))

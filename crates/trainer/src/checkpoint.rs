@@ -1,9 +1,11 @@
 //! Training checkpoints: `out_dir/checkpoints/step-00000100/` holding the model (burnpack, which
 //! keeps parameter ids), the optimizer state, and `state.json` (step, counters, data cursor).
 //!
-//! A checkpoint is written into `.step-00000100.tmp/` and renamed into place only when every file
-//! is there, so a directory named `step-*` is always complete: a run killed mid-write leaves a
-//! temporary directory that `--resume` ignores (and the next save removes).
+//! A checkpoint is written into `.step-00000100.tmp/`, its files and directories fsynced, and
+//! renamed into place only when every file is there, so a directory named `step-*` is always
+//! complete, also after a power loss: a run killed mid-write leaves a temporary directory that
+//! `--resume` ignores and the next start removes. Pruning renames an old checkpoint out of the
+//! `step-*` names before deleting it, so a half-deleted one is never listed.
 
 use std::path::{Path, PathBuf};
 
@@ -111,10 +113,15 @@ impl Checkpoints {
         };
         let written_here = write(&tmp, &written);
         if !world.all(written_here.is_ok()) {
+            if world.is_root() {
+                // A failed write (a full disk, say) leaves nothing behind; best effort.
+                let _ = std::fs::remove_dir_all(&tmp);
+            }
             written_here?;
             anyhow::bail!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display());
         }
-        let published = if world.is_root() { self.publish(&tmp, &dest, keep) } else { Ok(()) };
+        // Every rank's files are complete now: rank 0 makes them durable, then publishes.
+        let published = if world.is_root() { sync_tree(&tmp).and_then(|()| self.publish(&tmp, &dest, keep)) } else { Ok(()) };
         if !world.all(published.is_ok()) {
             published?;
             anyhow::bail!("rank 0 could not publish {}", dest.display());
@@ -128,9 +135,27 @@ impl Checkpoints {
             std::fs::remove_dir_all(dest)?;
         }
         std::fs::rename(tmp, dest).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
+        sync_dir(&self.root)?;
         let all = self.list();
-        for (_, old) in all.iter().take(all.len().saturating_sub(keep)) {
-            std::fs::remove_dir_all(old).map_err(|e| anyhow::anyhow!("{}: {e}", old.display()))?;
+        for (step, old) in all.iter().take(all.len().saturating_sub(keep)) {
+            // Out of the listed names first: an interrupted delete leaves only a leftover.
+            let doomed = self.root.join(format!(".{}.old", step_name(*step)));
+            std::fs::rename(old, &doomed).map_err(|e| anyhow::anyhow!("{}: {e}", old.display()))?;
+            std::fs::remove_dir_all(&doomed).map_err(|e| anyhow::anyhow!("{}: {e}", doomed.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Removes what a killed run left in the checkpoint folder: temporary directories of
+    /// unfinished checkpoints and half-pruned old ones (never a complete checkpoint). Called by
+    /// the run that owns the directory (it holds the run lock), before its first save.
+    pub fn remove_leftovers(&self) -> anyhow::Result<()> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else { return Ok(()) };
+        for entry in entries.filter_map(|e| e.ok()) {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(".step-") && (name.ends_with(".tmp") || name.ends_with(".old")) {
+                std::fs::remove_dir_all(entry.path()).map_err(|e| anyhow::anyhow!("{}: {e}", entry.path().display()))?;
+            }
         }
         Ok(())
     }
@@ -140,6 +165,24 @@ impl Checkpoints {
         let text = std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid checkpoint state: {e}", path.display()))
     }
+}
+
+/// fsyncs every file below `dir` and the directories themselves, so that what a rename publishes
+/// is on disk.
+fn sync_tree(dir: &Path) -> anyhow::Result<()> {
+    for entry in std::fs::read_dir(dir).map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            sync_tree(&path)?;
+        } else {
+            std::fs::File::open(&path).and_then(|f| f.sync_all()).map_err(|e| anyhow::anyhow!("{}: fsync: {e}", path.display()))?;
+        }
+    }
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> anyhow::Result<()> {
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(|e| anyhow::anyhow!("{}: fsync: {e}", dir.display()))
 }
 
 #[cfg(test)]
@@ -169,10 +212,28 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("killed"));
         assert_eq!(ck.latest().unwrap().0, 30);
-        // The next save cleans the leftover temporary directory.
+        // A failed save removes its temporary directory.
+        assert!(!ck.root().join(".step-00000040.tmp").exists());
         ck.save(40, 2, World::single(), write_all).unwrap();
         assert_eq!(ck.latest().unwrap().0, 40);
-        assert!(!ck.root().join(".step-00000040.tmp").exists());
+        assert_eq!(ck.list().iter().map(|c| c.0).collect::<Vec<_>>(), vec![30, 40]);
+    }
+
+    /// What a killed process leaves (an unfinished checkpoint, a half-pruned old one) is never
+    /// listed and is removed at the next start; complete checkpoints stay.
+    #[test]
+    fn a_killed_run_s_leftovers_are_ignored_and_removed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ck = Checkpoints::new(tmp.path());
+        ck.save(10, 2, World::single(), |dir, _| Ok(std::fs::write(dir.join(STATE_FILE), b"{}")?)).unwrap();
+        for leftover in [".step-00000020.tmp", ".step-00000005.old"] {
+            std::fs::create_dir_all(ck.root().join(leftover)).unwrap();
+            std::fs::write(ck.root().join(leftover).join(STATE_FILE), b"{}").unwrap();
+        }
+        assert_eq!(ck.list().iter().map(|c| c.0).collect::<Vec<_>>(), vec![10]);
+        ck.remove_leftovers().unwrap();
+        let names: Vec<String> = std::fs::read_dir(ck.root()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(names, vec!["step-00000010".to_string()]);
     }
 }
 

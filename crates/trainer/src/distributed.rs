@@ -168,6 +168,18 @@ impl World {
     }
 }
 
+/// A training binary's `main`: joins the job's world (under `mpirun` / `srun`, built with the
+/// `mpi` feature), runs `body`, and settles the exit status with [`exit_with`] while MPI is up.
+pub fn main_with(body: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    let session = match init() {
+        Ok(session) => session,
+        Err(e) => return exit_with(Err(e)),
+    };
+    let code = exit_with(body());
+    drop(session);
+    code
+}
+
 /// What a training binary's `main` does with its result: success, or the error reported (naming
 /// the rank) and the whole job ended with a non-zero status. A rank that failed alone would leave
 /// the others waiting in a collective forever: MPI_Abort ends them too.

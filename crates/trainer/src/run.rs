@@ -210,6 +210,10 @@ where
     // What evaluation runs on: the master itself, or its copy on the device.
     let for_eval = |model: &M| if host_master { device_copy(model, cfg.precision, &compute_device) } else { model.clone() };
     let checkpoints = Checkpoints::new(out);
+    if world.is_root() {
+        // This run owns the directory now (the lock): what a killed run left half-written goes.
+        checkpoints.remove_leftovers()?;
+    }
     // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
     let sharded = world.is_distributed() || (cfg.resume && checkpoints.latest().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(&dir)));
     let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
