@@ -44,6 +44,19 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 
+/// Writes a safetensors file through a temporary sibling and a rename, readable by all (0644, as
+/// the other files; the safetensors crate creates its files 0600).
+pub fn write_safetensors<'a, V: safetensors::View + 'a>(tensors: Vec<(String, V)>, metadata: Option<HashMap<String, String>>, path: &Path) -> Result<(), ModelError> {
+    let tmp = tmp_sibling(path);
+    safetensors::tensor::serialize_to_file(tensors, metadata, &tmp).map_err(|e| ckpt_err(format!("{}: cannot write: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(&tmp, e))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
+}
+
 fn tmp_sibling(path: &Path) -> PathBuf {
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
@@ -542,9 +555,7 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
         for (name, _) in &views {
             weight_map.insert(name.clone(), Value::String(file_name.clone()));
         }
-        let path = dir.join(&file_name);
-        safetensors::tensor::serialize_to_file(views, metadata.clone(), &path)
-            .map_err(|e| ckpt_err(format!("{}: cannot write: {e}", path.display())))?;
+        write_safetensors(views, metadata.clone(), &dir.join(&file_name))?;
     }
     if n > 1 {
         let index = json!({ "metadata": { "total_size": total }, "weight_map": weight_map });

@@ -47,6 +47,17 @@ fn check_parity(name: &str) {
         if sub == "sharded" {
             assert!(out.join(checkpoint::HF_INDEX).is_file(), "expected an index for sharded output");
         }
+        // Readable by all, like the other files, and no temporary file left behind.
+        for entry in std::fs::read_dir(&out).unwrap() {
+            let entry = entry.unwrap();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(!name.starts_with('.'), "{sub}: leftover {name}");
+            #[cfg(unix)]
+            if name.ends_with(".safetensors") {
+                use std::os::unix::fs::PermissionsExt;
+                assert_eq!(entry.metadata().unwrap().permissions().mode() & 0o777, 0o644, "{sub}: {name}");
+            }
+        }
         let (config2, model2) = load_hf(&out, &device).unwrap();
         assert_eq!(config2.num_params(), config.num_params());
         let diff = max_abs_diff(&logits_of(&model2, &ids, &device), &want);

@@ -165,4 +165,8 @@ fn recomputation_and_the_host_optimizer_from_the_command_line() {
     let bad = f.config("bad", MODEL, &format!("{TRAIN}\nlogits_chunk = 0"), "");
     let (ok, _, err) = pretrain(&["--config", &bad], &[]);
     assert!(!ok && err.contains("train.logits_chunk") && !err.contains("panicked"), "{err}");
+    // Half precision on the CPU runs (it exercises the mixed-precision path) with a note.
+    let half = f.config("half", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &half, "--dtype", "bf16", "--max-steps", "1"], &[]);
+    assert!(ok && err.contains("note: run.dtype = \"bf16\" on the CPU"), "{err}");
 }

@@ -299,6 +299,13 @@ impl RunConfig {
         let device = llama_model::device::parse(&self.device).map_err(|e| format!("run.device: {e}"))?;
         llama_model::device::probe(&device, &self.device).map_err(|e| format!("run.device: {e}"))?;
         precision.check_device(&device, &self.device)?;
+        if precision != llama_model::Precision::F32 && llama_model::device::is_cpu(&self.device) && crate::distributed::world().is_root() {
+            // Allowed (it tests the mixed-precision path), but rarely what a CPU user wants.
+            eprintln!(
+                "note: run.dtype = \"{}\" on the CPU: mixed precision is meant for GPUs; run.dtype = \"f32\" is the CPU's tested and benchmarked setting",
+                self.dtype
+            );
+        }
         crate::memory::check_fits(self, model, train.micro_batch_size, seq_len, &self.training_memory(precision, train))?;
         Ok(precision)
     }

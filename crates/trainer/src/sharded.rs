@@ -258,12 +258,11 @@ impl ShardedAdamW {
         let bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
         let (m1, m2) = (bytes(&self.moment_1), bytes(&self.moment_2));
         let shape = vec![self.block];
-        let tensors = [
-            ("moment_1", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &m1)?),
-            ("moment_2", safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &m2)?),
+        let tensors = vec![
+            ("moment_1".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape.clone(), &m1)?),
+            ("moment_2".to_string(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &m2)?),
         ];
-        let path = folder.join(block_file(self.world.rank(), self.world.size()));
-        safetensors::serialize_to_file(tensors, None, &path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        llama_model::checkpoint::write_safetensors(tensors, None, &folder.join(block_file(self.world.rank(), self.world.size())))?;
         if self.world.is_root() {
             let manifest = Manifest { world_size: self.world.size(), block: self.block, time: self.time, slots: self.slots.clone() };
             let path = folder.join(MANIFEST);
