@@ -211,6 +211,9 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
     if !cfg.models.iter().any(|m| m.name == cfg.baseline) {
         bail!("{origin}: baseline `{}` is not one of the models", cfg.baseline);
     }
+    if cfg.bootstrap_samples == 0 {
+        bail!("{origin}: bootstrap_samples must be >= 1 (the win rate's 95% interval is read off that many resamples)");
+    }
     if let Some(j) = &cfg.judge {
         check_template(&j.template).map_err(|e| anyhow::anyhow!("{origin}: judge.template: {e}"))?;
     }

@@ -89,6 +89,20 @@ fn bad_input_is_a_clear_error() {
     std::fs::write(&cfg, text).unwrap();
     let err = llama_eval::compare(&cfg).unwrap_err().to_string();
     assert!(err.contains("no prompts"), "{err}");
+    // No resamples: an error, not an interval that misses the win rate.
+    let cfg = setup(tmp.path(), 2048, "");
+    let text = std::fs::read_to_string(&cfg).unwrap().replace("bootstrap_samples = 200", "bootstrap_samples = 0");
+    std::fs::write(&cfg, text).unwrap();
+    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
+    assert!(err.contains("bootstrap_samples must be >= 1"), "{err}");
+    // A prompt too long for the model with its answer: refused before any work, file and line named.
+    let cfg = setup(tmp.path(), 2048, "");
+    let long = tmp.path().join("long.jsonl");
+    std::fs::write(&long, format!("{{\"prompt\": \"Hi\"}}\n{{\"prompt\": \"{}\"}}\n", "the jury said ".repeat(400))).unwrap();
+    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{}/data/eval/safety.jsonl", repo().display()), &long.display().to_string());
+    std::fs::write(&cfg, text).unwrap();
+    let err = format!("{:#}", llama_eval::compare(&cfg).unwrap_err());
+    assert!(err.contains(&format!("{}:2:", long.display())) && err.contains("max_seq_len"), "{err}");
 }
 
 /// Perplexity of an untrained model is about the vocabulary size (uniform guessing), and it
