@@ -14,16 +14,23 @@ if ! "$venv/bin/python" -c "import tensorboard" 2>/dev/null; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard>=2.16,<3"
 fi
 export LLAMA2_PYTHON="$venv/bin/python"
-if ! command -v mpirun >/dev/null || ! command -v mpicc >/dev/null || ! ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; then
+have_mpi() { command -v mpirun >/dev/null && command -v mpicc >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; }
+mpi_features="--features llama-pretrain/mpi,llama-sft/mpi,llama-reward/mpi"
+if ! have_mpi; then
     echo "installing OpenMPI and libclang for the mpi feature (apt-get)"
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"
-    $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev >/dev/null
+    { $sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq libopenmpi-dev openmpi-bin libclang-dev >/dev/null; } || true
+    if ! have_mpi; then
+        echo "WARNING: OpenMPI/libclang could not be installed: testing without the mpi feature (the MPI tests do not run)"
+        mpi_features=""
+    fi
 fi
 
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set -o pipefail
-cargo test --workspace --features llama-pretrain/mpi,llama-sft/mpi,llama-reward/mpi "$@" 2>&1 | tee "$log"
+# shellcheck disable=SC2086
+cargo test --workspace $mpi_features "$@" 2>&1 | tee "$log"
 # cargo prints one summary per test binary (the last is often an empty doc-test run): add them up.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
