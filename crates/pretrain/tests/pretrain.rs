@@ -3,7 +3,9 @@
 
 mod common;
 
-use std::process::Command;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use common::{Fixture, pretrain, repo, train_curve};
 use serde_json::Value;
@@ -169,4 +171,45 @@ fn recomputation_and_the_host_optimizer_from_the_command_line() {
     let half = f.config("half", MODEL, TRAIN, "");
     let (ok, _, err) = pretrain(&["--config", &half, "--dtype", "bf16", "--max-steps", "1"], &[]);
     assert!(ok && err.contains("note: run.dtype = \"bf16\" on the CPU"), "{err}");
+}
+
+/// A run killed with SIGKILL leaves its lock released and its temporary files harmless: while it
+/// runs a second writer is refused; after the kill the next `--resume` starts at once, removes
+/// the leftovers, logs each step once and ends where an uninterrupted run does.
+#[test]
+fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
+    let f = Fixture::new(400);
+    let train = "max_steps = 5000\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 100000\neval_batches = 1\ncheckpoint_every = 2\nkeep_checkpoints = 2";
+    let cfg = f.config("killed", MODEL, train, "");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(["--config", &cfg]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let out = PathBuf::from(f.path("out-killed"));
+    let logged = || std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
+    let started = Instant::now();
+    while logged() < 5 {
+        assert!(started.elapsed() < Duration::from_secs(120), "the run did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (ok, _, err) = pretrain(&["--config", &cfg, "--resume"], &[]);
+    assert!(!ok && err.contains("lock") && !err.contains("panicked"), "a second writer while the first runs: {err}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // What a kill inside a checkpoint write leaves behind.
+    let leftover = out.join("checkpoints/.step-09999999.tmp");
+    std::fs::create_dir_all(&leftover).unwrap();
+    std::fs::write(leftover.join("state.json"), "{}").unwrap();
+    let newest: u64 = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.unwrap().file_name().to_string_lossy().strip_prefix("step-").and_then(|s| s.parse().ok()))
+        .max()
+        .expect("a checkpoint before the kill");
+    let stop = (newest + 4).to_string();
+    let (ok, _, err) = pretrain(&["--config", &cfg, "--resume", "--stop-after", &stop], &[]);
+    assert!(ok, "{err}");
+    assert!(!leftover.exists(), "the dead run's temporary checkpoint is removed");
+    let straight = f.config("straight", MODEL, train, "");
+    let (ok, _, err) = pretrain(&["--config", &straight, "--stop-after", &stop], &[]);
+    assert!(ok, "{err}");
+    let got = train_curve(&f.path("out-killed"));
+    assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), (1..=newest + 4).collect::<Vec<u64>>(), "each step logged once");
+    assert_eq!(got, train_curve(&f.path("out-straight")));
 }
