@@ -33,6 +33,10 @@ enum Command {
         /// Use the train split instead of val.
         #[arg(long)]
         train_split: bool,
+        /// The model's tokenizer, checked against the one the shards were made with (default:
+        /// the model directory's tokenizer.json, when it has one).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
     },
     /// Compare chat models on prompt sets with the reward models (configs/eval-tiny.toml).
     Compare {
@@ -54,7 +58,23 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Perplexity { model, shards, seq_len, max_windows, train_split } => {
+        Command::Perplexity { model, shards, seq_len, max_windows, train_split, tokenizer } => {
+            // Shards of another tokenizer give a number that means nothing: refuse them.
+            let tokenizer = tokenizer.or_else(|| {
+                [model.join("tokenizer.json"), llama_model::checkpoint::resolve(&model).join("tokenizer.json")].into_iter().find(|p| p.is_file())
+            });
+            let manifest = shards.join(llama_data::shards::MANIFEST);
+            match (&tokenizer, manifest.is_file()) {
+                (Some(path), true) => {
+                    let tok = llama_data::Tokenizer::from_file(path)?;
+                    llama_data::Manifest::load(&shards)?.check_tokenizer(tok.fingerprint(), tok.vocab_size(), &shards)?;
+                }
+                (None, true) => eprintln!(
+                    "note: {} has no tokenizer.json: the shards' tokenizer is not checked against the model's (pass --tokenizer)",
+                    model.display()
+                ),
+                (_, false) => eprintln!("note: {} has no manifest: the shards' tokenizer cannot be checked", shards.display()),
+            }
             let device = burn::tensor::Device::flex();
             let (_, m) = llama_trainer::checkpoint::init_model(&model, &device)?;
             let split = if train_split { Split::Train } else { Split::Val };

@@ -124,6 +124,23 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     assert!(ppl > 1500.0 && ppl < 2800.0, "{ppl}");
     let err = llama_eval::perplexity(&model, &tmp.path().join("none"), llama_data::Split::Val, 64, 16, 4).unwrap_err().to_string();
     assert!(err.contains("none"), "{err}");
+    // From the command line, shards of another tokenizer than the model's are refused.
+    let dir = tmp.path().join("model");
+    llama_model::checkpoint::save_native(&model, &config, &dir).unwrap();
+    let texts: Vec<String> = corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    llama_data::Tokenizer::train(texts.iter(), 300).unwrap().save(&dir.join("tokenizer.json")).unwrap();
+    let run = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_eval"))
+            .args(["perplexity", "--model", dir.to_str().unwrap(), "--shards", shards.to_str().unwrap(), "--seq-len", "64", "--max-windows", "4"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run(&[]);
+    assert!(!ok && err.contains("re-run prepare") && !err.contains("panicked"), "{err}");
+    let (ok, err) = run(&["--tokenizer", repo().join("data/tokenizer.json").to_str().unwrap()]);
+    assert!(ok, "the shards' own tokenizer: {err}");
 }
 
 /// A perplexity window longer than the model's context is an error naming the limit, before any
