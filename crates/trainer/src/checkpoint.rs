@@ -97,10 +97,7 @@ impl Checkpoints {
             Ok(())
         };
         let prepared = if world.is_root() { fresh() } else { Ok(()) };
-        if !world.all(prepared.is_ok()) {
-            prepared?;
-            anyhow::bail!("rank 0 could not prepare checkpoint {}", tmp.display());
-        }
+        world.all_ok(prepared, || format!("rank 0 could not prepare checkpoint {}", tmp.display()))?;
         let fail_after = std::env::var(FAIL_AFTER_ENV).ok().and_then(|v| match v.split_once('@') {
             Some((file, at)) => (at.parse::<u64>().ok() == Some(step)).then(|| file.to_string()),
             None => Some(v),
@@ -111,21 +108,15 @@ impl Checkpoints {
             }
             Ok(())
         };
-        let written_here = write(&tmp, &written);
-        if !world.all(written_here.is_ok()) {
-            if world.is_root() {
-                // A failed write (a full disk, say) leaves nothing behind; best effort.
-                let _ = std::fs::remove_dir_all(&tmp);
-            }
-            written_here?;
-            anyhow::bail!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display());
+        let written_here = world.all_ok(write(&tmp, &written), || format!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display()));
+        if written_here.is_err() && world.is_root() {
+            // A failed write (a full disk, say) leaves nothing behind; best effort.
+            let _ = std::fs::remove_dir_all(&tmp);
         }
+        written_here?;
         // Every rank's files are complete now: rank 0 makes them durable, then publishes.
         let published = if world.is_root() { sync_tree(&tmp).and_then(|()| self.publish(&tmp, &dest, keep)) } else { Ok(()) };
-        if !world.all(published.is_ok()) {
-            published?;
-            anyhow::bail!("rank 0 could not publish {}", dest.display());
-        }
+        world.all_ok(published, || format!("rank 0 could not publish {}", dest.display()))?;
         Ok(dest)
     }
 

@@ -49,7 +49,7 @@ pub fn init() -> anyhow::Result<Session> {
     if launched_by_mpi() && std::env::var_os("OMPI_COMM_WORLD_SIZE").is_some_and(|n| n != "1") {
         anyhow::bail!("started by mpirun with several ranks, but this binary was built without the `mpi` feature (cargo build --features mpi)");
     }
-    let _ = WORLD.set(World::single());
+    // `world()` is a lone process unless set above.
     Ok(Session {
         #[cfg(feature = "mpi")]
         _universe: None,
@@ -145,6 +145,15 @@ impl World {
         let mut v = [if yes { 0.0 } else { 1.0 }];
         self.sum_f64(&mut v);
         v[0] == 0.0
+    }
+
+    /// `result` if every rank's succeeded; else this rank's own error, or, where this rank
+    /// succeeded, an error saying `elsewhere` (every rank must call it).
+    pub fn all_ok<T>(&self, result: anyhow::Result<T>, elsewhere: impl FnOnce() -> String) -> anyhow::Result<T> {
+        if self.all(result.is_ok()) {
+            return result;
+        }
+        result.and_then(|_| Err(anyhow::anyhow!(elsewhere())))
     }
 
     /// Ends the whole job with `code` (MPI_Abort: every rank, within the launcher's timeout), or

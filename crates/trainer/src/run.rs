@@ -215,7 +215,8 @@ where
         checkpoints.remove_leftovers()?;
     }
     // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
-    let sharded = world.is_distributed() || (cfg.resume && checkpoints.latest().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(&dir)));
+    let latest = checkpoints.latest();
+    let sharded = world.is_distributed() || (cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir)));
     let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
     let mut state = TrainState {
         step: 0,
@@ -227,7 +228,7 @@ where
         seed: cfg.train.seed,
         loss_scale: precision::needs_loss_scaling(cfg.precision).then(LossScale::new),
     };
-    match (cfg.resume, checkpoints.latest()) {
+    match (cfg.resume, latest) {
         (true, Some((_, dir))) => {
             state = Checkpoints::load_state(&dir)?;
             if state.model_config != cfg.model_config {
