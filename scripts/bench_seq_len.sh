@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Training tokens/s against sequence length, ours and PyTorch eager, for both benchmark configs;
-# writes runs/bench-seq/*.json and docs/bench-seq-len.svg (issue 8). Two timed steps per point
+# writes runs/bench-seq/*.json and docs/bench-seq-len.svg. Two timed steps per point
 # after a warm-up step (the first step after warm-up still grows the heap), alternating ours /
 # PyTorch; 2 threads each.
 #   scripts/bench_seq_len.sh [CONFIG:BATCH:SEQ,SEQ,... ...]    (both configs: about 20 minutes)

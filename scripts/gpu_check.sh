@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 9, as one run of a few minutes on a machine with an NVIDIA GPU:
+# The GPU check, as one run of a few minutes on a machine with an NVIDIA GPU:
 #   1. `llama info`: the memory estimate of configs/gpu-125m.toml (~134M parameters);
 #   2. pretrain on it for STEPS steps in f32, then in bf16 (f16 with loss scaling when the
 #      device cannot compute in bf16, as Vulkan drivers often cannot), GPU memory sampled by nvidia-smi;

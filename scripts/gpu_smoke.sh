@@ -4,7 +4,7 @@
 # nothing: build on any x86-64 machine, carry the binaries, e.g.
 #   cargo build --release -p llama-pretrain -p llama-model --features llama-pretrain/vulkan,llama-model/vulkan
 #   BIN=$CARGO_TARGET_DIR/release OUT=runs/gpu-smoke scripts/gpu_smoke.sh
-# (Session 4 ran it from compressed binaries; docs/gpu/session4/ holds its output.)
+# The binaries may travel compressed (xz) and be unpacked on the GPU machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-target/release}"
