@@ -181,7 +181,26 @@ impl Conversation {
 /// `list<struct<role, content>>`, or `prompt`/`response` string columns). Errors name the file
 /// and line (or row).
 pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    load_checked(path, |_| Ok(()))
+}
+
+/// [`load_conversations`] for fine-tuning data: a conversation with no answer to learn from (only
+/// a user turn, or every answer marked `"train": false`) is refused, naming the file and line,
+/// since it would be read, packed and trained on without adding one token of loss.
+pub fn load_training_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    load_checked(path, |c| {
+        if c.exchanges().iter().any(|(_, answer)| answer.is_some_and(|a| a.train)) {
+            Ok(())
+        } else {
+            Err("no assistant answer to train on (a fine-tuning chat needs at least one assistant turn that is not `\"train\": false`)".into())
+        }
+    })
+}
+
+/// Loads conversations and applies `check` to each; errors name the file and line (or row).
+fn load_checked(path: &Path, check: impl Fn(&Conversation) -> Result<(), String>) -> Result<Vec<Conversation>, DataError> {
     let io = |e: std::io::Error| DataError::Io(format!("{}: {e}", path.display()));
+    let parse = |value: &serde_json::Value| Conversation::from_json(value).and_then(|c| check(&c).map(|()| c));
     match path.extension().and_then(|e| e.to_str()) {
         Some("jsonl" | "json") => {
             let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
@@ -193,16 +212,16 @@ pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
                     continue;
                 }
                 let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Input(format!("{at}: invalid JSON: {e}")))?;
-                out.push(Conversation::from_json(&value).map_err(|e| DataError::Input(format!("{at}: {e}")))?);
+                out.push(parse(&value).map_err(|e| DataError::Input(format!("{at}: {e}")))?);
             }
             Ok(out)
         }
-        Some("parquet") => load_parquet(path),
+        Some("parquet") => load_parquet(path, parse),
         _ => Err(DataError::Config(format!("{}: unsupported chat file; expected .jsonl or .parquet", path.display()))),
     }
 }
 
-fn load_parquet(path: &Path) -> Result<Vec<Conversation>, DataError> {
+fn load_parquet(path: &Path, parse: impl Fn(&serde_json::Value) -> Result<Conversation, String>) -> Result<Vec<Conversation>, DataError> {
     use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
     let err = |m: String| DataError::Input(format!("{}: {m}", path.display()));
     let file = std::fs::File::open(path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))?;
@@ -216,7 +235,7 @@ fn load_parquet(path: &Path) -> Result<Vec<Conversation>, DataError> {
         // Each row becomes the JSON form, so one parser validates both formats.
         for value in arrow_rows_to_json(&batch).map_err(err)? {
             let row = out.len();
-            out.push(Conversation::from_json(&value).map_err(|e| err(format!("row {row}: {e}")))?);
+            out.push(parse(&value).map_err(|e| err(format!("row {row}: {e}")))?);
         }
     }
     Ok(out)

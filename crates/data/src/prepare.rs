@@ -180,11 +180,22 @@ pub fn for_each_document(path: &Path, text_field: &str, txt_docs: TxtDocs, f: &m
     }
 }
 
+impl PrepareConfig {
+    /// The settings' ranges, named as `prepare`'s flags.
+    pub fn validate(&self) -> Result<(), DataError> {
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(DataError::Config(format!("--val-fraction {}: must be in [0, 1)", self.val_fraction)));
+        }
+        if self.shard_tokens == 0 || self.row_group_docs == 0 {
+            return Err(DataError::Config(format!("--shard-tokens ({}) and --row-group-docs ({}) must be > 0", self.shard_tokens, self.row_group_docs)));
+        }
+        Ok(())
+    }
+}
+
 /// Tokenizes `config.inputs` into shards under `config.out`; returns the manifest written.
 pub fn prepare(config: &PrepareConfig, tokenizer: &Tokenizer) -> Result<Manifest, DataError> {
-    if !(0.0..1.0).contains(&config.val_fraction) {
-        return Err(DataError::Config(format!("val_fraction must be in [0, 1), got {}", config.val_fraction)));
-    }
+    config.validate()?;
     let files = input_files(&config.inputs)?;
     let replaced = check_output_dir(&config.out, config.overwrite)?;
     let parent = config.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
@@ -296,7 +307,8 @@ fn write_shards(config: &PrepareConfig, tokenizer: &Tokenizer, files: &[PathBuf]
     bar.finish_and_clear();
     let (train, val) = (train.finish()?, val.finish()?);
     if train.iter().map(|s| s.documents).sum::<u64>() == 0 {
-        return Err(DataError::Empty("the inputs hold no documents".into()));
+        let names: Vec<String> = config.inputs.iter().map(|p| p.display().to_string()).collect();
+        return Err(DataError::Empty(format!("{}: no documents (no non-empty `{}` text)", names.join(", "), config.text_field)));
     }
     let manifest = Manifest {
         format: FORMAT.into(),

@@ -231,9 +231,9 @@ pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
     let mut policies = vec![];
     for m in &cfg.models {
         let (c, model) = init_model(&m.path, &device).with_context(|| format!("{origin}: model `{}`", m.name))?;
-        for (name, rc) in [("helpfulness_model", &hc), ("safety_model", &sc)] {
+        for (name, path, rc) in [("helpfulness_model", &cfg.helpfulness_model, &hc), ("safety_model", &cfg.safety_model, &sc)] {
             if rc.vocab_size != c.vocab_size {
-                bail!("{origin}: {name} has a vocabulary of {} ids but model `{}` has {}", rc.vocab_size, m.name, c.vocab_size);
+                bail!("{origin}: {name} {} has a vocabulary of {} ids but model `{}` has {}", path.display(), rc.vocab_size, m.name, c.vocab_size);
             }
         }
         // Every prompt must fit this model with its answer (and the EOS after a cut one).

@@ -11,29 +11,42 @@ fn repo() -> PathBuf {
 }
 
 fn save_rm(dir: &Path, config: &LlamaConfig) {
-    std::fs::create_dir_all(dir).unwrap();
-    llama_model::checkpoint::save_weights(&RewardModel::new(config, &Device::flex()), &dir.join("model.bpk")).unwrap();
-    let mut table = toml::Table::new();
-    table.insert("model".into(), toml::Value::try_from(config).unwrap());
-    std::fs::write(dir.join("config.toml"), toml::to_string(&table).unwrap()).unwrap();
+    llama_reward::save_reward_model(&RewardModel::new(config, &Device::flex()), config, dir).unwrap();
 }
 
-fn setup(tmp: &Path, rm_vocab: usize, extra: &str) -> PathBuf {
-    let config = |v: usize| LlamaConfig::new(32, 1, 2).with_vocab_size(v).with_multiple_of(16).with_max_seq_len(128);
+fn tiny(vocab: usize) -> LlamaConfig {
+    LlamaConfig::new(32, 1, 2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(128)
+}
+
+/// Chat models `a` and `b` and reward models `help` and `safe` (vocabulary `rm_vocab`) in `tmp`.
+fn models(tmp: &Path, rm_vocab: usize) {
     for name in ["a", "b"] {
-        let c = config(2048);
-        llama_model::checkpoint::save_native(&c.init(&Device::flex()), &c, &tmp.join(name)).unwrap();
+        llama_model::checkpoint::save_native(&tiny(2048).init(&Device::flex()), &tiny(2048), &tmp.join(name)).unwrap();
     }
-    save_rm(&tmp.join("help"), &config(rm_vocab));
-    save_rm(&tmp.join("safe"), &config(rm_vocab));
-    let cfg = format!(
+    save_rm(&tmp.join("help"), &tiny(rm_vocab));
+    save_rm(&tmp.join("safe"), &tiny(rm_vocab));
+}
+
+/// `tmp/NAME.toml` comparing `a` and `b`; `extra` goes at the top level and `(from, to)` edits
+/// the text.
+fn config(tmp: &Path, name: &str, extra: &str, edits: &[(&str, &str)]) -> PathBuf {
+    let mut cfg = format!(
         "tokenizer = \"{r}/data/tokenizer.json\"\nhelpfulness_model = \"{t}/help\"\nsafety_model = \"{t}/safe\"\nbaseline = \"a\"\nmax_new_tokens = 4\nbootstrap_samples = 200\nout_dir = \"{t}/out\"\n{extra}\n[prompts]\nhelpfulness = \"{r}/data/eval/helpfulness.jsonl\"\nsafety = \"{r}/data/eval/safety.jsonl\"\n[[models]]\nname = \"a\"\npath = \"{t}/a\"\n[[models]]\nname = \"b\"\npath = \"{t}/b\"\n",
         r = repo().display(),
         t = tmp.display()
     );
-    let path = tmp.join("eval.toml");
+    for (from, to) in edits {
+        assert!(cfg.contains(from), "{name}: `{from}` not in the config");
+        cfg = cfg.replace(from, to);
+    }
+    let path = tmp.join(format!("{name}.toml"));
     std::fs::write(&path, cfg).unwrap();
     path
+}
+
+fn setup(tmp: &Path, rm_vocab: usize, extra: &str) -> PathBuf {
+    models(tmp, rm_vocab);
+    config(tmp, "eval", extra, &[])
 }
 
 #[test]
@@ -70,39 +83,63 @@ fn the_report_is_reproducible_and_complete() {
     assert_eq!(first.models["b"]["safety"].expected_rate, None);
 }
 
+/// `eval compare` and `eval perplexity` on bad input, as a user runs them: each case is refused
+/// with a non-zero exit, no panic, a message naming the file and the key or line, and nothing in
+/// the fixture directory changed (`llama_testkit::Case::refused`).
 #[test]
-fn bad_input_is_a_clear_error() {
+fn eval_refuses_bad_input_and_touches_nothing_else() {
     let tmp = tempfile::tempdir().unwrap();
-    // Reward models of another vocabulary.
-    let cfg = setup(tmp.path(), 1000, "");
-    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
-    assert!(err.contains("vocabulary") && err.contains("eval.toml"), "{err}");
-    // A judge template without its placeholders.
-    let cfg = setup(tmp.path(), 2048, "[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"");
-    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
-    assert!(err.contains("{question}"), "{err}");
-    // A prompt set with no prompts.
-    let empty = tmp.path().join("empty.jsonl");
-    std::fs::write(&empty, "").unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"", "");
-    let text = text.replace(&format!("{}/data/eval/safety.jsonl", repo().display()), &empty.display().to_string());
-    std::fs::write(&cfg, text).unwrap();
-    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
-    assert!(err.contains("no prompts"), "{err}");
-    // No resamples: an error, not an interval that misses the win rate.
-    let cfg = setup(tmp.path(), 2048, "");
-    let text = std::fs::read_to_string(&cfg).unwrap().replace("bootstrap_samples = 200", "bootstrap_samples = 0");
-    std::fs::write(&cfg, text).unwrap();
-    let err = llama_eval::compare(&cfg).unwrap_err().to_string();
-    assert!(err.contains("bootstrap_samples must be >= 1"), "{err}");
-    // A prompt too long for the model with its answer: refused before any work, file and line named.
-    let cfg = setup(tmp.path(), 2048, "");
-    let long = tmp.path().join("long.jsonl");
-    std::fs::write(&long, format!("{{\"prompt\": \"Hi\"}}\n{{\"prompt\": \"{}\"}}\n", "the jury said ".repeat(400))).unwrap();
-    let text = std::fs::read_to_string(&cfg).unwrap().replace(&format!("{}/data/eval/safety.jsonl", repo().display()), &long.display().to_string());
-    std::fs::write(&cfg, text).unwrap();
-    let err = format!("{:#}", llama_eval::compare(&cfg).unwrap_err());
-    assert!(err.contains(&format!("{}:2:", long.display())) && err.contains("max_seq_len"), "{err}");
+    let dir = tmp.path();
+    models(dir, 2048);
+    let small = dir.join("small");
+    save_rm(&small.join("help"), &tiny(1000));
+    // Shards of the shipped tokenizer, and a model directory whose tokenizer is another one.
+    let tok = llama_data::Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap();
+    let corpus = std::fs::read_to_string(repo().join("data/corpus/brown.jsonl")).unwrap();
+    let src = dir.join("c.jsonl");
+    std::fs::write(&src, corpus.lines().take(30).collect::<Vec<_>>().join("\n")).unwrap();
+    let shards = dir.join("shards");
+    llama_data::prepare::prepare(&llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) }, &tok).unwrap();
+    let texts: Vec<String> = corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    std::fs::create_dir_all(dir.join("othertok")).unwrap();
+    let other_tok = dir.join("othertok/tokenizer.json");
+    llama_data::Tokenizer::train(texts.iter(), 300).unwrap().save(&other_tok).unwrap();
+    std::fs::write(dir.join("empty.jsonl"), "").unwrap();
+    std::fs::write(dir.join("long.jsonl"), format!("{{\"prompt\": \"Hi\"}}\n{{\"prompt\": \"{}\"}}\n", "the jury said ".repeat(60))).unwrap();
+    std::fs::write(dir.join("broken.jsonl"), "{\"prompt\": \"Hi\"}\n{\"prompt\": \n").unwrap();
+
+    let safety = format!("{}/data/eval/safety.jsonl", repo().display());
+    let compare = |name: &str, extra: &str, edits: &[(&str, &str)], needles: &[&str]| {
+        llama_testkit::Case::new(name, &["compare", "--config", &config(dir, name, extra, edits).display().to_string()], needles)
+    };
+    let at = |file: &str, line: usize| format!("{}:{line}", dir.join(file).display());
+    let (a, shards_arg) = (dir.join("a").display().to_string(), shards.display().to_string());
+    let perplexity = |name: &str, extra: &[&str], needles: &[&str]| {
+        let mut args = vec!["perplexity", "--model", &a, "--shards", &shards_arg];
+        args.extend(extra);
+        llama_testkit::Case::new(name, &args, needles)
+    };
+    let small_help = format!("{}/help", small.display());
+    let (broken, long, empty) = (dir.join("broken.jsonl").display().to_string(), dir.join("long.jsonl").display().to_string(), dir.join("empty.jsonl").display().to_string());
+    let help_model = format!("helpfulness_model = \"{}/help\"", dir.display());
+    let cases = vec![
+        compare("reward models of another vocabulary", "", &[(&help_model, &format!("helpfulness_model = \"{small_help}\""))], &["vocabulary", "reward models of another vocabulary.toml"]),
+        compare("a judge template without the question", "[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"", &[], &["{question}"]),
+        compare("no prompts", "", &[(&safety, &empty)], &["empty.jsonl", "no prompts"]),
+        compare("no resamples", "", &[("bootstrap_samples = 200", "bootstrap_samples = 0")], &["bootstrap_samples must be >= 1"]),
+        compare("a prompt too long for the model", "", &[(&safety, &long)], &[&format!("{}:", at("long.jsonl", 2)), "max_seq_len"]),
+        compare("invalid JSON in a prompt set", "", &[(&safety, &broken)], &[&at("broken.jsonl", 2), "invalid JSON"]),
+        compare("an unknown baseline", "", &[("baseline = \"a\"", "baseline = \"z\"")], &["baseline", "z"]),
+        compare("a missing model", "", &[(&format!("path = \"{}/b\"", dir.display()), "path = \"/nowhere/b\"")], &["/nowhere/b"]),
+        compare("unknown key", "judges = 2", &[], &["judges"]),
+        llama_testkit::Case::new("a missing config", &["compare", "--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
+        perplexity("windows longer than the model", &["--seq-len", "129"], &["--seq-len 129", "128"]),
+        perplexity("zero-token windows", &["--seq-len", "0"], &["--seq-len 0"]),
+        perplexity("shards of another tokenizer", &["--tokenizer", &other_tok.display().to_string()], &["manifest.json", "re-run prepare"]),
+        llama_testkit::Case::new("missing shards", &["perplexity", "--model", &a, "--shards", "/nowhere/shards"], &["/nowhere/shards"]),
+        llama_testkit::Case::new("no subcommand", &[], &["Usage"]),
+    ];
+    llama_testkit::refuse_all(env!("CARGO_BIN_EXE_eval"), dir, &cases);
 }
 
 /// Perplexity of an untrained model is about the vocabulary size (uniform guessing), and it
@@ -124,7 +161,8 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     assert!(ppl > 1500.0 && ppl < 2800.0, "{ppl}");
     let err = llama_eval::perplexity(&model, &tmp.path().join("none"), llama_data::Split::Val, 64, 16, 4).unwrap_err().to_string();
     assert!(err.contains("none"), "{err}");
-    // From the command line, shards of another tokenizer than the model's are refused.
+    // From the command line, with the shards' own tokenizer named (another one is refused:
+    // `eval_refuses_bad_input_and_touches_nothing_else`).
     let dir = tmp.path().join("model");
     llama_model::checkpoint::save_native(&model, &config, &dir).unwrap();
     let texts: Vec<String> = corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
@@ -137,19 +175,7 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
             .unwrap();
         (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let (ok, err) = run(&[]);
-    assert!(!ok && err.contains("re-run prepare") && !err.contains("panicked"), "{err}");
     let (ok, err) = run(&["--tokenizer", repo().join("data/tokenizer.json").to_str().unwrap()]);
     assert!(ok, "the shards' own tokenizer: {err}");
 }
 
-/// A perplexity window longer than the model's context is an error naming the limit, before any
-/// data is read (it used to panic inside RoPE).
-#[test]
-fn perplexity_refuses_windows_longer_than_the_model() {
-    let model = LlamaConfig::new(32, 1, 2).with_vocab_size(64).with_multiple_of(16).with_max_seq_len(48).init(&Device::flex());
-    for seq_len in [0, 49] {
-        let err = llama_eval::perplexity(&model, Path::new("no-such-shards"), llama_data::Split::Val, seq_len, 4, 2).unwrap_err().to_string();
-        assert!(err.contains(&format!("--seq-len {seq_len}")) && err.contains("48"), "{err}");
-    }
-}

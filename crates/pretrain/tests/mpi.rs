@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use burn::module::{Module, ModuleVisitor, Param};
-use burn::tensor::{Device, Tensor};
-use common::{Fixture, pretrain, train_curve};
+use common::{Fixture, pretrain, train_curve, weights};
 
 // 6 micro-batches of one sequence per step: 6 in one process, 3 per rank at world 2, 2 at 3.
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
@@ -27,23 +24,6 @@ fn mpirun(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> (bool, String, S
     cmd.arg(env!("CARGO_BIN_EXE_pretrain")).args(args).current_dir(common::repo());
     let out = cmd.output().expect("mpirun (apt-get install openmpi-bin libopenmpi-dev)");
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
-}
-
-struct Values(Vec<f32>);
-
-impl ModuleVisitor for Values {
-    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
-        self.0.extend(param.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
-    }
-}
-
-/// Every weight of the checkpoint of `step` in run directory `out`, in visiting order.
-fn weights(out: &str, step: u64) -> Vec<f32> {
-    let dir = Path::new(out).join(format!("checkpoints/step-{step:08}"));
-    let (_, model) = llama_model::checkpoint::load(&dir, &Device::flex()).unwrap();
-    let mut v = Values(vec![]);
-    model.visit(&mut v);
-    v.0
 }
 
 fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
@@ -107,7 +87,7 @@ fn a_rank_killed_mid_step_ends_the_job_and_leaves_the_last_complete_checkpoint()
     let cfg = f.config("killed", MODEL, TRAIN, "");
     let started = Instant::now();
     // Rank 1 kills itself with SIGKILL in step 7, before its gradients are reduced.
-    let (ok, out, err) = mpirun(3, &["--config", &cfg], &[("LLAMA2_TEST_KILL_RANK", "1@7")]);
+    let (ok, out, err) = mpirun(3, &["--config", &cfg], &[("LLAMA2_TEST_KILL_AT", "backward@7"), ("LLAMA2_TEST_KILL_RANK", "1")]);
     let took = started.elapsed();
     assert!(!ok, "the job must fail when a rank dies: {out}");
     assert!(took < Duration::from_secs(60), "the job took {took:?} to end");

@@ -1,5 +1,6 @@
 //! `pretrain` end to end, as a user runs it: resume equality, interrupted checkpoints,
-//! TensorBoard's own reader, learning on the shipped corpus, and bad input.
+//! TensorBoard's own reader, learning on the shipped corpus, runs killed at every point (bad
+//! input: `bad_input.rs`).
 
 mod common;
 
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fixture, pretrain, repo, train_curve};
+use common::{Fixture, pretrain, repo, train_curve, weights};
 use serde_json::Value;
 
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
@@ -70,50 +71,6 @@ print(json.dumps(out))
         }
         assert_eq!(tb["_text"], serde_json::json!(["samples"]), "{tb}");
     }
-}
-
-#[test]
-fn bad_configs_and_data_are_clear_errors_before_training() {
-    let f = Fixture::new(400);
-    let cases: Vec<(String, &str)> = vec![
-        (f.config("toml", MODEL, "max_steps = [", ""), "parse error"),
-        (f.config("unknown", MODEL, &format!("{TRAIN}\nlearning_rate = 1"), ""), "learning_rate"),
-        (f.config("type", MODEL, "max_steps = \"six\"\nbatch_size = 4\nmicro_batch_size = 2", ""), "max_steps"),
-        (f.config("neglr", MODEL, TRAIN, ""), "optim.lr"),
-        (f.config("divisible", MODEL, "max_steps = 6\nbatch_size = 5\nmicro_batch_size = 2", ""), "train.micro_batch_size"),
-        (f.config("vocab", &MODEL.replace("vocab_size = 400", "vocab_size = 256"), TRAIN, ""), "vocab"),
-    ];
-    // Negative LR: rewrite that config's [optim] section.
-    let neg = std::fs::read_to_string(&cases[3].0).unwrap().replace("lr = 3e-3", "lr = -1.0");
-    std::fs::write(&cases[3].0, neg).unwrap();
-    for (config, needle) in &cases {
-        let (ok, _, err) = pretrain(&["--config", config], &[]);
-        assert!(!ok, "{config} should fail");
-        assert!(err.contains(needle), "{config}: expected `{needle}` in: {err}");
-        assert!(err.contains(".toml"), "{config}: the error should name the file: {err}");
-        assert!(!err.contains("panicked"), "{err}");
-    }
-    // Missing shard directory.
-    let missing = f.config("missing", MODEL, TRAIN, "");
-    std::fs::write(&missing, std::fs::read_to_string(&missing).unwrap().replace("/shards\"", "/nowhere\"")).unwrap();
-    let (ok, _, err) = pretrain(&["--config", &missing], &[]);
-    assert!(!ok && err.contains("nowhere") && err.contains("does not exist"), "{err}");
-    // Shards made with another, larger tokenizer than the model's vocabulary.
-    let other = Fixture::new(600);
-    let bigger = f.config("bigger", MODEL, TRAIN, "");
-    std::fs::write(&bigger, std::fs::read_to_string(&bigger).unwrap().replace(&f.path("shards"), &other.path("shards"))).unwrap();
-    let (ok, _, err) = pretrain(&["--config", &bigger], &[]);
-    assert!(!ok && err.contains("manifest.json") && err.contains("exceeds model.vocab_size"), "{err}");
-    // An output directory holding another run's checkpoints, of another shape.
-    let first = f.config("shape", MODEL, "max_steps = 2\nbatch_size = 2\nmicro_batch_size = 2\ncheckpoint_every = 1", "");
-    assert!(pretrain(&["--config", &first], &[]).0);
-    let wider = MODEL.replace("dim = 32", "dim = 64");
-    let second = f.config("shape", &wider, "max_steps = 2\nbatch_size = 2\nmicro_batch_size = 2", "");
-    let (ok, _, err) = pretrain(&["--config", &second], &[]);
-    assert!(!ok && err.contains("already holds checkpoints") && err.contains("--resume"), "{err}");
-    let (ok, _, err) = pretrain(&["--config", &second, "--resume"], &[]);
-    assert!(!ok && err.contains("another model config"), "{err}");
-    assert!(!err.contains("panicked"), "{err}");
 }
 
 /// On the shipped corpus and tokenizer, a small model (64 wide, 2 layers, 200 steps of 1,024
@@ -212,4 +169,60 @@ fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
     let got = train_curve(&f.path("out-killed"));
     assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), (1..=newest + 4).collect::<Vec<u64>>(), "each step logged once");
     assert_eq!(got, train_curve(&f.path("out-straight")));
+}
+
+/// The crash test: a run killed with SIGKILL at each point of a step and of a checkpoint write
+/// (`trainer::test_hooks::KILL_AT_ENV`), before its first checkpoint or after, always resumes to
+/// the uninterrupted run: the same logged curve with each step once, the same validation losses,
+/// and the same final weights, bit for bit.
+#[test]
+fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = Fixture::new(400);
+    // Checkpoints at 2, 4, 6 with one kept, so every save after the first prunes one.
+    let train = "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
+    let straight = f.config("straight", MODEL, train, "");
+    let (ok, _, err) = pretrain(&["--config", &straight], &[]);
+    assert!(ok, "{err}");
+    let val_losses = |out: &str| -> Vec<(u64, f64)> {
+        std::fs::read_to_string(PathBuf::from(out).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter_map(|v| Some((v["step"].as_u64()?, v.get("val/loss")?.as_f64()?)))
+            .collect()
+    };
+    let (want_curve, want_val, want_weights) = (train_curve(&f.path("out-straight")), val_losses(&f.path("out-straight")), weights(&f.path("out-straight"), 6));
+    assert_eq!(want_val.iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 6]);
+    let points = [
+        "backward@1",
+        "update@3",
+        "logged@3",
+        "model.bpk@4",
+        "optimizer.bpk@4",
+        "state.json@4",
+        "synced@4",
+        "published@4",
+        "pruning@4",
+        "logged@5",
+        "state.json@6",
+    ];
+    for (i, point) in points.iter().enumerate() {
+        let name = format!("killed{i}");
+        let cfg = f.config(&name, MODEL, train, "");
+        let out = f.path(&format!("out-{name}"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain"));
+        let died = cmd.args(["--config", &cfg]).env("LLAMA2_TEST_KILL_AT", point).current_dir(repo()).output().unwrap();
+        assert_eq!(died.status.signal(), Some(9), "{point}: the run should die by SIGKILL: {}", String::from_utf8_lossy(&died.stderr));
+        let (ok, stdout, err) = pretrain(&["--config", &cfg, "--resume"], &[]);
+        assert!(ok, "{point}: resume failed: {err}");
+        assert!(!err.contains("panicked"), "{point}: {err}");
+        let got = train_curve(&out);
+        assert_eq!(got, want_curve, "{point}: the logged curve differs after the resume\n{stdout}");
+        assert_eq!(val_losses(&out), want_val, "{point}: validation losses differ");
+        let got_weights = weights(&out, 6);
+        assert!(got_weights.len() == want_weights.len() && got_weights.iter().zip(&want_weights).all(|(a, b)| a.to_bits() == b.to_bits()), "{point}: the final weights differ");
+        let left: Vec<String> = std::fs::read_dir(PathBuf::from(&out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(left, vec!["step-00000006".to_string()], "{point}: leftovers after the resumed run");
+    }
 }

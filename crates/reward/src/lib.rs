@@ -170,6 +170,22 @@ pub struct Pair {
     pub rejected: Vec<u32>,
     pub rating: Rating,
     pub category: Category,
+    /// The line of the file it came from (1-based), for messages.
+    pub line: usize,
+}
+
+/// Refuses, before any work, a pair of `path` longer than the model's `max_seq_len` (its
+/// positions have no rotary table), naming the file and line.
+pub fn check_pair_lengths(pairs: &[Pair], path: &Path, max_seq_len: usize) -> anyhow::Result<()> {
+    if let Some(p) = pairs.iter().find(|p| p.chosen.len().max(p.rejected.len()) > max_seq_len) {
+        bail!(
+            "{}:{}: prompt + answer are {} tokens, more than the model's max_seq_len ({max_seq_len}): shorten or remove the pair",
+            path.display(),
+            p.line,
+            p.chosen.len().max(p.rejected.len())
+        );
+    }
+    Ok(())
 }
 
 /// Counted, not fatal.
@@ -243,7 +259,7 @@ pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, default_category: Category
             }
             None => (tokenizer.encode(&chosen, true, true)?, tokenizer.encode(&rejected, true, true)?),
         };
-        pairs.push(Pair { chosen: c, rejected: r, rating, category });
+        pairs.push(Pair { chosen: c, rejected: r, rating, category, line: n + 1 });
     }
     stats.pairs = pairs.len();
     if stats.identical + stats.empty_prompt > 0 {
@@ -445,6 +461,16 @@ pub fn load_reward_model(path: &Path, device: &Device) -> anyhow::Result<(LlamaC
     Ok((config, model))
 }
 
+/// Writes a reward model as a directory [`load_reward_model`] reads (`config.toml` and
+/// `model.bpk`, as a reward run's checkpoints hold them), e.g. a freshly initialised one.
+pub fn save_reward_model(model: &RewardModel, config: &LlamaConfig, dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    llama_model::checkpoint::save_weights(model, &dir.join(MODEL_FILE))?;
+    let text = llama_trainer::model_config_toml(config)?;
+    llama_model::checkpoint::write_atomic(&dir.join(llama_model::checkpoint::NATIVE_CONFIG), text.as_bytes())?;
+    Ok(())
+}
+
 /// Command-line overrides (the trainer's, shared by every stage).
 pub use llama_trainer::Overrides;
 
@@ -471,20 +497,22 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         bail!("{origin}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer.vocab_size(), model_config.vocab_size);
     }
     let model = RewardModel::from_trunk(trunk, model_config.dim, &train_device);
-    let (help, _) = load_pairs(&cfg.data.helpfulness, &tokenizer, Category::Helpfulness)?;
-    let (safe, _) = load_pairs(&cfg.data.safety, &tokenizer, Category::Safety)?;
+    let load = |path: &Path, category: Category| -> anyhow::Result<Vec<Pair>> {
+        let (pairs, _) = load_pairs(path, &tokenizer, category)?;
+        check_pair_lengths(&pairs, path, model_config.max_seq_len)?;
+        Ok(pairs)
+    };
+    let help = load(&cfg.data.helpfulness, Category::Helpfulness)?;
+    let safe = load(&cfg.data.safety, Category::Safety)?;
     let train = mix(cfg.target, &help, &safe, cfg.train.seed);
     if train.is_empty() {
         bail!("{origin}: no preference pairs to train on");
     }
     let longest = train.iter().map(|p| p.chosen.len().max(p.rejected.len())).max().unwrap_or(0);
-    if longest > model_config.max_seq_len {
-        bail!("{origin}: a pair has {longest} tokens, more than the model's max_seq_len ({})", model_config.max_seq_len);
-    }
     let mut evals = vec![];
     for (name, path, category) in [("helpfulness", &cfg.data.helpfulness_eval, Category::Helpfulness), ("safety", &cfg.data.safety_eval, Category::Safety)] {
         if let Some(p) = path {
-            evals.push((name.to_string(), load_pairs(p, &tokenizer, category)?.0));
+            evals.push((name.to_string(), load(p, category)?));
         }
     }
     let total_steps = overrides.max_steps.unwrap_or_else(|| (train.len() as u64 * cfg.data.epochs).div_ceil(cfg.train.batch_size as u64)).max(1);

@@ -135,12 +135,18 @@ pub struct PpoConfig {
     pub clip: f64,
     /// Clip of the value update around the rollout's values (OpenRLHF: 0.5; ours 0.2).
     pub value_clip: f64,
-    /// Weight of the value loss (TRL: 0.1).
-    pub value_coef: f64,
+    /// Not a setting (TRL's weight of the value loss in a loss shared with the policy): here the
+    /// value model is a network of its own with its own AdamW, which normalises away any constant
+    /// weight on its loss. Present only so that a config setting it is told why ([`validate`]).
+    #[doc(hidden)]
+    pub value_coef: Option<toml::Value>,
     /// GAE discount and lambda (the paper does not say; ours gamma 1, lambda 0.95, as TRL).
     pub gamma: f64,
     pub lambda: f64,
     pub lr: f64,
+    /// AdamW weight decay of the policy and the value model (the paper's 0.1; none on norms and
+    /// embeddings, as in every stage).
+    pub weight_decay: f64,
     /// LR of the value model (OpenRLHF's defaults: critic 9e-6 against actor 1e-6). The value
     /// model starts as a reward model, whose scores are on another scale than the whitened
     /// returns it must predict: at the policy's LR it needs most of a short run to get there.
@@ -171,10 +177,11 @@ impl Default for PpoConfig {
             beta: 0.01,
             clip: 0.2,
             value_clip: 0.2,
-            value_coef: 0.1,
+            value_coef: None,
             gamma: 1.0,
             lambda: 0.95,
             lr: 1e-6,
+            weight_decay: 0.1,
             value_lr: 9e-6,
             value_warmup: 0,
             grad_clip: 1.0,
@@ -288,7 +295,12 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
     if p.batch_size == 0 || p.minibatch_size == 0 || p.batch_size % p.minibatch_size != 0 {
         bail!("{origin}: ppo.batch_size ({}) must be a positive multiple of ppo.minibatch_size ({})", p.batch_size, p.minibatch_size);
     }
-    for (key, v) in [("ppo.beta", p.beta), ("ppo.clip", p.clip), ("ppo.value_clip", p.value_clip), ("ppo.gamma", p.gamma), ("ppo.lambda", p.lambda)] {
+    if p.value_coef.is_some() {
+        bail!(
+            "{origin}: ppo.value_coef is not a setting here: the value model is a separate network with its own AdamW, which normalises a constant weight on its loss away (it would only move where ppo.grad_clip clips); remove the key and set the value model's step size with ppo.value_lr"
+        );
+    }
+    for (key, v) in [("ppo.beta", p.beta), ("ppo.clip", p.clip), ("ppo.value_clip", p.value_clip), ("ppo.gamma", p.gamma), ("ppo.lambda", p.lambda), ("ppo.weight_decay", p.weight_decay)] {
         if !(v >= 0.0) {
             bail!("{origin}: {key} must be >= 0 (got {v})");
         }
@@ -534,7 +546,6 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
     let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
     let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
-    let value_term = value_loss.mul_scalar(cfg.value_coef);
 
     // Policy: clipped surrogate (not during the value warm-up).
     let total = if train_policy {
@@ -556,9 +567,11 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
         let entropy_tok = with_memory_saving(saving, || state.policy.token_entropy(hidden)).reshape([b, width]);
         stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
         stats.policy_loss = policy_loss.clone().into_scalar::<f32>() as f64;
-        policy_loss + value_term
+        // The two models share no parameter, so one backward through the sum gives each its own
+        // gradients; the value loss is unweighted, as its own AdamW would undo any constant weight.
+        policy_loss + value_loss
     } else {
-        value_term
+        value_loss
     };
 
     let mut grads = total.backward();
@@ -666,10 +679,11 @@ fn samples_text(samples: &[(String, String)], n: usize) -> String {
 pub fn load_scorers(cfg: &RlhfConfig, policy_config: &LlamaConfig, tokenizer: &Tokenizer, device: &Device, origin: &str) -> anyhow::Result<Scorers> {
     let (hc, helpfulness) = load_reward_model(&cfg.helpfulness_model, device).with_context(|| format!("{origin}: helpfulness_model"))?;
     let (sc, safety) = load_reward_model(&cfg.safety_model, device).with_context(|| format!("{origin}: safety_model"))?;
-    for (name, c) in [("helpfulness_model", &hc), ("safety_model", &sc)] {
+    for (name, path, c) in [("helpfulness_model", &cfg.helpfulness_model, &hc), ("safety_model", &cfg.safety_model, &sc)] {
         if c.vocab_size != policy_config.vocab_size {
             bail!(
-                "{origin}: {name} has a vocabulary of {} ids but the policy has {}: the reward models must share the policy's tokenizer",
+                "{origin}: {name} {} has a vocabulary of {} ids but the policy has {}: the reward models must share the policy's tokenizer",
+                path.display(),
                 c.vocab_size,
                 policy_config.vocab_size
             );
@@ -878,7 +892,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
     // The value model starts from the helpfulness reward model (trainable copy).
     let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
-    let opt = OptimConfig { lr: p.lr, weight_decay: 0.0, grad_clip: p.grad_clip, ..OptimConfig::default() };
+    let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
     let reference = policy.valid();
     let mut state = PpoState {
         policy,

@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
-use llama_data::chat::{Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, pack};
+use llama_data::chat::{Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, load_training_conversations, pack};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
@@ -326,7 +326,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if cfg.data.seq_len > model_config.max_seq_len {
         bail!("{}: data.seq_len ({}) exceeds the model's max_seq_len ({})", config_path.display(), cfg.data.seq_len, model_config.max_seq_len);
     }
-    let chats = load_conversations(&cfg.data.train)?;
+    let chats = load_training_conversations(&cfg.data.train)?;
     if chats.is_empty() {
         bail!("{}: no conversations", cfg.data.train.display());
     }

@@ -17,9 +17,8 @@ pub const MODEL_FILE: &str = "model.bpk";
 pub const OPTIMIZER_FILE: &str = "optimizer.bpk";
 pub const STATE_FILE: &str = "state.json";
 
-/// Test hook: `FILE` or `FILE@STEP` makes the writer fail right after writing FILE (of the
-/// checkpoint of STEP only, if given), as a process killed mid-checkpoint would.
-pub const FAIL_AFTER_ENV: &str = "LLAMA2_TEST_FAIL_CHECKPOINT_AFTER";
+pub use crate::test_hooks::FAIL_AFTER_ENV;
+use crate::test_hooks::{kill_point, names};
 
 /// Counters and positions a resumed run needs besides the weights and the optimizer.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,12 +97,9 @@ impl Checkpoints {
         };
         let prepared = if world.is_root() { fresh() } else { Ok(()) };
         world.all_ok(prepared, || format!("rank 0 could not prepare checkpoint {}", tmp.display()))?;
-        let fail_after = std::env::var(FAIL_AFTER_ENV).ok().and_then(|v| match v.split_once('@') {
-            Some((file, at)) => (at.parse::<u64>().ok() == Some(step)).then(|| file.to_string()),
-            None => Some(v),
-        });
         let written = move |file: &str| -> anyhow::Result<()> {
-            if fail_after.as_deref() == Some(file) {
+            kill_point(file, step);
+            if names(FAIL_AFTER_ENV, file, step) {
                 anyhow::bail!("checkpoint interrupted after writing {file} ({FAIL_AFTER_ENV} is set)");
             }
             Ok(())
@@ -115,23 +111,26 @@ impl Checkpoints {
         }
         written_here?;
         // Every rank's files are complete now: rank 0 makes them durable, then publishes.
-        let published = if world.is_root() { sync_tree(&tmp).and_then(|()| self.publish(&tmp, &dest, keep)) } else { Ok(()) };
+        let published = if world.is_root() { sync_tree(&tmp).and_then(|()| self.publish(step, &tmp, &dest, keep)) } else { Ok(()) };
         world.all_ok(published, || format!("rank 0 could not publish {}", dest.display()))?;
         Ok(dest)
     }
 
     /// Renames the written `tmp` to `dest` and prunes all but the newest `keep`.
-    fn publish(&self, tmp: &Path, dest: &Path, keep: usize) -> anyhow::Result<()> {
+    fn publish(&self, step: u64, tmp: &Path, dest: &Path, keep: usize) -> anyhow::Result<()> {
+        kill_point("synced", step);
         if dest.exists() {
             std::fs::remove_dir_all(dest)?;
         }
         std::fs::rename(tmp, dest).map_err(|e| anyhow::anyhow!("{}: {e}", dest.display()))?;
         sync_dir(&self.root)?;
+        kill_point("published", step);
         let all = self.list();
-        for (step, old) in all.iter().take(all.len().saturating_sub(keep)) {
+        for (old_step, old) in all.iter().take(all.len().saturating_sub(keep)) {
             // Out of the listed names first: an interrupted delete leaves only a leftover.
-            let doomed = self.root.join(format!(".{}.old", step_name(*step)));
+            let doomed = self.root.join(format!(".{}.old", step_name(*old_step)));
             std::fs::rename(old, &doomed).map_err(|e| anyhow::anyhow!("{}: {e}", old.display()))?;
+            kill_point("pruning", step);
             std::fs::remove_dir_all(&doomed).map_err(|e| anyhow::anyhow!("{}: {e}", doomed.display()))?;
         }
         Ok(())

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod run;
 pub mod sampler;
 pub mod sharded;
+pub mod test_hooks;
 
 pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use cli::TrainingArgs;

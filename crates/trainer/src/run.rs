@@ -20,6 +20,7 @@ use crate::optim::{Optimizer, StepOptimizer};
 use crate::parallel::{StepPlan, device_copy};
 use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
+use crate::test_hooks::kill_point;
 
 /// What a stage trains on and how.
 pub trait Objective<M> {
@@ -309,7 +310,7 @@ where
         let step_tokens = step_tokens[0] as usize;
         let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
         let (grads, loss) = crate::parallel::accumulate(&model, objective, &batches, plan, scale, &cfg.devices);
-        kill_hook(world.rank(), state.step + 1);
+        kill_point("backward", state.step + 1);
         let (grads, grad_norm) = optimizer.gradients(&model, grads, cfg.optim.grad_clip);
         let lr = cfg.schedule.lr(state.step);
         state.step += 1;
@@ -345,6 +346,7 @@ where
         }
         model = optimizer.step(lr, model, grads, grad_norm, cfg.optim.grad_clip);
         summary.last_loss = Some(loss);
+        kill_point("update", state.step);
 
         let last = state.step == cfg.total_steps || cfg.stop_after == Some(state.step);
         if state.step % cfg.train.log_every == 0 || last {
@@ -378,6 +380,7 @@ where
             metrics.scalars(state.step, &values)?;
             metrics.progress(state.step, cfg.total_steps, &format!("loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.3} | {tok_s:.0} tok/s"));
             window = (Instant::now(), 0);
+            kill_point("logged", state.step);
         }
         if state.step % cfg.train.eval_every == 0 || last {
             objective.evaluate(&for_eval(&model), state.step, &mut metrics)?;
@@ -405,18 +408,4 @@ where
     summary.tokens = state.tokens;
     summary.skipped = state.skipped;
     Ok((model, summary))
-}
-
-/// Test hook: `RANK@STEP` makes that rank kill itself with SIGKILL after its backward passes of
-/// that step, before the gradients are reduced (a rank dying mid-step).
-pub const KILL_RANK_ENV: &str = "LLAMA2_TEST_KILL_RANK";
-
-fn kill_hook(rank: usize, step: u64) {
-    let Ok(spec) = std::env::var(KILL_RANK_ENV) else { return };
-    if spec.split_once('@').is_some_and(|(r, s)| r.parse() == Ok(rank) && s.parse() == Ok(step)) {
-        // SAFETY: kill(2) on this process; nothing is left to run after it.
-        unsafe {
-            libc::kill(libc::getpid(), libc::SIGKILL);
-        }
-    }
 }

@@ -58,6 +58,20 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<()> {
+    let config = PrepareConfig {
+        text_field: cli.text_field.clone(),
+        txt_docs: cli.txt_docs,
+        val_fraction: cli.val_fraction,
+        shard_tokens: cli.shard_tokens,
+        row_group_docs: cli.row_group_docs,
+        overwrite: cli.overwrite,
+        show_progress: true,
+        ..PrepareConfig::new(cli.input.clone(), cli.out.clone())
+    };
+    config.validate()?;
+    if cli.train_tokenizer.is_some_and(|v| v < Tokenizer::MIN_VOCAB) {
+        bail!("--train-tokenizer {}: a vocabulary needs at least {} ids (259 reserved: <unk>, <s>, </s> and 256 bytes, then merges)", cli.train_tokenizer.unwrap_or(0), Tokenizer::MIN_VOCAB);
+    }
     let tokenizer = match cli.train_tokenizer {
         Some(vocab) => {
             if cli.tokenizer.exists() && !cli.overwrite {
@@ -74,16 +88,6 @@ fn run(cli: Cli) -> Result<()> {
             tok
         }
         None => Tokenizer::from_file(&cli.tokenizer)?,
-    };
-    let config = PrepareConfig {
-        text_field: cli.text_field,
-        txt_docs: cli.txt_docs,
-        val_fraction: cli.val_fraction,
-        shard_tokens: cli.shard_tokens,
-        row_group_docs: cli.row_group_docs,
-        overwrite: cli.overwrite,
-        show_progress: true,
-        ..PrepareConfig::new(cli.input, cli.out.clone())
     };
     let m = prepare(&config, &tokenizer)?;
     for split in [Split::Train, Split::Val] {

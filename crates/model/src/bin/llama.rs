@@ -1,6 +1,6 @@
 //! `llama`: inspect a config, convert checkpoints, generate text.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
@@ -70,6 +70,10 @@ enum Command {
         /// Largest Hugging Face shard in GB before splitting into model-0000x-of-0000y files.
         #[arg(long, default_value_t = 5.0)]
         shard_size_gb: f64,
+        /// Write into an existing, non-empty --to directory (its checkpoint files are replaced;
+        /// other files stay). Without it such a directory is refused.
+        #[arg(long)]
+        overwrite: bool,
     },
     /// Benchmark training steps (forward, backward, AdamW) and KV-cache generation on random
     /// tokens: tokens/s, time per phase, achieved GFLOP/s, peak memory.
@@ -125,8 +129,10 @@ enum Command {
         /// 0 for greedy decoding.
         #[arg(long, default_value_t = 0.8)]
         temperature: f32,
+        /// Sample among the k most likely tokens only (0 or unset: all of them).
         #[arg(long)]
         top_k: Option<usize>,
+        /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
         #[arg(long)]
         top_p: Option<f32>,
         #[arg(long, default_value_t = 0)]
@@ -135,6 +141,22 @@ enum Command {
         #[arg(long, default_value = "flex")]
         device: String,
     },
+}
+
+/// Refuses a conversion that would write over its own input, or into an existing directory
+/// holding anything unless `--overwrite` says so (it may be another model).
+fn check_convert_target(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
+    if !to.exists() {
+        return Ok(());
+    }
+    if from.canonicalize().ok() == Some(to.canonicalize()?) {
+        bail!("--to {} is the --from directory: write the conversion to another directory", to.display());
+    }
+    let occupied = std::fs::read_dir(to).with_context(|| format!("--to {}", to.display()))?.next().is_some();
+    if occupied && !overwrite {
+        bail!("--to {} exists and is not empty; pass --overwrite to replace the checkpoint files in it, or choose another directory", to.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -240,7 +262,8 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             }
             Ok(())
         }
-        Command::Convert { from, to, to_format, shard_size_gb } => {
+        Command::Convert { from, to, to_format, shard_size_gb, overwrite } => {
+            check_convert_target(&from, &to, overwrite)?;
             let device = device::parse("flex")?;
             let input = checkpoint::detect(&from)?;
             let target = match to_format.as_deref() {
@@ -279,9 +302,11 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
             let tok = tokenizers::Tokenizer::from_file(&tokenizer_path)
                 .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
+            let eos = tok.token_to_id("</s>");
+            let sampling = SamplingConfig { temperature, top_k, top_p, max_new_tokens, eos_id: eos, seed };
+            sampling.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
             let (_, model) = checkpoint::load(&dir, &device)?;
             let bos = tok.token_to_id("<s>");
-            let eos = tok.token_to_id("</s>");
             let prompts = prompt
                 .iter()
                 .map(|p| {
@@ -289,7 +314,6 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                     Ok(bos.into_iter().chain(enc.get_ids().iter().copied()).collect::<Vec<u32>>())
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let sampling = SamplingConfig { temperature, top_k, top_p, max_new_tokens, eos_id: eos, seed };
             let out = generate(&model, &prompts, &sampling)?;
             for (p, tokens) in prompt.iter().zip(&out.tokens) {
                 let text = tok.decode(tokens, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;

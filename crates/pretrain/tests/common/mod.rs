@@ -5,6 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use burn::module::{Module, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor};
 use llama_data::Tokenizer;
 use llama_data::prepare::{PrepareConfig, prepare};
 use serde_json::Value;
@@ -72,3 +74,21 @@ pub fn train_curve(out: &str) -> Vec<(u64, f64, f64)> {
         .collect()
 }
 
+
+struct Values(Vec<f32>);
+
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        self.0.extend(param.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+    }
+}
+
+/// Every weight of the checkpoint of `step` in run directory `out`, in visiting order (the
+/// files themselves differ between runs: they keep each run's parameter ids).
+pub fn weights(out: &str, step: u64) -> Vec<f32> {
+    let dir = Path::new(out).join(format!("checkpoints/step-{step:08}"));
+    let (_, model) = llama_model::checkpoint::load(&dir, &Device::flex()).unwrap();
+    let mut v = Values(vec![]);
+    model.visit(&mut v);
+    v.0
+}

@@ -1,0 +1,94 @@
+//! `sft` and `sft gatt` on bad input, as a user runs them: each case is refused with a non-zero
+//! exit, no panic, a message naming the file and the key or line, and nothing in the fixture
+//! directory changed (`llama_testkit::Case::refused`).
+
+use std::path::Path;
+
+use burn::tensor::Device;
+use llama_model::LlamaConfig;
+use llama_testkit::{Case, repo};
+
+const SFT: &str = env!("CARGO_BIN_EXE_sft");
+const GOOD: &str = "{\"prompt\": \"a\", \"response\": \"b\"}";
+
+fn tiny(vocab: usize) -> LlamaConfig {
+    LlamaConfig::new(32, 1, 2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(64)
+}
+
+/// A random model `dir/NAME` of vocabulary `vocab`.
+fn model(dir: &Path, name: &str, vocab: usize) {
+    llama_model::checkpoint::save_native(&tiny(vocab).init(&Device::flex()), &tiny(vocab), &dir.join(name)).unwrap();
+}
+
+/// A run config with `train` as the chat file and `init` as the model; `extra` is added to the
+/// `[data]` section (one setting `seq_len` replaces the default's).
+fn config(dir: &Path, name: &str, train: &str, init: &str, extra: &str) -> String {
+    let seq_len = if extra.starts_with("seq_len") { "" } else { "seq_len = 32\n" };
+    let text = format!(
+        "init = \"{d}/{init}\"\n[data]\ntrain = \"{d}/{train}\"\ntokenizer = \"{r}/data/tokenizer.json\"\n{seq_len}{extra}\n[train]\nmax_steps = 1\nbatch_size = 2\nmicro_batch_size = 2\n[run]\nout_dir = \"{d}/out-{name}\"\n",
+        d = dir.display(),
+        r = repo().display()
+    );
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn sft_refuses_bad_input_and_touches_nothing_else() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    model(dir, "policy", 2048);
+    model(dir, "small", 256);
+    let chats = [
+        ("good.jsonl", format!("{GOOD}\n{GOOD}\n")),
+        ("useronly.jsonl", format!("{GOOD}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"and then?\"}}]}}\n")),
+        ("untrained.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\", \"train\": false}]}\n".to_string()),
+        ("robot.jsonl", "{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n".to_string()),
+        ("order.jsonl", format!("{GOOD}\n{{\"messages\": [{{\"role\": \"assistant\", \"content\": \"x\"}}]}}\n")),
+        ("emptychat.jsonl", format!("{GOOD}\n\n{{\"messages\": []}}\n")),
+        ("broken.jsonl", format!("{GOOD}\n{{\"prompt\": broken\n")),
+        ("nocontent.jsonl", "{\"messages\": [{\"role\": \"user\"}]}\n".to_string()),
+        ("empty.jsonl", "\n".to_string()),
+        ("chats.csv", "prompt,response\na,b\n".to_string()),
+    ];
+    for (name, text) in &chats {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    std::fs::write(dir.join("utf8.jsonl"), b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\xfe\", \"response\": \"b\"}\n").unwrap();
+    std::fs::write(dir.join("instructions.txt"), "Act as a pirate.\n").unwrap();
+    std::fs::write(dir.join("blank.txt"), "\n  \n").unwrap();
+    let multiturn = repo().join("data/chat/multiturn.jsonl").display().to_string();
+
+    let train = |name: &str, file: &str, needles: &[&str]| Case::new(name, &["--config", &config(dir, name, file, "policy", "")], needles);
+    let at = |file: &str, line: usize| format!("{}:{line}", dir.join(file).display());
+    let cases = vec![
+        // Chat files: the file and line of the bad conversation.
+        train("a chat with only a user turn", "useronly.jsonl", &[&at("useronly.jsonl", 2), "no assistant answer"]),
+        train("a chat whose answers are all untrained", "untrained.jsonl", &[&at("untrained.jsonl", 1), "no assistant answer"]),
+        train("unknown role", "robot.jsonl", &[&at("robot.jsonl", 1), "unknown role `robot`"]),
+        train("turns out of order", "order.jsonl", &[&at("order.jsonl", 2), "expected"]),
+        train("an empty conversation", "emptychat.jsonl", &[&at("emptychat.jsonl", 3), "empty conversation"]),
+        train("invalid JSON", "broken.jsonl", &[&at("broken.jsonl", 2), "invalid JSON"]),
+        train("a message without content", "nocontent.jsonl", &[&at("nocontent.jsonl", 1), "content"]),
+        train("invalid UTF-8", "utf8.jsonl", &[&at("utf8.jsonl", 2)]),
+        train("no conversations", "empty.jsonl", &["empty.jsonl", "no conversations"]),
+        train("an unsupported chat file", "chats.csv", &["chats.csv", "unsupported chat file"]),
+        train("a missing chat file", "missing.jsonl", &["missing.jsonl"]),
+        // The config and the model.
+        Case::new("windows longer than the model", &["--config", &config(dir, "seq", "good.jsonl", "policy", "seq_len = 65")], &["seq.toml", "data.seq_len", "max_seq_len"]),
+        Case::new("unknown overlong policy", &["--config", &config(dir, "overlong", "good.jsonl", "policy", "overlong = \"cut\"")], &["overlong.toml", "cut", "truncate", "skip"]),
+        Case::new("unknown key", &["--config", &config(dir, "unknown", "good.jsonl", "policy", "epoch = 2")], &["unknown.toml", "epoch"]),
+        Case::new("zero epochs", &["--config", &config(dir, "epochs", "good.jsonl", "policy", "epochs = 0")], &["epochs.toml", "data.epochs"]),
+        Case::new("a missing init", &["--config", &config(dir, "noinit", "good.jsonl", "nowhere", "")], &["noinit.toml", "nowhere"]),
+        Case::new("a model smaller than the tokenizer", &["--config", &config(dir, "vocab", "good.jsonl", "small", "")], &["vocab.toml", "vocabulary"]),
+        Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
+        Case::new("no --config", &[], &["--config"]),
+        // Ghost Attention data.
+        Case::new("gatt: a missing instructions file", &["gatt", "--input", &multiturn, "--instructions", &dir.join("none.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &["none.txt"]),
+        Case::new("gatt: no instructions", &["gatt", "--input", &multiturn, "--instructions", &dir.join("blank.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &["blank.txt", "instruction"]),
+        Case::new("gatt: a bad dialogue", &["gatt", "--input", &dir.join("robot.jsonl").display().to_string(), "--instructions", &dir.join("instructions.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &[&at("robot.jsonl", 1)]),
+        Case::new("gatt: an output in a missing directory", &["gatt", "--input", &multiturn, "--instructions", &dir.join("instructions.txt").display().to_string(), "--out", &dir.join("no/such/g.jsonl").display().to_string()], &["no/such/g"]),
+    ];
+    llama_testkit::refuse_all(SFT, dir, &cases);
+}
