@@ -25,6 +25,7 @@ use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::checkpoint::{Checkpoints, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
 use llama_trainer::optim::{Optimizer, clip_global_norm};
+use llama_trainer::test_hooks::kill_point;
 use llama_trainer::{LoopConfig, Metrics, Schedule};
 use serde::{Deserialize, Serialize};
 
@@ -977,6 +978,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad, train_policy, cfg.memory.memory_saving()));
         }
         state.iteration += 1;
+        kill_point("update", state.iteration);
         let n = ro.scores.len() as f64;
         let mean = |f: &dyn Fn(&StepStats) -> f64| stats.iter().map(f).sum::<f64>() / stats.len() as f64;
         let mut values = vec![
@@ -998,6 +1000,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         }
         metrics.scalars(state.iteration, &values)?;
         metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
+        kill_point("logged", state.iteration);
         // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
         if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {
             let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;

@@ -92,6 +92,36 @@ fn ppo_resume_equals_uninterrupted() {
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
+/// The crash test of PPO's own loop: killed with SIGKILL after an iteration's updates, after its
+/// logging, and at every point of a checkpoint write (`trainer::test_hooks::KILL_AT_ENV`),
+/// `rlhf --resume` ends with the uninterrupted run's metrics, each iteration logged once.
+#[test]
+fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    // A checkpoint every iteration, two kept: the save of iteration 3 prunes iteration 1's.
+    let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("checkpoint_every = 100", "checkpoint_every = 1"));
+    llama_rlhf::run(&cfg, Some(tmp.path().join("straight")), false, None, true).unwrap();
+    let want = ppo_curve(&tmp.path().join("straight"));
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+        cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--skip-rejection-sampling"]).args(extra);
+        if let Some(point) = kill {
+            cmd.env("LLAMA2_TEST_KILL_AT", point);
+        }
+        cmd.output().unwrap()
+    };
+    for (i, point) in ["update@2", "logged@2", "policy.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
+        let out = tmp.path().join(format!("killed{i}"));
+        let died = rlhf(&out, &[], Some(point));
+        assert_eq!(died.status.signal(), Some(9), "{point}: PPO should die by SIGKILL: {}", String::from_utf8_lossy(&died.stderr));
+        let resumed = rlhf(&out, &["--resume"], None);
+        assert!(resumed.status.success(), "{point}: {}", String::from_utf8_lossy(&resumed.stderr));
+        assert_eq!(ppo_curve(&out), want, "{point}: the resumed run's metrics differ");
+    }
+}
+
 fn last_value(metrics: &Path, key: &str) -> f64 {
     *all_values(metrics, key).last().unwrap_or_else(|| panic!("{key} not logged"))
 }
