@@ -1,4 +1,4 @@
-//! `reward --config configs/reward-tiny.toml`: train a helpfulness or safety reward model;
+//! `reward --config configs/reward-helpfulness-tiny.toml` (or `reward-safety-tiny.toml`): train a helpfulness or safety reward model;
 //! `reward score`: score prompt/response pairs with a trained one.
 
 use std::io::{BufRead, BufReader, Write};

@@ -25,9 +25,7 @@ fn config(dir: &Path, name: &str, init: &str, help: &str, safe: &str, extra: &st
         d = dir.display(),
         r = repo().display()
     );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    llama_testkit::write_config(dir, name, &text)
 }
 
 #[test]

@@ -999,7 +999,8 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             values.retain(|(k, _)| !matches!(*k, "ppo/clip_fraction" | "ppo/approx_kl" | "ppo/policy_loss" | "ppo/entropy"));
         }
         metrics.scalars(state.iteration, &values)?;
-        metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", values[0].1, values[4].1));
+        let value_of = |key: &str| values.iter().find(|(k, _)| *k == key).map_or(f64::NAN, |(_, v)| *v);
+        metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", value_of("ppo/reward_combined"), value_of("ppo/kl_k1")));
         kill_point("logged", state.iteration);
         // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
         if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {

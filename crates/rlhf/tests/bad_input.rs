@@ -31,9 +31,7 @@ fn config(dir: &Path, name: &str, prompts: &str, extra: &str) -> String {
         r = repo().display(),
         p = prompts.display()
     );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    llama_testkit::write_config(dir, name, &text)
 }
 
 #[test]

@@ -92,6 +92,23 @@ fn ppo_resume_equals_uninterrupted() {
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
+/// `ppo.weight_decay` reaches the optimizers: from the same first rollout, the same run without it
+/// logs other losses once decayed weights are used.
+#[test]
+fn ppo_weight_decay_is_applied() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let run = |name: &str, decay: f64| {
+        let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("iterations = 4", &format!("iterations = 2\nweight_decay = {decay}")));
+        llama_rlhf::run(&cfg, Some(tmp.path().join(name)), false, None, true).unwrap();
+        ppo_curve(&tmp.path().join(name))
+    };
+    let (with, without) = (run("decay", 0.1), run("none", 0.0));
+    let reward = |row: &str| row.split(' ').nth(3).unwrap().to_string();
+    assert_eq!(reward(&with[0]), reward(&without[0]), "iteration 1's rollout comes from the same starting weights");
+    assert_ne!(with, without, "weight decay changed nothing");
+}
+
 /// The crash test of PPO's own loop: killed with SIGKILL after an iteration's updates, after its
 /// logging, and at every point of a checkpoint write (`trainer::test_hooks::KILL_AT_ENV`),
 /// `rlhf --resume` ends with the uninterrupted run's metrics, each iteration logged once.

@@ -29,9 +29,7 @@ fn config(dir: &Path, name: &str, train: &str, init: &str, extra: &str) -> Strin
         d = dir.display(),
         r = repo().display()
     );
-    let path = dir.join(format!("{name}.toml"));
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    llama_testkit::write_config(dir, name, &text)
 }
 
 #[test]

@@ -15,6 +15,13 @@ pub fn repo() -> PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
+/// Writes a case's config `dir/NAME.toml` and returns its path.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
 /// One bad input: the binary's arguments and what the error must say.
 pub struct Case {
     pub name: String,
