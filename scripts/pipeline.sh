@@ -26,8 +26,9 @@ stage "rlhf: rejection sampling, then PPO"
 "$bin/rlhf" --config configs/rlhf-tiny.toml --policy "$OUT/sft" \
     --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --out "$OUT/rlhf"
 stage "eval: SFT vs rejection sampling vs PPO"
-sed "s#runs/pipeline#$OUT#g" configs/eval-tiny.toml > "$OUT/eval.toml"
-"$bin/eval" compare --config "$OUT/eval.toml"
+"$bin/eval" compare --config configs/eval-tiny.toml --out "$OUT/eval" \
+    --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --judge-model "$OUT/sft" \
+    --model sft="$OUT/sft" --model rs="$OUT/rlhf/rejection-sampling/round-2" --model ppo="$OUT/rlhf/ppo/best"
 echo "report: $OUT/eval/report.json, chart: $OUT/eval/chart.svg"
 stage "done"
 echo "TensorBoard: tensorboard --logdir $OUT"

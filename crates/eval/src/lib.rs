@@ -206,8 +206,51 @@ pub struct Report {
 
 /// Runs the comparison; writes report.json, TensorBoard scalars and chart.svg under out_dir.
 pub fn compare(config_path: &Path) -> anyhow::Result<Report> {
-    let cfg: EvalConfig = llama_trainer::config::load_toml(config_path)?;
+    compare_with(config_path, &Paths::default())
+}
+
+/// Command-line replacements of the config's paths (`eval compare --out ... --model NAME=PATH`).
+#[derive(Debug, Clone, Default)]
+pub struct Paths {
+    pub out: Option<PathBuf>,
+    pub helpfulness_model: Option<PathBuf>,
+    pub safety_model: Option<PathBuf>,
+    pub judge_model: Option<PathBuf>,
+    /// (name, path) of models listed in the config.
+    pub models: Vec<(String, PathBuf)>,
+}
+
+impl Paths {
+    fn apply(&self, cfg: &mut EvalConfig, origin: &str) -> anyhow::Result<()> {
+        for (slot, value) in [(&mut cfg.out_dir, &self.out), (&mut cfg.helpfulness_model, &self.helpfulness_model), (&mut cfg.safety_model, &self.safety_model)] {
+            if let Some(v) = value {
+                *slot = v.clone();
+            }
+        }
+        if let Some(judge) = &self.judge_model {
+            match cfg.judge.as_mut() {
+                Some(j) => j.model = judge.clone(),
+                None => bail!("--judge-model: {origin} has no [judge] section"),
+            }
+        }
+        for (name, path) in &self.models {
+            match cfg.models.iter_mut().find(|m| &m.name == name) {
+                Some(m) => m.path = path.clone(),
+                None => {
+                    let names: Vec<&str> = cfg.models.iter().map(|m| m.name.as_str()).collect();
+                    bail!("--model {name}=...: {origin} has no model `{name}` (its models: {})", names.join(", "));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// [`compare`] with some of the config's paths replaced.
+pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report> {
+    let mut cfg: EvalConfig = llama_trainer::config::load_toml(config_path)?;
     let origin = config_path.display().to_string();
+    paths.apply(&mut cfg, &origin)?;
     if !cfg.models.iter().any(|m| m.name == cfg.baseline) {
         bail!("{origin}: baseline `{}` is not one of the models", cfg.baseline);
     }

@@ -42,7 +42,29 @@ enum Command {
     Compare {
         #[arg(long)]
         config: PathBuf,
+        /// Override out_dir.
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Override the path of a model the config lists: NAME=PATH (repeat for several).
+        #[arg(long = "model", value_name = "NAME=PATH", value_parser = name_and_path)]
+        models: Vec<(String, PathBuf)>,
+        /// Override helpfulness_model.
+        #[arg(long)]
+        helpfulness_model: Option<PathBuf>,
+        /// Override safety_model.
+        #[arg(long)]
+        safety_model: Option<PathBuf>,
+        /// Override judge.model.
+        #[arg(long)]
+        judge_model: Option<PathBuf>,
     },
+}
+
+fn name_and_path(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, path)) if !name.is_empty() && !path.is_empty() => Ok((name.to_string(), PathBuf::from(path))),
+        _ => Err(format!("`{s}`: expected NAME=PATH, e.g. sft=runs/pipeline/sft")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -82,8 +104,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", serde_json::json!({ "model": model, "split": split.name(), "tokens": tokens, "perplexity": ppl, "loss": ppl.ln() }));
             Ok(())
         }
-        Command::Compare { config } => {
-            let report = llama_eval::compare(&config)?;
+        Command::Compare { config, out, models, helpfulness_model, safety_model, judge_model } => {
+            let paths = llama_eval::Paths { out, helpfulness_model, safety_model, judge_model, models };
+            let report = llama_eval::compare_with(&config, &paths)?;
             for (model, sets) in &report.models {
                 for (set, r) in sets {
                     let vs = match (r.win_rate, r.tie_rate, r.loss_rate, r.win_rate_ci95) {

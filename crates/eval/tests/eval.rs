@@ -81,6 +81,18 @@ fn the_report_is_reproducible_and_complete() {
     assert_eq!(b.expected_rate, Some((hits as f64 / 96.0 * 1e6).round() / 1e6));
     assert!(b_help.iter().all(|r| r["answer"].as_str().unwrap().contains(r["expected"].as_str().unwrap()) == r["contains_expected"].as_bool().unwrap()));
     assert_eq!(first.models["b"]["safety"].expected_rate, None);
+
+    // The command line replaces the config's paths: `b` read from `a`'s directory ties with it
+    // everywhere, and the report goes to --out.
+    let out2 = tmp.path().join("out2");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_eval"))
+        .args(["compare", "--config", cfg.to_str().unwrap(), "--out", out2.to_str().unwrap(), "--model", &format!("b={}", tmp.path().join("a").display())])
+        .output()
+        .unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let swapped: llama_eval::Report = serde_json::from_str(&std::fs::read_to_string(out2.join("report.json")).unwrap()).unwrap();
+    assert_eq!(swapped.models["b"]["helpfulness"].tie_rate, Some(1.0));
+    assert_eq!(swapped.models["a"], first.models["a"]);
 }
 
 /// `eval compare` and `eval perplexity` on bad input, as a user runs them: each case is refused
@@ -132,6 +144,9 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         compare("an unknown baseline", "", &[("baseline = \"a\"", "baseline = \"z\"")], &["baseline", "z"]),
         compare("a missing model", "", &[(&format!("path = \"{}/b\"", dir.display()), "path = \"/nowhere/b\"")], &["/nowhere/b"]),
         compare("unknown key", "judges = 2", &[], &["judges"]),
+        llama_testkit::Case::new("a --model the config does not list", &["compare", "--config", &config(dir, "listed", "", &[]).display().to_string(), "--model", "z=/x"], &["--model z=", "listed.toml", "a, b"]),
+        llama_testkit::Case::new("a --model without a name", &["compare", "--config", &config(dir, "noname", "", &[]).display().to_string(), "--model", "/x"], &["--model", "NAME=PATH"]),
+        llama_testkit::Case::new("a --judge-model without a judge", &["compare", "--config", &config(dir, "nojudge", "", &[]).display().to_string(), "--judge-model", "/x"], &["--judge-model", "nojudge.toml"]),
         llama_testkit::Case::new("a missing config", &["compare", "--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
         perplexity("windows longer than the model", &["--seq-len", "129"], &["--seq-len 129", "128"]),
         perplexity("zero-token windows", &["--seq-len", "0"], &["--seq-len 0"]),

@@ -525,6 +525,38 @@ pub struct StepStats {
     pub entropy: f64,
 }
 
+/// The mean of `x` over the positions where `mask` is 1 (over none: 0).
+///
+/// # Shapes
+/// - `x`, `mask`: `[batch, width]`; returns `[1]`.
+pub fn masked_mean(x: Tensor<2>, mask: Tensor<2>) -> Tensor<1> {
+    let count = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
+    (x * mask).sum().div_scalar(count)
+}
+
+/// PPO's clipped surrogate over the response tokens (`mask`): the mean of
+/// `max(-A r, -A clip(r, 1 - clip, 1 + clip))` with `r = exp(lp - old_lp)`, so a token's ratio
+/// moves the loss only until it leaves the clip range in the direction its advantage favours.
+///
+/// # Shapes
+/// - `lp`, `old_lp`, `adv`, `mask`: `[batch, width]`; returns `[1]`.
+pub fn clipped_policy_loss(lp: Tensor<2>, old_lp: Tensor<2>, adv: Tensor<2>, mask: Tensor<2>, clip: f64) -> Tensor<1> {
+    let ratio = (lp - old_lp).exp();
+    let unclipped = adv.clone().neg() * ratio.clone();
+    let clipped = adv.neg() * ratio.clamp(1.0 - clip, 1.0 + clip);
+    masked_mean(unclipped.max_pair(clipped), mask)
+}
+
+/// The value loss clipped around the rollout's values (OpenRLHF's, TRL's): half the mean over the
+/// response tokens of `max((v - R)^2, (v_old + clip(v - v_old, -clip, clip) - R)^2)`.
+///
+/// # Shapes
+/// - `values`, `old_values`, `returns`, `mask`: `[batch, width]`; returns `[1]`.
+pub fn clipped_value_loss(values: Tensor<2>, old_values: Tensor<2>, returns: Tensor<2>, mask: Tensor<2>, clip: f64) -> Tensor<1> {
+    let v_clipped = old_values.clone() + (values.clone() - old_values).clamp(-clip, clip);
+    masked_mean((values - returns.clone()).powi_scalar(2).max_pair((v_clipped - returns).powi_scalar(2)), mask).mul_scalar(0.5)
+}
+
 /// One clipped-PPO gradient step on the minibatch `idx` of `rollout`: the value model, and the
 /// policy unless `train_policy` is false (the value warm-up).
 pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32, train_policy: bool, saving: MemorySaving) -> StepStats {
@@ -538,14 +570,12 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let adv = t2(scatter(rollout, idx, width, |i| rollout.advantages[i].clone()));
     let ret = t2(scatter(rollout, idx, width, |i| rollout.returns[i].clone()));
     let old_v = t2(scatter(rollout, idx, width, |i| rollout.values[i].clone()));
-    let count = mask.clone().sum().into_scalar::<f32>().max(1.0) as f64;
-    let masked_mean = |x: Tensor<2>| (x * mask.clone()).sum().div_scalar(count);
+    let masked_mean = |x: Tensor<2>| masked_mean(x, mask.clone());
 
     let (tokens, _) = right_pad(&seqs, pad, &device);
     // Value: clipped around the rollout's values.
     let values = with_memory_saving(saving, || state.value.values(tokens.clone())).slice([0..b, 0..width]);
-    let v_clipped = old_v.clone() + (values.clone() - old_v).clamp(-cfg.value_clip, cfg.value_clip);
-    let value_loss = masked_mean((values - ret.clone()).powi_scalar(2).max_pair((v_clipped - ret).powi_scalar(2))).mul_scalar(0.5);
+    let value_loss = clipped_value_loss(values, old_v, ret, mask.clone(), cfg.value_clip);
     let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
 
     // Policy: clipped surrogate (not during the value warm-up).
@@ -556,10 +586,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
             let lp = state.policy.token_nll(hidden.clone(), targets).neg().reshape([b, width]);
             (hidden, lp)
         });
-        let ratio = (lp.clone() - old_lp.clone()).exp();
-        let unclipped = adv.clone().neg() * ratio.clone();
-        let clipped = adv.neg() * ratio.clone().clamp(1.0 - cfg.clip, 1.0 + cfg.clip);
-        let policy_loss = masked_mean(unclipped.max_pair(clipped));
+        let policy_loss = clipped_policy_loss(lp.clone(), old_lp.clone(), adv, mask.clone(), cfg.clip);
 
         // Diagnostics, detached.
         let log_ratio = (lp.detach() - old_lp).clone();

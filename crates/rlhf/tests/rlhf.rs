@@ -92,6 +92,39 @@ fn ppo_resume_equals_uninterrupted() {
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
+/// PPO's clipped losses and their gradients against hand-computed values: clipping on both sides
+/// of the ratio and of the value, positive and negative advantages, a masked position.
+#[test]
+fn clipped_policy_and_value_losses_equal_hand_computed_values() {
+    use burn::tensor::{Tensor, TensorData};
+    let device = Device::flex().autodiff();
+    let t = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v.clone(), [1, v.len()]), &device);
+    let host = |x: Tensor<2>| x.into_data().convert::<f32>().try_to_vec::<f32>().unwrap();
+    let close = |got: &[f32], want: &[f32]| got.iter().zip(want).all(|(g, w)| (g - w).abs() < 1e-5) && got.len() == want.len();
+
+    // Ratios 1.5 (A = 1: clipped at 1.2), 0.5 (A = 1: below the range, unclipped), 1.1 (A = -2:
+    // inside it), 0.5 (A = -1: clipped at 0.8), and a masked 9.0.
+    let ratios = [1.5f32, 0.5, 1.1, 0.5, 9.0];
+    let old_lp: Vec<f32> = vec![-1.0, -2.0, -0.5, -3.0, -1.0];
+    let lp = t(old_lp.iter().zip(ratios).map(|(o, r)| o + r.ln()).collect()).require_grad();
+    let (adv, mask) = (t(vec![1.0, 1.0, -2.0, -1.0, 5.0]), t(vec![1.0, 1.0, 1.0, 1.0, 0.0]));
+    let loss = llama_rlhf::clipped_policy_loss(lp.clone(), t(old_lp), adv, mask, 0.2);
+    // (-1.2 - 0.5 + 2.2 + 0.8) / 4
+    assert!((loss.clone().into_scalar::<f32>() - 0.325).abs() < 1e-5);
+    // d/d lp of -A r / 4 where the unclipped term is the larger; 0 where the clipped one is.
+    let grad = host(lp.grad(&loss.backward()).unwrap());
+    assert!(close(&grad, &[0.0, -0.125, 0.55, 0.0, 0.0]), "{grad:?}");
+
+    // Values 1.0 from 0.5 towards a return of 2.0 (the clipped 0.7 is further: it counts, flat),
+    // 0.0 from 0.5 for a return of 0.6 (the unclipped one is further), and a masked 5.0.
+    let values = t(vec![1.0, 0.0, 5.0]).require_grad();
+    let loss = llama_rlhf::clipped_value_loss(values.clone(), t(vec![0.5, 0.5, 0.0]), t(vec![2.0, 0.6, 0.0]), t(vec![1.0, 1.0, 0.0]), 0.2);
+    // 0.5 * (1.3^2 + 0.6^2) / 2
+    assert!((loss.clone().into_scalar::<f32>() - 0.5125).abs() < 1e-5);
+    let grad = host(values.grad(&loss.backward()).unwrap());
+    assert!(close(&grad, &[0.0, -0.3, 0.0]), "{grad:?}");
+}
+
 /// `ppo.weight_decay` reaches the optimizers: from the same first rollout, the same run without it
 /// logs other losses once decayed weights are used.
 #[test]
