@@ -6,7 +6,6 @@
 //! message as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`. Loss falls on answer tokens and their EOS
 //! only (and not on answers marked `"train": false`, as Ghost Attention needs).
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -199,23 +198,14 @@ pub fn load_training_conversations(path: &Path) -> Result<Vec<Conversation>, Dat
 
 /// Loads conversations and applies `check` to each; errors name the file and line (or row).
 fn load_checked(path: &Path, check: impl Fn(&Conversation) -> Result<(), String>) -> Result<Vec<Conversation>, DataError> {
-    let io = |e: std::io::Error| DataError::Io(format!("{}: {e}", path.display()));
     let parse = |value: &serde_json::Value| Conversation::from_json(value).and_then(|c| check(&c).map(|()| c));
     match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl" | "json") => {
-            let reader = BufReader::new(std::fs::File::open(path).map_err(io)?);
-            let mut out = vec![];
-            for (n, line) in reader.lines().enumerate() {
-                let at = format!("{}:{}", path.display(), n + 1);
-                let line = line.map_err(|e| DataError::Input(format!("{at}: {e}")))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Input(format!("{at}: invalid JSON: {e}")))?;
-                out.push(parse(&value).map_err(|e| DataError::Input(format!("{at}: {e}")))?);
-            }
-            Ok(out)
-        }
+        Some("jsonl" | "json") => llama_io::read_jsonl(path)?
+            .map(|line| {
+                let line = line?;
+                parse(&line.value).map_err(|e| DataError::Input(format!("{}: {e}", line.at)))
+            })
+            .collect(),
         Some("parquet") => load_parquet(path, parse),
         _ => Err(DataError::Config(format!("{}: unsupported chat file; expected .jsonl or .parquet", path.display()))),
     }

@@ -11,8 +11,6 @@ pub use reader::{Cursor, PackedReader, ReaderConfig};
 pub use shards::{Manifest, ShardFile, ShardInfo, ShardWriter, Split};
 pub use tokenizer::Tokenizer;
 
-use std::path::Path;
-
 /// Errors of the data crate; messages name the file (and line or row where it applies).
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
@@ -30,10 +28,9 @@ pub enum DataError {
     Empty(String),
 }
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), DataError> {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-    std::fs::write(&tmp, bytes).map_err(|e| DataError::Io(format!("{}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))
+impl From<std::io::Error> for DataError {
+    /// `llama_io`'s errors already name the path (and line).
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
 }

@@ -132,14 +132,8 @@ pub fn for_each_document(path: &Path, text_field: &str, txt_docs: TxtDocs, f: &m
             Ok(())
         }
         Some("jsonl" | "json") => {
-            let reader = BufReader::new(File::open(path).map_err(io)?);
-            for (n, line) in reader.lines().enumerate() {
-                let at = format!("{}:{}", path.display(), n + 1);
-                let line = line.map_err(|e| DataError::Input(format!("{at}: {e}")))?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let value: serde_json::Value = serde_json::from_str(&line).map_err(|e| DataError::Input(format!("{at}: invalid JSON: {e}")))?;
+            for line in llama_io::read_jsonl(path)? {
+                let llama_io::JsonLine { at, value, .. } = line?;
                 match value.get(text_field) {
                     Some(serde_json::Value::String(s)) => f(s.clone())?,
                     Some(other) => return Err(DataError::Input(format!("{at}: field `{text_field}` is {other}, not a string"))),
@@ -200,8 +194,7 @@ pub fn prepare(config: &PrepareConfig, tokenizer: &Tokenizer) -> Result<Manifest
     let replaced = check_output_dir(&config.out, config.overwrite)?;
     let parent = config.out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(|e| DataError::Io(format!("{}: {e}", parent.display())))?;
-    let name = config.out.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "shards".into());
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    let tmp = llama_io::tmp_sibling(&config.out);
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| DataError::Io(format!("{}: {e}", tmp.display())))?;
     }

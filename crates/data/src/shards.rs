@@ -61,7 +61,7 @@ impl Manifest {
 
     pub fn save(&self, dir: &Path) -> Result<(), DataError> {
         let json = serde_json::to_string_pretty(self).expect("manifest serialises");
-        crate::write_atomic(&dir.join(MANIFEST), json.as_bytes())
+        Ok(llama_io::write_atomic(&dir.join(MANIFEST), json.as_bytes())?)
     }
 
     pub fn tokens(&self, split: Split) -> u64 {

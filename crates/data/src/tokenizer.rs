@@ -120,7 +120,7 @@ impl Tokenizer {
     /// Writes `tokenizer.json` (through a temporary file and a rename).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
         let json = self.inner.to_string(true).map_err(|e| DataError::Tokenizer(e.to_string()))?;
-        crate::write_atomic(path, json.as_bytes())
+        Ok(llama_io::write_atomic(path, json.as_bytes())?)
     }
 
     /// Token ids of `text`, with BOS before and/or EOS after when asked.

@@ -371,7 +371,7 @@ fn write_answers(scored: &BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<f6
             }
         }
     }
-    llama_model::checkpoint::write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
+    llama_io::write_atomic(&out.join("answers.jsonl"), text.as_bytes())?;
     Ok(())
 }
 
@@ -418,7 +418,7 @@ fn answer_and_score(
 pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let json = serde_json::to_string_pretty(report)?;
-    llama_model::checkpoint::write_atomic(&out.join("report.json"), json.as_bytes())?;
+    llama_io::write_atomic(&out.join("report.json"), json.as_bytes())?;
     let mut tb = llama_trainer::tensorboard::EventWriter::create(&out.join("tensorboard"))?;
     for (model, sets) in &report.models {
         for (set, r) in sets {

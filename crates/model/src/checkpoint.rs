@@ -11,6 +11,7 @@
 //! Every write goes to a temporary file that is renamed into place: an interrupted save never
 //! leaves a half-written file under the final name.
 
+use llama_io::{tmp_sibling, write_atomic};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -37,13 +38,6 @@ fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
     ModelError::Io(format!("{}: {e}", path.display()))
 }
 
-/// Writes `bytes` to `path` through a temporary sibling and a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ModelError> {
-    let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| io_err(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-}
-
 /// Writes a safetensors file through a temporary sibling and a rename, readable by all (0644, as
 /// the other files; the safetensors crate creates its files 0600).
 pub fn write_safetensors<'a, V: safetensors::View + 'a>(tensors: Vec<(String, V)>, metadata: Option<HashMap<String, String>>, path: &Path) -> Result<(), ModelError> {
@@ -55,11 +49,6 @@ pub fn write_safetensors<'a, V: safetensors::View + 'a>(tensors: Vec<(String, V)
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(&tmp, e))?;
     }
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
-}
-
-fn tmp_sibling(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
 }
 
 /// Which kind of checkpoint a directory holds.
@@ -116,7 +105,7 @@ pub fn save_native(model: &Llama, config: &LlamaConfig, dir: &Path) -> Result<()
     let mut table = toml::Table::new();
     table.insert("model".into(), toml::Value::try_from(config).map_err(|e| ckpt_err(e.to_string()))?);
     let text = toml::to_string(&table).map_err(|e| ckpt_err(e.to_string()))?;
-    write_atomic(&dir.join(NATIVE_CONFIG), text.as_bytes())
+    Ok(write_atomic(&dir.join(NATIVE_CONFIG), text.as_bytes())?)
 }
 
 /// Saves a module's parameters alone, atomically: burnpack when the path ends in `.bpk` (it
@@ -567,7 +556,7 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
         }
     }
     let cfg = serde_json::to_string_pretty(&config_to_hf(config)).unwrap();
-    write_atomic(&dir.join(HF_CONFIG), cfg.as_bytes())
+    Ok(write_atomic(&dir.join(HF_CONFIG), cfg.as_bytes())?)
 }
 
 #[cfg(test)]

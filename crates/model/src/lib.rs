@@ -62,3 +62,10 @@ pub enum ModelError {
     #[error("{0}")]
     Device(String),
 }
+
+impl From<std::io::Error> for ModelError {
+    /// `llama_io`'s errors already name the path.
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(e.to_string())
+    }
+}

@@ -5,7 +5,6 @@
 //! Also the library API the rlhf stage calls ([`RewardModel::score`], [`load_reward_model`]).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
@@ -214,16 +213,10 @@ pub fn render(prompt: &serde_json::Value, response: &str, tokenizer: &Tokenizer)
 /// category | is_safety}` or the transcript form `{chosen, rejected}` (full texts, rating
 /// `better`). `default_category` applies when a line names none. Errors and skips name the line.
 pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, default_category: Category) -> anyhow::Result<(Vec<Pair>, PairStats)> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut stats = PairStats::default();
     let mut pairs = vec![];
-    for (n, line) in BufReader::new(file).lines().enumerate() {
-        let at = format!("{}:{}", path.display(), n + 1);
-        let line = line.map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{at}: invalid JSON: {e}"))?;
+    for line in llama_io::read_jsonl(path)? {
+        let llama_io::JsonLine { at, line: n, value: v } = line?;
         let field = |k: &str| -> anyhow::Result<String> {
             v.get(k).and_then(|x| x.as_str()).map(String::from).ok_or_else(|| anyhow::anyhow!("{at}: missing string `{k}`"))
         };
@@ -259,7 +252,7 @@ pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, default_category: Category
             }
             None => (tokenizer.encode(&chosen, true, true)?, tokenizer.encode(&rejected, true, true)?),
         };
-        pairs.push(Pair { chosen: c, rejected: r, rating, category, line: n + 1 });
+        pairs.push(Pair { chosen: c, rejected: r, rating, category, line: n });
     }
     stats.pairs = pairs.len();
     if stats.identical + stats.empty_prompt > 0 {
@@ -467,7 +460,7 @@ pub fn save_reward_model(model: &RewardModel, config: &LlamaConfig, dir: &Path) 
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     llama_model::checkpoint::save_weights(model, &dir.join(MODEL_FILE))?;
     let text = llama_trainer::model_config_toml(config)?;
-    llama_model::checkpoint::write_atomic(&dir.join(llama_model::checkpoint::NATIVE_CONFIG), text.as_bytes())?;
+    llama_io::write_atomic(&dir.join(llama_model::checkpoint::NATIVE_CONFIG), text.as_bytes())?;
     Ok(())
 }
 

@@ -1,7 +1,7 @@
 //! `reward --config configs/reward-helpfulness-tiny.toml` (or `reward-safety-tiny.toml`): train a helpfulness or safety reward model;
 //! `reward score`: score prompt/response pairs with a trained one.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -63,15 +63,9 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let device = llama_model::device::parse(&device)?;
             let tokenizer = Tokenizer::from_file(&tokenizer)?;
             let (_, model) = load_reward_model(&model, &device)?;
-            let file = std::fs::File::open(&input).with_context(|| format!("{}: cannot open", input.display()))?;
             let mut lines = vec![];
-            for (n, line) in BufReader::new(file).lines().enumerate() {
-                let at = format!("{}:{}", input.display(), n + 1);
-                let line = line.with_context(|| at.clone())?;
-                if line.trim().is_empty() {
-                    continue;
-                }
-                let mut v: serde_json::Value = serde_json::from_str(&line).with_context(|| format!("{at}: invalid JSON"))?;
+            for line in llama_io::read_jsonl(&input)? {
+                let llama_io::JsonLine { at, value: mut v, .. } = line?;
                 let prompt = v.get("prompt").cloned().with_context(|| format!("{at}: missing `prompt`"))?;
                 for key in ["response", "chosen", "rejected"] {
                     if let Some(text) = v.get(key).and_then(|t| t.as_str()).map(String::from) {
@@ -89,11 +83,7 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             }
             let text = lines.join("\n") + "\n";
             match out {
-                Some(path) => {
-                    let tmp = path.with_extension("jsonl.tmp");
-                    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-                    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
-                }
+                Some(path) => llama_io::write_atomic(&path, text.as_bytes())?,
                 None => std::io::stdout().write_all(text.as_bytes())?,
             }
             Ok(())

@@ -230,14 +230,9 @@ pub fn expected_rate<'a>(prompts: impl IntoIterator<Item = &'a Prompt>, answers:
 
 /// Reads prompts; a file with none is an error.
 pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let mut out = vec![];
-    for (n, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
-            continue;
-        }
-        let at = format!("{}:{}", path.display(), n + 1);
-        let v: serde_json::Value = serde_json::from_str(line).with_context(|| format!("{at}: invalid JSON"))?;
+    for line in llama_io::read_jsonl(path)? {
+        let llama_io::JsonLine { at, line: n, value: v } = line?;
         let messages = match (v.get("prompt"), v.get("messages")) {
             (Some(serde_json::Value::String(p)), _) if !p.trim().is_empty() => vec![Message::new(Role::User, p.clone())],
             (_, Some(m)) => Conversation::from_json(&serde_json::json!({ "messages": m })).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.messages,
@@ -250,7 +245,7 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
             Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
             Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
         };
-        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, line: n + 1 });
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, line: n });
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());
@@ -826,7 +821,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             rows.push_str(&row.to_string());
             rows.push('\n');
         }
-        llama_model::checkpoint::write_atomic(&out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
+        llama_io::write_atomic(&out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
         let answers: Vec<String> = kept.iter().map(|(_, _, text)| text.clone()).collect();
         if let Some(e) = expected_rate(kept.iter().map(|(p, _, _)| *p), &answers) {
             metrics.scalars(round as u64, &[("rs/pool_expected", e)])?;
@@ -1067,19 +1062,11 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
 /// Early stopping keeps the policy with the best held-out reward in `OUT/ppo/best` (a model
 /// directory: config.toml + model.bpk), written atomically.
 fn save_best(policy: &Llama, model_config: &str, out: &Path) -> anyhow::Result<()> {
-    let best = out.join("best");
-    let tmp = out.join(".best.tmp");
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp)?;
-    }
-    std::fs::create_dir_all(&tmp)?;
-    llama_model::checkpoint::save_weights(policy, &tmp.join("model.bpk"))?;
-    std::fs::write(tmp.join(llama_model::checkpoint::NATIVE_CONFIG), model_config)?;
-    if best.exists() {
-        std::fs::remove_dir_all(&best)?;
-    }
-    std::fs::rename(&tmp, &best)?;
-    Ok(())
+    llama_io::write_dir_atomic(&out.join("best"), |tmp| -> anyhow::Result<()> {
+        llama_model::checkpoint::save_weights(policy, &tmp.join("model.bpk"))?;
+        std::fs::write(tmp.join(llama_model::checkpoint::NATIVE_CONFIG), model_config)?;
+        Ok(())
+    })
 }
 
 /// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).

@@ -286,12 +286,8 @@ fn expected_of(path: &Path) -> anyhow::Result<Vec<Option<String>>> {
     if path.extension().is_some_and(|e| e == "parquet") {
         return Ok(vec![]);
     }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("expected").and_then(|e| e.as_str()).map(String::from)))
-        .collect())
+    let expected = |line: llama_io::JsonLine| line.value.get("expected").and_then(|e| e.as_str()).map(String::from);
+    Ok(llama_io::read_jsonl(path)?.map(|line| line.map(expected)).collect::<std::io::Result<_>>()?)
 }
 
 fn report(what: &str, stats: &PackStats) {

@@ -1,6 +1,5 @@
 //! `sft --config configs/sft-tiny.toml`: supervised fine-tuning; `sft gatt`: Ghost Attention data.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -61,14 +60,12 @@ fn run_cli(cli: Cli) -> anyhow::Result<()> {
             let text = std::fs::read_to_string(&instructions).with_context(|| format!("reading {}", instructions.display()))?;
             let list: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(String::from).collect();
             let examples = ghost_attention(&dialogues, &list, seed).with_context(|| format!("{}", instructions.display()))?;
-            let tmp = out.with_extension("jsonl.tmp");
-            let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?);
+            let mut text = String::new();
             for e in &examples {
-                writeln!(f, "{}", serde_json::to_string(e)?)?;
+                text.push_str(&serde_json::to_string(e)?);
+                text.push('\n');
             }
-            f.flush()?;
-            drop(f);
-            std::fs::rename(&tmp, &out).with_context(|| format!("writing {}", out.display()))?;
+            llama_io::write_atomic(&out, text.as_bytes())?;
             println!("wrote {} Ghost Attention chats to {}", examples.len(), out.display());
             Ok(())
         }

@@ -110,7 +110,7 @@ fn drop_rows_from(path: &Path, from: u64) -> anyhow::Result<()> {
         return Ok(());
     }
     let body: String = kept.iter().map(|l| format!("{l}\n")).collect();
-    llama_model::checkpoint::write_atomic(path, body.as_bytes()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok(llama_io::write_atomic(path, body.as_bytes())?)
 }
 
 /// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
