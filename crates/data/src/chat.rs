@@ -30,11 +30,11 @@ pub struct Message {
     pub role: Role,
     pub content: String,
     /// For assistant messages: whether the answer is trained on (default true).
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    #[serde(default = "trained_by_default", skip_serializing_if = "is_true")]
     pub train: bool,
 }
 
-fn yes() -> bool {
+fn trained_by_default() -> bool {
     true
 }
 fn is_true(b: &bool) -> bool {

@@ -122,35 +122,35 @@ pub struct EvalConfig {
     pub models: Vec<NamedModel>,
     /// Name of the model every other one is compared with.
     pub baseline: String,
-    #[serde(default = "d_new")]
+    #[serde(default = "default_max_new_tokens")]
     pub max_new_tokens: usize,
     /// 0: greedy.
     #[serde(default)]
     pub temperature: f32,
     #[serde(default)]
     pub seed: u64,
-    #[serde(default = "d_gate")]
+    #[serde(default = "paper_safety_threshold")]
     pub safety_threshold: f64,
     /// A tie when the combined scores (logit) differ by at most this.
-    #[serde(default = "d_tie")]
+    #[serde(default = "default_tie_margin")]
     pub tie_margin: f64,
-    #[serde(default = "d_boot")]
+    #[serde(default = "default_bootstrap_samples")]
     pub bootstrap_samples: usize,
     #[serde(default)]
     pub judge: Option<JudgeConfig>,
     pub out_dir: PathBuf,
 }
 
-fn d_new() -> usize {
+fn default_max_new_tokens() -> usize {
     32
 }
-fn d_gate() -> f64 {
+fn paper_safety_threshold() -> f64 {
     0.15
 }
-fn d_tie() -> f64 {
+fn default_tie_margin() -> f64 {
     0.1
 }
-fn d_boot() -> usize {
+fn default_bootstrap_samples() -> usize {
     1000
 }
 
@@ -165,11 +165,11 @@ pub struct NamedModel {
 #[serde(deny_unknown_fields)]
 pub struct JudgeConfig {
     pub model: PathBuf,
-    #[serde(default = "d_template")]
+    #[serde(default = "default_judge_template")]
     pub template: String,
 }
 
-fn d_template() -> String {
+fn default_judge_template() -> String {
     DEFAULT_TEMPLATE.into()
 }
 

@@ -25,7 +25,8 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
 /// Writes `bytes` to `path` through a temporary sibling and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let tmp = tmp_sibling(path);
-    std::fs::write(&tmp, bytes).map_err(|e| named(&tmp, e))?;
+    // Errors name the file asked for (the temporary one is ours, not the user's).
+    std::fs::write(&tmp, bytes).map_err(|e| named(path, e))?;
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         named(path, e)
@@ -40,7 +41,7 @@ pub fn write_dir_atomic<E: From<std::io::Error>>(dest: &Path, fill: impl FnOnce(
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp).map_err(|e| named(&tmp, e))?;
     }
-    std::fs::create_dir_all(&tmp).map_err(|e| named(&tmp, e))?;
+    std::fs::create_dir_all(&tmp).map_err(|e| named(dest, e))?;
     if let Err(e) = fill(&tmp) {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);

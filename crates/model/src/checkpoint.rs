@@ -74,16 +74,24 @@ pub fn detect(dir: &Path) -> Result<Format, ModelError> {
     }
 }
 
+/// The checkpoints in a run's checkpoint folder (`OUT/checkpoints`): its `step-N` directories,
+/// oldest first. The name is what makes one complete: a checkpoint is written under a temporary
+/// name and renamed to `step-N` only once every file is there, and pruning renames it away
+/// before deleting it (`trainer::checkpoint`).
+pub fn list_checkpoints(folder: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(folder) else { return vec![] };
+    let mut found: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| Some((e.file_name().to_string_lossy().strip_prefix("step-")?.parse().ok()?, e.path())))
+        .collect();
+    found.sort();
+    found
+}
+
 /// A training run directory (`OUT/checkpoints/step-N/`) resolves to its newest checkpoint.
 pub fn resolve(dir: &Path) -> PathBuf {
-    let checkpoints = dir.join("checkpoints");
-    let newest = std::fs::read_dir(&checkpoints).ok().and_then(|entries| {
-        entries
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step-")) && p.join(NATIVE_CONFIG).is_file())
-            .max()
-    });
-    newest.unwrap_or_else(|| dir.to_path_buf())
+    list_checkpoints(&dir.join("checkpoints")).pop().map_or_else(|| dir.to_path_buf(), |(_, newest)| newest)
 }
 
 /// Loads either kind of checkpoint directory (or a run directory's newest checkpoint).

@@ -46,11 +46,11 @@ pub struct DataConfig {
     /// When `shards` does not exist yet, tokenize this text (file or directory) into it first.
     #[serde(default)]
     pub source: Option<PathBuf>,
-    #[serde(default = "yes")]
+    #[serde(default = "shuffled_by_default")]
     pub shuffle: bool,
 }
 
-fn yes() -> bool {
+fn shuffled_by_default() -> bool {
     true
 }
 

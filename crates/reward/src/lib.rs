@@ -307,16 +307,16 @@ pub struct RewardData {
     pub safety: PathBuf,
     pub helpfulness_eval: Option<PathBuf>,
     pub safety_eval: Option<PathBuf>,
-    #[serde(default = "small")]
+    #[serde(default = "small_margins")]
     pub margin: MarginPreset,
-    #[serde(default = "one")]
+    #[serde(default = "paper_reward_epochs")]
     pub epochs: u64,
 }
 
-fn small() -> MarginPreset {
+fn small_margins() -> MarginPreset {
     MarginPreset::Small
 }
-fn one() -> u64 {
+fn paper_reward_epochs() -> u64 {
     1
 }
 

@@ -386,8 +386,7 @@ fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokeniz
 /// prompt + response sequences: the quantity the generator returned for the same tokens.
 ///
 /// # Shapes
-/// - output: `[batch, longest - 1]`, entry `j` the log-prob of token `j + 1`; and the entropy of
-///   the same distributions (host values, for the metrics)
+/// - output: `[batch, longest - 1]`, entry `j` the log-prob of token `j + 1`
 pub fn token_logprobs(model: &Llama, sequences: &[Vec<u32>], pad: u32) -> Tensor<2> {
     let device = model.tok_embeddings.weight.device();
     let (tokens, _) = right_pad(sequences, pad, &device);
@@ -974,7 +973,6 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             llama_model::checkpoint::save_weights(&state.policy, &dir.join("model.bpk"))?;
             std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
             std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&saved)?)?;
-            std::fs::write(dir.join(llama_trainer::checkpoint::STATE_FILE), "{}")?;
             written("ppo_state.json")
         })
     };

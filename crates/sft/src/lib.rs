@@ -62,7 +62,7 @@ pub struct SftData {
     pub tokenizer: PathBuf,
     pub seq_len: usize,
     /// Passes over the training chats (the paper: 2).
-    #[serde(default = "two")]
+    #[serde(default = "paper_sft_epochs")]
     pub epochs: u64,
     /// What to do with a chat longer than seq_len + 1 tokens: truncate or skip (both counted).
     #[serde(default = "truncate")]
@@ -72,7 +72,7 @@ pub struct SftData {
     pub separate_packed: bool,
 }
 
-fn two() -> u64 {
+fn paper_sft_epochs() -> u64 {
     2
 }
 fn truncate() -> Overlong {

@@ -58,19 +58,9 @@ impl Checkpoints {
         &self.root
     }
 
-    /// Complete checkpoints, oldest first.
+    /// Complete checkpoints, oldest first (the one rule: `llama_model::checkpoint::list_checkpoints`).
     pub fn list(&self) -> Vec<(u64, PathBuf)> {
-        let Ok(entries) = std::fs::read_dir(&self.root) else { return vec![] };
-        let mut found: Vec<(u64, PathBuf)> = entries
-            .filter_map(|e| e.ok())
-            .filter_map(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                let step = name.strip_prefix("step-")?.parse().ok()?;
-                e.path().join(STATE_FILE).is_file().then_some((step, e.path()))
-            })
-            .collect();
-        found.sort();
-        found
+        llama_model::checkpoint::list_checkpoints(&self.root)
     }
 
     pub fn latest(&self) -> Option<(u64, PathBuf)> {
