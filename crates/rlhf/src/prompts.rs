@@ -1,0 +1,88 @@
+//! Prompt sets (`{prompt | messages, is_safety, expected}` JSONL): loading with file:line errors
+//! and the length check against the model.
+
+use std::path::Path;
+
+use anyhow::bail;
+use llama_data::Tokenizer;
+use llama_data::chat::{Conversation, Message, Role};
+
+/// One prompt with its safety tag.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prompt {
+    pub conversation: Conversation,
+    pub is_safety: bool,
+    /// Text a correct answer contains (the tiny data's fact), when the file gives one: a check of
+    /// the answers that does not go through the reward models, to see reward hacking.
+    pub expected: Option<String>,
+    /// The line of the prompt file it came from (1-based), for messages.
+    pub line: usize,
+}
+
+impl Prompt {
+    /// The last user message: the question, for logs and data files.
+    pub fn question(&self) -> String {
+        self.conversation.exchanges().last().map(|(u, _)| u.content.clone()).unwrap_or_default()
+    }
+
+    /// Whether `answer` contains the expected text; `None` when the prompt has none.
+    pub fn answer_is_expected(&self, answer: &str) -> Option<bool> {
+        self.expected.as_ref().map(|e| answer.contains(e.as_str()))
+    }
+}
+
+/// The share of `answers` (paired with `prompts`) that contain their prompt's expected text, over
+/// the prompts that have one; `None` when none has.
+pub fn expected_rate<'a>(prompts: impl IntoIterator<Item = &'a Prompt>, answers: &[String]) -> Option<f64> {
+    let hits: Vec<bool> = prompts.into_iter().zip(answers).filter_map(|(p, a)| p.answer_is_expected(a)).collect();
+    (!hits.is_empty()).then(|| hits.iter().filter(|&&h| h).count() as f64 / hits.len() as f64)
+}
+
+/// Reads prompts; a file with none is an error.
+pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
+    let mut out = vec![];
+    for line in llama_io::read_jsonl(path)? {
+        let llama_io::JsonLine { at, line: n, value: v } = line?;
+        let messages = match (v.get("prompt"), v.get("messages")) {
+            (Some(serde_json::Value::String(p)), _) if !p.trim().is_empty() => vec![Message::new(Role::User, p.clone())],
+            (_, Some(m)) => Conversation::from_json(&serde_json::json!({ "messages": m })).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.messages,
+            _ => bail!("{at}: expected a non-empty `prompt` string or `messages`"),
+        };
+        let conversation = Conversation { messages };
+        conversation.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+        let expected = match v.get("expected") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
+            Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
+        };
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, line: n });
+    }
+    if out.is_empty() {
+        bail!("{}: no prompts", path.display());
+    }
+    Ok(out)
+}
+
+/// Refuses, before any work, a prompt of `path` that the model cannot answer in full: its tokens,
+/// `max_new_tokens`, and the end-of-sequence token appended to an answer cut at that limit must
+/// fit `max_seq_len`. The error names the file and line.
+pub fn check_prompt_lengths(prompts: &[Prompt], path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<()> {
+    for p in prompts {
+        let at = format!("{}:{}", path.display(), p.line);
+        let n = p.conversation.prompt_ids(tokenizer).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.len();
+        let total = n + max_new_tokens + 1;
+        if total > max_seq_len {
+            bail!(
+                "{at}: the prompt is {n} tokens; with max_new_tokens ({max_new_tokens}) and the end-of-sequence token appended to a cut answer that is {total}, more than the model's max_seq_len ({max_seq_len}): shorten or remove the prompt, or lower max_new_tokens"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Loads a prompt file and checks every prompt's length ([`check_prompt_lengths`]).
+pub fn load_prompts_for(path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<Vec<Prompt>> {
+    let prompts = load_prompts(path)?;
+    check_prompt_lengths(&prompts, path, tokenizer, max_new_tokens, max_seq_len)?;
+    Ok(prompts)
+}

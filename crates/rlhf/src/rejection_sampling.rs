@@ -1,0 +1,192 @@
+//! Rejection sampling: K samples per prompt, the best across rounds kept in a pool, SFT on it.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use burn::module::Module;
+use llama_data::Tokenizer;
+use llama_data::chat::{Message, Overlong, Role, pack};
+use llama_model::generate::SamplingConfig;
+use llama_trainer::checkpoint::init_model;
+use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
+use llama_trainer::{LoopConfig, Metrics};
+
+use crate::config::RlhfConfig;
+use crate::math::logit;
+use crate::prompts::{Prompt, expected_rate, load_prompts_for};
+use crate::scoring::{evaluate, greedy_answers, load_scorers, samples_text, scored_answers};
+
+/// Rejection sampling rounds; returns the directory of the final policy (or None if no rounds).
+pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Option<PathBuf>> {
+    let rs = &cfg.rejection_sampling;
+    if rs.rounds == 0 {
+        return Ok(None);
+    }
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let device = llama_model::device::parse(&cfg.run.device)?;
+    let train_device = device.clone().autodiff();
+    let (policy_config, mut policy) = init_model(&cfg.policy, &train_device).with_context(|| format!("{origin}: policy"))?;
+    let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
+    let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
+    let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
+    let out = cfg.run.out_dir.join("rejection-sampling");
+    let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
+    let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
+    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
+    let r0 = start.reward;
+    metrics.scalars(0, &start.scalars("rs"))?;
+    metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
+    // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
+    let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
+    let reference = policy.clone();
+    // (held-out reward, round directory): the best round, or the last one without keep_best_round.
+    let mut best: (f64, Option<PathBuf>) = (r0, None);
+    for round in 1..=rs.rounds {
+        let sampler = policy.valid();
+        let mut best_of_k = vec![0.0; rs.k];
+        let (mut mean_all, mut n_all) = (0.0, 0usize);
+        let mut greedy_sum = 0.0;
+        for (chunk_i, chunk) in prompts.chunks((64 / rs.k).max(1)).enumerate() {
+            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&tokenizer)).collect::<Result<_, _>>()?;
+            let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
+            let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
+            let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
+            let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
+            let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &tokenizer, &scorers, &sampling)?;
+            // The policy's own greedy answer competes too: the kept answer is never worse than
+            // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
+            let greedy = if rs.include_greedy {
+                let refs: Vec<&Prompt> = chunk.iter().collect();
+                let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &tokenizer, &scorers, rs.max_new_tokens)?;
+                Some((tokens, scores))
+            } else {
+                None
+            };
+            for (j, _) in chunk.iter().enumerate() {
+                let global = chunk_i * (64 / rs.k).max(1) + j;
+                let rewards: Vec<f64> = (0..rs.k).map(|s| logit(scores[j * rs.k + s].combined)).collect();
+                let mut running = f64::NEG_INFINITY;
+                for (k, r) in rewards.iter().enumerate() {
+                    running = running.max(*r);
+                    best_of_k[k] += running;
+                    mean_all += r;
+                    n_all += 1;
+                }
+                let (best_s, mut best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
+                let mut answer = samples[j * rs.k + best_s].clone();
+                if let Some((tokens, scores)) = &greedy {
+                    let r = logit(scores[j].combined);
+                    greedy_sum += r;
+                    if r > best_r {
+                        (best_r, answer) = (r, tokens[j].clone());
+                    }
+                }
+                if pool[global].as_ref().is_none_or(|(r, _)| best_r > *r) {
+                    pool[global] = Some((best_r, answer));
+                }
+            }
+        }
+        let n = prompts.len() as f64;
+        for (k, v) in best_of_k.iter().enumerate() {
+            metrics.scalars(k as u64 + 1, &[(&format!("rs/round{round}/reward_best_of_k") as &str, v / n)])?;
+        }
+        let pool_mean = pool.iter().flatten().map(|(r, _)| r).sum::<f64>() / n;
+        metrics.scalars(round as u64, &[("rs/sample_mean_reward", mean_all / n_all.max(1) as f64), ("rs/max_reward", best_of_k[rs.k - 1] / n), ("rs/pool_mean_reward", pool_mean)])?;
+        if rs.include_greedy {
+            metrics.scalars(round as u64, &[("rs/greedy_mean_reward", greedy_sum / n)])?;
+        }
+        metrics.println(&format!(
+            "round {round}: mean sample reward {:.3}, best of {} {:.3}, pool {:.3}",
+            mean_all / n_all.max(1) as f64,
+            rs.k,
+            best_of_k[rs.k - 1] / n,
+            pool_mean
+        ));
+        // The pool as text, decoded once: written as data (pool-round-N.jsonl, what this round
+        // fine-tunes on), counted for the expected text, then fine-tuned on.
+        let kept: Vec<(&Prompt, f64, String)> = prompts
+            .iter()
+            .zip(&pool)
+            .filter_map(|(p, best)| best.as_ref().map(|(r, tokens)| tokenizer.decode(tokens).map(|text| (p, *r, text))))
+            .collect::<Result<_, _>>()?;
+        let mut rows = String::new();
+        for (p, r, text) in &kept {
+            let mut row = serde_json::json!({ "prompt": p.question(), "answer": text, "reward": r, "is_safety": p.is_safety });
+            if let Some(hit) = p.answer_is_expected(text) {
+                row["expected"] = p.expected.clone().into();
+                row["contains_expected"] = hit.into();
+            }
+            rows.push_str(&row.to_string());
+            rows.push('\n');
+        }
+        llama_io::write_atomic(&out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
+        let answers: Vec<String> = kept.iter().map(|(_, _, text)| text.clone()).collect();
+        if let Some(e) = expected_rate(kept.iter().map(|(p, _, _)| *p), &answers) {
+            metrics.scalars(round as u64, &[("rs/pool_expected", e)])?;
+        }
+        // Fine-tune on the pool with the SFT objective.
+        let chats: Vec<(Vec<u32>, Vec<bool>)> = kept
+            .into_iter()
+            .map(|(p, _, text)| {
+                let mut c = p.conversation.clone();
+                c.messages.push(Message::new(Role::Assistant, text));
+                c.tokenize(&tokenizer)
+            })
+            .collect::<Result<_, _>>()?;
+        let (packed, _) = pack(&chats, rs.seq_len, tokenizer.eos_id(), Overlong::Truncate);
+        let packed_len = packed.len();
+        let round_dir = out.join(format!("round-{round}"));
+        let mut objective = llama_sft::Sft {
+            train: packed,
+            eval: vec![],
+            eval_chats: vec![],
+            tokenizer: tokenizer.clone(),
+            separate: true,
+            sampler: llama_trainer::EpochSampler::new(packed_len, u64::MAX, round as u64),
+            device: train_device.clone(),
+            eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
+            micro_batch: rs.batch_size,
+        };
+        let train = TrainConfig {
+            max_steps: Some(rs.sft_steps),
+            batch_size: rs.batch_size,
+            micro_batch_size: rs.batch_size,
+            log_every: 10,
+            eval_every: u64::MAX,
+            checkpoint_every: u64::MAX,
+            keep_checkpoints: 1,
+            recompute: cfg.memory.recompute,
+            logits_chunk: cfg.memory.logits_chunk,
+            ..TrainConfig::default()
+        };
+        let schedule = ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 0, min_lr_ratio: 0.0, ..ScheduleConfig::default() };
+        // Through LoopConfig::new, so the round's fine-tuning gets the launch checks every stage gets.
+        let run = RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() };
+        let optim = OptimConfig { lr: rs.lr, ..OptimConfig::default() };
+        let loop_config = LoopConfig::new(train, run, optim, &schedule, rs.sft_steps, &policy_config, rs.seq_len, &llama_trainer::Overrides::default(), false)
+            .with_context(|| format!("{origin}: rejection_sampling"))?;
+        if round_dir.exists() {
+            std::fs::remove_dir_all(&round_dir)?;
+        }
+        let (tuned, _) = llama_trainer::train(policy, &mut objective, &loop_config)?;
+        policy = tuned;
+        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
+        let (r, kl) = (held_out.reward, held_out.kl);
+        metrics.scalars(round as u64, &held_out.scalars("rs"))?;
+        metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
+        metrics.println(&format!(
+            "round {round}: held-out reward {r:.3} (start {r0:.3}), mean Rc {:.3} (start {:.3}), KL to the SFT policy {kl:.3}",
+            held_out.combined, start.combined
+        ));
+        if !rs.keep_best_round || r > best.0 {
+            best = (r, Some(round_dir));
+        }
+    }
+    if rs.keep_best_round {
+        match &best.1 {
+            Some(dir) => metrics.println(&format!("rejection sampling: keeping {} (held-out reward {:.3})", dir.display(), best.0)),
+            None => metrics.println(&format!("rejection sampling: no round beat the starting policy ({r0:.3}); PPO starts from it")),
+        }
+    }
+    Ok(best.1)
+}

@@ -1,0 +1,191 @@
+//! Scoring answers: the frozen reward models, the safety-gated combination, generation of
+//! scored answers, the trainer's log-probs, and the held-out evaluation.
+
+use anyhow::{Context, bail};
+use burn::module::Module;
+use burn::tensor::{Device, Tensor};
+use llama_data::Tokenizer;
+use llama_model::generate::{SamplingConfig, generate};
+use llama_model::{Llama, LlamaConfig};
+use llama_reward::{RewardModel, load_reward_model, right_pad};
+
+use crate::config::{EvalConfig, RlhfConfig};
+use crate::math::{combine, logit};
+use crate::prompts::{Prompt, expected_rate};
+
+/// The frozen models that score: both reward models and the tokenizer's pad.
+pub struct Scorers {
+    pub helpfulness: RewardModel,
+    pub safety: RewardModel,
+    pub threshold: f64,
+    pub pad: u32,
+}
+
+/// Scores of one response.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub helpfulness: f64,
+    pub safety: f64,
+    /// Rc in (0, 1) after the safety gate.
+    pub combined: f64,
+}
+
+impl Scorers {
+    pub fn score(&self, sequences: &[Vec<u32>], prompts: &[&Prompt]) -> Vec<Scores> {
+        let h = self.helpfulness.score(sequences, self.pad);
+        let s = self.safety.score(sequences, self.pad);
+        h.iter()
+            .zip(&s)
+            .zip(prompts)
+            .map(|((&h, &s), p)| Scores { helpfulness: h as f64, safety: s as f64, combined: combine(h as f64, s as f64, p.is_safety, self.threshold).0 })
+            .collect()
+    }
+}
+
+/// Prompt + response as scored and trained on: the response closed with EOS if it was cut.
+pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
+    let mut s = prompt.to_vec();
+    s.extend_from_slice(response);
+    if response.last() != Some(&eos) {
+        s.push(eos);
+    }
+    s
+}
+
+/// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
+/// prompt + answer sequences as scored, scores).
+pub(crate) fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, sampling: &SamplingConfig) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    let out = generate(policy, ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() })?;
+    let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+    let scores = scorers.score(&seqs, prompts);
+    Ok((out.tokens, seqs, scores))
+}
+
+/// The policy's greedy answers, scored: what the held-out evaluation always includes, and the
+/// answer that competes with the K samples under `include_greedy`.
+pub(crate) fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new))
+}
+
+/// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
+/// prompt + response sequences: the quantity the generator returned for the same tokens.
+///
+/// # Shapes
+/// - output: `[batch, longest - 1]`, entry `j` the log-prob of token `j + 1`
+pub fn token_logprobs(model: &Llama, sequences: &[Vec<u32>], pad: u32) -> Tensor<2> {
+    let device = model.tok_embeddings.weight.device();
+    let (tokens, _) = right_pad(sequences, pad, &device);
+    let [b, t] = tokens.dims();
+    let hidden = model.forward_hidden(tokens.clone().slice([0..b, 0..t - 1]), None);
+    let targets = tokens.slice([0..b, 1..t]).reshape([b * (t - 1)]);
+    model.token_nll(hidden, targets).neg().reshape([b, t - 1])
+}
+
+/// The held-out evaluation of a policy: the mean combined reward of its answers to the held-out
+/// prompts (the greedy answer and `eval.samples_per_prompt` sampled ones per prompt; as logit(Rc)
+/// and as Rc), their mean KL to the reference, and the greedy answers of a few for the logs.
+pub struct HeldOut {
+    /// Mean `logit(Rc)`: PPO's reward scale (what early stopping compares).
+    pub reward: f64,
+    /// Mean `Rc`, the combined score in [0, 1] itself: bounded, so a few answers scored near 0 or
+    /// 1 cannot swing it the way they swing the logit mean.
+    pub combined: f64,
+    /// Mean summed per-token `log pi - log pi_ref` (k1).
+    pub kl: f64,
+    /// The share of the answers (greedy and sampled) that contain the prompt's `expected` text,
+    /// over the prompts that give one.
+    pub expected: Option<f64>,
+    /// (question, greedy answer) pairs.
+    pub samples: Vec<(String, String)>,
+}
+
+impl HeldOut {
+    /// `{stage}/eval_reward`, `eval_combined`, `eval_kl` and, when the prompts give expected
+    /// answers, `eval_expected`.
+    pub fn scalars(&self, stage: &str) -> Vec<(String, f64)> {
+        let mut v = vec![("eval_reward", self.reward), ("eval_combined", self.combined), ("eval_kl", self.kl)];
+        v.extend(self.expected.map(|e| ("eval_expected", e)));
+        v.into_iter().map(|(k, x)| (format!("{stage}/{k}"), x)).collect()
+    }
+}
+
+pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize, eval: &EvalConfig) -> anyhow::Result<HeldOut> {
+    let policy = policy.valid();
+    let reference = reference.valid();
+    let mut rewards = vec![];
+    let mut combined = vec![];
+    let mut kls = vec![];
+    let mut samples = vec![];
+    let (mut answered, mut texts): (Vec<&Prompt>, Vec<String>) = (vec![], vec![]);
+    for (g, group) in prompts.chunks(16).enumerate() {
+        let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+        let refs: Vec<&Prompt> = group.iter().collect();
+        // The greedy answers, then each round of sampled ones with its fixed seed.
+        let samplings = std::iter::once(SamplingConfig::greedy(max_new)).chain((0..eval.samples_per_prompt).map(|s| SamplingConfig {
+            temperature: eval.temperature,
+            top_k: None,
+            top_p: None,
+            max_new_tokens: max_new,
+            eos_id: None,
+            seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
+        }));
+        for (i, sampling) in samplings.enumerate() {
+            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling)?;
+            for s in scores {
+                rewards.push(logit(s.combined));
+                combined.push(s.combined);
+            }
+            kls.extend(sequence_kls(&policy, &reference, &ids, &seqs, scorers.pad));
+            for (p, r) in group.iter().zip(&answers) {
+                let text = tokenizer.decode(r)?;
+                if i == 0 {
+                    samples.push((p.question(), text.clone()));
+                }
+                answered.push(p);
+                texts.push(text);
+            }
+        }
+    }
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
+    Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), expected: expected_rate(answered, &texts), samples })
+}
+
+/// Per sequence, the summed `log pi - log pi_ref` (k1) of its response tokens (those after the
+/// prompt `ids[i]`).
+fn sequence_kls(policy: &Llama, reference: &Llama, ids: &[Vec<u32>], seqs: &[Vec<u32>], pad: u32) -> Vec<f64> {
+    let lp = token_logprobs(policy, seqs, pad).into_data().try_to_vec::<f32>().expect("f32");
+    let rl = token_logprobs(reference, seqs, pad).into_data().try_to_vec::<f32>().expect("f32");
+    let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let start = ids[i].len() - 1;
+            let n = s.len() - ids[i].len();
+            (0..n).map(|j| (lp[i * width + start + j] - rl[i * width + start + j]) as f64).sum::<f64>()
+        })
+        .collect()
+}
+
+pub(crate) fn samples_text(samples: &[(String, String)], n: usize) -> String {
+    samples.iter().take(n).map(|(q, a)| format!("**{q}**\n\n{a}\n\n")).collect()
+}
+
+/// Loads the reward models and checks that they share the policy's vocabulary.
+pub fn load_scorers(cfg: &RlhfConfig, policy_config: &LlamaConfig, tokenizer: &Tokenizer, device: &Device, origin: &str) -> anyhow::Result<Scorers> {
+    let (hc, helpfulness) = load_reward_model(&cfg.helpfulness_model, device).with_context(|| format!("{origin}: helpfulness_model"))?;
+    let (sc, safety) = load_reward_model(&cfg.safety_model, device).with_context(|| format!("{origin}: safety_model"))?;
+    for (name, path, c) in [("helpfulness_model", &cfg.helpfulness_model, &hc), ("safety_model", &cfg.safety_model, &sc)] {
+        if c.vocab_size != policy_config.vocab_size {
+            bail!(
+                "{origin}: {name} {} has a vocabulary of {} ids but the policy has {}: the reward models must share the policy's tokenizer",
+                path.display(),
+                c.vocab_size,
+                policy_config.vocab_size
+            );
+        }
+    }
+    if tokenizer.vocab_size() > policy_config.vocab_size {
+        bail!("{origin}: the tokenizer has {} ids but the policy's vocabulary is {}", tokenizer.vocab_size(), policy_config.vocab_size);
+    }
+    Ok(Scorers { helpfulness: helpfulness.valid(), safety: safety.valid(), threshold: cfg.data.safety_threshold, pad: tokenizer.eos_id() })
+}
