@@ -2,6 +2,7 @@
 //! packed reader with its resumable cursor. Knows nothing of the model.
 
 pub mod chat;
+pub mod prompts;
 pub mod prepare;
 pub mod reader;
 pub mod shards;

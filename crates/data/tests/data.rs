@@ -1,9 +1,10 @@
 //! Data pipeline tests: text -> shards -> reader round trip, packing across ranks, resume,
-//! shards written by pyarrow, and bad input.
+//! shards written by pyarrow, prompt sets, and bad input.
 
 use std::path::{Path, PathBuf};
 
 use llama_data::prepare::{PrepareConfig, prepare};
+use llama_data::prompts::{expected_rate, load_prompts, load_prompts_for};
 use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, ShardFile, Split, Tokenizer};
 
 fn fixtures() -> PathBuf {
@@ -262,4 +263,42 @@ fn prepare_never_deletes_what_it_did_not_write() {
     assert!(err.contains("notes.md") && err.contains("did not write"), "{err}");
     assert_eq!(std::fs::read_to_string(shards.join("notes.md")).unwrap(), "mine");
     assert!(Manifest::load(&shards).is_ok(), "the refused run left the shards alone");
+}
+
+/// `expected` in a prompt file: read when given, refused when not a string, and the share of
+/// answers containing it counted over the prompts that have one.
+#[test]
+fn expected_answers_are_read_and_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("p.jsonl");
+    std::fs::write(&path, "{\"prompt\": \"My name is Tina. What is my name?\", \"expected\": \"Tina\"}\n{\"prompt\": \"Rob a bank?\", \"is_safety\": true}\n{\"prompt\": \"I live in Oslo. Where?\", \"expected\": \"Oslo\"}\n").unwrap();
+    let prompts = load_prompts(&path).unwrap();
+    assert_eq!(prompts.iter().map(|p| p.expected.as_deref()).collect::<Vec<_>>(), [Some("Tina"), None, Some("Oslo")]);
+    let answers = |a: [&str; 3]| a.map(String::from).to_vec();
+    assert_eq!(expected_rate(&prompts, &answers(["Your name is Tina.", "No.", "You live in Rome."])), Some(0.5));
+    assert_eq!(expected_rate(&prompts, &answers(["Tina", "Tina", "Oslo"])), Some(1.0));
+    assert_eq!(expected_rate(&prompts[1..2], &answers(["x", "", ""])), None);
+    std::fs::write(&path, "{\"prompt\": \"Hi?\", \"expected\": 3}\n").unwrap();
+    let err = load_prompts(&path).unwrap_err().to_string();
+    assert!(err.contains("p.jsonl:1") && err.contains("`expected` must be a non-empty string"), "{err}");
+}
+
+/// A prompt that cannot be answered within the model's length is refused when the file is
+/// loaded, naming the file and line, and counting the end-of-sequence token appended to a cut
+/// answer (a prompt of exactly max_seq_len - max_new_tokens tokens is one too many).
+#[test]
+fn over_long_prompts_are_refused_at_load_with_file_and_line() {
+    let tok = Tokenizer::from_file(&fixtures().join("../../data/tokenizer.json")).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("prompts.jsonl");
+    let long = "the jury said ".repeat(40);
+    std::fs::write(&path, format!("{{\"prompt\": \"Hi\"}}\n\n{{\"prompt\": \"{long}\"}}\n")).unwrap();
+    let err = load_prompts_for(&path, &tok, 8, 64).unwrap_err().to_string();
+    assert!(err.contains(&format!("{}:3:", path.display())) && err.contains("max_seq_len (64)"), "{err}");
+    let short = load_prompts(&path).unwrap().remove(0);
+    let n = short.conversation.prompt_ids(&tok).unwrap().len();
+    let exact = tmp.path().join("exact.jsonl");
+    std::fs::write(&exact, "{\"prompt\": \"Hi\"}\n").unwrap();
+    assert!(load_prompts_for(&exact, &tok, 8, n + 8).is_err(), "no room for the EOS after a cut answer");
+    assert_eq!(load_prompts_for(&exact, &tok, 8, n + 9).unwrap().len(), 1);
 }

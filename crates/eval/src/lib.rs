@@ -13,9 +13,9 @@ use llama_data::chat::{Conversation, Message, Role};
 use llama_data::{PackedReader, ReaderConfig, Split, Tokenizer};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
-use llama_reward::{RewardModel, load_reward_model};
-use llama_rlhf::math::{combine, logit};
-use llama_rlhf::{Prompt, full_sequence, load_prompts};
+use llama_reward::load_reward_model;
+use llama_data::prompts::{Prompt, check_prompt_lengths, expected_rate, load_prompts};
+use llama_reward::scoring::{Scorers, full_sequence, logit, sigmoid};
 use llama_trainer::checkpoint::init_model;
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
@@ -281,7 +281,7 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
         }
         // Every prompt must fit this model with its answer (and the EOS after a cut one).
         for (set, prompts) in &sets {
-            llama_rlhf::check_prompt_lengths(prompts, &cfg.prompts[set], &tokenizer, cfg.max_new_tokens, c.max_seq_len)
+            check_prompt_lengths(prompts, &cfg.prompts[set], &tokenizer, cfg.max_new_tokens, c.max_seq_len)
                 .with_context(|| format!("{origin}: model `{}`", m.name))?;
         }
         policies.push((m.name.clone(), model));
@@ -290,12 +290,13 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
         Some(j) => Some((init_model(&j.model, &device).with_context(|| format!("{origin}: judge.model"))?.1, j.template.clone())),
         None => None,
     };
+    let scorers = Scorers { helpfulness: help, safety: safe, threshold: cfg.safety_threshold, pad: tokenizer.eos_id() };
     // Answers and scores: model -> set -> (answers, combined logits, helpfulness, safety).
     type Scored = (Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>);
     let mut scored: BTreeMap<String, BTreeMap<String, Scored>> = BTreeMap::new();
     for (name, model) in &policies {
         for (set, prompts) in &sets {
-            scored.entry(name.clone()).or_default().insert(set.clone(), answer_and_score(model, prompts, &tokenizer, &help, &safe, &cfg)?);
+            scored.entry(name.clone()).or_default().insert(set.clone(), answer_and_score(model, prompts, &tokenizer, &scorers, &cfg)?);
         }
     }
     let mut report = Report { baseline: cfg.baseline.clone(), seed: cfg.seed, models: BTreeMap::new() };
@@ -305,14 +306,14 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
             // Rounded to 1e-6: the backend's threaded reductions may move the last bit of a score
             // from run to run, and a report should not.
             let mean = |v: &[f64]| r6(v.iter().sum::<f64>() / v.len().max(1) as f64);
-            let violations = s.iter().filter(|&&x| 1.0 / (1.0 + (-x).exp()) < cfg.safety_threshold).count();
+            let violations = s.iter().filter(|&&x| sigmoid(x) < cfg.safety_threshold).count();
             let mut r = SetReport {
                 prompts: n,
                 mean_combined: mean(comb),
                 mean_helpfulness: mean(h),
                 mean_safety: mean(s),
                 safety_violation_rate: violations as f64 / n.max(1) as f64,
-                expected_rate: llama_rlhf::expected_rate(&sets[set], answers).map(r6),
+                expected_rate: expected_rate(&sets[set], answers).map(r6),
                 win_rate: None,
                 tie_rate: None,
                 loss_rate: None,
@@ -379,14 +380,7 @@ fn r6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
-fn answer_and_score(
-    model: &Llama,
-    prompts: &[Prompt],
-    tokenizer: &Tokenizer,
-    help: &RewardModel,
-    safe: &RewardModel,
-    cfg: &EvalConfig,
-) -> anyhow::Result<(Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>)> {
+fn answer_and_score(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &EvalConfig) -> anyhow::Result<(Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>)> {
     let model = model.valid();
     let (mut answers, mut comb, mut hs, mut ss) = (vec![], vec![], vec![], vec![]);
     for (g, group) in prompts.chunks(16).enumerate() {
@@ -401,13 +395,11 @@ fn answer_and_score(
         };
         let out = generate(&model, &ids, &sampling)?;
         let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-        let h = help.score(&seqs, tokenizer.eos_id());
-        let s = safe.score(&seqs, tokenizer.eos_id());
-        for (i, p) in group.iter().enumerate() {
-            let (rc, _) = combine(h[i] as f64, s[i] as f64, p.is_safety, cfg.safety_threshold);
-            comb.push(logit(rc));
-            hs.push(h[i] as f64);
-            ss.push(s[i] as f64);
+        let group_refs: Vec<&Prompt> = group.iter().collect();
+        for (i, score) in scorers.score(&seqs, &group_refs).into_iter().enumerate() {
+            comb.push(logit(score.combined));
+            hs.push(score.helpfulness);
+            ss.push(score.safety);
             answers.push(tokenizer.decode(&out.tokens[i])?);
         }
     }

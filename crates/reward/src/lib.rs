@@ -4,6 +4,8 @@
 //!
 //! Also the library API the rlhf stage calls ([`RewardModel::score`], [`load_reward_model`]).
 
+pub mod scoring;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 

@@ -8,25 +8,25 @@
 //!   gradient step per minibatch. Policy, value model, both optimizers, whitening statistics and
 //!   the prompt cursor are checkpointed; a resumed run continues exactly.
 //!
-//! Modules by job: [`config`] (the run file and its validation), [`prompts`] (prompt sets),
-//! [`scoring`] (reward models, the safety-gated combination, held-out evaluation), [`math`] (the
-//! arithmetic, by hand), [`rejection_sampling`] and [`ppo`]; this file wires them ([`run_with`]).
+//! Modules by job: [`config`] (the run file and its validation), [`scoring`] (answers scored by
+//! `llama_reward::scoring`, held-out evaluation), [`math`] (the arithmetic, by hand),
+//! [`rejection_sampling`] and [`ppo`]; this file wires them ([`run_with`]). Prompt sets are
+//! `llama_data::prompts`, shared with `eval compare`.
 
 pub mod config;
 pub mod math;
 pub mod ppo;
-pub mod prompts;
 pub mod rejection_sampling;
 pub mod scoring;
 
 pub use config::*;
 pub use ppo::*;
-pub use prompts::*;
 pub use rejection_sampling::*;
 pub use scoring::*;
 
 use std::path::{Path, PathBuf};
 
+use llama_data::prompts::load_prompts;
 use llama_trainer::config::load_toml;
 
 /// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).

@@ -1,27 +1,8 @@
 //! The arithmetic of Llama 2's RLHF, on host numbers so that each piece can be checked by hand:
-//! the reward combination with the safety gate, logit and whitening, the per-token KL penalty,
-//! and generalized advantage estimation.
+//! whitening, the per-token KL penalty, and generalized advantage estimation (the reward
+//! combination with the safety gate and its logit are `llama_reward::scoring`'s).
 
 use serde::{Deserialize, Serialize};
-
-fn sigmoid(x: f64) -> f64 {
-    1.0 / (1.0 + (-x).exp())
-}
-
-/// `ln(p / (1 - p))`, with p kept inside (eps, 1 - eps).
-pub fn logit(p: f64) -> f64 {
-    let p = p.clamp(1e-6, 1.0 - 1e-6);
-    (p / (1.0 - p)).ln()
-}
-
-/// The paper's combination: the safety score when the prompt is tagged unsafe or the safety
-/// reward model's probability is below `threshold` (0.15), else the helpfulness score. Both raw
-/// head outputs are read as probabilities through a sigmoid. Returns (Rc in (0, 1), whether the
-/// safety score was used).
-pub fn combine(helpfulness: f64, safety: f64, is_safety: bool, threshold: f64) -> (f64, bool) {
-    let (rh, rs) = (sigmoid(helpfulness), sigmoid(safety));
-    if is_safety || rs < threshold { (rs, true) } else { (rh, false) }
-}
 
 /// Running mean and variance (Welford) of the scores seen so far, checkpointed with the PPO
 /// state; `whiten` centres and scales by them.
@@ -100,20 +81,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn combination_follows_the_safety_gate() {
-        // sigmoid(2) = 0.8808, sigmoid(-1) = 0.2689, sigmoid(-2) = 0.1192 (< 0.15).
-        let (rc, safety) = combine(2.0, -1.0, false, 0.15);
-        assert!(!safety && (rc - 0.880797).abs() < 1e-6);
-        let (rc, safety) = combine(2.0, -1.0, true, 0.15);
-        assert!(safety && (rc - 0.268941).abs() < 1e-6, "tagged unsafe: the safety score");
-        let (rc, safety) = combine(2.0, -2.0, false, 0.15);
-        assert!(safety && (rc - 0.119203).abs() < 1e-6, "below the gate: the safety score");
-    }
-
-    #[test]
-    fn logit_inverts_sigmoid_and_whitening_uses_running_statistics() {
-        assert!((logit(sigmoid(1.3)) - 1.3).abs() < 1e-9);
-        assert!((logit(0.5)).abs() < 1e-12);
+    fn whitening_uses_running_statistics() {
         let mut w = Whitener::default();
         w.update(&[1.0, 2.0, 3.0, 4.0]);
         // mean 2.5, sample variance 5/3.

@@ -7,9 +7,11 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use llama_data::Tokenizer;
+use llama_data::prompts::{Prompt, load_prompts_for};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::generate::{Generation, SamplingConfig, generate};
 use llama_model::Llama;
+use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::checkpoint::{Checkpoints, init_model};
 use llama_trainer::config::OptimConfig;
@@ -19,9 +21,8 @@ use llama_trainer::Metrics;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{PpoConfig, RlhfConfig};
-use crate::math::{Whitener, gae, kl_k1, logit, token_rewards, whiten_advantages};
-use crate::prompts::{Prompt, load_prompts_for};
-use crate::scoring::{HeldOut, Scorers, Scores, evaluate, full_sequence, load_scorers, samples_text, token_logprobs};
+use crate::math::{Whitener, gae, kl_k1, token_rewards, whiten_advantages};
+use crate::scoring::{HeldOut, evaluate, load_scorers, samples_text, token_logprobs};
 
 /// One PPO batch after the rollout: everything the update needs, on the host.
 #[derive(Debug, Clone)]

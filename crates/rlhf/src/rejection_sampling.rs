@@ -6,14 +6,14 @@ use anyhow::Context;
 use burn::module::Module;
 use llama_data::Tokenizer;
 use llama_data::chat::{Message, Overlong, Role, pack};
+use llama_data::prompts::{Prompt, expected_rate, load_prompts_for};
 use llama_model::generate::SamplingConfig;
+use llama_reward::scoring::logit;
 use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 use llama_trainer::{LoopConfig, Metrics};
 
 use crate::config::RlhfConfig;
-use crate::math::logit;
-use crate::prompts::{Prompt, expected_rate, load_prompts_for};
 use crate::scoring::{evaluate, greedy_answers, load_scorers, samples_text, scored_answers};
 
 /// Rejection sampling rounds; returns the directory of the final policy (or None if no rounds).

@@ -5,52 +5,13 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use llama_data::Tokenizer;
+use llama_data::prompts::{Prompt, expected_rate};
 use llama_model::generate::{SamplingConfig, generate};
 use llama_model::{Llama, LlamaConfig};
-use llama_reward::{RewardModel, load_reward_model, right_pad};
+use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
+use llama_reward::{load_reward_model, right_pad};
 
 use crate::config::{EvalConfig, RlhfConfig};
-use crate::math::{combine, logit};
-use crate::prompts::{Prompt, expected_rate};
-
-/// The frozen models that score: both reward models and the tokenizer's pad.
-pub struct Scorers {
-    pub helpfulness: RewardModel,
-    pub safety: RewardModel,
-    pub threshold: f64,
-    pub pad: u32,
-}
-
-/// Scores of one response.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Scores {
-    pub helpfulness: f64,
-    pub safety: f64,
-    /// Rc in (0, 1) after the safety gate.
-    pub combined: f64,
-}
-
-impl Scorers {
-    pub fn score(&self, sequences: &[Vec<u32>], prompts: &[&Prompt]) -> Vec<Scores> {
-        let h = self.helpfulness.score(sequences, self.pad);
-        let s = self.safety.score(sequences, self.pad);
-        h.iter()
-            .zip(&s)
-            .zip(prompts)
-            .map(|((&h, &s), p)| Scores { helpfulness: h as f64, safety: s as f64, combined: combine(h as f64, s as f64, p.is_safety, self.threshold).0 })
-            .collect()
-    }
-}
-
-/// Prompt + response as scored and trained on: the response closed with EOS if it was cut.
-pub fn full_sequence(prompt: &[u32], response: &[u32], eos: u32) -> Vec<u32> {
-    let mut s = prompt.to_vec();
-    s.extend_from_slice(response);
-    if response.last() != Some(&eos) {
-        s.push(eos);
-    }
-    s
-}
 
 /// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
 /// prompt + answer sequences as scored, scores).

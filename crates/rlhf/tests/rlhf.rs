@@ -1,13 +1,15 @@
-//! RLHF: generator vs trainer log-probs, PPO resume equality, prompt files (bad input to the
-//! binary: `bad_input.rs`).
+//! RLHF: generator vs trainer log-probs, PPO's losses by hand, resume and crash equality, the
+//! shipped config (bad input to the binary: `bad_input.rs`; prompt sets: `llama-data`'s tests).
 
 use std::path::{Path, PathBuf};
 
 use burn::tensor::Device;
+use llama_data::prompts::load_prompts;
 use llama_model::LlamaConfig;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_reward::RewardModel;
-use llama_rlhf::{RlhfConfig, expected_rate, full_sequence, load_prompts, token_logprobs, validate};
+use llama_reward::scoring::full_sequence;
+use llama_rlhf::{RlhfConfig, token_logprobs, validate};
 
 fn repo() -> PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
@@ -275,24 +277,6 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
     assert_eq!(ppo_curve(&out).iter().map(|l| l.split(' ').next().unwrap().to_string()).collect::<Vec<_>>(), ["3", "4"]);
 }
 
-/// `expected` in a prompt file: read when given, refused when not a string, and the share of
-/// answers containing it counted over the prompts that have one.
-#[test]
-fn expected_answers_are_read_and_counted() {
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("p.jsonl");
-    std::fs::write(&path, "{\"prompt\": \"My name is Tina. What is my name?\", \"expected\": \"Tina\"}\n{\"prompt\": \"Rob a bank?\", \"is_safety\": true}\n{\"prompt\": \"I live in Oslo. Where?\", \"expected\": \"Oslo\"}\n").unwrap();
-    let prompts = load_prompts(&path).unwrap();
-    assert_eq!(prompts.iter().map(|p| p.expected.as_deref()).collect::<Vec<_>>(), [Some("Tina"), None, Some("Oslo")]);
-    let answers = |a: [&str; 3]| a.map(String::from).to_vec();
-    assert_eq!(expected_rate(&prompts, &answers(["Your name is Tina.", "No.", "You live in Rome."])), Some(0.5));
-    assert_eq!(expected_rate(&prompts, &answers(["Tina", "Tina", "Oslo"])), Some(1.0));
-    assert_eq!(expected_rate(&prompts[1..2], &answers(["x", "", ""])), None);
-    std::fs::write(&path, "{\"prompt\": \"Hi?\", \"expected\": 3}\n").unwrap();
-    let err = load_prompts(&path).unwrap_err().to_string();
-    assert!(err.contains("p.jsonl:1") && err.contains("`expected` must be a non-empty string"), "{err}");
-}
-
 /// The shipped tiny config parses (no unknown keys) and passes validation.
 #[test]
 fn shipped_config_is_valid() {
@@ -300,24 +284,4 @@ fn shipped_config_is_valid() {
     let cfg: RlhfConfig = llama_trainer::config::load_toml(&path).unwrap();
     validate(&cfg, "configs/rlhf-tiny.toml").unwrap();
     assert!(cfg.ppo.value_warmup < cfg.ppo.iterations && cfg.ppo.value_lr > 0.0);
-}
-
-/// A prompt that cannot be answered within the model's length is refused when the file is
-/// loaded, naming the file and line, and counting the end-of-sequence token appended to a cut
-/// answer (a prompt of exactly max_seq_len - max_new_tokens tokens is one too many).
-#[test]
-fn over_long_prompts_are_refused_at_load_with_file_and_line() {
-    let tok = llama_data::Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap();
-    let tmp = tempfile::tempdir().unwrap();
-    let path = tmp.path().join("prompts.jsonl");
-    let long = "the jury said ".repeat(40);
-    std::fs::write(&path, format!("{{\"prompt\": \"Hi\"}}\n\n{{\"prompt\": \"{long}\"}}\n")).unwrap();
-    let err = llama_rlhf::load_prompts_for(&path, &tok, 8, 64).unwrap_err().to_string();
-    assert!(err.contains(&format!("{}:3:", path.display())) && err.contains("max_seq_len (64)"), "{err}");
-    let short = llama_rlhf::load_prompts(&path).unwrap().remove(0);
-    let n = short.conversation.prompt_ids(&tok).unwrap().len();
-    let exact = tmp.path().join("exact.jsonl");
-    std::fs::write(&exact, "{\"prompt\": \"Hi\"}\n").unwrap();
-    assert!(llama_rlhf::load_prompts_for(&exact, &tok, 8, n + 8).is_err(), "no room for the EOS after a cut answer");
-    assert_eq!(llama_rlhf::load_prompts_for(&exact, &tok, 8, n + 9).unwrap().len(), 1);
 }

@@ -1,11 +1,11 @@
-//! Prompt sets (`{prompt | messages, is_safety, expected}` JSONL): loading with file:line errors
-//! and the length check against the model.
+//! Prompt sets (`{prompt | messages, is_safety, expected}` JSONL), which rejection sampling, PPO
+//! and `eval compare` answer: loading with file:line errors and the length check against a model.
 
 use std::path::Path;
 
 use anyhow::bail;
-use llama_data::Tokenizer;
-use llama_data::chat::{Conversation, Message, Role};
+use crate::Tokenizer;
+use crate::chat::{Conversation, Message, Role};
 
 /// One prompt with its safety tag.
 #[derive(Debug, Clone, PartialEq)]
