@@ -25,12 +25,14 @@ pub mod generate;
 pub mod host_memory;
 pub mod loss;
 pub mod model;
+pub mod precision;
 pub mod recompute;
 pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
 
-pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Precision, Recompute, TrainingMemory};
+pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Recompute, TrainingMemory};
+pub use precision::Precision;
 pub use flex_kernels::without_fused_kernels;
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
 

@@ -291,25 +291,6 @@ impl RunConfig {
         Ok(())
     }
 
-    /// What can only be checked with the model in hand, before any work: the device computes in
-    /// `run.dtype`, and one device's training memory estimate (with the run's recomputation,
-    /// logits chunks and optimizer placement) fits in its memory.
-    pub fn check_launch(&self, model: &llama_model::LlamaConfig, train: &TrainConfig, seq_len: usize) -> Result<llama_model::Precision, String> {
-        let precision = crate::precision::parse(&self.dtype)?;
-        let device = llama_model::device::parse(&self.device).map_err(|e| format!("run.device: {e}"))?;
-        llama_model::device::probe(&device, &self.device).map_err(|e| format!("run.device: {e}"))?;
-        precision.check_device(&device, &self.device)?;
-        if precision != llama_model::Precision::F32 && llama_model::device::is_cpu(&self.device) && crate::distributed::world().is_root() {
-            // Allowed (it tests the mixed-precision path), but rarely what a CPU user wants.
-            eprintln!(
-                "note: run.dtype = \"{}\" on the CPU: mixed precision is meant for GPUs; run.dtype = \"f32\" is the CPU's tested and benchmarked setting",
-                self.dtype
-            );
-        }
-        crate::memory::check_fits(self, model, train.micro_batch_size, seq_len, &self.training_memory(precision, train))?;
-        Ok(precision)
-    }
-
     /// The memory-relevant settings of a run in `precision`.
     pub fn training_memory(&self, precision: llama_model::Precision, train: &TrainConfig) -> TrainingMemory {
         TrainingMemory { precision, recompute: train.recompute, optimizer: self.optimizer, logits_chunk: train.memory_saving().logits_chunk }

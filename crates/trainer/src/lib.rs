@@ -13,6 +13,7 @@ pub mod tensorboard;
 pub mod checkpoint;
 pub mod cli;
 pub mod metrics;
+pub mod objective;
 pub mod run;
 pub mod sampler;
 pub mod sharded;
@@ -22,7 +23,8 @@ pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, Schedule
 pub use cli::TrainingArgs;
 pub use metrics::Metrics;
 pub use precision::{LossScale, Precision};
-pub use run::{LoopConfig, Objective, Overrides, Summary, train};
+pub use objective::Objective;
+pub use run::{LoopConfig, Overrides, Summary, train};
 pub use sampler::{EpochCursor, EpochSampler};
 pub use schedule::Schedule;
 

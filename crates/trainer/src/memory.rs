@@ -1,11 +1,30 @@
-//! The check before launch that a run fits its device: the model crate's estimate of one
-//! device's training memory (weights, f32 master copy, gradients, AdamW moments, activations of a
-//! micro-batch) against what the device has.
+//! The checks before launch: the run's device exists and computes in its dtype, and the run fits
+//! it (the model crate's estimate of one device's training memory: weights, f32 master copy,
+//! gradients, AdamW moments, activations of a micro-batch, against what the device has).
 
 use llama_model::config::MEASURED_OVERHEAD;
 use llama_model::{LlamaConfig, OptimizerPlacement, Recompute, TrainingMemory};
 
-use crate::config::RunConfig;
+use crate::config::{RunConfig, TrainConfig};
+
+/// What can only be checked with the model in hand, before any work: the device computes in
+/// `run.dtype`, and one device's training memory estimate (with the run's recomputation,
+/// logits chunks and optimizer placement) fits in its memory.
+pub fn check_launch(run: &RunConfig, model: &LlamaConfig, train: &TrainConfig, seq_len: usize) -> Result<llama_model::Precision, String> {
+    let precision = crate::precision::parse(&run.dtype)?;
+    let device = llama_model::device::parse(&run.device).map_err(|e| format!("run.device: {e}"))?;
+    llama_model::device::probe(&device, &run.device).map_err(|e| format!("run.device: {e}"))?;
+    precision.check_device(&device, &run.device)?;
+    if precision != llama_model::Precision::F32 && llama_model::device::is_cpu(&run.device) && crate::distributed::world().is_root() {
+        // Allowed (it tests the mixed-precision path), but rarely what a CPU user wants.
+        eprintln!(
+            "note: run.dtype = \"{}\" on the CPU: mixed precision is meant for GPUs; run.dtype = \"f32\" is the CPU's tested and benchmarked setting",
+            run.dtype
+        );
+    }
+    check_fits(run, model, train.micro_batch_size, seq_len, &run.training_memory(precision, train))?;
+    Ok(precision)
+}
 
 const GIB: f64 = (1u64 << 30) as f64;
 

@@ -10,43 +10,17 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::store::ModuleSnapshot;
-use burn::tensor::Tensor;
 use llama_model::checkpoint::{load_weights, save_weights};
 
 use crate::checkpoint::{Checkpoints, MODEL_FILE, OPTIMIZER_FILE, RunLock, STATE_FILE, TrainState};
 use crate::config::{OptimConfig, OptimizerPlacement, RunConfig, TrainConfig};
 use crate::metrics::{Metrics, peak_rss_bytes};
+use crate::objective::Objective;
 use crate::optim::{Optimizer, StepOptimizer};
 use crate::parallel::{StepPlan, device_copy};
 use crate::precision::{self, LossScale, Precision};
 use crate::schedule::Schedule;
 use crate::test_hooks::kill_point;
-
-/// What a stage trains on and how.
-pub trait Objective<M> {
-    type Batch;
-
-    /// The next micro-batch of `size` sequences; None when the data is exhausted.
-    fn next_batch(&mut self, size: usize) -> anyhow::Result<Option<Self::Batch>>;
-
-    /// How many loss terms (target tokens, pairs) the batch holds: the step's loss is the sum of
-    /// every micro-batch's summed loss divided by the sum of their weights, so a step over
-    /// several micro-batches equals one over their concatenation.
-    fn weight(&self, batch: &Self::Batch) -> f64;
-
-    /// Tokens the batch processes (for throughput).
-    fn tokens(&self, batch: &Self::Batch) -> usize;
-
-    /// The summed loss of the batch (a scalar on the model's autodiff device).
-    fn loss_sum(&self, model: &M, batch: &Self::Batch) -> Tensor<1>;
-
-    /// Runs the stage's evaluation and records its numbers.
-    fn evaluate(&mut self, model: &M, step: u64, metrics: &mut Metrics) -> anyhow::Result<()>;
-
-    /// Where the data readers are (saved in checkpoints).
-    fn data_state(&self) -> serde_json::Value;
-    fn restore_data_state(&mut self, state: &serde_json::Value) -> anyhow::Result<()>;
-}
 
 /// Everything the loop needs besides the model and the objective.
 pub struct LoopConfig {
@@ -133,7 +107,7 @@ impl LoopConfig {
         overrides: &Overrides,
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
-        let precision = run.check_launch(model, &train, seq_len).map_err(anyhow::Error::msg)?;
+        let precision = crate::memory::check_launch(&run, model, &train, seq_len).map_err(anyhow::Error::msg)?;
         let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
         let ranks = crate::distributed::world().size();
