@@ -4,7 +4,8 @@
 //! `[rows, dim]` activations on one thread in the flex backend, and about twice as many backward
 //! (a model has `2 * n_layers + 1` of them). [`rms_norm`] is one Burn backend extension op
 //! ([`RmsNormBackend`]) with its own backward: one pass forward and one backward per row, rows
-//! spread over the rayon pool; the gain's gradient is summed per chunk of rows, then over chunks.
+//! spread over the rayon pool; the gain's gradient is summed per chunk of rows, then over chunks
+//! in order (so it is the same from run to run).
 //! Same arithmetic as Burn's module: f32 statistics, `x / sqrt(mean(x^2) + eps) * gamma`.
 //!
 //! Only the flex (CPU) backend has the fused kernel, for f32; everywhere else [`rms_norm`] calls
@@ -83,7 +84,7 @@ impl RmsNormBackend for Flex {
         let (x, gamma, grad) = (f32_values(&x), f32_values(&gamma), f32_values(&grad));
         let d = gamma.len();
         let mut dx = vec![0f32; x.len()];
-        let dgamma = dx
+        let partials: Vec<Vec<f32>> = dx
             .par_chunks_mut(d * ROWS_PER_TASK)
             .zip(x.par_chunks(d * ROWS_PER_TASK).zip(grad.par_chunks(d * ROWS_PER_TASK)))
             .map(|(dx, (x, grad))| {
@@ -103,7 +104,16 @@ impl RmsNormBackend for Flex {
                 }
                 dgamma
             })
-            .reduce(|| vec![0f32; d], |a, b| a.iter().zip(&b).map(|(a, b)| a + b).collect());
+            .collect();
+        // Summed in chunk order: rayon's `reduce` would associate the partial sums in an order
+        // that depends on work stealing, and the gain's gradient (so every later weight) would
+        // change in its last bits from run to run.
+        let mut dgamma = vec![0f32; d];
+        for partial in &partials {
+            for (sum, p) in dgamma.iter_mut().zip(partial) {
+                *sum += p;
+            }
+        }
         (FlexTensor::from_data(TensorData::new(dx, shape)), FlexTensor::from_data(TensorData::new(dgamma, [d])))
     }
 }
