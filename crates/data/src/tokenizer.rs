@@ -47,9 +47,6 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 impl Tokenizer {
-    /// The smallest vocabulary `train` accepts: 3 special ids, 256 bytes, and one merge.
-    pub const MIN_VOCAB: usize = 3 + 256 + 1;
-
     /// Loads a `tokenizer.json`; it must define `<s>` and `</s>`.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = tokenizers::Tokenizer::from_file(path)
@@ -74,7 +71,7 @@ impl Tokenizer {
         I: Iterator<Item = S> + Send,
         S: AsRef<str> + Send,
     {
-        if vocab_size < Self::MIN_VOCAB {
+        if vocab_size < 3 + 256 + 1 {
             return Err(DataError::Tokenizer(format!("vocab_size {vocab_size} is too small: it needs 259 reserved tokens and some merges")));
         }
         let bpe = BPE::builder()

@@ -17,7 +17,7 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Role};
 use llama_model::{Llama, LlamaConfig};
-use llama_trainer::checkpoint::{Checkpoints, MODEL_FILE, init_model};
+use llama_trainer::checkpoint::{MODEL_FILE, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
 use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
@@ -445,10 +445,7 @@ impl Objective<RewardModel> for RewardObjective {
 
 /// Loads a trained reward model: a reward run directory or one of its checkpoints.
 pub fn load_reward_model(path: &Path, device: &Device) -> anyhow::Result<(LlamaConfig, RewardModel)> {
-    let dir = match Checkpoints::new(path).latest() {
-        Some((_, dir)) => dir,
-        None => path.to_path_buf(),
-    };
+    let dir = llama_model::checkpoint::resolve(path);
     let config_path = dir.join(llama_model::checkpoint::NATIVE_CONFIG);
     let config = LlamaConfig::from_toml_file(&config_path).with_context(|| format!("{}: not a reward model checkpoint", dir.display()))?;
     let mut model = RewardModel::new(&config, device);

@@ -221,11 +221,7 @@ mod tests {
 /// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint or a Hugging Face
 /// directory. Returns the config and the model on `device`.
 pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<(llama_model::LlamaConfig, llama_model::Llama)> {
-    let run_checkpoints = Checkpoints::new(path);
-    let dir = match run_checkpoints.latest() {
-        Some((_, dir)) => dir,
-        None => path.to_path_buf(),
-    };
+    let dir = llama_model::checkpoint::resolve(path);
     if !dir.exists() {
         anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
     }

@@ -69,9 +69,6 @@ fn run(cli: Cli) -> Result<()> {
         ..PrepareConfig::new(cli.input.clone(), cli.out.clone())
     };
     config.validate()?;
-    if cli.train_tokenizer.is_some_and(|v| v < Tokenizer::MIN_VOCAB) {
-        bail!("--train-tokenizer {}: a vocabulary needs at least {} ids (259 reserved: <unk>, <s>, </s> and 256 bytes, then merges)", cli.train_tokenizer.unwrap_or(0), Tokenizer::MIN_VOCAB);
-    }
     let tokenizer = match cli.train_tokenizer {
         Some(vocab) => {
             if cli.tokenizer.exists() && !cli.overwrite {
@@ -79,7 +76,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let docs = documents(&cli.input, &cli.text_field, cli.txt_docs)?;
             eprintln!("training a {vocab}-token BPE tokenizer on {} documents", docs.len());
-            let tok = Tokenizer::train(docs.iter(), vocab)?;
+            let tok = Tokenizer::train(docs.iter(), vocab).with_context(|| format!("--train-tokenizer {vocab}"))?;
             if let Some(dir) = cli.tokenizer.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
