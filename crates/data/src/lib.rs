@@ -2,9 +2,11 @@
 //! packed reader with its resumable cursor. Knows nothing of the model.
 
 pub mod chat;
+mod deal;
 pub mod prompts;
 pub mod prepare;
 pub mod reader;
+pub mod sampler;
 pub mod shards;
 pub mod tokenizer;
 

@@ -18,6 +18,7 @@ use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 
 use crate::DataError;
+use crate::deal::{Deal, Draws};
 use crate::shards::{Manifest, ShardFile, Split, split_files};
 
 /// Position in the packed stream, taken between windows.
@@ -140,19 +141,10 @@ impl PackedReader {
     /// The next window of `seq_len + 1` tokens for this rank, or None when the epochs are done.
     ///
     /// Windows are dealt in rounds of `world_size` from where the reader started (window 0, or
-    /// the restored cursor); the rest of a round (the other ranks' windows) is read past at once,
-    /// so after the same number of windows every rank's cursor is the same: any rank's cursor
-    /// resumes the whole job, at any world size.
+    /// the restored cursor; see [`Deal::next`]), so any rank's cursor resumes the whole job, at
+    /// any world size.
     pub fn next_window(&mut self) -> Result<Option<Vec<u32>>, DataError> {
-        let world = self.config.world_size as u64;
-        let in_round = |window: u64, start: u64| (window - start) % world;
-        loop {
-            let Some(window) = self.next_global_window()? else { return Ok(None) };
-            if in_round(self.cursor.window - 1, self.round_start) == self.config.rank as u64 {
-                while in_round(self.cursor.window, self.round_start) != 0 && self.next_global_window()?.is_some() {}
-                return Ok(Some(window));
-            }
-        }
+        Deal { rank: self.config.rank as u64, world: self.config.world_size as u64, start: self.round_start }.next(self)
     }
 
     /// `batch` windows, or None if the stream ends before the batch is full.
@@ -167,6 +159,7 @@ impl PackedReader {
         Ok(Some(out))
     }
 
+    /// The next window of the global stream (every rank's).
     fn next_global_window(&mut self) -> Result<Option<Vec<u32>>, DataError> {
         let len = self.config.seq_len + 1;
         let mut out = Vec::with_capacity(len);
@@ -232,5 +225,18 @@ impl PackedReader {
             self.loaded = Some((epoch, unit_pos, docs));
         }
         Ok(&self.loaded.as_ref().expect("loaded above").2)
+    }
+}
+
+impl Draws for PackedReader {
+    type Item = Vec<u32>;
+    type Error = DataError;
+
+    fn drawn(&self) -> u64 {
+        self.cursor.window
+    }
+
+    fn draw(&mut self) -> Result<Option<Vec<u32>>, DataError> {
+        self.next_global_window()
     }
 }

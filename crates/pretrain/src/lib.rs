@@ -304,13 +304,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, rank: world.rank(), world_size: world.size(), ..ReaderConfig::new(cfg.data.seq_len) };
     let train_reader = PackedReader::open(&cfg.data.shards, Split::Train, model_config.vocab_size, reader_config)?;
     let unigram_loss = unigram_baseline(&cfg.data.shards, model_config.vocab_size, cfg.data.seq_len, 2_000_000)?;
-    // One report per job: rank 0 speaks for the others.
-    let say = |line: String| {
-        if world.is_root() {
-            println!("{line}");
-        }
-    };
-    say(format!(
+    world.say(format_args!(
         "model: {} parameters | {} steps of {} x {} tokens | device {} | out {}",
         model_config.num_params(),
         total_steps,
@@ -320,7 +314,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.run.out_dir.display()
     ));
     if let Some(u) = unigram_loss {
-        say(format!("unigram baseline on the validation split: {u:.4} nats/token"));
+        world.say(format_args!("unigram baseline on the validation split: {u:.4} nats/token"));
     }
     // With the optimizer on the host the f32 master is built there: it never visits the device.
     let init_device = match cfg.run.optimizer {
@@ -345,7 +339,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     };
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
-        say(format!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display()));
+        world.say(format_args!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display()));
     }
     Ok(summary)
 }

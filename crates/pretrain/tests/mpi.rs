@@ -5,39 +5,22 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Fixture, pretrain, train_curve, weights};
+use common::{Fixture, pretrain, weights};
 
 // 6 micro-batches of one sequence per step: 6 in one process, 3 per rank at world 2, 2 at 3.
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
 const TRAIN: &str = "max_steps = 10\nbatch_size = 6\nmicro_batch_size = 1\nlog_every = 1\neval_every = 100\neval_batches = 1\ncheckpoint_every = 5\nkeep_checkpoints = 5";
 
-/// `mpirun -np ranks pretrain args...` (as root where the tests run as root), one thread per rank.
+/// `mpirun -np ranks pretrain args...`.
 fn mpirun(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1"]);
-    for (k, v) in env {
-        cmd.args(["-x", &format!("{k}={v}")]);
-    }
-    cmd.arg(env!("CARGO_BIN_EXE_pretrain")).args(args).current_dir(common::repo());
-    let out = cmd.output().expect("mpirun (apt-get install openmpi-bin libopenmpi-dev)");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    llama_testkit::mpirun(ranks, env!("CARGO_BIN_EXE_pretrain"), args, env)
 }
 
-fn assert_close(what: &str, got: &[f64], want: &[f64], tol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: {got:?} vs {want:?}");
-    for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= tol * w.abs().max(1.0), "{what}[{i}]: {g} vs {w} (all: {got:?} vs {want:?})");
-    }
-}
-
+/// The same curve as the one-process run, and the same weights at `steps`.
 fn assert_same_run(label: &str, out: &str, want_out: &str, steps: &[u64]) {
-    let (got, want) = (train_curve(out), train_curve(want_out));
-    assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), want.iter().map(|r| r.0).collect::<Vec<_>>(), "{label}: logged steps");
-    assert_close(&format!("{label} loss"), &got.iter().map(|r| r.1).collect::<Vec<_>>(), &want.iter().map(|r| r.1).collect::<Vec<_>>(), 1e-5);
-    assert_close(&format!("{label} grad norm"), &got.iter().map(|r| r.2).collect::<Vec<_>>(), &want.iter().map(|r| r.2).collect::<Vec<_>>(), 1e-5);
+    llama_testkit::assert_same_curve(label, out, want_out, 1e-5);
     for &step in steps {
         let (g, w) = (weights(out, step), weights(want_out, step));
         let worst = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);

@@ -19,7 +19,8 @@ use llama_data::chat::{Conversation, Message, Role};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::checkpoint::{MODEL_FILE, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Summary};
+use llama_data::sampler::{EpochCursor, EpochSampler};
+use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -258,12 +259,12 @@ pub fn load_pairs(path: &Path, tokenizer: &Tokenizer, default_category: Category
     }
     stats.pairs = pairs.len();
     if stats.identical + stats.empty_prompt > 0 {
-        eprintln!(
-            "warning: {}: skipped {} pairs whose chosen and rejected are identical and {} with an empty prompt",
+        llama_trainer::distributed::world().warn(format_args!(
+            "{}: skipped {} pairs whose chosen and rejected are identical and {} with an empty prompt",
             path.display(),
             stats.identical,
             stats.empty_prompt
-        );
+        ));
     }
     Ok((pairs, stats))
 }
@@ -510,7 +511,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let total_steps = overrides.max_steps.unwrap_or_else(|| (train.len() as u64 * cfg.data.epochs).div_ceil(cfg.train.batch_size as u64)).max(1);
     cfg.train.max_steps = Some(total_steps);
     cfg.train.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
-    println!(
+    let world = llama_trainer::distributed::world();
+    world.say(format_args!(
         "reward ({:?}): {} pairs ({} helpfulness, {} safety available) | {} steps of {} pairs | out {}",
         cfg.target,
         train.len(),
@@ -519,8 +521,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         total_steps,
         cfg.train.batch_size,
         cfg.run.out_dir.display()
-    );
-    let world = llama_trainer::distributed::world();
+    ));
     let mut objective = RewardObjective {
         // In an MPI job each rank takes every `world`-th draw.
         sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed).for_rank(world.rank(), world.size()),

@@ -142,7 +142,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             eval_chats: vec![],
             tokenizer: tokenizer.clone(),
             separate: true,
-            sampler: llama_trainer::EpochSampler::new(packed_len, u64::MAX, round as u64),
+            sampler: llama_data::sampler::EpochSampler::new(packed_len, u64::MAX, round as u64),
             device: train_device.clone(),
             eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
             micro_batch: rs.batch_size,

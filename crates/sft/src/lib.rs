@@ -13,7 +13,8 @@ use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{EpochCursor, EpochSampler, LoopConfig, Metrics, Objective, Summary};
+use llama_data::sampler::{EpochCursor, EpochSampler};
+use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -291,14 +292,14 @@ fn expected_of(path: &Path) -> anyhow::Result<Vec<Option<String>>> {
 }
 
 fn report(what: &str, stats: &PackStats) {
-    println!(
+    llama_trainer::distributed::world().say(format_args!(
         "{what}: {} chats -> {} sequences, {} answer tokens{}{}",
         stats.conversations,
         stats.sequences,
         stats.loss_tokens,
         if stats.truncated > 0 { format!(", {} truncated (longer than the sequence)", stats.truncated) } else { String::new() },
         if stats.skipped > 0 { format!(", {} skipped (longer than the sequence)", stats.skipped) } else { String::new() },
-    );
+    ));
 }
 
 /// Command-line overrides (the trainer's, shared by every stage).
@@ -346,7 +347,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     };
     let total_steps = overrides.max_steps.unwrap_or_else(|| (train.len() as u64 * cfg.data.epochs).div_ceil(cfg.train.batch_size as u64)).max(1);
     cfg.train.max_steps = Some(total_steps);
-    println!(
+    let world = llama_trainer::distributed::world();
+    world.say(format_args!(
         "sft: {} parameters from {} | {} steps of {} sequences x {} tokens | out {}",
         model_config.num_params(),
         cfg.init.display(),
@@ -354,8 +356,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         cfg.train.batch_size,
         cfg.data.seq_len,
         cfg.run.out_dir.display()
-    );
-    let world = llama_trainer::distributed::world();
+    ));
     let mut objective = Sft {
         // In an MPI job each rank takes every `world`-th draw.
         sampler: EpochSampler::new(train.len(), cfg.data.epochs, cfg.train.seed).for_rank(world.rank(), world.size()),
@@ -371,7 +372,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, true)?;
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
-        println!("done: {} steps; checkpoint {}", summary.steps, dir.display());
+        world.say(format_args!("done: {} steps; checkpoint {}", summary.steps, dir.display()));
     }
     Ok(summary)
 }

@@ -1,4 +1,5 @@
-//! The bad-input suites' checks (a dev-dependency of the binaries' crates).
+//! What the binaries' end-to-end tests share (a dev-dependency of their crates): the bad-input
+//! suites' checks, launching a binary as an MPI job, and reading a run's logged training curve.
 //!
 //! Each suite is a table of [`Case`]s: a command line that must be refused. [`Case::refused`]
 //! runs it and asserts what a user must see: a non-zero exit of the binary's own error path (not
@@ -153,5 +154,43 @@ mod tests {
         std::fs::remove_dir_all(dir.join("sub")).unwrap();
         assert!(fails(|| before.assert_kept(&dir, &[dir.join("out.txt")], "removed")).contains("was removed"));
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// `mpirun -np RANKS BINARY ARGS...` from the workspace root, one thread per rank (allowed as
+/// root, where the tests run as root); each `env` pair is exported to every rank. Returns
+/// (succeeded, stdout, stderr).
+pub fn mpirun(ranks: usize, binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new("mpirun");
+    cmd.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1"]);
+    for (k, v) in env {
+        cmd.args(["-x", &format!("{k}={v}")]);
+    }
+    cmd.arg(binary).args(args).current_dir(repo());
+    let out = cmd.output().expect("mpirun (apt-get install openmpi-bin libopenmpi-dev)");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+}
+
+/// (step, loss, grad_norm) of every logged training step in the run directory `out`.
+pub fn train_curve(out: impl AsRef<Path>) -> Vec<(u64, f64, f64)> {
+    let path = out.as_ref().join("metrics.jsonl");
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|v| v.get("train/loss").is_some())
+        .map(|v| (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap(), v["train/grad_norm"].as_f64().unwrap()))
+        .collect()
+}
+
+/// Asserts that two runs logged the same training steps with losses and gradient norms equal
+/// within the relative tolerance `tol` (absolute below 1).
+pub fn assert_same_curve(label: &str, got: impl AsRef<Path>, want: impl AsRef<Path>, tol: f64) {
+    let (got, want) = (train_curve(got), train_curve(want));
+    let steps = |c: &[(u64, f64, f64)]| c.iter().map(|r| r.0).collect::<Vec<_>>();
+    assert_eq!(steps(&got), steps(&want), "{label}: logged steps");
+    let close = |g: f64, w: f64| (g - w).abs() <= tol * w.abs().max(1.0);
+    for (g, w) in got.iter().zip(&want) {
+        assert!(close(g.1, w.1) && close(g.2, w.2), "{label}, step {}: (loss, grad norm) {:?} vs {:?}", g.0, (g.1, g.2), (w.1, w.2));
     }
 }

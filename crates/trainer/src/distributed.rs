@@ -82,6 +82,19 @@ impl World {
     pub fn is_distributed(&self) -> bool {
         self.size > 1
     }
+    /// Prints `line` once per job: rank 0 speaks for the others (the ranks run the same code,
+    /// so every other rank would print the same).
+    pub fn say(&self, line: impl std::fmt::Display) {
+        if self.is_root() {
+            println!("{line}");
+        }
+    }
+    /// A warning once per job, on standard error.
+    pub fn warn(&self, line: impl std::fmt::Display) {
+        if self.is_root() {
+            eprintln!("warning: {line}");
+        }
+    }
 
     /// Waits for every rank.
     pub fn barrier(&self) {

@@ -15,7 +15,6 @@ pub mod cli;
 pub mod metrics;
 pub mod objective;
 pub mod run;
-pub mod sampler;
 pub mod sharded;
 pub mod test_hooks;
 
@@ -25,7 +24,6 @@ pub use metrics::Metrics;
 pub use precision::{LossScale, Precision};
 pub use objective::Objective;
 pub use run::{LoopConfig, Overrides, Summary, train};
-pub use sampler::{EpochCursor, EpochSampler};
 pub use schedule::Schedule;
 
 /// A model config as the TOML text (a `[model]` table) that checkpoints store and compare.

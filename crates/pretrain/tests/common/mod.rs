@@ -2,7 +2,7 @@
 //! reading the logged curves back.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use burn::module::{Module, ModuleVisitor, Param};
@@ -10,10 +10,6 @@ use burn::tensor::{Device, Tensor};
 use llama_data::Tokenizer;
 use llama_data::prepare::{PrepareConfig, prepare};
 use serde_json::Value;
-
-pub fn repo() -> PathBuf {
-    Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
-}
 
 pub fn pretrain(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pretrain"));
@@ -63,17 +59,8 @@ impl Fixture {
     }
 }
 
-/// (step, loss, grad_norm) of every logged training step.
-pub fn train_curve(out: &str) -> Vec<(u64, f64, f64)> {
-    std::fs::read_to_string(Path::new(out).join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
-        .filter(|v| v.get("train/loss").is_some())
-        .map(|v| (v["step"].as_u64().unwrap(), v["train/loss"].as_f64().unwrap(), v["train/grad_norm"].as_f64().unwrap()))
-        .collect()
-}
-
+#[allow(unused_imports)]
+pub use llama_testkit::{repo, train_curve};
 
 struct Values(Vec<f32>);
 

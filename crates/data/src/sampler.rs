@@ -1,12 +1,14 @@
 //! Epochs over an in-memory training set (SFT chats, preference pairs): a fresh shuffle per
 //! epoch from the seed, and a cursor that checkpoints save and restore exactly. In an MPI job each
-//! rank takes every `world`-th draw of the one sequence of draws (as the packed reader does with
-//! windows), so the ranks together see what one process would.
+//! rank takes every `world`-th draw of the one sequence of draws ([`crate::deal`], as the packed
+//! reader does with windows), so the ranks together see what one process would.
 
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
+
+use crate::deal::{Deal, Draws};
 
 /// Position in the epochs: epoch and index into that epoch's order.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,25 +55,27 @@ impl EpochSampler {
         self.order.shuffle(&mut StdRng::seed_from_u64(self.seed ^ self.cursor.epoch.wrapping_mul(0x9E37_79B9_7F4A_7C15)));
     }
 
-    /// This rank's next index, or None once the epochs are done (or the set is empty). Draws are
-    /// dealt in rounds of `world`; the rest of a round (the other ranks' draws) is passed at once,
-    /// so every rank's cursor is the same after the same number of indices.
+    /// This rank's next index, or None once the epochs are done (or the set is empty); dealt as
+    /// [`Deal::next`] says, so every rank's cursor is the same after the same number of indices.
     pub fn next_index(&mut self) -> Option<usize> {
-        let world = self.world as u64;
-        loop {
-            let at = self.position() - self.round_start;
-            let i = self.draw()?;
-            if at % world == self.rank as u64 {
-                while (self.position() - self.round_start) % world != 0 && self.draw().is_some() {}
-                return Some(i);
-            }
-        }
+        let deal = Deal { rank: self.rank as u64, world: self.world as u64, start: self.round_start };
+        let Ok(next) = deal.next(self);
+        next
+    }
+}
+
+impl Draws for EpochSampler {
+    type Item = usize;
+    type Error = std::convert::Infallible;
+
+    fn drawn(&self) -> u64 {
+        self.position()
     }
 
     /// The next index of the one sequence of draws.
-    fn draw(&mut self) -> Option<usize> {
+    fn draw(&mut self) -> Result<Option<usize>, Self::Error> {
         if self.len == 0 || self.cursor.epoch >= self.epochs {
-            return None;
+            return Ok(None);
         }
         let i = self.order[self.cursor.index];
         self.cursor.index += 1;
@@ -79,9 +83,11 @@ impl EpochSampler {
             self.cursor = EpochCursor { epoch: self.cursor.epoch + 1, index: 0 };
             self.shuffle();
         }
-        Some(i)
+        Ok(Some(i))
     }
+}
 
+impl EpochSampler {
     pub fn cursor(&self) -> &EpochCursor {
         &self.cursor
     }
