@@ -3,8 +3,9 @@
 //!
 //! The template is Meta's (`generation.py`, `chat_completion`): each user/assistant exchange is
 //! `<s>[INST] {user} [/INST] {answer} </s>`, with the system prompt folded into the first user
-//! message as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`. Loss falls on answer tokens and their EOS
-//! only (and not on answers marked `"train": false`, as Ghost Attention needs).
+//! message as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`, and each exchange is encoded as one
+//! string, as Meta does, so the ids are Meta's for any tokenizer. Loss falls on answer tokens and
+//! their EOS only (and not on answers marked `"train": false`, as Ghost Attention needs).
 
 use std::path::Path;
 
@@ -45,6 +46,16 @@ impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self { role, content: content.into(), train: true }
     }
+}
+
+/// One user/assistant exchange rendered with the template ([`Conversation::render_exchanges`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenderedExchange {
+    pub text: String,
+    /// Byte offset in `text` where the answer begins (its leading space), if it has one.
+    pub answer_at: Option<usize>,
+    /// Whether the answer carries loss.
+    pub trained: bool,
 }
 
 /// A validated conversation: an optional system message, then user/assistant turns alternating,
@@ -126,41 +137,51 @@ impl Conversation {
         turns.chunks(2).map(|c| (&c[0], c.get(1))).collect()
     }
 
-    /// The text of each piece of the template and whether it is trained on, in order
-    /// (BOS and EOS are the `<s>`/`</s>` pieces).
-    pub fn render_pieces(&self) -> Vec<(String, bool)> {
-        let mut pieces = vec![];
-        for (i, (user, answer)) in self.exchanges().into_iter().enumerate() {
-            let user_text = match (i, self.system()) {
-                (0, Some(system)) => format!("{B_SYS}{}{E_SYS}{}", system.trim(), user.content.trim()),
-                _ => user.content.trim().to_string(),
-            };
-            pieces.push(("<s>".to_string(), false));
-            pieces.push((format!("{B_INST} {user_text} {E_INST}"), false));
-            if let Some(a) = answer {
-                pieces.push((format!(" {} ", a.content.trim()), a.train));
-                pieces.push(("</s>".to_string(), a.train));
-            }
-        }
-        pieces
+    /// Each exchange as the one string Meta's `chat_completion` encodes:
+    /// `[INST] {user} [/INST] {answer} ` (without the answer for a last, unanswered turn). BOS
+    /// goes before each and EOS after each answered one, as ids.
+    pub fn render_exchanges(&self) -> Vec<RenderedExchange> {
+        self.exchanges()
+            .into_iter()
+            .enumerate()
+            .map(|(i, (user, answer))| {
+                let user_text = match (i, self.system()) {
+                    (0, Some(system)) => format!("{B_SYS}{}{E_SYS}{}", system.trim(), user.content.trim()),
+                    _ => user.content.trim().to_string(),
+                };
+                let prompt = format!("{B_INST} {user_text} {E_INST}");
+                match answer {
+                    Some(a) => RenderedExchange { answer_at: Some(prompt.len()), text: format!("{prompt} {} ", a.content.trim()), trained: a.train },
+                    None => RenderedExchange { text: prompt, answer_at: None, trained: false },
+                }
+            })
+            .collect()
     }
 
-    /// The whole rendered text (for display and golden tests).
+    /// The whole rendered text, `<s>` and `</s>` included (for display and golden tests).
     pub fn render_text(&self) -> String {
-        self.render_pieces().into_iter().map(|p| p.0).collect()
+        self.render_exchanges().into_iter().map(|e| format!("<s>{}{}", e.text, if e.answer_at.is_some() { "</s>" } else { "" })).collect()
     }
 
     /// Token ids and, per id, whether it is an answer token that carries loss.
+    ///
+    /// Each exchange is encoded as one string (so a tokenizer that prepends `▁` does it once per
+    /// exchange, as SentencePiece does in Meta's code, and the answer's first word keeps its `▁`);
+    /// the answer's tokens are those that start at or after the space before the answer, by the
+    /// tokenizer's offsets. The answer's EOS carries loss too.
     pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
         let (mut ids, mut mask) = (vec![], vec![]);
-        for (text, train) in self.render_pieces() {
-            let piece = match text.as_str() {
-                "<s>" => vec![tokenizer.bos_id()],
-                "</s>" => vec![tokenizer.eos_id()],
-                t => tokenizer.encode(t, false, false)?,
-            };
-            mask.extend(std::iter::repeat_n(train, piece.len()));
+        for exchange in self.render_exchanges() {
+            ids.push(tokenizer.bos_id());
+            mask.push(false);
+            let (piece, offsets) = tokenizer.encode_with_offsets(&exchange.text)?;
+            let in_answer = |start: usize| exchange.trained && exchange.answer_at.is_some_and(|at| start >= at);
+            mask.extend(offsets.iter().map(|&(start, _)| in_answer(start)));
             ids.extend(piece);
+            if exchange.answer_at.is_some() {
+                ids.push(tokenizer.eos_id());
+                mask.push(exchange.trained);
+            }
         }
         Ok((ids, mask))
     }

@@ -134,6 +134,12 @@ impl Tokenizer {
         Ok(ids)
     }
 
+    /// Token ids of `text` (no BOS/EOS) and, for each, the byte range of `text` it comes from.
+    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), DataError> {
+        let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
+    }
+
     /// Encodes many texts in parallel (rayon, inside `tokenizers`), without BOS/EOS.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, DataError> {
         let encs = self
