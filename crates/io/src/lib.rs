@@ -8,7 +8,7 @@
 //! Errors are `std::io::Error`s whose message names the path (and line), ready to print.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 fn named(path: &Path, e: std::io::Error) -> std::io::Error {
@@ -24,9 +24,24 @@ pub fn tmp_sibling(path: &Path) -> PathBuf {
 
 /// Writes `bytes` to `path` through a temporary sibling and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    write_atomic_with(path, |w| w.write_all(bytes))
+}
+
+/// [`write_atomic`] for a file too large to build in memory first: `fill` streams it into a
+/// buffered writer on the temporary sibling, which is flushed and renamed once `fill` is done.
+/// If `fill` fails, the temporary file is removed and `path` is left as it was.
+pub fn write_atomic_with(path: &Path, fill: impl FnOnce(&mut BufWriter<File>) -> std::io::Result<()>) -> std::io::Result<()> {
     let tmp = tmp_sibling(path);
     // Errors name the file asked for (the temporary one is ours, not the user's).
-    std::fs::write(&tmp, bytes).map_err(|e| named(path, e))?;
+    let written = File::create(&tmp).and_then(|f| {
+        let mut w = BufWriter::new(f);
+        fill(&mut w)?;
+        w.flush()
+    });
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(named(path, e));
+    }
     std::fs::rename(&tmp, path).map_err(|e| {
         let _ = std::fs::remove_file(&tmp);
         named(path, e)

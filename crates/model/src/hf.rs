@@ -333,12 +333,24 @@ fn tensor_to_f32<const D: usize>(t: Tensor<D>) -> Vec<f32> {
     t.cast(DType::F32).into_data().try_to_vec::<f32>().expect("f32 after cast")
 }
 
-/// Writes `model` as a Hugging Face `LlamaForCausalLM` directory (f32). Weights above
-/// `max_shard_bytes` are split into `model-0000x-of-0000y.safetensors` with an index.
-pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes: u64) -> Result<(), ModelError> {
-    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+/// The order of the rows of a q or k weight: Meta's interleaved RoPE pairs (ours, and
+/// GGUF's) or Hugging Face's rotate-half halves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RopeRows {
+    Meta,
+    HuggingFace,
+}
+
+/// Every tensor of a model with this config under its Hugging Face name, with its HF shape.
+pub(crate) fn layout(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
+    hf_layout(config).into_iter().map(|(n, s, _)| (n, s)).collect()
+}
+
+/// Every tensor of `model` under its Hugging Face name, in HF shape (`[d_out, d_in]`, row-major)
+/// as f32, with q and k rows in the order `rope`.
+pub(crate) fn export_tensors(model: &Llama, config: &LlamaConfig, rope: RopeRows) -> Vec<(String, Vec<usize>, Vec<f32>)> {
     let mut model = model.clone();
-    let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = vec![];
+    let mut tensors = vec![];
     for (name, shape, kind) in hf_layout(config) {
         let data = match param_for(&mut model, &name).expect("layout matches module") {
             Param2or1::One(p) => tensor_to_f32(p.val()),
@@ -350,7 +362,7 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
                         let (rows, cols) = (shape[0], shape[1]);
                         let t = transpose(&raw, cols, rows);
                         match kind {
-                            Kind::RopeLinear(heads) => permute_rope_rows(&t, heads, config.head_dim(), cols, true),
+                            Kind::RopeLinear(heads) if rope == RopeRows::HuggingFace => permute_rope_rows(&t, heads, config.head_dim(), cols, true),
                             _ => t,
                         }
                     }
@@ -359,6 +371,25 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
         };
         tensors.push((name, shape, data));
     }
+    tensors
+}
+
+/// Sets our parameter that holds the Hugging Face tensor `name` (HF shape `shape`, q and k rows
+/// in the order `rope`).
+pub(crate) fn set_tensor(model: &mut Llama, config: &LlamaConfig, name: &str, shape: &[usize], data: Vec<f32>, rope: RopeRows, device: &Device) {
+    let kind = hf_layout(config).into_iter().find(|(n, _, _)| n == name).map(|(_, _, k)| k).expect("a name of the layout");
+    let kind = match kind {
+        Kind::RopeLinear(_) if rope == RopeRows::Meta => Kind::Linear,
+        k => k,
+    };
+    set_from_hf(model, config, name, shape, kind, data, device);
+}
+
+/// Writes `model` as a Hugging Face `LlamaForCausalLM` directory (f32). Weights above
+/// `max_shard_bytes` are split into `model-0000x-of-0000y.safetensors` with an index.
+pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes: u64) -> Result<(), ModelError> {
+    std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
+    let tensors = export_tensors(model, config, RopeRows::HuggingFace);
     // Group into shards in layout order.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0u64;

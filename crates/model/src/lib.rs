@@ -22,6 +22,7 @@ pub mod config;
 pub mod device;
 mod flex_kernels;
 pub mod generate;
+pub mod gguf;
 pub mod hf;
 pub mod host_memory;
 pub mod loss;

@@ -105,6 +105,22 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
     assert_eq!(unsafe { libc::mkfifo(pipe.as_ptr(), 0o644) }, 0);
     hf_copy("noconfig");
     std::fs::write(dir.join("noconfig/config.json"), r#"{"hidden_size": 32}"#).unwrap();
+    // GGUF files: a good one, then cut short, with another architecture, with a layer count that
+    // does not match its tensors.
+    let gguf = dir.join("model.gguf");
+    llama_model::gguf::save_gguf(&small.init(&burn::tensor::Device::flex()), &small, None, "small", &gguf, llama_model::gguf::GgufType::F32).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    std::fs::write(dir.join("truncated.gguf"), &bytes[..bytes.len() - 100]).unwrap();
+    let patched = |key: &[u8], value: &[u8], name: &str| {
+        let mut b = bytes.clone();
+        let at = b.windows(key.len()).position(|w| w == key).expect("key in the header") + key.len();
+        b[at..at + value.len()].copy_from_slice(value);
+        std::fs::write(dir.join(name), b).unwrap();
+    };
+    // key, then the value's type (u32 8 = string; 4 = u32) and the value.
+    patched(b"general.architecture\x08\0\0\0\x05\0\0\0\0\0\0\0", b"mamba", "mamba.gguf");
+    patched(b"llama.block_count\x04\0\0\0", &2u32.to_le_bytes(), "layers.gguf");
+    write("fake.gguf", "not a model");
     std::fs::create_dir_all(dir.join("occupied")).unwrap();
     write("occupied/notes.md", "mine");
     let fixture = fixture.display().to_string();
@@ -133,7 +149,14 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         Case::new("convert: an index escaping the directory", &["convert", "--from", &p("escape"), "--to", &p("out")], &["../outside.safetensors"]),
         Case::new("convert: an index naming a FIFO", &["convert", "--from", &p("fifo"), "--to", &p("out")], &["pipe.safetensors"]),
         Case::new("convert: a config.json without the model's keys", &["convert", "--from", &p("noconfig"), "--to", &p("out")], &["config.json"]),
-        Case::new("convert: unknown format", &["convert", "--from", &fixture, "--to", &p("out"), "--to-format", "gguf"], &["--to-format", "gguf"]),
+        Case::new("convert: unknown format", &["convert", "--from", &fixture, "--to", &p("out"), "--to-format", "onnx"], &["--to-format", "onnx"]),
+        Case::new("convert: unknown GGUF type", &["convert", "--from", &fixture, "--to", &p("out.gguf"), "--gguf-type", "q4_0"], &["--gguf-type", "q4_0", "q8_0"]),
+        Case::new("convert: over an existing GGUF file", &["convert", "--from", &fixture, "--to", &p("model.gguf")], &["model.gguf", "--overwrite"]),
+        Case::new("convert: a GGUF output that is a directory", &["convert", "--from", &fixture, "--to", &p("occupied"), "--to-format", "gguf"], &["occupied", "one file"]),
+        Case::new("convert: a truncated GGUF", &["convert", "--from", &p("truncated.gguf"), "--to", &p("out")], &["truncated.gguf", "truncated"]),
+        Case::new("convert: a GGUF of another architecture", &["convert", "--from", &p("mamba.gguf"), "--to", &p("out")], &["mamba.gguf", "general.architecture", "mamba"]),
+        Case::new("convert: a GGUF whose layer count does not match its tensors", &["convert", "--from", &p("layers.gguf"), "--to", &p("out")], &["layers.gguf", "blk.1.attn_q.weight"]),
+        Case::new("convert: a .gguf that is not GGUF", &["convert", "--from", &p("fake.gguf"), "--to", &p("out")], &["fake.gguf"]),
         Case::new("convert: over a directory holding other files", &["convert", "--from", &fixture, "--to", &p("occupied")], &["occupied", "--overwrite"]),
         Case::new("convert: onto its own input", &["convert", "--from", &small_dir, "--to", &small_dir, "--to-format", "native", "--overwrite"], &["small", "--from"]),
         Case::new("generate: past the model's length", &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500"], &["max_seq_len"]),
@@ -163,6 +186,77 @@ fn convert_round_trips_hf_native_hf() {
     for (name, view) in a.tensors() {
         assert_eq!(view.data(), b.tensor(&name).unwrap().data(), "{name} changed in the round trip");
     }
+}
+
+/// Every weight of a checkpoint (any kind) as f32, in visiting order.
+fn weights(dir: &Path) -> Vec<f32> {
+    use burn::module::{Module, ModuleVisitor, Param};
+    struct Values(Vec<f32>);
+    impl ModuleVisitor for Values {
+        fn visit_float<const D: usize>(&mut self, param: &Param<burn::tensor::Tensor<D>>) {
+            self.0.extend(param.val().into_data().convert::<f32>().try_into_vec::<f32>().unwrap());
+        }
+    }
+    let (_, model) = llama_model::checkpoint::load(dir, &burn::tensor::Device::flex()).unwrap();
+    let mut v = Values(vec![]);
+    model.visit(&mut v);
+    v.0
+}
+
+/// A model imported from Hugging Face goes to GGUF and back to Hugging Face bit for bit (f32),
+/// through both q/k row orders; a native model with the shipped tokenizer goes to GGUF in f32,
+/// f16 and Q8_0 and back: f32 exactly, f16 as f16 rounds, Q8_0 within half a quantisation step,
+/// and the tokenizer comes back byte for byte.
+#[test]
+fn gguf_export_then_import_gives_the_weights_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).display().to_string();
+    let (ok, _, err) = llama(&["convert", "--from", "tests/fixtures/hf-tiny-gqa", "--to", &t("hf.gguf"), "--gguf-type", "f32"]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = llama(&["convert", "--from", &t("hf.gguf"), "--to", &t("hf-back"), "--to-format", "hf"]);
+    assert!(ok, "{err}");
+    let a = std::fs::read(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../tests/fixtures/hf-tiny-gqa/model.safetensors")).unwrap();
+    let b = std::fs::read(tmp.path().join("hf-back/model.safetensors")).unwrap();
+    let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
+    for (name, view) in a.tensors() {
+        assert_eq!(view.data(), b.tensor(&name).unwrap().data(), "{name} changed in the GGUF round trip");
+    }
+
+    // dim 64 (rows of 64: two Q8_0 blocks), GQA, tied embeddings, the shipped 2048-token tokenizer.
+    let config = llama_model::LlamaConfig::new(64, 2, 4).with_n_kv_heads(2).with_vocab_size(2048).with_multiple_of(32).with_max_seq_len(64).with_tie_word_embeddings(true);
+    let native = tmp.path().join("native");
+    llama_model::checkpoint::save_native(&config.init(&burn::tensor::Device::flex()), &config, &native).unwrap();
+    std::fs::copy(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../data/tokenizer.json"), native.join("tokenizer.json")).unwrap();
+    let want = weights(&native);
+    for (ty, tol) in [("f32", 0.0f32), ("f16", 1e-3), ("q8_0", 0.5 / 127.0)] {
+        let (file, back) = (t(&format!("{ty}.gguf")), t(&format!("{ty}-back")));
+        let (ok, _, err) = llama(&["convert", "--from", native.to_str().unwrap(), "--to", &file, "--gguf-type", ty]);
+        assert!(ok, "{ty}: {err}");
+        let (ok, _, err) = llama(&["convert", "--from", &file, "--to", &back]);
+        assert!(ok, "{ty}: {err}");
+        let got = weights(Path::new(&back));
+        assert_eq!(got.len(), want.len());
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol * scale.max(1.0), "{ty}: weights differ by up to {worst}");
+        if ty == "f32" {
+            assert_eq!(got, want, "f32 is exact");
+        }
+        assert_eq!(std::fs::read(native.join("tokenizer.json")).unwrap(), std::fs::read(Path::new(&back).join("tokenizer.json")).unwrap(), "{ty}: tokenizer");
+    }
+    let file = llama_model::gguf::GgufFile::open(&tmp.path().join("q8_0.gguf")).unwrap();
+    let ty = |name: &str| file.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}")).ggml_type;
+    assert_eq!((ty("blk.0.attn_q.weight"), ty("blk.0.attn_norm.weight"), ty("token_embd.weight")), (8, 0, 8), "Q8_0 matrices, f32 norms");
+    assert!(!file.tensors.iter().any(|t| t.name == "output.weight"), "tied: no output.weight");
+    let get = |k: &str| file.get(k).unwrap_or_else(|| panic!("{k}")).clone();
+    use llama_model::gguf::Value;
+    assert_eq!(get("general.architecture"), Value::Str("llama".into()));
+    assert_eq!(get("llama.attention.head_count_kv"), Value::U32(2));
+    assert_eq!(get("llama.rope.dimension_count"), Value::U32(16));
+    assert_eq!(get("tokenizer.ggml.bos_token_id"), Value::U32(1));
+    let Value::Array(tokens) = get("tokenizer.ggml.tokens") else { panic!("tokens") };
+    assert_eq!(tokens.len(), 2048);
+    assert!(get("tokenizer.chat_template").as_str().unwrap().contains("[INST]"));
 }
 
 #[test]

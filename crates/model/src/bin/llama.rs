@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use llama_model::checkpoint::{self, Format};
+use llama_model::gguf::{self, GgufTokenizer, GgufType};
 use llama_model::generate::{SamplingConfig, generate};
 use llama_model::recompute::MemorySaving;
 use llama_model::{LlamaConfig, OptimizerPlacement, Precision, Recompute, TrainingMemory, device};
@@ -53,20 +54,30 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         ranks: usize,
     },
-    /// Convert between a native checkpoint directory and a Hugging Face LlamaForCausalLM directory.
+    /// Convert between a native checkpoint directory, a Hugging Face LlamaForCausalLM directory
+    /// and a GGUF file (llama.cpp, Ollama, LM Studio).
     ///
-    /// The input kind is detected (config.toml: native, config.json: Hugging Face); the output is
-    /// the other kind unless --to-format says otherwise.
+    /// The input kind is detected (config.toml: native, config.json: Hugging Face, a file
+    /// starting with `GGUF`); the output is GGUF when --to ends in `.gguf`, otherwise the other
+    /// directory kind than the input, unless --to-format says otherwise. A GGUF file carries the
+    /// tokenizer (tokenizer.json of the input, special tokens and chat template from its
+    /// tokenizer_config.json, Llama 2's otherwise); converting one back writes its tokenizer.json.
     Convert {
-        /// Checkpoint directory to read.
+        /// Checkpoint directory or GGUF file to read.
         #[arg(long)]
         from: PathBuf,
-        /// Directory to write (created; files are written to temporaries and renamed).
+        /// Directory (or .gguf file) to write; files go to temporaries and are renamed.
         #[arg(long)]
         to: PathBuf,
-        /// Output kind: `hf` or `native` (default: the other kind than the input).
+        /// Output kind: `hf`, `native` or `gguf`.
         #[arg(long)]
         to_format: Option<String>,
+        /// GGUF weight type: f32, f16 or q8_0 (norms are always f32).
+        #[arg(long, default_value = "f16")]
+        gguf_type: String,
+        /// The tokenizer.json a GGUF output carries (default: the one in --from).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
         /// Largest Hugging Face shard in GB before splitting into model-0000x-of-0000y files.
         #[arg(long, default_value_t = 5.0)]
         shard_size_gb: f64,
@@ -145,12 +156,28 @@ enum Command {
 
 /// Refuses a conversion that would write over its own input, or into an existing directory
 /// holding anything unless `--overwrite` says so (it may be another model).
-fn check_convert_target(from: &Path, to: &Path, overwrite: bool) -> Result<()> {
+/// What `convert` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Dir(Format),
+    Gguf,
+}
+
+fn check_convert_target(from: &Path, to: &Path, overwrite: bool, file: bool) -> Result<()> {
     if !to.exists() {
         return Ok(());
     }
     if from.canonicalize().ok() == Some(to.canonicalize()?) {
-        bail!("--to {} is the --from directory: write the conversion to another directory", to.display());
+        bail!("--to {} is the --from checkpoint: write the conversion elsewhere", to.display());
+    }
+    if file {
+        if to.is_dir() {
+            bail!("--to {} is a directory; a GGUF output is one file (e.g. model.gguf)", to.display());
+        }
+        if !overwrite {
+            bail!("--to {} exists; pass --overwrite to replace it, or choose another file", to.display());
+        }
+        return Ok(());
     }
     let occupied = std::fs::read_dir(to).with_context(|| format!("--to {}", to.display()))?.next().is_some();
     if occupied && !overwrite {
@@ -262,29 +289,57 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             }
             Ok(())
         }
-        Command::Convert { from, to, to_format, shard_size_gb, overwrite } => {
-            check_convert_target(&from, &to, overwrite)?;
-            let device = device::parse("flex")?;
-            let input = checkpoint::detect(&from)?;
+        Command::Convert { from, to, to_format, gguf_type, tokenizer, shard_size_gb, overwrite } => {
+            let gguf_type = GgufType::parse(&gguf_type).ok_or_else(|| anyhow::anyhow!("--gguf-type `{gguf_type}`: allowed values: {}", GgufType::ALLOWED))?;
+            let from_gguf = gguf::is_gguf(&from);
             let target = match to_format.as_deref() {
-                Some("hf") => Format::HuggingFace,
-                Some("native") => Format::Native,
-                Some(other) => bail!("--to-format `{other}`: expected `hf` or `native`"),
-                None if input == Format::Native => Format::HuggingFace,
-                None => Format::Native,
+                Some("hf") => Target::Dir(Format::HuggingFace),
+                Some("native") => Target::Dir(Format::Native),
+                Some("gguf") => Target::Gguf,
+                Some(other) => bail!("--to-format `{other}`: expected `hf`, `native` or `gguf`"),
+                None if to.extension().is_some_and(|e| e == "gguf") => Target::Gguf,
+                None if from_gguf => Target::Dir(Format::Native),
+                None if checkpoint::detect(&from)? == Format::Native => Target::Dir(Format::HuggingFace),
+                None => Target::Dir(Format::Native),
             };
-            let (config, model) = checkpoint::load(&from, &device)?;
+            check_convert_target(&from, &to, overwrite, target == Target::Gguf)?;
+            let device = device::parse("flex")?;
+            let (config, model, tokenizer_json) = if from_gguf {
+                gguf::load_gguf(&from, &device)?
+            } else {
+                let (config, model) = checkpoint::load(&from, &device)?;
+                (config, model, None)
+            };
             match target {
-                Format::HuggingFace => checkpoint::save_hf(&model, &config, &to, (shard_size_gb * 1e9) as u64)?,
-                Format::Native => checkpoint::save_native(&model, &config, &to)?,
-            }
-            for extra in ["tokenizer.json", "tokenizer_config.json"] {
-                let src = from.join(extra);
-                if src.is_file() {
-                    std::fs::copy(&src, to.join(extra)).with_context(|| format!("copying {}", src.display()))?;
+                Target::Gguf => {
+                    let tokenizer = match tokenizer {
+                        Some(path) => Some(GgufTokenizer::from_file(&path).with_context(|| "--tokenizer")?),
+                        None if from.join("tokenizer.json").is_file() => Some(GgufTokenizer::from_file(&from.join("tokenizer.json"))?),
+                        None => {
+                            eprintln!("warning: {} has no tokenizer.json and no --tokenizer was given: the GGUF file has no tokenizer, which llama.cpp needs", from.display());
+                            None
+                        }
+                    };
+                    let name = from.file_name().map_or_else(|| "llama".into(), |n| n.to_string_lossy().into_owned());
+                    gguf::save_gguf(&model, &config, tokenizer.as_ref(), &name, &to, gguf_type)?;
+                }
+                Target::Dir(format) => {
+                    match format {
+                        Format::HuggingFace => checkpoint::save_hf(&model, &config, &to, (shard_size_gb * 1e9) as u64)?,
+                        Format::Native => checkpoint::save_native(&model, &config, &to)?,
+                    }
+                    if let Some(json) = tokenizer_json {
+                        llama_io::write_atomic(&to.join("tokenizer.json"), json.as_bytes())?;
+                    }
+                    for extra in ["tokenizer.json", "tokenizer_config.json"] {
+                        let src = from.join(extra);
+                        if src.is_file() {
+                            std::fs::copy(&src, to.join(extra)).with_context(|| format!("copying {}", src.display()))?;
+                        }
+                    }
                 }
             }
-            println!("wrote {:?} checkpoint to {} ({} parameters)", target, to.display(), config.num_params());
+            println!("wrote {target:?} to {} ({} parameters)", to.display(), config.num_params());
             Ok(())
         }
         Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused, recompute, logits_chunk } => {
