@@ -4,7 +4,7 @@
 # the device), with the device memory sampled by nvidia-smi every 250 ms, against `llama info`'s
 # estimate. The run is stopped once STEPS steps have logged (a 7B checkpoint is ~80 GB: none is
 # written). It builds nothing: build on any x86-64 machine and carry the binaries, e.g.
-#   cargo build --release -p llama-pretrain -p llama-model --features llama-pretrain/vulkan,llama-model/vulkan
+#   cargo build --release -p llama-pretrain -p llama-cli --features llama-pretrain/vulkan,llama-cli/vulkan
 #   BIN=$CARGO_TARGET_DIR/release scripts/gpu_7b.sh
 # Environment: BIN (the binaries' folder), OUT (results: gpu-7b.log, metrics.jsonl, gpu-memory.csv),
 # DEVICE (vulkan | wgpu | cuda), STEPS (2), LIMIT (seconds for the pretrain run, 420).

@@ -6,7 +6,7 @@
 #   3. `llama bench` on configs/bench-medium.toml in both dtypes, and PyTorch eager on the same
 #      model (f32 and bf16 autocast) when the machine's python3 has torch with CUDA.
 # It builds nothing: build the binaries first (on any machine of the same architecture), e.g.
-#   cargo build --release -p llama-pretrain -p llama-model --features llama-pretrain/vulkan,llama-model/vulkan
+#   cargo build --release -p llama-pretrain -p llama-cli --features llama-pretrain/vulkan,llama-cli/vulkan
 #   BIN=$CARGO_TARGET_DIR/release scripts/gpu_check.sh
 # Environment: BIN (the binaries' folder), OUT (results: the log, metrics-*.jsonl, gpu-memory.csv),
 # DEVICE (vulkan | wgpu | cuda), STEPS (300), RUN_LIMIT (seconds per pretrain run, 170).

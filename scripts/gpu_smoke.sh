@@ -2,7 +2,7 @@
 # A short GPU smoke check (a few minutes): bench-medium training and decoding in f32 and f16 mixed
 # precision, and 200 steps of the tiny pre-training, on DEVICE (vulkan by default). It builds
 # nothing: build on any x86-64 machine, carry the binaries, e.g.
-#   cargo build --release -p llama-pretrain -p llama-model --features llama-pretrain/vulkan,llama-model/vulkan
+#   cargo build --release -p llama-pretrain -p llama-cli --features llama-pretrain/vulkan,llama-cli/vulkan
 #   BIN=$CARGO_TARGET_DIR/release OUT=runs/gpu-smoke scripts/gpu_smoke.sh
 # The binaries may travel compressed (xz) and be unpacked on the GPU machine.
 set -uo pipefail

@@ -148,6 +148,12 @@ impl<'a> BatchDecoder<'a> {
 /// graph. Row `i` draws from its own RNG seeded by `(seed, i)`, so a row's sample depends only on
 /// the seed, its prompt and its index.
 pub fn generate(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig) -> Result<Generation, ModelError> {
+    generate_streaming(model, prompts, config, |_, _| {})
+}
+
+/// [`generate`], calling `on_token(row, token)` as each token is chosen (for output printed as
+/// it is generated); the tokens and their order are [`generate`]'s.
+pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig, mut on_token: impl FnMut(usize, u32)) -> Result<Generation, ModelError> {
     config.validate()?;
     let batch = prompts.len();
     let (mut decoder, mut logits) = BatchDecoder::prefill(model, prompts, config.max_new_tokens)?;
@@ -170,6 +176,7 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig) ->
             let token = sample(row_logits, config, &mut rngs[row]);
             out.tokens[row].push(token as u32);
             out.logprobs[row].push(log_softmax_at(row_logits, token));
+            on_token(row, token as u32);
             next[row] = token as u32;
             if config.eos_id == Some(token as u32) {
                 out.stopped_on_eos[row] = true;

@@ -1,4 +1,6 @@
-//! `llama`: inspect a config, convert checkpoints, generate text.
+//! `llama`: inspect a config, convert checkpoints, generate text, chat with a model, benchmark.
+
+mod chat;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -12,7 +14,7 @@ use llama_model::recompute::MemorySaving;
 use llama_model::{LlamaConfig, OptimizerPlacement, Precision, Recompute, TrainingMemory, device};
 
 #[derive(Parser)]
-#[command(name = "llama", version, about = "Llama 2 model tools: size a config, convert checkpoints, generate text")]
+#[command(name = "llama", version, about = "Llama 2 model tools: size a config, convert checkpoints (native, Hugging Face, GGUF), generate text, chat, benchmark")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,6 +125,42 @@ enum Command {
         /// 1024 with --recompute block, else the whole logits).
         #[arg(long)]
         logits_chunk: Option<usize>,
+    },
+    /// Talk to a chat model in the terminal, through the Llama 2 chat template `sft` trains on.
+    ///
+    /// Each line typed is a user turn; the answer is printed as it is generated. `/reset` starts
+    /// a new conversation, `/quit` (or Ctrl-D) ends it. The conversation is read from stdin, so it
+    /// can be piped in. When the conversation and --max-new-tokens would exceed the model's
+    /// context, the oldest exchanges are dropped (with a notice). Turn k samples with seed
+    /// --seed + k, so a turn replays as `llama generate` with that seed.
+    Chat {
+        /// Checkpoint directory (native, Hugging Face, or a run directory: its newest checkpoint).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// tokenizer.json (default: the checkpoint directory's tokenizer.json).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// System prompt, folded into the first user turn as Llama 2 does.
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 256)]
+        max_new_tokens: usize,
+        /// 0 for greedy decoding.
+        #[arg(long, default_value_t = 0.8)]
+        temperature: f32,
+        /// Sample among the k most likely tokens only (0 or unset: all of them).
+        #[arg(long)]
+        top_k: Option<usize>,
+        /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
+        #[arg(long)]
+        top_p: Option<f32>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "flex")]
+        device: String,
+        /// Print each rendered prompt (what the model is given) to stderr.
+        #[arg(long)]
+        show_prompt: bool,
     },
     /// Generate text from one or more prompts with a KV cache, batched.
     Generate {
@@ -299,7 +337,7 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                 Some(other) => bail!("--to-format `{other}`: expected `hf`, `native` or `gguf`"),
                 None if to.extension().is_some_and(|e| e == "gguf") => Target::Gguf,
                 None if from_gguf => Target::Dir(Format::Native),
-                None if checkpoint::detect(&from)? == Format::Native => Target::Dir(Format::HuggingFace),
+                None if checkpoint::detect(&checkpoint::resolve(&from))? == Format::Native => Target::Dir(Format::HuggingFace),
                 None => Target::Dir(Format::Native),
             };
             check_convert_target(&from, &to, overwrite, target == Target::Gguf)?;
@@ -351,6 +389,21 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused, saving);
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
+        }
+        Command::Chat { checkpoint: dir, tokenizer, system, max_new_tokens, temperature, top_k, top_p, seed, device, show_prompt } => {
+            let device = device::parse(&device)?;
+            let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
+            let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
+            let sampling = SamplingConfig { temperature, top_k, top_p, max_new_tokens, eos_id: Some(tok.eos_id()), seed };
+            sampling.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
+            let (config, model) = checkpoint::load(&dir, &device)?;
+            if tok.vocab_size() > config.vocab_size {
+                bail!("{}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer_path.display(), tok.vocab_size(), config.vocab_size);
+            }
+            if max_new_tokens == 0 || max_new_tokens >= config.max_seq_len {
+                bail!("--max-new-tokens {max_new_tokens}: must be above 0 and leave room for a prompt in the model's max_seq_len {}", config.max_seq_len);
+            }
+            chat::chat(&model, config.max_seq_len, &tok, &chat::ChatOptions { system, sampling, show_prompt })
         }
         Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
             let device = device::parse(&device)?;

@@ -165,6 +165,10 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         generate("generate: top-p above 1", &["--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         generate("generate: negative temperature", &["--tokenizer", &tok, "--temperature=-1"], &["--temperature", "-1"]),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
+        Case::new("chat: an answer as long as the model", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"], &["--max-new-tokens", "max_seq_len 32"]),
+        Case::new("chat: a tokenizer larger than the model", &["chat", "--checkpoint", &small_dir, "--tokenizer", &tok, "--max-new-tokens", "8"], &["vocabulary"]),
+        Case::new("chat: a missing tokenizer", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &p("nothere.json")], &["nothere.json"]),
+        Case::new("chat: top-p above 1", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         Case::new("no subcommand", &[], &["Usage"]),
     ];
     llama_testkit::refuse_all(env!("CARGO_BIN_EXE_llama"), dir, &cases);
@@ -257,6 +261,64 @@ fn gguf_export_then_import_gives_the_weights_back() {
     let Value::Array(tokens) = get("tokenizer.ggml.tokens") else { panic!("tokens") };
     assert_eq!(tokens.len(), 2048);
     assert!(get("tokenizer.chat_template").as_str().unwrap().contains("[INST]"));
+}
+
+/// `llama chat` with a conversation on stdin: two turns, the second rendered with the first (the
+/// whole Llama 2 template), each answer streamed exactly as `llama generate` gives it for the
+/// rendered prompt and that turn's seed; `/reset` forgets; a conversation longer than the model's
+/// context drops its oldest exchange with a notice instead of failing.
+#[test]
+fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
+    use std::io::Write;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(96);
+    llama_model::checkpoint::save_native(&config.init(&burn::tensor::Device::flex()), &config, tmp.path()).unwrap();
+    let dir = tmp.path().to_str().unwrap();
+    let chat = |input: &str| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
+            .args(["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"])
+            .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../.."))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    // What `llama generate` answers to a rendered prompt with a seed (its output is prompt + text).
+    let generate = |prompt: &str, seed: &str| {
+        let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", prompt, "--max-new-tokens", "6", "--seed", seed]);
+        assert!(ok, "{err}");
+        out.strip_prefix(prompt).unwrap().split("\n---").next().unwrap().to_string()
+    };
+    let (out, err) = chat("Hi there\nWhat did I say?\n/quit\nnot read\n");
+    let first = generate("[INST] Hi there [/INST]", "7");
+    assert!(out.starts_with(&format!("{first}\n")), "turn 1 streams generate's answer: {out:?} vs {first:?}");
+    let second_prompt = format!("[INST] Hi there [/INST] {} </s><s>[INST] What did I say? [/INST]", first.trim());
+    assert!(err.contains(&format!("prompt: <s>{second_prompt}\n")), "turn 2 sees turn 1: {err}");
+    // Turn 2's rendered ids carry EOS and BOS mid-prompt, which a text prompt cannot: generate
+    // from the ids through the library, with turn 2's seed (--seed + 1).
+    let tok = llama_data::Tokenizer::from_file(&llama_testkit::repo().join("data/tokenizer.json")).unwrap();
+    let conversation = llama_data::chat::Conversation::from_json(&serde_json::json!({"messages": [
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first.trim()}, {"role": "user", "content": "What did I say?"}]}))
+    .unwrap();
+    let (_, model) = llama_model::checkpoint::load(tmp.path(), &burn::tensor::Device::flex()).unwrap();
+    let sampling = llama_model::generate::SamplingConfig { temperature: 0.8, top_k: None, top_p: None, max_new_tokens: 6, eos_id: Some(tok.eos_id()), seed: 8 };
+    let tokens = llama_model::generate::generate(&model, &[conversation.prompt_ids(&tok).unwrap()], &sampling).unwrap().tokens.remove(0);
+    let second = tok.decode(&tokens).unwrap();
+    assert_eq!(out, format!("{first}\n{second}\n"), "two answers as generated, and nothing after /quit");
+    // After /reset the same message renders alone again.
+    let (_, err) = chat("Hi there\n/reset\nHi there\n");
+    assert_eq!(err.matches("prompt: <s>[INST] Hi there [/INST]\n").count(), 2, "{err}");
+    // 96 positions with 6 new tokens: long turns push the oldest exchange out, with a notice.
+    let long = "the jury said the county election was a quick green house ".repeat(2);
+    let (out, err) = chat(&format!("{long}\n{long}\n{long}\n"));
+    assert_eq!(out.lines().count(), 3, "{out:?}");
+    assert!(err.contains("the oldest exchange is dropped"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[test]

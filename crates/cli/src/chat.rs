@@ -1,0 +1,110 @@
+//! `llama chat`: a conversation in the terminal through the Llama 2 chat template, the same
+//! rendering (`llama_data::chat`) that `sft` trains on. Each user line becomes a turn, the whole
+//! conversation is rendered again and the answer is streamed as it is generated. Old exchanges
+//! are dropped, with a notice, when the conversation and the answer would not fit the model's
+//! context. Reads stdin, so a script can pipe a conversation in.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use anyhow::Result;
+use llama_data::Tokenizer;
+use llama_data::chat::{Conversation, Message, Role};
+use llama_model::Llama;
+use llama_model::generate::{SamplingConfig, generate_streaming};
+
+/// Typed on a line of its own.
+pub const RESET: &str = "/reset";
+pub const QUIT: &[&str] = &["/quit", "/exit"];
+
+pub struct ChatOptions {
+    pub system: Option<String>,
+    pub sampling: SamplingConfig,
+    /// Print each rendered prompt to stderr (what the model is given).
+    pub show_prompt: bool,
+}
+
+/// Runs the conversation on stdin until it ends or `/quit`.
+pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &ChatOptions) -> Result<()> {
+    let interactive = std::io::stdin().is_terminal();
+    let mut stdout = std::io::stdout();
+    if interactive {
+        eprintln!("chat: type a message and Enter; {RESET} starts over, {} or Ctrl-D ends", QUIT.join(" or "));
+    }
+    let fresh = || {
+        let mut messages = vec![];
+        if let Some(system) = &options.system {
+            messages.push(Message::new(Role::System, system.clone()));
+        }
+        messages
+    };
+    let mut messages = fresh();
+    let mut turn = 0u64;
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock().lines();
+    loop {
+        if interactive {
+            eprint!("> ");
+        }
+        let Some(line) = lines.next() else { break };
+        let line = line?;
+        let text = line.trim();
+        if text.is_empty() {
+            continue;
+        }
+        if QUIT.contains(&text) {
+            break;
+        }
+        if text == RESET {
+            messages = fresh();
+            eprintln!("(conversation reset)");
+            continue;
+        }
+        messages.push(Message::new(Role::User, text));
+        let Some(prompt) = fit(&mut messages, max_seq_len, options.sampling.max_new_tokens, tokenizer, options.system.is_some())? else {
+            eprintln!("(this message alone does not fit the model's {max_seq_len} positions with {} new tokens: not answered)", options.sampling.max_new_tokens);
+            messages.pop();
+            continue;
+        };
+        if options.show_prompt {
+            eprintln!("prompt: {}", Conversation { messages: messages.clone() }.render_text());
+        }
+        // Each turn its own seed, so a turn replays as `llama generate` with the same seed would.
+        let sampling = SamplingConfig { seed: options.sampling.seed.wrapping_add(turn), ..options.sampling.clone() };
+        let mut answer: Vec<u32> = vec![];
+        let mut printed = String::new();
+        generate_streaming(model, &[prompt], &sampling, |_, token| {
+            answer.push(token);
+            // Decode the whole answer each time: a character may take several byte tokens.
+            if let Ok(text) = tokenizer.decode(&answer) {
+                if let Some(new) = text.strip_prefix(printed.as_str()) {
+                    print!("{new}");
+                    let _ = stdout.flush();
+                    printed = text;
+                }
+            }
+        })?;
+        println!();
+        let reply = tokenizer.decode(&answer)?;
+        messages.push(Message::new(Role::Assistant, reply.trim()));
+        turn += 1;
+    }
+    Ok(())
+}
+
+/// The generation prompt of `messages` (ending with a user turn), after dropping the oldest
+/// exchanges (never the system prompt or the last turn) until it and `new_tokens` fit
+/// `max_seq_len`; None if the last turn alone does not fit.
+fn fit(messages: &mut Vec<Message>, max_seq_len: usize, new_tokens: usize, tokenizer: &Tokenizer, has_system: bool) -> Result<Option<Vec<u32>>> {
+    let first_turn = usize::from(has_system);
+    loop {
+        let ids = Conversation { messages: messages.clone() }.prompt_ids(tokenizer)?;
+        if ids.len() + new_tokens <= max_seq_len {
+            return Ok(Some(ids));
+        }
+        if messages.len() - first_turn <= 1 {
+            return Ok(None);
+        }
+        messages.drain(first_turn..first_turn + 2);
+        eprintln!("(the conversation is longer than the model's {max_seq_len} positions: the oldest exchange is dropped)");
+    }
+}
