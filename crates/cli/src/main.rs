@@ -145,19 +145,8 @@ enum Command {
         system: Option<String>,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        /// Sample among the k most likely tokens only (0 or unset: all of them).
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        #[arg(long, default_value = "flex")]
-        device: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
         /// Print each rendered prompt (what the model is given) to stderr.
         #[arg(long)]
         show_prompt: bool,
@@ -175,21 +164,37 @@ enum Command {
         prompt: Vec<String>,
         #[arg(long, default_value_t = 64)]
         max_new_tokens: usize,
-        /// 0 for greedy decoding.
-        #[arg(long, default_value_t = 0.8)]
-        temperature: f32,
-        /// Sample among the k most likely tokens only (0 or unset: all of them).
-        #[arg(long)]
-        top_k: Option<usize>,
-        /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
-        #[arg(long)]
-        top_p: Option<f32>,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// flex (CPU), or vulkan / wgpu / cuda[:N] when built with that feature.
-        #[arg(long, default_value = "flex")]
-        device: String,
+        #[command(flatten)]
+        sampling: SamplingArgs,
     },
+}
+
+/// How `generate` and `chat` pick tokens, and where they run.
+#[derive(clap::Args)]
+struct SamplingArgs {
+    /// 0 for greedy decoding.
+    #[arg(long, default_value_t = 0.8)]
+    temperature: f32,
+    /// Sample among the k most likely tokens only (0 or unset: all of them).
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// Sample among the most likely tokens whose probabilities sum to p, in (0, 1].
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// flex (CPU), or vulkan / wgpu / cuda[:N] when built with that feature.
+    #[arg(long, default_value = "flex")]
+    device: String,
+}
+
+impl SamplingArgs {
+    /// The sampling config, validated (the error names the flags).
+    fn config(&self, max_new_tokens: usize, eos_id: Option<u32>) -> Result<SamplingConfig> {
+        let config = SamplingConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens, eos_id, seed: self.seed };
+        config.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
+        Ok(config)
+    }
 }
 
 /// Refuses a conversion that would write over its own input, or into an existing directory
@@ -390,12 +395,11 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
         }
-        Command::Chat { checkpoint: dir, tokenizer, system, max_new_tokens, temperature, top_k, top_p, seed, device, show_prompt } => {
-            let device = device::parse(&device)?;
+        Command::Chat { checkpoint: dir, tokenizer, system, max_new_tokens, sampling, show_prompt } => {
+            let device = device::parse(&sampling.device)?;
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
             let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
-            let sampling = SamplingConfig { temperature, top_k, top_p, max_new_tokens, eos_id: Some(tok.eos_id()), seed };
-            sampling.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
+            let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
             let (config, model) = checkpoint::load(&dir, &device)?;
             if tok.vocab_size() > config.vocab_size {
                 bail!("{}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer_path.display(), tok.vocab_size(), config.vocab_size);
@@ -405,14 +409,12 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             }
             chat::chat(&model, config.max_seq_len, &tok, &chat::ChatOptions { system, sampling, show_prompt })
         }
-        Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, temperature, top_k, top_p, seed, device } => {
-            let device = device::parse(&device)?;
+        Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling } => {
+            let device = device::parse(&sampling.device)?;
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
             let tok = tokenizers::Tokenizer::from_file(&tokenizer_path)
                 .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
-            let eos = tok.token_to_id("</s>");
-            let sampling = SamplingConfig { temperature, top_k, top_p, max_new_tokens, eos_id: eos, seed };
-            sampling.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
+            let sampling = sampling.config(max_new_tokens, tok.token_to_id("</s>"))?;
             let (_, model) = checkpoint::load(&dir, &device)?;
             let bos = tok.token_to_id("<s>");
             let prompts = prompt
