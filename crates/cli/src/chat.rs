@@ -74,21 +74,35 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         let mut printed = String::new();
         generate_streaming(model, &[prompt], &sampling, |_, token| {
             answer.push(token);
-            // Decode the whole answer each time: a character may take several byte tokens.
-            if let Ok(text) = tokenizer.decode(&answer) {
-                if let Some(new) = text.strip_prefix(printed.as_str()) {
-                    print!("{new}");
-                    let _ = stdout.flush();
-                    printed = text;
-                }
+            // Byte-fallback tokens decode as a group (a character may take several, and a group
+            // that is not UTF-8 becomes U+FFFD throughout), so the text is printed up to the last
+            // token that is not one: that much no later token changes.
+            let settled = answer.iter().rposition(|&t| !is_byte_token(tokenizer, t)).map_or(0, |i| i + 1);
+            if let Ok(text) = tokenizer.decode(&answer[..settled]) {
+                print_rest(&mut stdout, &mut printed, text);
             }
         })?;
-        println!();
         let reply = tokenizer.decode(&answer)?;
+        print_rest(&mut stdout, &mut printed, reply.clone());
+        println!();
         messages.push(Message::new(Role::Assistant, reply.trim()));
         turn += 1;
     }
     Ok(())
+}
+
+/// A byte-fallback token (`<0x41>`).
+fn is_byte_token(tokenizer: &Tokenizer, id: u32) -> bool {
+    tokenizer.inner().id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+}
+
+/// Prints what `text` adds to what is already `printed` (nothing if it does not extend it).
+fn print_rest(out: &mut std::io::Stdout, printed: &mut String, text: String) {
+    if let Some(new) = text.strip_prefix(printed.as_str()) {
+        print!("{new}");
+        let _ = out.flush();
+        *printed = text;
+    }
 }
 
 /// The generation prompt of `messages` (ending with a user turn), after dropping the oldest

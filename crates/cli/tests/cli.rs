@@ -315,8 +315,8 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     assert_eq!(err.matches("prompt: <s>[INST] Hi there [/INST]\n").count(), 2, "{err}");
     // 96 positions with 6 new tokens: long turns push the oldest exchange out, with a notice.
     let long = "the jury said the county election was a quick green house ".repeat(2);
-    let (out, err) = chat(&format!("{long}\n{long}\n{long}\n"));
-    assert_eq!(out.lines().count(), 3, "{out:?}");
+    let (_, err) = chat(&format!("{long}\n{long}\n{long}\n"));
+    assert_eq!(err.matches("prompt: ").count(), 3, "every turn answered: {err}");
     assert!(err.contains("the oldest exchange is dropped"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }

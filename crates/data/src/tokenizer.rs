@@ -46,21 +46,62 @@ impl std::fmt::Debug for Tokenizer {
     }
 }
 
+/// The BOS / EOS tokens a checkpoint's tokenizer files name: (token, the file naming it).
+#[derive(Debug, Default)]
+struct DeclaredSpecials {
+    bos: Option<(String, String)>,
+    eos: Option<(String, String)>,
+}
+
+impl DeclaredSpecials {
+    /// From `tokenizer_config.json`, else `special_tokens_map.json`, beside `tokenizer.json`: each
+    /// token a string or `{"content": ...}`; a missing or null entry names none.
+    fn beside(tokenizer_json: &Path) -> Result<Self, DataError> {
+        let mut out = Self::default();
+        for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+            let path = tokenizer_json.with_file_name(file);
+            let Ok(text) = std::fs::read_to_string(&path) else { continue };
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
+            let named = |key: &str| {
+                let v = &json[key];
+                v.as_str().or_else(|| v["content"].as_str()).map(|t| (t.to_string(), path.display().to_string()))
+            };
+            out.bos = out.bos.or_else(|| named("bos_token"));
+            out.eos = out.eos.or_else(|| named("eos_token"));
+        }
+        Ok(out)
+    }
+}
+
 impl Tokenizer {
-    /// Loads a `tokenizer.json`; it must define `<s>` and `</s>`.
+    /// Loads a `tokenizer.json`. Its BOS and EOS are the tokens that the `tokenizer_config.json`
+    /// (or else `special_tokens_map.json`) beside it names as `bos_token` / `eos_token`, as
+    /// Hugging Face checkpoints declare them (Llama 3 style `<|begin_of_text|>`, SmolLM's
+    /// `<|im_start|>`...), and Llama 2's `<s>` / `</s>` where none is named.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
         let inner = tokenizers::Tokenizer::from_file(path)
             .map_err(|e| DataError::Tokenizer(format!("{}: cannot load tokenizer: {e}", path.display())))?;
-        Self::from_inner(inner, &path.display().to_string())
+        let declared = DeclaredSpecials::beside(path)?;
+        Self::from_inner(inner, &path.display().to_string(), &declared)
     }
 
-    fn from_inner(inner: tokenizers::Tokenizer, origin: &str) -> Result<Self, DataError> {
-        let id = |t: &str| inner.token_to_id(t);
-        let bos = id(BOS).ok_or_else(|| DataError::Tokenizer(format!("{origin}: no `{BOS}` (BOS) token")))?;
-        let eos = id(EOS).ok_or_else(|| DataError::Tokenizer(format!("{origin}: no `{EOS}` (EOS) token")))?;
+    fn from_inner(inner: tokenizers::Tokenizer, origin: &str, declared: &DeclaredSpecials) -> Result<Self, DataError> {
+        let special = |role: &str, name: &Option<(String, String)>, default: &str| match name {
+            Some((token, file)) => inner
+                .token_to_id(token)
+                .ok_or_else(|| DataError::Tokenizer(format!("{origin}: {file} names `{token}` as {role}_token, but the tokenizer has no such token"))),
+            None => inner.token_to_id(default).ok_or_else(|| {
+                DataError::Tokenizer(format!(
+                    "{origin}: no `{default}` ({}) token, and no tokenizer_config.json or special_tokens_map.json beside it names a {role}_token",
+                    role.to_uppercase()
+                ))
+            }),
+        };
+        let bos = special("bos", &declared.bos, BOS)?;
+        let eos = special("eos", &declared.eos, EOS)?;
         let json = inner.to_string(false).map_err(|e| DataError::Tokenizer(format!("{origin}: {e}")))?;
         let fingerprint = format!("sha256:{:x}", Sha256::digest(json.as_bytes()));
-        Ok(Self { unk: id(UNK), inner, bos, eos, fingerprint })
+        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint })
     }
 
     /// Trains a BPE tokenizer with byte fallback on `texts`, Llama-style: `<unk>`=0, `<s>`=1,
@@ -109,7 +150,7 @@ impl Tokenizer {
         inner
             .add_special_tokens([AddedToken::from(UNK, true), AddedToken::from(BOS, true), AddedToken::from(EOS, true)])
             .map_err(|e| DataError::Tokenizer(e.to_string()))?;
-        let tok = Self::from_inner(inner, "trained tokenizer")?;
+        let tok = Self::from_inner(inner, "trained tokenizer", &DeclaredSpecials::default())?;
         debug_assert_eq!((tok.unk, tok.bos, tok.eos), (Some(0), 1, 2));
         Ok(tok)
     }

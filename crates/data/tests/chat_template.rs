@@ -135,3 +135,31 @@ fn untrained_answers_and_generation_prompts_follow_the_same_encoding() {
     assert_eq!(prompt, [vec![tok.bos_id()], first, vec![tok.eos_id(), tok.bos_id()], second_prompt].concat());
     assert_eq!(ids[..prompt.len()], prompt[..]);
 }
+
+/// A checkpoint's tokenizer that names its own special tokens (Llama 3 style, no `<s>`): BOS and
+/// EOS come from `tokenizer_config.json`, or `special_tokens_map.json` (`{"content": ...}` form);
+/// without either the missing `<s>` is a clear error, and a named token the tokenizer lacks too.
+#[test]
+fn special_tokens_come_from_the_checkpoints_tokenizer_config() {
+    use tokenizers::models::wordlevel::WordLevel;
+    let tmp = tempfile::tempdir().unwrap();
+    let vocab = [("<|begin_of_text|>", 0), ("<|end_of_text|>", 1), ("<unk>", 2), ("hello", 3)].into_iter().map(|(t, i)| (t.to_string(), i)).collect();
+    let model = WordLevel::builder().vocab(vocab).unk_token("<unk>".into()).build().unwrap();
+    let mut inner = tokenizers::Tokenizer::new(model);
+    inner.add_special_tokens([AddedToken::from("<|begin_of_text|>", true), AddedToken::from("<|end_of_text|>", true)]).unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    inner.save(&path, false).unwrap();
+    let err = Tokenizer::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("tokenizer.json") && err.contains("`<s>` (BOS)") && err.contains("tokenizer_config.json"), "{err}");
+
+    std::fs::write(tmp.path().join("special_tokens_map.json"), r#"{"bos_token": {"content": "<|begin_of_text|>"}, "eos_token": "<|end_of_text|>"}"#).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (0, 1));
+    // tokenizer_config.json comes first.
+    std::fs::write(tmp.path().join("tokenizer_config.json"), r#"{"bos_token": "<|end_of_text|>", "eos_token": "<|begin_of_text|>"}"#).unwrap();
+    let tok = Tokenizer::from_file(&path).unwrap();
+    assert_eq!((tok.bos_id(), tok.eos_id()), (1, 0));
+    std::fs::write(tmp.path().join("tokenizer_config.json"), r#"{"bos_token": "<|start|>"}"#).unwrap();
+    let err = Tokenizer::from_file(&path).unwrap_err().to_string();
+    assert!(err.contains("tokenizer_config.json names `<|start|>` as bos_token"), "{err}");
+}
