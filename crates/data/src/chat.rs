@@ -48,6 +48,45 @@ impl Message {
     }
 }
 
+/// Which template chats render with (`data.chat_template`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ChatTemplateChoice {
+    /// Llama 2's `[INST]` template, what the recipe trains (the default).
+    #[default]
+    Llama2,
+    /// The checkpoint's own: the `chat_template` of its `tokenizer_config.json`, rendered by
+    /// minijinja with Python's string methods (`.strip()`...), as `transformers` renders it.
+    Tokenizer,
+}
+
+/// Renders `messages` with a Hugging Face Jinja chat template: `messages` (role, content),
+/// `bos_token`, `eos_token`, `add_generation_prompt`, and `raise_exception`.
+fn render_jinja(source: &str, messages: &[Message], tokenizer: &Tokenizer, add_generation_prompt: bool) -> Result<String, DataError> {
+    let err = |e: minijinja::Error| DataError::Config(format!("chat_template: {e}"));
+    let mut env = minijinja::Environment::new();
+    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+    });
+    let template = env.template_from_str(source).map_err(err)?;
+    let role = |r: Role| match r {
+        Role::System => "system",
+        Role::User => "user",
+        Role::Assistant => "assistant",
+    };
+    let messages: Vec<minijinja::Value> =
+        messages.iter().map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))])).collect();
+    template
+        .render(minijinja::context! {
+            messages => minijinja::Value::from(messages),
+            bos_token => tokenizer.token_text(tokenizer.bos_id()).unwrap_or_default(),
+            eos_token => tokenizer.token_text(tokenizer.eos_id()).unwrap_or_default(),
+            add_generation_prompt => add_generation_prompt,
+        })
+        .map_err(err)
+}
+
 /// One user/assistant exchange rendered with the template ([`Conversation::render_exchanges`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RenderedExchange {
@@ -170,6 +209,9 @@ impl Conversation {
     /// the answer's tokens are those that start at or after the space before the answer, by the
     /// tokenizer's offsets. The answer's EOS carries loss too.
     pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+        if let Some(source) = tokenizer.chat_template() {
+            return self.tokenize_jinja(source, tokenizer);
+        }
         let (mut ids, mut mask) = (vec![], vec![]);
         for exchange in self.render_exchanges() {
             ids.push(tokenizer.bos_id());
@@ -186,12 +228,42 @@ impl Conversation {
         Ok((ids, mask))
     }
 
+    /// [`Conversation::tokenize`] with the tokenizer's own Jinja template. The whole chat is
+    /// rendered and encoded once; answer `i` is the text that rendering the messages up to it
+    /// adds to rendering those before it with the generation prompt (so its end-of-turn tokens
+    /// are the answer's, as Llama 2's EOS is), and its tokens are those whose offsets overlap it.
+    fn tokenize_jinja(&self, source: &str, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+        let whole = render_jinja(source, &self.messages, tokenizer, false)?;
+        let mut spans = vec![];
+        for (i, m) in self.messages.iter().enumerate() {
+            if m.role != Role::Assistant || !m.train {
+                continue;
+            }
+            let before = render_jinja(source, &self.messages[..i], tokenizer, true)?;
+            let through = render_jinja(source, &self.messages[..=i], tokenizer, false)?;
+            if !through.starts_with(&before) || !whole.starts_with(&through) {
+                return Err(DataError::Config(
+                    "chat_template: rendering a conversation does not extend the rendering of its beginning, so the answer tokens cannot be found (use chat_template = \"llama2\")".into(),
+                ));
+            }
+            spans.push(before.len()..through.len());
+        }
+        let (ids, offsets) = tokenizer.encode_with_offsets(&whole)?;
+        // A token that carries any of an answer's text is trained (one may also carry the end
+        // of the header before it, e.g. `\nH`, where the tokenizer merges across the boundary).
+        let mask = offsets.iter().map(|&(start, end)| spans.iter().any(|s| start < s.end && (end > s.start || (start == end && start >= s.start)))).collect();
+        Ok((ids, mask))
+    }
+
     /// The prompt to generate an answer for the last user turn: every exchange rendered, the
-    /// last without its answer.
+    /// last without its answer (with the tokenizer's template: its generation prompt).
     pub fn prompt_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, DataError> {
         let mut c = self.clone();
         if c.messages.last().is_some_and(|m| m.role == Role::Assistant) {
             c.messages.pop();
+        }
+        if let Some(source) = tokenizer.chat_template() {
+            return Ok(tokenizer.encode_with_offsets(&render_jinja(source, &c.messages, tokenizer, true)?)?.0);
         }
         Ok(c.tokenize(tokenizer)?.0)
     }

@@ -33,6 +33,10 @@ pub struct Tokenizer {
     eos: u32,
     unk: Option<u32>,
     fingerprint: String,
+    /// The `chat_template` of the checkpoint's `tokenizer_config.json`, if it has one.
+    declared_template: Option<String>,
+    /// Whether chats render with `declared_template` instead of Llama 2's template.
+    use_declared_template: bool,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -51,6 +55,7 @@ impl std::fmt::Debug for Tokenizer {
 struct DeclaredSpecials {
     bos: Option<(String, String)>,
     eos: Option<(String, String)>,
+    chat_template: Option<String>,
 }
 
 impl DeclaredSpecials {
@@ -68,6 +73,13 @@ impl DeclaredSpecials {
             };
             out.bos = out.bos.or_else(|| named("bos_token"));
             out.eos = out.eos.or_else(|| named("eos_token"));
+            // A string, or (newer files) a list of {name, template}: the one named "default".
+            let template = match &json["chat_template"] {
+                serde_json::Value::String(t) => Some(t.clone()),
+                serde_json::Value::Array(list) => list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(String::from),
+                _ => None,
+            };
+            out.chat_template = out.chat_template.or(template);
         }
         Ok(out)
     }
@@ -101,7 +113,7 @@ impl Tokenizer {
         let eos = special("eos", &declared.eos, EOS)?;
         let json = inner.to_string(false).map_err(|e| DataError::Tokenizer(format!("{origin}: {e}")))?;
         let fingerprint = format!("sha256:{:x}", Sha256::digest(json.as_bytes()));
-        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint })
+        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint, declared_template: declared.chat_template.clone(), use_declared_template: false })
     }
 
     /// Trains a BPE tokenizer with byte fallback on `texts`, Llama-style: `<unk>`=0, `<s>`=1,
@@ -153,6 +165,30 @@ impl Tokenizer {
         let tok = Self::from_inner(inner, "trained tokenizer", &DeclaredSpecials::default())?;
         debug_assert_eq!((tok.unk, tok.bos, tok.eos), (Some(0), 1, 2));
         Ok(tok)
+    }
+
+    /// Chats render with `choice`: Llama 2's template (what the recipe trains), or the
+    /// `chat_template` of the checkpoint's `tokenizer_config.json` (an error if it has none).
+    pub fn with_chat_template(mut self, choice: crate::chat::ChatTemplateChoice) -> Result<Self, DataError> {
+        use crate::chat::ChatTemplateChoice;
+        self.use_declared_template = match choice {
+            ChatTemplateChoice::Llama2 => false,
+            ChatTemplateChoice::Tokenizer if self.declared_template.is_some() => true,
+            ChatTemplateChoice::Tokenizer => {
+                return Err(DataError::Config("chat_template = \"tokenizer\": the tokenizer_config.json beside the tokenizer has no chat_template (use \"llama2\")".into()));
+            }
+        };
+        Ok(self)
+    }
+
+    /// The Jinja chat template chats render with, when it is the tokenizer's own.
+    pub fn chat_template(&self) -> Option<&str> {
+        self.declared_template.as_deref().filter(|_| self.use_declared_template)
+    }
+
+    /// The text of token `id`.
+    pub fn token_text(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
     }
 
     /// Writes `tokenizer.json` (through a temporary file and a rename).

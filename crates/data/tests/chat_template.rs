@@ -163,3 +163,63 @@ fn special_tokens_come_from_the_checkpoints_tokenizer_config() {
     let err = Tokenizer::from_file(&path).unwrap_err().to_string();
     assert!(err.contains("tokenizer_config.json names `<|start|>` as bos_token"), "{err}");
 }
+
+/// A model that brings its own chat template (ChatML, as SmolLM's): with
+/// `chat_template = "tokenizer"` the chat renders through the tokenizer_config.json's Jinja
+/// template, the ids are the tokenizer's encoding of that rendering, and the loss mask covers
+/// exactly each answer and its end-of-turn text; the generation prompt ends with the template's
+/// assistant header.
+#[test]
+fn a_tokenizers_own_chat_template_renders_and_masks_exactly_the_answers() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (_, mut inner) = llama2_style_tokenizer(tmp.path());
+    inner.add_special_tokens([AddedToken::from("<|im_start|>", true), AddedToken::from("<|im_end|>", true)]).unwrap();
+    let path = tmp.path().join("tokenizer.json");
+    inner.save(&path, false).unwrap();
+    let chatml = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'].strip() + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let config = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": chatml});
+    std::fs::write(tmp.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    let plain = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(plain.eos_id(), inner.token_to_id("<|im_end|>").unwrap());
+    let tok = plain.clone().with_chat_template(llama_data::chat::ChatTemplateChoice::Tokenizer).unwrap();
+
+    let c = Conversation::from_json(&json!({"messages": [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": " Hello. "},
+        {"role": "user", "content": "Thanks for the help"}, {"role": "assistant", "content": "You are welcome."}]}))
+    .unwrap();
+    let whole = "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nThanks for the help<|im_end|>\n<|im_start|>assistant\nYou are welcome.<|im_end|>\n";
+    let (ids, mask) = c.tokenize(&tok).unwrap();
+    let encoding = inner.encode(whole, false).unwrap();
+    assert_eq!(ids, encoding.get_ids(), "the ids are the encoding of the template's rendering");
+    // The answers' text (with their end of turn) in the rendering, and the tokens overlapping it.
+    let span = |text: &str| {
+        let at = whole.find(text).unwrap();
+        at..at + text.len()
+    };
+    let answers = [span("Hello.<|im_end|>\n"), span("You are welcome.<|im_end|>\n")];
+    let overlapping = |spans: &[std::ops::Range<usize>]| -> Vec<bool> {
+        encoding.get_offsets().iter().map(|&(a, b)| spans.iter().any(|s| a < s.end && (b > s.start || (a == b && a >= s.start)))).collect()
+    };
+    assert_eq!(mask, overlapping(&answers), "the mask covers exactly the tokens of the answers and their end of turn");
+    let im_end = inner.token_to_id("<|im_end|>").unwrap();
+    assert_eq!(ids.iter().zip(&mask).filter(|&(&id, &m)| id == im_end && m).count(), 2, "each answer's <|im_end|> is trained");
+    assert_eq!(ids.iter().zip(&mask).filter(|&(&id, &m)| id == im_end && !m).count(), 3, "the system's and users' are not");
+    // Llama 2's template is still the default, and what `plain` renders with.
+    assert_ne!(c.tokenize(&plain).unwrap().0, ids);
+    // The generation prompt: everything but the last answer, then the assistant header.
+    let prompt = c.prompt_ids(&tok).unwrap();
+    let head = &whole[..whole.find("You are welcome.").unwrap()];
+    assert!(head.ends_with("<|im_start|>assistant\n"));
+    assert_eq!(prompt, inner.encode(head, false).unwrap().get_ids());
+    // An untrained answer carries no loss.
+    let mut quiet = c.clone();
+    quiet.messages[2].train = false;
+    let (_, mask) = quiet.tokenize(&tok).unwrap();
+    assert_eq!(mask, overlapping(&answers[1..]));
+    // The declared template is used only when asked for; asking a tokenizer without one fails.
+    assert!(plain.chat_template().is_none());
+    std::fs::write(tmp.path().join("tokenizer_config.json"), r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#).unwrap();
+    let err = Tokenizer::from_file(&path).unwrap().with_chat_template(llama_data::chat::ChatTemplateChoice::Tokenizer).unwrap_err().to_string();
+    assert!(err.contains("no chat_template"), "{err}");
+}

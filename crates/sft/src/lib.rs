@@ -8,7 +8,7 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
-use llama_data::chat::{Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, load_training_conversations, pack};
+use llama_data::chat::{ChatTemplateChoice, Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, load_training_conversations, pack};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
@@ -71,6 +71,10 @@ pub struct SftData {
     /// Keep packed chats from attending to each other (block-diagonal causal mask).
     #[serde(default)]
     pub separate_packed: bool,
+    /// `llama2` (Llama 2's template, the default) or `tokenizer` (the chat_template of the
+    /// tokenizer_config.json beside data.tokenizer, for a model that brings its own).
+    #[serde(default)]
+    pub chat_template: ChatTemplateChoice,
 }
 
 fn paper_sft_epochs() -> u64 {
@@ -312,7 +316,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?
+        .with_chat_template(cfg.data.chat_template)
+        .with_context(|| format!("{}: data.chat_template", config_path.display()))?;
     let device = llama_model::device::parse(&cfg.run.device)?;
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();

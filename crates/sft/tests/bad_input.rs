@@ -75,6 +75,8 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         train("a missing chat file", "missing.jsonl", &["missing.jsonl"]),
         // The config and the model.
         Case::new("windows longer than the model", &["--config", &config(dir, "seq", "good.jsonl", "policy", "seq_len = 65")], &["seq.toml", "data.seq_len", "max_seq_len"]),
+        Case::new("the tokenizer's chat template, which it does not have", &["--config", &config(dir, "template", "good.jsonl", "policy", "chat_template = \"tokenizer\"")], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
+        Case::new("an unknown chat template", &["--config", &config(dir, "chatml", "good.jsonl", "policy", "chat_template = \"chatml\"")], &["chatml.toml", "chatml", "llama2", "tokenizer"]),
         Case::new("unknown overlong policy", &["--config", &config(dir, "overlong", "good.jsonl", "policy", "overlong = \"cut\"")], &["overlong.toml", "cut", "truncate", "skip"]),
         Case::new("unknown key", &["--config", &config(dir, "unknown", "good.jsonl", "policy", "epoch = 2")], &["unknown.toml", "epoch"]),
         Case::new("zero epochs", &["--config", &config(dir, "epochs", "good.jsonl", "policy", "epochs = 0")], &["epochs.toml", "data.epochs"]),
