@@ -151,6 +151,43 @@ fn fine_tuning_raises_the_held_out_success_rate() {
     assert!(last.1 > first.1 + 0.15, "success rate {first:?} -> {last:?} did not rise enough\n{stdout}");
 }
 
+/// A checkpoint that brings its own tokenizer (special tokens named `<|im_start|>` /
+/// `<|im_end|>`, no `<s>` in its tokenizer_config.json) and ChatML chat template fine-tunes with
+/// `data.chat_template = "tokenizer"`: the chats render through its template and the loss falls.
+#[test]
+fn fine_tuning_a_model_with_its_own_tokenizer_and_chat_template() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut inner = tokenizers::Tokenizer::from_file(repo().join("data/tokenizer.json")).unwrap();
+    inner.add_special_tokens([tokenizers::AddedToken::from("<|im_start|>", true), tokenizers::AddedToken::from("<|im_end|>", true)]).unwrap();
+    let init = tmp.path().join("init");
+    std::fs::create_dir_all(&init).unwrap();
+    inner.save(init.join("tokenizer.json"), false).unwrap();
+    let chatml = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+    let config = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": chatml});
+    std::fs::write(init.join("tokenizer_config.json"), config.to_string()).unwrap();
+    let model = LlamaConfig::new(32, 2, 2).with_vocab_size(2050).with_multiple_of(16).with_max_seq_len(128);
+    llama_model::checkpoint::save_native(&model.init(&Device::flex()), &model, &init).unwrap();
+    let sft_cfg = tmp.path().join("sft.toml");
+    let text = std::fs::read_to_string(repo().join("configs/sft-tiny.toml"))
+        .unwrap()
+        .replace("init = \"runs/tiny\"", &format!("init = \"{}\"", init.display()))
+        .replace("tokenizer = \"data/tokenizer.json\"", &format!("tokenizer = \"{}\"\nchat_template = \"tokenizer\"", init.join("tokenizer.json").display()))
+        .replace("out_dir = \"runs/sft-tiny\"", &format!("out_dir = \"{}\"", tmp.path().join("sft").display()))
+        .replace("eval_every = 100", "eval_every = 1000")
+        .replace("success_samples = 100", "success_samples = 4");
+    std::fs::write(&sft_cfg, text).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sft")).args(["--config", sft_cfg.to_str().unwrap(), "--max-steps", "40"]).current_dir(repo()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("answer tokens"), "{stdout}");
+    let losses: Vec<f64> = std::fs::read_to_string(tmp.path().join("sft/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("train/loss")?.as_f64())
+        .collect();
+    assert!(losses.len() >= 3 && losses.last().unwrap() < &(losses[0] - 1.0), "the loss falls: {losses:?}");
+}
+
 /// Chats in Parquet (written by pyarrow, scripts/make_parquet_fixtures.py) read like JSONL.
 #[test]
 fn parquet_chats_are_read_in_both_forms() {
