@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: the whole workspace's tests, built with the `mpi` feature so that the MPI jobs
-# (`mpirun -np 2/3`) are tested too, plus the Python checker they call (TensorBoard's own event
-# reader) installed from the package index into a cached virtual environment. OpenMPI and libclang
+# (`mpirun -np 2/3`) are tested too, plus the Python readers they call (TensorBoard's own event
+# reader, llama.cpp's `gguf` package) installed from the package index into a cached virtual
+# environment. OpenMPI and libclang
 # (which the `mpi` crate's build needs) are installed with apt-get when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,9 +10,9 @@ cd "$(dirname "$0")/.."
 # Builds outside the clone so that reruns (and CI) start warm.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 venv="${LLAMA2_VENV:-$HOME/.cache/llama2-rs/venv}"
-if ! "$venv/bin/python" -c "import tensorboard" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import tensorboard, gguf" 2>/dev/null; then
     python3 -m venv "$venv"
-    "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard>=2.16,<3"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "tensorboard>=2.16,<3" gguf
 fi
 export LLAMA2_PYTHON="$venv/bin/python"
 have_mpi() { command -v mpirun >/dev/null && command -v mpicc >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; }

@@ -248,6 +248,16 @@ fn gguf_export_then_import_gives_the_weights_back() {
         }
         assert_eq!(std::fs::read(native.join("tokenizer.json")).unwrap(), std::fs::read(Path::new(&back).join("tokenizer.json")).unwrap(), "{ty}: tokenizer");
     }
+    // llama.cpp's own reader (the `gguf` package, installed by scripts/test.sh) reads every file.
+    let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
+    for ty in ["f32", "f16", "q8_0"] {
+        let out = Command::new(&python)
+            .args(["scripts/check_gguf.py", &t(&format!("{ty}.gguf")), "--type", ty])
+            .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../.."))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the gguf package"));
+        assert!(out.status.success(), "{ty}: the gguf package rejects our file (run scripts/test.sh to install it): {}", String::from_utf8_lossy(&out.stderr));
+    }
     let file = llama_model::gguf::GgufFile::open(&tmp.path().join("q8_0.gguf")).unwrap();
     let ty = |name: &str| file.tensors.iter().find(|t| t.name == name).unwrap_or_else(|| panic!("{name}")).ggml_type;
     assert_eq!((ty("blk.0.attn_q.weight"), ty("blk.0.attn_norm.weight"), ty("token_embd.weight")), (8, 0, 8), "Q8_0 matrices, f32 norms");
