@@ -66,7 +66,12 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
             continue;
         };
         if options.show_prompt {
-            eprintln!("prompt: {}", Conversation { messages: messages.clone() }.render_text());
+            // Llama 2's rendering as text; a tokenizer's own template: the prompt's ids decoded.
+            let shown = match tokenizer.chat_template() {
+                Some(_) => tokenizer.inner().decode(&prompt, false).unwrap_or_default(),
+                None => Conversation { messages: messages.clone() }.render_text(),
+            };
+            eprintln!("prompt: {shown}");
         }
         // Each turn its own seed, so a turn replays as `llama generate` with the same seed would.
         let sampling = SamplingConfig { seed: options.sampling.seed.wrapping_add(turn), ..options.sampling.clone() };

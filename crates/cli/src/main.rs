@@ -143,6 +143,10 @@ enum Command {
         /// System prompt, folded into the first user turn as Llama 2 does.
         #[arg(long)]
         system: Option<String>,
+        /// `llama2` (the template the recipe trains) or `tokenizer` (the chat_template of the
+        /// tokenizer_config.json beside the tokenizer, for a model that brings its own).
+        #[arg(long, default_value = "llama2")]
+        chat_template: String,
         #[arg(long, default_value_t = 256)]
         max_new_tokens: usize,
         #[command(flatten)]
@@ -395,10 +399,15 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
         }
-        Command::Chat { checkpoint: dir, tokenizer, system, max_new_tokens, sampling, show_prompt } => {
+        Command::Chat { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt } => {
             let device = device::parse(&sampling.device)?;
+            let template = match chat_template.as_str() {
+                "llama2" => llama_data::chat::ChatTemplateChoice::Llama2,
+                "tokenizer" => llama_data::chat::ChatTemplateChoice::Tokenizer,
+                other => bail!("--chat-template `{other}`: allowed values: llama2, tokenizer"),
+            };
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
-            let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
+            let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
             let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
             let (config, model) = checkpoint::load(&dir, &device)?;
             if tok.vocab_size() > config.vocab_size {

@@ -168,6 +168,8 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         Case::new("chat: an answer as long as the model", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"], &["--max-new-tokens", "max_seq_len 32"]),
         Case::new("chat: a tokenizer larger than the model", &["chat", "--checkpoint", &small_dir, "--tokenizer", &tok, "--max-new-tokens", "8"], &["vocabulary"]),
         Case::new("chat: a missing tokenizer", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &p("nothere.json")], &["nothere.json"]),
+        Case::new("chat: the tokenizer's template, which it does not have", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "tokenizer"], &["--chat-template", "tokenizer_config.json"]),
+        Case::new("chat: an unknown template", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "chatml"], &["--chat-template", "chatml", "llama2"]),
         Case::new("chat: top-p above 1", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         Case::new("no subcommand", &[], &["Usage"]),
     ];

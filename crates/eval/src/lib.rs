@@ -115,6 +115,11 @@ fn judge_margin(judge: &Llama, tokenizer: &Tokenizer, template: &str, question: 
 #[serde(deny_unknown_fields)]
 pub struct EvalConfig {
     pub tokenizer: PathBuf,
+    /// `llama2` (Llama 2's template, the default) or `tokenizer` (the chat_template of the
+    /// tokenizer_config.json beside the tokenizer, for a model that brings its own).
+    #[serde(default)]
+    pub chat_template: llama_data::chat::ChatTemplateChoice,
+
     pub helpfulness_model: PathBuf,
     pub safety_model: PathBuf,
     /// Prompt sets by name (JSONL: `prompt` or `messages`, optional `is_safety`).
@@ -260,7 +265,7 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
     if let Some(j) = &cfg.judge {
         check_template(&j.template).map_err(|e| anyhow::anyhow!("{origin}: judge.template: {e}"))?;
     }
-    let tokenizer = Tokenizer::from_file(&cfg.tokenizer)?;
+    let tokenizer = Tokenizer::from_file(&cfg.tokenizer)?.with_chat_template(cfg.chat_template).with_context(|| format!("{origin}: chat_template"))?;
     let device = Device::flex();
     let mut sets: BTreeMap<String, Vec<Prompt>> = BTreeMap::new();
     for (name, path) in &cfg.prompts {

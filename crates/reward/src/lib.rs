@@ -314,6 +314,10 @@ pub struct RewardData {
     pub margin: MarginPreset,
     #[serde(default = "paper_reward_epochs")]
     pub epochs: u64,
+    /// `llama2` (Llama 2's template, the default) or `tokenizer` (the chat_template of the
+    /// tokenizer_config.json beside the tokenizer, for a model that brings its own).
+    #[serde(default)]
+    pub chat_template: llama_data::chat::ChatTemplateChoice,
 }
 
 fn small_margins() -> MarginPreset {
@@ -481,7 +485,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if cfg.data.epochs == 0 {
         bail!("{origin}: data.epochs must be > 0");
     }
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?.with_chat_template(cfg.data.chat_template).with_context(|| format!("{origin}: data.chat_template"))?;
     let device = llama_model::device::parse(&cfg.run.device)?;
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();

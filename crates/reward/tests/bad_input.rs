@@ -59,7 +59,12 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
         let (model, input) = (dir.join(model).display().to_string(), dir.join(input).display().to_string());
         Case::new(name, &["score", "--model", &model, "--tokenizer", &repo().join("data/tokenizer.json").display().to_string(), "--input", &input], needles)
     };
+    // A config asking for the tokenizer's own chat template, which the shipped tokenizer lacks.
+    let template = config(dir, "template", "policy", "good.jsonl", "good.jsonl", "");
+    let text = std::fs::read_to_string(&template).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
+    std::fs::write(&template, text).unwrap();
     let cases = vec![
+        Case::new("the tokenizer's chat template, which it does not have", &["--config", &template], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
         // Preference files: the file and line.
         train("unknown rating", "rating.jsonl", "", &[&at("rating.jsonl", 2), "unknown rating `amazing`", "significantly_better"]),
         train("no rejected answer", "norejected.jsonl", "", &[&at("norejected.jsonl", 1), "rejected"]),

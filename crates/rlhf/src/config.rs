@@ -42,6 +42,18 @@ pub struct PromptData {
     /// Safety-gate threshold on the safety model's probability (the paper: 0.15).
     #[serde(default = "gate")]
     pub safety_threshold: f64,
+    /// `llama2` (Llama 2's template, the default) or `tokenizer` (the chat_template of the
+    /// tokenizer_config.json beside the tokenizer, for a model that brings its own).
+    #[serde(default)]
+    pub chat_template: llama_data::chat::ChatTemplateChoice,
+}
+
+impl PromptData {
+    /// The tokenizer, rendering chats with `chat_template`.
+    pub fn load_tokenizer(&self, origin: &str) -> anyhow::Result<llama_data::Tokenizer> {
+        use anyhow::Context;
+        Ok(llama_data::Tokenizer::from_file(&self.tokenizer)?.with_chat_template(self.chat_template).with_context(|| format!("{origin}: data.chat_template"))?)
+    }
 }
 
 fn gate() -> f64 {

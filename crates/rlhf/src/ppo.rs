@@ -239,7 +239,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 /// PPO from `start` (the SFT or rejection-sampling policy); resumable.
 pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>, origin: &str) -> anyhow::Result<(f64, f64)> {
     let p = &cfg.ppo;
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let tokenizer = cfg.data.load_tokenizer(origin)?;
     let device = llama_model::device::parse(&cfg.run.device)?;
     device.seed(p.seed);
     let train_device = device.clone().autodiff();

@@ -4,7 +4,6 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use burn::module::Module;
-use llama_data::Tokenizer;
 use llama_data::chat::{Message, Overlong, Role, pack};
 use llama_data::prompts::{Prompt, expected_rate, load_prompts_for};
 use llama_model::generate::SamplingConfig;
@@ -22,7 +21,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     if rs.rounds == 0 {
         return Ok(None);
     }
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
+    let tokenizer = cfg.data.load_tokenizer(origin)?;
     let device = llama_model::device::parse(&cfg.run.device)?;
     let train_device = device.clone().autodiff();
     let (policy_config, mut policy) = init_model(&cfg.policy, &train_device).with_context(|| format!("{origin}: policy"))?;

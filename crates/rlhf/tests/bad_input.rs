@@ -87,6 +87,12 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         with("half precision", "", "[run]\ndtype = \"bf16\"\n", &["run.dtype"]),
         // Models.
         Case::new("a reward model of another vocabulary", &["--config", &config(dir, "vocab", "", ""), "--helpfulness-model", &dir.join("help-small").display().to_string()], &["help-small", "vocabulary", "helpfulness_model"]),
+        Case::new("the tokenizer's chat template, which it does not have", &["--config", &{
+            let path = config(dir, "template", "", "");
+            let text = std::fs::read_to_string(&path).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
+            std::fs::write(&path, text).unwrap();
+            path
+        }], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
         Case::new("a missing policy", &["--config", &config(dir, "nopolicy", "", ""), "--policy", &dir.join("nowhere").display().to_string()], &["nowhere"]),
         Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
     ];
