@@ -144,6 +144,7 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         compare("an unknown baseline", "", &[("baseline = \"a\"", "baseline = \"z\"")], &["baseline", "z"]),
         compare("a missing model", "", &[(&format!("path = \"{}/b\"", dir.display()), "path = \"/nowhere/b\"")], &["/nowhere/b"]),
         compare("unknown key", "judges = 2", &[], &["judges"]),
+        compare("the tokenizer's chat template, which it does not have", "chat_template = \"tokenizer\"", &[], &["chat_template", "tokenizer_config.json"]),
         llama_testkit::Case::new("a --model the config does not list", &["compare", "--config", &config(dir, "listed", "", &[]).display().to_string(), "--model", "z=/x"], &["--model z=", "listed.toml", "a, b"]),
         llama_testkit::Case::new("a --model without a name", &["compare", "--config", &config(dir, "noname", "", &[]).display().to_string(), "--model", "/x"], &["--model", "NAME=PATH"]),
         llama_testkit::Case::new("a --judge-model without a judge", &["compare", "--config", &config(dir, "nojudge", "", &[]).display().to_string(), "--judge-model", "/x"], &["--judge-model", "nojudge.toml"]),
