@@ -66,7 +66,9 @@ for prompt in args.prompt:
             failed = True
         out = greedy(llm, ours_ids, args.tokens)
         greedy_of[ty] = out
-        text = prompt + tok.decode(out, skip_special_tokens=True)
+        head = tok.decode(ours_ids, skip_special_tokens=True)
+        whole = tok.decode(ours_ids + out, skip_special_tokens=True)
+        text = prompt + (whole[len(head):] if whole.startswith(head) else tok.decode(out, skip_special_tokens=True))
         same = text == ours_text
         print(f"  {ty}: llama.cpp {text!r} ({len(out)} tokens) {'equal' if same else 'DIFFERENT'}")
         if ty in ("f32", "f16") and not same:

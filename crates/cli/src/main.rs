@@ -434,8 +434,12 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                 })
                 .collect::<Result<Vec<_>>>()?;
             let out = generate(&model, &prompts, &sampling)?;
-            for (p, tokens) in prompt.iter().zip(&out.tokens) {
-                let text = tok.decode(tokens, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"))?;
+            let decode = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"));
+            for ((p, ids), tokens) in prompt.iter().zip(&prompts).zip(&out.tokens) {
+                // The continuation is what it adds to the prompt's own decoding: decoded alone it
+                // would lose its leading space (the decoder strips the text's first one).
+                let (head, whole) = (decode(ids)?, decode(&[ids.as_slice(), tokens].concat())?);
+                let text = whole.strip_prefix(head.as_str()).map_or_else(|| decode(tokens), |t| Ok(t.to_string()))?;
                 println!("{p}{text}");
                 println!("---");
             }
