@@ -60,31 +60,54 @@ pub enum ChatTemplateChoice {
     Tokenizer,
 }
 
-/// Renders `messages` with a Hugging Face Jinja chat template: `messages` (role, content),
-/// `bos_token`, `eos_token`, `add_generation_prompt`, and `raise_exception`.
-fn render_jinja(source: &str, messages: &[Message], tokenizer: &Tokenizer, add_generation_prompt: bool) -> Result<String, DataError> {
-    let err = |e: minijinja::Error| DataError::Config(format!("chat_template: {e}"));
-    let mut env = minijinja::Environment::new();
-    env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-    env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-        Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-    });
-    let template = env.template_from_str(source).map_err(err)?;
-    let role = |r: Role| match r {
-        Role::System => "system",
-        Role::User => "user",
-        Role::Assistant => "assistant",
-    };
-    let messages: Vec<minijinja::Value> =
-        messages.iter().map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))])).collect();
-    template
-        .render(minijinja::context! {
-            messages => minijinja::Value::from(messages),
-            bos_token => tokenizer.token_text(tokenizer.bos_id()).unwrap_or_default(),
-            eos_token => tokenizer.token_text(tokenizer.eos_id()).unwrap_or_default(),
-            add_generation_prompt => add_generation_prompt,
-        })
-        .map_err(err)
+/// A Hugging Face Jinja chat template, compiled once: rendered with `messages` (role, content),
+/// `bos_token`, `eos_token`, `add_generation_prompt`, Python's string methods (`.strip()`...,
+/// minijinja-contrib's pycompat) and `raise_exception`, as `transformers` renders it.
+#[derive(Clone)]
+pub struct JinjaTemplate(std::sync::Arc<minijinja::Environment<'static>>);
+
+impl std::fmt::Debug for JinjaTemplate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("JinjaTemplate")
+    }
+}
+
+const TEMPLATE_NAME: &str = "chat_template";
+
+impl JinjaTemplate {
+    /// Compiles `source`; a syntax error names `chat_template`.
+    pub fn compile(source: &str) -> Result<Self, DataError> {
+        let mut env = minijinja::Environment::new();
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
+        });
+        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(template_error)?;
+        Ok(Self(std::sync::Arc::new(env)))
+    }
+
+    fn render(&self, messages: &[Message], tokenizer: &Tokenizer, add_generation_prompt: bool) -> Result<String, DataError> {
+        let role = |r: Role| match r {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+        };
+        let messages: Vec<minijinja::Value> =
+            messages.iter().map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))])).collect();
+        let template = self.0.get_template(TEMPLATE_NAME).map_err(template_error)?;
+        template
+            .render(minijinja::context! {
+                messages => minijinja::Value::from(messages),
+                bos_token => tokenizer.token_text(tokenizer.bos_id()).unwrap_or_default(),
+                eos_token => tokenizer.token_text(tokenizer.eos_id()).unwrap_or_default(),
+                add_generation_prompt => add_generation_prompt,
+            })
+            .map_err(template_error)
+    }
+}
+
+fn template_error(e: minijinja::Error) -> DataError {
+    DataError::Config(format!("chat_template: {e}"))
 }
 
 /// One user/assistant exchange rendered with the template ([`Conversation::render_exchanges`]).
@@ -209,8 +232,8 @@ impl Conversation {
     /// the answer's tokens are those that start at or after the space before the answer, by the
     /// tokenizer's offsets. The answer's EOS carries loss too.
     pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
-        if let Some(source) = tokenizer.chat_template() {
-            return self.tokenize_jinja(source, tokenizer);
+        if let Some(template) = tokenizer.chat_template() {
+            return self.tokenize_jinja(template, tokenizer);
         }
         let (mut ids, mut mask) = (vec![], vec![]);
         for exchange in self.render_exchanges() {
@@ -232,15 +255,15 @@ impl Conversation {
     /// rendered and encoded once; answer `i` is the text that rendering the messages up to it
     /// adds to rendering those before it with the generation prompt (so its end-of-turn tokens
     /// are the answer's, as Llama 2's EOS is), and its tokens are those whose offsets overlap it.
-    fn tokenize_jinja(&self, source: &str, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
-        let whole = render_jinja(source, &self.messages, tokenizer, false)?;
+    fn tokenize_jinja(&self, template: &JinjaTemplate, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
+        let whole = template.render(&self.messages, tokenizer, false)?;
         let mut spans = vec![];
         for (i, m) in self.messages.iter().enumerate() {
             if m.role != Role::Assistant || !m.train {
                 continue;
             }
-            let before = render_jinja(source, &self.messages[..i], tokenizer, true)?;
-            let through = render_jinja(source, &self.messages[..=i], tokenizer, false)?;
+            let before = template.render(&self.messages[..i], tokenizer, true)?;
+            let through = template.render(&self.messages[..=i], tokenizer, false)?;
             if !through.starts_with(&before) || !whole.starts_with(&through) {
                 return Err(DataError::Config(
                     "chat_template: rendering a conversation does not extend the rendering of its beginning, so the answer tokens cannot be found (use chat_template = \"llama2\")".into(),
@@ -262,8 +285,8 @@ impl Conversation {
         if c.messages.last().is_some_and(|m| m.role == Role::Assistant) {
             c.messages.pop();
         }
-        if let Some(source) = tokenizer.chat_template() {
-            return Ok(tokenizer.encode_with_offsets(&render_jinja(source, &c.messages, tokenizer, true)?)?.0);
+        if let Some(template) = tokenizer.chat_template() {
+            return Ok(tokenizer.encode_with_offsets(&template.render(&c.messages, tokenizer, true)?)?.0);
         }
         Ok(c.tokenize(tokenizer)?.0)
     }

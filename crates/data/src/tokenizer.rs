@@ -35,8 +35,8 @@ pub struct Tokenizer {
     fingerprint: String,
     /// The `chat_template` of the checkpoint's `tokenizer_config.json`, if it has one.
     declared_template: Option<String>,
-    /// Whether chats render with `declared_template` instead of Llama 2's template.
-    use_declared_template: bool,
+    /// `declared_template` compiled, when chats render with it instead of Llama 2's template.
+    chat_template: Option<crate::chat::JinjaTemplate>,
 }
 
 impl std::fmt::Debug for Tokenizer {
@@ -113,7 +113,7 @@ impl Tokenizer {
         let eos = special("eos", &declared.eos, EOS)?;
         let json = inner.to_string(false).map_err(|e| DataError::Tokenizer(format!("{origin}: {e}")))?;
         let fingerprint = format!("sha256:{:x}", Sha256::digest(json.as_bytes()));
-        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint, declared_template: declared.chat_template.clone(), use_declared_template: false })
+        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint, declared_template: declared.chat_template.clone(), chat_template: None })
     }
 
     /// Trains a BPE tokenizer with byte fallback on `texts`, Llama-style: `<unk>`=0, `<s>`=1,
@@ -170,20 +170,26 @@ impl Tokenizer {
     /// Chats render with `choice`: Llama 2's template (what the recipe trains), or the
     /// `chat_template` of the checkpoint's `tokenizer_config.json` (an error if it has none).
     pub fn with_chat_template(mut self, choice: crate::chat::ChatTemplateChoice) -> Result<Self, DataError> {
-        use crate::chat::ChatTemplateChoice;
-        self.use_declared_template = match choice {
-            ChatTemplateChoice::Llama2 => false,
-            ChatTemplateChoice::Tokenizer if self.declared_template.is_some() => true,
-            ChatTemplateChoice::Tokenizer => {
+        use crate::chat::{ChatTemplateChoice, JinjaTemplate};
+        self.chat_template = match (choice, &self.declared_template) {
+            (ChatTemplateChoice::Llama2, _) => None,
+            (ChatTemplateChoice::Tokenizer, Some(source)) => Some(JinjaTemplate::compile(source)?),
+            (ChatTemplateChoice::Tokenizer, None) => {
                 return Err(DataError::Config("chat_template = \"tokenizer\": the tokenizer_config.json beside the tokenizer has no chat_template (use \"llama2\")".into()));
             }
         };
         Ok(self)
     }
 
-    /// The Jinja chat template chats render with, when it is the tokenizer's own.
-    pub fn chat_template(&self) -> Option<&str> {
-        self.declared_template.as_deref().filter(|_| self.use_declared_template)
+    /// The `chat_template` the checkpoint's `tokenizer_config.json` declares, whether or not
+    /// chats render with it.
+    pub fn declared_chat_template(&self) -> Option<&str> {
+        self.declared_template.as_deref()
+    }
+
+    /// The compiled Jinja template chats render with, when it is the tokenizer's own.
+    pub fn chat_template(&self) -> Option<&crate::chat::JinjaTemplate> {
+        self.chat_template.as_ref()
     }
 
     /// The text of token `id`.
