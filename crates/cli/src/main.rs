@@ -203,6 +203,16 @@ impl SamplingArgs {
 
 /// Refuses a conversion that would write over its own input, or into an existing directory
 /// holding anything unless `--overwrite` says so (it may be another model).
+/// The tokenizer at `path` as a GGUF file carries it: BOS, EOS and chat template as
+/// `llama_data::Tokenizer` reads them from the checkpoint's tokenizer files.
+fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer> {
+    let tok = llama_data::Tokenizer::from_file(path)?;
+    let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = |id: u32| tok.token_text(id).unwrap_or_default();
+    let chat_template = tok.declared_chat_template().unwrap_or(gguf::LLAMA2_CHAT_TEMPLATE).to_string();
+    Ok(GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template })
+}
+
 /// What `convert` writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Target {
@@ -360,8 +370,8 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             match target {
                 Target::Gguf => {
                     let tokenizer = match tokenizer {
-                        Some(path) => Some(GgufTokenizer::from_file(&path).with_context(|| "--tokenizer")?),
-                        None if from.join("tokenizer.json").is_file() => Some(GgufTokenizer::from_file(&from.join("tokenizer.json"))?),
+                        Some(path) => Some(gguf_tokenizer(&path).context("--tokenizer")?),
+                        None if from.join("tokenizer.json").is_file() => Some(gguf_tokenizer(&from.join("tokenizer.json"))?),
                         None => {
                             eprintln!("warning: {} has no tokenizer.json and no --tokenizer was given: the GGUF file has no tokenizer, which llama.cpp needs", from.display());
                             None

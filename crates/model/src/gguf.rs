@@ -410,10 +410,11 @@ fn gguf_name(hf: &str) -> String {
     }
 }
 
-/// The tokenizer of a checkpoint directory as GGUF needs it.
+/// The tokenizer as GGUF needs it: the `tokenizer.json` text, the BOS and EOS tokens and the chat
+/// template (`llama convert` takes them from `llama_data::Tokenizer`, which reads the
+/// checkpoint's tokenizer files; [`LLAMA2_CHAT_TEMPLATE`] when it declares none).
 #[derive(Debug, Clone)]
 pub struct GgufTokenizer {
-    /// The `tokenizer.json` text.
     pub json: String,
     pub bos: String,
     pub eos: String,
@@ -421,25 +422,6 @@ pub struct GgufTokenizer {
 }
 
 impl GgufTokenizer {
-    /// The `tokenizer.json` at `path`, with the special tokens and chat template of the
-    /// `tokenizer_config.json` beside it when it has them (Llama 2's `<s>`, `</s>` and template
-    /// otherwise).
-    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let json = std::fs::read_to_string(path).map_err(|e| io_err(path, e))?;
-        let config_path = path.with_file_name("tokenizer_config.json");
-        let config: serde_json::Value = match std::fs::read_to_string(&config_path) {
-            Ok(text) => serde_json::from_str(&text).map_err(|e| ckpt_err(format!("{}: invalid JSON: {e}", config_path.display())))?,
-            Err(_) => json!({}),
-        };
-        // A special token is a string or `{"content": ...}`.
-        let special = |key: &str, default: &str| {
-            let v = &config[key];
-            v.as_str().or_else(|| v["content"].as_str()).unwrap_or(default).to_string()
-        };
-        let chat_template = config["chat_template"].as_str().unwrap_or(LLAMA2_CHAT_TEMPLATE).to_string();
-        Ok(Self { json, bos: special("bos_token", "<s>"), eos: special("eos_token", "</s>"), chat_template })
-    }
-
     /// The `tokenizer.*` metadata of llama.cpp's `llama` (SentencePiece-style) tokenizer.
     fn metadata(&self, vocab_size: usize, origin: &str) -> Result<Vec<(String, Value)>, ModelError> {
         let err = |m: String| ckpt_err(format!("{origin}: {m}"));
@@ -536,24 +518,20 @@ pub fn save_gguf(model: &Llama, config: &LlamaConfig, tokenizer: Option<&GgufTok
     if let Some(t) = tokenizer {
         metadata.extend(t.metadata(config.vocab_size, &path.display().to_string())?);
     }
+    // Sizes follow from shapes and types, so the header is written first and each tensor is
+    // converted as it is written: one tensor at a time in memory besides the model.
+    let layout = hf::hf_layout(config);
     let mut infos: Vec<TensorInfo> = vec![];
-    let mut blobs: Vec<Vec<u8>> = vec![];
     let mut offset = 0u64;
-    for (hf_name, shape, data) in hf::export_tensors(model, config, RopeRows::Meta) {
+    for (hf_name, shape, _) in &layout {
         let rows_of_32 = shape.last().is_some_and(|&c| c % Q8_0_BLOCK == 0);
         let tensor_ty = match ty {
             _ if shape.len() == 1 => GgufType::F32,
             GgufType::Q8_0 if !rows_of_32 => GgufType::F16,
             other => other,
         };
-        let bytes = match tensor_ty {
-            GgufType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            GgufType::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
-            GgufType::Q8_0 => quantize_q8_0(&data),
-        };
-        infos.push(TensorInfo { name: gguf_name(&hf_name), ne: shape.iter().rev().map(|&d| d as u64).collect(), ggml_type: tensor_ty.ggml(), offset });
-        offset = (offset + bytes.len() as u64).next_multiple_of(ALIGNMENT);
-        blobs.push(bytes);
+        infos.push(TensorInfo { name: gguf_name(hf_name), ne: shape.iter().rev().map(|&d| d as u64).collect(), ggml_type: tensor_ty.ggml(), offset });
+        offset = (offset + tensor_ty.bytes(shape.iter().product()) as u64).next_multiple_of(ALIGNMENT);
     }
     let mut header = vec![];
     header.extend(MAGIC);
@@ -575,11 +553,18 @@ pub fn save_gguf(model: &Llama, config: &LlamaConfig, tokenizer: Option<&GgufTok
         header.extend(t.offset.to_le_bytes());
     }
     header.resize((header.len() as u64).next_multiple_of(ALIGNMENT) as usize, 0);
+    let mut model = model.clone();
     llama_io::write_atomic_with(path, |w| {
         w.write_all(&header)?;
-        for blob in &blobs {
-            w.write_all(blob)?;
-            let pad = (blob.len() as u64).next_multiple_of(ALIGNMENT) - blob.len() as u64;
+        for ((hf_name, shape, kind), info) in layout.iter().zip(&infos) {
+            let data = hf::export_tensor(&mut model, config, hf_name, shape, *kind, RopeRows::Meta);
+            let bytes: Vec<u8> = match GgufType::from_ggml(info.ggml_type).expect("chosen above") {
+                GgufType::F32 => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+                GgufType::F16 => data.iter().flat_map(|&x| half::f16::from_f32(x).to_le_bytes()).collect(),
+                GgufType::Q8_0 => quantize_q8_0(&data),
+            };
+            w.write_all(&bytes)?;
+            let pad = (bytes.len() as u64).next_multiple_of(ALIGNMENT) - bytes.len() as u64;
             w.write_all(&vec![0; pad as usize])?;
         }
         Ok(())
@@ -621,7 +606,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
     let config = hf::config_from_hf(&hf_config, &origin)?;
     let mut model = config.init_lazy(device);
     let mut by_name: HashMap<&str, &TensorInfo> = file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    for (hf_name, shape) in hf::layout(&config) {
+    for (hf_name, shape, kind) in hf::hf_layout(&config) {
         let name = gguf_name(&hf_name);
         let t = by_name.remove(name.as_str()).ok_or_else(|| err(format!("tensor `{name}` is missing")))?;
         let want: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
@@ -629,7 +614,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
             return Err(err(format!("tensor `{name}` has ne {:?}, but the metadata implies {want:?}", t.ne)));
         }
         let data = file.tensor_f32(t, path)?;
-        hf::set_tensor(&mut model, &config, &hf_name, &shape, data, RopeRows::Meta, device);
+        hf::set_tensor(&mut model, &config, &hf_name, &shape, kind, data, RopeRows::Meta, device);
     }
     if let Some(extra) = by_name.keys().next() {
         return Err(err(format!("unexpected tensor `{extra}` for a llama model")));

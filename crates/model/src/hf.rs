@@ -143,7 +143,7 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// One HF tensor: how it maps onto our module.
 #[derive(Debug, Clone, Copy)]
-enum Kind {
+pub(crate) enum Kind {
     /// `[d_out, d_in]` linear weight, transposed into Burn's `[d_in, d_out]`.
     Linear,
     /// Linear weight whose rows are RoPE'd heads (q: n_heads, k: n_kv_heads).
@@ -153,7 +153,7 @@ enum Kind {
 }
 
 /// The HF names of every tensor of a model with this config, with their HF shapes.
-fn hf_layout(config: &LlamaConfig) -> Vec<(String, Vec<usize>, Kind)> {
+pub(crate) fn hf_layout(config: &LlamaConfig) -> Vec<(String, Vec<usize>, Kind)> {
     let (d, hd, f, v) = (config.dim, config.head_dim(), config.ffn_hidden(), config.vocab_size);
     let (h, kv) = (config.n_heads, config.n_kv_heads());
     let mut names = vec![("model.embed_tokens.weight".to_string(), vec![v, d], Kind::Plain)];
@@ -341,43 +341,31 @@ pub(crate) enum RopeRows {
     HuggingFace,
 }
 
-/// Every tensor of a model with this config under its Hugging Face name, with its HF shape.
-pub(crate) fn layout(config: &LlamaConfig) -> Vec<(String, Vec<usize>)> {
-    hf_layout(config).into_iter().map(|(n, s, _)| (n, s)).collect()
-}
-
-/// Every tensor of `model` under its Hugging Face name, in HF shape (`[d_out, d_in]`, row-major)
-/// as f32, with q and k rows in the order `rope`.
-pub(crate) fn export_tensors(model: &Llama, config: &LlamaConfig, rope: RopeRows) -> Vec<(String, Vec<usize>, Vec<f32>)> {
-    let mut model = model.clone();
-    let mut tensors = vec![];
-    for (name, shape, kind) in hf_layout(config) {
-        let data = match param_for(&mut model, &name).expect("layout matches module") {
-            Param2or1::One(p) => tensor_to_f32(p.val()),
-            Param2or1::Two(p) => {
-                let raw = tensor_to_f32(p.val());
-                match kind {
-                    Kind::Plain => raw,
-                    Kind::Linear | Kind::RopeLinear(_) => {
-                        let (rows, cols) = (shape[0], shape[1]);
-                        let t = transpose(&raw, cols, rows);
-                        match kind {
-                            Kind::RopeLinear(heads) if rope == RopeRows::HuggingFace => permute_rope_rows(&t, heads, config.head_dim(), cols, true),
-                            _ => t,
-                        }
+/// Tensor `name` of `model` (an entry of [`hf_layout`]) in HF shape (`[d_out, d_in]`,
+/// row-major) as f32, with q and k rows in the order `rope`.
+pub(crate) fn export_tensor(model: &mut Llama, config: &LlamaConfig, name: &str, shape: &[usize], kind: Kind, rope: RopeRows) -> Vec<f32> {
+    match param_for(model, name).expect("layout matches module") {
+        Param2or1::One(p) => tensor_to_f32(p.val()),
+        Param2or1::Two(p) => {
+            let raw = tensor_to_f32(p.val());
+            match kind {
+                Kind::Plain => raw,
+                Kind::Linear | Kind::RopeLinear(_) => {
+                    let (rows, cols) = (shape[0], shape[1]);
+                    let t = transpose(&raw, cols, rows);
+                    match kind {
+                        Kind::RopeLinear(heads) if rope == RopeRows::HuggingFace => permute_rope_rows(&t, heads, config.head_dim(), cols, true),
+                        _ => t,
                     }
                 }
             }
-        };
-        tensors.push((name, shape, data));
+        }
     }
-    tensors
 }
 
-/// Sets our parameter that holds the Hugging Face tensor `name` (HF shape `shape`, q and k rows
-/// in the order `rope`).
-pub(crate) fn set_tensor(model: &mut Llama, config: &LlamaConfig, name: &str, shape: &[usize], data: Vec<f32>, rope: RopeRows, device: &Device) {
-    let kind = hf_layout(config).into_iter().find(|(n, _, _)| n == name).map(|(_, _, k)| k).expect("a name of the layout");
+/// Sets our parameter that holds the Hugging Face tensor `name` (an entry of [`hf_layout`], q and
+/// k rows in the order `rope`).
+pub(crate) fn set_tensor(model: &mut Llama, config: &LlamaConfig, name: &str, shape: &[usize], kind: Kind, data: Vec<f32>, rope: RopeRows, device: &Device) {
     let kind = match kind {
         Kind::RopeLinear(_) if rope == RopeRows::Meta => Kind::Linear,
         k => k,
@@ -389,7 +377,14 @@ pub(crate) fn set_tensor(model: &mut Llama, config: &LlamaConfig, name: &str, sh
 /// `max_shard_bytes` are split into `model-0000x-of-0000y.safetensors` with an index.
 pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes: u64) -> Result<(), ModelError> {
     std::fs::create_dir_all(dir).map_err(|e| io_err(dir, e))?;
-    let tensors = export_tensors(model, config, RopeRows::HuggingFace);
+    let mut model = model.clone();
+    let tensors: Vec<(String, Vec<usize>, Vec<f32>)> = hf_layout(config)
+        .into_iter()
+        .map(|(name, shape, kind)| {
+            let data = export_tensor(&mut model, config, &name, &shape, kind, RopeRows::HuggingFace);
+            (name, shape, data)
+        })
+        .collect();
     // Group into shards in layout order.
     let mut shards: Vec<Vec<usize>> = vec![vec![]];
     let mut size = 0u64;
