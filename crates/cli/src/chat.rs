@@ -98,7 +98,7 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
 
 /// A byte-fallback token (`<0x41>`).
 fn is_byte_token(tokenizer: &Tokenizer, id: u32) -> bool {
-    tokenizer.inner().id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+    tokenizer.token_text(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
 }
 
 /// Prints what `text` adds to what is already `printed` (nothing if it does not extend it).

@@ -180,11 +180,7 @@ fn fine_tuning_a_model_with_its_own_tokenizer_and_chat_template() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("answer tokens"), "{stdout}");
-    let losses: Vec<f64> = std::fs::read_to_string(tmp.path().join("sft/metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap().get("train/loss")?.as_f64())
-        .collect();
+    let losses: Vec<f64> = llama_testkit::train_curve(tmp.path().join("sft")).into_iter().map(|(_, loss, _)| loss).collect();
     assert!(losses.len() >= 3 && losses.last().unwrap() < &(losses[0] - 1.0), "the loss falls: {losses:?}");
 }
 
