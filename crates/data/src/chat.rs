@@ -11,7 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{DataError, Tokenizer};
+use crate::{DataError, Tokenizer, tool_markup};
 
 pub const B_INST: &str = "[INST]";
 pub const E_INST: &str = "[/INST]";
@@ -230,18 +230,31 @@ impl Conversation {
     /// Each exchange is encoded as one string (so a tokenizer that prepends `▁` does it once per
     /// exchange, as SentencePiece does in Meta's code, and the answer's first word keeps its `▁`);
     /// the answer's tokens are those that start at or after the space before the answer, by the
-    /// tokenizer's offsets. The answer's EOS carries loss too.
+    /// tokenizer's offsets. The answer's EOS carries loss too; a token that carries any character
+    /// of a tool result (`<result>...</result>`, which the runtime writes) carries none.
     pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
         if let Some(template) = tokenizer.chat_template() {
             return self.tokenize_jinja(template, tokenizer);
         }
+        self.tokenize_llama2(tokenizer, None)
+    }
+
+    /// Llama 2's encoding; `partial` is text the last, unanswered exchange's answer begins with
+    /// (its leading space included, as it follows `[/INST]`), for generation to go on from.
+    fn tokenize_llama2(&self, tokenizer: &Tokenizer, partial: Option<&str>) -> Result<(Vec<u32>, Vec<bool>), DataError> {
         let (mut ids, mut mask) = (vec![], vec![]);
-        for exchange in self.render_exchanges() {
+        for mut exchange in self.render_exchanges() {
             ids.push(tokenizer.bos_id());
             mask.push(false);
+            if let (None, Some(partial)) = (exchange.answer_at, partial) {
+                exchange.text.push_str(partial);
+            }
             let (piece, offsets) = tokenizer.encode_with_offsets(&exchange.text)?;
-            let in_answer = |start: usize| exchange.trained && exchange.answer_at.is_some_and(|at| start >= at);
-            mask.extend(offsets.iter().map(|&(start, _)| in_answer(start)));
+            let results = exchange.answer_at.map_or(vec![], |at| tool_markup::result_spans(&exchange.text, at..exchange.text.len()));
+            let in_answer = |(start, end): (usize, usize)| {
+                exchange.trained && exchange.answer_at.is_some_and(|at| start >= at) && !results.iter().any(|r| overlaps((start, end), r))
+            };
+            mask.extend(offsets.iter().map(|&o| in_answer(o)));
             ids.extend(piece);
             if exchange.answer_at.is_some() {
                 ids.push(tokenizer.eos_id());
@@ -257,7 +270,7 @@ impl Conversation {
     /// are the answer's, as Llama 2's EOS is), and its tokens are those whose offsets overlap it.
     fn tokenize_jinja(&self, template: &JinjaTemplate, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
         let whole = template.render(&self.messages, tokenizer, false)?;
-        let mut spans = vec![];
+        let (mut spans, mut results) = (vec![], vec![]);
         for (i, m) in self.messages.iter().enumerate() {
             if m.role != Role::Assistant || !m.train {
                 continue;
@@ -269,12 +282,14 @@ impl Conversation {
                     "chat_template: rendering a conversation does not extend the rendering of its beginning, so the answer tokens cannot be found (use chat_template = \"llama2\")".into(),
                 ));
             }
+            results.extend(tool_markup::result_spans(&whole, before.len()..through.len()));
             spans.push(before.len()..through.len());
         }
         let (ids, offsets) = tokenizer.encode_with_offsets(&whole)?;
         // A token that carries any of an answer's text is trained (one may also carry the end
-        // of the header before it, e.g. `\nH`, where the tokenizer merges across the boundary).
-        let mask = offsets.iter().map(|&(start, end)| spans.iter().any(|s| start < s.end && (end > s.start || (start == end && start >= s.start)))).collect();
+        // of the header before it, e.g. `\nH`, where the tokenizer merges across the boundary),
+        // unless it carries any of a tool result's.
+        let mask = offsets.iter().map(|&o| spans.iter().any(|s| overlaps(o, s)) && !results.iter().any(|r| overlaps(o, r))).collect();
         Ok((ids, mask))
     }
 
@@ -290,6 +305,27 @@ impl Conversation {
         }
         Ok(c.tokenize(tokenizer)?.0)
     }
+
+    /// [`Conversation::prompt_ids`] with the answer begun: `partial` is the text that follows
+    /// the generation prompt (its leading space included, as [`Tokenizer::decode_after`] gives
+    /// it), encoded with the prompt as one string, as training encodes the whole answer, so that
+    /// generation goes on (after a tool result, say) from the ids training saw.
+    pub fn prompt_ids_with_answer(&self, tokenizer: &Tokenizer, partial: &str) -> Result<Vec<u32>, DataError> {
+        let mut c = self.clone();
+        if c.messages.last().is_some_and(|m| m.role == Role::Assistant) {
+            c.messages.pop();
+        }
+        if let Some(template) = tokenizer.chat_template() {
+            let text = template.render(&c.messages, tokenizer, true)? + partial;
+            return Ok(tokenizer.encode_with_offsets(&text)?.0);
+        }
+        Ok(c.tokenize_llama2(tokenizer, Some(partial))?.0)
+    }
+}
+
+/// Whether a token's byte range meets `span` (a zero-width token: whether it sits inside it).
+fn overlaps((start, end): (usize, usize), span: &std::ops::Range<usize>) -> bool {
+    start < span.end && (end > span.start || (start == end && start >= span.start))
 }
 
 /// Reads conversations from `.jsonl` (one object per line) or `.parquet` (a `messages` column of

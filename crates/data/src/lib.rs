@@ -9,6 +9,7 @@ pub mod reader;
 pub mod sampler;
 pub mod shards;
 pub mod tokenizer;
+pub mod tool_markup;
 
 pub use reader::{Cursor, PackedReader, ReaderConfig};
 pub use shards::{Manifest, ShardFile, ShardInfo, ShardWriter, Split};

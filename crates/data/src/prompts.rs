@@ -1,4 +1,4 @@
-//! Prompt sets (`{prompt | messages, is_safety, expected}` JSONL), which rejection sampling, PPO
+//! Prompt sets (`{prompt | messages, is_safety, expected, group}` JSONL), which rejection sampling, PPO
 //! and `eval compare` answer: loading with file:line errors and the length check against a model.
 
 use std::path::Path;
@@ -15,6 +15,9 @@ pub struct Prompt {
     /// Text a correct answer contains (the tiny data's fact), when the file gives one: a check of
     /// the answers that does not go through the reward models, to see reward hacking.
     pub expected: Option<String>,
+    /// A label the evaluation reports the expected rate of separately (e.g. `known` and `cutoff`
+    /// in the temporal set), when the file gives one.
+    pub group: Option<String>,
     /// The line of the prompt file it came from (1-based), for messages.
     pub line: usize,
 }
@@ -55,7 +58,12 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
             Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
             Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
         };
-        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, line: n });
+        let group = match v.get("group") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::String(g)) if !g.is_empty() => Some(g.clone()),
+            Some(other) => bail!("{at}: `group` must be a non-empty string (got {other})"),
+        };
+        out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, group, line: n });
     }
     if out.is_empty() {
         bail!("{}: no prompts", path.display());

@@ -237,6 +237,16 @@ impl Tokenizer {
         self.inner.decode(ids, true).map_err(|e| DataError::Tokenizer(format!("cannot decode: {e}")))
     }
 
+    /// The text that `new` adds after `context`: decoded alone, `new` would lose its leading
+    /// space (a SentencePiece-style decoder strips the text's first one).
+    pub fn decode_after(&self, context: &[u32], new: &[u32]) -> Result<String, DataError> {
+        let (head, whole) = (self.decode(context)?, self.decode(&[context, new].concat())?);
+        match whole.strip_prefix(head.as_str()) {
+            Some(tail) => Ok(tail.to_string()),
+            None => self.decode(new),
+        }
+    }
+
     /// Number of ids, added tokens included: every id the tokenizer can produce is below it.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
