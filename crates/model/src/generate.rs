@@ -153,14 +153,38 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig) ->
 
 /// [`generate`], calling `on_token(row, token)` as each token is chosen (for output printed as
 /// it is generated); the tokens and their order are [`generate`]'s.
-pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig, mut on_token: impl FnMut(usize, u32)) -> Result<Generation, ModelError> {
+pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig, on_token: impl FnMut(usize, u32)) -> Result<Generation, ModelError> {
+    let seeds: Vec<u64> = (0..prompts.len()).map(|i| row_seed(config.seed, i as u64)).collect();
+    generate_until(model, prompts, config, &seeds, on_token, |_, _| false)
+}
+
+/// The seed of row `row`'s RNG in [`generate`]: a row's sample depends only on the seed, its
+/// prompt and its index.
+pub fn row_seed(seed: u64, row: u64) -> u64 {
+    seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// The general form: row `i` samples from an RNG seeded by `seeds[i]`, and stops at EOS, at
+/// `config.max_new_tokens`, or as soon as `stop(row, tokens so far)` returns true after one of
+/// its tokens (a tool call complete, a per-row budget spent); `stopped_on_eos` stays false for
+/// a row `stop` ended.
+pub fn generate_until(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &SamplingConfig,
+    seeds: &[u64],
+    mut on_token: impl FnMut(usize, u32),
+    mut stop: impl FnMut(usize, &[u32]) -> bool,
+) -> Result<Generation, ModelError> {
     config.validate()?;
     let batch = prompts.len();
+    if seeds.len() != batch {
+        return Err(ModelError::Generation(format!("{} seeds for {batch} prompts", seeds.len())));
+    }
     let (mut decoder, mut logits) = BatchDecoder::prefill(model, prompts, config.max_new_tokens)?;
-    let mut rngs: Vec<StdRng> = (0..batch)
-        .map(|i| StdRng::seed_from_u64(config.seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)))
-        .collect();
+    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
     let mut out = Generation { tokens: vec![vec![]; batch], logprobs: vec![vec![]; batch], stopped_on_eos: vec![false; batch] };
+    let mut done = vec![false; batch];
     let vocab = model.vocab_size();
     for step in 0..config.max_new_tokens {
         let host: Vec<f32> = logits
@@ -170,7 +194,7 @@ pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &Sampling
             .map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
         let mut next = vec![config.eos_id.unwrap_or(0); batch];
         for (row, row_logits) in host.chunks(vocab).enumerate() {
-            if out.stopped_on_eos[row] {
+            if done[row] {
                 continue;
             }
             let token = sample(row_logits, config, &mut rngs[row]);
@@ -180,9 +204,12 @@ pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &Sampling
             next[row] = token as u32;
             if config.eos_id == Some(token as u32) {
                 out.stopped_on_eos[row] = true;
+                done[row] = true;
+            } else if stop(row, &out.tokens[row]) {
+                done[row] = true;
             }
         }
-        if out.stopped_on_eos.iter().all(|&s| s) || step + 1 == config.max_new_tokens {
+        if done.iter().all(|&s| s) || step + 1 == config.max_new_tokens {
             break;
         }
         logits = decoder.step(&next);

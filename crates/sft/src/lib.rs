@@ -55,8 +55,9 @@ pub fn sft_train() -> TrainConfig {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SftData {
-    /// Training chats: `.jsonl` or `.parquet` (`messages`, or `prompt`/`response`).
-    pub train: PathBuf,
+    /// Training chats: `.jsonl` or `.parquet` (`messages`, or `prompt`/`response`); one file or a
+    /// list of files, read in order and shuffled together.
+    pub train: TrainFiles,
     /// Held-out chats; those with an `expected` field also score the success rate.
     #[serde(default)]
     pub eval: Option<PathBuf>,
@@ -75,6 +76,28 @@ pub struct SftData {
     /// tokenizer_config.json beside data.tokenizer, for a model that brings its own).
     #[serde(default)]
     pub chat_template: ChatTemplateChoice,
+}
+
+/// `data.train`: one path or a list of paths.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum TrainFiles {
+    One(PathBuf),
+    Many(Vec<PathBuf>),
+}
+
+impl TrainFiles {
+    pub fn paths(&self) -> &[PathBuf] {
+        match self {
+            Self::One(p) => std::slice::from_ref(p),
+            Self::Many(v) => v,
+        }
+    }
+
+    /// The files, for messages: `a.jsonl` or `a.jsonl, b.jsonl`.
+    pub fn display(&self) -> String {
+        self.paths().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    }
 }
 
 fn paper_sft_epochs() -> u64 {
@@ -115,6 +138,9 @@ pub fn load_config(path: &Path) -> anyhow::Result<SftConfig> {
     }
     if cfg.data.epochs == 0 {
         bail!("{origin}: data.epochs must be > 0");
+    }
+    if cfg.data.train.paths().is_empty() {
+        bail!("{origin}: data.train is an empty list (give a chat file, or a list of them)");
     }
     Ok(cfg)
 }
@@ -329,7 +355,10 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if cfg.data.seq_len > model_config.max_seq_len {
         bail!("{}: data.seq_len ({}) exceeds the model's max_seq_len ({})", config_path.display(), cfg.data.seq_len, model_config.max_seq_len);
     }
-    let chats = load_training_conversations(&cfg.data.train)?;
+    let mut chats = vec![];
+    for path in cfg.data.train.paths() {
+        chats.extend(load_training_conversations(path)?);
+    }
     if chats.is_empty() {
         bail!("{}: no conversations", cfg.data.train.display());
     }
