@@ -170,7 +170,34 @@ enum Command {
         max_new_tokens: usize,
         #[command(flatten)]
         sampling: SamplingArgs,
+        #[command(flatten)]
+        tools: ToolArgs,
     },
+}
+
+/// Tool use in generation (`--tools`): a call the model writes, `<call>calculator(12 * 7)</call>`,
+/// is run and its result appended (`<result>84</result>`) before the model goes on.
+#[derive(clap::Args)]
+struct ToolArgs {
+    /// Run the calculator and search calls the model writes.
+    #[arg(long)]
+    tools: bool,
+    /// The search tool's corpus (JSONL of `key`, `value`; e.g. data/tools/search.jsonl).
+    #[arg(long, requires = "tools")]
+    search_corpus: Option<PathBuf>,
+    /// Calls per answer; a call past it ends the answer.
+    #[arg(long, default_value_t = llama_tools::DEFAULT_MAX_CALLS, requires = "tools")]
+    max_calls: usize,
+}
+
+impl ToolArgs {
+    fn toolbox(&self) -> Result<Option<llama_tools::Toolbox>> {
+        if !self.tools {
+            return Ok(None);
+        }
+        let search = self.search_corpus.as_deref().map(llama_tools::SearchCorpus::load).transpose().context("--search-corpus")?;
+        Ok(Some(llama_tools::Toolbox::new(search, self.max_calls)))
+    }
 }
 
 /// How `generate` and `chat` pick tokens, and where they run.
@@ -428,9 +455,25 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             }
             chat::chat(&model, config.max_seq_len, &tok, &chat::ChatOptions { system, sampling, show_prompt })
         }
-        Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling } => {
+        Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools } => {
             let device = device::parse(&sampling.device)?;
             let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
+            if let Some(toolbox) = tools.toolbox()? {
+                let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
+                let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
+                let (config, model) = checkpoint::load(&dir, &device)?;
+                let prompts: Vec<llama_tools::TextPrompt> = prompt.iter().map(|p| llama_tools::TextPrompt(p.clone())).collect();
+                let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling.clone() };
+                let answers = llama_tools::answer(&mut source, &tok, &prompts, Some(&toolbox), max_new_tokens, config.max_seq_len, sampling.seed)?;
+                for (p, a) in prompt.iter().zip(&answers) {
+                    // The answer with its leading space, as it follows the prompt.
+                    let head = tok.decode(&tok.encode(p, true, false)?)?;
+                    let whole = tok.decode(&a.sequence)?;
+                    println!("{p}{}", whole.strip_prefix(head.as_str()).map_or_else(|| format!(" {}", a.text), str::to_string));
+                    println!("--- {} tool call{}{}", a.calls, if a.calls == 1 { "" } else { "s" }, if a.call_limit_hit { " (limit reached)" } else { "" });
+                }
+                return Ok(());
+            }
             let tok = tokenizers::Tokenizer::from_file(&tokenizer_path)
                 .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
             let sampling = sampling.config(max_new_tokens, tok.token_to_id("</s>"))?;

@@ -69,7 +69,30 @@ impl Toolbox {
     }
 }
 
-/// What [`answer`] gives for one conversation.
+/// A prompt the runtime can go on from after a result.
+pub trait Resumable {
+    /// The ids of the prompt followed by `partial`, the answer so far (its leading space
+    /// included, as [`Tokenizer::decode_after`] gives it), encoded as training encodes it.
+    fn ids_with(&self, tokenizer: &Tokenizer, partial: &str) -> Result<Vec<u32>, ToolError>;
+}
+
+/// A chat: the answer to its last user turn, through the chat template.
+impl Resumable for Conversation {
+    fn ids_with(&self, tokenizer: &Tokenizer, partial: &str) -> Result<Vec<u32>, ToolError> {
+        Ok(self.prompt_ids_with_answer(tokenizer, partial)?)
+    }
+}
+
+/// Plain text to continue (`llama generate`): BOS, then the text and what follows it as one string.
+pub struct TextPrompt(pub String);
+
+impl Resumable for TextPrompt {
+    fn ids_with(&self, tokenizer: &Tokenizer, partial: &str) -> Result<Vec<u32>, ToolError> {
+        Ok(tokenizer.encode(&format!("{}{partial}", self.0), true, false)?)
+    }
+}
+
+/// What [`answer`] gives for one prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolAnswer {
     /// The answer's text, calls and results included (leading and trailing spaces trimmed);
@@ -114,21 +137,22 @@ impl Continue for ModelContinue<'_> {
     }
 }
 
-/// Answers the last user turn of each conversation, running the tools the answers call when
-/// `tools` is given (without: plain generation, the model writing any results itself).
+/// Answers each prompt (the last user turn of a chat, or text to continue), running the tools the
+/// answers call when `tools` is given (without: plain generation, the model writing any results
+/// itself).
 ///
 /// Each row's answer is generated in segments: a segment stops at a completed call, the tool's
 /// result is appended, and the prompt with the answer so far is encoded again as one string
-/// ([`Conversation::prompt_ids_with_answer`], the ids training saw) for the next segment. Rows
+/// ([`Resumable::ids_with`]: for a chat, the ids training saw) for the next segment. Rows
 /// are batched, and a row's tokens depend only on its own prompt, the seed and its index: row
 /// `r` samples segment `k` with `row_seed(seed, r)` mixed with `k`, so segment 0 is what
 /// [`llama_model::generate::generate`] gives, and a batch gives each row what it gets alone
 /// (greedy), as long as its context does not fill. `max_new_tokens` counts generated tokens over
 /// all segments; results do not count, but must fit `max_seq_len` with them.
-pub fn answer(
+pub fn answer<P: Resumable>(
     source: &mut dyn Continue,
     tokenizer: &Tokenizer,
-    conversations: &[Conversation],
+    prompts: &[P],
     tools: Option<&Toolbox>,
     max_new_tokens: usize,
     max_seq_len: usize,
@@ -140,10 +164,10 @@ pub fn answer(
         answer: ToolAnswer,
         done: bool,
     }
-    let mut rows = conversations
+    let mut rows = prompts
         .iter()
-        .map(|c| {
-            let ids = c.prompt_ids(tokenizer)?;
+        .map(|p| {
+            let ids = p.ids_with(tokenizer, "")?;
             Ok(Row { answer: ToolAnswer { text: String::new(), calls: 0, call_limit_hit: false, generated: 0, stopped_on_eos: false, sequence: ids.clone() }, ids, partial: String::new(), done: false })
         })
         .collect::<Result<Vec<_>, ToolError>>()?;
@@ -162,11 +186,11 @@ pub fn answer(
         if active.is_empty() {
             break;
         }
-        let prompts: Vec<Vec<u32>> = active.iter().map(|&r| rows[r].ids.clone()).collect();
+        let batch: Vec<Vec<u32>> = active.iter().map(|&r| rows[r].ids.clone()).collect();
         let seeds: Vec<u64> = active.iter().map(|&r| row_seed(seed, r as u64) ^ segment.wrapping_mul(0xD1B5_4A32_D192_ED03)).collect();
         // A row stops at the first complete call in what it generated in this segment.
         let mut stop = |_: usize, tokens: &[u32]| tools.is_some() && tokenizer.decode(tokens).is_ok_and(|t| find_call(&t, 0).is_some());
-        let outs = source.continue_rows(&prompts, &budgets, &seeds, &mut stop)?;
+        let outs = source.continue_rows(&batch, &budgets, &seeds, &mut stop)?;
         for (&r, (tokens, eos)) in active.iter().zip(outs) {
             let row = &mut rows[r];
             let text = tokenizer.decode_after(&row.ids, &tokens)?;
@@ -182,7 +206,7 @@ pub fn answer(
                     } else {
                         row.answer.calls += 1;
                         row.partial.push_str(&result_text(&toolbox.run(&call.text)));
-                        row.ids = conversations[r].prompt_ids_with_answer(tokenizer, &row.partial)?;
+                        row.ids = prompts[r].ids_with(tokenizer, &row.partial)?;
                         row.answer.sequence = row.ids.clone();
                     }
                 }
