@@ -143,7 +143,31 @@ pub struct EvalConfig {
     pub bootstrap_samples: usize,
     #[serde(default)]
     pub judge: Option<JudgeConfig>,
+    /// Prompt sets answered with the tools running (and again without, for the comparison).
+    #[serde(default)]
+    pub tools: Option<EvalTools>,
     pub out_dir: PathBuf,
+}
+
+/// `[tools]`: which prompt sets are answered with tool use, and the tools they get.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalTools {
+    /// Names of `[prompts]` sets. Each is answered twice, tools running and tools off; its
+    /// expected rate is read off the answer as a reader sees it (calls and results removed).
+    pub sets: Vec<String>,
+    /// The search tool's corpus (JSONL of `key`, `value`); without it, search calls get an error.
+    #[serde(default)]
+    pub search_corpus: Option<PathBuf>,
+    #[serde(default = "default_max_calls")]
+    pub max_calls: usize,
+    /// Tokens per answer in these sets (calls take some); default: `max_new_tokens`.
+    #[serde(default)]
+    pub max_new_tokens: Option<usize>,
+}
+
+fn default_max_calls() -> usize {
+    llama_tools::DEFAULT_MAX_CALLS
 }
 
 fn default_max_new_tokens() -> usize {
@@ -199,6 +223,42 @@ pub struct SetReport {
     pub judge_win_rate: Option<f64>,
     pub judge_agreement: Option<f64>,
     pub samples: Vec<(String, String)>,
+    /// The expected rate per prompt `group` (e.g. the temporal set's `known` and `cutoff`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expected_rate_by_group: BTreeMap<String, f64>,
+    /// For a `[tools]` set: the share of answers that ran at least one tool call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_rate: Option<f64>,
+    /// For a `[tools]` set: the same model answering with the tools off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub without_tools: Option<WithoutTools>,
+}
+
+/// A `[tools]` set answered with the tools off: the model's calls stay text and no result comes.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct WithoutTools {
+    pub expected_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub expected_rate_by_group: BTreeMap<String, f64>,
+    /// The share of answers that wrote a call.
+    pub tool_call_rate: f64,
+}
+
+/// The expected rate of `answers` per prompt group.
+fn expected_rate_by_group(prompts: &[Prompt], answers: &[String]) -> BTreeMap<String, f64> {
+    let mut groups: BTreeMap<String, Vec<(&Prompt, &String)>> = BTreeMap::new();
+    for (p, a) in prompts.iter().zip(answers) {
+        if let Some(g) = &p.group {
+            groups.entry(g.clone()).or_default().push((p, a));
+        }
+    }
+    groups
+        .into_iter()
+        .filter_map(|(g, pairs)| {
+            let (ps, answers): (Vec<&Prompt>, Vec<String>) = pairs.into_iter().map(|(p, a)| (p, a.clone())).unzip();
+            expected_rate(ps, &answers).map(|r| (g, r6(r)))
+        })
+        .collect()
 }
 
 /// The whole report: model -> set -> numbers.
@@ -265,6 +325,27 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
     if let Some(j) = &cfg.judge {
         check_template(&j.template).map_err(|e| anyhow::anyhow!("{origin}: judge.template: {e}"))?;
     }
+    let toolbox = match &cfg.tools {
+        Some(t) => {
+            for set in &t.sets {
+                if !cfg.prompts.contains_key(set) {
+                    let names: Vec<&str> = cfg.prompts.keys().map(String::as_str).collect();
+                    bail!("{origin}: tools.sets names `{set}`, which is not a prompt set (the [prompts] sets: {})", names.join(", "));
+                }
+            }
+            if t.max_calls == 0 {
+                bail!("{origin}: tools.max_calls must be >= 1");
+            }
+            if t.max_new_tokens == Some(0) {
+                bail!("{origin}: tools.max_new_tokens must be >= 1");
+            }
+            let search = t.search_corpus.as_deref().map(llama_tools::SearchCorpus::load).transpose().with_context(|| format!("{origin}: tools.search_corpus"))?;
+            Some(llama_tools::Toolbox::new(search, t.max_calls))
+        }
+        None => None,
+    };
+    let tool_sets: Vec<String> = cfg.tools.as_ref().map_or(vec![], |t| t.sets.clone());
+    let tool_tokens = cfg.tools.as_ref().and_then(|t| t.max_new_tokens).unwrap_or(cfg.max_new_tokens);
     let tokenizer = Tokenizer::from_file(&cfg.tokenizer)?.with_chat_template(cfg.chat_template).with_context(|| format!("{origin}: chat_template"))?;
     let device = Device::flex();
     let mut sets: BTreeMap<String, Vec<Prompt>> = BTreeMap::new();
@@ -286,7 +367,8 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
         }
         // Every prompt must fit this model with its answer (and the EOS after a cut one).
         for (set, prompts) in &sets {
-            check_prompt_lengths(prompts, &cfg.prompts[set], &tokenizer, cfg.max_new_tokens, c.max_seq_len)
+            let max_new = if tool_sets.contains(set) { tool_tokens } else { cfg.max_new_tokens };
+            check_prompt_lengths(prompts, &cfg.prompts[set], &tokenizer, max_new, c.max_seq_len)
                 .with_context(|| format!("{origin}: model `{}`", m.name))?;
         }
         policies.push((m.name.clone(), model));
@@ -299,9 +381,22 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
     // Answers and scores: model -> set -> (answers, combined logits, helpfulness, safety).
     type Scored = (Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>);
     let mut scored: BTreeMap<String, BTreeMap<String, Scored>> = BTreeMap::new();
+    // For [tools] sets: (answers as read, share that ran a call, without tools: (answers as read, share that wrote one)).
+    let mut tool_runs: BTreeMap<(String, String), (Vec<String>, f64, Vec<String>, f64)> = BTreeMap::new();
     for (name, model) in &policies {
         for (set, prompts) in &sets {
-            scored.entry(name.clone()).or_default().insert(set.clone(), answer_and_score(model, prompts, &tokenizer, &scorers, &cfg)?);
+            let result = match &toolbox {
+                Some(toolbox) if tool_sets.contains(set) => {
+                    let (with, scores) = answer_with_tools(model, prompts, &tokenizer, &scorers, &cfg, Some(toolbox), tool_tokens)?;
+                    let (without, _) = answer_with_tools(model, prompts, &tokenizer, &scorers, &cfg, None, tool_tokens)?;
+                    let share = |answers: &[String]| answers.iter().filter(|a| llama_data::tool_markup::has_call(a)).count() as f64 / answers.len().max(1) as f64;
+                    let read = |answers: &[String]| answers.iter().map(|a| llama_data::tool_markup::visible_text(a)).collect::<Vec<_>>();
+                    tool_runs.insert((name.clone(), set.clone()), (read(&with), r6(share(&with)), read(&without), r6(share(&without))));
+                    (with, scores.0, scores.1, scores.2)
+                }
+                _ => answer_and_score(model, prompts, &tokenizer, &scorers, &cfg)?,
+            };
+            scored.entry(name.clone()).or_default().insert(set.clone(), result);
         }
     }
     let mut report = Report { baseline: cfg.baseline.clone(), seed: cfg.seed, models: BTreeMap::new() };
@@ -312,13 +407,23 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
             // from run to run, and a report should not.
             let mean = |v: &[f64]| r6(v.iter().sum::<f64>() / v.len().max(1) as f64);
             let violations = s.iter().filter(|&&x| sigmoid(x) < cfg.safety_threshold).count();
+            let tools_run = tool_runs.get(&(name.clone(), set.clone()));
+            // A [tools] set's answers are checked as a reader sees them (calls and results removed).
+            let read = tools_run.map_or(answers, |t| &t.0);
             let mut r = SetReport {
                 prompts: n,
                 mean_combined: mean(comb),
                 mean_helpfulness: mean(h),
                 mean_safety: mean(s),
                 safety_violation_rate: violations as f64 / n.max(1) as f64,
-                expected_rate: expected_rate(&sets[set], answers).map(r6),
+                expected_rate: expected_rate(&sets[set], read).map(r6),
+                expected_rate_by_group: expected_rate_by_group(&sets[set], read),
+                tool_call_rate: tools_run.map(|t| t.1),
+                without_tools: tools_run.map(|t| WithoutTools {
+                    expected_rate: expected_rate(&sets[set], &t.2).map(r6),
+                    expected_rate_by_group: expected_rate_by_group(&sets[set], &t.2),
+                    tool_call_rate: t.3,
+                }),
                 win_rate: None,
                 tie_rate: None,
                 loss_rate: None,
@@ -411,6 +516,41 @@ fn answer_and_score(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, sc
     Ok((answers, comb, hs, ss))
 }
 
+/// Answers through the tool runtime (`toolbox` None: tools off), scored by the reward models on
+/// the sequences the model saw (results included). Returns the answers' text (calls and results
+/// in it) and (combined logits, helpfulness, safety).
+#[allow(clippy::type_complexity)]
+fn answer_with_tools(
+    model: &Llama,
+    prompts: &[Prompt],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    cfg: &EvalConfig,
+    toolbox: Option<&llama_tools::Toolbox>,
+    max_new_tokens: usize,
+) -> anyhow::Result<(Vec<String>, (Vec<f64>, Vec<f64>, Vec<f64>))> {
+    let model = model.valid();
+    let (mut answers, mut comb, mut hs, mut ss) = (vec![], vec![], vec![], vec![]);
+    for (g, group) in prompts.chunks(16).enumerate() {
+        let sampling = SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed: 0 };
+        let mut source = llama_tools::ModelContinue { model: &model, sampling };
+        let chats: Vec<Conversation> = group.iter().map(|p| p.conversation.clone()).collect();
+        let out = llama_tools::answer(&mut source, tokenizer, &chats, toolbox, max_new_tokens, model.max_seq_len(), cfg.seed.wrapping_add(g as u64))?;
+        let seqs: Vec<Vec<u32>> = out
+            .iter()
+            .map(|a| if a.stopped_on_eos { a.sequence.clone() } else { [a.sequence.as_slice(), &[tokenizer.eos_id()]].concat() })
+            .collect();
+        let group_refs: Vec<&Prompt> = group.iter().collect();
+        for (a, score) in out.iter().zip(scorers.score(&seqs, &group_refs)) {
+            comb.push(logit(score.combined));
+            hs.push(score.helpfulness);
+            ss.push(score.safety);
+            answers.push(a.text.clone());
+        }
+    }
+    Ok((answers, (comb, hs, ss)))
+}
+
 /// report.json, TensorBoard scalars (step 0) and chart.svg.
 pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
@@ -424,6 +564,15 @@ pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
             if let Some(e) = r.expected_rate {
                 tb.scalar(&format!("eval/{set}/{model}/expected_rate"), 0, e)?;
             }
+            for (group, e) in &r.expected_rate_by_group {
+                tb.scalar(&format!("eval/{set}/{model}/expected_rate/{group}"), 0, *e)?;
+            }
+            if let Some(t) = r.tool_call_rate {
+                tb.scalar(&format!("eval/{set}/{model}/tool_call_rate"), 0, t)?;
+            }
+            if let Some(e) = r.without_tools.as_ref().and_then(|w| w.expected_rate) {
+                tb.scalar(&format!("eval/{set}/{model}/expected_rate_without_tools"), 0, e)?;
+            }
             if let Some(w) = r.win_rate {
                 tb.scalar(&format!("eval/{set}/{model}/win_rate_vs_{}", report.baseline), 0, w)?;
             }
@@ -433,15 +582,18 @@ pub fn write_outputs(report: &Report, out: &Path) -> anyhow::Result<()> {
     chart(report, &out.join("chart.svg"))
 }
 
-/// Grouped bars: mean combined reward per model and set, and win rates against the baseline.
+/// Grouped bars: mean combined reward per model and set, win rates against the baseline, and the
+/// expected rate (the share of answers with the expected text), with the tools on and off.
 fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     use plotters::prelude::*;
     let models: Vec<&String> = report.models.keys().collect();
     let sets: Vec<&String> = report.models.values().next().map(|s| s.keys().collect()).unwrap_or_default();
-    let root = SVGBackend::new(path, (960, 420)).into_drawing_area();
+    let root = SVGBackend::new(path, (960, 840)).into_drawing_area();
     root.fill(&WHITE)?;
-    let (left, right) = root.split_horizontally(480);
-    let colors = [RGBColor(66, 133, 244), RGBColor(219, 68, 55), RGBColor(244, 160, 0), RGBColor(15, 157, 88)];
+    let (top, bottom) = root.split_vertically(420);
+    let (left, right) = top.split_horizontally(480);
+    let (low_left, low_right) = bottom.split_horizontally(480);
+    let colors = [RGBColor(66, 133, 244), RGBColor(219, 68, 55), RGBColor(244, 160, 0), RGBColor(15, 157, 88), RGBColor(171, 71, 188)];
     let draw = |area: &DrawingArea<SVGBackend, plotters::coord::Shift>, title: &str, value: &dyn Fn(&SetReport) -> Option<f64>| -> anyhow::Result<()> {
         let mut values = vec![];
         for (si, set) in sets.iter().enumerate() {
@@ -485,6 +637,8 @@ fn chart(report: &Report, path: &Path) -> anyhow::Result<()> {
     };
     draw(&left, "mean combined reward (logit)", &|r| Some(r.mean_combined))?;
     draw(&right, &format!("win rate vs {}", report.baseline), &|r| r.win_rate)?;
+    draw(&low_left, "expected rate (tools on in [tools] sets)", &|r| r.expected_rate)?;
+    draw(&low_right, "expected rate, tools off ([tools] sets)", &|r| r.without_tools.as_ref().and_then(|w| w.expected_rate))?;
     root.present()?;
     Ok(())
 }
