@@ -333,14 +333,11 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
                     bail!("{origin}: tools.sets names `{set}`, which is not a prompt set (the [prompts] sets: {})", names.join(", "));
                 }
             }
-            if t.max_calls == 0 {
-                bail!("{origin}: tools.max_calls must be >= 1");
-            }
             if t.max_new_tokens == Some(0) {
                 bail!("{origin}: tools.max_new_tokens must be >= 1");
             }
-            let search = t.search_corpus.as_deref().map(llama_tools::SearchCorpus::load).transpose().with_context(|| format!("{origin}: tools.search_corpus"))?;
-            Some(llama_tools::Toolbox::new(search, t.max_calls))
+            let tools = llama_tools::ToolsConfig { search_corpus: t.search_corpus.clone(), max_calls: t.max_calls };
+            Some(tools.toolbox("tools").map_err(|e| anyhow::anyhow!("{origin}: {e}"))?)
         }
         None => None,
     };

@@ -101,11 +101,16 @@ pub struct RsConfig {
     pub keep_best_round: bool,
     /// Seed of the K samples (0 reproduces earlier runs; vary it to repeat an experiment).
     pub seed: u64,
+    /// `[rejection_sampling.tools]`: sample with the tools running (a call the policy writes is
+    /// run and its result appended), so the pool keeps answers with their calls and results; the
+    /// results carry no loss when the round fine-tunes on them. The held-out evaluation answers
+    /// without tools.
+    pub tools: Option<llama_tools::ToolsConfig>,
 }
 
 impl Default for RsConfig {
     fn default() -> Self {
-        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false, seed: 0 }
+        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false, seed: 0, tools: None }
     }
 }
 
@@ -194,6 +199,10 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
     }
     if rs.rounds > 0 && (rs.batch_size == 0 || rs.seq_len == 0 || !(rs.lr > 0.0)) {
         bail!("{origin}: rejection_sampling.batch_size, seq_len and lr must be > 0");
+    }
+    if let Some(tools) = &rs.tools {
+        // The corpus is read here too, so a missing or malformed one stops the run before any work.
+        tools.toolbox("rejection_sampling.tools").map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     }
     let p = &cfg.ppo;
     if p.batch_size == 0 || p.minibatch_size == 0 || p.batch_size % p.minibatch_size != 0 {

@@ -22,6 +22,37 @@ pub(crate) fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Promp
     Ok((out.tokens, seqs, scores))
 }
 
+/// [`scored_answers`] with the tools running: each answer's calls are run and their results
+/// appended ([`llama_tools::answer`]); the answer tokens are those after the prompt in the
+/// sequence the policy saw last (results included), and that sequence is what is scored.
+pub(crate) fn scored_answers_with_tools(
+    policy: &Llama,
+    prompts: &[&Prompt],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    sampling: &SamplingConfig,
+    toolbox: &llama_tools::Toolbox,
+) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    let chats: Vec<llama_data::chat::Conversation> = prompts.iter().map(|p| p.conversation.clone()).collect();
+    let mut source = llama_tools::ModelContinue { model: policy, sampling: SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() } };
+    let answers = llama_tools::answer(&mut source, tokenizer, &chats, Some(toolbox), sampling.max_new_tokens, policy.max_seq_len(), sampling.seed)?;
+    let (mut tokens, mut seqs) = (vec![], vec![]);
+    for (chat, a) in chats.iter().zip(&answers) {
+        let head = chat.prompt_ids(tokenizer)?;
+        // The prompt's ids begin the sequence (it is encoded with the answer as one string, and
+        // the template's prompt ends where a word does); should a tokenizer merge across, the
+        // answer's text is encoded after the prompt instead.
+        let answer = match a.sequence.strip_prefix(head.as_slice()) {
+            Some(rest) => rest.to_vec(),
+            None => tokenizer.encode(&a.text, false, a.stopped_on_eos)?,
+        };
+        seqs.push(full_sequence(&head, &answer, tokenizer.eos_id()));
+        tokens.push(answer);
+    }
+    let scores = scorers.score(&seqs, prompts);
+    Ok((tokens, seqs, scores))
+}
+
 /// The policy's greedy answers, scored: what the held-out evaluation always includes, and the
 /// answer that competes with the K samples under `include_greedy`.
 pub(crate) fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {

@@ -83,6 +83,8 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         ppo("zero LR", "lr = 0.0", &["ppo.lr"]),
         ppo("unknown key", "kl_coef = 0.1", &["kl_coef"]),
         with("no samples per round", "", "[rejection_sampling]\nrounds = 1\nk = 0\n", &["rejection_sampling"]),
+        with("a search corpus that is not there", "", &format!("[rejection_sampling.tools]\nsearch_corpus = \"{}/nowhere.jsonl\"\n", dir.display()), &["rejection_sampling.tools.search_corpus", "nowhere.jsonl"]),
+        with("a cap of no tool calls", "", "[rejection_sampling.tools]\nmax_calls = 0\n", &["rejection_sampling.tools.max_calls"]),
         with("a zero evaluation temperature", "", "[eval]\ntemperature = 0.0\n", &["eval.temperature"]),
         with("half precision", "", "[run]\ndtype = \"bf16\"\n", &["run.dtype"]),
         // Models.

@@ -92,6 +92,35 @@ impl Resumable for TextPrompt {
     }
 }
 
+/// A stage's `tools` table: the search corpus and the cap on calls per answer.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolsConfig {
+    /// The search tool's corpus (JSONL of `key`, `value`); without it, search calls get an error.
+    #[serde(default)]
+    pub search_corpus: Option<std::path::PathBuf>,
+    #[serde(default = "default_max_calls")]
+    pub max_calls: usize,
+}
+
+fn default_max_calls() -> usize {
+    DEFAULT_MAX_CALLS
+}
+
+impl ToolsConfig {
+    /// The toolbox, its corpus loaded; `key` names the table in errors (e.g. `rejection_sampling.tools`).
+    pub fn toolbox(&self, key: &str) -> Result<Toolbox, ToolError> {
+        if self.max_calls == 0 {
+            return Err(ToolError(format!("{key}.max_calls must be >= 1")));
+        }
+        let search = match &self.search_corpus {
+            Some(path) => Some(SearchCorpus::load(path).map_err(|e| ToolError(format!("{key}.search_corpus: {e}")))?),
+            None => None,
+        };
+        Ok(Toolbox::new(search, self.max_calls))
+    }
+}
+
 /// What [`answer`] gives for one prompt.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolAnswer {
