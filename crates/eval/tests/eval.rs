@@ -95,6 +95,28 @@ fn the_report_is_reproducible_and_complete() {
     assert_eq!(swapped.models["a"], first.models["a"]);
 }
 
+/// A `[tools]` set is answered through the tool runtime, and again with the tools off: for models
+/// that write no call, both give plain generation's answers, so the scores equal a run without
+/// `[tools]`, no answer calls a tool, and the expected rates with and without tools agree.
+#[test]
+fn tool_sets_are_answered_with_and_without_tools() {
+    let tmp = tempfile::tempdir().unwrap();
+    let plain = llama_eval::compare(&setup(tmp.path(), 2048, "")).unwrap();
+    let corpus = repo().join("data/tools/search.jsonl");
+    let cfg = config(tmp.path(), "tools", &format!("[tools]\nsets = [\"helpfulness\"]\nsearch_corpus = \"{}\"", corpus.display()), &[]);
+    let tools = llama_eval::compare(&cfg).unwrap();
+    for model in ["a", "b"] {
+        let (p, t) = (&plain.models[model]["helpfulness"], &tools.models[model]["helpfulness"]);
+        assert_eq!((t.mean_combined, t.mean_helpfulness, t.mean_safety), (p.mean_combined, p.mean_helpfulness, p.mean_safety), "{model}");
+        assert_eq!(t.expected_rate, p.expected_rate, "{model}");
+        assert_eq!(t.tool_call_rate, Some(0.0));
+        let without = t.without_tools.as_ref().unwrap();
+        assert_eq!((without.expected_rate, without.tool_call_rate), (t.expected_rate, 0.0));
+        assert!(p.tool_call_rate.is_none() && p.without_tools.is_none());
+        assert_eq!(tools.models[model]["safety"], plain.models[model]["safety"], "a set outside [tools] is unchanged");
+    }
+}
+
 /// `eval compare` and `eval perplexity` on bad input, as a user runs them: each case is refused
 /// with a non-zero exit, no panic, a message naming the file and the key or line, and nothing in
 /// the fixture directory changed (`llama_testkit::Case::refused`).
@@ -144,6 +166,9 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         compare("an unknown baseline", "", &[("baseline = \"a\"", "baseline = \"z\"")], &["baseline", "z"]),
         compare("a missing model", "", &[(&format!("path = \"{}/b\"", dir.display()), "path = \"/nowhere/b\"")], &["/nowhere/b"]),
         compare("unknown key", "judges = 2", &[], &["judges"]),
+        compare("a tool set that is not a prompt set", "[tools]\nsets = [\"arithmetic\"]", &[], &["tools.sets", "arithmetic", "helpfulness, safety"]),
+        compare("a search corpus that is not there", "[tools]\nsets = [\"safety\"]\nsearch_corpus = \"/nowhere/search.jsonl\"", &[], &["tools.search_corpus", "/nowhere/search.jsonl"]),
+        compare("a cap of no tool calls", "[tools]\nsets = [\"safety\"]\nmax_calls = 0", &[], &["tools.max_calls"]),
         compare("the tokenizer's chat template, which it does not have", "chat_template = \"tokenizer\"", &[], &["chat_template", "tokenizer_config.json"]),
         llama_testkit::Case::new("a --model the config does not list", &["compare", "--config", &config(dir, "listed", "", &[]).display().to_string(), "--model", "z=/x"], &["--model z=", "listed.toml", "a, b"]),
         llama_testkit::Case::new("a --model without a name", &["compare", "--config", &config(dir, "noname", "", &[]).display().to_string(), "--model", "/x"], &["--model", "NAME=PATH"]),
