@@ -463,6 +463,12 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                 let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
                 let (config, model) = checkpoint::load(&dir, &device)?;
                 let prompts: Vec<llama_tools::TextPrompt> = prompt.iter().map(|p| llama_tools::TextPrompt(p.clone())).collect();
+                for (i, p) in prompt.iter().enumerate() {
+                    let n = tok.encode(p, true, false)?.len();
+                    if n + max_new_tokens > config.max_seq_len {
+                        bail!("--prompt {}: {n} tokens + --max-new-tokens {max_new_tokens} exceed the model's max_seq_len {}", i + 1, config.max_seq_len);
+                    }
+                }
                 let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling.clone() };
                 let answers = llama_tools::answer(&mut source, &tok, &prompts, Some(&toolbox), max_new_tokens, config.max_seq_len, sampling.seed)?;
                 for (p, a) in prompt.iter().zip(&answers) {

@@ -164,6 +164,9 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         generate("generate: a missing tokenizer", &["--tokenizer", &p("nothere.json")], &["nothere.json"]),
         generate("generate: top-p above 1", &["--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         generate("generate: negative temperature", &["--tokenizer", &tok, "--temperature=-1"], &["--temperature", "-1"]),
+        generate("generate: a search corpus that is not there", &["--tokenizer", &tok, "--tools", "--search-corpus", &p("nowhere.jsonl")], &["--search-corpus", "nowhere.jsonl"]),
+        generate("generate: a search corpus without --tools", &["--tokenizer", &tok, "--search-corpus", &p("nowhere.jsonl")], &["--tools"]),
+        Case::new("generate: --tools past the model's length", &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500", "--tools"], &["max_seq_len"]),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
         Case::new("chat: an answer as long as the model", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"], &["--max-new-tokens", "max_seq_len 32"]),
         Case::new("chat: a tokenizer larger than the model", &["chat", "--checkpoint", &small_dir, "--tokenizer", &tok, "--max-new-tokens", "8"], &["vocabulary"]),
@@ -346,6 +349,15 @@ fn generate_runs_on_a_checkpoint_with_the_shipped_tokenizer() {
     let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "The jury", "--prompt", "He said", "--max-new-tokens", "5", "--seed", "1"]);
     assert!(ok, "{err}");
     assert!(out.starts_with("The jury") && out.contains("\nHe said"), "{out}");
+    // With --tools, a model that writes no call continues each prompt exactly as without.
+    let args = ["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "The jury", "--prompt", "He said", "--max-new-tokens", "5", "--temperature", "0"];
+    let (ok, plain, err) = llama(&args);
+    assert!(ok, "{err}");
+    let (ok, tools, err) = llama(&[&args[..], &["--tools", "--search-corpus", "data/tools/search.jsonl"]].concat());
+    assert!(ok, "{err}");
+    let texts = |out: &str| out.lines().filter(|l| !l.starts_with("---")).map(String::from).collect::<Vec<_>>();
+    assert_eq!(texts(&tools), texts(&plain));
+    assert_eq!(tools.matches("--- 0 tool calls").count(), 2, "{tools}");
 }
 
 /// `llama bench` on a tiny model: every phase is timed and reported (terminal and JSON), the
