@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole tiny recipe, end to end, on the shipped data: prepare (inside pretrain), pretrain,
-# SFT, both reward models, rejection sampling, PPO, and the evaluation comparing SFT, RS and PPO.
+# SFT, both reward models, rejection sampling, PPO, and the evaluation comparing SFT, RS and PPO;
+# beside them, SFT with the dated and tool-use chats too (sft-skills), which the evaluation
+# compares with SFT on the temporal and tool sets, tools running and off.
 # One TensorBoard directory holds every stage:
 #   tensorboard --logdir runs/pipeline
 # OUT=dir changes where it writes (default runs/pipeline; it is replaced).
@@ -18,6 +20,8 @@ stage "pretrain"
 "$bin/pretrain" --config configs/tiny.toml --out "$OUT/pretrain"
 stage "sft"
 "$bin/sft" --config configs/sft-tiny.toml --init "$OUT/pretrain" --out "$OUT/sft"
+stage "sft-skills: SFT with the dated and tool-use chats"
+"$bin/sft" --config configs/sft-skills-tiny.toml --init "$OUT/pretrain" --out "$OUT/sft-skills"
 stage "reward: helpfulness"
 "$bin/reward" --config configs/reward-helpfulness-tiny.toml --init "$OUT/sft" --out "$OUT/reward-helpfulness"
 stage "reward: safety"
@@ -25,10 +29,11 @@ stage "reward: safety"
 stage "rlhf: rejection sampling, then PPO"
 "$bin/rlhf" --config configs/rlhf-tiny.toml --policy "$OUT/sft" \
     --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --out "$OUT/rlhf"
-stage "eval: SFT vs rejection sampling vs PPO"
+stage "eval: SFT vs rejection sampling vs PPO (and SFT with the skills)"
 "$bin/eval" compare --config configs/eval-tiny.toml --out "$OUT/eval" \
     --helpfulness-model "$OUT/reward-helpfulness" --safety-model "$OUT/reward-safety" --judge-model "$OUT/sft" \
-    --model sft="$OUT/sft" --model rs="$OUT/rlhf/rejection-sampling/round-2" --model ppo="$OUT/rlhf/ppo/best"
+    --model sft="$OUT/sft" --model rs="$OUT/rlhf/rejection-sampling/round-2" --model ppo="$OUT/rlhf/ppo/best" \
+    --model sft-skills="$OUT/sft-skills"
 echo "report: $OUT/eval/report.json, chart: $OUT/eval/chart.svg"
 stage "done"
 echo "TensorBoard: tensorboard --logdir $OUT"

@@ -2,7 +2,8 @@
 //! rendering (`llama_data::chat`) that `sft` trains on. Each user line becomes a turn, the whole
 //! conversation is rendered again and the answer is streamed as it is generated. Old exchanges
 //! are dropped, with a notice, when the conversation and the answer would not fit the model's
-//! context. Reads stdin, so a script can pipe a conversation in.
+//! context. Reads stdin, so a script can pipe a conversation in. With `--tools` the calls the
+//! model writes are run (`llama_tools`) and the answer is printed when it is done.
 
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -21,6 +22,9 @@ pub struct ChatOptions {
     pub sampling: SamplingConfig,
     /// Print each rendered prompt to stderr (what the model is given).
     pub show_prompt: bool,
+    /// Run the tool calls the model writes (`--tools`); the answer is then printed whole, with
+    /// its calls and results, once it is done.
+    pub tools: Option<llama_tools::Toolbox>,
 }
 
 /// Runs the conversation on stdin until it ends or `/quit`.
@@ -75,6 +79,16 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         }
         // Each turn its own seed, so a turn replays as `llama generate` with the same seed would.
         let sampling = SamplingConfig { seed: options.sampling.seed.wrapping_add(turn), ..options.sampling.clone() };
+        if let Some(toolbox) = &options.tools {
+            // Row 0's seed in the runtime is the seed itself, as in the streamed path.
+            let mut source = llama_tools::ModelContinue { model, sampling: sampling.clone() };
+            let chat = [Conversation { messages: messages.clone() }];
+            let reply = llama_tools::answer(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed)?.remove(0);
+            println!("{}", reply.text);
+            messages.push(Message::new(Role::Assistant, reply.text));
+            turn += 1;
+            continue;
+        }
         let mut answer: Vec<u32> = vec![];
         let mut printed = String::new();
         generate_streaming(model, &[prompt], &sampling, |_, token| {

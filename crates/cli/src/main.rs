@@ -154,6 +154,8 @@ enum Command {
         /// Print each rendered prompt (what the model is given) to stderr.
         #[arg(long)]
         show_prompt: bool,
+        #[command(flatten)]
+        tools: ToolArgs,
     },
     /// Generate text from one or more prompts with a KV cache, batched.
     Generate {
@@ -436,7 +438,8 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             // The switch is per thread; every op of the benchmark runs on this one.
             if unfused { llama_model::without_fused_kernels(run) } else { run() }
         }
-        Command::Chat { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt } => {
+        Command::Chat { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt, tools } => {
+            let toolbox = tools.toolbox()?;
             let device = device::parse(&sampling.device)?;
             let template = match chat_template.as_str() {
                 "llama2" => llama_data::chat::ChatTemplateChoice::Llama2,
@@ -453,7 +456,7 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             if max_new_tokens == 0 || max_new_tokens >= config.max_seq_len {
                 bail!("--max-new-tokens {max_new_tokens}: must be above 0 and leave room for a prompt in the model's max_seq_len {}", config.max_seq_len);
             }
-            chat::chat(&model, config.max_seq_len, &tok, &chat::ChatOptions { system, sampling, show_prompt })
+            chat::chat(&model, config.max_seq_len, &tok, &chat::ChatOptions { system, sampling, show_prompt, tools: toolbox })
         }
         Command::Generate { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools } => {
             let device = device::parse(&sampling.device)?;

@@ -289,9 +289,9 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     let config = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(96);
     llama_model::checkpoint::save_native(&config.init(&burn::tensor::Device::flex()), &config, tmp.path()).unwrap();
     let dir = tmp.path().to_str().unwrap();
-    let chat = |input: &str| {
+    let chat_with = |input: &str, extra: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
-            .args(["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"])
+            .args([&["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"][..], extra].concat())
             .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../.."))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -303,6 +303,7 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
+    let chat = |input: &str| chat_with(input, &[]);
     // What `llama generate` answers to a rendered prompt with a seed (its output is prompt + text).
     let generate = |prompt: &str, seed: &str| {
         let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", prompt, "--max-new-tokens", "6", "--seed", seed]);
@@ -328,6 +329,11 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     let tokens = llama_model::generate::generate(&model, &[conversation.prompt_ids(&tok).unwrap()], &sampling).unwrap().tokens.remove(0);
     let second = tok.decode(&tokens).unwrap();
     assert_eq!(out, format!("{first}\n{second}\n"), "two answers as generated, and nothing after /quit");
+    // With --tools (a model that writes no call) each turn gets the same answer, printed whole.
+    let (tools_out, tools_err) = chat_with("Hi there\nWhat did I say?\n/quit\n", &["--tools", "--search-corpus", "data/tools/search.jsonl"]);
+    let trimmed = |s: &str| s.lines().map(|l| l.trim().to_string()).collect::<Vec<_>>();
+    assert_eq!(trimmed(&tools_out), trimmed(&out));
+    assert!(tools_err.contains(&format!("prompt: <s>{second_prompt}\n")), "{tools_err}");
     // After /reset the same message renders alone again.
     let (_, err) = chat("Hi there\n/reset\nHi there\n");
     assert_eq!(err.matches("prompt: <s>[INST] Hi there [/INST]\n").count(), 2, "{err}");
