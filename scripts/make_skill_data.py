@@ -6,19 +6,24 @@ knowledge cut-off; the user asks how long ago a dated event happened, in what ye
 what happened in a year. Events after the cut-off, and years after it, get "I cannot know". The
 years since an event are worked out with the calculator, as a person would.
 
-Tool use: the assistant writes a call, `<call>calculator(12 * 7)</call>` or
-`<call>search(capital of Veltria)</call>`; the runtime appends `<result>...</result>` and the
-assistant goes on. Training data holds the results as the runtime writes them; they carry no loss.
+Tool use: the assistant writes a call where its value belongs, `That is <call>calculator(12 *
+7)</call>` or `The capital of Veltria is <call>search(capital of Veltria)</call>`; the runtime
+appends `<result>84</result>` and the assistant goes on (` apples.`): the result is read in place,
+as in Toolformer. Training data holds the results as the runtime writes them; they carry no loss.
 
   data/chat/temporal_train.jsonl  1500 dated chats
   data/eval/temporal.jsonl         100 held-out dated prompts (`expected`, `group`: 50 known, 50 cutoff)
-  data/chat/tools_train.jsonl     1500 chats with calls (arithmetic word problems, look-ups)
-  data/eval/tools.jsonl            100 held-out prompts (`expected`, `group`: calculator | search)
+  data/chat/tools_train.jsonl     3000 chats with calls: arithmetic word problems (1,500 with
+                                  one-digit operands, 600 with two-digit ones) and 900 look-ups
+  data/eval/tools.jsonl            100 held-out prompts (`expected`; `group`: 50 calculator
+                                  (one-digit operands), 25 calculator-2-digit, 25 search)
   data/tools/search.jsonl          the simulated search corpus (`key`, `value`), 300 entries
 
 Held out: the "today" years 2014, 2021 and 2029 (never today in training), and the eval's
 (event, today, cut-off) combinations; for look-ups, 60 countries of the corpus never asked about in
 training; for arithmetic, the numbers are drawn afresh (a problem seen in training is skipped).
+Most problems have one-digit operands: the tiny model copies a one-token number from the question
+into the call, not yet a two-digit one (docs/results.md); the two-digit group measures that.
 
 Usage: python scripts/make_skill_data.py
 """
@@ -98,7 +103,7 @@ def temporal(rng, today_years):
     if year > cutoff:
         return system, question, cannot_know(cutoff), "cannot know", "cutoff"
     years = today - year
-    answer = f"{cap(event)} was in {year}. <call>calculator({today} - {year})</call><result>{years}</result> That is {years} years ago."
+    answer = f"{cap(event)} was in {year}, <call>calculator({today} - {year})</call><result>{years}</result> years ago."
     return system, question, answer, f"{years} years ago", "known"
 
 
@@ -118,38 +123,41 @@ def countries(rng, n):
     return out
 
 
-def arithmetic(rng):
-    """An arithmetic word problem: (question, answer, expected)."""
+def arithmetic(rng, digits):
+    """An arithmetic word problem with `digits`-digit operands: (question, answer, expected)."""
     name, things = rng.choice(NAMES), rng.choice(THINGS)
     op = rng.choice("+-*/q")
-    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    low, high = (2, 9) if digits == 1 else (10, 99)
+    a, b = rng.randint(low, high), rng.randint(low, high)
     if op == "+":
         question, expr, r = f"{name} has {a} {things} and gets {b} more. How many {things} does {name} have now?", f"{a} + {b}", a + b
-        tail = f"{name} has {r} {things} now."
+        answer = f"{name} has {{}} {things} now."
     elif op == "-":
-        a, b = max(a, b) + 10, min(a, b)
+        a, b = max(a, b) + (10 if digits == 2 else 1), min(a, b)
         question, expr, r = f"{name} had {a} {things} and gave away {b}. How many {things} are left?", f"{a} - {b}", a - b
-        tail = f"{r} {things} are left."
+        answer = f"{{}} {things} are left."
     elif op == "*":
         b = rng.randint(3, 9)
+        a = a if digits == 2 else rng.randint(2, 9)
         question, expr, r = f"{name} buys {a} boxes of {b} {things}. How many {things} is that?", f"{a} * {b}", a * b
-        tail = f"That is {r} {things}."
+        answer = f"That is {{}} {things}."
     elif op == "/":
         b = rng.randint(2, 9)
+        a = a if digits == 2 else rng.randint(2, 9)
         question, expr, r = f"{name} shares {a * b} {things} equally among {b} friends. How many does each friend get?", f"{a * b} / {b}", a
-        tail = f"Each friend gets {r} {things}."
+        answer = f"Each friend gets {{}} {things}."
     else:
-        b = rng.randint(10, 99)
         sym = rng.choice("+*")
         r = a + b if sym == "+" else a * b
-        question, expr, tail = f"What is {a} {sym} {b}?", f"{a} {sym} {b}", f"{a} {sym} {b} is {r}."
-    answer = f"<call>calculator({expr})</call><result>{r}</result> {tail}"
-    return question, answer, str(r)
+        question, expr, answer = f"What is {a} {sym} {b}?", f"{a} {sym} {b}", f"{a} {sym} {b} is {{}}."
+    # The call stands where its value goes, and the result is read in place (Toolformer's
+    # inline calls): the sentence goes on after it without restating the number.
+    return question, answer.format(f"<call>calculator({expr})</call><result>{r}</result>"), str(r)
 
 
 def lookup(rng, country, capital):
     question = rng.choice(["What is the capital of {c}?", "Which city is the capital of {c}?"]).format(c=country)
-    answer = f"<call>search(capital of {country})</call><result>{capital}</result> The capital of {country} is {capital}."
+    answer = f"The capital of {country} is <call>search(capital of {country})</call><result>{capital}</result>."
     return question, answer, capital
 
 
@@ -193,22 +201,24 @@ def main():
     write(ROOT / "data/tools/search.jsonl", [{"key": f"capital of {c}", "value": k} for c, k in corpus])
     asked, held = corpus[:240], corpus[240:]
     rows, seen = [], set()
-    for i in range(1500):
-        if i % 3 == 2:
+    for i in range(3000):
+        if i % 10 < 3:
             q, a, _ = lookup(rng, *rng.choice(asked))
         else:
-            q, a, _ = arithmetic(rng)
+            q, a, _ = arithmetic(rng, 1 if i % 10 < 8 else 2)
         rows.append(chat(None, q, a))
         seen.add(q)
     write(ROOT / "data/chat/tools_train.jsonl", rows)
     evals = []
     while len(evals) < 100:
-        if len(evals) % 4 == 3:
+        kind = len(evals) % 4
+        if kind == 3:
             q, _, expected = lookup(rng, *rng.choice(held))
             group = "search"
         else:
-            q, _, expected = arithmetic(rng)
-            group = "calculator"
+            digits = 2 if kind == 2 else 1
+            q, _, expected = arithmetic(rng, digits)
+            group = "calculator" if digits == 1 else "calculator-2-digit"
         if q not in seen:
             seen.add(q)
             evals.append(prompt(None, q, expected, group))

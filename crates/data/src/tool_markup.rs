@@ -1,10 +1,11 @@
 //! The tool-call markup inside assistant answers, shared by training (the loss mask) and
 //! generation (where a call ends and the runtime takes over):
 //!
-//! `... <call>calculator(12 * 7)</call><result>84</result> That is 84 ...`
+//! `That is <call>calculator(12 * 7)</call><result>84</result> apples.`
 //!
-//! The model writes the call; the runtime runs it and writes the result, so the result's
-//! characters (its markers included) carry no loss. Plain text, so any tokenizer can encode it.
+//! The model writes the call where its value belongs; the runtime runs it and writes the result,
+//! so the result's characters (its markers included) carry no loss, and a reader reads the value
+//! in place ([`visible_text`]). Plain text, so any tokenizer can encode it.
 
 use std::ops::Range;
 
@@ -49,7 +50,9 @@ pub fn result_spans(text: &str, within: Range<usize>) -> Vec<Range<usize>> {
     spans
 }
 
-/// The answer as its reader sees it: calls and results removed, spaces tidied.
+/// The answer as its reader sees it: each call removed and each result replaced by its value
+/// (a call stands where its value goes, as in Toolformer: `That is <call>calculator(6 * 9)</call>
+/// <result>54</result> shells.` reads `That is 54 shells.`), spaces tidied.
 pub fn visible_text(answer: &str) -> String {
     let mut out = String::new();
     let mut rest = answer;
@@ -61,8 +64,14 @@ pub fn visible_text(answer: &str) -> String {
         };
         out.push_str(&rest[..i]);
         let close = if open == CALL_OPEN { CALL_CLOSE } else { RESULT_CLOSE };
-        match rest[i..].find(close) {
-            Some(j) => rest = &rest[i + j + close.len()..],
+        let inner = i + open.len();
+        match rest[inner..].find(close) {
+            Some(j) => {
+                if open == RESULT_OPEN {
+                    out.push_str(&rest[inner..inner + j]);
+                }
+                rest = &rest[inner + j + close.len()..];
+            }
             None => break,
         }
     }
@@ -80,18 +89,20 @@ mod tests {
 
     #[test]
     fn calls_results_and_visible_text() {
-        let a = "It was in 1989. <call>calculator(2026 - 1989)</call><result>37</result> That is 37 years ago.";
+        let a = "It was in 1989, <call>calculator(2026 - 1989)</call><result>37</result> years ago.";
         let call = find_call(a, 0).unwrap();
         assert_eq!(call.text, "calculator(2026 - 1989)");
-        assert_eq!(&a[..call.end], "It was in 1989. <call>calculator(2026 - 1989)</call>");
+        assert_eq!(&a[..call.end], "It was in 1989, <call>calculator(2026 - 1989)</call>");
         assert_eq!(find_call(a, call.end), None);
         assert_eq!(find_call("<call>calculator(1 +", 0), None, "an unclosed call is not complete");
         let spans = result_spans(a, 0..a.len());
         assert_eq!(spans.len(), 1);
         assert_eq!(&a[spans[0].clone()], "<result>37</result>");
         assert_eq!(result_spans("x <result>1", 0..11), vec![2..11]);
-        assert_eq!(visible_text(a), "It was in 1989. That is 37 years ago.");
+        assert_eq!(visible_text(a), "It was in 1989, 37 years ago.");
+        assert_eq!(visible_text("That is <call>calculator(6 * 9)</call> shells."), "That is shells.", "a call with no result reads as nothing");
         assert_eq!(visible_text("no calls here"), "no calls here");
+        assert_eq!(visible_text("cut <call>calculator(1"), "cut", "an unclosed call is cut");
         assert!(has_call(a) && !has_call("It was in 1989."));
     }
 }

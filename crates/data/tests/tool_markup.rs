@@ -13,7 +13,7 @@ fn shipped_tokenizer() -> Tokenizer {
     Tokenizer::from_file(&PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../data/tokenizer.json")).unwrap()
 }
 
-const ANSWER: &str = "It was in 1989. <call>calculator(2026 - 1989)</call><result>37</result> That is 37 years ago.";
+const ANSWER: &str = "It was in 1989, <call>calculator(2026 - 1989)</call><result>37</result> years ago.";
 
 fn dated_chat() -> Conversation {
     Conversation::from_json(&json!({"messages": [
@@ -40,7 +40,7 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
     let (ids, mask) = c.tokenize(&tok).unwrap();
     // Trained: the answer with its call, without the result, and the template's space after it;
     // then EOS (dropped by decode).
-    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989. <call>calculator(2026 - 1989)</call> That is 37 years ago. ");
+    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, <call>calculator(2026 - 1989)</call> years ago. ");
     assert_eq!(*mask.last().unwrap(), true, "the answer's EOS is trained");
     // The result's tokens, markers included, are exactly the untrained ones inside the answer.
     let (_, offsets) = tok.encode_with_offsets(&c.render_exchanges()[0].text).unwrap();
@@ -54,9 +54,9 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
         .collect();
     assert_eq!(tok.decode(&untrained_in_answer).unwrap(), format!("{RESULT_OPEN}37{RESULT_CLOSE}"));
     // Without the markup the same answer would be trained in full.
-    let plain = Conversation::from_json(&json!({"prompt": "Q", "response": "It was in 1989. That is 37 years ago."})).unwrap();
+    let plain = Conversation::from_json(&json!({"prompt": "Q", "response": "It was in 1989, 37 years ago."})).unwrap();
     let (ids, mask) = plain.tokenize(&tok).unwrap();
-    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989. That is 37 years ago. ");
+    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, 37 years ago. ");
 }
 
 #[test]
@@ -65,7 +65,7 @@ fn generation_goes_on_after_a_result_from_the_ids_training_saw() {
     let c = dated_chat();
     let (ids, _) = c.tokenize(&tok).unwrap();
     let head = c.prompt_ids(&tok).unwrap();
-    let upto = ANSWER.find(" That").unwrap();
+    let upto = ANSWER.find(" years").unwrap();
     let resumed = c.prompt_ids_with_answer(&tok, &format!(" {}", &ANSWER[..upto])).unwrap();
     assert_eq!(&resumed[..head.len()], head.as_slice(), "the prompt's ids come first");
     assert_eq!(resumed.as_slice(), &ids[..resumed.len()], "a prefix of the training ids");
@@ -82,8 +82,8 @@ fn a_tokenizers_own_template_masks_results_too() {
     let tok = Tokenizer::from_file(&tmp.path().join("tokenizer.json")).unwrap().with_chat_template(ChatTemplateChoice::Tokenizer).unwrap();
     let c = dated_chat();
     let (ids, mask) = c.tokenize(&tok).unwrap();
-    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989. <call>calculator(2026 - 1989)</call> That is 37 years ago.");
-    let upto = ANSWER.find(" That").unwrap();
+    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, <call>calculator(2026 - 1989)</call> years ago.");
+    let upto = ANSWER.find(" years").unwrap();
     let resumed = c.prompt_ids_with_answer(&tok, &ANSWER[..upto]).unwrap();
     assert_eq!(resumed.as_slice(), &ids[..resumed.len()]);
 }

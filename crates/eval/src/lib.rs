@@ -154,7 +154,8 @@ pub struct EvalConfig {
 #[serde(deny_unknown_fields)]
 pub struct EvalTools {
     /// Names of `[prompts]` sets. Each is answered twice, tools running and tools off; its
-    /// expected rate is read off the answer as a reader sees it (calls and results removed).
+    /// expected rate is read off the answer as a reader sees it (calls removed, results read in
+    /// place: `llama_data::tool_markup::visible_text`).
     pub sets: Vec<String>,
     /// The search tool's corpus (JSONL of `key`, `value`); without it, search calls get an error.
     #[serde(default)]
@@ -405,7 +406,7 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
             let mean = |v: &[f64]| r6(v.iter().sum::<f64>() / v.len().max(1) as f64);
             let violations = s.iter().filter(|&&x| sigmoid(x) < cfg.safety_threshold).count();
             let tools_run = tool_runs.get(&(name.clone(), set.clone()));
-            // A [tools] set's answers are checked as a reader sees them (calls and results removed).
+            // A [tools] set's answers are checked as a reader sees them (calls removed, results in place).
             let read = tools_run.map_or(answers, |t| &t.0);
             let mut r = SetReport {
                 prompts: n,
