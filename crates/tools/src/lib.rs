@@ -204,7 +204,7 @@ pub fn answer<P: Resumable>(
         let (mut active, mut budgets) = (vec![], vec![]);
         for (r, row) in rows.iter_mut().enumerate().filter(|(_, row)| !row.done) {
             // What is left of the answer's tokens, and of the context.
-            let budget = (max_new_tokens - row.answer.generated).min(max_seq_len.saturating_sub(row.ids.len()));
+            let budget = max_new_tokens.saturating_sub(row.answer.generated).min(max_seq_len.saturating_sub(row.ids.len()));
             if budget == 0 {
                 row.done = true;
             } else {
