@@ -60,7 +60,16 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
 
     let train = |name: &str, file: &str, needles: &[&str]| Case::new(name, &["--config", &config(dir, name, file, "policy", "")], needles);
     let at = |file: &str, line: usize| format!("{}:{line}", dir.join(file).display());
+    // `data.train` as a list of files.
+    let listed = |name: &str, list: &str, needles: &[&str]| {
+        let path = config(dir, name, "unused.jsonl", "policy", "");
+        let text = std::fs::read_to_string(&path).unwrap().replace(&format!("train = \"{}/unused.jsonl\"", dir.display()), &format!("train = {list}"));
+        std::fs::write(&path, text).unwrap();
+        Case::new(name, &["--config", &path], needles)
+    };
     let cases = vec![
+        listed("an empty list of chat files", "[]", &["data.train", "empty list"]),
+        listed("a list naming a missing file", &format!("[\"{}\", \"{}/gone.jsonl\"]", repo().join("data/chat/train.jsonl").display(), dir.display()), &["gone.jsonl"]),
         // Chat files: the file and line of the bad conversation.
         train("a chat with only a user turn", "useronly.jsonl", &[&at("useronly.jsonl", 2), "no assistant answer"]),
         train("a chat whose answers are all untrained", "untrained.jsonl", &[&at("untrained.jsonl", 1), "no assistant answer"]),
