@@ -296,14 +296,7 @@ impl Conversation {
     /// The prompt to generate an answer for the last user turn: every exchange rendered, the
     /// last without its answer (with the tokenizer's template: its generation prompt).
     pub fn prompt_ids(&self, tokenizer: &Tokenizer) -> Result<Vec<u32>, DataError> {
-        let mut c = self.clone();
-        if c.messages.last().is_some_and(|m| m.role == Role::Assistant) {
-            c.messages.pop();
-        }
-        if let Some(template) = tokenizer.chat_template() {
-            return Ok(tokenizer.encode_with_offsets(&template.render(&c.messages, tokenizer, true)?)?.0);
-        }
-        Ok(c.tokenize(tokenizer)?.0)
+        self.prompt_ids_with_answer(tokenizer, "")
     }
 
     /// [`Conversation::prompt_ids`] with the answer begun: `partial` is the text that follows

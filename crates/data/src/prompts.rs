@@ -53,16 +53,13 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
         };
         let conversation = Conversation { messages };
         conversation.validate().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
-        let expected = match v.get("expected") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(e)) if !e.is_empty() => Some(e.clone()),
-            Some(other) => bail!("{at}: `expected` must be a non-empty string (got {other})"),
+        // Optional fields: absent, null, or a non-empty string.
+        let optional = |key: &str| match v.get(key) {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::String(e)) if !e.is_empty() => Ok(Some(e.clone())),
+            Some(other) => Err(anyhow::anyhow!("{at}: `{key}` must be a non-empty string (got {other})")),
         };
-        let group = match v.get("group") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(serde_json::Value::String(g)) if !g.is_empty() => Some(g.clone()),
-            Some(other) => bail!("{at}: `group` must be a non-empty string (got {other})"),
-        };
+        let (expected, group) = (optional("expected")?, optional("group")?);
         out.push(Prompt { conversation, is_safety: v.get("is_safety").and_then(|b| b.as_bool()).unwrap_or(false), expected, group, line: n });
     }
     if out.is_empty() {

@@ -160,15 +160,11 @@ pub struct EvalTools {
     /// The search tool's corpus (JSONL of `key`, `value`); without it, search calls get an error.
     #[serde(default)]
     pub search_corpus: Option<PathBuf>,
-    #[serde(default = "default_max_calls")]
+    #[serde(default = "llama_tools::default_max_calls")]
     pub max_calls: usize,
     /// Tokens per answer in these sets (calls take some); default: `max_new_tokens`.
     #[serde(default)]
     pub max_new_tokens: Option<usize>,
-}
-
-fn default_max_calls() -> usize {
-    llama_tools::DEFAULT_MAX_CALLS
 }
 
 fn default_max_new_tokens() -> usize {
@@ -385,12 +381,16 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
         for (set, prompts) in &sets {
             let result = match &toolbox {
                 Some(toolbox) if tool_sets.contains(set) => {
-                    let (with, scores) = answer_with_tools(model, prompts, &tokenizer, &scorers, &cfg, Some(toolbox), tool_tokens)?;
-                    let (without, _) = answer_with_tools(model, prompts, &tokenizer, &scorers, &cfg, None, tool_tokens)?;
+                    let with = tool_answers(model, prompts, &tokenizer, &cfg, Some(toolbox), tool_tokens)?;
+                    let without: Vec<String> = tool_answers(model, prompts, &tokenizer, &cfg, None, tool_tokens)?.into_iter().map(|a| a.text).collect();
+                    // Scored on the sequences the model saw (results included), EOS closing each.
+                    let seqs: Vec<Vec<u32>> = with.iter().map(|a| full_sequence(&[], &a.sequence, tokenizer.eos_id())).collect();
+                    let (comb, hs, ss) = score_sequences(&scorers, prompts, &seqs);
+                    let with: Vec<String> = with.into_iter().map(|a| a.text).collect();
                     let share = |answers: &[String]| answers.iter().filter(|a| llama_data::tool_markup::has_call(a)).count() as f64 / answers.len().max(1) as f64;
                     let read = |answers: &[String]| answers.iter().map(|a| llama_data::tool_markup::visible_text(a)).collect::<Vec<_>>();
                     tool_runs.insert((name.clone(), set.clone()), (read(&with), r6(share(&with)), read(&without), r6(share(&without))));
-                    (with, scores.0, scores.1, scores.2)
+                    (with, comb, hs, ss)
                 }
                 _ => answer_and_score(model, prompts, &tokenizer, &scorers, &cfg)?,
             };
@@ -488,65 +488,57 @@ fn r6(x: f64) -> f64 {
     (x * 1e6).round() / 1e6
 }
 
+/// Greedy (or `cfg.temperature`) answers generated in groups of 16 prompts, scored by the reward
+/// models: (answers, combined logits, helpfulness, safety).
 fn answer_and_score(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &EvalConfig) -> anyhow::Result<(Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>)> {
     let model = model.valid();
-    let (mut answers, mut comb, mut hs, mut ss) = (vec![], vec![], vec![], vec![]);
-    for (g, group) in prompts.chunks(16).enumerate() {
+    let (mut answers, mut seqs) = (vec![], vec![]);
+    for (g, group) in prompts.chunks(GROUP).enumerate() {
         let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-        let sampling = SamplingConfig {
-            temperature: cfg.temperature,
-            top_k: None,
-            top_p: None,
-            max_new_tokens: cfg.max_new_tokens,
-            eos_id: Some(tokenizer.eos_id()),
-            seed: cfg.seed.wrapping_add(g as u64),
-        };
-        let out = generate(&model, &ids, &sampling)?;
-        let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-        let group_refs: Vec<&Prompt> = group.iter().collect();
-        for (i, score) in scorers.score(&seqs, &group_refs).into_iter().enumerate() {
-            comb.push(logit(score.combined));
-            hs.push(score.helpfulness);
-            ss.push(score.safety);
-            answers.push(tokenizer.decode(&out.tokens[i])?);
+        let out = generate(&model, &ids, &sampling(cfg, tokenizer, cfg.max_new_tokens, cfg.seed.wrapping_add(g as u64)))?;
+        for (p, r) in ids.iter().zip(&out.tokens) {
+            seqs.push(full_sequence(p, r, tokenizer.eos_id()));
+            answers.push(tokenizer.decode(r)?);
         }
     }
+    let (comb, hs, ss) = score_sequences(scorers, prompts, &seqs);
     Ok((answers, comb, hs, ss))
 }
 
-/// Answers through the tool runtime (`toolbox` None: tools off), scored by the reward models on
-/// the sequences the model saw (results included). Returns the answers' text (calls and results
-/// in it) and (combined logits, helpfulness, safety).
-#[allow(clippy::type_complexity)]
-fn answer_with_tools(
-    model: &Llama,
-    prompts: &[Prompt],
-    tokenizer: &Tokenizer,
-    scorers: &Scorers,
-    cfg: &EvalConfig,
-    toolbox: Option<&llama_tools::Toolbox>,
-    max_new_tokens: usize,
-) -> anyhow::Result<(Vec<String>, (Vec<f64>, Vec<f64>, Vec<f64>))> {
-    let model = model.valid();
-    let (mut answers, mut comb, mut hs, mut ss) = (vec![], vec![], vec![], vec![]);
-    for (g, group) in prompts.chunks(16).enumerate() {
-        let sampling = SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed: 0 };
-        let mut source = llama_tools::ModelContinue { model: &model, sampling };
-        let chats: Vec<Conversation> = group.iter().map(|p| p.conversation.clone()).collect();
-        let out = llama_tools::answer(&mut source, tokenizer, &chats, toolbox, max_new_tokens, model.max_seq_len(), cfg.seed.wrapping_add(g as u64))?;
-        let seqs: Vec<Vec<u32>> = out
-            .iter()
-            .map(|a| if a.stopped_on_eos { a.sequence.clone() } else { [a.sequence.as_slice(), &[tokenizer.eos_id()]].concat() })
-            .collect();
+/// Prompts per generation batch, and per reward-model batch (the same groups, so a set's scores
+/// do not depend on how its answers were generated).
+const GROUP: usize = 16;
+
+fn sampling(cfg: &EvalConfig, tokenizer: &Tokenizer, max_new_tokens: usize, seed: u64) -> SamplingConfig {
+    SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed }
+}
+
+/// (combined logits, helpfulness, safety) of prompt + answer sequences, scored in groups of
+/// [`GROUP`] prompts.
+fn score_sequences(scorers: &Scorers, prompts: &[Prompt], seqs: &[Vec<u32>]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut comb, mut hs, mut ss) = (vec![], vec![], vec![]);
+    for (group, seqs) in prompts.chunks(GROUP).zip(seqs.chunks(GROUP)) {
         let group_refs: Vec<&Prompt> = group.iter().collect();
-        for (a, score) in out.iter().zip(scorers.score(&seqs, &group_refs)) {
+        for score in scorers.score(seqs, &group_refs) {
             comb.push(logit(score.combined));
             hs.push(score.helpfulness);
             ss.push(score.safety);
-            answers.push(a.text.clone());
         }
     }
-    Ok((answers, (comb, hs, ss)))
+    (comb, hs, ss)
+}
+
+/// Answers through the tool runtime (`toolbox` None: tools off), in groups of [`GROUP`] prompts.
+fn tool_answers(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, cfg: &EvalConfig, toolbox: Option<&llama_tools::Toolbox>, max_new_tokens: usize) -> anyhow::Result<Vec<llama_tools::ToolAnswer>> {
+    let model = model.valid();
+    let mut answers = vec![];
+    for (g, group) in prompts.chunks(GROUP).enumerate() {
+        // The runtime seeds each row from the seed it is given (`sampling`'s is not used).
+        let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling(cfg, tokenizer, max_new_tokens, 0) };
+        let chats: Vec<Conversation> = group.iter().map(|p| p.conversation.clone()).collect();
+        answers.extend(llama_tools::answer(&mut source, tokenizer, &chats, toolbox, max_new_tokens, model.max_seq_len(), cfg.seed.wrapping_add(g as u64))?);
+    }
+    Ok(answers)
 }
 
 /// report.json, TensorBoard scalars (step 0) and chart.svg.

@@ -13,7 +13,7 @@ use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind
 use llama_trainer::{LoopConfig, Metrics};
 
 use crate::config::RlhfConfig;
-use crate::scoring::{evaluate, greedy_answers, load_scorers, samples_text, scored_answers, scored_answers_with_tools};
+use crate::scoring::{evaluate, greedy_answers, load_scorers, samples_text, scored_answers};
 
 /// Rejection sampling rounds; returns the directory of the final policy (or None if no rounds).
 pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Option<PathBuf>> {
@@ -52,18 +52,12 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
             let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
             let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
-            let (samples, _, scores) = match &toolbox {
-                Some(toolbox) => scored_answers_with_tools(&sampler, &owners, &tokenizer, &scorers, &sampling, toolbox)?,
-                None => scored_answers(&sampler, &batch, &owners, &tokenizer, &scorers, &sampling)?,
-            };
+            let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &tokenizer, &scorers, &sampling, toolbox.as_ref())?;
             // The policy's own greedy answer competes too: the kept answer is never worse than
             // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
             let greedy = if rs.include_greedy {
                 let refs: Vec<&Prompt> = chunk.iter().collect();
-                let (tokens, _, scores) = match &toolbox {
-                    Some(toolbox) => scored_answers_with_tools(&sampler, &refs, &tokenizer, &scorers, &SamplingConfig::greedy(rs.max_new_tokens), toolbox)?,
-                    None => greedy_answers(&sampler, &ids, &refs, &tokenizer, &scorers, rs.max_new_tokens)?,
-                };
+                let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &tokenizer, &scorers, rs.max_new_tokens, toolbox.as_ref())?;
                 Some((tokens, scores))
             } else {
                 None

@@ -14,49 +14,54 @@ use llama_reward::{load_reward_model, right_pad};
 use crate::config::{EvalConfig, RlhfConfig};
 
 /// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
-/// prompt + answer sequences as scored, scores).
-pub(crate) fn scored_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, sampling: &SamplingConfig) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
-    let out = generate(policy, ids, &SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() })?;
-    let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-    let scores = scorers.score(&seqs, prompts);
-    Ok((out.tokens, seqs, scores))
-}
-
-/// [`scored_answers`] with the tools running: each answer's calls are run and their results
-/// appended ([`llama_tools::answer`]); the answer tokens are those after the prompt in the
-/// sequence the policy saw last (results included), and that sequence is what is scored.
-pub(crate) fn scored_answers_with_tools(
+/// prompt + answer sequences as scored, scores). With `tools`, each answer's calls are run and
+/// their results appended ([`llama_tools::answer`]); its tokens are then those after the prompt in
+/// the sequence the policy saw last (results included), and that sequence is what is scored.
+pub(crate) fn scored_answers(
     policy: &Llama,
+    ids: &[Vec<u32>],
     prompts: &[&Prompt],
     tokenizer: &Tokenizer,
     scorers: &Scorers,
     sampling: &SamplingConfig,
-    toolbox: &llama_tools::Toolbox,
+    tools: Option<&llama_tools::Toolbox>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
-    let chats: Vec<llama_data::chat::Conversation> = prompts.iter().map(|p| p.conversation.clone()).collect();
-    let mut source = llama_tools::ModelContinue { model: policy, sampling: SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() } };
-    let answers = llama_tools::answer(&mut source, tokenizer, &chats, Some(toolbox), sampling.max_new_tokens, policy.max_seq_len(), sampling.seed)?;
-    let (mut tokens, mut seqs) = (vec![], vec![]);
-    for (chat, a) in chats.iter().zip(&answers) {
-        let head = chat.prompt_ids(tokenizer)?;
-        // The prompt's ids begin the sequence (it is encoded with the answer as one string, and
-        // the template's prompt ends where a word does); should a tokenizer merge across, the
-        // answer's text is encoded after the prompt instead.
-        let answer = match a.sequence.strip_prefix(head.as_slice()) {
-            Some(rest) => rest.to_vec(),
-            None => tokenizer.encode(&a.text, false, a.stopped_on_eos)?,
-        };
-        seqs.push(full_sequence(&head, &answer, tokenizer.eos_id()));
-        tokens.push(answer);
-    }
+    let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() };
+    let tokens: Vec<Vec<u32>> = match tools {
+        None => generate(policy, ids, &sampling)?.tokens,
+        Some(toolbox) => {
+            let chats: Vec<llama_data::chat::Conversation> = prompts.iter().map(|p| p.conversation.clone()).collect();
+            let mut source = llama_tools::ModelContinue { model: policy, sampling: sampling.clone() };
+            let answers = llama_tools::answer(&mut source, tokenizer, &chats, Some(toolbox), sampling.max_new_tokens, policy.max_seq_len(), sampling.seed)?;
+            // The prompt's ids begin the sequence (it is encoded with the answer as one string,
+            // and the template's prompt ends where a word does); should a tokenizer merge across,
+            // the answer's text is encoded after the prompt instead.
+            ids.iter()
+                .zip(&answers)
+                .map(|(head, a)| match a.sequence.strip_prefix(head.as_slice()) {
+                    Some(rest) => Ok(rest.to_vec()),
+                    None => tokenizer.encode(&a.text, false, a.stopped_on_eos),
+                })
+                .collect::<Result<_, _>>()?
+        }
+    };
+    let seqs: Vec<Vec<u32>> = ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
     let scores = scorers.score(&seqs, prompts);
     Ok((tokens, seqs, scores))
 }
 
 /// The policy's greedy answers, scored: what the held-out evaluation always includes, and the
 /// answer that competes with the K samples under `include_greedy`.
-pub(crate) fn greedy_answers(policy: &Llama, ids: &[Vec<u32>], prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
-    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new))
+pub(crate) fn greedy_answers(
+    policy: &Llama,
+    ids: &[Vec<u32>],
+    prompts: &[&Prompt],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    max_new: usize,
+    tools: Option<&llama_tools::Toolbox>,
+) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
+    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new), tools)
 }
 
 /// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
@@ -122,7 +127,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
             seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
         }));
         for (i, sampling) in samplings.enumerate() {
-            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling)?;
+            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling, None)?;
             for s in scores {
                 rewards.push(logit(s.combined));
                 combined.push(s.combined);

@@ -103,7 +103,8 @@ pub struct ToolsConfig {
     pub max_calls: usize,
 }
 
-fn default_max_calls() -> usize {
+/// `max_calls` when a config leaves it out (serde's `default`).
+pub fn default_max_calls() -> usize {
     DEFAULT_MAX_CALLS
 }
 
