@@ -187,9 +187,9 @@ struct ToolArgs {
     /// The search tool's corpus (JSONL of `key`, `value`; e.g. data/tools/search.jsonl).
     #[arg(long, requires = "tools")]
     search_corpus: Option<PathBuf>,
-    /// Calls per answer; a call past it ends the answer.
-    #[arg(long, default_value_t = llama_tools::DEFAULT_MAX_CALLS, requires = "tools")]
-    max_calls: usize,
+    /// Calls per answer (at least 1); a call past it ends the answer.
+    #[arg(long, default_value_t = llama_tools::DEFAULT_MAX_CALLS as u32, requires = "tools", value_parser = clap::value_parser!(u32).range(1..))]
+    max_calls: u32,
 }
 
 impl ToolArgs {
@@ -198,7 +198,7 @@ impl ToolArgs {
             return Ok(None);
         }
         let search = self.search_corpus.as_deref().map(llama_tools::SearchCorpus::load).transpose().context("--search-corpus")?;
-        Ok(Some(llama_tools::Toolbox::new(search, self.max_calls)))
+        Ok(Some(llama_tools::Toolbox::new(search, self.max_calls as usize)))
     }
 }
 

@@ -166,6 +166,7 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         generate("generate: negative temperature", &["--tokenizer", &tok, "--temperature=-1"], &["--temperature", "-1"]),
         generate("generate: a search corpus that is not there", &["--tokenizer", &tok, "--tools", "--search-corpus", &p("nowhere.jsonl")], &["--search-corpus", "nowhere.jsonl"]),
         generate("generate: a search corpus without --tools", &["--tokenizer", &tok, "--search-corpus", &p("nowhere.jsonl")], &["--tools"]),
+        generate("generate: no calls allowed", &["--tokenizer", &tok, "--tools", "--max-calls", "0"], &["--max-calls", "0"]),
         Case::new("generate: --tools past the model's length", &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500", "--tools"], &["max_seq_len"]),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
         Case::new("chat: an answer as long as the model", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"], &["--max-new-tokens", "max_seq_len 32"]),
