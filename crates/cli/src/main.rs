@@ -188,8 +188,8 @@ struct ToolArgs {
     #[arg(long, requires = "tools")]
     search_corpus: Option<PathBuf>,
     /// Calls per answer (at least 1); a call past it ends the answer.
-    #[arg(long, default_value_t = llama_tools::DEFAULT_MAX_CALLS as u32, requires = "tools", value_parser = clap::value_parser!(u32).range(1..))]
-    max_calls: u32,
+    #[arg(long, default_value_t = std::num::NonZeroUsize::new(llama_tools::DEFAULT_MAX_CALLS).unwrap(), requires = "tools")]
+    max_calls: std::num::NonZeroUsize,
 }
 
 impl ToolArgs {
@@ -198,7 +198,7 @@ impl ToolArgs {
             return Ok(None);
         }
         let search = self.search_corpus.as_deref().map(llama_tools::SearchCorpus::load).transpose().context("--search-corpus")?;
-        Ok(Some(llama_tools::Toolbox::new(search, self.max_calls as usize)))
+        Ok(Some(llama_tools::Toolbox::new(search, self.max_calls.get())))
     }
 }
 
