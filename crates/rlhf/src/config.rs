@@ -103,8 +103,8 @@ pub struct RsConfig {
     pub seed: u64,
     /// `[rejection_sampling.tools]`: sample with the tools running (a call the policy writes is
     /// run and its result appended), so the pool keeps answers with their calls and results; the
-    /// results carry no loss when the round fine-tunes on them. The held-out evaluation answers
-    /// without tools.
+    /// results carry no loss when the round fine-tunes on them. The held-out evaluation (and so
+    /// `keep_best_round`) answers with the tools too.
     pub tools: Option<llama_tools::ToolsConfig>,
 }
 

@@ -313,7 +313,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     };
     if state.iteration == 0 {
         save_best(&state.policy, &model_config, &out)?;
-        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
+        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
         let r = held_out.reward;
         metrics.scalars(0, &held_out.scalars("ppo"))?;
         metrics.text(0, "ppo/samples", &samples_text(&held_out.samples, 6))?;
@@ -359,7 +359,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         kill_point("logged", state.iteration);
         // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
         if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {
-            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
+            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
             let (r, kl) = (held_out.reward, held_out.kl);
             metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
             metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
@@ -387,7 +387,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
     metrics.finish();
     // The result of PPO is the best policy on the held-out prompts (early stopping).
     let (_, best) = init_model(&out.join("best"), &device)?;
-    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval)?;
+    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
     println!("best PPO policy (held-out reward {:.3}) in {}", state.best_eval.unwrap_or(r), out.join("best").display());
     Ok((r, kl))
 }

@@ -32,7 +32,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let out = cfg.run.out_dir.join("rejection-sampling");
     let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
     let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
-    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
+    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval, toolbox.as_ref())?;
     let r0 = start.reward;
     metrics.scalars(0, &start.scalars("rs"))?;
     metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
@@ -170,7 +170,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         }
         let (tuned, _) = llama_trainer::train(policy, &mut objective, &loop_config)?;
         policy = tuned;
-        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval)?;
+        let held_out = evaluate(&policy, &reference, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval, toolbox.as_ref())?;
         let (r, kl) = (held_out.reward, held_out.kl);
         metrics.scalars(round as u64, &held_out.scalars("rs"))?;
         metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;

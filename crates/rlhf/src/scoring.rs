@@ -106,7 +106,20 @@ impl HeldOut {
     }
 }
 
-pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, max_new: usize, eval: &EvalConfig) -> anyhow::Result<HeldOut> {
+/// [`HeldOut`] of `policy` against `reference`. With `tools` the answers are made as the samples
+/// are (the calls run, their results appended, [`scored_answers`]), so the held-out reward rates
+/// the policy as it answers; the KL then counts the result tokens too, which neither model wrote
+/// but both read.
+pub fn evaluate(
+    policy: &Llama,
+    reference: &Llama,
+    prompts: &[Prompt],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    max_new: usize,
+    eval: &EvalConfig,
+    tools: Option<&llama_tools::Toolbox>,
+) -> anyhow::Result<HeldOut> {
     let policy = policy.valid();
     let reference = reference.valid();
     let mut rewards = vec![];
@@ -127,7 +140,7 @@ pub fn evaluate(policy: &Llama, reference: &Llama, prompts: &[Prompt], tokenizer
             seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
         }));
         for (i, sampling) in samplings.enumerate() {
-            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling, None)?;
+            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling, tools)?;
             for s in scores {
                 rewards.push(logit(s.combined));
                 combined.push(s.combined);

@@ -204,9 +204,10 @@ fn rejection_sampling_pool_is_never_worse_than_greedy_or_best_of_k() {
     assert!((share - last_value(&m, "rs/pool_expected")).abs() < 1e-12);
 }
 
-/// With `[rejection_sampling.tools]` the samples go through the tool runtime; a policy that writes
-/// no call gets exactly the samples, rewards and pool of plain generation (segment 0 of the
-/// runtime is `generate` with the same per-row seeds). The runtime's calls: `llama-tools`' tests.
+/// With `[rejection_sampling.tools]` the samples and the held-out answers go through the tool
+/// runtime; a policy that writes no call gets exactly the samples, rewards, pool and held-out
+/// evaluation of plain generation (segment 0 of the runtime is `generate` with the same per-row
+/// seeds). The runtime's calls: `llama-tools`' tests.
 #[test]
 fn rejection_sampling_with_tools_samples_as_plain_generation_when_no_call_is_written() {
     let tmp = tempfile::tempdir().unwrap();
@@ -214,7 +215,7 @@ fn rejection_sampling_with_tools_samples_as_plain_generation_when_no_call_is_wri
     let rs = "[rejection_sampling]\nrounds = 1\nk = 2\nmax_new_tokens = 4\nsft_steps = 1\nbatch_size = 4\nseq_len = 64\ninclude_greedy = true\n";
     let ppo = "[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
     let tools = format!("[rejection_sampling.tools]\nsearch_corpus = \"{}\"\nmax_calls = 2\n", repo().join("data/tools/search.jsonl").display());
-    let pools: Vec<String> = [String::new(), tools]
+    let pools: Vec<(String, Vec<Vec<f64>>)> = [String::new(), tools]
         .iter()
         .enumerate()
         .map(|(i, t)| {
@@ -222,11 +223,15 @@ fn rejection_sampling_with_tools_samples_as_plain_generation_when_no_call_is_wri
             std::fs::create_dir_all(&dir).unwrap();
             let cfg = config(&dir, &policy, &help, &safe, &format!("{rs}{t}{ppo}"));
             llama_rlhf::run(&cfg, Some(dir.join("out")), false, None, false).unwrap();
-            std::fs::read_to_string(dir.join("out/rejection-sampling/pool-round-1.jsonl")).unwrap()
+            let metrics = dir.join("out/rejection-sampling/metrics.jsonl");
+            let held_out: Vec<Vec<f64>> = ["rs/eval_reward", "rs/eval_kl", "rs/eval_expected"].iter().map(|k| all_values(&metrics, k)).collect();
+            (std::fs::read_to_string(dir.join("out/rejection-sampling/pool-round-1.jsonl")).unwrap(), held_out)
         })
         .collect();
-    assert!(!pools[0].is_empty());
-    assert_eq!(pools[0], pools[1]);
+    assert!(!pools[0].0.is_empty());
+    assert_eq!(pools[0].0, pools[1].0);
+    assert!(pools[0].1.iter().all(|v| v.len() == 2), "start and round 1: {:?}", pools[0].1);
+    assert_eq!(pools[0].1, pools[1].1, "held-out evaluation with tools and without");
 }
 
 fn all_values(metrics: &Path, key: &str) -> Vec<f64> {
