@@ -110,6 +110,7 @@ impl HeldOut {
 /// are (the calls run, their results appended, [`scored_answers`]), so the held-out reward rates
 /// the policy as it answers; the KL then counts the result tokens too, which neither model wrote
 /// but both read.
+#[allow(clippy::too_many_arguments)]
 pub fn evaluate(
     policy: &Llama,
     reference: &Llama,
