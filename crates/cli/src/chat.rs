@@ -3,7 +3,7 @@
 //! conversation is rendered again and the answer is streamed as it is generated. Old exchanges
 //! are dropped, with a notice, when the conversation and the answer would not fit the model's
 //! context. Reads stdin, so a script can pipe a conversation in. With `--tools` the calls the
-//! model writes are run (`llama_tools`) and the answer is printed when it is done.
+//! model writes are run (`llama_tools`), their results streamed into the answer as they come.
 
 use std::io::{BufRead, IsTerminal, Write};
 
@@ -22,8 +22,8 @@ pub struct ChatOptions {
     pub sampling: SamplingConfig,
     /// Print each rendered prompt to stderr (what the model is given).
     pub show_prompt: bool,
-    /// Run the tool calls the model writes (`--tools`); the answer is then printed whole, with
-    /// its calls and results, once it is done.
+    /// Run the tool calls the model writes (`--tools`); the answer is streamed with its calls
+    /// and results.
     pub tools: Option<llama_tools::Toolbox>,
 }
 
@@ -83,8 +83,17 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
             // Row 0's seed in the runtime is the seed itself, as in the streamed path.
             let mut source = llama_tools::ModelContinue { model, sampling: sampling.clone() };
             let chat = [Conversation { messages: messages.clone() }];
-            let reply = llama_tools::answer(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed)?.remove(0);
-            println!("{}", reply.text);
+            // Streamed as the runtime settles it, the answer's leading spaces left out (the
+            // answer kept is trimmed).
+            let mut begun = false;
+            let mut show = |_: usize, piece: &str| {
+                let piece = if begun { piece } else { piece.trim_start() };
+                begun |= !piece.is_empty();
+                print!("{piece}");
+                let _ = stdout.flush();
+            };
+            let reply = llama_tools::answer_streaming(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed, &mut show)?.remove(0);
+            println!();
             messages.push(Message::new(Role::Assistant, reply.text));
             turn += 1;
             continue;
@@ -93,11 +102,8 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         let mut printed = String::new();
         generate_streaming(model, &[prompt], &sampling, |_, token| {
             answer.push(token);
-            // Byte-fallback tokens decode as a group (a character may take several, and a group
-            // that is not UTF-8 becomes U+FFFD throughout), so the text is printed up to the last
-            // token that is not one: that much no later token changes.
-            let settled = answer.iter().rposition(|&t| !is_byte_token(tokenizer, t)).map_or(0, |i| i + 1);
-            if let Ok(text) = tokenizer.decode(&answer[..settled]) {
+            // Printed as far as no later token changes it (byte-fallback tokens decode as a group).
+            if let Ok(text) = tokenizer.decode(&answer[..tokenizer.settled_len(&answer)]) {
                 print_rest(&mut stdout, &mut printed, text);
             }
         })?;
@@ -108,11 +114,6 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         turn += 1;
     }
     Ok(())
-}
-
-/// A byte-fallback token (`<0x41>`).
-fn is_byte_token(tokenizer: &Tokenizer, id: u32) -> bool {
-    tokenizer.token_text(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
 }
 
 /// Prints what `text` adds to what is already `printed` (nothing if it does not extend it).

@@ -197,6 +197,19 @@ impl Tokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Whether `id` is a byte-fallback token (`<0x41>`): such tokens decode as a group (a
+    /// character may take several, and a group that is not UTF-8 becomes U+FFFD throughout), so
+    /// text streamed as it is generated is settled only up to the last token that is not one.
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+    }
+
+    /// How many of `tokens` no later token changes the decoding of: all up to the last that is
+    /// not a byte-fallback token ([`Tokenizer::is_byte_token`]).
+    pub fn settled_len(&self, tokens: &[u32]) -> usize {
+        tokens.iter().rposition(|&t| !self.is_byte_token(t)).map_or(0, |i| i + 1)
+    }
+
     /// Writes `tokenizer.json` (through a temporary file and a rename).
     pub fn save(&self, path: &Path) -> Result<(), DataError> {
         let json = self.inner.to_string(true).map_err(|e| DataError::Tokenizer(e.to_string()))?;

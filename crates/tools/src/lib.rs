@@ -188,6 +188,53 @@ pub fn answer<P: Resumable>(
     max_seq_len: usize,
     seed: u64,
 ) -> Result<Vec<ToolAnswer>, ToolError> {
+    answer_rows(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, None)
+}
+
+/// [`answer`], with the answer's text handed to `on_text(row, piece)` as it is written (for
+/// `llama chat --tools`): the model's text token by token, as far as no later token changes it
+/// ([`Tokenizer::settled_len`]; a call is cut at its `</call>`), and each result when it is
+/// appended. The pieces of a row joined, trimmed, are its [`ToolAnswer::text`].
+#[allow(clippy::too_many_arguments)]
+pub fn answer_streaming<P: Resumable>(
+    source: &mut dyn Continue,
+    tokenizer: &Tokenizer,
+    prompts: &[P],
+    tools: Option<&Toolbox>,
+    max_new_tokens: usize,
+    max_seq_len: usize,
+    seed: u64,
+    on_text: &mut dyn FnMut(usize, &str),
+) -> Result<Vec<ToolAnswer>, ToolError> {
+    answer_rows(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, Some(on_text))
+}
+
+/// A segment's text up to the end of its first call, where the segment ends (all of it without
+/// tools or a call).
+fn through_call<'t>(text: &'t str, tools: Option<&Toolbox>) -> &'t str {
+    tools.and(find_call(text, 0)).map_or(text, |call| &text[..call.end])
+}
+
+/// Hands `on_text` what `text` adds to `streamed` (nothing if it does not extend it: a later
+/// token changed how earlier ones decode).
+fn stream_rest(on_text: &mut dyn FnMut(usize, &str), row: usize, streamed: &mut String, text: &str) {
+    if let Some(new) = text.strip_prefix(streamed.as_str()).filter(|new| !new.is_empty()) {
+        on_text(row, new);
+        *streamed = text.to_string();
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn answer_rows<P: Resumable>(
+    source: &mut dyn Continue,
+    tokenizer: &Tokenizer,
+    prompts: &[P],
+    tools: Option<&Toolbox>,
+    max_new_tokens: usize,
+    max_seq_len: usize,
+    seed: u64,
+    mut on_text: Option<&mut dyn FnMut(usize, &str)>,
+) -> Result<Vec<ToolAnswer>, ToolError> {
     struct Row {
         ids: Vec<u32>,
         partial: String,
@@ -218,12 +265,25 @@ pub fn answer<P: Resumable>(
         }
         let batch: Vec<Vec<u32>> = active.iter().map(|&r| rows[r].ids.clone()).collect();
         let seeds: Vec<u64> = active.iter().map(|&r| row_seed(seed, r as u64) ^ segment.wrapping_mul(0xD1B5_4A32_D192_ED03)).collect();
+        // What each active row's segment has handed `on_text` so far.
+        let mut streamed = vec![String::new(); active.len()];
         // A row stops at the first complete call in what it generated in this segment.
-        let mut stop = |_: usize, tokens: &[u32]| tools.is_some() && tokenizer.decode(tokens).is_ok_and(|t| find_call(&t, 0).is_some());
+        let mut stop = |i: usize, tokens: &[u32]| {
+            if let Some(emit) = on_text.as_deref_mut()
+                && let Ok(text) = tokenizer.decode_after(&batch[i], &tokens[..tokenizer.settled_len(tokens)])
+            {
+                stream_rest(emit, active[i], &mut streamed[i], through_call(&text, tools));
+            }
+            tools.is_some() && tokenizer.decode(tokens).is_ok_and(|t| find_call(&t, 0).is_some())
+        };
         let outs = source.continue_rows(&batch, &budgets, &seeds, &mut stop)?;
-        for (&r, (tokens, eos)) in active.iter().zip(outs) {
+        for ((i, &r), (tokens, eos)) in active.iter().enumerate().zip(outs) {
             let row = &mut rows[r];
             let text = tokenizer.decode_after(&row.ids, &tokens)?;
+            if let Some(emit) = on_text.as_deref_mut() {
+                // The segment's last tokens (`stop` is not asked after EOS or a spent budget).
+                stream_rest(emit, r, &mut streamed[i], through_call(&text, tools));
+            }
             row.answer.generated += tokens.len();
             row.answer.sequence = [row.ids.as_slice(), &tokens].concat();
             match (tools, find_call(&text, 0)) {
@@ -235,7 +295,11 @@ pub fn answer<P: Resumable>(
                         row.done = true;
                     } else {
                         row.answer.calls += 1;
-                        row.partial.push_str(&result_text(&toolbox.run(&call.text)));
+                        let result = result_text(&toolbox.run(&call.text));
+                        if let Some(emit) = on_text.as_deref_mut() {
+                            emit(r, &result);
+                        }
+                        row.partial.push_str(&result);
                         row.ids = prompts[r].ids_with(tokenizer, &row.partial)?;
                         row.answer.sequence = row.ids.clone();
                     }

@@ -8,7 +8,7 @@ use llama_data::Tokenizer;
 use llama_data::chat::Conversation;
 use llama_model::LlamaConfig;
 use llama_model::generate::{SamplingConfig, generate, generate_until, row_seed};
-use llama_tools::{Continue, ModelContinue, SearchCorpus, ToolAnswer, ToolError, Toolbox, answer};
+use llama_tools::{Continue, ModelContinue, SearchCorpus, ToolAnswer, ToolError, Toolbox, answer, answer_streaming};
 use serde_json::json;
 
 fn tokenizer() -> Tokenizer {
@@ -111,6 +111,29 @@ fn a_batch_gives_each_row_what_it_gets_alone() {
     assert_eq!(batch.iter().map(|a| a.calls).collect::<Vec<_>>(), vec![0, 1, 1, 0]);
     assert_eq!(batch[2].text, "<call>calculator(1 / 0)</call><result>error: division by zero</result> I cannot work that out.");
     assert_eq!(batch[0].text, "Hello.");
+}
+
+/// Streaming (`llama chat --tools`): each row's pieces, joined and trimmed, are its answer; the
+/// model's text comes a token at a time and is cut at the call's `</call>` (the tail the script
+/// writes after it never shows), and the result comes as one piece of its own.
+#[test]
+fn streamed_pieces_make_each_answer() {
+    let tok = tokenizer();
+    let tools = Toolbox::new(None, 4);
+    let questions = ["Hi!", "How long ago did the Berlin Wall fall?", "Divide 1 by 0."];
+    let chats: Vec<Conversation> = questions.iter().map(|q| ask(q)).collect();
+    let mut pieces: Vec<Vec<String>> = vec![vec![]; questions.len()];
+    let mut source = Scripted { tokenizer: &tok, script, prompts: vec![] };
+    let answers = answer_streaming(&mut source, &tok, &chats, Some(&tools), 64, 256, 0, &mut |row, piece| pieces[row].push(piece.to_string())).unwrap();
+    assert_eq!(answers, run(&questions, Some(&tools), script).0, "streaming changes no answer");
+    for (a, p) in answers.iter().zip(&pieces) {
+        assert_eq!(p.concat().trim(), a.text);
+        assert!(p.iter().all(|piece| !piece.is_empty()));
+    }
+    assert!(pieces[1].len() > 10, "token by token: {:?}", pieces[1]);
+    assert!(pieces[1].contains(&"<result>37</result>".to_string()), "{:?}", pieces[1]);
+    assert!(!pieces[1].concat().contains("and this is cut"));
+    assert_eq!(pieces[2].iter().filter(|p| p.contains("<result>")).collect::<Vec<_>>(), vec!["<result>error: division by zero</result>"]);
 }
 
 #[test]
