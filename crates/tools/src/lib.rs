@@ -204,10 +204,13 @@ pub fn answer_streaming<P: Resumable>(
     max_new_tokens: usize,
     max_seq_len: usize,
     seed: u64,
-    on_text: &mut dyn FnMut(usize, &str),
+    on_text: &mut TextSink,
 ) -> Result<Vec<ToolAnswer>, ToolError> {
     answer_rows(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, Some(on_text))
 }
+
+/// Where [`answer_streaming`] hands text: `(row, piece)`.
+pub type TextSink<'a> = dyn FnMut(usize, &str) + 'a;
 
 /// A segment's text up to the end of its first call, where the segment ends (all of it without
 /// tools or a call).
@@ -217,7 +220,7 @@ fn through_call<'t>(text: &'t str, tools: Option<&Toolbox>) -> &'t str {
 
 /// Hands `on_text` what `text` adds to `streamed` (nothing if it does not extend it: a later
 /// token changed how earlier ones decode).
-fn stream_rest(on_text: &mut dyn FnMut(usize, &str), row: usize, streamed: &mut String, text: &str) {
+fn stream_rest(on_text: &mut TextSink, row: usize, streamed: &mut String, text: &str) {
     if let Some(new) = text.strip_prefix(streamed.as_str()).filter(|new| !new.is_empty()) {
         on_text(row, new);
         *streamed = text.to_string();
@@ -233,7 +236,7 @@ fn answer_rows<P: Resumable>(
     max_new_tokens: usize,
     max_seq_len: usize,
     seed: u64,
-    mut on_text: Option<&mut dyn FnMut(usize, &str)>,
+    mut on_text: Option<&mut TextSink>,
 ) -> Result<Vec<ToolAnswer>, ToolError> {
     struct Row {
         ids: Vec<u32>,
