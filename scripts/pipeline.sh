@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole tiny recipe, end to end, on the shipped data: prepare (inside pretrain), pretrain,
 # SFT, both reward models, rejection sampling, PPO, and the evaluation comparing SFT, RS and PPO;
-# beside them, SFT with the dated and tool-use chats too (sft-skills), which the evaluation
-# compares with SFT on the temporal and tool sets, tools running and off.
+# beside them, SFT with the dated and tool-use chats too (sft-skills, from the same pre-training
+# run 8x longer, which tool use needs), which the evaluation compares with SFT on the temporal and
+# tool sets, tools running and off.
 # One TensorBoard directory holds every stage:
 #   tensorboard --logdir runs/pipeline
 # OUT=dir changes where it writes (default runs/pipeline; it is replaced).
@@ -20,8 +21,10 @@ stage "pretrain"
 "$bin/pretrain" --config configs/tiny.toml --out "$OUT/pretrain"
 stage "sft"
 "$bin/sft" --config configs/sft-tiny.toml --init "$OUT/pretrain" --out "$OUT/sft"
+stage "pretrain-2400: the same pre-training for 2,400 steps, the base of sft-skills"
+"$bin/pretrain" --config configs/tiny.toml --max-steps 2400 --out "$OUT/pretrain-2400"
 stage "sft-skills: SFT with the dated and tool-use chats"
-"$bin/sft" --config configs/sft-skills-tiny.toml --init "$OUT/pretrain" --out "$OUT/sft-skills"
+"$bin/sft" --config configs/sft-skills-tiny.toml --init "$OUT/pretrain-2400" --out "$OUT/sft-skills"
 stage "reward: helpfulness"
 "$bin/reward" --config configs/reward-helpfulness-tiny.toml --init "$OUT/sft" --out "$OUT/reward-helpfulness"
 stage "reward: safety"
