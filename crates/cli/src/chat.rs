@@ -92,7 +92,7 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
                 print!("{piece}");
                 let _ = stdout.flush();
             };
-            let reply = llama_tools::answer_streaming(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed, &mut show)?.remove(0);
+            let reply = llama_tools::answer_streaming(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed, Some(&mut show))?.remove(0);
             println!();
             messages.push(Message::new(Role::Assistant, reply.text));
             turn += 1;

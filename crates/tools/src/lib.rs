@@ -188,25 +188,7 @@ pub fn answer<P: Resumable>(
     max_seq_len: usize,
     seed: u64,
 ) -> Result<Vec<ToolAnswer>, ToolError> {
-    answer_rows(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, None)
-}
-
-/// [`answer`], with the answer's text handed to `on_text(row, piece)` as it is written (for
-/// `llama chat --tools`): the model's text token by token, as far as no later token changes it
-/// ([`Tokenizer::settled_len`]; a call is cut at its `</call>`), and each result when it is
-/// appended. The pieces of a row joined, trimmed, are its [`ToolAnswer::text`].
-#[allow(clippy::too_many_arguments)]
-pub fn answer_streaming<P: Resumable>(
-    source: &mut dyn Continue,
-    tokenizer: &Tokenizer,
-    prompts: &[P],
-    tools: Option<&Toolbox>,
-    max_new_tokens: usize,
-    max_seq_len: usize,
-    seed: u64,
-    on_text: &mut TextSink,
-) -> Result<Vec<ToolAnswer>, ToolError> {
-    answer_rows(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, Some(on_text))
+    answer_streaming(source, tokenizer, prompts, tools, max_new_tokens, max_seq_len, seed, None)
 }
 
 /// Where [`answer_streaming`] hands text: `(row, piece)`.
@@ -227,8 +209,12 @@ fn stream_rest(on_text: &mut TextSink, row: usize, streamed: &mut String, text: 
     }
 }
 
+/// [`answer`], with the answer's text handed to `on_text(row, piece)` as it is written (for
+/// `llama chat --tools`; `None`: [`answer`]): the model's text token by token, as far as no later
+/// token changes it ([`Tokenizer::settled_len`]; a call is cut at its `</call>`), and each result
+/// when it is appended. The pieces of a row joined, trimmed, are its [`ToolAnswer::text`].
 #[allow(clippy::too_many_arguments)]
-fn answer_rows<P: Resumable>(
+pub fn answer_streaming<P: Resumable>(
     source: &mut dyn Continue,
     tokenizer: &Tokenizer,
     prompts: &[P],

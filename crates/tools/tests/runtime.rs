@@ -124,7 +124,7 @@ fn streamed_pieces_make_each_answer() {
     let chats: Vec<Conversation> = questions.iter().map(|q| ask(q)).collect();
     let mut pieces: Vec<Vec<String>> = vec![vec![]; questions.len()];
     let mut source = Scripted { tokenizer: &tok, script, prompts: vec![] };
-    let answers = answer_streaming(&mut source, &tok, &chats, Some(&tools), 64, 256, 0, &mut |row, piece| pieces[row].push(piece.to_string())).unwrap();
+    let answers = answer_streaming(&mut source, &tok, &chats, Some(&tools), 64, 256, 0, Some(&mut |row: usize, piece: &str| pieces[row].push(piece.to_string()))).unwrap();
     assert_eq!(answers, run(&questions, Some(&tools), script).0, "streaming changes no answer");
     for (a, p) in answers.iter().zip(&pieces) {
         assert_eq!(p.concat().trim(), a.text);
