@@ -55,6 +55,10 @@ enum Command {
         /// AdamW's moments sharded over them and the bytes each rank moves per step.
         #[arg(long, default_value_t = 1)]
         ranks: usize,
+        /// Estimate for training on the CPU (flex) rather than a GPU: in f32 the fused CPU
+        /// attention keeps its probabilities for backward (heads x seq per token and layer).
+        #[arg(long)]
+        cpu: bool,
     },
     /// Convert between a native checkpoint directory, a Hugging Face LlamaForCausalLM directory
     /// and a GGUF file (llama.cpp, Ollama, LM Studio).
@@ -294,7 +298,7 @@ fn gib(bytes: u64) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks } => {
+        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks, cpu } => {
             let c = LlamaConfig::from_toml_file(&config)?;
             if ranks == 0 {
                 bail!("--ranks must be >= 1");
@@ -324,7 +328,8 @@ fn run(cli: Cli) -> Result<()> {
             };
             let chunk_name = |c: Option<usize>| c.map_or("whole".to_string(), |c| c.to_string());
             println!(
-                "\ntraining memory, micro-batch {micro_batch} x seq {seq}, recompute {}, optimizer on the {}, logits {}:",
+                "\ntraining memory on {}, micro-batch {micro_batch} x seq {seq}, recompute {}, optimizer on the {}, logits {}:",
+                if cpu { "the CPU" } else { "a GPU" },
                 name(recompute),
                 name(optimizer),
                 chunk_name(chunk_for(recompute))
@@ -334,7 +339,8 @@ fn run(cli: Cli) -> Result<()> {
                 "dtype", "weights", "master f32", "grads", "AdamW", "activations", "device", "expected peak", "host"
             );
             for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
-                let plan = TrainingMemory { precision: p, recompute, optimizer, logits_chunk: chunk_for(recompute) };
+                let keeps_attention_probs = cpu && p == Precision::F32;
+                let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, ..TrainingMemory::new(p) };
                 let m = c.memory_estimate(micro_batch, seq, &plan);
                 println!(
                     "{dtype:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}{}",
@@ -352,7 +358,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("\nbf16, every combination (device expected peak | host):");
             for r in [Recompute::None, Recompute::Block] {
                 for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
-                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { precision: Precision::Bf16, recompute: r, optimizer: o, logits_chunk: chunk_for(r) });
+                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), ..TrainingMemory::new(Precision::Bf16) });
                     println!("  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}", name(r), name(o), gib(m.expected_peak()), gib(m.host_total()), fits(&m));
                 }
             }

@@ -1,16 +1,26 @@
-//! Causal self-attention, fused on the CPU.
+//! Causal self-attention: a fused kernel on the CPU, recomputed probabilities elsewhere.
 //!
 //! Under autodiff Burn 0.22 composes attention from about ten tensor ops (matmul, scale, causal
 //! mask built and applied, max, subtract, exp, sum, divide, matmul) and as many more in backward,
-//! each a full pass over the `[batch, heads, seq, seq]` scores, most of them on one thread in the
-//! flex backend. [`causal_attention`] is one Burn backend extension op ([`CausalAttentionBackend`])
-//! with its own backward: per (batch, head), in parallel over the rayon pool, one matmul for the
-//! scores, one in-place masked softmax, one matmul for the output; backward is the four matmuls
-//! and one element-wise pass of the softmax gradient. The probabilities are kept for backward
-//! (what the composed graph keeps too).
+//! each a full pass over the `[batch, heads, seq, seq]` scores, and the graph keeps several of
+//! those score-sized tensors per layer until backward. [`causal_attention`] takes one of two
+//! autodiff ops of our own instead:
 //!
-//! Only the flex (CPU) backend has the fused kernel, for f32 and no extra mask (pre-training, and
-//! prefill); everywhere else [`causal_attention`] calls Burn's `attention`.
+//! - On flex (CPU) f32, [`CausalAttentionBackend`]: per (batch, head), in parallel over the rayon
+//!   pool, one matmul for the scores, one in-place masked softmax, one matmul for the output;
+//!   backward is the four matmuls and one element-wise pass of the softmax gradient. It keeps the
+//!   probabilities for backward (one score-sized tensor per layer).
+//! - Everywhere else (the cubecl backends: vulkan, wgpu, cuda; flex in other dtypes or with the
+//!   fused kernels off), [`RecomputedAttentionBackend`]: the forward is the backend's own
+//!   `attention` (on cubecl, with autotune, cubek's flash attention where it launches), and keeps
+//!   only q, k, v and the output; backward recomputes the probabilities from q and k, a block of
+//!   query rows at a time against the keys up to the block's end (FlashAttention-2's backward
+//!   written in Burn's tensor ops, with materialised blocks instead of a fused kernel). No
+//!   score-sized tensor outlives its layer's backward, and one block's are bounded by
+//!   [`BACKWARD_BLOCK_ELEMENTS`].
+//!
+//! Queries and keys of different lengths (decoding with a KV cache) and extra masks (padding)
+//! go to Burn's `attention`.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
@@ -19,9 +29,12 @@ use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
 use burn::backend::{Autodiff, Backend, Dispatch, Flex, backend_extension};
+use burn::backend::{TensorMetadata, get_or_init_device_settings};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{DType, Shape, Slice, Tensor, TensorData};
+use std::cell::Cell;
+use std::ops::Range;
 use rayon::prelude::*;
 
 use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
@@ -31,19 +44,34 @@ use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
 /// # Shapes
 /// - q, k, v: `[batch, heads, seq, head_dim]` (k and v already repeated to `heads`) -> same
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    if crate::flex_kernels::enabled(&q.device()) && q.dtype() == DType::F32 && q.dims()[2] == k.dims()[2] {
+    if q.dims()[2] != k.dims()[2] {
+        composed_causal_attention(q, k, v)
+    } else if crate::flex_kernels::enabled(&q.device()) && q.dtype() == DType::F32 {
         let out = <Dispatch as CausalAttentionBackend>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
         Tensor::from_dispatch(out)
     } else {
-        composed_causal_attention(q, k, v)
+        recomputed_causal_attention(q, k, v)
     }
 }
 
-/// [`causal_attention`] through Burn's `attention` (composed under autodiff): the reference the
-/// fused op is tested against, and the path on every other backend.
-pub fn composed_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    attention(q, k, v, None, None, AttentionModuleOptions { scale: None, softcap: None, is_causal: true })
+/// [`causal_attention`] through [`RecomputedAttentionBackend`] (the path on every backend but
+/// flex f32): Burn's attention forward, probabilities recomputed by blocks in backward.
+///
+/// # Shapes
+/// - q, k, v: `[batch, heads, seq, head_dim]`, the same `seq` -> same
+pub fn recomputed_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    let out = <Dispatch as RecomputedAttentionBackend>::recomputed_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
+    Tensor::from_dispatch(out)
 }
+
+/// [`causal_attention`] through Burn's `attention` (composed under autodiff): the reference both
+/// autodiff ops are tested against, and the path for a KV cache.
+pub fn composed_causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
+    attention(q, k, v, None, None, CAUSAL)
+}
+
+/// Burn's options for plain causal attention (default scale `1 / sqrt(head_dim)`).
+const CAUSAL: AttentionModuleOptions = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
 
 /// The fused attention as a Burn backend extension, implemented for `Flex` and `Autodiff<Flex>`;
 /// [`causal_attention`] calls it only on flex tensors.
@@ -265,6 +293,141 @@ impl<B: Backend + CausalAttentionBackend> Backward<B, 3> for CausalAttention {
     }
 }
 
+/// Elements (`batch * heads * rows * keys`) of one block of recomputed scores in
+/// [`RecomputedAttentionBackend`]'s backward: 2^26, 256 MiB in f32. Bench-medium (batch 16, 12
+/// heads, 512 tokens) is one block; Llama 2 7B at 1 x 4096 is 8 blocks of 512 query rows.
+pub const BACKWARD_BLOCK_ELEMENTS: usize = 1 << 26;
+
+thread_local! {
+    /// [`BACKWARD_BLOCK_ELEMENTS`]; tests lower it to split small problems into several blocks.
+    static BACKWARD_BLOCK_BUDGET: Cell<usize> = const { Cell::new(BACKWARD_BLOCK_ELEMENTS) };
+}
+
+/// Causal attention whose backward recomputes the probabilities (see the module doc), as a Burn
+/// backend extension for flex, the cubecl backends and autodiff over either. The two methods'
+/// bodies are Burn tensor ops of the backend they run on, so every backend shares them; only
+/// `Autodiff` has its own forward, which records the op.
+#[backend_extension(Flex, Cube: cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda")), Autodiff)]
+pub trait RecomputedAttentionBackend: Backend {
+    /// The backend's causal `attention` (flash on cubecl where autotune picks it).
+    fn recomputed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
+        Self::attention(q, k, v, None, None, CAUSAL)
+    }
+
+    /// Gradients of q, k and v from the output `out` and its gradient `grad`.
+    fn recomputed_attention_backward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        out: FloatTensor<Self>,
+        grad: FloatTensor<Self>,
+    ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
+        recomputed_backward::<Self>(q, k, v, out, grad)
+    }
+}
+
+impl RecomputedAttentionBackend for Flex {}
+
+#[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
+impl RecomputedAttentionBackend for burn::backend::Cube {}
+
+impl<B: Backend + RecomputedAttentionBackend, C: CheckpointStrategy> RecomputedAttentionBackend for Autodiff<B, C> {
+    fn recomputed_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> FloatTensor<Self> {
+        let nodes = [q.node(), k.node(), v.node()];
+        let (q, k, v) = (q.into_primitive(), k.into_primitive(), v.into_primitive());
+        let out = B::recomputed_attention(q.clone(), k.clone(), v.clone());
+        match RecomputedAttention.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((q, k, v, out.clone()), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        }
+    }
+}
+
+/// The backward step [`RecomputedAttentionBackend::recomputed_attention`] records.
+#[derive(Debug)]
+struct RecomputedAttention;
+
+impl<B: Backend + RecomputedAttentionBackend> Backward<B, 3> for RecomputedAttention {
+    /// q, k, v and the output.
+    type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let [node_q, node_k, node_v] = ops.parents;
+        let grad = grads.consume::<B>(&ops.node);
+        let (q, k, v, out) = ops.state;
+        let (dq, dk, dv) = B::recomputed_attention_backward(q, k, v, out, grad);
+        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Query rows per block of the recomputed backward: as many as keep `batch_heads * rows * seq`
+/// under [`BACKWARD_BLOCK_ELEMENTS`], a multiple of 64 (at least 64), all `seq` if they fit.
+fn backward_block_rows(batch_heads: usize, seq: usize) -> usize {
+    let rows = BACKWARD_BLOCK_BUDGET.get() / (batch_heads * seq).max(1);
+    if rows >= seq { seq } else { (rows / 64 * 64).max(64) }
+}
+
+/// FlashAttention-2's backward (Dao 2023, algorithm 2) in tensor ops, by blocks of query rows
+/// `[start, end)` against keys `[0, end)` (the later keys are masked for all of them):
+/// `P = softmax(s q k^T + mask)`, `dV += P^T dO`, `dP = dO V^T`, `dS = P (dP - D)` with
+/// `D = rowsum(dO * O)` (equal to `rowsum(P * dP)`, one pass over `[seq, head_dim]` instead of
+/// the scores), `dQ = s dS K`, `dK += s dS^T Q`. In the inputs' dtype, as Burn's composed
+/// attention computes (f16 in mixed precision).
+fn recomputed_backward<B: Backend>(
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    out: FloatTensor<B>,
+    grad: FloatTensor<B>,
+) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>) {
+    let [batch, heads, seq, head_dim] = q.shape().dims::<4>();
+    let scale = 1.0 / (head_dim as f64).sqrt();
+    let device = q.device();
+    let settings = get_or_init_device_settings::<B>(&device);
+    let rows = |t: FloatTensor<B>, r: Range<usize>| B::float_slice(t, &[Slice::from(0..batch), Slice::from(0..heads), Slice::from(r), Slice::from(0..head_dim)]);
+    let delta = B::float_sum_dim(B::float_mul(grad.clone(), out), 3);
+    let block = backward_block_rows(batch * heads, seq);
+    let starts: Vec<usize> = (0..seq).step_by(block).collect();
+    let (mut dq_blocks, mut dk, mut dv) = (Vec::with_capacity(starts.len()), None, None);
+    // The last block first: it sees every key, so its dK and dV are whole and the earlier
+    // blocks add into their leading rows.
+    for &start in starts.iter().rev() {
+        let end = (start + block).min(seq);
+        let (q_rows, grad_rows, delta_rows) = (rows(q.clone(), start..end), rows(grad.clone(), start..end), rows(delta.clone(), start..end));
+        let (k_seen, v_seen) = (rows(k.clone(), 0..end), rows(v.clone(), 0..end));
+        let scores = B::float_mul_scalar(B::float_matmul(q_rows.clone(), B::float_transpose(k_seen.clone())), scale.into());
+        let query_pos = B::int_reshape(B::int_arange(start as i64..end as i64, &device, settings.int_dtype), Shape::new([end - start, 1]));
+        let key_pos = B::int_reshape(B::int_arange(0..end as i64, &device, settings.int_dtype), Shape::new([1, end]));
+        let later_key = B::bool_reshape(B::int_lower(query_pos, key_pos, settings.bool_dtype), Shape::new([1, 1, end - start, end]));
+        let later_key = B::bool_expand(later_key, Shape::new([batch, heads, end - start, end]));
+        let scores = B::float_mask_fill(scores, later_key, f32::NEG_INFINITY.into());
+        let exp = B::float_exp(B::float_sub(scores.clone(), B::float_max_dim(scores, 3)));
+        let probs = B::float_div(exp.clone(), B::float_sum_dim(exp, 3));
+        let dv_seen = B::float_matmul(B::float_transpose(probs.clone()), grad_rows.clone());
+        let dprobs = B::float_matmul(grad_rows, B::float_transpose(v_seen));
+        let dscores = B::float_mul_scalar(B::float_mul(probs, B::float_sub(dprobs, delta_rows)), scale.into());
+        dq_blocks.push(B::float_matmul(dscores.clone(), k_seen));
+        let dk_seen = B::float_matmul(B::float_transpose(dscores), q_rows);
+        let add_rows = |total: Option<FloatTensor<B>>, part: FloatTensor<B>| match total {
+            None => part,
+            Some(total) => {
+                let range = [Slice::from(0..batch), Slice::from(0..heads), Slice::from(0..end), Slice::from(0..head_dim)];
+                let sum = B::float_add(B::float_slice(total.clone(), &range), part);
+                B::float_slice_assign(total, &range, sum)
+            }
+        };
+        dk = Some(add_rows(dk, dk_seen));
+        dv = Some(add_rows(dv, dv_seen));
+    }
+    dq_blocks.reverse();
+    let dq = if dq_blocks.len() == 1 { dq_blocks.pop().unwrap() } else { B::float_cat(dq_blocks, 2) };
+    (dq, dk.expect("seq > 0"), dv.expect("seq > 0"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,29 +451,90 @@ mod tests {
     }
 
     /// Gradients of q, k and v through the fused op and through Burn's composed attention, for an
-    /// uneven upstream gradient, agree to 1e-5; also for strided (swapped-dims) inputs as the
+    /// uneven upstream gradient, agree to 1e-4; also for strided (swapped-dims) inputs as the
     /// model passes them.
     #[test]
     fn fused_gradients_equal_composed() {
         for shape in SHAPES {
-            gradients_equal_composed(shape);
+            gradients_equal_composed(shape, causal_attention);
         }
     }
 
-    fn gradients_equal_composed(shape: [usize; 4]) {
+    #[test]
+    fn recomputed_forward_equals_composed() {
+        for shape in SHAPES {
+            let [q, k, v] = qkv(&Device::flex().autodiff(), shape);
+            assert_close(recomputed_causal_attention(q.clone(), k.clone(), v.clone()), composed_causal_attention(q, k, v), 1e-5);
+        }
+    }
+
+    /// The recomputed backward equals Burn's composed attention's in one block and split into
+    /// blocks of 64 query rows (the second shape: 3 blocks, the last partial; the first: 64-row
+    /// blocks of 9 rows are one).
+    #[test]
+    fn recomputed_gradients_equal_composed_in_one_block_and_in_several() {
+        for shape in SHAPES {
+            gradients_equal_composed(shape, recomputed_causal_attention);
+            let [b, h, t, _] = shape;
+            assert_eq!(backward_block_rows(b * h, t), t);
+            crate::with_setting(&BACKWARD_BLOCK_BUDGET, b * h * t * 64, || {
+                assert_eq!(backward_block_rows(b * h, t), t.min(64));
+                gradients_equal_composed(shape, recomputed_causal_attention);
+            });
+        }
+    }
+
+    #[test]
+    fn backward_blocks_bound_the_scores_of_7b() {
+        // Llama 2 7B, micro-batch 1 x 4096: 32 heads.
+        assert_eq!(backward_block_rows(32, 4096), 512);
+        assert!(32 * 512 * 4096 <= BACKWARD_BLOCK_ELEMENTS);
+        // Bench-medium, 16 x 512, 12 heads: one block.
+        assert_eq!(backward_block_rows(16 * 12, 512), 512);
+    }
+
+    /// On a cubecl device (wgpu; Mesa's lavapipe runs it on a CPU) the recomputed op, in one
+    /// block and in several, gives the gradients of Burn's composed attention on flex: the
+    /// `Cube` route of the extension and of its autodiff op. Built only with `--features wgpu`.
+    #[cfg(feature = "wgpu")]
+    #[test]
+    fn recomputed_gradients_on_wgpu_equal_composed_on_flex() {
+        let gpu = crate::device::parse("wgpu").unwrap().autodiff();
+        let flex = Device::flex().autodiff();
+        for shape in SHAPES {
+            let [q, k, v] = qkv(&flex, shape);
+            let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &flex);
+            let grads_on = |device: &Device, attend: fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
+                let [q, k, v] = [&q, &k, &v].map(|t| t.clone().to_device(device).require_grad());
+                let out = attend(q.clone(), k.clone(), v.clone());
+                let grads = (out * weights.clone().to_device(device)).sum().backward();
+                [&q, &k, &v].map(|t| t.grad(&grads).unwrap().to_device(&Device::flex()))
+            };
+            let want = grads_on(&flex, composed_causal_attention);
+            let [b, h, t, _] = shape;
+            for budget in [BACKWARD_BLOCK_ELEMENTS, b * h * t * 64] {
+                let got = crate::with_setting(&BACKWARD_BLOCK_BUDGET, budget, || grads_on(&gpu, causal_attention));
+                for (g, w) in got.into_iter().zip(want.clone()) {
+                    assert_close(g, w, 1e-4);
+                }
+            }
+        }
+    }
+
+    fn gradients_equal_composed(shape: [usize; 4], attend: fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>) {
         let device = Device::flex().autodiff();
         let [q, k, v] = qkv(&device, shape);
         let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
-        let grads_of = |fused: bool| {
+        let grads_of = |ours: bool| {
             let (q, k, v) = (q.clone().require_grad(), k.clone().require_grad(), v.clone().require_grad());
             // Strided views, as `Attention::forward` produces them.
             let (qs, ks, vs) = (q.clone().swap_dims(1, 2).swap_dims(1, 2), k.clone(), v.clone().swap_dims(1, 2).swap_dims(1, 2));
-            let out = if fused { causal_attention(qs, ks, vs) } else { composed_causal_attention(qs, ks, vs) };
+            let out = if ours { attend(qs, ks, vs) } else { composed_causal_attention(qs, ks, vs) };
             let grads = (out * weights.clone()).sum().backward();
             [q.grad(&grads).unwrap(), k.grad(&grads).unwrap(), v.grad(&grads).unwrap()]
         };
-        for (fused, composed) in grads_of(true).into_iter().zip(grads_of(false)) {
-            assert_close(fused, composed, 1e-4);
+        for (ours, composed) in grads_of(true).into_iter().zip(grads_of(false)) {
+            assert_close(ours, composed, 1e-4);
         }
     }
 }

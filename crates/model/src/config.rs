@@ -100,12 +100,16 @@ pub struct TrainingMemory {
     pub optimizer: OptimizerPlacement,
     /// Positions per chunk of the output projection and loss (None: the whole logits at once).
     pub logits_chunk: Option<usize>,
+    /// Whether attention keeps its probabilities for backward (`heads * seq` per token and layer
+    /// in `precision`): the fused CPU attention does (flex, f32); on a GPU attention recomputes
+    /// them in backward and keeps none.
+    pub keeps_attention_probs: bool,
 }
 
 impl TrainingMemory {
-    /// No recomputation, optimizer on the device, whole logits.
+    /// No recomputation, optimizer on the device, whole logits, attention as on a GPU.
     pub fn new(precision: Precision) -> Self {
-        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None }
+        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None, keeps_attention_probs: false }
     }
 }
 
@@ -130,7 +134,9 @@ pub struct MemoryEstimate {
 
 /// What a run really takes over [`MemoryEstimate::total`]: on an H100 (Vulkan) the 134M config's
 /// peak device memory (nvidia-smi) was 1.32x the estimate in f32 and 1.31x in f16 (allocator
-/// pools, the f32 logits copy, buffers kept for backward; docs/benchmarks.md).
+/// pools, the f32 logits copy, buffers kept for backward; docs/benchmarks.md). Measured when
+/// attention was Burn's composed op, whose two kept score-sized tensors per layer the estimate
+/// then counted; not re-measured since attention recomputes them.
 pub const MEASURED_OVERHEAD: f64 = 1.35;
 
 impl MemoryEstimate {
@@ -354,11 +360,14 @@ impl LlamaConfig {
     /// Weights and gradients in the compute dtype; AdamW moments in f32 and an f32 master copy
     /// (when the compute dtype is not f32) on the device, or with `OptimizerPlacement::Host` on
     /// the host with an f32 gradient accumulator. Activations count the tensors our forward keeps
-    /// for backward (attention scores materialised, as Burn's autodiff attention does) and the
-    /// logits with their f32 softmax and gradient; with `Recompute::Block`, each block's input
-    /// plus twice one block's tensors (its re-run and the gradients flowing through it); with
-    /// `logits_chunk`, the logits of one chunk. An estimate: allocator slack and workspace are
-    /// not counted (see [`MEASURED_OVERHEAD`]).
+    /// for backward and the logits with their f32 softmax and gradient; with `Recompute::Block`,
+    /// each block's input plus twice one block's tensors (its re-run and the gradients flowing
+    /// through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
+    /// tensor on a GPU (it recomputes its probabilities in backward, `crate::attention`), its
+    /// probabilities with `keeps_attention_probs` (the fused CPU kernel); one layer's attention
+    /// at a time holds four `[batch, heads, seq, seq]` tensors while it runs (Burn's composed
+    /// forward, where the flash kernel does not launch). An estimate: allocator slack and
+    /// workspace are not counted (see [`MEASURED_OVERHEAD`]).
     pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> MemoryEstimate {
         let p = self.num_params();
         let b = plan.precision.bytes();
@@ -370,9 +379,11 @@ impl LlamaConfig {
         let t = seq_len as u64;
         let layers = self.n_layers as u64;
         // Per token and layer: two norm inputs and outputs (4d), q/k/v (d + 2kv), RoPE'd q/k
-        // (d + kv), expanded k/v for GQA (2d), scores and probabilities (2 h t), attention output
-        // (d), residuals (2d), SwiGLU gate, up, silu and product (4f).
-        let per_token_layer = 4 * d + (d + 2 * kv) + (d + kv) + 2 * d + 2 * h * t + d + 2 * d + 4 * f;
+        // (d + kv), expanded k/v for GQA (2d), attention output (d), residuals (2d), SwiGLU
+        // gate, up, silu and product (4f); the attention probabilities (h t) if kept.
+        let probs = if plan.keeps_attention_probs { h * t } else { 0 };
+        let per_token_layer = 4 * d + (d + 2 * kv) + (d + kv) + 2 * d + d + 2 * d + 4 * f + probs;
+        let attention_scores = 4 * micro_batch as u64 * h * t * t * b;
         let blocks = match plan.recompute {
             Recompute::None => tokens * layers * per_token_layer * b,
             Recompute::Block => tokens * layers * d * b + 2 * tokens * per_token_layer * b,
@@ -386,7 +397,7 @@ impl LlamaConfig {
             master_weights: if on_host { 0 } else { master },
             gradients: p * b,
             optimizer: if on_host { 0 } else { 2 * p * 4 },
-            activations: blocks + logits,
+            activations: blocks + logits + attention_scores,
             host_master_weights: if on_host { p * 4 } else { 0 },
             host_optimizer: if on_host { 2 * p * 4 } else { 0 },
             host_gradients: if on_host { p * 4 } else { 0 },
@@ -464,6 +475,21 @@ mod tests {
         assert!(m16.activations < m32.activations);
     }
 
+    /// The fused CPU attention's kept probabilities are `heads * seq` values per token and
+    /// layer; attention's transient scores (four `[batch, heads, seq, seq]` tensors) count once.
+    #[test]
+    fn memory_estimate_counts_attention_probabilities_only_where_kept() {
+        let c = preset("7b.toml");
+        let gpu = c.memory_estimate(2, 1024, &TrainingMemory::new(Precision::F32));
+        let cpu = c.memory_estimate(2, 1024, &TrainingMemory { keeps_attention_probs: true, ..TrainingMemory::new(Precision::F32) });
+        assert_eq!(cpu.activations - gpu.activations, (2 * 1024) * 32 * (32 * 1024) * 4);
+        let longer = c.memory_estimate(2, 2048, &TrainingMemory::new(Precision::F32));
+        // Four f32 score tensors of micro-batch 2 x 32 heads x seq x seq.
+        let scores = |seq: u64| 4 * (2 * 32 * seq * seq) * 4;
+        // Without kept probabilities the rest grows linearly with the tokens (logits included).
+        assert_eq!((gpu.activations - scores(1024)) / 2048, (longer.activations - scores(2048)) / 4096);
+    }
+
     /// The host optimizer moves exactly the f32 master and AdamW's moments off the device (and
     /// adds the f32 gradient accumulator on the host); block recomputation and chunked logits
     /// cut the activations several-fold at 7B x 4096 and leave the rest alone.
@@ -478,7 +504,7 @@ mod tests {
         assert_eq!(host.host_total(), 4 * p + 8 * p + 4 * p);
         let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };
         let lean = c.memory_estimate(1, 4096, &saving);
-        assert!(lean.activations * 5 < plain.activations, "{} vs {}", lean.activations, plain.activations);
+        assert!(lean.activations * 4 < plain.activations, "{} vs {}", lean.activations, plain.activations);
         assert_eq!((lean.weights, lean.gradients, lean.optimizer), (plain.weights, plain.gradients, plain.optimizer));
         // The saved block inputs: 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB of it.
         assert!(lean.activations > 32 * 4096 * 4096 * 2);

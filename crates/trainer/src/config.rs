@@ -291,9 +291,16 @@ impl RunConfig {
         Ok(())
     }
 
-    /// The memory-relevant settings of a run in `precision`.
+    /// The memory-relevant settings of a run in `precision` (on the CPU in f32, attention is the
+    /// fused kernel that keeps its probabilities).
     pub fn training_memory(&self, precision: llama_model::Precision, train: &TrainConfig) -> TrainingMemory {
-        TrainingMemory { precision, recompute: train.recompute, optimizer: self.optimizer, logits_chunk: train.memory_saving().logits_chunk }
+        TrainingMemory {
+            precision,
+            recompute: train.recompute,
+            optimizer: self.optimizer,
+            logits_chunk: train.memory_saving().logits_chunk,
+            keeps_attention_probs: llama_model::device::is_cpu(&self.device) && precision == llama_model::Precision::F32,
+        }
     }
 
     pub fn peak_flops(&self) -> f64 {

@@ -102,17 +102,21 @@ mod tests {
         assert!(check_fits(&run, &tiny, 4, 128, &TrainingMemory::new(Precision::F32)).is_ok());
     }
 
-    /// 7B at micro-batch 1 x 4096 in bf16 fits an 80 GiB device only with both block
-    /// recomputation and the host optimizer; 13B too.
+    /// At micro-batch 1 x 4096 in bf16 on an 80 GiB device, 13B fits only with both block
+    /// recomputation and the host optimizer; 7B needs the host optimizer and fits without
+    /// recomputation too (74 GiB expected: attention keeps no score-sized tensors); with the
+    /// optimizer on the device neither fits.
     #[test]
-    fn seven_b_fits_eighty_gib_with_recomputation_and_the_host_optimizer() {
+    fn seven_and_thirteen_b_fit_eighty_gib_with_the_host_optimizer() {
         let run = RunConfig { device_memory_gib: Some(80.0), ..RunConfig::default() };
         let preset = |name: &str| LlamaConfig::from_toml_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name)).unwrap();
-        for model in [preset("7b.toml"), preset("13b.toml")] {
-            let plan = |recompute, optimizer| TrainingMemory { recompute, optimizer, logits_chunk: (recompute == Recompute::Block).then_some(1024), ..TrainingMemory::new(Precision::Bf16) };
-            assert!(check_fits(&run, &model, 1, 4096, &plan(Recompute::Block, OptimizerPlacement::Host)).is_ok());
-            for (r, o) in [(Recompute::None, OptimizerPlacement::Device), (Recompute::Block, OptimizerPlacement::Device), (Recompute::None, OptimizerPlacement::Host)] {
-                assert!(check_fits(&run, &model, 1, 4096, &plan(r, o)).is_err(), "{r:?} {o:?}");
+        let plan = |recompute, optimizer| TrainingMemory { recompute, optimizer, logits_chunk: (recompute == Recompute::Block).then_some(1024), ..TrainingMemory::new(Precision::Bf16) };
+        for (name, fits_without_recompute) in [("7b.toml", true), ("13b.toml", false)] {
+            let model = preset(name);
+            assert!(check_fits(&run, &model, 1, 4096, &plan(Recompute::Block, OptimizerPlacement::Host)).is_ok(), "{name}");
+            assert_eq!(check_fits(&run, &model, 1, 4096, &plan(Recompute::None, OptimizerPlacement::Host)).is_ok(), fits_without_recompute, "{name}");
+            for r in [Recompute::None, Recompute::Block] {
+                assert!(check_fits(&run, &model, 1, 4096, &plan(r, OptimizerPlacement::Device)).is_err(), "{name} {r:?}");
             }
         }
     }
