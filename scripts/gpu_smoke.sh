@@ -7,7 +7,9 @@
 # The binaries may travel compressed (xz) and be unpacked on the GPU machine. The GPU features
 # build Burn's kernel fusion and autotuning in; BIN_BARE, when set, names a `llama` built without
 # them (`cargo build --release -p llama-cli --features llama-model/vulkan`, copied aside), whose
-# bench runs alternate with the fused one's (A/B, same run).
+# bench runs alternate with the fused one's (A/B, same run). Each dtype also runs the fused build
+# with `--burn-attention` (Burn's composed attention instead of ours: flash forward, probabilities
+# recomputed in backward), the A/B of our attention op.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN="${BIN:-target/release}"
@@ -15,13 +17,17 @@ OUT="${OUT:-runs/gpu-smoke}"
 DEVICE="${DEVICE:-vulkan}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "nvidia-smi not found"
-bench() { # binary, dtype, json
-    timeout 110 "$1" bench --config configs/bench-medium.toml --batch 16 --seq-len 512 --steps 5 --gen-tokens 64 \
-        --device "$DEVICE" --dtype "$2" --json "$3" 2>&1 | tail -5
+bench() { # binary, dtype, json, extra flags...
+    local bin=$1 dt=$2 json=$3
+    shift 3
+    timeout 110 "$bin" bench --config configs/bench-medium.toml --batch 16 --seq-len 512 --steps 5 --gen-tokens 64 \
+        --device "$DEVICE" --dtype "$dt" --json "$json" "$@" 2>&1 | tail -5
 }
 for dt in f32 f16; do
     echo "--- bench $dt (fused)"
     bench "$BIN/llama" "$dt" "$OUT/bench-$DEVICE-$dt.json"
+    echo "--- bench $dt (fused, Burn's attention)"
+    bench "$BIN/llama" "$dt" "$OUT/bench-$DEVICE-$dt-burn-attention.json" --burn-attention
     if [ -n "${BIN_BARE:-}" ]; then
         echo "--- bench $dt (bare: no fusion, no autotune)"
         bench "$BIN_BARE/llama" "$dt" "$OUT/bench-$DEVICE-$dt-bare.json"

@@ -118,10 +118,17 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
         /// Run Burn's composed tensor ops instead of our fused CPU kernels (cross-entropy,
-        /// attention, RoPE, SwiGLU, RMSNorm, AdamW), to measure what they buy. No effect on GPUs,
-        /// where the composed ops always run.
+        /// attention, RoPE, SwiGLU, RMSNorm, AdamW), to measure what they buy; attention then
+        /// takes the GPU path (see --burn-attention). No effect on GPUs, where the composed ops
+        /// always run.
         #[arg(long)]
         unfused: bool,
+        /// Attention through Burn's composed op (under autodiff: about ten tensor ops, two
+        /// score-sized tensors per layer kept for backward) instead of ours (the fused CPU kernel
+        /// on flex f32; elsewhere Burn's forward with the probabilities recomputed in backward),
+        /// to measure what ours buys.
+        #[arg(long)]
+        burn_attention: bool,
         /// Keep only each block's input and re-run the block in backward (train.recompute).
         #[arg(long, value_enum, default_value_t = Recompute::None)]
         recompute: Recompute,
@@ -434,15 +441,17 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             println!("wrote {target:?} to {} ({} parameters)", to.display(), config.num_params());
             Ok(())
         }
-        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused, recompute, logits_chunk } => {
+        Command::Bench { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused, burn_attention, recompute, logits_chunk } => {
             let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
             if batch == 0 || seq_len == 0 || logits_chunk == Some(0) {
                 bail!("--batch, --seq-len and --logits-chunk must be > 0");
             }
             let saving = MemorySaving::new(recompute, logits_chunk);
-            let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, !unfused, saving);
-            // The switch is per thread; every op of the benchmark runs on this one.
-            if unfused { llama_model::without_fused_kernels(run) } else { run() }
+            let ops = BenchOps { fused: !unfused, our_attention: !burn_attention };
+            let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, ops, saving);
+            // The switches are per thread; every op of the benchmark runs on this one.
+            let run = || if unfused { llama_model::without_fused_kernels(run) } else { run() };
+            if burn_attention { llama_model::attention::with_burn_attention(run) } else { run() }
         }
         Command::Chat { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt, tools } => {
             let toolbox = tools.toolbox()?;
@@ -523,6 +532,15 @@ fn peak_rss_gib() -> f64 {
         .map_or(0.0, |kb| kb / (1024.0 * 1024.0))
 }
 
+/// Which of our own ops `llama bench` runs (both by default).
+#[derive(Clone, Copy)]
+struct BenchOps {
+    /// The fused CPU kernels (off: `--unfused`).
+    fused: bool,
+    /// Our attention ops (off: `--burn-attention`).
+    our_attention: bool,
+}
+
 #[allow(clippy::too_many_arguments)]
 fn bench(
     config: &std::path::Path,
@@ -533,7 +551,7 @@ fn bench(
     device: &str,
     precision: Precision,
     json: Option<PathBuf>,
-    fused: bool,
+    ops: BenchOps,
     saving: MemorySaving,
 ) -> Result<()> {
     use burn::module::Module;
@@ -595,13 +613,14 @@ fn bench(
     let mut report = serde_json::json!({
         "config": config.display().to_string(), "dtype": precision.name(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
         "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
-        "train_gflops_per_s": gflops, "fused_kernels": fused,
+        "train_gflops_per_s": gflops, "fused_kernels": ops.fused, "our_attention": ops.our_attention,
         "recompute": if saving.recompute_blocks { "block" } else { "none" }, "logits_chunk": saving.logits_chunk,
     });
-    let ops = if fused { "" } else { ", Burn's composed ops (--unfused)" };
+    let attention = if ops.our_attention { "" } else { ", Burn's attention (--burn-attention)" };
+    let ops = if ops.fused { "" } else { ", Burn's composed ops (--unfused)" };
     let recompute = if saving.recompute_blocks { ", block recomputation" } else { "" };
     let chunks = saving.logits_chunk.map_or(String::new(), |c| format!(", logits in chunks of {c}"));
-    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}{recompute}{chunks}", config.display(), c.num_params(), precision.name());
+    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}{attention}{recompute}{chunks}", config.display(), c.num_params(), precision.name());
     println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
     if gen_tokens > 0 {
         let plain = model.valid();

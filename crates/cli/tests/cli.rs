@@ -392,6 +392,12 @@ fn bench_reports_every_phase() {
     assert!(ok && out.contains("--unfused"), "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(false));
+    assert_eq!(report["our_attention"], serde_json::Value::Bool(true));
+    // Burn's composed attention instead of ours (the A/B of the recomputed backward).
+    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--unfused", "--burn-attention", "--json", json.to_str().unwrap()]);
+    assert!(ok && out.contains("--burn-attention"), "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(report["our_attention"], serde_json::Value::Bool(false));
     let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
     assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
     // Block recomputation with chunked logits: the same report, marked; bad sizes refused.

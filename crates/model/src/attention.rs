@@ -44,7 +44,7 @@ use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
 /// # Shapes
 /// - q, k, v: `[batch, heads, seq, head_dim]` (k and v already repeated to `heads`) -> same
 pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
-    if q.dims()[2] != k.dims()[2] {
+    if q.dims()[2] != k.dims()[2] || BURN_ATTENTION.get() {
         composed_causal_attention(q, k, v)
     } else if crate::flex_kernels::enabled(&q.device()) && q.dtype() == DType::F32 {
         let out = <Dispatch as CausalAttentionBackend>::causal_attention(q.into_dispatch(), k.into_dispatch(), v.into_dispatch());
@@ -52,6 +52,18 @@ pub fn causal_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>) -> Tensor<4> {
     } else {
         recomputed_causal_attention(q, k, v)
     }
+}
+
+thread_local! {
+    /// Set by [`with_burn_attention`] for the calling thread.
+    static BURN_ATTENTION: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Runs `f` with [`causal_attention`] going to Burn's composed attention on every backend, as
+/// before the recomputed op existed: for benchmarks that measure what it buys
+/// (`llama bench --burn-attention`). The backward of a graph follows its forward's path.
+pub fn with_burn_attention<R>(f: impl FnOnce() -> R) -> R {
+    crate::with_setting(&BURN_ATTENTION, true, f)
 }
 
 /// [`causal_attention`] through [`RecomputedAttentionBackend`] (the path on every backend but
