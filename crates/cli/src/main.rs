@@ -346,7 +346,7 @@ fn run(cli: Cli) -> Result<()> {
                 "dtype", "weights", "master f32", "grads", "AdamW", "activations", "device", "expected peak", "host"
             );
             for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
-                let keeps_attention_probs = cpu && p == Precision::F32;
+                let keeps_attention_probs = TrainingMemory::attention_keeps_probs(p, cpu);
                 let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, ..TrainingMemory::new(p) };
                 let m = c.memory_estimate(micro_batch, seq, &plan);
                 println!(

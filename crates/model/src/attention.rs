@@ -293,14 +293,23 @@ impl<B: Backend + CausalAttentionBackend> Backward<B, 3> for CausalAttention {
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, probs) = ops.state;
-        let (dq, dk, dv) = B::causal_attention_backward(q, k, v, probs, grad);
-        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
+        register_qkv_grads::<B, _>(ops, grads, |(q, k, v, probs), grad| B::causal_attention_backward(q, k, v, probs, grad));
+    }
+}
+
+/// The backward of an attention op over (q, k, v): `qkv_grads` turns the op's state and the
+/// output's gradient into the three inputs' gradients, registered on the parents that track one.
+fn register_qkv_grads<B: Backend, S>(
+    ops: Ops<S, 3>,
+    grads: &mut Gradients,
+    qkv_grads: impl FnOnce(S, FloatTensor<B>) -> (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>),
+) {
+    let [node_q, node_k, node_v] = ops.parents;
+    let grad = grads.consume::<B>(&ops.node);
+    let (dq, dk, dv) = qkv_grads(ops.state, grad);
+    for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
+        if let Some(node) = node {
+            grads.register::<B>(node.id, g);
         }
     }
 }
@@ -364,15 +373,7 @@ impl<B: Backend + RecomputedAttentionBackend> Backward<B, 3> for RecomputedAtten
     type State = (FloatTensor<B>, FloatTensor<B>, FloatTensor<B>, FloatTensor<B>);
 
     fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
-        let [node_q, node_k, node_v] = ops.parents;
-        let grad = grads.consume::<B>(&ops.node);
-        let (q, k, v, out) = ops.state;
-        let (dq, dk, dv) = B::recomputed_attention_backward(q, k, v, out, grad);
-        for (node, g) in [(node_q, dq), (node_k, dk), (node_v, dv)] {
-            if let Some(node) = node {
-                grads.register::<B>(node.id, g);
-            }
-        }
+        register_qkv_grads::<B, _>(ops, grads, |(q, k, v, out), grad| B::recomputed_attention_backward(q, k, v, out, grad));
     }
 }
 
@@ -400,7 +401,11 @@ fn recomputed_backward<B: Backend>(
     let scale = 1.0 / (head_dim as f64).sqrt();
     let device = q.device();
     let settings = get_or_init_device_settings::<B>(&device);
-    let rows = |t: FloatTensor<B>, r: Range<usize>| B::float_slice(t, &[Slice::from(0..batch), Slice::from(0..heads), Slice::from(r), Slice::from(0..head_dim)]);
+    // Rows `r` of a `[batch, heads, seq, last]` tensor (q, k, v, the gradient; `delta`'s last is 1).
+    let rows = |t: FloatTensor<B>, r: Range<usize>| {
+        let last = t.shape().dims::<4>()[3];
+        B::float_slice(t, &[Slice::from(0..batch), Slice::from(0..heads), Slice::from(r), Slice::from(0..last)])
+    };
     let delta = B::float_sum_dim(B::float_mul(grad.clone(), out), 3);
     let block = backward_block_rows(batch * heads, seq);
     let starts: Vec<usize> = (0..seq).step_by(block).collect();

@@ -111,6 +111,12 @@ impl TrainingMemory {
     pub fn new(precision: Precision) -> Self {
         Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None, keeps_attention_probs: false }
     }
+
+    /// Whether attention keeps its probabilities when training in `precision` on the CPU
+    /// (`on_cpu`) or a GPU: only the fused CPU kernel does, in f32.
+    pub fn attention_keeps_probs(precision: Precision, on_cpu: bool) -> bool {
+        on_cpu && precision == Precision::F32
+    }
 }
 
 /// Estimated training memory, in bytes: one device's share (the first five fields) and the

@@ -299,7 +299,7 @@ impl RunConfig {
             recompute: train.recompute,
             optimizer: self.optimizer,
             logits_chunk: train.memory_saving().logits_chunk,
-            keeps_attention_probs: llama_model::device::is_cpu(&self.device) && precision == llama_model::Precision::F32,
+            keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&self.device)),
         }
     }
 
