@@ -3,7 +3,7 @@
 our config), AdamW, batch, sequence length and thread count, f32 eager; then Hugging Face `generate`
 with its KV cache (greedy). Prints and writes the same JSON fields as `llama bench`.
 
-Usage: python scripts/bench_torch.py --config configs/bench-small.toml --batch 8 --seq-len 256 --steps 5 --gen-tokens 64 [--threads 2] [--json out.json]
+Usage: python scripts/bench_torch.py --config configs/bench-small.toml --batch 8 --seq-len 256 --steps 5 --gen-tokens 64 [--threads 2] [--device cuda --dtype bf16] [--compile] [--json out.json]
 """
 import argparse
 import contextlib
@@ -36,6 +36,7 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="autocast dtype (mixed precision, f32 weights)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model (training steps only; generation stays eager)")
     ap.add_argument("--json")
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -52,6 +53,7 @@ def main():
                       attn_implementation="sdpa")
     model = LlamaForCausalLM(cfg).to(dev)
     params = sum(p.numel() for p in model.parameters())
+    train_model = torch.compile(model) if a.compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
     ids = torch.randint(0, cfg.vocab_size, (a.batch, a.seq_len + 1)).to(dev)
     inputs, targets = ids[:, :-1], ids[:, 1:]
@@ -60,7 +62,7 @@ def main():
         sync()
         t0 = time.perf_counter()
         with autocast():
-            logits = model(inputs).logits
+            logits = train_model(inputs).logits
         loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, cfg.vocab_size), targets.reshape(-1))
         sync()
         t1 = time.perf_counter()
@@ -78,7 +80,7 @@ def main():
     n = max(a.steps, 1)
     step_s = (fwd + bwd + step_t) / n
     tok_s = a.batch * a.seq_len / step_s
-    out = {"config": a.config, "device": a.device, "dtype": a.dtype, "params": params, "batch": a.batch, "seq_len": a.seq_len, "steps": a.steps,
+    out = {"config": a.config, "device": a.device, "dtype": a.dtype, "compiled": a.compile, "params": params, "batch": a.batch, "seq_len": a.seq_len, "steps": a.steps,
            "train_tokens_per_s": tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": step_t / n}
     print(f"model {a.config} ({params} parameters), batch {a.batch} x seq {a.seq_len}, torch {torch.__version__}, {a.threads} threads")
     print(f"train  {tok_s:10.1f} tokens/s | step {step_s:.3f} s = forward {fwd / n:.3f} + backward {bwd / n:.3f} + AdamW {step_t / n:.3f}")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: the whole workspace's tests, built with the `mpi` feature so that the MPI jobs
-# (`mpirun -np 2/3`) are tested too, plus the Python readers they call (TensorBoard's own event
+# (`mpirun -np 2/3`) are tested too, then `cargo check` of the CUDA build, plus the Python readers they call (TensorBoard's own event
 # reader, llama.cpp's `gguf` package) installed from the package index into a cached virtual
 # environment. OpenMPI and libclang
 # (which the `mpi` crate's build needs) are installed with apt-get when missing.
@@ -32,6 +32,13 @@ trap 'rm -f "$log"' EXIT
 set -o pipefail
 # shellcheck disable=SC2086
 cargo test --workspace $mpi_features "$@" 2>&1 | tee "$log"
+# The CUDA build must keep compiling: every binary with `--features cuda` and the model crate's GPU
+# tests (it builds offline through crates/cubecl-llvm-offline; no GPU here to run it: that is
+# scripts/gpu/check.sh's job).
+start=$SECONDS
+cuda="llama-cli/cuda,llama-pretrain/cuda,llama-sft/cuda,llama-reward/cuda,llama-rlhf/cuda,llama-model/cuda"
+cargo check --quiet -p llama-cli -p llama-pretrain -p llama-sft -p llama-reward -p llama-rlhf -p llama-model --tests --features "$cuda" 2>&1 | tee -a "$log"
+echo "cargo check --features cuda: $((SECONDS - start)) s"
 # cargo prints one summary per test binary (the last is often an empty doc-test run): add them up.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

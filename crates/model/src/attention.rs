@@ -510,13 +510,16 @@ mod tests {
         assert_eq!(backward_block_rows(16 * 12, 512), 512);
     }
 
-    /// On a cubecl device (wgpu; Mesa's lavapipe runs it on a CPU) the recomputed op, in one
-    /// block and in several, gives the gradients of Burn's composed attention on flex: the
-    /// `Cube` route of the extension and of its autodiff op. Built only with `--features wgpu`.
-    #[cfg(feature = "wgpu")]
+    /// On a cubecl device (`device::gpu_for_tests`: cuda, vulkan or wgpu; Mesa's lavapipe runs
+    /// wgpu on a CPU) the recomputed op, in one block and in several, gives the gradients of
+    /// Burn's composed attention on flex: the `Cube` route of the extension and of its autodiff
+    /// op. Built only with a GPU feature.
+    #[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
     #[test]
-    fn recomputed_gradients_on_wgpu_equal_composed_on_flex() {
-        let gpu = crate::device::parse("wgpu").unwrap().autodiff();
+    fn recomputed_gradients_on_gpu_equal_composed_on_flex() {
+        let spec = crate::device::gpu_for_tests().unwrap();
+        eprintln!("attention gradients on {spec}");
+        let gpu = crate::device::parse(&spec).unwrap().autodiff();
         let flex = Device::flex().autodiff();
         for shape in SHAPES {
             let [q, k, v] = qkv(&flex, shape);

@@ -49,6 +49,16 @@ pub fn parse(spec: &str) -> Result<Device, ModelError> {
     }
 }
 
+/// The device the GPU tests run on: `LLAMA2_TEST_GPU` (e.g. `cuda`, `vulkan:1`), else the first
+/// GPU backend this build has (cuda, vulkan, wgpu); `None` in a CPU-only build.
+pub fn gpu_for_tests() -> Option<String> {
+    if let Ok(spec) = std::env::var("LLAMA2_TEST_GPU") {
+        return Some(spec);
+    }
+    let built = [("cuda", cfg!(feature = "cuda")), ("vulkan", cfg!(feature = "vulkan")), ("wgpu", cfg!(feature = "wgpu"))];
+    built.into_iter().find(|(_, on)| *on).map(|(name, _)| name.to_string())
+}
+
 /// Whether `spec` names the CPU backend (one device, host memory).
 pub fn is_cpu(spec: &str) -> bool {
     spec == "flex" || spec == "cpu"

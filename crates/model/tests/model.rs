@@ -407,18 +407,20 @@ fn block_recomputation_with_an_attention_mask() {
     assert_same_grads("block with a mask", &recomputed, &plain, 1e-5);
 }
 
-/// The same on a cubecl backend (Vulkan; lavapipe runs it on a CPU): recomputation is routed to
-/// `Cube` and gives the plain pass's gradients. Built only with `--features vulkan`.
-#[cfg(feature = "vulkan")]
+/// The same on a cubecl backend (`device::gpu_for_tests`: cuda, vulkan or wgpu; lavapipe runs
+/// wgpu on a CPU): recomputation is routed to `Cube` and gives the plain pass's gradients. Built
+/// only with a GPU feature.
+#[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
 #[test]
-fn block_recomputation_on_vulkan() {
-    let device = llama_model::device::parse("vulkan").unwrap().autodiff();
+fn block_recomputation_on_gpu() {
+    let spec = llama_model::device::gpu_for_tests().unwrap();
+    let device = llama_model::device::parse(&spec).unwrap().autodiff();
     let (model, rows, targets) = gqa_batch(&device, 60);
     let before = llama_model::recompute::reruns();
     let (plain_loss, plain) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving::default());
-    eprintln!("vulkan: plain pass done (loss {plain_loss})");
+    eprintln!("{spec}: plain pass done (loss {plain_loss})");
     let (loss, grads) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving { recompute_blocks: true, logits_chunk: Some(48) });
     assert!(llama_model::recompute::reruns() - before >= 7, "nothing was recomputed");
     assert!((loss - plain_loss).abs() < 1e-4, "loss {loss} vs {plain_loss}");
-    assert_same_grads("block + chunks on vulkan", &grads, &plain, 1e-4);
+    assert_same_grads(&format!("block + chunks on {spec}"), &grads, &plain, 1e-4);
 }

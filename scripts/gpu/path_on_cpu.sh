@@ -4,7 +4,7 @@
 # and autotuning included) computes what the CPU build computes; it measures no GPU speed.
 #   apt-get install -y mesa-vulkan-drivers libvulkan1          # lavapipe
 #   cargo build --release -p llama-pretrain -p llama-cli --features llama-pretrain/wgpu,llama-cli/wgpu
-#   BIN=$CARGO_TARGET_DIR/release MODEL=runs/pipeline/sft-skills scripts/gpu_path_on_cpu.sh
+#   BIN=$CARGO_TARGET_DIR/release MODEL=runs/pipeline/sft-skills scripts/gpu/path_on_cpu.sh
 # Checks: (1) greedy `llama generate` (KV cache, a tool call) gives the same text on wgpu as on
 # flex; (2) 10 steps of configs/tiny.toml pre-training, plain and with block recomputation on
 # wgpu, give every step's loss and gradient norm to a relative 1e-4. `--device vulkan` (cubecl's
@@ -13,7 +13,7 @@
 # Environment: BIN (the binaries' folder), MODEL (a chat checkpoint; default the pipeline's
 # sft-skills), OUT (runs/gpu-path-on-cpu).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BIN="${BIN:-target/release}"
 MODEL="${MODEL:-runs/pipeline/sft-skills}"
 OUT="${OUT:-runs/gpu-path-on-cpu}"
