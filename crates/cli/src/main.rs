@@ -1,5 +1,6 @@
 //! `llama`: inspect a config, convert checkpoints, generate text, chat with a model, benchmark.
 
+mod bench_optimizer;
 mod chat;
 
 use std::path::{Path, PathBuf};
@@ -35,6 +36,11 @@ enum Command {
         /// Sequences per micro-batch on one device.
         #[arg(long, default_value_t = 1)]
         micro_batch: usize,
+        /// Micro-batches per optimizer step on one device (train.batch_size / micro_batch_size /
+        /// devices / ranks): with --optimizer host and more than one, their f32 gradient sum is
+        /// kept on the device.
+        #[arg(long, default_value_t = 1)]
+        micro_batches: usize,
         /// Sequence length (defaults to the model's max_seq_len).
         #[arg(long)]
         seq_len: Option<usize>,
@@ -91,6 +97,20 @@ enum Command {
         /// other files stay). Without it such a directory is refused.
         #[arg(long)]
         overwrite: bool,
+    },
+    /// Benchmark the host optimizer step (`run.optimizer = "host"`: global norm, clip, AdamW and
+    /// the bf16 copy in one pass over the flat f32 master) against the machine's memory
+    /// bandwidth, measured in the same run by a parallel copy.
+    BenchOptimizer {
+        /// Parameters, in billions (the run holds 18 bytes per parameter).
+        #[arg(long, default_value_t = 0.5)]
+        params: f64,
+        /// Timed steps (after one warm-up step).
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Write the figures as JSON here too.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
     /// Benchmark training steps (forward, backward, AdamW) and KV-cache generation on random
     /// tokens: tokens/s, time per phase, achieved GFLOP/s, peak memory.
@@ -305,10 +325,10 @@ fn gib(bytes: u64) -> String {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Info { config, micro_batch, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks, cpu } => {
+        Command::Info { config, micro_batch, micro_batches, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks, cpu } => {
             let c = LlamaConfig::from_toml_file(&config)?;
-            if ranks == 0 {
-                bail!("--ranks must be >= 1");
+            if ranks == 0 || micro_batches == 0 {
+                bail!("--ranks and --micro-batches must be >= 1");
             }
             let seq = seq_len.unwrap_or(c.max_seq_len);
             if logits_chunk == Some(0) {
@@ -335,7 +355,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             let chunk_name = |c: Option<usize>| c.map_or("whole".to_string(), |c| c.to_string());
             println!(
-                "\ntraining memory on {}, micro-batch {micro_batch} x seq {seq}, recompute {}, optimizer on the {}, logits {}:",
+                "\ntraining memory on {}, micro-batch {micro_batch} x seq {seq} ({micro_batches} a step), recompute {}, optimizer on the {}, logits {}:",
                 if cpu { "the CPU" } else { "a GPU" },
                 name(recompute),
                 name(optimizer),
@@ -347,7 +367,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
                 let keeps_attention_probs = TrainingMemory::attention_keeps_probs(p, cpu);
-                let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, ..TrainingMemory::new(p) };
+                let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, micro_batches, ..TrainingMemory::new(p) };
                 let m = c.memory_estimate(micro_batch, seq, &plan);
                 println!(
                     "{dtype:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}{}",
@@ -365,7 +385,7 @@ fn run(cli: Cli) -> Result<()> {
             println!("\nbf16, every combination (device expected peak | host):");
             for r in [Recompute::None, Recompute::Block] {
                 for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
-                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), ..TrainingMemory::new(Precision::Bf16) });
+                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), micro_batches, ..TrainingMemory::new(Precision::Bf16) });
                     println!("  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}", name(r), name(o), gib(m.expected_peak()), gib(m.host_total()), fits(&m));
                 }
             }
@@ -453,6 +473,7 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             let run = || if unfused { llama_model::without_fused_kernels(run) } else { run() };
             if burn_attention { llama_model::attention::with_burn_attention(run) } else { run() }
         }
+        Command::BenchOptimizer { params, steps, json } => bench_optimizer::run(params, steps, json),
         Command::Chat { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt, tools } => {
             let toolbox = tools.toolbox()?;
             let device = device::parse(&sampling.device)?;
@@ -498,26 +519,14 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                 }
                 return Ok(());
             }
-            let tok = tokenizers::Tokenizer::from_file(&tokenizer_path)
-                .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", tokenizer_path.display()))?;
-            let sampling = sampling.config(max_new_tokens, tok.token_to_id("</s>"))?;
+            // Through our tokenizer: BOS and EOS are the ones the checkpoint's tokenizer declares.
+            let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
+            let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
             let (_, model) = checkpoint::load(&dir, &device)?;
-            let bos = tok.token_to_id("<s>");
-            let prompts = prompt
-                .iter()
-                .map(|p| {
-                    let enc = tok.encode(p.as_str(), false).map_err(|e| anyhow::anyhow!("cannot tokenize prompt: {e}"))?;
-                    Ok(bos.into_iter().chain(enc.get_ids().iter().copied()).collect::<Vec<u32>>())
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let prompts = prompt.iter().map(|p| tok.encode(p, true, false)).collect::<Result<Vec<_>, _>>()?;
             let out = generate(&model, &prompts, &sampling)?;
-            let decode = |ids: &[u32]| tok.decode(ids, true).map_err(|e| anyhow::anyhow!("cannot decode: {e}"));
             for ((p, ids), tokens) in prompt.iter().zip(&prompts).zip(&out.tokens) {
-                // The continuation is what it adds to the prompt's own decoding: decoded alone it
-                // would lose its leading space (the decoder strips the text's first one).
-                let (head, whole) = (decode(ids)?, decode(&[ids.as_slice(), tokens].concat())?);
-                let text = whole.strip_prefix(head.as_str()).map_or_else(|| decode(tokens), |t| Ok(t.to_string()))?;
-                println!("{p}{text}");
+                println!("{p}{}", tok.decode_after(ids, tokens)?);
                 println!("---");
             }
             Ok(())
@@ -526,10 +535,7 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
 }
 
 fn peak_rss_gib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok()))
-        .map_or(0.0, |kb| kb / (1024.0 * 1024.0))
+    llama_model::host_memory::peak_rss_bytes().map_or(0.0, |b| b as f64 / (1u64 << 30) as f64)
 }
 
 /// Which of our own ops `llama bench` runs (both by default).

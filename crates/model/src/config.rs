@@ -104,12 +104,15 @@ pub struct TrainingMemory {
     /// in `precision`): the fused CPU attention does (flex, f32); on a GPU attention recomputes
     /// them in backward and keeps none.
     pub keeps_attention_probs: bool,
+    /// Micro-batches per optimizer step on each device: with the optimizer on the host and more
+    /// than one, their gradients are summed on the device in f32 (an f32 copy of the gradients).
+    pub micro_batches: usize,
 }
 
 impl TrainingMemory {
     /// No recomputation, optimizer on the device, whole logits, attention as on a GPU.
     pub fn new(precision: Precision) -> Self {
-        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None, keeps_attention_probs: false }
+        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None, keeps_attention_probs: false, micro_batches: 1 }
     }
 
     /// Whether attention keeps its probabilities when training in `precision` on the CPU
@@ -126,6 +129,8 @@ pub struct MemoryEstimate {
     pub weights: u64,
     /// f32 master copy kept beside low-precision weights on the device (0 in f32 or on the host).
     pub master_weights: u64,
+    /// A micro-batch's gradients in the compute dtype, plus, with the optimizer on the host and
+    /// several micro-batches a step, their f32 sum (it leaves the device once per step).
     pub gradients: u64,
     /// AdamW first and second moments, always f32 (0 when on the host).
     pub optimizer: u64,
@@ -134,7 +139,7 @@ pub struct MemoryEstimate {
     pub host_master_weights: u64,
     /// Host: AdamW moments.
     pub host_optimizer: u64,
-    /// Host: the f32 gradients accumulated there.
+    /// Host: the step's f32 gradients, come down from the device.
     pub host_gradients: u64,
 }
 
@@ -365,7 +370,7 @@ impl LlamaConfig {
     ///
     /// Weights and gradients in the compute dtype; AdamW moments in f32 and an f32 master copy
     /// (when the compute dtype is not f32) on the device, or with `OptimizerPlacement::Host` on
-    /// the host with an f32 gradient accumulator. Activations count the tensors our forward keeps
+    /// the host, with the gradients summed in f32 on the device over several micro-batches. Activations count the tensors our forward keeps
     /// for backward and the logits with their f32 softmax and gradient; with `Recompute::Block`,
     /// each block's input plus twice one block's tensors (its re-run and the gradients flowing
     /// through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
@@ -398,10 +403,11 @@ impl LlamaConfig {
         let logits = logit_rows * self.vocab_size as u64 * (b + 4 + 4);
         let master = if plan.precision == Precision::F32 { 0 } else { p * 4 };
         let on_host = plan.optimizer == OptimizerPlacement::Host;
+        let gradient_sum = if on_host && plan.micro_batches > 1 { p * 4 } else { 0 };
         MemoryEstimate {
             weights: p * b,
             master_weights: if on_host { 0 } else { master },
-            gradients: p * b,
+            gradients: p * b + gradient_sum,
             optimizer: if on_host { 0 } else { 2 * p * 4 },
             activations: blocks + logits + attention_scores,
             host_master_weights: if on_host { p * 4 } else { 0 },
@@ -508,6 +514,10 @@ mod tests {
         assert_eq!(plain.total() - host.total(), plain.master_weights + plain.optimizer);
         assert_eq!((host.master_weights, host.optimizer), (0, 0));
         assert_eq!(host.host_total(), 4 * p + 8 * p + 4 * p);
+        // Several micro-batches a step: their f32 sum on the device too.
+        let accumulating = c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
+        assert_eq!(accumulating.total() - host.total(), 4 * p);
+        assert_eq!(accumulating.host_total(), host.host_total());
         let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };
         let lean = c.memory_estimate(1, 4096, &saving);
         assert!(lean.activations * 4 < plain.activations, "{} vs {}", lean.activations, plain.activations);

@@ -1,4 +1,4 @@
-//! Host allocator policy for training on the CPU.
+//! Host memory: the allocator policy for training on the CPU, and the process's peak resident size.
 //!
 //! A training step allocates and frees the same large buffers every step (logits alone are
 //! batch x seq x vocab x 4 bytes: 262 MB for bench-small). glibc serves every allocation above
@@ -25,4 +25,12 @@ pub fn keep_freed_memory() {
         // Never trim the heap's free top back to the kernel.
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
+}
+
+/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
+pub fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
 }

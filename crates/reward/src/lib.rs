@@ -479,7 +479,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }
-    for check in [cfg.optim.validate(), cfg.schedule.validate(), cfg.run.validate()] {
+    for check in [cfg.optim.validate(), cfg.schedule.validate(), cfg.run.validate(), cfg.train.validate_epoch_stage()] {
         check.map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     }
     if cfg.data.epochs == 0 {
@@ -512,7 +512,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
             evals.push((name.to_string(), load(p, category)?));
         }
     }
-    let total_steps = overrides.max_steps.unwrap_or_else(|| (train.len() as u64 * cfg.data.epochs).div_ceil(cfg.train.batch_size as u64)).max(1);
+    let total_steps = overrides.epoch_stage_steps(&cfg.train, train.len(), cfg.data.epochs);
     cfg.train.max_steps = Some(total_steps);
     cfg.train.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     let world = llama_trainer::distributed::world();

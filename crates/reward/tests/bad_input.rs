@@ -89,3 +89,26 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
     ];
     llama_testkit::refuse_all(REWARD, dir, &cases);
 }
+
+/// `[train] max_steps` in a reward config is the run's length (it used to be overwritten by the
+/// epochs' count without a word); `train.max_tokens` is refused with the reason.
+#[test]
+fn train_max_steps_in_the_config_is_honoured_and_max_tokens_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    llama_model::checkpoint::save_native(&tiny(2048).init(&Device::flex()), &tiny(2048), &dir.join("policy")).unwrap();
+    std::fs::write(dir.join("pairs.jsonl"), format!("{PAIR}\n{PAIR}\n")).unwrap();
+    let path = config(dir, "steps", "policy", "pairs.jsonl", "pairs.jsonl", "");
+    let text = std::fs::read_to_string(&path).unwrap().replace("max_steps = 1", "max_steps = 3");
+    std::fs::write(&path, text.replace("[data]\n", "[data]\nepochs = 5\n")).unwrap();
+    let out = std::process::Command::new(REWARD).args(["--config", &path]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| 3 steps of 2 pairs"), "{stdout}");
+    let run = dir.join("out-steps/checkpoints");
+    assert!(run.join("step-00000003").is_dir() && !run.join("step-00000004").exists(), "{stdout}");
+    let tokens = config(dir, "tokens", "policy", "pairs.jsonl", "pairs.jsonl", "");
+    std::fs::write(&tokens, std::fs::read_to_string(&tokens).unwrap().replace("max_steps = 1", "max_tokens = 100")).unwrap();
+    let case = Case::new("train.max_tokens", &["--config", &tokens], &["tokens.toml", "train.max_tokens", "train.max_steps"]);
+    llama_testkit::refuse_all(REWARD, dir, &[case]);
+}

@@ -62,7 +62,7 @@ pub fn run_with(config_path: &Path, paths: &Paths, resume: bool, stop_after: Opt
     validate(&cfg, &origin)?;
     load_prompts(&cfg.data.prompts)?;
     load_prompts(&cfg.data.eval_prompts)?;
-    let rs_dir = if skip_rs { None } else { rejection_sampling(&cfg, &origin)? };
+    let rs_dir = if skip_rs { None } else { rejection_sampling(&cfg, &origin, resume)? };
     if cfg.ppo.iterations > 0 {
         let existing_rs = cfg.run.out_dir.join("rejection-sampling").join(format!("round-{}", cfg.rejection_sampling.rounds));
         let start = match (cfg.ppo.from_rejection_sampling, rs_dir) {

@@ -10,7 +10,7 @@ use clap::Parser;
 /// models (Rc = safety score if the prompt is tagged unsafe or its safety probability < 0.15,
 /// else helpfulness; reward whiten(logit(Rc)) - beta * KL per token; clipped policy and value
 /// losses, one gradient step per minibatch, AdamW at a constant 1e-6). Everything is logged to
-/// OUT/rejection-sampling and OUT/ppo (TensorBoard + metrics.jsonl); PPO resumes with --resume.
+/// OUT/rejection-sampling and OUT/ppo (TensorBoard + metrics.jsonl); --resume continues a stopped run.
 #[derive(Parser)]
 #[command(name = "rlhf", version)]
 struct Cli {
@@ -19,7 +19,8 @@ struct Cli {
     /// Override run.out_dir.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Continue PPO from its newest checkpoint (rejection sampling is skipped if already done).
+    /// Continue where the run stopped: rejection sampling after its newest completed round (a
+    /// round cut short is run again), then PPO from its newest checkpoint.
     #[arg(long)]
     resume: bool,
     /// Stop PPO after this iteration with a checkpoint.
@@ -43,7 +44,7 @@ fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
     let paths = llama_rlhf::Paths { out: cli.out, policy: cli.policy, helpfulness_model: cli.helpfulness_model, safety_model: cli.safety_model };
-    match llama_rlhf::run_with(&cli.config, &paths, cli.resume, cli.stop_after, cli.skip_rejection_sampling || cli.resume) {
+    match llama_rlhf::run_with(&cli.config, &paths, cli.resume, cli.stop_after, cli.skip_rejection_sampling) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

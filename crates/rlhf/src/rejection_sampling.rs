@@ -1,6 +1,12 @@
 //! Rejection sampling: K samples per prompt, the best across rounds kept in a pool, SFT on it.
+//!
+//! Resumable by round: after each round's evaluation, `round-N/rs_state.json` records the pool,
+//! the best round so far and the starting figures (the round's policy is its fine-tuning's last
+//! checkpoint beside it). `rlhf --resume` continues after the newest such round; a round killed
+//! before its state was written is run again from its start (its sampling is seeded by round and
+//! chunk, so it repeats exactly).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::module::Module;
@@ -15,8 +21,44 @@ use llama_trainer::{LoopConfig, Metrics};
 use crate::config::RlhfConfig;
 use crate::scoring::{evaluate, greedy_answers, load_scorers, samples_text, scored_answers};
 
+/// What a completed round leaves for a resumed run (`round-N/rs_state.json`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct RoundState {
+    round: usize,
+    /// Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
+    pool: Vec<Option<(f64, Vec<u32>)>>,
+    /// The held-out reward to beat and the round that holds it (None: the starting policy).
+    best_reward: f64,
+    best_round: Option<usize>,
+    /// The starting policy's held-out reward and mean Rc (for the round lines).
+    start_reward: f64,
+    start_combined: f64,
+    /// Rows of `metrics.jsonl` once this round was logged (a resumed run keeps exactly these).
+    metrics_rows: usize,
+}
+
+const ROUND_STATE: &str = "rs_state.json";
+
+fn round_path(out: &Path, round: usize) -> PathBuf {
+    out.join(format!("round-{round}"))
+}
+
+/// The newest completed round's state under `out` (rounds 1..=`rounds`), if any.
+fn latest_round(out: &Path, rounds: usize) -> anyhow::Result<Option<RoundState>> {
+    for round in (1..=rounds).rev() {
+        let path = round_path(out, round).join(ROUND_STATE);
+        if path.is_file() {
+            let text = std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+            let state: RoundState = serde_json::from_str(&text).with_context(|| format!("{}: not a rejection-sampling round state", path.display()))?;
+            return Ok(Some(state));
+        }
+    }
+    Ok(None)
+}
+
 /// Rejection sampling rounds; returns the directory of the final policy (or None if no rounds).
-pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Option<PathBuf>> {
+/// With `resume`, continues after the newest completed round under the run directory.
+pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyhow::Result<Option<PathBuf>> {
     let rs = &cfg.rejection_sampling;
     if rs.rounds == 0 {
         return Ok(None);
@@ -31,17 +73,33 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
     let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
     let out = cfg.run.out_dir.join("rejection-sampling");
     let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
-    let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
-    let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval, toolbox.as_ref())?;
-    let r0 = start.reward;
-    metrics.scalars(0, &start.scalars("rs"))?;
-    metrics.println(&format!("rejection sampling: held-out reward of the starting policy {r0:.3} (mean Rc {:.3})", start.combined));
-    // Best answer so far per prompt, over all rounds: (combined reward, answer tokens).
-    let mut pool: Vec<Option<(f64, Vec<u32>)>> = vec![None; prompts.len()];
     let reference = policy.clone();
-    // (held-out reward, round directory): the best round, or the last one without keep_best_round.
-    let mut best: (f64, Option<PathBuf>) = (r0, None);
-    for round in 1..=rs.rounds {
+    let resumed = if resume { latest_round(&out, rs.rounds)? } else { None };
+    let (mut metrics, mut pool, mut best, r0, start_combined, first_round) = match resumed {
+        Some(state) => {
+            if state.pool.len() != prompts.len() {
+                anyhow::bail!("{}: its pool has {} prompts, data.prompts has {}; resume with the config it ran with", round_path(&out, state.round).join(ROUND_STATE).display(), state.pool.len(), prompts.len());
+            }
+            policy = init_model(&round_path(&out, state.round), &train_device).with_context(|| format!("resuming rejection sampling after round {}", state.round))?.1;
+            let metrics = Metrics::open_after_rows(&out, rs.rounds as u64, state.round as u64, state.metrics_rows)?;
+            metrics.println(&format!("rejection sampling: resumed after round {} of {}", state.round, rs.rounds));
+            let best = (state.best_reward, state.best_round);
+            (metrics, state.pool, best, state.start_reward, state.start_combined, state.round + 1)
+        }
+        None => {
+            for round in 1..=rs.rounds {
+                // A fresh run: no state of an earlier run may be resumed into this one.
+                let _ = std::fs::remove_file(round_path(&out, round).join(ROUND_STATE));
+            }
+            let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
+            let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval, toolbox.as_ref())?;
+            metrics.scalars(0, &start.scalars("rs"))?;
+            metrics.println(&format!("rejection sampling: held-out reward of the starting policy {:.3} (mean Rc {:.3})", start.reward, start.combined));
+            // (held-out reward, round directory): the best round, or the last one without keep_best_round.
+            (metrics, vec![None; prompts.len()], (start.reward, None), start.reward, start.combined, 1)
+        }
+    };
+    for round in first_round..=rs.rounds {
         let sampler = policy.valid();
         let mut best_of_k = vec![0.0; rs.k];
         let (mut mean_all, mut n_all) = (0.0, 0usize);
@@ -135,7 +193,7 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
             .collect::<Result<_, _>>()?;
         let (packed, _) = pack(&chats, rs.seq_len, tokenizer.eos_id(), Overlong::Truncate);
         let packed_len = packed.len();
-        let round_dir = out.join(format!("round-{round}"));
+        let round_dir = round_path(&out, round);
         let mut objective = llama_sft::Sft {
             train: packed,
             eval: vec![],
@@ -175,18 +233,30 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<Opti
         metrics.scalars(round as u64, &held_out.scalars("rs"))?;
         metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
         metrics.println(&format!(
-            "round {round}: held-out reward {r:.3} (start {r0:.3}), mean Rc {:.3} (start {:.3}), KL to the SFT policy {kl:.3}",
-            held_out.combined, start.combined
+            "round {round}: held-out reward {r:.3} (start {r0:.3}), mean Rc {:.3} (start {start_combined:.3}), KL to the SFT policy {kl:.3}",
+            held_out.combined
         ));
         if !rs.keep_best_round || r > best.0 {
-            best = (r, Some(round_dir));
+            best = (r, Some(round));
         }
+        let state = RoundState {
+            round,
+            pool: pool.clone(),
+            best_reward: best.0,
+            best_round: best.1,
+            start_reward: r0,
+            start_combined,
+            metrics_rows: llama_trainer::metrics::rows_logged(&out),
+        };
+        llama_io::write_atomic(&round_dir.join(ROUND_STATE), serde_json::to_string(&state)?.as_bytes())?;
+        llama_trainer::test_hooks::kill_point("round", round as u64);
     }
+    let best_dir = best.1.map(|round| round_path(&out, round));
     if rs.keep_best_round {
-        match &best.1 {
+        match &best_dir {
             Some(dir) => metrics.println(&format!("rejection sampling: keeping {} (held-out reward {:.3})", dir.display(), best.0)),
             None => metrics.println(&format!("rejection sampling: no round beat the starting policy ({r0:.3}); PPO starts from it")),
         }
     }
-    Ok(best.1)
+    Ok(best_dir)
 }

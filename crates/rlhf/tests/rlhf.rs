@@ -174,6 +174,45 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
     }
 }
 
+/// Rejection sampling killed in round 1's fine-tuning, or right after round 1 was recorded, and
+/// `rlhf --resume`d, ends with the uninterrupted run's pools, RS metrics and PPO metrics.
+#[test]
+fn rejection_sampling_killed_in_a_round_resumes_there() {
+    use std::os::unix::process::ExitStatusExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let extra = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-2\nbatch_size = 4\nseq_len = 64\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
+    let cfg = config(tmp.path(), &policy, &help, &safe, extra);
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+        cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra);
+        if let Some(point) = kill {
+            cmd.env("LLAMA2_TEST_KILL_AT", point);
+        }
+        cmd.output().unwrap()
+    };
+    let outcome = |out: &Path| {
+        let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
+        (read("rejection-sampling/pool-round-1.jsonl"), read("rejection-sampling/pool-round-2.jsonl"), read("rejection-sampling/metrics.jsonl"), ppo_curve(out))
+    };
+    let straight = tmp.path().join("straight");
+    assert!(rlhf(&straight, &[], None).status.success());
+    let want = outcome(&straight);
+    assert_eq!(want.2.lines().filter(|l| l.contains("rs/eval_reward")).count(), 3, "start + 2 rounds");
+    // `update@1`: round 1's first fine-tuning step; `round@1`: round 1 recorded, round 2 not begun.
+    for point in ["update@1", "round@1"] {
+        let out = tmp.path().join(point.replace('@', "-"));
+        let died = rlhf(&out, &[], Some(point));
+        assert_eq!(died.status.signal(), Some(9), "{point}: should die by SIGKILL: {}", String::from_utf8_lossy(&died.stderr));
+        let resumed = rlhf(&out, &["--resume"], None);
+        assert!(resumed.status.success(), "{point}: {}", String::from_utf8_lossy(&resumed.stderr));
+        if point == "round@1" {
+            assert!(String::from_utf8_lossy(&resumed.stdout).contains("resumed after round 1 of 2"), "{point}");
+        }
+        assert_eq!(outcome(&out), want, "{point}: the resumed run differs from the uninterrupted one");
+    }
+}
+
 fn last_value(metrics: &Path, key: &str) -> f64 {
     *all_values(metrics, key).last().unwrap_or_else(|| panic!("{key} not logged"))
 }

@@ -130,9 +130,7 @@ pub fn load_config(path: &Path) -> anyhow::Result<SftConfig> {
     for check in [cfg.optim.validate(), cfg.schedule.validate(), cfg.run.validate()] {
         check.map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     }
-    let mut train = cfg.train.clone();
-    train.max_steps.get_or_insert(1);
-    train.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    cfg.train.validate_epoch_stage().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     if cfg.data.seq_len == 0 {
         bail!("{origin}: data.seq_len must be > 0");
     }
@@ -380,7 +378,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         }
         None => (vec![], vec![]),
     };
-    let total_steps = overrides.max_steps.unwrap_or_else(|| (train.len() as u64 * cfg.data.epochs).div_ceil(cfg.train.batch_size as u64)).max(1);
+    let total_steps = overrides.epoch_stage_steps(&cfg.train, train.len(), cfg.data.epochs);
     cfg.train.max_steps = Some(total_steps);
     let world = llama_trainer::distributed::world();
     world.say(format_args!(

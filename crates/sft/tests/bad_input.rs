@@ -67,6 +67,12 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         std::fs::write(&path, text).unwrap();
         Case::new(name, &["--config", &path], needles)
     };
+    // `[train] max_steps = 1` of the config replaced by `line`.
+    let in_train = |name: &str, line: &str| {
+        let path = config(dir, name, "good.jsonl", "policy", "");
+        std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("max_steps = 1", line)).unwrap();
+        path
+    };
     let cases = vec![
         listed("an empty list of chat files", "[]", &["data.train", "empty list"]),
         listed("a list naming a missing file", &format!("[\"{}\", \"{}/gone.jsonl\"]", repo().join("data/chat/train.jsonl").display(), dir.display()), &["gone.jsonl"]),
@@ -89,6 +95,7 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         Case::new("unknown overlong policy", &["--config", &config(dir, "overlong", "good.jsonl", "policy", "overlong = \"cut\"")], &["overlong.toml", "cut", "truncate", "skip"]),
         Case::new("unknown key", &["--config", &config(dir, "unknown", "good.jsonl", "policy", "epoch = 2")], &["unknown.toml", "epoch"]),
         Case::new("zero epochs", &["--config", &config(dir, "epochs", "good.jsonl", "policy", "epochs = 0")], &["epochs.toml", "data.epochs"]),
+        Case::new("train.max_tokens, which sft does not count", &["--config", &in_train("tokens", "max_tokens = 100")], &["tokens.toml", "train.max_tokens", "train.max_steps"]),
         Case::new("a missing init", &["--config", &config(dir, "noinit", "good.jsonl", "nowhere", "")], &["noinit.toml", "nowhere"]),
         Case::new("a model smaller than the tokenizer", &["--config", &config(dir, "vocab", "good.jsonl", "small", "")], &["vocab.toml", "vocabulary"]),
         Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
@@ -100,4 +107,22 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         Case::new("gatt: an output in a missing directory", &["gatt", "--input", &multiturn, "--instructions", &dir.join("instructions.txt").display().to_string(), "--out", &dir.join("no/such/g.jsonl").display().to_string()], &["no/such/g"]),
     ];
     llama_testkit::refuse_all(SFT, dir, &cases);
+}
+
+/// `[train] max_steps` in an SFT config is the run's length (it used to be overwritten by the
+/// epochs' count without a word): 5 epochs of 2 chats in batches of 2 would be 5 steps.
+#[test]
+fn train_max_steps_in_the_config_is_honoured() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    model(dir, "policy", 2048);
+    std::fs::write(dir.join("good.jsonl"), format!("{GOOD}\n{GOOD}\n")).unwrap();
+    let path = config(dir, "steps", "good.jsonl", "policy", "epochs = 5");
+    std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("max_steps = 1", "max_steps = 3")).unwrap();
+    let out = std::process::Command::new(SFT).args(["--config", &path]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("| 3 steps of 2 sequences"), "{stdout}");
+    let run = dir.join("out-steps/checkpoints");
+    assert!(run.join("step-00000003").is_dir() && !run.join("step-00000004").exists(), "{stdout}");
 }

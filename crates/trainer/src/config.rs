@@ -191,6 +191,16 @@ impl TrainConfig {
         MemoryConfig { recompute: self.recompute, logits_chunk: self.logits_chunk }.validate("train")
     }
 
+    /// [`Self::validate`] for the stages that train for `data.epochs` over a fixed set of
+    /// examples (`sft`, `reward`): `train.max_steps` is optional (when set it is the run's length,
+    /// see `Overrides::epoch_stage_steps`), `train.max_tokens` is refused (they count examples).
+    pub fn validate_epoch_stage(&self) -> Result<(), String> {
+        if self.max_tokens.is_some() {
+            return Err("train.max_tokens is not used by this stage (it trains data.epochs passes over its examples, or train.max_steps steps when set): remove it, or set train.max_steps".into());
+        }
+        Self { max_steps: Some(self.max_steps.unwrap_or(1)), ..self.clone() }.validate()
+    }
+
     /// What a training forward saves (`recompute`, `logits_chunk` and its default).
     pub fn memory_saving(&self) -> MemorySaving {
         MemorySaving::new(self.recompute, self.logits_chunk)
@@ -300,6 +310,7 @@ impl RunConfig {
             optimizer: self.optimizer,
             logits_chunk: train.memory_saving().logits_chunk,
             keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&self.device)),
+            micro_batches: train.accumulation() / (self.devices * crate::distributed::world().size()).max(1),
         }
     }
 

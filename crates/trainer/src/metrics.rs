@@ -23,6 +23,17 @@ impl Metrics {
     /// logged for those steps is dropped from `metrics.jsonl` (rewritten atomically) and marked
     /// for TensorBoard to discard, so each step is shown once.
     pub fn open(out_dir: &Path, total_steps: u64, start_step: u64) -> anyhow::Result<Self> {
+        Self::open_keeping(out_dir, total_steps, start_step, None)
+    }
+
+    /// [`Self::open`] for a log whose rows are not in step order (rejection sampling logs each
+    /// round's best-of-k curve by k): `metrics.jsonl` keeps its first `rows` rows, what the
+    /// interrupted process logged after them goes.
+    pub fn open_after_rows(out_dir: &Path, total_steps: u64, start_step: u64, rows: usize) -> anyhow::Result<Self> {
+        Self::open_keeping(out_dir, total_steps, start_step, Some(rows))
+    }
+
+    fn open_keeping(out_dir: &Path, total_steps: u64, start_step: u64, rows: Option<usize>) -> anyhow::Result<Self> {
         if !crate::distributed::world().is_root() {
             return Ok(Self { writers: None, bar: None });
         }
@@ -31,7 +42,10 @@ impl Metrics {
         let redone = if start_step == 0 { 0 } else { start_step + 1 };
         tb.session_start(redone)?;
         let path = out_dir.join("metrics.jsonl");
-        drop_rows_from(&path, redone)?;
+        match rows {
+            None => drop_rows_from(&path, redone)?,
+            Some(rows) => keep_first_rows(&path, rows)?,
+        }
         let jsonl = OpenOptions::new().create(true).append(true).open(&path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total_steps);
@@ -113,10 +127,19 @@ fn drop_rows_from(path: &Path, from: u64) -> anyhow::Result<()> {
     Ok(llama_io::write_atomic(path, body.as_bytes())?)
 }
 
-/// Peak resident memory of this process in bytes (Linux `VmHWM`), if known.
-pub fn peak_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+/// Rewrites `path` with its first `rows` lines only.
+fn keep_first_rows(path: &Path, rows: usize) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    if text.lines().count() <= rows {
+        return Ok(());
+    }
+    let body: String = text.lines().take(rows).map(|l| format!("{l}\n")).collect();
+    Ok(llama_io::write_atomic(path, body.as_bytes())?)
 }
+
+/// The rows `metrics.jsonl` under `out_dir` holds now (0 when there is none).
+pub fn rows_logged(out_dir: &Path) -> usize {
+    std::fs::read_to_string(out_dir.join("metrics.jsonl")).map_or(0, |t| t.lines().count())
+}
+
+pub use llama_model::host_memory::peak_rss_bytes;

@@ -52,7 +52,8 @@ pub struct StepPlan {
     pub precision: Precision,
     pub saving: MemorySaving,
     /// The master (f32 weights, optimizer) is on the host; the passes run on device copies in
-    /// the compute dtype, whose gradients come down to the host in f32 after every micro-batch.
+    /// the compute dtype, whose gradients are summed in f32 on the device and come down to the
+    /// host once per step.
     pub host_master: bool,
 }
 
@@ -107,6 +108,11 @@ where
     let mut loss_sum = 0.0;
     // A device copy is already in the compute dtype.
     let precision = if plan.host_master { Precision::F32 } else { plan.precision };
+    let batches: Vec<&O::Batch> = batches.into_iter().collect();
+    // With a host master and several micro-batches, their gradients are summed on the device in
+    // f32 (in the compute dtype the sum would round) and come down to the host once per step;
+    // a single micro-batch's come down as they are and are cast there.
+    let sum_on_device = plan.host_master && batches.len() > 1;
     for batch in batches {
         let grads = with_memory_saving(plan.saving, || {
             // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
@@ -115,15 +121,30 @@ where
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
             loss.mul_scalar(scale / total_weight).backward()
         });
-        let grads = GradientsParams::from_grads(grads, model);
-        if plan.host_master {
-            // Down to the host in f32 now: accumulating in the compute dtype would round.
-            accumulator.accumulate(master, reduce(master, vec![grads]));
-        } else {
-            accumulator.accumulate(model, grads);
+        let mut grads = GradientsParams::from_grads(grads, model);
+        if sum_on_device {
+            model.visit(&mut CastGrads { grads: &mut grads, dtype: FloatDType::F32 });
+        }
+        accumulator.accumulate(model, grads);
+    }
+    let grads = accumulator.grads();
+    let grads = if plan.host_master { reduce(master, vec![grads]) } else { grads };
+    (grads, loss_sum)
+}
+
+/// Casts every parameter's gradient to `dtype` where it is (a no-op for those already in it).
+struct CastGrads<'a> {
+    grads: &'a mut GradientsParams,
+    dtype: FloatDType,
+}
+
+impl ModuleVisitor for CastGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        if let Some(g) = self.grads.remove::<D>(param.id) {
+            let g = if g.dtype() == self.dtype.into() { g } else { g.cast(self.dtype) };
+            self.grads.register(param.id, g);
         }
     }
-    (accumulator.grads(), loss_sum)
 }
 
 /// The step's gradients (on `master`'s device, f32, unscaled) and mean loss: with several

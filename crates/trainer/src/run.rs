@@ -91,6 +91,16 @@ impl Overrides {
     }
 }
 
+impl Overrides {
+    /// The step count of a stage that trains for epochs over a fixed set of examples (`sft`,
+    /// `reward`; see `TrainConfig::validate_epoch_stage`): `--max-steps`, else the config's
+    /// `train.max_steps`, else `epochs` passes over `examples` in batches of `train.batch_size`.
+    pub fn epoch_stage_steps(&self, train: &TrainConfig, examples: usize, epochs: u64) -> u64 {
+        let epochs_worth = || (examples as u64 * epochs).div_ceil(train.batch_size as u64);
+        self.max_steps.or(train.max_steps).unwrap_or_else(epochs_worth).max(1)
+    }
+}
+
 impl LoopConfig {
     /// The loop configuration of a stage's run: the schedule over `total_steps` from the peak LR,
     /// FLOPs per token at `seq_len` for MFU, the model config for checkpoints, and the overrides'
@@ -163,94 +173,327 @@ where
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
-pub fn train<M, O>(mut model: M, objective: &mut O, cfg: &LoopConfig) -> anyhow::Result<(M, Summary)>
+///
+/// Three parts, as torchtitan splits its loop: [`Run::start_or_resume`] (lock, checkpoint or
+/// fresh start), [`Run::step`] (one optimizer step: updated or skipped), [`Run::after_step`]
+/// (log, evaluate, checkpoint, stop) for either outcome.
+pub fn train<M, O>(model: M, objective: &mut O, cfg: &LoopConfig) -> anyhow::Result<(M, Summary)>
 where
     M: Module + ModuleSnapshot + Clone + Send + Sync,
     O: Objective<M> + Sync,
     O::Batch: Sync,
 {
-    let out = &cfg.run.out_dir;
-    let world = crate::distributed::world();
-    // Creates the directory too. One writer per run directory: rank 0 holds the lock for the job.
-    let _lock = if world.is_root() { Some(RunLock::acquire(out)?) } else { None };
-    world.barrier();
-    let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
-    if host_master {
-        // The f32 master weights and AdamW's moments live in host memory (flex); each step's
-        // passes run on a compute-dtype copy on the run's device (`parallel::device_copy`).
-        model = model.fork(&burn::tensor::Device::flex().autodiff());
-    }
-    let plan = StepPlan { precision: cfg.precision, saving: cfg.train.memory_saving(), host_master };
-    let compute_device = cfg.devices.first().cloned().unwrap_or_else(|| model.devices()[0].clone());
-    // What evaluation runs on: the master itself, or its copy on the device.
-    let for_eval = |model: &M| if host_master { device_copy(model, cfg.precision, &compute_device) } else { model.clone() };
-    let checkpoints = Checkpoints::new(out);
-    if world.is_root() {
-        // This run owns the directory now (the lock): what a killed run left half-written goes.
-        checkpoints.remove_leftovers()?;
-    }
-    // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
-    let latest = checkpoints.latest();
-    let sharded = world.is_distributed() || (cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir)));
-    let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
-    let mut state = TrainState {
-        step: 0,
-        tokens: 0,
-        skipped: 0,
-        consecutive_bad: 0,
-        data: serde_json::Value::Null,
-        model_config: cfg.model_config.clone(),
-        seed: cfg.train.seed,
-        loss_scale: precision::needs_loss_scaling(cfg.precision).then(LossScale::new),
-    };
-    match (cfg.resume, latest) {
-        (true, Some((_, dir))) => {
-            state = Checkpoints::load_state(&dir)?;
-            if state.model_config != cfg.model_config {
-                bail!(
-                    "{}: this checkpoint was written for another model config; resume with the config it was trained with, or choose another run.out_dir",
-                    dir.display()
-                );
-            }
-            load_weights(&mut model, &dir.join(MODEL_FILE))?;
-            optimizer.load(&dir)?;
-            objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
-            if precision::needs_loss_scaling(cfg.precision) && state.loss_scale.is_none() {
-                state.loss_scale = Some(LossScale::new());
-            }
-            if world.is_root() {
-                println!("resumed from {} (step {})", dir.display(), state.step);
-            }
+    let mut run = Run::start_or_resume(model, objective, cfg)?;
+    while run.state.step < cfg.total_steps {
+        let Some(batches) = run.next_batches(objective)? else { break };
+        let outcome = run.step(objective, &batches);
+        if run.after_step(objective, outcome)? == Flow::Stop {
+            break;
         }
-        (true, None) if world.is_root() => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
-        (true, None) => {}
-        (false, Some((step, dir))) => bail!(
-            "{} already holds checkpoints of a run (newest: step {step}, {}); pass --resume to continue it, or choose another --out",
-            out.display(),
-            dir.display()
-        ),
-        (false, None) => {}
+    }
+    run.finish(objective)
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum StepOutcome {
+    /// The weights were updated.
+    Updated { loss: f64, grad_norm: f64, lr: f64 },
+    /// f16 gradients overflowed at the loss scale, which was lowered: an expected event.
+    Overflowed,
+    /// A non-finite loss or gradient norm: no update.
+    NonFinite { loss: f64, grad_norm: f64 },
+}
+
+/// Whether the loop goes on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Flow {
+    Continue,
+    Stop,
+}
+
+/// A run in progress: the model, its optimizer, the counters, and where they are written.
+struct Run<'c, M> {
+    cfg: &'c LoopConfig,
+    world: crate::distributed::World,
+    /// One writer per run directory: rank 0 holds the lock for the job.
+    _lock: Option<RunLock>,
+    /// The master model: taken out only while the optimizer updates it (an update consumes the
+    /// model, and a second handle on its tensors would stop the update from working in place).
+    model: Option<M>,
+    optimizer: StepOptimizer,
+    state: TrainState,
+    metrics: Metrics,
+    checkpoints: Checkpoints,
+    plan: StepPlan,
+    compute_device: burn::tensor::Device,
+    /// This rank's micro-batches per step.
+    accumulation: usize,
+    /// Start and tokens of the current logging window (tokens/s, MFU).
+    window: (Instant, usize),
+    saved_step: u64,
+    evaluated_step: u64,
+    last_loss: Option<f64>,
+    last_checkpoint: Option<PathBuf>,
+}
+
+impl<'c, M> Run<'c, M>
+where
+    M: Module + ModuleSnapshot + Clone + Send + Sync,
+{
+    /// Takes the run directory, then resumes from its newest checkpoint (`--resume`) or starts
+    /// fresh (refusing a directory that already holds a run); evaluates at step 0 when asked.
+    fn start_or_resume<O>(mut model: M, objective: &mut O, cfg: &'c LoopConfig) -> anyhow::Result<Self>
+    where
+        O: Objective<M> + Sync,
+        O::Batch: Sync,
+    {
+        let out = &cfg.run.out_dir;
+        let world = crate::distributed::world();
+        // Creates the directory too.
+        let lock = if world.is_root() { Some(RunLock::acquire(out)?) } else { None };
+        world.barrier();
+        let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
+        if host_master {
+            // The f32 master weights and AdamW's moments live in host memory (flex); each step's
+            // passes run on a compute-dtype copy on the run's device (`parallel::device_copy`).
+            model = model.fork(&burn::tensor::Device::flex().autodiff());
+        }
+        let plan = StepPlan { precision: cfg.precision, saving: cfg.train.memory_saving(), host_master };
+        let compute_device = cfg.devices.first().cloned().unwrap_or_else(|| model.devices()[0].clone());
+        let checkpoints = Checkpoints::new(out);
+        if world.is_root() {
+            // This run owns the directory now (the lock): what a killed run left half-written goes.
+            checkpoints.remove_leftovers()?;
+        }
+        // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
+        let latest = checkpoints.latest();
+        let sharded = world.is_distributed() || (cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir)));
+        let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
+        let mut state = TrainState {
+            step: 0,
+            tokens: 0,
+            skipped: 0,
+            consecutive_bad: 0,
+            data: serde_json::Value::Null,
+            model_config: cfg.model_config.clone(),
+            seed: cfg.train.seed,
+            loss_scale: precision::needs_loss_scaling(cfg.precision).then(LossScale::new),
+        };
+        match (cfg.resume, latest) {
+            (true, Some((_, dir))) => {
+                state = Checkpoints::load_state(&dir)?;
+                if state.model_config != cfg.model_config {
+                    bail!(
+                        "{}: this checkpoint was written for another model config; resume with the config it was trained with, or choose another run.out_dir",
+                        dir.display()
+                    );
+                }
+                load_weights(&mut model, &dir.join(MODEL_FILE))?;
+                optimizer.load(&dir)?;
+                objective.restore_data_state(&state.data).with_context(|| format!("restoring the data position from {}", dir.display()))?;
+                if precision::needs_loss_scaling(cfg.precision) && state.loss_scale.is_none() {
+                    state.loss_scale = Some(LossScale::new());
+                }
+                if world.is_root() {
+                    println!("resumed from {} (step {})", dir.display(), state.step);
+                }
+            }
+            (true, None) if world.is_root() => println!("no checkpoint in {}: starting a new run", checkpoints.root().display()),
+            (true, None) => {}
+            (false, Some((step, dir))) => bail!(
+                "{} already holds checkpoints of a run (newest: step {step}, {}); pass --resume to continue it, or choose another --out",
+                out.display(),
+                dir.display()
+            ),
+            (false, None) => {}
+        }
+        if let StepOptimizer::Sharded(sharded) = &optimizer {
+            // Every rank starts from rank 0's weights, whatever each drew or loaded.
+            model = sharded.broadcast_model(model);
+        }
+        let metrics = Metrics::open(out, cfg.total_steps, state.step)?;
+        let mut run = Self {
+            cfg,
+            world,
+            _lock: lock,
+            model: Some(model),
+            optimizer,
+            metrics,
+            checkpoints,
+            plan,
+            compute_device,
+            // Each rank runs its share of the step's micro-batches (LoopConfig::new checked it divides).
+            accumulation: cfg.train.accumulation() / world.size(),
+            window: (Instant::now(), 0),
+            saved_step: state.step,
+            evaluated_step: state.step,
+            last_loss: None,
+            last_checkpoint: None,
+            state,
+        };
+        if cfg.eval_at_start && run.state.step == 0 {
+            objective.evaluate(&run.for_eval(), 0, &mut run.metrics)?;
+        }
+        Ok(run)
     }
 
-    if let StepOptimizer::Sharded(sharded) = &optimizer {
-        // Every rank starts from rank 0's weights, whatever each drew or loaded.
-        model = sharded.broadcast_model(model);
+    fn model(&self) -> &M {
+        self.model.as_ref().expect("the model is back after every update")
     }
-    let mut metrics = Metrics::open(out, cfg.total_steps, state.step)?;
-    if cfg.eval_at_start && state.step == 0 {
-        objective.evaluate(&for_eval(&model), 0, &mut metrics)?;
+
+    /// What evaluation runs on: the master itself, or its copy on the device.
+    fn for_eval(&self) -> M {
+        if self.plan.host_master { device_copy(self.model(), self.cfg.precision, &self.compute_device) } else { self.model().clone() }
     }
-    // Each rank runs its share of the step's micro-batches (LoopConfig::new checked it divides).
-    let accumulation = cfg.train.accumulation() / world.size();
-    let mut summary = Summary { steps: state.step, tokens: state.tokens, skipped: state.skipped, last_loss: None, checkpoint: None };
-    let mut window = (Instant::now(), 0usize);
-    let mut saved_step = state.step;
-    let mut evaluated_step = state.step;
-    // Every rank calls it: rank 0 writes the model and the state, each rank its optimizer block.
-    let save = |model: &M, optimizer: &StepOptimizer, state: &TrainState, objective: &O| -> anyhow::Result<PathBuf> {
-        let mut state = state.clone();
+
+    /// This rank's micro-batches of the next step; `None` (said once) when any rank's data ran out.
+    fn next_batches<O: Objective<M>>(&mut self, objective: &mut O) -> anyhow::Result<Option<Vec<O::Batch>>> {
+        let mut batches = Vec::with_capacity(self.accumulation);
+        for _ in 0..self.accumulation {
+            match objective.next_batch(self.cfg.train.micro_batch_size)? {
+                Some(b) => batches.push(b),
+                None => break,
+            }
+        }
+        if !self.world.all(batches.len() == self.accumulation) {
+            self.metrics.println(&format!("data exhausted after step {}", self.state.step));
+            return Ok(None);
+        }
+        Ok(Some(batches))
+    }
+
+    /// One optimizer step: the passes over `batches`, the reduction, the clip and the update,
+    /// unless the loss or the gradients are not finite (the step then counts, with no update).
+    fn step<O>(&mut self, objective: &O, batches: &[O::Batch]) -> StepOutcome
+    where
+        O: Objective<M> + Sync,
+        O::Batch: Sync,
+    {
+        let cfg = self.cfg;
+        let mut step_tokens = [batches.iter().map(|b| objective.tokens(b)).sum::<usize>() as f64];
+        self.world.sum_f64(&mut step_tokens);
+        let step_tokens = step_tokens[0] as usize;
+        let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+        let (grads, loss) = crate::parallel::accumulate(self.model(), objective, batches, self.plan, scale, &cfg.devices);
+        kill_point("backward", self.state.step + 1);
+        let (grads, grad_norm) = self.optimizer.gradients(self.model.as_ref().expect("the model is back after every update"), grads, cfg.optim.grad_clip);
+        let lr = cfg.schedule.lr(self.state.step);
+        self.state.step += 1;
+        self.state.tokens += step_tokens as u64;
+        self.window.1 += step_tokens;
+        if loss.is_finite() && !grad_norm.is_finite() && self.state.loss_scale.as_mut().is_some_and(|s| s.overflow()) {
+            self.state.skipped += 1;
+            return StepOutcome::Overflowed;
+        }
+        if !(loss.is_finite() && grad_norm.is_finite()) {
+            self.state.skipped += 1;
+            self.state.consecutive_bad += 1;
+            return StepOutcome::NonFinite { loss, grad_norm };
+        }
+        self.state.consecutive_bad = 0;
+        if let Some(s) = self.state.loss_scale.as_mut() {
+            s.good_step();
+        }
+        let model = self.model.take().expect("the model is back after every update");
+        self.model = Some(self.optimizer.step(lr, model, grads, grad_norm, cfg.optim.grad_clip));
+        self.last_loss = Some(loss);
+        kill_point("update", self.state.step);
+        StepOutcome::Updated { loss, grad_norm, lr }
+    }
+
+    /// After a step, updated or skipped: its metrics, then evaluation and a checkpoint when due,
+    /// and the stop that `--stop-after` asks for. Too many non-finite steps in a row end the run
+    /// with an error, after a checkpoint of the last good weights.
+    fn after_step<O: Objective<M>>(&mut self, objective: &mut O, outcome: StepOutcome) -> anyhow::Result<Flow> {
+        let cfg = self.cfg;
+        let step = self.state.step;
+        let last = step == cfg.total_steps || cfg.stop_after == Some(step);
+        match outcome {
+            StepOutcome::Updated { loss, grad_norm, lr } => {
+                if step % cfg.train.log_every == 0 || last {
+                    self.log(loss, grad_norm, lr)?;
+                }
+            }
+            StepOutcome::Overflowed => {
+                let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+                self.metrics.scalars(step, &[("train/skipped_steps", self.state.skipped as f64), ("train/loss_scale", scale)])?;
+                self.metrics.println(&format!("step {step}: f16 gradients overflowed; update skipped, loss scale now {scale}"));
+            }
+            StepOutcome::NonFinite { loss, grad_norm } => {
+                self.metrics.scalars(step, &[("train/skipped_steps", self.state.skipped as f64)])?;
+                self.metrics.println(&format!("step {step}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped"));
+                if self.state.consecutive_bad >= cfg.train.max_bad_steps {
+                    let dir = self.save(objective)?;
+                    self.metrics.finish();
+                    bail!(
+                        "stopping: {} consecutive steps had a non-finite loss or gradient (lower optim.lr, check the data); the last good weights are saved in {}",
+                        self.state.consecutive_bad,
+                        dir.display()
+                    );
+                }
+            }
+        }
+        if step % cfg.train.eval_every == 0 || last {
+            objective.evaluate(&self.for_eval(), step, &mut self.metrics)?;
+            self.evaluated_step = step;
+            self.window.0 = Instant::now();
+        }
+        if step % cfg.train.checkpoint_every == 0 || last {
+            self.last_checkpoint = Some(self.save(objective)?);
+            self.window.0 = Instant::now();
+        }
+        if cfg.stop_after == Some(step) {
+            self.metrics.println(&format!("stopping after step {step} as asked (--stop-after)"));
+            return Ok(Flow::Stop);
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// The metrics of an updated step, and the progress line.
+    fn log(&mut self, loss: f64, grad_norm: f64, lr: f64) -> anyhow::Result<()> {
+        let (cfg, step) = (self.cfg, self.state.step);
+        let secs = self.window.0.elapsed().as_secs_f64().max(1e-9);
+        let tok_s = self.window.1 as f64 / secs;
+        let mfu = tok_s * cfg.flops_per_token / cfg.run.peak_flops();
+        let mut values = vec![
+            ("train/loss", loss),
+            ("train/lr", lr),
+            ("train/grad_norm", grad_norm),
+            ("train/tokens_per_s", tok_s),
+            ("train/mfu", mfu),
+            ("train/tokens", self.state.tokens as f64),
+            ("train/skipped_steps", self.state.skipped as f64),
+        ];
+        if let Some(s) = &self.state.loss_scale {
+            values.push(("train/loss_scale", s.scale));
+        }
+        if let Some((seconds, bytes)) = self.optimizer.comm_stats() {
+            // The last step's collectives (MPI), on rank 0.
+            values.push(("dist/comm_seconds", seconds));
+            values.push(("dist/comm_bytes_per_rank", bytes as f64));
+        }
+        if let Some(rss) = peak_rss_bytes() {
+            values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
+        }
+        // On a GPU: what Burn's memory pool has reserved on the device (it grows to the peak).
+        if let Some(pool) = self.compute_device.memory_pool_usage() {
+            values.push(("memory/device_reserved_gib", pool.bytes_reserved as f64 / (1u64 << 30) as f64));
+        }
+        self.metrics.scalars(step, &values)?;
+        self.metrics.progress(step, cfg.total_steps, &format!("loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.3} | {tok_s:.0} tok/s"));
+        self.window = (Instant::now(), 0);
+        kill_point("logged", step);
+        Ok(())
+    }
+
+    /// A checkpoint of the current step. Every rank calls it: rank 0 writes the model and the
+    /// state, each rank its optimizer block.
+    fn save<O: Objective<M>>(&mut self, objective: &O) -> anyhow::Result<PathBuf> {
+        let mut state = self.state.clone();
         state.data = objective.data_state();
-        checkpoints.save(state.step, cfg.train.keep_checkpoints, world, |dir, written| {
+        let (world, model, optimizer) = (self.world, self.model(), &self.optimizer);
+        let dir = self.checkpoints.save(state.step, self.cfg.train.keep_checkpoints, world, |dir, written| {
             if world.is_root() {
                 save_weights(model, &dir.join(MODEL_FILE))?;
                 written(MODEL_FILE)?;
@@ -264,122 +507,22 @@ where
                 std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
             }
             written(STATE_FILE)
-        })
-    };
+        })?;
+        self.saved_step = state.step;
+        Ok(dir)
+    }
 
-    while state.step < cfg.total_steps {
-        let mut batches = Vec::with_capacity(accumulation);
-        for _ in 0..accumulation {
-            match objective.next_batch(cfg.train.micro_batch_size)? {
-                Some(b) => batches.push(b),
-                None => break,
-            }
+    /// The end of the run: a last evaluation and checkpoint when the last step had none.
+    fn finish<O: Objective<M>>(mut self, objective: &mut O) -> anyhow::Result<(M, Summary)> {
+        let step = self.state.step;
+        if step > self.evaluated_step {
+            objective.evaluate(&self.for_eval(), step, &mut self.metrics)?;
         }
-        if !world.all(batches.len() == accumulation) {
-            metrics.println(&format!("data exhausted after step {}", state.step));
-            break;
+        if step > self.saved_step {
+            self.last_checkpoint = Some(self.save(objective)?);
         }
-        let mut step_tokens = [batches.iter().map(|b| objective.tokens(b)).sum::<usize>() as f64];
-        world.sum_f64(&mut step_tokens);
-        let step_tokens = step_tokens[0] as usize;
-        let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (grads, loss) = crate::parallel::accumulate(&model, objective, &batches, plan, scale, &cfg.devices);
-        kill_point("backward", state.step + 1);
-        let (grads, grad_norm) = optimizer.gradients(&model, grads, cfg.optim.grad_clip);
-        let lr = cfg.schedule.lr(state.step);
-        state.step += 1;
-        state.tokens += step_tokens as u64;
-        window.1 += step_tokens;
-        if loss.is_finite() && !grad_norm.is_finite() && state.loss_scale.as_mut().is_some_and(|s| s.overflow()) {
-            // f16 gradients overflowed at this loss scale: an expected event, not a divergence.
-            state.skipped += 1;
-            let scale = state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-            metrics.scalars(state.step, &[("train/skipped_steps", state.skipped as f64), ("train/loss_scale", scale)])?;
-            metrics.println(&format!("step {}: f16 gradients overflowed; update skipped, loss scale now {scale}", state.step));
-            continue;
-        }
-        if !(loss.is_finite() && grad_norm.is_finite()) {
-            state.skipped += 1;
-            state.consecutive_bad += 1;
-            metrics.scalars(state.step, &[("train/skipped_steps", state.skipped as f64)])?;
-            metrics.println(&format!("step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); update skipped", state.step));
-            if state.consecutive_bad >= cfg.train.max_bad_steps {
-                let dir = save(&model, &optimizer, &state, objective)?;
-                metrics.finish();
-                bail!(
-                    "stopping: {} consecutive steps had a non-finite loss or gradient (lower optim.lr, check the data); the last good weights are saved in {}",
-                    state.consecutive_bad,
-                    dir.display()
-                );
-            }
-            continue;
-        }
-        state.consecutive_bad = 0;
-        if let Some(s) = state.loss_scale.as_mut() {
-            s.good_step();
-        }
-        model = optimizer.step(lr, model, grads, grad_norm, cfg.optim.grad_clip);
-        summary.last_loss = Some(loss);
-        kill_point("update", state.step);
-
-        let last = state.step == cfg.total_steps || cfg.stop_after == Some(state.step);
-        if state.step % cfg.train.log_every == 0 || last {
-            let secs = window.0.elapsed().as_secs_f64().max(1e-9);
-            let tok_s = window.1 as f64 / secs;
-            let mfu = tok_s * cfg.flops_per_token / cfg.run.peak_flops();
-            let mut values = vec![
-                ("train/loss", loss),
-                ("train/lr", lr),
-                ("train/grad_norm", grad_norm),
-                ("train/tokens_per_s", tok_s),
-                ("train/mfu", mfu),
-                ("train/tokens", state.tokens as f64),
-                ("train/skipped_steps", state.skipped as f64),
-            ];
-            if let Some(s) = &state.loss_scale {
-                values.push(("train/loss_scale", s.scale));
-            }
-            if let Some((seconds, bytes)) = optimizer.comm_stats() {
-                // The last step's collectives (MPI), on rank 0.
-                values.push(("dist/comm_seconds", seconds));
-                values.push(("dist/comm_bytes_per_rank", bytes as f64));
-            }
-            if let Some(rss) = peak_rss_bytes() {
-                values.push(("memory/peak_rss_gib", rss as f64 / (1u64 << 30) as f64));
-            }
-            // On a GPU: what Burn's memory pool has reserved on the device (it grows to the peak).
-            if let Some(pool) = compute_device.memory_pool_usage() {
-                values.push(("memory/device_reserved_gib", pool.bytes_reserved as f64 / (1u64 << 30) as f64));
-            }
-            metrics.scalars(state.step, &values)?;
-            metrics.progress(state.step, cfg.total_steps, &format!("loss {loss:.4} | lr {lr:.2e} | gnorm {grad_norm:.3} | {tok_s:.0} tok/s"));
-            window = (Instant::now(), 0);
-            kill_point("logged", state.step);
-        }
-        if state.step % cfg.train.eval_every == 0 || last {
-            objective.evaluate(&for_eval(&model), state.step, &mut metrics)?;
-            evaluated_step = state.step;
-            window.0 = Instant::now();
-        }
-        if state.step % cfg.train.checkpoint_every == 0 || last {
-            summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);
-            saved_step = state.step;
-            window.0 = Instant::now();
-        }
-        if cfg.stop_after == Some(state.step) {
-            metrics.println(&format!("stopping after step {} as asked (--stop-after)", state.step));
-            break;
-        }
+        self.metrics.finish();
+        let summary = Summary { steps: step, tokens: self.state.tokens, skipped: self.state.skipped, last_loss: self.last_loss, checkpoint: self.last_checkpoint };
+        Ok((self.model.expect("the model is back after every update"), summary))
     }
-    if state.step > evaluated_step {
-        objective.evaluate(&for_eval(&model), state.step, &mut metrics)?;
-    }
-    if state.step > saved_step {
-        summary.checkpoint = Some(save(&model, &optimizer, &state, objective)?);
-    }
-    metrics.finish();
-    summary.steps = state.step;
-    summary.tokens = state.tokens;
-    summary.skipped = state.skipped;
-    Ok((model, summary))
 }

@@ -20,7 +20,7 @@ use std::time::Instant;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use llama_model::adamw::AdamWRule;
+use llama_model::adamw::{AdamWRule, adamw_flat};
 use serde::{Deserialize, Serialize};
 
 use crate::config::OptimConfig;
@@ -225,11 +225,8 @@ impl ShardedAdamW {
 
     /// Clips `block` to `max_norm` by the global `norm` (as `optim::clip_global_norm` does),
     /// updates this rank's block and returns the model with every rank's updated block.
-    pub fn step<M: Module>(&mut self, lr: f64, model: M, mut block: Vec<f32>, norm: f64, max_norm: f64) -> M {
-        if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-            let factor = (max_norm / (norm + 1e-6)) as f32;
-            block.iter_mut().for_each(|g| *g *= factor);
-        }
+    pub fn step<M: Module>(&mut self, lr: f64, model: M, block: Vec<f32>, norm: f64, max_norm: f64) -> M {
+        let clip = if max_norm > 0.0 && norm.is_finite() && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
         self.time += 1;
         let range = self.range();
         let mut master = vec![0f32; self.block];
@@ -239,9 +236,11 @@ impl ShardedAdamW {
         let exempt = AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time);
         for slot in &self.slots {
             let (start, end) = (slot.offset.max(range.start), (slot.offset + slot.len()).min(range.end));
-            let rule = if slot.decay { &decaying } else { &exempt };
-            for i in start.saturating_sub(range.start)..end.saturating_sub(range.start) {
-                (master[i], self.moment_1[i], self.moment_2[i]) = rule.apply(master[i], block[i], self.moment_1[i], self.moment_2[i]);
+            let (a, b) = (start.saturating_sub(range.start), end.saturating_sub(range.start));
+            if a < b {
+                let rule = if slot.decay { &decaying } else { &exempt };
+                // Clip, AdamW and the moments in one pass over this slot's part of the block.
+                adamw_flat(&mut master[a..b], &block[a..b], &mut self.moment_1[a..b], &mut self.moment_2[a..b], clip, rule, None);
             }
         }
         let started = Instant::now();
