@@ -27,6 +27,9 @@ if ! have_mpi; then
     fi
 fi
 
+# Formatting first: it takes a second (rustfmt.toml has the house style).
+cargo fmt --all --check || { echo "cargo fmt --check: run 'cargo fmt --all'"; exit 1; }
+
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set -o pipefail

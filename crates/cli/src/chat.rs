@@ -65,7 +65,10 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         }
         messages.push(Message::new(Role::User, text));
         let Some(prompt) = fit(&mut messages, max_seq_len, options.sampling.max_new_tokens, tokenizer, options.system.is_some())? else {
-            eprintln!("(this message alone does not fit the model's {max_seq_len} positions with {} new tokens: not answered)", options.sampling.max_new_tokens);
+            eprintln!(
+                "(this message alone does not fit the model's {max_seq_len} positions with {} new tokens: not answered)",
+                options.sampling.max_new_tokens
+            );
             messages.pop();
             continue;
         };
@@ -92,7 +95,17 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
                 print!("{piece}");
                 let _ = stdout.flush();
             };
-            let reply = llama_tools::answer_streaming(&mut source, tokenizer, &chat, Some(toolbox), sampling.max_new_tokens, max_seq_len, sampling.seed, Some(&mut show))?.remove(0);
+            let reply = llama_tools::answer_streaming(
+                &mut source,
+                tokenizer,
+                &chat,
+                Some(toolbox),
+                sampling.max_new_tokens,
+                max_seq_len,
+                sampling.seed,
+                Some(&mut show),
+            )?
+            .remove(0);
             println!();
             messages.push(Message::new(Role::Assistant, reply.text));
             turn += 1;

@@ -9,13 +9,17 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use llama_model::checkpoint::{self, Format};
-use llama_model::gguf::{self, GgufTokenizer, GgufType};
 use llama_model::generate::{SamplingConfig, generate};
+use llama_model::gguf::{self, GgufTokenizer, GgufType};
 use llama_model::recompute::MemorySaving;
 use llama_model::{LlamaConfig, OptimizerPlacement, Precision, Recompute, TrainingMemory, device};
 
 #[derive(Parser)]
-#[command(name = "llama", version, about = "Llama 2 model tools: size a config, convert checkpoints (native, Hugging Face, GGUF), generate text, chat, benchmark")]
+#[command(
+    name = "llama",
+    version,
+    about = "Llama 2 model tools: size a config, convert checkpoints (native, Hugging Face, GGUF), generate text, chat, benchmark"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -367,7 +371,8 @@ fn run(cli: Cli) -> Result<()> {
             );
             for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
                 let keeps_attention_probs = TrainingMemory::attention_keeps_probs(p, cpu);
-                let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, micro_batches, ..TrainingMemory::new(p) };
+                let plan =
+                    TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, micro_batches, ..TrainingMemory::new(p) };
                 let m = c.memory_estimate(micro_batch, seq, &plan);
                 println!(
                     "{dtype:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}{}",
@@ -385,8 +390,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("\nbf16, every combination (device expected peak | host):");
             for r in [Recompute::None, Recompute::Block] {
                 for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
-                    let m = c.memory_estimate(micro_batch, seq, &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), micro_batches, ..TrainingMemory::new(Precision::Bf16) });
-                    println!("  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}", name(r), name(o), gib(m.expected_peak()), gib(m.host_total()), fits(&m));
+                    let m = c.memory_estimate(
+                        micro_batch,
+                        seq,
+                        &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), micro_batches, ..TrainingMemory::new(Precision::Bf16) },
+                    );
+                    println!(
+                        "  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}",
+                        name(r),
+                        name(o),
+                        gib(m.expected_peak()),
+                        gib(m.host_total()),
+                        fits(&m)
+                    );
                 }
             }
             println!(
@@ -435,7 +451,10 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
                         Some(path) => Some(gguf_tokenizer(&path).context("--tokenizer")?),
                         None if from.join("tokenizer.json").is_file() => Some(gguf_tokenizer(&from.join("tokenizer.json"))?),
                         None => {
-                            eprintln!("warning: {} has no tokenizer.json and no --tokenizer was given: the GGUF file has no tokenizer, which llama.cpp needs", from.display());
+                            eprintln!(
+                                "warning: {} has no tokenizer.json and no --tokenizer was given: the GGUF file has no tokenizer, which llama.cpp needs",
+                                from.display()
+                            );
                             None
                         }
                     };
@@ -562,8 +581,8 @@ fn bench(
 ) -> Result<()> {
     use burn::module::Module;
     use burn::optim::{GradientsParams, ModuleOptimizer};
-    use llama_model::adamw::FusedAdamW;
     use burn::tensor::{Int, Tensor, TensorData};
+    use llama_model::adamw::FusedAdamW;
     use std::time::Instant;
     let c = LlamaConfig::from_toml_file(config)?;
     if seq_len > c.max_seq_len {
@@ -626,8 +645,19 @@ fn bench(
     let ops = if ops.fused { "" } else { ", Burn's composed ops (--unfused)" };
     let recompute = if saving.recompute_blocks { ", block recomputation" } else { "" };
     let chunks = saving.logits_chunk.map_or(String::new(), |c| format!(", logits in chunks of {c}"));
-    println!("model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}{attention}{recompute}{chunks}", config.display(), c.num_params(), precision.name());
-    println!("train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s", step_s, fwd / n, bwd / n, opt / n);
+    println!(
+        "model {} ({} parameters), batch {batch} x seq {seq_len}, {}{ops}{attention}{recompute}{chunks}",
+        config.display(),
+        c.num_params(),
+        precision.name()
+    );
+    println!(
+        "train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s",
+        step_s,
+        fwd / n,
+        bwd / n,
+        opt / n
+    );
     if gen_tokens > 0 {
         let plain = model.valid();
         let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..16).map(|_| next() as u32).collect()).collect();

@@ -31,7 +31,8 @@ fn info_prints_exact_parameter_counts_and_memory() {
 fn info_says_7b_and_13b_fit_80_gib_with_recomputation_and_the_host_optimizer() {
     let bf16_row = |out: &str| out.lines().find(|l| l.starts_with("bf16 ")).unwrap_or_else(|| panic!("no bf16 row: {out}")).to_string();
     for file in ["configs/7b.toml", "configs/13b.toml"] {
-        let args = ["info", "--config", file, "--micro-batch", "1", "--seq-len", "4096", "--recompute", "block", "--optimizer", "host", "--device-memory-gib", "80"];
+        let args =
+            ["info", "--config", file, "--micro-batch", "1", "--seq-len", "4096", "--recompute", "block", "--optimizer", "host", "--device-memory-gib", "80"];
         let (ok, out, err) = llama(&args);
         assert!(ok, "{err}");
         assert!(out.contains("recompute block, optimizer on the host, logits 1024"), "{out}");
@@ -150,30 +151,82 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         Case::new("convert: an index naming a FIFO", &["convert", "--from", &p("fifo"), "--to", &p("out")], &["pipe.safetensors"]),
         Case::new("convert: a config.json without the model's keys", &["convert", "--from", &p("noconfig"), "--to", &p("out")], &["config.json"]),
         Case::new("convert: unknown format", &["convert", "--from", &fixture, "--to", &p("out"), "--to-format", "onnx"], &["--to-format", "onnx"]),
-        Case::new("convert: unknown GGUF type", &["convert", "--from", &fixture, "--to", &p("out.gguf"), "--gguf-type", "q4_0"], &["--gguf-type", "q4_0", "q8_0"]),
+        Case::new(
+            "convert: unknown GGUF type",
+            &["convert", "--from", &fixture, "--to", &p("out.gguf"), "--gguf-type", "q4_0"],
+            &["--gguf-type", "q4_0", "q8_0"],
+        ),
         Case::new("convert: over an existing GGUF file", &["convert", "--from", &fixture, "--to", &p("model.gguf")], &["model.gguf", "--overwrite"]),
-        Case::new("convert: a GGUF output that is a directory", &["convert", "--from", &fixture, "--to", &p("occupied"), "--to-format", "gguf"], &["occupied", "one file"]),
+        Case::new(
+            "convert: a GGUF output that is a directory",
+            &["convert", "--from", &fixture, "--to", &p("occupied"), "--to-format", "gguf"],
+            &["occupied", "one file"],
+        ),
         Case::new("convert: a truncated GGUF", &["convert", "--from", &p("truncated.gguf"), "--to", &p("out")], &["truncated.gguf", "truncated"]),
-        Case::new("convert: a GGUF of another architecture", &["convert", "--from", &p("mamba.gguf"), "--to", &p("out")], &["mamba.gguf", "general.architecture", "mamba"]),
-        Case::new("convert: a GGUF whose layer count does not match its tensors", &["convert", "--from", &p("layers.gguf"), "--to", &p("out")], &["layers.gguf", "blk.1.attn_q.weight"]),
+        Case::new(
+            "convert: a GGUF of another architecture",
+            &["convert", "--from", &p("mamba.gguf"), "--to", &p("out")],
+            &["mamba.gguf", "general.architecture", "mamba"],
+        ),
+        Case::new(
+            "convert: a GGUF whose layer count does not match its tensors",
+            &["convert", "--from", &p("layers.gguf"), "--to", &p("out")],
+            &["layers.gguf", "blk.1.attn_q.weight"],
+        ),
         Case::new("convert: a .gguf that is not GGUF", &["convert", "--from", &p("fake.gguf"), "--to", &p("out")], &["fake.gguf"]),
         Case::new("convert: over a directory holding other files", &["convert", "--from", &fixture, "--to", &p("occupied")], &["occupied", "--overwrite"]),
-        Case::new("convert: onto its own input", &["convert", "--from", &small_dir, "--to", &small_dir, "--to-format", "native", "--overwrite"], &["small", "--from"]),
-        Case::new("generate: past the model's length", &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500"], &["max_seq_len"]),
-        Case::new("generate: a tokenizer larger than the model", &["generate", "--checkpoint", &small_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "8"], &["vocabulary"]),
+        Case::new(
+            "convert: onto its own input",
+            &["convert", "--from", &small_dir, "--to", &small_dir, "--to-format", "native", "--overwrite"],
+            &["small", "--from"],
+        ),
+        Case::new(
+            "generate: past the model's length",
+            &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500"],
+            &["max_seq_len"],
+        ),
+        Case::new(
+            "generate: a tokenizer larger than the model",
+            &["generate", "--checkpoint", &small_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "8"],
+            &["vocabulary"],
+        ),
         generate("generate: a missing tokenizer", &["--tokenizer", &p("nothere.json")], &["nothere.json"]),
         generate("generate: top-p above 1", &["--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         generate("generate: negative temperature", &["--tokenizer", &tok, "--temperature=-1"], &["--temperature", "-1"]),
-        generate("generate: a search corpus that is not there", &["--tokenizer", &tok, "--tools", "--search-corpus", &p("nowhere.jsonl")], &["--search-corpus", "nowhere.jsonl"]),
+        generate(
+            "generate: a search corpus that is not there",
+            &["--tokenizer", &tok, "--tools", "--search-corpus", &p("nowhere.jsonl")],
+            &["--search-corpus", "nowhere.jsonl"],
+        ),
         generate("generate: a search corpus without --tools", &["--tokenizer", &tok, "--search-corpus", &p("nowhere.jsonl")], &["--tools"]),
         generate("generate: no calls allowed", &["--tokenizer", &tok, "--tools", "--max-calls", "0"], &["--max-calls", "0"]),
-        Case::new("generate: --tools past the model's length", &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500", "--tools"], &["max_seq_len"]),
+        Case::new(
+            "generate: --tools past the model's length",
+            &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500", "--tools"],
+            &["max_seq_len"],
+        ),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
-        Case::new("chat: an answer as long as the model", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"], &["--max-new-tokens", "max_seq_len 32"]),
-        Case::new("chat: a tokenizer larger than the model", &["chat", "--checkpoint", &small_dir, "--tokenizer", &tok, "--max-new-tokens", "8"], &["vocabulary"]),
+        Case::new(
+            "chat: an answer as long as the model",
+            &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--max-new-tokens", "32"],
+            &["--max-new-tokens", "max_seq_len 32"],
+        ),
+        Case::new(
+            "chat: a tokenizer larger than the model",
+            &["chat", "--checkpoint", &small_dir, "--tokenizer", &tok, "--max-new-tokens", "8"],
+            &["vocabulary"],
+        ),
         Case::new("chat: a missing tokenizer", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &p("nothere.json")], &["nothere.json"]),
-        Case::new("chat: the tokenizer's template, which it does not have", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "tokenizer"], &["--chat-template", "tokenizer_config.json"]),
-        Case::new("chat: an unknown template", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "chatml"], &["--chat-template", "chatml", "llama2"]),
+        Case::new(
+            "chat: the tokenizer's template, which it does not have",
+            &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "tokenizer"],
+            &["--chat-template", "tokenizer_config.json"],
+        ),
+        Case::new(
+            "chat: an unknown template",
+            &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--chat-template", "chatml"],
+            &["--chat-template", "chatml", "llama2"],
+        ),
         Case::new("chat: top-p above 1", &["chat", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--top-p", "1.5"], &["--top-p"]),
         Case::new("no subcommand", &[], &["Usage"]),
     ];
@@ -190,7 +243,8 @@ fn convert_round_trips_hf_native_hf() {
     assert!(native.join("config.toml").is_file());
     let (ok, _, err) = llama(&["convert", "--from", native.to_str().unwrap(), "--to", hf.to_str().unwrap()]);
     assert!(ok, "{err}");
-    let a = std::fs::read(Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../tests/fixtures/hf-tiny-gqa/model.safetensors")).unwrap();
+    let a = std::fs::read(Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../../tests/fixtures/hf-tiny-gqa/model.safetensors"))
+        .unwrap();
     let b = std::fs::read(hf.join("model.safetensors")).unwrap();
     let (a, b) = (safetensors::SafeTensors::deserialize(&a).unwrap(), safetensors::SafeTensors::deserialize(&b).unwrap());
     for (name, view) in a.tensors() {
@@ -233,7 +287,12 @@ fn gguf_export_then_import_gives_the_weights_back() {
     }
 
     // dim 64 (rows of 64: two Q8_0 blocks), GQA, tied embeddings, the shipped 2048-token tokenizer.
-    let config = llama_model::LlamaConfig::new(64, 2, 4).with_n_kv_heads(2).with_vocab_size(2048).with_multiple_of(32).with_max_seq_len(64).with_tie_word_embeddings(true);
+    let config = llama_model::LlamaConfig::new(64, 2, 4)
+        .with_n_kv_heads(2)
+        .with_vocab_size(2048)
+        .with_multiple_of(32)
+        .with_max_seq_len(64)
+        .with_tie_word_embeddings(true);
     let native = tmp.path().join("native");
     llama_model::checkpoint::save_native(&config.init(&burn::tensor::Device::flex()), &config, &native).unwrap();
     std::fs::copy(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../../data/tokenizer.json"), native.join("tokenizer.json")).unwrap();
@@ -292,7 +351,10 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     let dir = tmp.path().to_str().unwrap();
     let chat_with = |input: &str, extra: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
-            .args([&["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"][..], extra].concat())
+            .args(
+                [&["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"][..], extra]
+                    .concat(),
+            )
             .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../.."))
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
@@ -307,7 +369,8 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     let chat = |input: &str| chat_with(input, &[]);
     // What `llama generate` answers to a rendered prompt with a seed (its output is prompt + text).
     let generate = |prompt: &str, seed: &str| {
-        let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", prompt, "--max-new-tokens", "6", "--seed", seed]);
+        let (ok, out, err) =
+            llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", prompt, "--max-new-tokens", "6", "--seed", seed]);
         assert!(ok, "{err}");
         out.strip_prefix(prompt).unwrap().split("\n---").next().unwrap().to_string()
     };
@@ -353,11 +416,39 @@ fn generate_runs_on_a_checkpoint_with_the_shipped_tokenizer() {
     let model = config.init(&burn::tensor::Device::flex());
     llama_model::checkpoint::save_native(&model, &config, tmp.path()).unwrap();
     let dir = tmp.path().to_str().unwrap();
-    let (ok, out, err) = llama(&["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "The jury", "--prompt", "He said", "--max-new-tokens", "5", "--seed", "1"]);
+    let (ok, out, err) = llama(&[
+        "generate",
+        "--checkpoint",
+        dir,
+        "--tokenizer",
+        "data/tokenizer.json",
+        "--prompt",
+        "The jury",
+        "--prompt",
+        "He said",
+        "--max-new-tokens",
+        "5",
+        "--seed",
+        "1",
+    ]);
     assert!(ok, "{err}");
     assert!(out.starts_with("The jury") && out.contains("\nHe said"), "{out}");
     // With --tools, a model that writes no call continues each prompt exactly as without.
-    let args = ["generate", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--prompt", "The jury", "--prompt", "He said", "--max-new-tokens", "5", "--temperature", "0"];
+    let args = [
+        "generate",
+        "--checkpoint",
+        dir,
+        "--tokenizer",
+        "data/tokenizer.json",
+        "--prompt",
+        "The jury",
+        "--prompt",
+        "He said",
+        "--max-new-tokens",
+        "5",
+        "--temperature",
+        "0",
+    ];
     let (ok, plain, err) = llama(&args);
     assert!(ok, "{err}");
     let (ok, tools, err) = llama(&[&args[..], &["--tools", "--search-corpus", "data/tools/search.jsonl"]].concat());
@@ -376,8 +467,19 @@ fn bench_reports_every_phase() {
     std::fs::write(&config, "[model]\ndim = 32\nn_layers = 2\nn_heads = 4\nvocab_size = 64\nmultiple_of = 16\nmax_seq_len = 32\n").unwrap();
     let json = tmp.path().join("bench.json");
     let (ok, out, err) = llama(&[
-        "bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "4",
-        "--json", json.to_str().unwrap(),
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "4",
+        "--json",
+        json.to_str().unwrap(),
     ]);
     assert!(ok, "{err}");
     assert!(out.contains("tokens/s") && out.contains("AdamW") && out.contains("decode") && out.contains("peak RSS"), "{out}");
@@ -388,20 +490,69 @@ fn bench_reports_every_phase() {
     }
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(true));
     // Burn's composed ops instead of the fused kernels: the same report, marked.
-    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--unfused", "--json", json.to_str().unwrap()]);
+    let (ok, out, err) = llama(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "0",
+        "--unfused",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(ok && out.contains("--unfused"), "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(false));
     assert_eq!(report["our_attention"], serde_json::Value::Bool(true));
     // Burn's composed attention instead of ours (the A/B of the recomputed backward).
-    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--unfused", "--burn-attention", "--json", json.to_str().unwrap()]);
+    let (ok, out, err) = llama(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "0",
+        "--unfused",
+        "--burn-attention",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(ok && out.contains("--burn-attention"), "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["our_attention"], serde_json::Value::Bool(false));
     let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
     assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
     // Block recomputation with chunked logits: the same report, marked; bad sizes refused.
-    let (ok, out, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", "0", "--recompute", "block", "--logits-chunk", "8", "--json", json.to_str().unwrap()]);
+    let (ok, out, err) = llama(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "0",
+        "--recompute",
+        "block",
+        "--logits-chunk",
+        "8",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
     assert!(ok && out.contains("block recomputation") && out.contains("chunks of 8"), "{out}{err}");
     let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!((report["recompute"].as_str(), report["logits_chunk"].as_u64()), (Some("block"), Some(8)));

@@ -92,8 +92,10 @@ impl JinjaTemplate {
             Role::User => "user",
             Role::Assistant => "assistant",
         };
-        let messages: Vec<minijinja::Value> =
-            messages.iter().map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))])).collect();
+        let messages: Vec<minijinja::Value> = messages
+            .iter()
+            .map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))]))
+            .collect();
         let template = self.0.get_template(TEMPLATE_NAME).map_err(template_error)?;
         template
             .render(minijinja::context! {
@@ -176,10 +178,7 @@ impl Conversation {
                 return Err(format!("message {i}: a system message may only come first"));
             }
             if m.role != want {
-                return Err(format!(
-                    "message {i} is {:?} but {:?} was expected (turns must alternate, starting with the user)",
-                    m.role, want
-                ));
+                return Err(format!("message {i} is {:?} but {:?} was expected (turns must alternate, starting with the user)", m.role, want));
             }
         }
         Ok(())
@@ -412,9 +411,8 @@ fn arrow_rows_to_json(batch: &arrow_array::RecordBatch) -> Result<Vec<serde_json
                     let s = items.as_struct_opt().ok_or("`messages` items are not structs with role and content")?;
                     let role = s.column_by_name("role").ok_or("`messages` items have no `role`")?;
                     let content = s.column_by_name("content").ok_or("`messages` items have no `content`")?;
-                    let msgs: Vec<serde_json::Value> = (0..s.len())
-                        .map(|j| serde_json::json!({ "role": string_at(role.as_ref(), j), "content": string_at(content.as_ref(), j) }))
-                        .collect();
+                    let msgs: Vec<serde_json::Value> =
+                        (0..s.len()).map(|j| serde_json::json!({ "role": string_at(role.as_ref(), j), "content": string_at(content.as_ref(), j) })).collect();
                     row.insert("messages".into(), msgs.into());
                 }
             }
@@ -514,7 +512,10 @@ mod tests {
     fn template_strings_are_meta_s() {
         let single = conv(r#"{"prompt": "Hi there", "response": "Hello!"}"#).unwrap();
         assert_eq!(single.render_text(), "<s>[INST] Hi there [/INST] Hello! </s>");
-        let sys = conv(r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#).unwrap();
+        let sys = conv(
+            r#"{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}"#,
+        )
+        .unwrap();
         assert_eq!(sys.render_text(), "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello. </s>");
         let multi = conv(
             r#"{"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "A"}, {"role": "assistant", "content": "B"}, {"role": "user", "content": "C"}, {"role": "assistant", "content": "D"}]}"#,
@@ -534,7 +535,11 @@ mod tests {
 
     #[test]
     fn packing_keeps_conversations_whole_and_shifts_the_mask_to_targets() {
-        let items = vec![(vec![1, 10, 11, 2], vec![false, false, true, true]), (vec![1, 20, 21, 22, 2], vec![false, false, false, true, true]), (vec![1; 9], vec![true; 9])];
+        let items = vec![
+            (vec![1, 10, 11, 2], vec![false, false, true, true]),
+            (vec![1, 20, 21, 22, 2], vec![false, false, false, true, true]),
+            (vec![1; 9], vec![true; 9]),
+        ];
         let (packed, stats) = pack(&items, 7, 0, Overlong::Skip);
         assert_eq!(stats.skipped, 1);
         assert_eq!(packed.len(), 2, "4 + 5 tokens do not fit in one window of 8");

@@ -3,8 +3,8 @@
 
 pub mod chat;
 mod deal;
-pub mod prompts;
 pub mod prepare;
+pub mod prompts;
 pub mod reader;
 pub mod sampler;
 pub mod shards;

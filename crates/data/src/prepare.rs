@@ -144,7 +144,8 @@ pub fn for_each_document(path: &Path, text_field: &str, txt_docs: TxtDocs, f: &m
         }
         Some("parquet") => {
             let err = |m: String| DataError::Input(format!("{}: {m}", path.display()));
-            let builder = ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(io)?).map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
+            let builder =
+                ParquetRecordBatchReaderBuilder::try_new(File::open(path).map_err(io)?).map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
             let (index, field) = builder.schema().column_with_name(text_field).ok_or_else(|| err(format!("no `{text_field}` column")))?;
             if !matches!(field.data_type(), DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View) {
                 return Err(err(format!("column `{text_field}` has type {}; expected a string", field.data_type())));
@@ -248,8 +249,7 @@ fn check_output_dir(out: &Path, overwrite: bool) -> Result<Vec<String>, DataErro
     if !overwrite {
         return Err(DataError::Config(format!("{} already holds shards; pass --overwrite to replace them", out.display())));
     }
-    let ours: std::collections::HashSet<&str> =
-        manifest.train.iter().chain(&manifest.val).map(|s| s.file.as_str()).chain([MANIFEST]).collect();
+    let ours: std::collections::HashSet<&str> = manifest.train.iter().chain(&manifest.val).map(|s| s.file.as_str()).chain([MANIFEST]).collect();
     let foreign: Vec<&str> = entries.iter().map(String::as_str).filter(|e| !ours.contains(e)).collect();
     if !foreign.is_empty() {
         return Err(DataError::Config(format!(
@@ -280,7 +280,11 @@ fn write_shards(config: &PrepareConfig, tokenizer: &Tokenizer, files: &[PathBuf]
         let encoded = tokenizer.encode_batch(&texts)?;
         for (text, ids) in pending.iter().zip(encoded) {
             bar.inc(text.len() as u64);
-            if doc_index % period == period - 1 { val.write(ids)? } else { train.write(ids)? }
+            if doc_index % period == period - 1 {
+                val.write(ids)?
+            } else {
+                train.write(ids)?
+            }
             doc_index += 1;
         }
         bar.set_message(format!("{doc_index} docs"));

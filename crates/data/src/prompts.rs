@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use anyhow::bail;
 use crate::Tokenizer;
 use crate::chat::{Conversation, Message, Role};
+use anyhow::bail;
 
 /// One prompt with its safety tag.
 #[derive(Debug, Clone, PartialEq)]

@@ -105,11 +105,8 @@ impl PackedReader {
         };
         let paths = split_files(dir, split)?;
         let files = paths.iter().map(|p| ShardFile::open(p)).collect::<Result<Vec<_>, _>>()?;
-        let units: Vec<(usize, usize)> = files
-            .iter()
-            .enumerate()
-            .flat_map(|(f, file)| file.row_groups.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(rg, _)| (f, rg)))
-            .collect();
+        let units: Vec<(usize, usize)> =
+            files.iter().enumerate().flat_map(|(f, file)| file.row_groups.iter().enumerate().filter(|(_, n)| **n > 0).map(move |(rg, _)| (f, rg))).collect();
         if units.is_empty() {
             return Err(DataError::Empty(format!("{}: the {} split has no documents", dir.display(), split.name())));
         }

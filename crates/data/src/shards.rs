@@ -126,7 +126,15 @@ fn schema() -> Arc<Schema> {
 
 impl ShardWriter {
     pub fn new(dir: &Path, split: Split, shard_tokens: u64, row_group_docs: usize) -> Self {
-        Self { dir: dir.to_path_buf(), split, shard_tokens: shard_tokens.max(1), row_group_docs: row_group_docs.max(1), current: None, pending: vec![], shards: vec![] }
+        Self {
+            dir: dir.to_path_buf(),
+            split,
+            shard_tokens: shard_tokens.max(1),
+            row_group_docs: row_group_docs.max(1),
+            current: None,
+            pending: vec![],
+            shards: vec![],
+        }
     }
 
     pub fn write(&mut self, doc: Vec<u32>) -> Result<(), DataError> {
@@ -193,12 +201,7 @@ fn list_array(docs: &[Vec<u32>]) -> ArrayRef {
         offsets.push(values.len() as i32);
     }
     let field = Arc::new(Field::new("item", DataType::UInt32, false));
-    Arc::new(ListArray::new(
-        field,
-        arrow_buffer::OffsetBuffer::new(offsets.into()),
-        Arc::new(UInt32Array::from(values)),
-        None,
-    ))
+    Arc::new(ListArray::new(field, arrow_buffer::OffsetBuffer::new(offsets.into()), Arc::new(UInt32Array::from(values)), None))
 }
 
 /// One open shard: its path and row-group sizes, after checking the column and its type.
@@ -216,9 +219,9 @@ impl ShardFile {
         let file = File::open(path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
         let schema = builder.schema();
-        let (column, field) = schema
-            .column_with_name(COLUMN)
-            .ok_or_else(|| err(format!("no `{COLUMN}` column (columns: {})", schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", "))))?;
+        let (column, field) = schema.column_with_name(COLUMN).ok_or_else(|| {
+            err(format!("no `{COLUMN}` column (columns: {})", schema.fields().iter().map(|f| f.name().as_str()).collect::<Vec<_>>().join(", ")))
+        })?;
         let item = match field.data_type() {
             DataType::List(item) | DataType::LargeList(item) => item.data_type().clone(),
             other => return Err(err(format!("column `{COLUMN}` has type {other}; expected a list of integers"))),
@@ -240,12 +243,7 @@ impl ShardFile {
         let file = File::open(&self.path).map_err(|e| DataError::Io(format!("{}: {e}", self.path.display())))?;
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| err(format!("not a readable Parquet file: {e}")))?;
         let mask = ProjectionMask::roots(builder.parquet_schema(), [self.column]);
-        let reader = builder
-            .with_row_groups(vec![rg])
-            .with_projection(mask)
-            .with_batch_size(8192)
-            .build()
-            .map_err(|e| err(e.to_string()))?;
+        let reader = builder.with_row_groups(vec![rg]).with_projection(mask).with_batch_size(8192).build().map_err(|e| err(e.to_string()))?;
         let first_row: usize = self.row_groups[..rg].iter().sum();
         let mut docs = Vec::with_capacity(self.row_groups[rg]);
         for batch in reader {

@@ -11,8 +11,8 @@ use tokenizers::decoders::byte_fallback::ByteFallback;
 use tokenizers::decoders::fuse::Fuse;
 use tokenizers::decoders::sequence::Sequence as DecoderSequence;
 use tokenizers::decoders::strip::Strip;
-use tokenizers::normalizers::replace::Replace;
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
+use tokenizers::normalizers::replace::Replace;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::metaspace::{Metaspace, PrependScheme};
 use tokenizers::pre_tokenizers::sequence::Sequence as PreSequence;
@@ -91,8 +91,7 @@ impl Tokenizer {
     /// Hugging Face checkpoints declare them (Llama 3 style `<|begin_of_text|>`, SmolLM's
     /// `<|im_start|>`...), and Llama 2's `<s>` / `</s>` where none is named.
     pub fn from_file(path: &Path) -> Result<Self, DataError> {
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| DataError::Tokenizer(format!("{}: cannot load tokenizer: {e}", path.display())))?;
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer(format!("{}: cannot load tokenizer: {e}", path.display())))?;
         let declared = DeclaredSpecials::beside(path)?;
         Self::from_inner(inner, &path.display().to_string(), &declared)
     }
@@ -127,21 +126,11 @@ impl Tokenizer {
         if vocab_size < 3 + 256 + 1 {
             return Err(DataError::Tokenizer(format!("vocab_size {vocab_size} is too small: it needs 259 reserved tokens and some merges")));
         }
-        let bpe = BPE::builder()
-            .byte_fallback(true)
-            .unk_token(UNK.into())
-            .build()
-            .map_err(|e| DataError::Tokenizer(e.to_string()))?;
+        let bpe = BPE::builder().byte_fallback(true).unk_token(UNK.into()).build().map_err(|e| DataError::Tokenizer(e.to_string()))?;
         let mut specials: Vec<AddedToken> = [UNK, BOS, EOS].iter().map(|t| AddedToken::from(*t, true)).collect();
         specials.extend((0..=255u8).map(|b| AddedToken::from(format!("<0x{b:02X}>"), true)));
-        let mut trainer = BpeTrainerBuilder::new()
-            .vocab_size(vocab_size)
-            .min_frequency(2)
-            .special_tokens(specials)
-            .show_progress(false)
-            .build();
-        let pre: Vec<PreTokenizerWrapper> =
-            vec![Metaspace::new('▁', PrependScheme::First, true).into(), Digits::new(true).into()];
+        let mut trainer = BpeTrainerBuilder::new().vocab_size(vocab_size).min_frequency(2).special_tokens(specials).show_progress(false).build();
+        let pre: Vec<PreTokenizerWrapper> = vec![Metaspace::new('▁', PrependScheme::First, true).into(), Digits::new(true).into()];
         // Llama's own decoder chain: ▁ -> space, bytes, fuse, drop the one leading space.
         let replace = Replace::new("▁", " ").map_err(|e| DataError::Tokenizer(e.to_string()))?;
         let decoder: Vec<DecoderWrapper> = vec![replace.into(), ByteFallback::new().into(), Fuse::new().into(), Strip::new(' ', 1, 0).into()];
@@ -175,7 +164,9 @@ impl Tokenizer {
             (ChatTemplateChoice::Llama2, _) => None,
             (ChatTemplateChoice::Tokenizer, Some(source)) => Some(JinjaTemplate::compile(source)?),
             (ChatTemplateChoice::Tokenizer, None) => {
-                return Err(DataError::Config("chat_template = \"tokenizer\": the tokenizer_config.json beside the tokenizer has no chat_template (use \"llama2\")".into()));
+                return Err(DataError::Config(
+                    "chat_template = \"tokenizer\": the tokenizer_config.json beside the tokenizer has no chat_template (use \"llama2\")".into(),
+                ));
             }
         };
         Ok(self)
@@ -238,10 +229,7 @@ impl Tokenizer {
 
     /// Encodes many texts in parallel (rayon, inside `tokenizers`), without BOS/EOS.
     pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>, DataError> {
-        let encs = self
-            .inner
-            .encode_batch(texts.to_vec(), false)
-            .map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
+        let encs = self.inner.encode_batch(texts.to_vec(), false).map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
         Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
     }
 

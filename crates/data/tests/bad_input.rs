@@ -21,11 +21,8 @@ fn fixture(dir: &Path) {
     std::fs::write(dir.join("broken.json"), "{\"model\": ").unwrap();
     std::fs::create_dir_all(dir.join("mine")).unwrap();
     std::fs::write(dir.join("mine/precious.txt"), "keep me").unwrap();
-    let ok = std::process::Command::new(PREPARE)
-        .args(["--input", "good.jsonl", "--tokenizer", "tok.json", "--out", "shards"])
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let ok =
+        std::process::Command::new(PREPARE).args(["--input", "good.jsonl", "--tokenizer", "tok.json", "--out", "shards"]).current_dir(dir).output().unwrap();
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     std::fs::write(dir.join("shards/notes.md"), "mine").unwrap();
     std::fs::create_dir_all(dir.join("own")).unwrap();

@@ -22,11 +22,12 @@ const TEXTS: &[&str] = &[
 /// at `▁` (as SentencePiece's pieces are), so that no token spans two words, as in Llama 2's
 /// vocabulary; the saved tokenizer then encodes whole strings with merges only.
 fn llama2_style_tokenizer(dir: &std::path::Path) -> (Tokenizer, tokenizers::Tokenizer) {
-    let normalizer = || {
-        NormalizerWrapper::Sequence(Sequence::new(vec![Prepend::new("▁".into()).into(), Replace::new(" ", "▁").unwrap().into()]))
-    };
-    let specials: Vec<AddedToken> =
-        ["<unk>", "<s>", "</s>"].into_iter().map(|t| AddedToken::from(t, true)).chain((0..=255u8).map(|b| AddedToken::from(format!("<0x{b:02X}>"), true))).collect();
+    let normalizer = || NormalizerWrapper::Sequence(Sequence::new(vec![Prepend::new("▁".into()).into(), Replace::new(" ", "▁").unwrap().into()]));
+    let specials: Vec<AddedToken> = ["<unk>", "<s>", "</s>"]
+        .into_iter()
+        .map(|t| AddedToken::from(t, true))
+        .chain((0..=255u8).map(|b| AddedToken::from(format!("<0x{b:02X}>"), true)))
+        .collect();
     let mut trainer = BpeTrainerBuilder::new().vocab_size(400).min_frequency(1).special_tokens(specials).show_progress(false).build();
     let bpe = BPE::builder().byte_fallback(true).unk_token("<unk>".into()).build().unwrap();
     let mut training = TokenizerBuilder::new()

@@ -35,7 +35,9 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
     let c = dated_chat();
     assert_eq!(
         c.render_text(),
-        format!("<s>[INST] <<SYS>>\nToday is 2 December 2026. Your knowledge cut-off is 2024.\n<</SYS>>\n\nHow long ago was the fall of the Berlin Wall? [/INST] {ANSWER} </s>")
+        format!(
+            "<s>[INST] <<SYS>>\nToday is 2 December 2026. Your knowledge cut-off is 2024.\n<</SYS>>\n\nHow long ago was the fall of the Berlin Wall? [/INST] {ANSWER} </s>"
+        )
     );
     let (ids, mask) = c.tokenize(&tok).unwrap();
     // Trained: the answer with its call, without the result, and the template's space after it;
@@ -45,13 +47,8 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
     // The result's tokens, markers included, are exactly the untrained ones inside the answer.
     let (_, offsets) = tok.encode_with_offsets(&c.render_exchanges()[0].text).unwrap();
     let at = c.render_exchanges()[0].answer_at.unwrap();
-    let untrained_in_answer: Vec<u32> = ids[1..1 + offsets.len()]
-        .iter()
-        .zip(&mask[1..])
-        .zip(&offsets)
-        .filter(|&((_, &m), &(start, _))| start >= at && !m)
-        .map(|((&i, _), _)| i)
-        .collect();
+    let untrained_in_answer: Vec<u32> =
+        ids[1..1 + offsets.len()].iter().zip(&mask[1..]).zip(&offsets).filter(|&((_, &m), &(start, _))| start >= at && !m).map(|((&i, _), _)| i).collect();
     assert_eq!(tok.decode(&untrained_in_answer).unwrap(), format!("{RESULT_OPEN}37{RESULT_CLOSE}"));
     // Without the markup the same answer would be trained in full.
     let plain = Conversation::from_json(&json!({"prompt": "Q", "response": "It was in 1989, 37 years ago."})).unwrap();

@@ -82,19 +82,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Perplexity { model, shards, seq_len, max_windows, train_split, tokenizer } => {
             // Shards of another tokenizer give a number that means nothing: refuse them.
-            let tokenizer = tokenizer.or_else(|| {
-                [model.join("tokenizer.json"), llama_model::checkpoint::resolve(&model).join("tokenizer.json")].into_iter().find(|p| p.is_file())
-            });
+            let tokenizer = tokenizer
+                .or_else(|| [model.join("tokenizer.json"), llama_model::checkpoint::resolve(&model).join("tokenizer.json")].into_iter().find(|p| p.is_file()));
             let manifest = shards.join(llama_data::shards::MANIFEST);
             match (&tokenizer, manifest.is_file()) {
                 (Some(path), true) => {
                     let tok = llama_data::Tokenizer::from_file(path)?;
                     llama_data::Manifest::load(&shards)?.check_tokenizer(tok.fingerprint(), tok.vocab_size(), &shards)?;
                 }
-                (None, true) => eprintln!(
-                    "note: {} has no tokenizer.json: the shards' tokenizer is not checked against the model's (pass --tokenizer)",
-                    model.display()
-                ),
+                (None, true) => {
+                    eprintln!("note: {} has no tokenizer.json: the shards' tokenizer is not checked against the model's (pass --tokenizer)", model.display())
+                }
                 (_, false) => eprintln!("note: {} has no manifest: the shards' tokenizer cannot be checked", shards.display()),
             }
             let device = burn::tensor::Device::flex();
@@ -110,7 +108,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             for (model, sets) in &report.models {
                 for (set, r) in sets {
                     let vs = match (r.win_rate, r.tie_rate, r.loss_rate, r.win_rate_ci95) {
-                        (Some(w), Some(t), Some(l), Some((lo, hi))) => format!(" | vs {}: win {w:.2} [{lo:.2}, {hi:.2}] tie {t:.2} loss {l:.2}", report.baseline),
+                        (Some(w), Some(t), Some(l), Some((lo, hi))) => {
+                            format!(" | vs {}: win {w:.2} [{lo:.2}, {hi:.2}] tie {t:.2} loss {l:.2}", report.baseline)
+                        }
                         _ => String::new(),
                     };
                     println!(

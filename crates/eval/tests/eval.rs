@@ -69,8 +69,7 @@ fn the_report_is_reproducible_and_complete() {
     assert_eq!(json, first);
     assert!(std::fs::read_dir(out.join("tensorboard")).unwrap().count() >= 2);
     // answers.jsonl: a row per model, set and prompt, agreeing with the report.
-    let rows: Vec<serde_json::Value> =
-        std::fs::read_to_string(out.join("answers.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let rows: Vec<serde_json::Value> = std::fs::read_to_string(out.join("answers.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 2 * (96 + 32));
     let b_help: Vec<&serde_json::Value> = rows.iter().filter(|r| r["model"] == "b" && r["set"] == "helpfulness").collect();
     assert_eq!(b_help.len(), 96);
@@ -133,8 +132,13 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
     let src = dir.join("c.jsonl");
     std::fs::write(&src, corpus.lines().take(30).collect::<Vec<_>>().join("\n")).unwrap();
     let shards = dir.join("shards");
-    llama_data::prepare::prepare(&llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) }, &tok).unwrap();
-    let texts: Vec<String> = corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    llama_data::prepare::prepare(
+        &llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) },
+        &tok,
+    )
+    .unwrap();
+    let texts: Vec<String> =
+        corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
     std::fs::create_dir_all(dir.join("othertok")).unwrap();
     let other_tok = dir.join("othertok/tokenizer.json");
     llama_data::Tokenizer::train(texts.iter(), 300).unwrap().save(&other_tok).unwrap();
@@ -154,11 +158,22 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         llama_testkit::Case::new(name, &args, needles)
     };
     let small_help = format!("{}/help", small.display());
-    let (broken, long, empty) = (dir.join("broken.jsonl").display().to_string(), dir.join("long.jsonl").display().to_string(), dir.join("empty.jsonl").display().to_string());
+    let (broken, long, empty) =
+        (dir.join("broken.jsonl").display().to_string(), dir.join("long.jsonl").display().to_string(), dir.join("empty.jsonl").display().to_string());
     let help_model = format!("helpfulness_model = \"{}/help\"", dir.display());
     let cases = vec![
-        compare("reward models of another vocabulary", "", &[(&help_model, &format!("helpfulness_model = \"{small_help}\""))], &["vocabulary", "reward models of another vocabulary.toml"]),
-        compare("a judge template without the question", "[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"", &[], &["{question}"]),
+        compare(
+            "reward models of another vocabulary",
+            "",
+            &[(&help_model, &format!("helpfulness_model = \"{small_help}\""))],
+            &["vocabulary", "reward models of another vocabulary.toml"],
+        ),
+        compare(
+            "a judge template without the question",
+            "[judge]\nmodel = \"x\"\ntemplate = \"Which is better: {answer_a} or {answer_b}?\"",
+            &[],
+            &["{question}"],
+        ),
         compare("no prompts", "", &[(&safety, &empty)], &["empty.jsonl", "no prompts"]),
         compare("no resamples", "", &[("bootstrap_samples = 200", "bootstrap_samples = 0")], &["bootstrap_samples must be >= 1"]),
         compare("a prompt too long for the model", "", &[(&safety, &long)], &[&format!("{}:", at("long.jsonl", 2)), "max_seq_len"]),
@@ -167,12 +182,29 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         compare("a missing model", "", &[(&format!("path = \"{}/b\"", dir.display()), "path = \"/nowhere/b\"")], &["/nowhere/b"]),
         compare("unknown key", "judges = 2", &[], &["judges"]),
         compare("a tool set that is not a prompt set", "[tools]\nsets = [\"arithmetic\"]", &[], &["tools.sets", "arithmetic", "helpfulness, safety"]),
-        compare("a search corpus that is not there", "[tools]\nsets = [\"safety\"]\nsearch_corpus = \"/nowhere/search.jsonl\"", &[], &["tools.search_corpus", "/nowhere/search.jsonl"]),
+        compare(
+            "a search corpus that is not there",
+            "[tools]\nsets = [\"safety\"]\nsearch_corpus = \"/nowhere/search.jsonl\"",
+            &[],
+            &["tools.search_corpus", "/nowhere/search.jsonl"],
+        ),
         compare("a cap of no tool calls", "[tools]\nsets = [\"safety\"]\nmax_calls = 0", &[], &["tools.max_calls"]),
         compare("the tokenizer's chat template, which it does not have", "chat_template = \"tokenizer\"", &[], &["chat_template", "tokenizer_config.json"]),
-        llama_testkit::Case::new("a --model the config does not list", &["compare", "--config", &config(dir, "listed", "", &[]).display().to_string(), "--model", "z=/x"], &["--model z=", "listed.toml", "a, b"]),
-        llama_testkit::Case::new("a --model without a name", &["compare", "--config", &config(dir, "noname", "", &[]).display().to_string(), "--model", "/x"], &["--model", "NAME=PATH"]),
-        llama_testkit::Case::new("a --judge-model without a judge", &["compare", "--config", &config(dir, "nojudge", "", &[]).display().to_string(), "--judge-model", "/x"], &["--judge-model", "nojudge.toml"]),
+        llama_testkit::Case::new(
+            "a --model the config does not list",
+            &["compare", "--config", &config(dir, "listed", "", &[]).display().to_string(), "--model", "z=/x"],
+            &["--model z=", "listed.toml", "a, b"],
+        ),
+        llama_testkit::Case::new(
+            "a --model without a name",
+            &["compare", "--config", &config(dir, "noname", "", &[]).display().to_string(), "--model", "/x"],
+            &["--model", "NAME=PATH"],
+        ),
+        llama_testkit::Case::new(
+            "a --judge-model without a judge",
+            &["compare", "--config", &config(dir, "nojudge", "", &[]).display().to_string(), "--judge-model", "/x"],
+            &["--judge-model", "nojudge.toml"],
+        ),
         llama_testkit::Case::new("a missing config", &["compare", "--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
         perplexity("windows longer than the model", &["--seq-len", "129"], &["--seq-len 129", "128"]),
         perplexity("zero-token windows", &["--seq-len", "0"], &["--seq-len 0"]),
@@ -193,7 +225,8 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     let src = tmp.path().join("c.jsonl");
     std::fs::write(&src, corpus.lines().take(30).collect::<Vec<_>>().join("\n")).unwrap();
     let shards = tmp.path().join("shards");
-    let cfg = llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) };
+    let cfg =
+        llama_data::prepare::PrepareConfig { show_progress: false, val_fraction: 0.2, ..llama_data::prepare::PrepareConfig::new(vec![src], shards.clone()) };
     llama_data::prepare::prepare(&cfg, &tok).unwrap();
     let config = LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(128);
     let model = config.init(&Device::flex());
@@ -206,7 +239,8 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     // `eval_refuses_bad_input_and_touches_nothing_else`).
     let dir = tmp.path().join("model");
     llama_model::checkpoint::save_native(&model, &config, &dir).unwrap();
-    let texts: Vec<String> = corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
+    let texts: Vec<String> =
+        corpus.lines().take(20).map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
     llama_data::Tokenizer::train(texts.iter(), 300).unwrap().save(&dir.join("tokenizer.json")).unwrap();
     let run = |extra: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_eval"))
@@ -219,4 +253,3 @@ fn perplexity_of_an_untrained_model_is_near_the_vocabulary_size() {
     let (ok, err) = run(&["--tokenizer", repo().join("data/tokenizer.json").to_str().unwrap()]);
     assert!(ok, "the shards' own tokenizer: {err}");
 }
-

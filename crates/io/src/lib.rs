@@ -134,7 +134,14 @@ mod tests {
         assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
         write_dir_atomic::<std::io::Error>(&dir, |t| std::fs::write(t.join("b"), "2")).unwrap();
         let names: Vec<String> = std::fs::read_dir(tmp.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        assert_eq!({ let mut n = names; n.sort(); n }, vec!["d".to_string(), "f.txt".to_string()]);
+        assert_eq!(
+            {
+                let mut n = names;
+                n.sort();
+                n
+            },
+            vec!["d".to_string(), "f.txt".to_string()]
+        );
         assert!(dir.join("b").exists() && !dir.join("a").exists());
     }
 }

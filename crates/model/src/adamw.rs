@@ -84,25 +84,28 @@ pub trait AdamWBackend: Backend {
 }
 
 impl AdamWBackend for Flex {
-    fn adamw_update(param: FlexTensor, grad: FlexTensor, moment_1: FlexTensor, moment_2: FlexTensor, lr: f64, betas_eps_decay: [f32; 4], time: usize) -> (FlexTensor, FlexTensor, FlexTensor) {
+    fn adamw_update(
+        param: FlexTensor,
+        grad: FlexTensor,
+        moment_1: FlexTensor,
+        moment_2: FlexTensor,
+        lr: f64,
+        betas_eps_decay: [f32; 4],
+        time: usize,
+    ) -> (FlexTensor, FlexTensor, FlexTensor) {
         let shape = param.layout().shape().clone();
         let (param, grad, moment_1, moment_2) = (contiguous_f32(param), contiguous_f32(grad), contiguous_f32(moment_1), contiguous_f32(moment_2));
         let (p, g, m, v) = (f32_values(&param), f32_values(&grad), f32_values(&moment_1), f32_values(&moment_2));
         let rule = AdamWRule::new(lr, betas_eps_decay, time);
         let n = p.len();
         let (mut p_out, mut m_out, mut v_out) = (vec![0f32; n], vec![0f32; n], vec![0f32; n]);
-        p_out
-            .par_chunks_mut(CHUNK)
-            .zip(m_out.par_chunks_mut(CHUNK))
-            .zip(v_out.par_chunks_mut(CHUNK))
-            .enumerate()
-            .for_each(|(c, ((p_out, m_out), v_out))| {
-                let range = c * CHUNK..(c * CHUNK + p_out.len());
-                let (p, g, m, v) = (&p[range.clone()], &g[range.clone()], &m[range.clone()], &v[range]);
-                for i in 0..p.len() {
-                    (p_out[i], m_out[i], v_out[i]) = rule.apply(p[i], g[i], m[i], v[i]);
-                }
-            });
+        p_out.par_chunks_mut(CHUNK).zip(m_out.par_chunks_mut(CHUNK)).zip(v_out.par_chunks_mut(CHUNK)).enumerate().for_each(|(c, ((p_out, m_out), v_out))| {
+            let range = c * CHUNK..(c * CHUNK + p_out.len());
+            let (p, g, m, v) = (&p[range.clone()], &g[range.clone()], &m[range.clone()], &v[range]);
+            for i in 0..p.len() {
+                (p_out[i], m_out[i], v_out[i]) = rule.apply(p[i], g[i], m[i], v[i]);
+            }
+        });
         let tensor = |values: Vec<f32>| FlexTensor::from_data(TensorData::new(values, shape.clone()));
         (tensor(p_out), tensor(m_out), tensor(v_out))
     }
@@ -149,8 +152,9 @@ mod tests {
     fn flat_pass_equals_the_rule_element_by_element() {
         let n = 3 * FLAT_CHUNK + 77;
         let value = |i: usize, k: f32| ((i as f32 * 0.618 + k).sin()) * 0.1;
-        let (p0, g, m0, v0): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) =
-            (0..n).map(|i| (value(i, 0.0), value(i, 1.0), value(i, 2.0) * 0.01, value(i, 3.0).abs() * 0.001)).fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
+        let (p0, g, m0, v0): (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) = (0..n)
+            .map(|i| (value(i, 0.0), value(i, 1.0), value(i, 2.0) * 0.01, value(i, 3.0).abs() * 0.001))
+            .fold((vec![], vec![], vec![], vec![]), |mut acc, (a, b, c, d)| {
                 acc.0.push(a);
                 acc.1.push(b);
                 acc.2.push(c);

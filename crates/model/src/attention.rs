@@ -33,9 +33,9 @@ use burn::backend::{TensorMetadata, get_or_init_device_settings};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Shape, Slice, Tensor, TensorData};
+use rayon::prelude::*;
 use std::cell::Cell;
 use std::ops::Range;
-use rayon::prelude::*;
 
 use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
 
@@ -94,11 +94,7 @@ pub trait CausalAttentionBackend: Backend {
 
     /// The output and the attention probabilities `[batch, heads, seq, seq]` (zero above the
     /// diagonal), which backward needs.
-    fn causal_attention_with_probs(
-        q: FloatTensor<Self>,
-        k: FloatTensor<Self>,
-        v: FloatTensor<Self>,
-    ) -> (FloatTensor<Self>, FloatTensor<Self>);
+    fn causal_attention_with_probs(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>) -> (FloatTensor<Self>, FloatTensor<Self>);
 
     /// Gradients of q, k and v from the output's gradient.
     fn causal_attention_backward(
@@ -159,11 +155,25 @@ fn matmul(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: Vie
     // does not alias the inputs (a `&mut` borrow).
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, dst_rs as isize, false,
-            lhs.data.as_ptr(), lhs.cs as isize, lhs.rs as isize,
-            rhs.data.as_ptr(), rhs.cs as isize, rhs.rs as isize,
-            0.0, scale, false, false, false, gemm::Parallelism::None,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            lhs.data.as_ptr(),
+            lhs.cs as isize,
+            lhs.rs as isize,
+            rhs.data.as_ptr(),
+            rhs.cs as isize,
+            rhs.rs as isize,
+            0.0,
+            scale,
+            false,
+            false,
+            false,
+            gemm::Parallelism::None,
         );
     }
 }
@@ -218,33 +228,29 @@ impl CausalAttentionBackend for Flex {
         let (q, k, v, probs, grad) = (f32_values(&q), f32_values(&k), f32_values(&v), f32_values(&probs), f32_values(&grad));
         let scale = 1.0 / (d as f32).sqrt();
         let (mut dq, mut dk, mut dv) = (vec![0f32; b * h * t * d], vec![0f32; b * h * t * d], vec![0f32; b * h * t * d]);
-        dq.par_chunks_mut(t * d)
-            .zip(dk.par_chunks_mut(t * d))
-            .zip(dv.par_chunks_mut(t * d))
-            .enumerate()
-            .for_each(|(bh, ((dq, dk), dv))| {
-                let head = |x| View::head(x, bh, t, d);
-                let (q, k, v, g) = (head(q), head(k), head(v), head(grad));
-                let p = View::rows(&probs[bh * t * t..][..t * t], t);
-                // ds = p * (dp - rowsum(p * dp)) with dp = g v^T, by query blocks; zero above the
-                // diagonal (p is), and dq = ds k * scale from each finished block.
-                let mut ds = vec![0f32; t * t];
-                for (r0, r1) in blocks(t) {
-                    matmul(&mut ds[r0 * t..], t, r1 - r0, r1, d, g.at(r0, 0), v.t(), 1.0);
-                    for i in r0..r1 {
-                        let (row, p_row) = (&mut ds[i * t..][..r1], &p.data[i * t..][..r1]);
-                        let dot: f32 = row.iter().zip(p_row).map(|(a, b)| a * b).sum();
-                        row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - dot));
-                    }
-                    matmul(&mut dq[r0 * d..], d, r1 - r0, d, r1, View::rows(&ds, t).at(r0, 0), k, scale);
+        dq.par_chunks_mut(t * d).zip(dk.par_chunks_mut(t * d)).zip(dv.par_chunks_mut(t * d)).enumerate().for_each(|(bh, ((dq, dk), dv))| {
+            let head = |x| View::head(x, bh, t, d);
+            let (q, k, v, g) = (head(q), head(k), head(v), head(grad));
+            let p = View::rows(&probs[bh * t * t..][..t * t], t);
+            // ds = p * (dp - rowsum(p * dp)) with dp = g v^T, by query blocks; zero above the
+            // diagonal (p is), and dq = ds k * scale from each finished block.
+            let mut ds = vec![0f32; t * t];
+            for (r0, r1) in blocks(t) {
+                matmul(&mut ds[r0 * t..], t, r1 - r0, r1, d, g.at(r0, 0), v.t(), 1.0);
+                for i in r0..r1 {
+                    let (row, p_row) = (&mut ds[i * t..][..r1], &p.data[i * t..][..r1]);
+                    let dot: f32 = row.iter().zip(p_row).map(|(a, b)| a * b).sum();
+                    row.iter_mut().zip(p_row).for_each(|(x, &p)| *x = p * (*x - dot));
                 }
-                // Keys c0..c1 are seen by queries c0..t only: dv = p^T g, dk = ds^T q * scale.
-                let ds = View::rows(&ds, t);
-                for (c0, c1) in blocks(t) {
-                    matmul(&mut dv[c0 * d..], d, c1 - c0, d, t - c0, p.t().at(c0, c0), g.at(c0, 0), 1.0);
-                    matmul(&mut dk[c0 * d..], d, c1 - c0, d, t - c0, ds.t().at(c0, c0), q.at(c0, 0), scale);
-                }
-            });
+                matmul(&mut dq[r0 * d..], d, r1 - r0, d, r1, View::rows(&ds, t).at(r0, 0), k, scale);
+            }
+            // Keys c0..c1 are seen by queries c0..t only: dv = p^T g, dk = ds^T q * scale.
+            let ds = View::rows(&ds, t);
+            for (c0, c1) in blocks(t) {
+                matmul(&mut dv[c0 * d..], d, c1 - c0, d, t - c0, p.t().at(c0, c0), g.at(c0, 0), 1.0);
+                matmul(&mut dk[c0 * d..], d, c1 - c0, d, t - c0, ds.t().at(c0, c0), q.at(c0, 0), scale);
+            }
+        });
         let shape = [b, h, t, d];
         (
             FlexTensor::from_data(TensorData::new(dq, shape)),
@@ -279,7 +285,8 @@ impl<B: Backend + CausalAttentionBackend, C: CheckpointStrategy> CausalAttention
         probs: FloatTensor<Self>,
         grad: FloatTensor<Self>,
     ) -> (FloatTensor<Self>, FloatTensor<Self>, FloatTensor<Self>) {
-        let (dq, dk, dv) = B::causal_attention_backward(q.into_primitive(), k.into_primitive(), v.into_primitive(), probs.into_primitive(), grad.into_primitive());
+        let (dq, dk, dv) =
+            B::causal_attention_backward(q.into_primitive(), k.into_primitive(), v.into_primitive(), probs.into_primitive(), grad.into_primitive());
         (FloatTensor::<Self>::new(dq), FloatTensor::<Self>::new(dk), FloatTensor::<Self>::new(dv))
     }
 }

@@ -35,7 +35,11 @@ pub(crate) fn io_err(path: &Path, e: impl std::fmt::Display) -> ModelError {
 
 /// Writes a safetensors file through a temporary sibling and a rename, readable by all (0644, as
 /// the other files; the safetensors crate creates its files 0600).
-pub fn write_safetensors<'a, V: safetensors::View + 'a>(tensors: Vec<(String, V)>, metadata: Option<HashMap<String, String>>, path: &Path) -> Result<(), ModelError> {
+pub fn write_safetensors<'a, V: safetensors::View + 'a>(
+    tensors: Vec<(String, V)>,
+    metadata: Option<HashMap<String, String>>,
+    path: &Path,
+) -> Result<(), ModelError> {
     let tmp = tmp_sibling(path);
     safetensors::tensor::serialize_to_file(tensors, metadata, &tmp).map_err(|e| ckpt_err(format!("{}: cannot write: {e}", path.display())))?;
     #[cfg(unix)]
@@ -62,10 +66,7 @@ pub fn detect(dir: &Path) -> Result<Format, ModelError> {
     } else if dir.join(HF_CONFIG).is_file() {
         Ok(Format::HuggingFace)
     } else {
-        Err(ckpt_err(format!(
-            "{}: neither a native checkpoint ({NATIVE_CONFIG}) nor a Hugging Face directory ({HF_CONFIG})",
-            dir.display()
-        )))
+        Err(ckpt_err(format!("{}: neither a native checkpoint ({NATIVE_CONFIG}) nor a Hugging Face directory ({HF_CONFIG})", dir.display())))
     }
 }
 
@@ -161,10 +162,7 @@ pub fn load_weights<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<(),
     if !problems.is_empty() {
         let shown = problems.iter().take(6).cloned().collect::<Vec<_>>().join("; ");
         let more = if problems.len() > 6 { format!(" (and {} more)", problems.len() - 6) } else { String::new() };
-        return Err(ckpt_err(format!(
-            "{}: checkpoint does not match the model's config: {shown}{more}",
-            path.display()
-        )));
+        return Err(ckpt_err(format!("{}: checkpoint does not match the model's config: {shown}{more}", path.display())));
     }
     Ok(())
 }

@@ -112,7 +112,14 @@ pub struct TrainingMemory {
 impl TrainingMemory {
     /// No recomputation, optimizer on the device, whole logits, attention as on a GPU.
     pub fn new(precision: Precision) -> Self {
-        Self { precision, recompute: Recompute::None, optimizer: OptimizerPlacement::Device, logits_chunk: None, keeps_attention_probs: false, micro_batches: 1 }
+        Self {
+            precision,
+            recompute: Recompute::None,
+            optimizer: OptimizerPlacement::Device,
+            logits_chunk: None,
+            keeps_attention_probs: false,
+            micro_batches: 1,
+        }
     }
 
     /// Whether attention keeps its probabilities when training in `precision` on the CPU
@@ -229,11 +236,8 @@ impl LlamaConfig {
             let path = config_path.parent().unwrap_or(Path::new(".")).join(preset);
             let text = std::fs::read_to_string(&path).map_err(|e| config(format!("{origin}: model.preset {}: {e}", path.display())))?;
             let base: toml::Table = toml::from_str(&text).map_err(|e| config(format!("{}: {e}", path.display())))?;
-            let mut merged = base
-                .get("model")
-                .and_then(|m| m.as_table())
-                .cloned()
-                .ok_or_else(|| config(format!("{}: missing table [model]", path.display())))?;
+            let mut merged =
+                base.get("model").and_then(|m| m.as_table()).cloned().ok_or_else(|| config(format!("{}: missing table [model]", path.display())))?;
             merged.extend(table);
             table = merged;
         }
@@ -249,19 +253,14 @@ impl LlamaConfig {
         struct Wrapper {
             model: toml::Value,
         }
-        let value: toml::Table = toml::from_str(text)
-            .map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
+        let value: toml::Table = toml::from_str(text).map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
         let model = if value.contains_key("model") {
-            let w: Wrapper = toml::Value::Table(value)
-                .try_into()
-                .map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
+            let w: Wrapper = toml::Value::Table(value).try_into().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
             w.model
         } else {
             return Err(ModelError::Config(format!("{origin}: missing table [model]")));
         };
-        let cfg: LlamaConfig = model
-            .try_into()
-            .map_err(|e| ModelError::Config(format!("{origin}: in [model]: {e}")))?;
+        let cfg: LlamaConfig = model.try_into().map_err(|e| ModelError::Config(format!("{origin}: in [model]: {e}")))?;
         cfg.validate().map_err(|e| ModelError::Config(format!("{origin}: {e}")))?;
         Ok(cfg)
     }
@@ -282,23 +281,14 @@ impl LlamaConfig {
             }
         }
         if self.dim % self.n_heads != 0 {
-            return Err(format!(
-                "model.dim ({}) must be divisible by model.n_heads ({})",
-                self.dim, self.n_heads
-            ));
+            return Err(format!("model.dim ({}) must be divisible by model.n_heads ({})", self.dim, self.n_heads));
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!(
-                "model.dim / model.n_heads = {} must be even (RoPE rotates pairs)",
-                self.head_dim()
-            ));
+            return Err(format!("model.dim / model.n_heads = {} must be even (RoPE rotates pairs)", self.head_dim()));
         }
         let kv = self.n_kv_heads();
         if kv == 0 || self.n_heads % kv != 0 {
-            return Err(format!(
-                "model.n_kv_heads ({kv}) must be > 0 and divide model.n_heads ({})",
-                self.n_heads
-            ));
+            return Err(format!("model.n_kv_heads ({kv}) must be > 0 and divide model.n_heads ({})", self.n_heads));
         }
         if let Some(m) = self.ffn_dim_multiplier {
             if !(m.is_finite() && m > 0.0) {
@@ -442,15 +432,11 @@ mod tests {
 
     #[test]
     fn unknown_and_missing_keys_are_named() {
-        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nfoo = 1\n", "x.toml")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nfoo = 1\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("x.toml") && err.contains("foo"), "{err}");
         let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_heads = 4\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("n_layers"), "{err}");
-        let err = LlamaConfig::from_toml_str("[model]\ndim = \"big\"\nn_layers = 2\nn_heads = 4\n", "x.toml")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_toml_str("[model]\ndim = \"big\"\nn_layers = 2\nn_heads = 4\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("dim"), "{err}");
         let err = LlamaConfig::from_toml_str("dim = 64", "x.toml").unwrap_err().to_string();
         assert!(err.contains("[model]"), "{err}");
@@ -458,17 +444,11 @@ mod tests {
 
     #[test]
     fn invalid_relations_are_rejected_with_the_key() {
-        let err = LlamaConfig::from_toml_str("[model]\ndim = 66\nn_layers = 2\nn_heads = 4\n", "x.toml")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 66\nn_layers = 2\nn_heads = 4\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("model.dim"), "{err}");
-        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 3\n", "x.toml")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nn_kv_heads = 3\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("model.n_kv_heads"), "{err}");
-        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nnorm_eps = -1.0\n", "x.toml")
-            .unwrap_err()
-            .to_string();
+        let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nnorm_eps = -1.0\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("model.norm_eps"), "{err}");
     }
 
@@ -515,7 +495,8 @@ mod tests {
         assert_eq!((host.master_weights, host.optimizer), (0, 0));
         assert_eq!(host.host_total(), 4 * p + 8 * p + 4 * p);
         // Several micro-batches a step: their f32 sum on the device too.
-        let accumulating = c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
+        let accumulating =
+            c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
         assert_eq!(accumulating.total() - host.total(), 4 * p);
         assert_eq!(accumulating.host_total(), host.host_total());
         let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };

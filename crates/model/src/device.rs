@@ -24,9 +24,7 @@ pub fn available() -> Vec<&'static str> {
 pub fn parse(spec: &str) -> Result<Device, ModelError> {
     let (kind, index) = match spec.split_once(':') {
         Some((k, i)) => {
-            let i: usize = i.parse().map_err(|_| {
-                ModelError::Device(format!("device `{spec}`: `{i}` is not a device index (expected e.g. cuda:0)"))
-            })?;
+            let i: usize = i.parse().map_err(|_| ModelError::Device(format!("device `{spec}`: `{i}` is not a device index (expected e.g. cuda:0)")))?;
             (k, Some(i))
         }
         None => (spec, None),

@@ -187,11 +187,7 @@ pub fn generate_until(
     let mut done = vec![false; batch];
     let vocab = model.vocab_size();
     for step in 0..config.max_new_tokens {
-        let host: Vec<f32> = logits
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
+        let host: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
         let mut next = vec![config.eos_id.unwrap_or(0); batch];
         for (row, row_logits) in host.chunks(vocab).enumerate() {
             if done[row] {

@@ -20,10 +20,7 @@ use crate::{Llama, LlamaConfig, ModelError};
 pub fn config_from_hf(json: &Value, origin: &str) -> Result<LlamaConfig, ModelError> {
     let err = |m: String| ModelError::Config(format!("{origin}: {m}"));
     let get_usize = |key: &str| -> Result<usize, ModelError> {
-        json.get(key)
-            .and_then(Value::as_u64)
-            .map(|v| v as usize)
-            .ok_or_else(|| err(format!("key `{key}` is missing or not a non-negative integer")))
+        json.get(key).and_then(Value::as_u64).map(|v| v as usize).ok_or_else(|| err(format!("key `{key}` is missing or not a non-negative integer")))
     };
     let get_f64 = |key: &str, default: f64| -> Result<f64, ModelError> {
         match json.get(key) {
@@ -232,10 +229,7 @@ fn hf_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, PathBuf>
     if index_path.is_file() {
         let text = std::fs::read_to_string(&index_path).map_err(|e| io_err(&index_path, e))?;
         let index: Value = serde_json::from_str(&text).map_err(|e| ckpt_err(format!("{}: invalid JSON: {e}", index_path.display())))?;
-        let map = index
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| ckpt_err(format!("{}: no `weight_map` object", index_path.display())))?;
+        let map = index.get("weight_map").and_then(Value::as_object).ok_or_else(|| ckpt_err(format!("{}: no `weight_map` object", index_path.display())))?;
         let mut files: Vec<PathBuf> = vec![];
         let mut owner = HashMap::new();
         for (name, file) in map {
@@ -244,7 +238,10 @@ fn hf_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, PathBuf>
             // must not lead the loader elsewhere (`../x`, `/etc/passwd`) or into a FIFO.
             let plain = Path::new(file).components().count() == 1 && matches!(Path::new(file).components().next(), Some(std::path::Component::Normal(_)));
             if !plain {
-                return Err(ckpt_err(format!("{}: weight_map[{name}] = `{file}`: shard names must be plain file names in the checkpoint directory", index_path.display())));
+                return Err(ckpt_err(format!(
+                    "{}: weight_map[{name}] = `{file}`: shard names must be plain file names in the checkpoint directory",
+                    index_path.display()
+                )));
             }
             let path = dir.join(file);
             if !std::fs::metadata(&path).is_ok_and(|m| m.is_file()) {
@@ -269,8 +266,7 @@ fn hf_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, PathBuf>
 pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
     let config_path = dir.join(HF_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
-    let json: Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
+    let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
     let config = config_from_hf(&json, &config_path.display().to_string())?;
     let (files, _) = hf_weight_files(dir)?;
     let mut model = config.init_lazy(device);
@@ -292,23 +288,14 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), Mode
                 return Err(ckpt_err(format!("{}: unexpected tensor `{name}` for this config", file.display())));
             };
             if view.shape() != shape.as_slice() {
-                return Err(ckpt_err(format!(
-                    "{}: tensor `{name}` has shape {:?}, but config.json implies {:?}",
-                    file.display(),
-                    view.shape(),
-                    shape
-                )));
+                return Err(ckpt_err(format!("{}: tensor `{name}` has shape {:?}, but config.json implies {:?}", file.display(), view.shape(), shape)));
             }
             let data = view_to_f32(&view, &name, file)?;
             set_from_hf(&mut model, &config, &name, shape, kind, data, device);
         }
     }
     if let Some(missing) = expected.keys().next() {
-        return Err(ckpt_err(format!(
-            "{}: tensor `{missing}` is missing ({} missing in all)",
-            dir.display(),
-            expected.len()
-        )));
+        return Err(ckpt_err(format!("{}: tensor `{missing}` is missing ({} missing in all)", dir.display(), expected.len())));
     }
     Ok((config, model))
 }
@@ -410,10 +397,8 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
                 (name.clone(), shape.clone(), data.iter().flat_map(|x| x.to_le_bytes()).collect())
             })
             .collect();
-        let views: Vec<(String, TensorView<'_>)> = bytes
-            .iter()
-            .map(|(name, shape, b)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), b).expect("sizes agree")))
-            .collect();
+        let views: Vec<(String, TensorView<'_>)> =
+            bytes.iter().map(|(name, shape, b)| (name.clone(), TensorView::new(Dtype::F32, shape.clone(), b).expect("sizes agree"))).collect();
         for (name, _) in &views {
             weight_map.insert(name.clone(), Value::String(file_name.clone()));
         }
@@ -431,7 +416,6 @@ pub fn save_hf(model: &Llama, config: &LlamaConfig, dir: &Path, max_shard_bytes:
     let cfg = serde_json::to_string_pretty(&config_to_hf(config)).unwrap();
     Ok(write_atomic(&dir.join(HF_CONFIG), cfg.as_bytes())?)
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -34,9 +34,9 @@ pub mod rotary;
 pub mod swiglu;
 
 pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Recompute, TrainingMemory};
-pub use precision::Precision;
 pub use flex_kernels::without_fused_kernels;
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
+pub use precision::Precision;
 
 /// Runs `f` with the thread-local `setting` set to `value`, restoring the previous value after,
 /// even if `f` panics (the switches [`without_fused_kernels`] and

@@ -62,12 +62,7 @@ pub trait TokenNllBackend: Backend {
     ///
     /// # Shapes
     /// - logits: `[rows, vocab]`, targets, nll, grad: `[rows]` -> `[rows, vocab]`
-    fn token_nll_backward(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        nll: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self>;
+    fn token_nll_backward(logits: FloatTensor<Self>, targets: IntTensor<Self>, nll: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self>;
 }
 
 impl TokenNllBackend for Flex {
@@ -167,12 +162,7 @@ impl<B: Backend + TokenNllBackend, C: CheckpointStrategy> TokenNllBackend for Au
 
     /// Not itself differentiated (no second derivatives of the loss are needed): computed on the
     /// inner backend and returned untracked.
-    fn token_nll_backward(
-        logits: FloatTensor<Self>,
-        targets: IntTensor<Self>,
-        nll: FloatTensor<Self>,
-        grad: FloatTensor<Self>,
-    ) -> FloatTensor<Self> {
+    fn token_nll_backward(logits: FloatTensor<Self>, targets: IntTensor<Self>, nll: FloatTensor<Self>, grad: FloatTensor<Self>) -> FloatTensor<Self> {
         FloatTensor::<Self>::new(B::token_nll_backward(logits.into_primitive(), targets, nll.into_primitive(), grad.into_primitive()))
     }
 }
@@ -201,10 +191,7 @@ mod tests {
         let (rows, vocab) = (7, 50);
         let values: Vec<f32> = (0..rows * vocab).map(|i| ((i * 37 % 101) as f32 - 50.0) / 9.0).collect();
         let targets: Vec<i64> = (0..rows as i64).map(|r| (r * 13 + 5) % vocab as i64).collect();
-        (
-            Tensor::from_data(TensorData::new(values, [rows, vocab]), device),
-            Tensor::from_data(TensorData::new(targets, [rows]), device),
-        )
+        (Tensor::from_data(TensorData::new(values, [rows, vocab]), device), Tensor::from_data(TensorData::new(targets, [rows]), device))
     }
 
     #[test]

@@ -12,8 +12,8 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::attention::causal_attention;
-use crate::loss::token_nll;
 use crate::device::is_flex;
+use crate::loss::token_nll;
 use crate::recompute::{checkpoint, memory_saving};
 use crate::rms_norm::rms_norm;
 use crate::rotary::rotate_pairs;
@@ -23,10 +23,7 @@ use crate::swiglu::swiglu;
 pub const INIT_STD: f64 = 0.02;
 
 fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
-    LinearConfig::new(d_in, d_out)
-        .with_bias(false)
-        .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
-        .init(device)
+    LinearConfig::new(d_in, d_out).with_bias(false).with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD }).init(device)
 }
 
 /// `linear.forward` over `[batch, seq, d_in]`. On the flex (CPU) backend as one `[batch * seq,
@@ -126,14 +123,7 @@ impl Attention {
     /// - x: `[batch, seq, dim]`, the new tokens at positions `start..start + seq`
     /// - mask: `[batch, seq, start + seq]`, `true` hides a key (added to the causal mask)
     /// - output: `[batch, seq, dim]`
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &Rope,
-        start: usize,
-        mask: Option<Tensor<3, Bool>>,
-        cache: Option<&mut LayerCache>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, start: usize, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
         let q = rope.apply(heads(apply(&self.wq, x.clone()), self.n_heads), start);
@@ -212,14 +202,7 @@ impl Block {
 
     /// # Shapes
     /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
-    pub fn forward(
-        &self,
-        x: Tensor<3>,
-        rope: &Rope,
-        start: usize,
-        mask: Option<Tensor<3, Bool>>,
-        cache: Option<&mut LayerCache>,
-    ) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, start: usize, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let h = x.clone() + self.attention.forward(rms_norm(&self.attention_norm, x), rope, start, mask, cache);
         h.clone() + self.feed_forward.forward(rms_norm(&self.ffn_norm, h))
     }
@@ -253,9 +236,7 @@ impl LlamaConfig {
     /// replace every one of them (drawing 7B random weights first would cost a minute).
     pub(crate) fn init_lazy(&self, device: &Device) -> Llama {
         Llama {
-            tok_embeddings: EmbeddingConfig::new(self.vocab_size, self.dim)
-                .with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD })
-                .init(device),
+            tok_embeddings: EmbeddingConfig::new(self.vocab_size, self.dim).with_initializer(Initializer::Normal { mean: 0.0, std: INIT_STD }).init(device),
             layers: (0..self.n_layers).map(|_| Block::new(self, device)).collect(),
             norm: norm_layer(self, device),
             output: (!self.tie_word_embeddings).then(|| linear(self.dim, self.vocab_size, device)),
@@ -320,7 +301,9 @@ impl Llama {
                 let (h, y) = (hidden.clone().slice([r0..r1, 0..d]), targets.clone().slice([r0..r1]));
                 match &self.output {
                     Some(output) => checkpoint(output, h, move |output, h| token_nll(logits_f32(output.forward(h)), y.clone())),
-                    None => checkpoint(&self.tok_embeddings, h, move |embedding, h| token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone())),
+                    None => {
+                        checkpoint(&self.tok_embeddings, h, move |embedding, h| token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone()))
+                    }
                 }
             })
             .collect();

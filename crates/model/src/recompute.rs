@@ -27,13 +27,13 @@ use std::sync::Arc;
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::tensor::FloatTensor;
-use burn::backend::autodiff::checkpoint::strategy::{BalancedCheckpointing, NoCheckpointing};
 use burn::backend::{Autodiff, Backend, BackendTensor, DispatchAutodiffContext, DispatchKindConversion, DispatchTensor, DispatchTensorKind, Flex};
-use burn::tensor::GradientCheckpointingStrategy;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::GradientCheckpointingStrategy;
 use burn::tensor::Tensor;
 
 use crate::config::DEFAULT_LOGITS_CHUNK;
@@ -88,7 +88,11 @@ pub fn memory_saving() -> MemorySaving {
 ///
 /// # Shapes
 /// - x: any `[..]` of rank `DI` -> `f`'s output of rank `DO`
-pub fn checkpoint<M, const DI: usize, const DO: usize>(module: &M, x: Tensor<DI>, f: impl Fn(&M, Tensor<DI>) -> Tensor<DO> + Send + Sync + 'static) -> Tensor<DO>
+pub fn checkpoint<M, const DI: usize, const DO: usize>(
+    module: &M,
+    x: Tensor<DI>,
+    f: impl Fn(&M, Tensor<DI>) -> Tensor<DO> + Send + Sync + 'static,
+) -> Tensor<DO>
 where
     M: Module + Clone + Send + Sync + 'static,
 {
@@ -264,7 +268,13 @@ mod tests {
             let y = if checkpointed { checkpoint(&layers, x.clone(), segment) } else { segment(&layers, x.clone()) };
             let grads = (y.clone() * upstream.clone()).sum().backward();
             let g = |t: Tensor<2>| t.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
-            (y.into_data().try_to_vec::<f32>().unwrap(), g(x.clone()), g(layers.0.weight.val()), g(layers.1.weight.val()), layers.1.bias.as_ref().unwrap().val().grad(&grads).is_some())
+            (
+                y.into_data().try_to_vec::<f32>().unwrap(),
+                g(x.clone()),
+                g(layers.0.weight.val()),
+                g(layers.1.weight.val()),
+                layers.1.bias.as_ref().unwrap().val().grad(&grads).is_some(),
+            )
         };
         let (plain, ckpt) = (run(false), run(true));
         assert!(ckpt.4, "the bias got no gradient through the checkpoint");

@@ -171,7 +171,11 @@ mod tests {
         let x = heads(&device);
         let there = rotate_pairs(x.clone(), &rope.cos, &rope.sin, 4);
         let back = Tensor::from_dispatch(<Dispatch as RotaryBackend>::rotate_pairs(
-            there.into_dispatch(), rope.cos.clone().into_dispatch(), rope.sin.clone().into_dispatch(), 4, true,
+            there.into_dispatch(),
+            rope.cos.clone().into_dispatch(),
+            rope.sin.clone().into_dispatch(),
+            4,
+            true,
         ));
         assert_close(back, x, 1e-6);
     }

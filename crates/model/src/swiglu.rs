@@ -82,17 +82,15 @@ impl SwigluBackend for Flex {
         let (gate, up, grad) = (contiguous_f32(gate), contiguous_f32(up), contiguous_f32(grad));
         let (g, u, dy) = (f32_values(&gate), f32_values(&up), f32_values(&grad));
         let (mut d_gate, mut d_up) = (vec![0f32; g.len()], vec![0f32; g.len()]);
-        d_gate
-            .par_chunks_mut(CHUNK)
-            .zip(d_up.par_chunks_mut(CHUNK))
-            .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK)))
-            .for_each(|((d_gate, d_up), ((g, u), dy))| {
+        d_gate.par_chunks_mut(CHUNK).zip(d_up.par_chunks_mut(CHUNK)).zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)).zip(dy.par_chunks(CHUNK))).for_each(
+            |((d_gate, d_up), ((g, u), dy))| {
                 for i in 0..g.len() {
                     let s = sigmoid(g[i]);
                     d_up[i] = dy[i] * g[i] * s;
                     d_gate[i] = dy[i] * u[i] * s * (1.0 + g[i] * (1.0 - s));
                 }
-            });
+            },
+        );
         (FlexTensor::from_data(TensorData::new(d_gate, shape.clone())), FlexTensor::from_data(TensorData::new(d_up, shape)))
     }
 }

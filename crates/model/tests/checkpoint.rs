@@ -1,8 +1,8 @@
 //! Checkpoint tests: Hugging Face parity (fixtures made by scripts/make_hf_fixture.py with
 //! `transformers`), export round trips, native save/load, and bad input.
 
-use std::process::Command;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_model::checkpoint::{self, load_hf, load_native, load_weights, save_hf, save_native};
@@ -127,8 +127,7 @@ fn broken_hugging_face_directories_are_clear_errors() {
     copy_dir(&fixture("hf-tiny-gqa"), &dir);
     let bytes = std::fs::read(dir.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> =
-        st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    let kept: Vec<(String, safetensors::tensor::TensorView<'_>)> = st.tensors().into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
     safetensors::tensor::serialize_to_file(kept, None, &dir.join("model.safetensors.new")).unwrap();
     std::fs::rename(dir.join("model.safetensors.new"), dir.join("model.safetensors")).unwrap();
     let err = load_hf(&dir, &device).unwrap_err().to_string();
@@ -165,7 +164,13 @@ fn index_shard_names_stay_inside_the_checkpoint_directory() {
     let fifo = dir.join("pipe.safetensors");
     assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
     let absolute = outside.join("x.safetensors").display().to_string();
-    for (file, says) in [("../outside/x.safetensors", "plain file names"), (absolute.as_str(), "plain file names"), ("/etc/passwd", "plain file names"), ("pipe.safetensors", "not a regular file"), ("absent.safetensors", "not a regular file")] {
+    for (file, says) in [
+        ("../outside/x.safetensors", "plain file names"),
+        (absolute.as_str(), "plain file names"),
+        ("/etc/passwd", "plain file names"),
+        ("pipe.safetensors", "not a regular file"),
+        ("absent.safetensors", "not a regular file"),
+    ] {
         let index = serde_json::json!({ "weight_map": { "model.embed_tokens.weight": file } });
         std::fs::write(dir.join(checkpoint::HF_INDEX), index.to_string()).unwrap();
         let err = load_hf(&dir, &device).unwrap_err().to_string();

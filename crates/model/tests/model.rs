@@ -280,7 +280,13 @@ fn fused_kernels_equal_composed_ops_on_the_whole_model() {
 
 /// The loss and every parameter's gradient of one training pass of `model` (as a compute copy
 /// in `precision`, gradients on the f32 parameters) under `saving`.
-fn loss_and_grads(model: &Llama, rows: &[Vec<u32>], targets: &Tensor<1, Int>, precision: llama_model::Precision, saving: MemorySaving) -> (f32, Vec<(String, Vec<f32>)>) {
+fn loss_and_grads(
+    model: &Llama,
+    rows: &[Vec<u32>],
+    targets: &Tensor<1, Int>,
+    precision: llama_model::Precision,
+    saving: MemorySaving,
+) -> (f32, Vec<(String, Vec<f32>)>) {
     let device = model.device();
     let loss = with_memory_saving(saving, || {
         let compute = precision.compute_copy(model);

@@ -105,10 +105,7 @@ pub fn inputs_and_targets(windows: &[Vec<u32>], device: &Device) -> (Tensor<2, I
     let (b, t) = (windows.len(), windows[0].len() - 1);
     let inputs: Vec<i64> = windows.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
     let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
-    (
-        Tensor::from_data(TensorData::new(inputs, [b, t]), device),
-        Tensor::from_data(TensorData::new(targets, [b * t, 1]), device),
-    )
+    (Tensor::from_data(TensorData::new(inputs, [b, t]), device), Tensor::from_data(TensorData::new(targets, [b * t, 1]), device))
 }
 
 /// Summed next-token cross-entropy of the windows.
@@ -256,8 +253,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let (cfg, model_config) = load_config(config_path, overrides)?;
     // Built first: its launch check (device, dtype, memory fit) runs before any work.
     let total_steps = cfg.train.total_steps(cfg.data.seq_len);
-    let loop_config = LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim.clone(), &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)
-        .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?;
+    let loop_config =
+        LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim.clone(), &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?;
     let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
     if tokenizer.vocab_size() > model_config.vocab_size {
         bail!(
@@ -288,12 +286,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if manifest_path.is_file() {
         let manifest = Manifest::load(&cfg.data.shards)?;
         if manifest.vocab_size > model_config.vocab_size {
-            bail!(
-                "{}: the shards' vocabulary ({} ids) exceeds model.vocab_size ({})",
-                manifest_path.display(),
-                manifest.vocab_size,
-                model_config.vocab_size
-            );
+            bail!("{}: the shards' vocabulary ({} ids) exceeds model.vocab_size ({})", manifest_path.display(), manifest.vocab_size, model_config.vocab_size);
         }
         manifest.check_tokenizer(tokenizer.fingerprint(), tokenizer.vocab_size(), &cfg.data.shards)?;
     }
@@ -301,7 +294,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();
     // Each rank reads every `world`-th window of the one global stream.
-    let reader_config = ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, rank: world.rank(), world_size: world.size(), ..ReaderConfig::new(cfg.data.seq_len) };
+    let reader_config =
+        ReaderConfig { seed: cfg.train.seed, shuffle: cfg.data.shuffle, rank: world.rank(), world_size: world.size(), ..ReaderConfig::new(cfg.data.seq_len) };
     let train_reader = PackedReader::open(&cfg.data.shards, Split::Train, model_config.vocab_size, reader_config)?;
     let unigram_loss = unigram_baseline(&cfg.data.shards, model_config.vocab_size, cfg.data.seq_len, 2_000_000)?;
     world.say(format_args!(

@@ -67,30 +67,75 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
         run("unknown key", &edited("unknown", MODEL, &format!("{TRAIN}\nlearning_rate = 1"), &[]), &[], &["unknown.toml", "learning_rate"]),
         run("wrong type", &edited("type", MODEL, "max_steps = \"six\"\nbatch_size = 2\nmicro_batch_size = 2", &[]), &[], &["type.toml", "max_steps"]),
         run("negative LR", &edited("neglr", MODEL, TRAIN, &[("lr = 3e-3", "lr = -1.0")]), &[], &["neglr.toml", "optim.lr"]),
-        run("batch not a multiple of the micro-batch", &edited("divisible", MODEL, "max_steps = 2\nbatch_size = 5\nmicro_batch_size = 2", &[]), &[], &["divisible.toml", "train.micro_batch_size"]),
+        run(
+            "batch not a multiple of the micro-batch",
+            &edited("divisible", MODEL, "max_steps = 2\nbatch_size = 5\nmicro_batch_size = 2", &[]),
+            &[],
+            &["divisible.toml", "train.micro_batch_size"],
+        ),
         run("unknown preset", &edited("preset", "preset = \"8b.toml\"", TRAIN, &[]), &[], &["preset.toml", "8b.toml"]),
         run("heads do not divide the width", &edited("heads", &MODEL.replace("n_heads = 2", "n_heads = 3"), TRAIN, &[]), &[], &["heads.toml", "n_heads"]),
         run("unknown dtype", &edited("dtype", MODEL, TRAIN, &[("[run]\n", "[run]\ndtype = \"f8\"\n")]), &[], &["dtype.toml", "run.dtype", "f8"]),
         run("unknown device", &edited("device", MODEL, TRAIN, &[("[run]\n", "[run]\ndevice = \"tpu\"\n")]), &[], &["device.toml", "tpu"]),
         run("zero logits chunk", &edited("chunk", MODEL, &format!("{TRAIN}\nlogits_chunk = 0"), &[]), &[], &["chunk.toml", "train.logits_chunk"]),
         run("windows longer than the model", &edited("seq", MODEL, TRAIN, &[("seq_len = 32", "seq_len = 65")]), &[], &["seq.toml", "data.seq_len", "65"]),
-        run("tokenizer larger than the model", &edited("vocab", &MODEL.replace("vocab_size = 400", "vocab_size = 256"), TRAIN, &[]), &[], &["vocab.toml", "model.vocab_size"]),
+        run(
+            "tokenizer larger than the model",
+            &edited("vocab", &MODEL.replace("vocab_size = 400", "vocab_size = 256"), TRAIN, &[]),
+            &[],
+            &["vocab.toml", "model.vocab_size"],
+        ),
         run("missing config", &f.path("nothere.toml"), &[], &["nothere.toml"]),
         // The data.
         run("missing shard directory", &with_shards("missing", &f.path("nowhere")), &[], &["nowhere", "does not exist"]),
         run("shards of a larger tokenizer", &with_shards("bigger", &other.path("shards")), &[], &["manifest.json", "exceeds model.vocab_size"]),
-        run("shards of another tokenizer", &edited("othertok", &MODEL.replace("vocab_size = 400", "vocab_size = 600"), TRAIN, &[(&format!("shards = \"{shards}\""), &format!("shards = \"{}\"", other.path("shards")))]), &[], &["manifest.json", "tokenizer"]),
-        run("a shard that is not Parquet", &with_shards("notparquet", &shard_dir(root, "s-text", &not_parquet)), &[], &["train-00000.parquet", "not a readable Parquet file"]),
-        run("a shard of strings", &with_shards("strings", &shard_dir(root, "s-strings", &fixtures.join("bad_strings.parquet"))), &[], &["train-00000.parquet", "list of integers"]),
-        run("a shard without input_ids", &with_shards("nocolumn", &shard_dir(root, "s-nocol", &fixtures.join("bad_missing_column.parquet"))), &[], &["train-00000.parquet", "input_ids"]),
+        run(
+            "shards of another tokenizer",
+            &edited(
+                "othertok",
+                &MODEL.replace("vocab_size = 400", "vocab_size = 600"),
+                TRAIN,
+                &[(&format!("shards = \"{shards}\""), &format!("shards = \"{}\"", other.path("shards")))],
+            ),
+            &[],
+            &["manifest.json", "tokenizer"],
+        ),
+        run(
+            "a shard that is not Parquet",
+            &with_shards("notparquet", &shard_dir(root, "s-text", &not_parquet)),
+            &[],
+            &["train-00000.parquet", "not a readable Parquet file"],
+        ),
+        run(
+            "a shard of strings",
+            &with_shards("strings", &shard_dir(root, "s-strings", &fixtures.join("bad_strings.parquet"))),
+            &[],
+            &["train-00000.parquet", "list of integers"],
+        ),
+        run(
+            "a shard without input_ids",
+            &with_shards("nocolumn", &shard_dir(root, "s-nocol", &fixtures.join("bad_missing_column.parquet"))),
+            &[],
+            &["train-00000.parquet", "input_ids"],
+        ),
         run("a token id outside the vocabulary", &with_shards("oov", &out_of_vocab(root)), &[], &["train-00000.parquet", "row 1"]).may_create(out("oov")),
-        run("no documents", &with_shards("empty", &{
-            std::fs::create_dir_all(root.join("s-empty")).unwrap();
-            root.join("s-empty").display().to_string()
-        }), &[], &["s-empty", "no documents"]),
+        run(
+            "no documents",
+            &with_shards("empty", &{
+                std::fs::create_dir_all(root.join("s-empty")).unwrap();
+                root.join("s-empty").display().to_string()
+            }),
+            &[],
+            &["s-empty", "no documents"],
+        ),
         // The run directory.
         run("a finished run without --resume", &done, &[], &["out-done", "already holds checkpoints", "--resume"]),
-        run("another model on --resume", &edited("done", &MODEL.replace("dim = 32", "dim = 64"), TRAIN, &[]), &["--resume"], &["step-00000002", "another model config"]),
+        run(
+            "another model on --resume",
+            &edited("done", &MODEL.replace("dim = 32", "dim = 64"), TRAIN, &[]),
+            &["--resume"],
+            &["step-00000002", "another model config"],
+        ),
         run("a truncated checkpoint on --resume", &broken, &["--resume"], &["step-00000002", "model.bpk"]),
         run("a corrupt checkpoint state on --resume", &state_broken, &["--resume"], &["step-00000002", "state.json"]),
         // The command line.

@@ -11,7 +11,8 @@ use common::{Fixture, pretrain, weights};
 
 // 6 micro-batches of one sequence per step: 6 in one process, 3 per rank at world 2, 2 at 3.
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
-const TRAIN: &str = "max_steps = 10\nbatch_size = 6\nmicro_batch_size = 1\nlog_every = 1\neval_every = 100\neval_batches = 1\ncheckpoint_every = 5\nkeep_checkpoints = 5";
+const TRAIN: &str =
+    "max_steps = 10\nbatch_size = 6\nmicro_batch_size = 1\nlog_every = 1\neval_every = 100\neval_batches = 1\ncheckpoint_every = 5\nkeep_checkpoints = 5";
 
 /// `mpirun -np ranks pretrain args...`.
 fn mpirun(ranks: usize, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {

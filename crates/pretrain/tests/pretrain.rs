@@ -12,7 +12,8 @@ use common::{Fixture, pretrain, repo, train_curve, weights};
 use serde_json::Value;
 
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
-const TRAIN: &str = "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 5";
+const TRAIN: &str =
+    "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 5";
 
 #[test]
 fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_reads_them() {
@@ -58,9 +59,12 @@ print(json.dumps(out))
 "#;
     // The killed-and-resumed run's two event files read as one run with each step once.
     for run in ["out-straight", "out-killed"] {
-        let res = Command::new(&python).arg("-c").arg(script).arg(f.path(&format!("{run}/tensorboard"))).output().unwrap_or_else(|e| {
-            panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the tensorboard package")
-        });
+        let res = Command::new(&python)
+            .arg("-c")
+            .arg(script)
+            .arg(f.path(&format!("{run}/tensorboard")))
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the tensorboard package"));
         assert!(res.status.success(), "TensorBoard reader failed (run scripts/test.sh to install it): {}", String::from_utf8_lossy(&res.stderr));
         let tb: Value = serde_json::from_slice(&res.stdout).unwrap();
         for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps"] {
@@ -138,7 +142,8 @@ fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
     let f = Fixture::new(400);
     let train = "max_steps = 5000\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 100000\neval_batches = 1\ncheckpoint_every = 2\nkeep_checkpoints = 2";
     let cfg = f.config("killed", MODEL, train, "");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_pretrain")).args(["--config", &cfg]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        Command::new(env!("CARGO_BIN_EXE_pretrain")).args(["--config", &cfg]).current_dir(repo()).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let out = PathBuf::from(f.path("out-killed"));
     let logged = || std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0);
     let started = Instant::now();
@@ -180,7 +185,8 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
     use std::os::unix::process::ExitStatusExt;
     let f = Fixture::new(400);
     // Checkpoints at 2, 4, 6 with one kept, so every save after the first prunes one.
-    let train = "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
+    let train =
+        "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
     let straight = f.config("straight", MODEL, train, "");
     let (ok, _, err) = pretrain(&["--config", &straight], &[]);
     assert!(ok, "{err}");
@@ -221,8 +227,12 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
         assert_eq!(got, want_curve, "{point}: the logged curve differs after the resume\n{stdout}");
         assert_eq!(val_losses(&out), want_val, "{point}: validation losses differ");
         let got_weights = weights(&out, 6);
-        assert!(got_weights.len() == want_weights.len() && got_weights.iter().zip(&want_weights).all(|(a, b)| a.to_bits() == b.to_bits()), "{point}: the final weights differ");
-        let left: Vec<String> = std::fs::read_dir(PathBuf::from(&out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert!(
+            got_weights.len() == want_weights.len() && got_weights.iter().zip(&want_weights).all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{point}: the final weights differ"
+        );
+        let left: Vec<String> =
+            std::fs::read_dir(PathBuf::from(&out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         assert_eq!(left, vec!["step-00000006".to_string()], "{point}: leftovers after the resumed run");
     }
 }

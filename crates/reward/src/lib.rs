@@ -16,10 +16,10 @@ use burn::tensor::activation::log_sigmoid;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Role};
+use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::checkpoint::{MODEL_FILE, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -426,8 +426,11 @@ impl Objective<RewardModel> for RewardObjective {
                 continue;
             }
             let e = evaluate_pairs(model, pairs, self.pad, 16);
-            let mut values: Vec<(String, f64)> =
-                vec![(format!("eval/{name}/accuracy"), e.accuracy), (format!("eval/{name}/mean_margin"), e.mean_margin), (format!("eval/{name}/mean_reward"), e.mean_reward)];
+            let mut values: Vec<(String, f64)> = vec![
+                (format!("eval/{name}/accuracy"), e.accuracy),
+                (format!("eval/{name}/mean_margin"), e.mean_margin),
+                (format!("eval/{name}/mean_reward"), e.mean_reward),
+            ];
             for (rating, (_, acc)) in &e.per_rating {
                 values.push((format!("eval/{name}/accuracy_{}", rating.name()), *acc));
             }
@@ -485,7 +488,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if cfg.data.epochs == 0 {
         bail!("{origin}: data.epochs must be > 0");
     }
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?.with_chat_template(cfg.data.chat_template).with_context(|| format!("{origin}: data.chat_template"))?;
+    let tokenizer =
+        Tokenizer::from_file(&cfg.data.tokenizer)?.with_chat_template(cfg.data.chat_template).with_context(|| format!("{origin}: data.chat_template"))?;
     let device = llama_model::device::parse(&cfg.run.device)?;
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();

@@ -54,7 +54,9 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let at = |file: &str, line: usize| format!("{}:{line}", dir.join(file).display());
-    let train = |name: &str, help: &str, extra: &str, needles: &[&str]| Case::new(name, &["--config", &config(dir, name, "policy", help, "good.jsonl", extra)], needles);
+    let train = |name: &str, help: &str, extra: &str, needles: &[&str]| {
+        Case::new(name, &["--config", &config(dir, name, "policy", help, "good.jsonl", extra)], needles)
+    };
     let score = |name: &str, model: &str, input: &str, needles: &[&str]| {
         let (model, input) = (dir.join(model).display().to_string(), dir.join(input).display().to_string());
         Case::new(name, &["score", "--model", &model, "--tokenizer", &repo().join("data/tokenizer.json").display().to_string(), "--input", &input], needles)
@@ -64,7 +66,11 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
     let text = std::fs::read_to_string(&template).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
     std::fs::write(&template, text).unwrap();
     let cases = vec![
-        Case::new("the tokenizer's chat template, which it does not have", &["--config", &template], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
+        Case::new(
+            "the tokenizer's chat template, which it does not have",
+            &["--config", &template],
+            &["template.toml", "data.chat_template", "tokenizer_config.json"],
+        ),
         // Preference files: the file and line.
         train("unknown rating", "rating.jsonl", "", &[&at("rating.jsonl", 2), "unknown rating `amazing`", "significantly_better"]),
         train("no rejected answer", "norejected.jsonl", "", &[&at("norejected.jsonl", 1), "rejected"]),
@@ -72,12 +78,20 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
         train("invalid JSON", "broken.jsonl", "", &[&at("broken.jsonl", 2), "invalid JSON"]),
         train("a pair longer than the model", "long.jsonl", "", &[&at("long.jsonl", 2), "max_seq_len (64)"]),
         train("a missing pair file", "missing.jsonl", "", &["missing.jsonl"]),
-        Case::new("no pairs to train on", &["--config", &config(dir, "nopairs", "policy", "same.jsonl", "same.jsonl", "")], &["nopairs.toml", "no preference pairs"]),
+        Case::new(
+            "no pairs to train on",
+            &["--config", &config(dir, "nopairs", "policy", "same.jsonl", "same.jsonl", "")],
+            &["nopairs.toml", "no preference pairs"],
+        ),
         // The config and the model.
         train("unknown target", "good.jsonl", "target = \"honesty\"", &["unknown target.toml", "honesty", "helpfulness"]),
         train("unknown key", "good.jsonl", "epochs = 2", &["unknown key.toml", "epochs"]),
         Case::new("a missing init", &["--config", &config(dir, "noinit", "nowhere", "good.jsonl", "good.jsonl", "")], &["noinit.toml", "nowhere"]),
-        Case::new("a model smaller than the tokenizer", &["--config", &config(dir, "vocab", "small", "good.jsonl", "good.jsonl", "")], &["vocab.toml", "vocabulary"]),
+        Case::new(
+            "a model smaller than the tokenizer",
+            &["--config", &config(dir, "vocab", "small", "good.jsonl", "good.jsonl", "")],
+            &["vocab.toml", "vocabulary"],
+        ),
         Case::new("no --config", &[], &["--config"]),
         // Scoring.
         score("score: a response longer than the model", "rm", "scorelong.jsonl", &[&at("scorelong.jsonl", 2), "max_seq_len (64)"]),

@@ -83,8 +83,7 @@ fn bad_pair_files_are_named_errors_or_counted_skips() {
 }
 
 fn accuracy(out: &Path, set: &str) -> (f64, f64) {
-    let lines: Vec<serde_json::Value> =
-        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let key = format!("eval/{set}/accuracy");
     let values: Vec<f64> = lines.iter().filter_map(|v| v.get(&key).and_then(|x| x.as_f64())).collect();
     (values[0], *values.last().unwrap())

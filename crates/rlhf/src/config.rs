@@ -52,7 +52,9 @@ impl PromptData {
     /// The tokenizer, rendering chats with `chat_template`.
     pub fn load_tokenizer(&self, origin: &str) -> anyhow::Result<llama_data::Tokenizer> {
         use anyhow::Context;
-        Ok(llama_data::Tokenizer::from_file(&self.tokenizer)?.with_chat_template(self.chat_template).with_context(|| format!("{origin}: data.chat_template"))?)
+        Ok(llama_data::Tokenizer::from_file(&self.tokenizer)?
+            .with_chat_template(self.chat_template)
+            .with_context(|| format!("{origin}: data.chat_template"))?)
     }
 }
 
@@ -110,7 +112,20 @@ pub struct RsConfig {
 
 impl Default for RsConfig {
     fn default() -> Self {
-        Self { rounds: 1, k: 8, temperature: 1.2, max_new_tokens: 32, sft_steps: 50, lr: 2e-5, batch_size: 8, seq_len: 128, include_greedy: false, keep_best_round: false, seed: 0, tools: None }
+        Self {
+            rounds: 1,
+            k: 8,
+            temperature: 1.2,
+            max_new_tokens: 32,
+            sft_steps: 50,
+            lr: 2e-5,
+            batch_size: 8,
+            seq_len: 128,
+            include_greedy: false,
+            keep_best_round: false,
+            seed: 0,
+            tools: None,
+        }
     }
 }
 
@@ -213,7 +228,14 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
             "{origin}: ppo.value_coef is not a setting here: the value model is a separate network with its own AdamW, which normalises a constant weight on its loss away (it would only move where ppo.grad_clip clips); remove the key and set the value model's step size with ppo.value_lr"
         );
     }
-    for (key, v) in [("ppo.beta", p.beta), ("ppo.clip", p.clip), ("ppo.value_clip", p.value_clip), ("ppo.gamma", p.gamma), ("ppo.lambda", p.lambda), ("ppo.weight_decay", p.weight_decay)] {
+    for (key, v) in [
+        ("ppo.beta", p.beta),
+        ("ppo.clip", p.clip),
+        ("ppo.value_clip", p.value_clip),
+        ("ppo.gamma", p.gamma),
+        ("ppo.lambda", p.lambda),
+        ("ppo.weight_decay", p.weight_decay),
+    ] {
         if !(v >= 0.0) {
             bail!("{origin}: {key} must be >= 0 (got {v})");
         }
@@ -221,7 +243,10 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
     if p.temperature != 1.0 {
         // The ratio and the KL use the policy's own (temperature 1) log-probs: answers sampled at
         // another temperature come from another distribution, and PPO's ratio would be wrong.
-        bail!("{origin}: ppo.temperature must be 1.0 (got {}): PPO's probability ratio and KL penalty use the policy's own log-probs, which are those of sampling at temperature 1", p.temperature);
+        bail!(
+            "{origin}: ppo.temperature must be 1.0 (got {}): PPO's probability ratio and KL penalty use the policy's own log-probs, which are those of sampling at temperature 1",
+            p.temperature
+        );
     }
     if p.max_new_tokens == 0 || cfg.rejection_sampling.max_new_tokens == 0 {
         bail!("{origin}: ppo.max_new_tokens and rejection_sampling.max_new_tokens must be > 0");

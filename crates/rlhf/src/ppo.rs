@@ -8,16 +8,16 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, load_prompts_for};
-use llama_model::recompute::{MemorySaving, with_memory_saving};
-use llama_model::generate::{Generation, SamplingConfig, generate};
 use llama_model::Llama;
+use llama_model::generate::{Generation, SamplingConfig, generate};
+use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
+use llama_trainer::Metrics;
 use llama_trainer::checkpoint::{Checkpoints, init_model};
 use llama_trainer::config::OptimConfig;
 use llama_trainer::optim::{Optimizer, clip_global_norm};
 use llama_trainer::test_hooks::kill_point;
-use llama_trainer::Metrics;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{PpoConfig, RlhfConfig};
@@ -93,7 +93,8 @@ struct PpoSaved {
 pub fn rollout(state: &mut PpoState, prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &PpoConfig, seed: u64) -> anyhow::Result<Rollout> {
     let policy = state.policy.valid();
     let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-    let sampling = SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
+    let sampling =
+        SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
     let Generation { tokens, logprobs, .. } = generate(&policy, &prompt_ids, &sampling)?;
     let eos = tokenizer.eos_id();
     let sequences: Vec<Vec<u32>> = prompt_ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, eos)).collect();

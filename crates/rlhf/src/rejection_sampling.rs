@@ -78,9 +78,16 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyho
     let (mut metrics, mut pool, mut best, r0, start_combined, first_round) = match resumed {
         Some(state) => {
             if state.pool.len() != prompts.len() {
-                anyhow::bail!("{}: its pool has {} prompts, data.prompts has {}; resume with the config it ran with", round_path(&out, state.round).join(ROUND_STATE).display(), state.pool.len(), prompts.len());
+                anyhow::bail!(
+                    "{}: its pool has {} prompts, data.prompts has {}; resume with the config it ran with",
+                    round_path(&out, state.round).join(ROUND_STATE).display(),
+                    state.pool.len(),
+                    prompts.len()
+                );
             }
-            policy = init_model(&round_path(&out, state.round), &train_device).with_context(|| format!("resuming rejection sampling after round {}", state.round))?.1;
+            policy = init_model(&round_path(&out, state.round), &train_device)
+                .with_context(|| format!("resuming rejection sampling after round {}", state.round))?
+                .1;
             let metrics = Metrics::open_after_rows(&out, rs.rounds as u64, state.round as u64, state.metrics_rows)?;
             metrics.println(&format!("rejection sampling: resumed after round {} of {}", state.round, rs.rounds));
             let best = (state.best_reward, state.best_round);
@@ -149,7 +156,10 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyho
             metrics.scalars(k as u64 + 1, &[(&format!("rs/round{round}/reward_best_of_k") as &str, v / n)])?;
         }
         let pool_mean = pool.iter().flatten().map(|(r, _)| r).sum::<f64>() / n;
-        metrics.scalars(round as u64, &[("rs/sample_mean_reward", mean_all / n_all.max(1) as f64), ("rs/max_reward", best_of_k[rs.k - 1] / n), ("rs/pool_mean_reward", pool_mean)])?;
+        metrics.scalars(
+            round as u64,
+            &[("rs/sample_mean_reward", mean_all / n_all.max(1) as f64), ("rs/max_reward", best_of_k[rs.k - 1] / n), ("rs/pool_mean_reward", pool_mean)],
+        )?;
         if rs.include_greedy {
             metrics.scalars(round as u64, &[("rs/greedy_mean_reward", greedy_sum / n)])?;
         }

@@ -60,7 +60,11 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
     // The default [ppo] section with `key = value` set (replacing the default's value, if any).
     let ppo = |name: &str, setting: &str, needles: &[&str]| {
         let key = setting.split(" = ").next().unwrap();
-        let mut lines: Vec<String> = ["iterations = 2", "batch_size = 2", "minibatch_size = 2", "max_new_tokens = 6"].iter().filter(|l| !l.starts_with(&format!("{key} "))).map(|l| l.to_string()).collect();
+        let mut lines: Vec<String> = ["iterations = 2", "batch_size = 2", "minibatch_size = 2", "max_new_tokens = 6"]
+            .iter()
+            .filter(|l| !l.starts_with(&format!("{key} ")))
+            .map(|l| l.to_string())
+            .collect();
         lines.push(setting.to_string());
         with(name, "", &format!("[ppo]\n{}\n", lines.join("\n")), needles)
     };
@@ -83,18 +87,31 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         ppo("zero LR", "lr = 0.0", &["ppo.lr"]),
         ppo("unknown key", "kl_coef = 0.1", &["kl_coef"]),
         with("no samples per round", "", "[rejection_sampling]\nrounds = 1\nk = 0\n", &["rejection_sampling"]),
-        with("a search corpus that is not there", "", &format!("[rejection_sampling.tools]\nsearch_corpus = \"{}/nowhere.jsonl\"\n", dir.display()), &["rejection_sampling.tools.search_corpus", "nowhere.jsonl"]),
+        with(
+            "a search corpus that is not there",
+            "",
+            &format!("[rejection_sampling.tools]\nsearch_corpus = \"{}/nowhere.jsonl\"\n", dir.display()),
+            &["rejection_sampling.tools.search_corpus", "nowhere.jsonl"],
+        ),
         with("a cap of no tool calls", "", "[rejection_sampling.tools]\nmax_calls = 0\n", &["rejection_sampling.tools.max_calls"]),
         with("a zero evaluation temperature", "", "[eval]\ntemperature = 0.0\n", &["eval.temperature"]),
         with("half precision", "", "[run]\ndtype = \"bf16\"\n", &["run.dtype"]),
         // Models.
-        Case::new("a reward model of another vocabulary", &["--config", &config(dir, "vocab", "", ""), "--helpfulness-model", &dir.join("help-small").display().to_string()], &["help-small", "vocabulary", "helpfulness_model"]),
-        Case::new("the tokenizer's chat template, which it does not have", &["--config", &{
-            let path = config(dir, "template", "", "");
-            let text = std::fs::read_to_string(&path).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
-            std::fs::write(&path, text).unwrap();
-            path
-        }], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
+        Case::new(
+            "a reward model of another vocabulary",
+            &["--config", &config(dir, "vocab", "", ""), "--helpfulness-model", &dir.join("help-small").display().to_string()],
+            &["help-small", "vocabulary", "helpfulness_model"],
+        ),
+        Case::new(
+            "the tokenizer's chat template, which it does not have",
+            &["--config", &{
+                let path = config(dir, "template", "", "");
+                let text = std::fs::read_to_string(&path).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
+                std::fs::write(&path, text).unwrap();
+                path
+            }],
+            &["template.toml", "data.chat_template", "tokenizer_config.json"],
+        ),
         Case::new("a missing policy", &["--config", &config(dir, "nopolicy", "", ""), "--policy", &dir.join("nowhere").display().to_string()], &["nowhere"]),
         Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
     ];

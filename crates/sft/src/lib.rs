@@ -9,11 +9,11 @@ use burn::module::Module;
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{ChatTemplateChoice, Conversation, Message, Overlong, PackStats, Packed, Role, load_conversations, load_training_conversations, pack};
+use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
 use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -290,11 +290,7 @@ impl Objective<Llama> for Sft {
             let shown: Vec<String> = values.iter().map(|(k, v)| format!("{k} {v:.4}")).collect();
             metrics.println(&format!("step {step}: {}", shown.join(" | ")));
         }
-        let text: String = answers
-            .iter()
-            .take(self.eval_cfg.text_samples)
-            .map(|(q, a)| format!("**{q}**\n\n{a}\n\n"))
-            .collect();
+        let text: String = answers.iter().take(self.eval_cfg.text_samples).map(|(q, a)| format!("**{q}**\n\n{a}\n\n")).collect();
         if !text.is_empty() {
             metrics.text(step, "samples", &text)?;
         }

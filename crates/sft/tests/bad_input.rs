@@ -41,7 +41,10 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
     let chats = [
         ("good.jsonl", format!("{GOOD}\n{GOOD}\n")),
         ("useronly.jsonl", format!("{GOOD}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"and then?\"}}]}}\n")),
-        ("untrained.jsonl", "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\", \"train\": false}]}\n".to_string()),
+        (
+            "untrained.jsonl",
+            "{\"messages\": [{\"role\": \"user\", \"content\": \"q\"}, {\"role\": \"assistant\", \"content\": \"a\", \"train\": false}]}\n".to_string(),
+        ),
         ("robot.jsonl", "{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n".to_string()),
         ("order.jsonl", format!("{GOOD}\n{{\"messages\": [{{\"role\": \"assistant\", \"content\": \"x\"}}]}}\n")),
         ("emptychat.jsonl", format!("{GOOD}\n\n{{\"messages\": []}}\n")),
@@ -75,7 +78,11 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
     };
     let cases = vec![
         listed("an empty list of chat files", "[]", &["data.train", "empty list"]),
-        listed("a list naming a missing file", &format!("[\"{}\", \"{}/gone.jsonl\"]", repo().join("data/chat/train.jsonl").display(), dir.display()), &["gone.jsonl"]),
+        listed(
+            "a list naming a missing file",
+            &format!("[\"{}\", \"{}/gone.jsonl\"]", repo().join("data/chat/train.jsonl").display(), dir.display()),
+            &["gone.jsonl"],
+        ),
         // Chat files: the file and line of the bad conversation.
         train("a chat with only a user turn", "useronly.jsonl", &[&at("useronly.jsonl", 2), "no assistant answer"]),
         train("a chat whose answers are all untrained", "untrained.jsonl", &[&at("untrained.jsonl", 1), "no assistant answer"]),
@@ -89,22 +96,90 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         train("an unsupported chat file", "chats.csv", &["chats.csv", "unsupported chat file"]),
         train("a missing chat file", "missing.jsonl", &["missing.jsonl"]),
         // The config and the model.
-        Case::new("windows longer than the model", &["--config", &config(dir, "seq", "good.jsonl", "policy", "seq_len = 65")], &["seq.toml", "data.seq_len", "max_seq_len"]),
-        Case::new("the tokenizer's chat template, which it does not have", &["--config", &config(dir, "template", "good.jsonl", "policy", "chat_template = \"tokenizer\"")], &["template.toml", "data.chat_template", "tokenizer_config.json"]),
-        Case::new("an unknown chat template", &["--config", &config(dir, "chatml", "good.jsonl", "policy", "chat_template = \"chatml\"")], &["chatml.toml", "chatml", "llama2", "tokenizer"]),
-        Case::new("unknown overlong policy", &["--config", &config(dir, "overlong", "good.jsonl", "policy", "overlong = \"cut\"")], &["overlong.toml", "cut", "truncate", "skip"]),
+        Case::new(
+            "windows longer than the model",
+            &["--config", &config(dir, "seq", "good.jsonl", "policy", "seq_len = 65")],
+            &["seq.toml", "data.seq_len", "max_seq_len"],
+        ),
+        Case::new(
+            "the tokenizer's chat template, which it does not have",
+            &["--config", &config(dir, "template", "good.jsonl", "policy", "chat_template = \"tokenizer\"")],
+            &["template.toml", "data.chat_template", "tokenizer_config.json"],
+        ),
+        Case::new(
+            "an unknown chat template",
+            &["--config", &config(dir, "chatml", "good.jsonl", "policy", "chat_template = \"chatml\"")],
+            &["chatml.toml", "chatml", "llama2", "tokenizer"],
+        ),
+        Case::new(
+            "unknown overlong policy",
+            &["--config", &config(dir, "overlong", "good.jsonl", "policy", "overlong = \"cut\"")],
+            &["overlong.toml", "cut", "truncate", "skip"],
+        ),
         Case::new("unknown key", &["--config", &config(dir, "unknown", "good.jsonl", "policy", "epoch = 2")], &["unknown.toml", "epoch"]),
         Case::new("zero epochs", &["--config", &config(dir, "epochs", "good.jsonl", "policy", "epochs = 0")], &["epochs.toml", "data.epochs"]),
-        Case::new("train.max_tokens, which sft does not count", &["--config", &in_train("tokens", "max_tokens = 100")], &["tokens.toml", "train.max_tokens", "train.max_steps"]),
+        Case::new(
+            "train.max_tokens, which sft does not count",
+            &["--config", &in_train("tokens", "max_tokens = 100")],
+            &["tokens.toml", "train.max_tokens", "train.max_steps"],
+        ),
         Case::new("a missing init", &["--config", &config(dir, "noinit", "good.jsonl", "nowhere", "")], &["noinit.toml", "nowhere"]),
         Case::new("a model smaller than the tokenizer", &["--config", &config(dir, "vocab", "good.jsonl", "small", "")], &["vocab.toml", "vocabulary"]),
         Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),
         Case::new("no --config", &[], &["--config"]),
         // Ghost Attention data.
-        Case::new("gatt: a missing instructions file", &["gatt", "--input", &multiturn, "--instructions", &dir.join("none.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &["none.txt"]),
-        Case::new("gatt: no instructions", &["gatt", "--input", &multiturn, "--instructions", &dir.join("blank.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &["blank.txt", "instruction"]),
-        Case::new("gatt: a bad dialogue", &["gatt", "--input", &dir.join("robot.jsonl").display().to_string(), "--instructions", &dir.join("instructions.txt").display().to_string(), "--out", &dir.join("g.jsonl").display().to_string()], &[&at("robot.jsonl", 1)]),
-        Case::new("gatt: an output in a missing directory", &["gatt", "--input", &multiturn, "--instructions", &dir.join("instructions.txt").display().to_string(), "--out", &dir.join("no/such/g.jsonl").display().to_string()], &["no/such/g"]),
+        Case::new(
+            "gatt: a missing instructions file",
+            &[
+                "gatt",
+                "--input",
+                &multiturn,
+                "--instructions",
+                &dir.join("none.txt").display().to_string(),
+                "--out",
+                &dir.join("g.jsonl").display().to_string(),
+            ],
+            &["none.txt"],
+        ),
+        Case::new(
+            "gatt: no instructions",
+            &[
+                "gatt",
+                "--input",
+                &multiturn,
+                "--instructions",
+                &dir.join("blank.txt").display().to_string(),
+                "--out",
+                &dir.join("g.jsonl").display().to_string(),
+            ],
+            &["blank.txt", "instruction"],
+        ),
+        Case::new(
+            "gatt: a bad dialogue",
+            &[
+                "gatt",
+                "--input",
+                &dir.join("robot.jsonl").display().to_string(),
+                "--instructions",
+                &dir.join("instructions.txt").display().to_string(),
+                "--out",
+                &dir.join("g.jsonl").display().to_string(),
+            ],
+            &[&at("robot.jsonl", 1)],
+        ),
+        Case::new(
+            "gatt: an output in a missing directory",
+            &[
+                "gatt",
+                "--input",
+                &multiturn,
+                "--instructions",
+                &dir.join("instructions.txt").display().to_string(),
+                "--out",
+                &dir.join("no/such/g.jsonl").display().to_string(),
+            ],
+            &["no/such/g"],
+        ),
     ];
     llama_testkit::refuse_all(SFT, dir, &cases);
 }

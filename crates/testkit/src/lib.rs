@@ -36,7 +36,13 @@ pub struct Case {
 
 impl Case {
     pub fn new(name: &str, args: &[&str], needles: &[&str]) -> Self {
-        Self { name: name.into(), args: args.iter().map(|a| a.to_string()).collect(), needles: needles.iter().map(|n| n.to_string()).collect(), may_create: vec![], cwd: None }
+        Self {
+            name: name.into(),
+            args: args.iter().map(|a| a.to_string()).collect(),
+            needles: needles.iter().map(|n| n.to_string()).collect(),
+            may_create: vec![],
+            cwd: None,
+        }
     }
 
     pub fn may_create(mut self, path: impl Into<PathBuf>) -> Self {
@@ -75,7 +81,10 @@ pub fn refuse_all(binary: &str, watch: &Path, cases: &[Case]) {
         .iter()
         .filter_map(|case| {
             std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| case.refused(binary, watch))).err().map(|e| {
-                e.downcast_ref::<String>().cloned().or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| format!("case `{}` failed", case.name))
+                e.downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| format!("case `{}` failed", case.name))
             })
         })
         .collect();

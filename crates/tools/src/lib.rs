@@ -143,7 +143,13 @@ pub trait Continue {
     /// Continues row `i` from `prompts[i]` with at most `budgets[i]` tokens, sampling from an RNG
     /// seeded by `seeds[i]`, until EOS, the budget, or `stop(i, tokens so far)`. Returns each
     /// row's tokens and whether it stopped on EOS.
-    fn continue_rows(&mut self, prompts: &[Vec<u32>], budgets: &[usize], seeds: &[u64], stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<(Vec<u32>, bool)>, ToolError>;
+    fn continue_rows(
+        &mut self,
+        prompts: &[Vec<u32>],
+        budgets: &[usize],
+        seeds: &[u64],
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<(Vec<u32>, bool)>, ToolError>;
 }
 
 /// [`Continue`] with a model and its sampling settings (`max_new_tokens` and `seed` are set per
@@ -154,7 +160,13 @@ pub struct ModelContinue<'a> {
 }
 
 impl Continue for ModelContinue<'_> {
-    fn continue_rows(&mut self, prompts: &[Vec<u32>], budgets: &[usize], seeds: &[u64], stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<(Vec<u32>, bool)>, ToolError> {
+    fn continue_rows(
+        &mut self,
+        prompts: &[Vec<u32>],
+        budgets: &[usize],
+        seeds: &[u64],
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<(Vec<u32>, bool)>, ToolError> {
         let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
         let room = self.model.max_seq_len().saturating_sub(longest);
         let max_new = budgets.iter().copied().max().unwrap_or(0).min(room);
@@ -234,7 +246,12 @@ pub fn answer_streaming<P: Resumable>(
         .iter()
         .map(|p| {
             let ids = p.ids_with(tokenizer, "")?;
-            Ok(Row { answer: ToolAnswer { text: String::new(), calls: 0, call_limit_hit: false, generated: 0, stopped_on_eos: false, sequence: ids.clone() }, ids, partial: String::new(), done: false })
+            Ok(Row {
+                answer: ToolAnswer { text: String::new(), calls: 0, call_limit_hit: false, generated: 0, stopped_on_eos: false, sequence: ids.clone() },
+                ids,
+                partial: String::new(),
+                done: false,
+            })
         })
         .collect::<Result<Vec<_>, ToolError>>()?;
     for segment in 0u64.. {
@@ -301,10 +318,7 @@ pub fn answer_streaming<P: Resumable>(
             }
         }
     }
-    Ok(rows
-        .into_iter()
-        .map(|r| ToolAnswer { text: r.partial.trim().to_string(), ..r.answer })
-        .collect())
+    Ok(rows.into_iter().map(|r| ToolAnswer { text: r.partial.trim().to_string(), ..r.answer }).collect())
 }
 
 #[cfg(test)]

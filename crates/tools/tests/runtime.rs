@@ -24,7 +24,13 @@ struct Scripted<'a> {
 }
 
 impl Continue for Scripted<'_> {
-    fn continue_rows(&mut self, prompts: &[Vec<u32>], budgets: &[usize], _seeds: &[u64], stop: &mut dyn FnMut(usize, &[u32]) -> bool) -> Result<Vec<(Vec<u32>, bool)>, ToolError> {
+    fn continue_rows(
+        &mut self,
+        prompts: &[Vec<u32>],
+        budgets: &[usize],
+        _seeds: &[u64],
+        stop: &mut dyn FnMut(usize, &[u32]) -> bool,
+    ) -> Result<Vec<(Vec<u32>, bool)>, ToolError> {
         self.prompts.extend(prompts.iter().cloned());
         let mut out = vec![];
         for (row, prompt) in prompts.iter().enumerate() {
@@ -32,7 +38,10 @@ impl Continue for Scripted<'_> {
             let mut script = self.tokenizer.encode(&text, false, true)?;
             // Encoded alone, the text gets the `▁` a tokenizer puts at a text's start: the
             // model would write the same word without it after a result.
-            if prompt.len() > 1 && self.tokenizer.decode(&prompt[prompt.len() - 1..])?.ends_with('>') && self.tokenizer.token_text(script[0]).as_deref() == Some("▁") {
+            if prompt.len() > 1
+                && self.tokenizer.decode(&prompt[prompt.len() - 1..])?.ends_with('>')
+                && self.tokenizer.token_text(script[0]).as_deref() == Some("▁")
+            {
                 script.remove(0);
             }
             let mut tokens = vec![];
@@ -97,7 +106,10 @@ fn a_call_is_run_its_result_appended_and_the_answer_goes_on() {
     assert_eq!(prompts[0], chat.prompt_ids(&tok).unwrap());
     assert_eq!(prompts[1], chat.prompt_ids_with_answer(&tok, " It was in 1989. <call>calculator(2026 - 1989)</call><result>37</result>").unwrap());
     assert_eq!(*a.sequence.last().unwrap(), tok.eos_id());
-    assert_eq!(a.generated, a.sequence.len() - prompts[1].len() + tok.encode(" It was in 1989. <call>calculator(2026 - 1989)</call>", false, false).unwrap().len());
+    assert_eq!(
+        a.generated,
+        a.sequence.len() - prompts[1].len() + tok.encode(" It was in 1989. <call>calculator(2026 - 1989)</call>", false, false).unwrap().len()
+    );
 }
 
 #[test]
@@ -124,7 +136,9 @@ fn streamed_pieces_make_each_answer() {
     let chats: Vec<Conversation> = questions.iter().map(|q| ask(q)).collect();
     let mut pieces: Vec<Vec<String>> = vec![vec![]; questions.len()];
     let mut source = Scripted { tokenizer: &tok, script, prompts: vec![] };
-    let answers = answer_streaming(&mut source, &tok, &chats, Some(&tools), 64, 256, 0, Some(&mut |row: usize, piece: &str| pieces[row].push(piece.to_string()))).unwrap();
+    let answers =
+        answer_streaming(&mut source, &tok, &chats, Some(&tools), 64, 256, 0, Some(&mut |row: usize, piece: &str| pieces[row].push(piece.to_string())))
+            .unwrap();
     assert_eq!(answers, run(&questions, Some(&tools), script).0, "streaming changes no answer");
     for (a, p) in answers.iter().zip(&pieces) {
         assert_eq!(p.concat().trim(), a.text);
@@ -173,7 +187,8 @@ fn the_model_path_stops_where_asked_and_matches_plain_generation() {
     let device = Device::flex();
     let tok = tokenizer();
     let model = LlamaConfig::new(32, 2, 4).with_n_kv_heads(2).with_vocab_size(tok.vocab_size()).with_multiple_of(16).with_max_seq_len(128).init(&device);
-    let prompts: Vec<Vec<u32>> = ["Hi", "How long ago was it?", "A much longer prompt than the others, to pad"].iter().map(|q| ask(q).prompt_ids(&tok).unwrap()).collect();
+    let prompts: Vec<Vec<u32>> =
+        ["Hi", "How long ago was it?", "A much longer prompt than the others, to pad"].iter().map(|q| ask(q).prompt_ids(&tok).unwrap()).collect();
     let config = SamplingConfig { eos_id: Some(tok.eos_id()), ..SamplingConfig::greedy(12) };
     let plain = generate(&model, &prompts, &config).unwrap();
     let seeds: Vec<u64> = (0..3).map(|i| row_seed(0, i)).collect();

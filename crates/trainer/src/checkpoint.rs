@@ -73,7 +73,13 @@ impl Checkpoints {
     /// In a job of several ranks every rank calls it and writes its own files into the one
     /// temporary directory; rank 0 renames it only once every rank has written its part (a rank
     /// that failed or died leaves no complete-looking checkpoint).
-    pub fn save(&self, step: u64, keep: usize, world: World, write: impl FnOnce(&Path, &dyn Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()>) -> anyhow::Result<PathBuf> {
+    pub fn save(
+        &self,
+        step: u64,
+        keep: usize,
+        world: World,
+        write: impl FnOnce(&Path, &dyn Fn(&str) -> anyhow::Result<()>) -> anyhow::Result<()>,
+    ) -> anyhow::Result<PathBuf> {
         let name = step_name(step);
         let tmp = self.root.join(format!(".{name}.tmp"));
         let dest = self.root.join(&name);
@@ -94,7 +100,8 @@ impl Checkpoints {
             }
             Ok(())
         };
-        let written_here = world.all_ok(write(&tmp, &written), || format!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display()));
+        let written_here =
+            world.all_ok(write(&tmp, &written), || format!("another rank failed to write its part of {}; the checkpoint was not published", tmp.display()));
         if written_here.is_err() && world.is_root() {
             // A failed write (a full disk, say) leaves nothing behind; best effort.
             let _ = std::fs::remove_dir_all(&tmp);

@@ -175,10 +175,7 @@ impl TrainConfig {
             return Err("train.batch_size and train.micro_batch_size must be > 0".into());
         }
         if self.batch_size % self.micro_batch_size != 0 {
-            return Err(format!(
-                "train.batch_size ({}) must be a multiple of train.micro_batch_size ({})",
-                self.batch_size, self.micro_batch_size
-            ));
+            return Err(format!("train.batch_size ({}) must be a multiple of train.micro_batch_size ({})", self.batch_size, self.micro_batch_size));
         }
         for (key, v) in [("train.log_every", self.log_every), ("train.eval_every", self.eval_every), ("train.checkpoint_every", self.checkpoint_every)] {
             if v == 0 {

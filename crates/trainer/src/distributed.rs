@@ -37,8 +37,7 @@ pub fn init() -> anyhow::Result<Session> {
     #[cfg(feature = "mpi")]
     if launched_by_mpi() {
         use mpi::topology::Communicator;
-        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled)
-            .ok_or_else(|| anyhow::anyhow!("MPI was initialised twice"))?;
+        let (universe, _) = mpi::initialize_with_threading(mpi::Threading::Funneled).ok_or_else(|| anyhow::anyhow!("MPI was initialised twice"))?;
         let world = universe.world();
         let local = world.split_shared(world.rank());
         let me = World { rank: world.rank() as usize, size: world.size() as usize, local_rank: local.rank() as usize };
@@ -146,8 +145,8 @@ impl World {
     pub fn broadcast(&self, values: &mut [f32]) {
         #[cfg(feature = "mpi")]
         if self.is_distributed() {
-            use mpi::topology::Communicator;
             use mpi::collective::Root;
+            use mpi::topology::Communicator;
             mpi::topology::SimpleCommunicator::world().process_at_rank(0).broadcast_into(values);
         }
         let _ = values;

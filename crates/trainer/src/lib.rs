@@ -2,27 +2,27 @@
 //! paper's defaults, AdamW with global-norm clipping, the LR schedule, gradient accumulation,
 //! checkpoints with atomic rename and resume, TensorBoard events and terminal progress.
 
+pub mod checkpoint;
+pub mod cli;
 pub mod config;
 pub mod distributed;
 pub mod memory;
+pub mod metrics;
+pub mod objective;
 pub mod optim;
 pub mod parallel;
 pub mod precision;
-pub mod schedule;
-pub mod tensorboard;
-pub mod checkpoint;
-pub mod cli;
-pub mod metrics;
-pub mod objective;
 pub mod run;
+pub mod schedule;
 pub mod sharded;
+pub mod tensorboard;
 pub mod test_hooks;
 
-pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use cli::TrainingArgs;
+pub use config::{OptimConfig, OptimizerPlacement, Recompute, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 pub use metrics::Metrics;
-pub use precision::{LossScale, Precision};
 pub use objective::Objective;
+pub use precision::{LossScale, Precision};
 pub use run::{LoopConfig, Overrides, Summary, train};
 pub use schedule::Schedule;
 

@@ -41,10 +41,7 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
         return Some((kib * 1024, "/proc/meminfo MemTotal".into()));
     }
     let index = run.device.split_once(':').map_or("0", |(_, i)| i);
-    let out = std::process::Command::new("nvidia-smi")
-        .args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index])
-        .output()
-        .ok()?;
+    let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index]).output().ok()?;
     let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
     Some((mib << 20, format!("nvidia-smi, GPU {index}")))
 }
@@ -110,7 +107,12 @@ mod tests {
     fn seven_and_thirteen_b_fit_eighty_gib_with_the_host_optimizer() {
         let run = RunConfig { device_memory_gib: Some(80.0), ..RunConfig::default() };
         let preset = |name: &str| LlamaConfig::from_toml_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs").join(name)).unwrap();
-        let plan = |recompute, optimizer| TrainingMemory { recompute, optimizer, logits_chunk: (recompute == Recompute::Block).then_some(1024), ..TrainingMemory::new(Precision::Bf16) };
+        let plan = |recompute, optimizer| TrainingMemory {
+            recompute,
+            optimizer,
+            logits_chunk: (recompute == Recompute::Block).then_some(1024),
+            ..TrainingMemory::new(Precision::Bf16)
+        };
         for (name, fits_without_recompute) in [("7b.toml", true), ("13b.toml", false)] {
             let model = preset(name);
             assert!(check_fits(&run, &model, 1, 4096, &plan(Recompute::Block, OptimizerPlacement::Host)).is_ok(), "{name}");

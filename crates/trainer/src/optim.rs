@@ -6,8 +6,8 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use llama_model::adamw::FusedAdamW;
 use burn::tensor::Tensor;
+use llama_model::adamw::FusedAdamW;
 
 use crate::config::OptimConfig;
 

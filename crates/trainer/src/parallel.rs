@@ -19,8 +19,8 @@ use burn::tensor::{Device, FloatDType, Tensor};
 use llama_model::Precision;
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 
-use crate::optim::scale_grads;
 use crate::objective::Objective;
+use crate::optim::scale_grads;
 
 /// The devices of a run: `count` of the kind in `spec` (`flex`, `vulkan`, `cuda:2`, ...), indices
 /// counting up from the one given. On `flex` there is one CPU device: N replicas share it (for

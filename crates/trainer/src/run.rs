@@ -269,7 +269,11 @@ where
         // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
         let latest = checkpoints.latest();
         let sharded = world.is_distributed() || (cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir)));
-        let mut optimizer = if sharded { StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world)) } else { StepOptimizer::Local(Optimizer::new(&cfg.optim)) };
+        let mut optimizer = if sharded {
+            StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world))
+        } else {
+            StepOptimizer::Local(Optimizer::new(&cfg.optim))
+        };
         let mut state = TrainState {
             step: 0,
             tokens: 0,
@@ -522,7 +526,8 @@ where
             self.last_checkpoint = Some(self.save(objective)?);
         }
         self.metrics.finish();
-        let summary = Summary { steps: step, tokens: self.state.tokens, skipped: self.state.skipped, last_loss: self.last_loss, checkpoint: self.last_checkpoint };
+        let summary =
+            Summary { steps: step, tokens: self.state.tokens, skipped: self.state.skipped, last_loss: self.last_loss, checkpoint: self.last_checkpoint };
         Ok((self.model.expect("the model is back after every update"), summary))
     }
 }

@@ -147,7 +147,13 @@ impl EventWriter {
     /// One scalar point of the curve `tag`.
     pub fn scalar(&mut self, tag: &str, step: u64, value: f64) -> std::io::Result<()> {
         let value = SummaryValue { tag: tag.into(), simple_value: Some(value as f32), tensor: None, metadata: None };
-        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }), session_log: None })
+        self.write_event(&Event {
+            wall_time: Self::now(),
+            step: step as i64,
+            file_version: None,
+            summary: Some(Summary { value: vec![value] }),
+            session_log: None,
+        })
     }
 
     /// A text entry (shown in TensorBoard's Text tab; markdown is rendered).
@@ -158,7 +164,13 @@ impl EventWriter {
             tensor: Some(TensorProto { dtype: 7, tensor_shape: Some(TensorShape { dim: vec![Dim { size: 1 }] }), string_val: vec![text.as_bytes().to_vec()] }),
             metadata: Some(SummaryMetadata { plugin_data: Some(PluginData { plugin_name: "text".into(), content: vec![] }) }),
         };
-        self.write_event(&Event { wall_time: Self::now(), step: step as i64, file_version: None, summary: Some(Summary { value: vec![value] }), session_log: None })
+        self.write_event(&Event {
+            wall_time: Self::now(),
+            step: step as i64,
+            file_version: None,
+            summary: Some(Summary { value: vec![value] }),
+            session_log: None,
+        })
     }
 
     /// Marks a (re)start at `step`: TensorBoard's readers then discard every event of this log

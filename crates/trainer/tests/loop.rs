@@ -1,15 +1,15 @@
 //! The shared loop's arithmetic: global-norm clipping, accumulation scaling, non-finite skips.
 
+use burn::module::Module;
 use burn::optim::GradientsParams;
+use burn::tensor::DType;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 use llama_model::{Llama, LlamaConfig};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, TrainConfig};
 use llama_trainer::optim::{clip_global_norm, global_grad_norm};
-use burn::module::Module;
 use llama_trainer::run::accumulate;
 use llama_trainer::{LoopConfig, Metrics, Objective, Precision, Schedule, train};
-use burn::tensor::DType;
 
 fn tiny() -> LlamaConfig {
     LlamaConfig::new(16, 1, 2).with_vocab_size(11).with_multiple_of(8).with_max_seq_len(16)
@@ -99,7 +99,16 @@ fn toy(device: &Device, nan: Option<Box<dyn Fn(usize) -> bool + Send + Sync>>) -
 }
 
 fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) -> LoopConfig {
-    let train = TrainConfig { max_steps: Some(steps), batch_size: batch, micro_batch_size: micro, log_every: 1, eval_every: 100, checkpoint_every: 100, max_bad_steps: 2, ..TrainConfig::default() };
+    let train = TrainConfig {
+        max_steps: Some(steps),
+        batch_size: batch,
+        micro_batch_size: micro,
+        log_every: 1,
+        eval_every: 100,
+        checkpoint_every: 100,
+        max_bad_steps: 2,
+        ..TrainConfig::default()
+    };
     let schedule = ScheduleConfig { warmup_steps: 0, ..ScheduleConfig::default() };
     LoopConfig {
         schedule: Schedule::new(&schedule, 1e-2, steps),
@@ -116,7 +125,6 @@ fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) ->
         devices: vec![],
     }
 }
-
 
 /// One step over 4 sequences in 4 micro-batches of 1 gives the gradient of one batch of 4, and
 /// both equal the gradient of the mean cross-entropy computed directly.
@@ -211,7 +219,8 @@ fn half_precision_gradients_are_f32_and_match_f32_gradients() {
         let (g, loss) = accumulate(&model, &data, &batch, precision, scale);
         assert!((loss - loss32).abs() < 0.02 * loss32, "{precision:?}: loss {loss} vs f32 {loss32}");
         let block = &model.layers[0];
-        for (name, id) in [("wq", block.attention.wq.weight.id), ("w2", block.feed_forward.w2.weight.id), ("output", model.output.as_ref().unwrap().weight.id)] {
+        for (name, id) in [("wq", block.attention.wq.weight.id), ("w2", block.feed_forward.w2.weight.id), ("output", model.output.as_ref().unwrap().weight.id)]
+        {
             let half = g.get::<2>(id).unwrap();
             assert_eq!(half.dtype(), DType::F32, "{precision:?} {name}: gradient dtype");
             let c = cosine(&host(half), &host(g32.get::<2>(id).unwrap()));
@@ -258,8 +267,7 @@ fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
         let mut dtypes = vec![];
         trained.visit(&mut ParamDtypes(&mut dtypes));
         assert!(!dtypes.is_empty() && dtypes.iter().all(|d| *d == DType::F32), "{precision:?}: master dtypes {dtypes:?}");
-        let state: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000030/state.json")).unwrap()).unwrap();
+        let state: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("checkpoints/step-00000030/state.json")).unwrap()).unwrap();
         match precision {
             Precision::Bf16 => assert!(skipped == 0 && state.get("loss_scale").is_none(), "{state}"),
             _ => {
@@ -363,7 +371,8 @@ fn data_parallel_equals_one_device_with_the_whole_batch_and_resumes_on_another_c
 fn a_batch_that_does_not_split_over_the_devices_is_refused() {
     let run = RunConfig { devices: 3, ..RunConfig::default() };
     let train = TrainConfig { batch_size: 8, micro_batch_size: 2, ..TrainConfig::default() };
-    let err = LoopConfig::new(train, run, OptimConfig::default(), &ScheduleConfig::default(), 10, &tiny(), 8, &Default::default(), false).err().unwrap().to_string();
+    let err =
+        LoopConfig::new(train, run, OptimConfig::default(), &ScheduleConfig::default(), 10, &tiny(), 8, &Default::default(), false).err().unwrap().to_string();
     assert!(err.contains("run.devices (3)") && err.contains("train.micro_batch_size (2)"), "{err}");
 }
 
@@ -467,4 +476,3 @@ fn a_zero_logits_chunk_is_refused_with_the_key() {
     let err = parsed.unwrap_err().to_string();
     assert!(err.contains("recompute") && err.contains("block") && err.contains("none"), "{err}");
 }
-

@@ -89,13 +89,7 @@ fn run(cli: Cli) -> Result<()> {
     let m = prepare(&config, &tokenizer)?;
     for split in [Split::Train, Split::Val] {
         let shards = m.split(split);
-        println!(
-            "{:<5} {} shards, {} documents, {} tokens",
-            split.name(),
-            shards.len(),
-            shards.iter().map(|s| s.documents).sum::<u64>(),
-            m.tokens(split)
-        );
+        println!("{:<5} {} shards, {} documents, {} tokens", split.name(), shards.len(), shards.iter().map(|s| s.documents).sum::<u64>(), m.tokens(split));
     }
     println!("wrote {}", cli.out.display());
     Ok(())
