@@ -7,11 +7,16 @@
 
 use std::io::{BufRead, IsTerminal, Write};
 
-use anyhow::Result;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Role};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate_streaming};
+use llama_model::{checkpoint, device};
+
+use crate::{SamplingArgs, ToolArgs};
 
 /// Typed on a line of its own.
 pub const RESET: &str = "/reset";
@@ -154,4 +159,54 @@ fn fit(messages: &mut Vec<Message>, max_seq_len: usize, new_tokens: usize, token
         messages.drain(first_turn..first_turn + 2);
         eprintln!("(the conversation is longer than the model's {max_seq_len} positions: the oldest exchange is dropped)");
     }
+}
+
+/// The `llama chat` command line.
+#[derive(clap::Args)]
+pub struct ChatArgs {
+    /// Checkpoint directory (native, Hugging Face, or a run directory: its newest checkpoint).
+    #[arg(long)]
+    pub checkpoint: PathBuf,
+    /// tokenizer.json (default: the checkpoint directory's tokenizer.json).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// System prompt, folded into the first user turn as Llama 2 does.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// `llama2` (the template the recipe trains) or `tokenizer` (the chat_template of the
+    /// tokenizer_config.json beside the tokenizer, for a model that brings its own).
+    #[arg(long, default_value = "llama2")]
+    pub chat_template: String,
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    #[command(flatten)]
+    pub sampling: SamplingArgs,
+    /// Print each rendered prompt (what the model is given) to stderr.
+    #[arg(long)]
+    pub show_prompt: bool,
+    #[command(flatten)]
+    pub tools: ToolArgs,
+}
+
+/// `llama chat`.
+pub fn run(args: ChatArgs) -> Result<()> {
+    let ChatArgs { checkpoint: dir, tokenizer, system, chat_template, max_new_tokens, sampling, show_prompt, tools } = args;
+    let toolbox = tools.toolbox()?;
+    let device = device::parse(&sampling.device)?;
+    let template = match chat_template.as_str() {
+        "llama2" => llama_data::chat::ChatTemplateChoice::Llama2,
+        "tokenizer" => llama_data::chat::ChatTemplateChoice::Tokenizer,
+        other => bail!("--chat-template `{other}`: allowed values: llama2, tokenizer"),
+    };
+    let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
+    let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
+    let (config, model) = checkpoint::load(&dir, &device)?;
+    if tok.vocab_size() > config.vocab_size {
+        bail!("{}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer_path.display(), tok.vocab_size(), config.vocab_size);
+    }
+    if max_new_tokens == 0 || max_new_tokens >= config.max_seq_len {
+        bail!("--max-new-tokens {max_new_tokens}: must be above 0 and leave room for a prompt in the model's max_seq_len {}", config.max_seq_len);
+    }
+    chat(&model, config.max_seq_len, &tok, &ChatOptions { system, sampling, show_prompt, tools: toolbox })
 }
