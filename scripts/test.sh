@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The test command: the whole workspace's tests, built with the `mpi` feature so that the MPI jobs
-# (`mpirun -np 2/3`) are tested too, then `cargo check` of the CUDA build, plus the Python readers they call (TensorBoard's own event
+# (`mpirun -np 2/3`) are tested too, then clippy (-D warnings) and `cargo check` of the CUDA build, plus the Python readers they call (TensorBoard's own event
 # reader, llama.cpp's `gguf` package) installed from the package index into a cached virtual
 # environment. OpenMPI and libclang
 # (which the `mpi` crate's build needs) are installed with apt-get when missing.
@@ -35,6 +35,9 @@ trap 'rm -f "$log"' EXIT
 set -o pipefail
 # shellcheck disable=SC2086
 cargo test --workspace $mpi_features "$@" 2>&1 | tee "$log"
+# Clippy with warnings as errors (the allowed lints, and why, are in the workspace Cargo.toml).
+# shellcheck disable=SC2086
+cargo clippy --quiet --workspace --all-targets $mpi_features -- -D warnings 2>&1 | tee -a "$log"
 # The CUDA build must keep compiling: every binary with `--features cuda` and the model crate's GPU
 # tests (it builds offline through crates/cubecl-llvm-offline; no GPU here to run it: that is
 # scripts/gpu/check.sh's job).

@@ -121,7 +121,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     );
     if ranks > 1 {
         // trainer::sharded: flat f32 blocks, reduce-scattered gradients, all-gathered weights.
-        let p = c.num_params() as u64;
+        let p = c.num_params();
         let moved = 2.0 * 4.0 * p as f64 * (ranks - 1) as f64 / ranks as f64;
         println!(
                 "

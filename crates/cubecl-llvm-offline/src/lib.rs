@@ -7,7 +7,6 @@
 //! below); the LLVM compiler itself is a type whose `compile` returns an error.
 
 use cubecl_core::ir::amd::GfxArch;
-#[cfg(feature = "nvptx")]
 use cubecl_core::ir::nvidia::SmArch;
 use cubecl_core::prelude::KernelDefinition;
 use cubecl_environment::backtrace::BackTrace;
@@ -87,30 +86,25 @@ pub mod shared {
         //! upstream `cubecl-llvm`). `cubecl-cuda` calls it only when the LLVM backend is the
         //! default, which it is not here; kept exact so that the stand-in never lies.
         use cubecl_core::ir::{ComplexKind, DeviceProperties, ElemType, FloatKind, OpaqueType};
-        #[cfg(feature = "nvptx")]
         use cubecl_core::ir::{IntKind, UIntKind};
 
-        #[cfg(feature = "nvptx")]
         const HALF: ElemType = ElemType::Float(FloatKind::F16);
         const BF16: ElemType = ElemType::Float(FloatKind::BF16);
 
         /// The GPU target a device's features are narrowed for.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum GpuTarget {
-            #[cfg(feature = "nvptx")]
             Nvptx,
         }
 
         /// Narrows `props` to what the LLVM backend lowers for `target`.
         pub fn restrict_features(props: &mut DeviceProperties, target: GpuTarget) {
             match target {
-                #[cfg(feature = "nvptx")]
                 GpuTarget::Nvptx => keep_nvptx_matrix_forms(props),
             }
             restrict_common(props);
         }
 
-        #[cfg(feature = "nvptx")]
         fn keep_nvptx_matrix_forms(props: &mut DeviceProperties) {
             let is_half_or_single = |ty: ElemType| matches!(ty, ElemType::Float(FloatKind::F16) | ElemType::Float(FloatKind::F32));
             let byte = |ty: ElemType| matches!(ty, ElemType::Int(IntKind::I8) | ElemType::UInt(UIntKind::U8));
@@ -162,7 +156,6 @@ pub mod shared {
 pub enum LlvmTarget {
     #[default]
     Cpu,
-    #[cfg(feature = "nvptx")]
     Nvptx,
 }
 
@@ -171,9 +164,7 @@ pub enum LlvmTarget {
 pub struct PlironOptions {
     pub cpu_buffer_alignment: Option<u32>,
     pub arch: Option<GfxArch>,
-    #[cfg(feature = "nvptx")]
     pub sm_arch: Option<SmArch>,
-    #[cfg(feature = "nvptx")]
     pub ptx_version: Option<nvptx::ptx_version::PtxVersion>,
     pub grid_constants: bool,
 }
@@ -191,7 +182,6 @@ pub struct NvptxModule {
 /// What the LLVM compiler produces; never produced by this stand-in.
 #[derive(Clone, Debug)]
 pub enum PlironArtifact {
-    #[cfg(feature = "nvptx")]
     NvptxCode(NvptxModule),
 }
 
@@ -217,7 +207,6 @@ impl PlironCompiler {
     pub fn lang_tag(&self) -> &'static str {
         match self.target {
             LlvmTarget::Cpu => "mlir",
-            #[cfg(feature = "nvptx")]
             LlvmTarget::Nvptx => "llvm",
         }
     }
@@ -255,7 +244,6 @@ mod tests {
 
     /// Upstream's test: bf16 operands keep only their f32-accumulator forms, and TMA, clusters
     /// and async copy are taken away.
-    #[cfg(feature = "nvptx")]
     #[test]
     fn nvptx_narrowing_keeps_bf16_with_f32_accumulators_only() {
         let bf16 = ElemType::Float(FloatKind::BF16);

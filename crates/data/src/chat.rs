@@ -173,7 +173,7 @@ impl Conversation {
             return Err("empty conversation (no user turn)".into());
         }
         for (i, m) in self.messages.iter().enumerate().skip(turns) {
-            let want = if (i - turns) % 2 == 0 { Role::User } else { Role::Assistant };
+            let want = if (i - turns).is_multiple_of(2) { Role::User } else { Role::Assistant };
             if m.role == Role::System {
                 return Err(format!("message {i}: a system message may only come first"));
             }

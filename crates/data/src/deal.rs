@@ -30,7 +30,7 @@ impl Deal {
             let at = draws.drawn() - self.start;
             let Some(item) = draws.draw()? else { return Ok(None) };
             if at % self.world == self.rank {
-                while (draws.drawn() - self.start) % self.world != 0 && draws.draw()?.is_some() {}
+                while !(draws.drawn() - self.start).is_multiple_of(self.world) && draws.draw()?.is_some() {}
                 return Ok(Some(item));
             }
         }
@@ -67,7 +67,7 @@ mod tests {
                 let mut d = Count(start, 11);
                 while let Some(i) = deal.next(&mut d).unwrap() {
                     assert_eq!((i - start) % world, rank);
-                    assert!((d.drawn() - start) % world == 0 || d.drawn() == 11, "a rank stops at the end of a round (or of the sequence)");
+                    assert!((d.drawn() - start).is_multiple_of(world) || d.drawn() == 11, "a rank stops at the end of a round (or of the sequence)");
                     all.push(i);
                 }
             }

@@ -103,6 +103,7 @@ pub fn for_each_document(path: &Path, text_field: &str, txt_docs: TxtDocs, f: &m
             let mut whole = String::new();
             for (n, line) in reader.lines().enumerate() {
                 let line = line.map_err(|e| DataError::Input(format!("{}:{}: {e}", path.display(), n + 1)))?;
+                let line = if n == 0 { llama_io::without_bom(&line).to_string() } else { line };
                 match txt_docs {
                     TxtDocs::Line if !line.trim().is_empty() => f(line)?,
                     TxtDocs::Line => {}

@@ -85,6 +85,9 @@ impl DeclaredSpecials {
     }
 }
 
+/// Token ids and, for each, the byte range of the text it comes from.
+pub type IdsWithOffsets = (Vec<u32>, Vec<(usize, usize)>);
+
 impl Tokenizer {
     /// Loads a `tokenizer.json`. Its BOS and EOS are the tokens that the `tokenizer_config.json`
     /// (or else `special_tokens_map.json`) beside it names as `bos_token` / `eos_token`, as
@@ -222,7 +225,7 @@ impl Tokenizer {
     }
 
     /// Token ids of `text` (no BOS/EOS) and, for each, the byte range of `text` it comes from.
-    pub fn encode_with_offsets(&self, text: &str) -> Result<(Vec<u32>, Vec<(usize, usize)>), DataError> {
+    pub fn encode_with_offsets(&self, text: &str) -> Result<IdsWithOffsets, DataError> {
         let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
         Ok((enc.get_ids().to_vec(), enc.get_offsets().to_vec()))
     }

@@ -43,7 +43,7 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
     // Trained: the answer with its call, without the result, and the template's space after it;
     // then EOS (dropped by decode).
     assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, <call>calculator(2026 - 1989)</call> years ago. ");
-    assert_eq!(*mask.last().unwrap(), true, "the answer's EOS is trained");
+    assert!(*mask.last().unwrap(), "the answer's EOS is trained");
     // The result's tokens, markers included, are exactly the untrained ones inside the answer.
     let (_, offsets) = tok.encode_with_offsets(&c.render_exchanges()[0].text).unwrap();
     let at = c.render_exchanges()[0].answer_at.unwrap();

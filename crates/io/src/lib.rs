@@ -68,6 +68,12 @@ pub fn write_dir_atomic<E: From<std::io::Error>>(dest: &Path, fill: impl FnOnce(
     Ok(())
 }
 
+/// `text` without a leading UTF-8 byte-order mark (U+FEFF), which editors on Windows write at
+/// the start of text files: every text input (JSONL, TOML, text corpora) is read through it.
+pub fn without_bom(text: &str) -> &str {
+    text.strip_prefix('\u{feff}').unwrap_or(text)
+}
+
 /// One non-empty line of a JSONL file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct JsonLine {
@@ -87,6 +93,7 @@ pub fn read_jsonl(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::
         let at = format!("{}:{}", path.display(), n + 1);
         let line = match line {
             Ok(l) if l.trim().is_empty() => return None,
+            Ok(l) if n == 0 => without_bom(&l).to_string(),
             Ok(l) => l,
             Err(e) => return Some(Err(std::io::Error::new(e.kind(), format!("{at}: {e}")))),
         };
@@ -114,6 +121,9 @@ mod tests {
         assert!(err.contains("x.jsonl:5: invalid JSON"), "{err}");
         assert!(got[3].as_ref().unwrap_err().to_string().contains("x.jsonl:6"));
         assert!(read_jsonl(&tmp.path().join("none.jsonl")).err().unwrap().to_string().contains("none.jsonl"));
+        // A byte-order mark before the first line is not part of the JSON.
+        std::fs::write(&path, "\u{feff}{\"a\": 3}\n").unwrap();
+        assert_eq!(read_jsonl(&path).unwrap().next().unwrap().unwrap().value["a"], 3);
     }
 
     #[test]

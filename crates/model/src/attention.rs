@@ -512,7 +512,7 @@ mod tests {
     fn backward_blocks_bound_the_scores_of_7b() {
         // Llama 2 7B, micro-batch 1 x 4096: 32 heads.
         assert_eq!(backward_block_rows(32, 4096), 512);
-        assert!(32 * 512 * 4096 <= BACKWARD_BLOCK_ELEMENTS);
+        const { assert!(32 * 512 * 4096 <= BACKWARD_BLOCK_ELEMENTS) };
         // Bench-medium, 16 x 512, 12 heads: one block.
         assert_eq!(backward_block_rows(16 * 12, 512), 512);
     }

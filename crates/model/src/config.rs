@@ -219,7 +219,7 @@ impl LlamaConfig {
     pub fn from_toml_file(path: &Path) -> Result<Self, ModelError> {
         let origin = path.display().to_string();
         let text = std::fs::read_to_string(path).map_err(|e| ModelError::Io(format!("cannot read {origin}: {e}")))?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
+        let table: toml::Table = toml::from_str(llama_io::without_bom(&text)).map_err(|e| ModelError::Config(format!("{origin}: invalid TOML: {e}")))?;
         let model = table.get("model").ok_or_else(|| ModelError::Config(format!("{origin}: missing table [model]")))?;
         Self::from_model_table(model, path)
     }
@@ -235,7 +235,7 @@ impl LlamaConfig {
             let preset = preset.as_str().ok_or_else(|| config(format!("{origin}: model.preset must be a path string")))?;
             let path = config_path.parent().unwrap_or(Path::new(".")).join(preset);
             let text = std::fs::read_to_string(&path).map_err(|e| config(format!("{origin}: model.preset {}: {e}", path.display())))?;
-            let base: toml::Table = toml::from_str(&text).map_err(|e| config(format!("{}: {e}", path.display())))?;
+            let base: toml::Table = toml::from_str(llama_io::without_bom(&text)).map_err(|e| config(format!("{}: {e}", path.display())))?;
             let mut merged =
                 base.get("model").and_then(|m| m.as_table()).cloned().ok_or_else(|| config(format!("{}: missing table [model]", path.display())))?;
             merged.extend(table);
@@ -280,20 +280,20 @@ impl LlamaConfig {
                 return Err(format!("{key} must be > 0"));
             }
         }
-        if self.dim % self.n_heads != 0 {
+        if !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!("model.dim ({}) must be divisible by model.n_heads ({})", self.dim, self.n_heads));
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return Err(format!("model.dim / model.n_heads = {} must be even (RoPE rotates pairs)", self.head_dim()));
         }
         let kv = self.n_kv_heads();
-        if kv == 0 || self.n_heads % kv != 0 {
+        if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return Err(format!("model.n_kv_heads ({kv}) must be > 0 and divide model.n_heads ({})", self.n_heads));
         }
-        if let Some(m) = self.ffn_dim_multiplier {
-            if !(m.is_finite() && m > 0.0) {
-                return Err(format!("model.ffn_dim_multiplier must be a positive number, got {m}"));
-            }
+        if let Some(m) = self.ffn_dim_multiplier
+            && !(m.is_finite() && m > 0.0)
+        {
+            return Err(format!("model.ffn_dim_multiplier must be a positive number, got {m}"));
         }
         if self.ffn_hidden_dim == Some(0) {
             return Err("model.ffn_hidden_dim must be > 0".into());

@@ -46,10 +46,10 @@ impl SamplingConfig {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(ModelError::Generation(format!("temperature must be >= 0, got {}", self.temperature)));
         }
-        if let Some(p) = self.top_p {
-            if !(p > 0.0 && p <= 1.0) {
-                return Err(ModelError::Generation(format!("top_p must be in (0, 1], got {p}")));
-            }
+        if let Some(p) = self.top_p
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(ModelError::Generation(format!("top_p must be in (0, 1], got {p}")));
         }
         Ok(())
     }

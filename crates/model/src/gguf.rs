@@ -242,7 +242,7 @@ impl GgufFile {
         })?;
         let n = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= usize::MAX as u64 / 4);
         let n = n.ok_or_else(|| ckpt_err(format!("{}: tensor `{}` has an impossible shape {:?}", path.display(), t.name, t.ne)))? as usize;
-        if ty == GgufType::Q8_0 && t.ne[0] as usize % Q8_0_BLOCK != 0 {
+        if ty == GgufType::Q8_0 && !(t.ne[0] as usize).is_multiple_of(Q8_0_BLOCK) {
             return Err(ckpt_err(format!("{}: q8_0 tensor `{}` has rows of {} values, not a multiple of 32", path.display(), t.name, t.ne[0])));
         }
         let start = self.data_start as u64 + t.offset;

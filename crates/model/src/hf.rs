@@ -28,20 +28,20 @@ pub fn config_from_hf(json: &Value, origin: &str) -> Result<LlamaConfig, ModelEr
             Some(v) => v.as_f64().ok_or_else(|| err(format!("key `{key}` must be a number"))),
         }
     };
-    if let Some(act) = json.get("hidden_act").and_then(Value::as_str) {
-        if act != "silu" {
-            return Err(err(format!("hidden_act `{act}` is not supported (Llama uses silu)")));
-        }
+    if let Some(act) = json.get("hidden_act").and_then(Value::as_str)
+        && act != "silu"
+    {
+        return Err(err(format!("hidden_act `{act}` is not supported (Llama uses silu)")));
     }
     for key in ["attention_bias", "mlp_bias"] {
         if json.get(key).and_then(Value::as_bool) == Some(true) {
             return Err(err(format!("`{key}: true` is not supported (Llama has no biases)")));
         }
     }
-    if let Some(scaling) = json.get("rope_scaling") {
-        if !scaling.is_null() {
-            return Err(err(format!("rope_scaling {scaling} is not supported")));
-        }
+    if let Some(scaling) = json.get("rope_scaling")
+        && !scaling.is_null()
+    {
+        return Err(err(format!("rope_scaling {scaling} is not supported")));
     }
     // transformers >= 5 writes `rope_parameters: {rope_type, rope_theta}` instead of `rope_theta`.
     let mut rope_theta = get_f64("rope_theta", 10000.0)?;
@@ -56,10 +56,11 @@ pub fn config_from_hf(json: &Value, origin: &str) -> Result<LlamaConfig, ModelEr
     }
     let n_heads = get_usize("num_attention_heads")?;
     let dim = get_usize("hidden_size")?;
-    if let Some(hd) = json.get("head_dim").and_then(Value::as_u64) {
-        if n_heads > 0 && hd as usize * n_heads != dim {
-            return Err(err(format!("head_dim {hd} * num_attention_heads {n_heads} != hidden_size {dim} is not supported")));
-        }
+    if let Some(hd) = json.get("head_dim").and_then(Value::as_u64)
+        && n_heads > 0
+        && hd as usize * n_heads != dim
+    {
+        return Err(err(format!("head_dim {hd} * num_attention_heads {n_heads} != hidden_size {dim} is not supported")));
     }
     let config = LlamaConfig {
         dim,

@@ -361,6 +361,7 @@ impl Llama {
     ///
     /// # Shapes
     /// - hidden: `[batch, seq, dim]` -> `[batch, seq, vocab]`
+    ///
     /// Logits are f32 whatever the compute dtype, so that log-softmax and the losses built on
     /// it never run in half precision (what PyTorch's autocast does for cross-entropy).
     pub fn project(&self, hidden: Tensor<3>) -> Tensor<3> {

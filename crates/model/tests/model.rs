@@ -171,7 +171,7 @@ fn cached_decoding_equals_full_forward() {
     for step in 0..=steps {
         let got = host(logits.clone());
         for (row, seq) in seqs.iter().enumerate() {
-            let full = host(model.forward(ids(&[seq.clone()], &device)));
+            let full = host(model.forward(ids(std::slice::from_ref(seq), &device)));
             let want = &full[(seq.len() - 1) * 60..seq.len() * 60];
             let diff = max_abs_diff(&got[row * 60..(row + 1) * 60], want);
             assert!(diff < 1e-4, "step {step} row {row}: cached vs full differ by {diff}");
@@ -202,7 +202,7 @@ fn generation_is_seeded_stops_per_row_and_returns_model_logprobs() {
     // Log-probabilities equal those of a full forward pass over prompt + generated tokens.
     for (row, prompt) in prompts.iter().enumerate() {
         let seq: Vec<u32> = prompt.iter().chain(&a.tokens[row]).copied().collect();
-        let full = host(model.forward(ids(&[seq.clone()], &device)));
+        let full = host(model.forward(ids(std::slice::from_ref(&seq), &device)));
         for (i, (&tok, &lp)) in a.tokens[row].iter().zip(&a.logprobs[row]).enumerate() {
             let pos = prompt.len() - 1 + i;
             let want = log_softmax_at(&full[pos * 60..(pos + 1) * 60], tok as usize);

@@ -21,7 +21,7 @@ fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_read
     let straight = f.config("straight", MODEL, TRAIN, "");
     let (ok, _, err) = pretrain(&["--config", &straight], &[]);
     assert!(ok, "{err}");
-    let want = train_curve(&f.path("out-straight"));
+    let want = train_curve(f.path("out-straight"));
     assert_eq!(want.iter().map(|c| c.0).collect::<Vec<_>>(), (1..=6).collect::<Vec<_>>());
 
     // Interrupted after step 3, then resumed: every logged loss is bit-identical.
@@ -31,7 +31,7 @@ fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_read
     let (ok, out, err) = pretrain(&["--config", &resumed, "--resume"], &[]);
     assert!(ok, "{err}");
     assert!(out.contains("resumed from"), "{out}");
-    assert_eq!(train_curve(&f.path("out-resumed")), want);
+    assert_eq!(train_curve(f.path("out-resumed")), want);
 
     // Killed while writing the step-4 checkpoint (after the weights, before the optimizer state):
     // --resume ignores the half-written one and continues from step 2, exactly.
@@ -43,7 +43,7 @@ fn resumed_and_interrupted_runs_equal_the_uninterrupted_one_and_tensorboard_read
     assert!(ok, "{err}");
     assert!(out.contains("(step 2)"), "{out}");
     // Steps 3 and 4, logged before the kill and redone after it, appear once.
-    assert_eq!(train_curve(&f.path("out-killed")), want);
+    assert_eq!(train_curve(f.path("out-killed")), want);
 
     // TensorBoard's own event reader reads the scalars and the samples.
     let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -114,13 +114,13 @@ fn recomputation_and_the_host_optimizer_from_the_command_line() {
     let plain = f.config("plain", MODEL, TRAIN, "");
     let (ok, _, err) = pretrain(&["--config", &plain], &[]);
     assert!(ok, "{err}");
-    let want = train_curve(&f.path("out-plain"));
+    let want = train_curve(f.path("out-plain"));
     let lean = f.config("lean", MODEL, TRAIN, "");
     let (ok, _, err) = pretrain(&["--config", &lean, "--recompute", "block", "--optimizer", "host", "--stop-after", "3"], &[]);
     assert!(ok, "{err}");
     let (ok, _, err) = pretrain(&["--config", &lean, "--resume"], &[]);
     assert!(ok, "{err}");
-    let got = train_curve(&f.path("out-lean"));
+    let got = train_curve(f.path("out-lean"));
     assert_eq!(got.len(), want.len());
     for ((s, a, ga), (_, b, gb)) in want.iter().zip(&got) {
         assert!((a - b).abs() < 1e-5 && (ga - gb).abs() < 1e-4 * ga.max(1.0), "step {s}: loss {a} vs {b}, grad norm {ga} vs {gb}");
@@ -171,9 +171,9 @@ fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
     let straight = f.config("straight", MODEL, train, "");
     let (ok, _, err) = pretrain(&["--config", &straight, "--stop-after", &stop], &[]);
     assert!(ok, "{err}");
-    let got = train_curve(&f.path("out-killed"));
+    let got = train_curve(f.path("out-killed"));
     assert_eq!(got.iter().map(|r| r.0).collect::<Vec<_>>(), (1..=newest + 4).collect::<Vec<u64>>(), "each step logged once");
-    assert_eq!(got, train_curve(&f.path("out-straight")));
+    assert_eq!(got, train_curve(f.path("out-straight")));
 }
 
 /// The crash test: a run killed with SIGKILL at each point of a step and of a checkpoint write
@@ -198,7 +198,7 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
             .filter_map(|v| Some((v["step"].as_u64()?, v.get("val/loss")?.as_f64()?)))
             .collect()
     };
-    let (want_curve, want_val, want_weights) = (train_curve(&f.path("out-straight")), val_losses(&f.path("out-straight")), weights(&f.path("out-straight"), 6));
+    let (want_curve, want_val, want_weights) = (train_curve(f.path("out-straight")), val_losses(&f.path("out-straight")), weights(&f.path("out-straight"), 6));
     assert_eq!(want_val.iter().map(|v| v.0).collect::<Vec<_>>(), vec![3, 6]);
     let points = [
         "backward@1",

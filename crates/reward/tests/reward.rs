@@ -42,7 +42,7 @@ fn reward_ignores_right_padding_and_batch_neighbours() {
     // A head large enough that rewards differ visibly.
     model.head.weight = model.head.weight.clone().map(|w| w.mul_scalar(1000.0));
     let a = vec![1, 5, 9, 13, 2];
-    let alone = model.score(&[a.clone()], 0)[0];
+    let alone = model.score(std::slice::from_ref(&a), 0)[0];
     let with_long_neighbour = model.score(&[vec![1, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 7, 2], a.clone()], 0)[1];
     let with_other_pad = model.score(&[a.clone(), vec![1, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 2]], 49)[0];
     assert!(alone.abs() > 1e-3);

@@ -52,9 +52,7 @@ impl PromptData {
     /// The tokenizer, rendering chats with `chat_template`.
     pub fn load_tokenizer(&self, origin: &str) -> anyhow::Result<llama_data::Tokenizer> {
         use anyhow::Context;
-        Ok(llama_data::Tokenizer::from_file(&self.tokenizer)?
-            .with_chat_template(self.chat_template)
-            .with_context(|| format!("{origin}: data.chat_template"))?)
+        llama_data::Tokenizer::from_file(&self.tokenizer)?.with_chat_template(self.chat_template).with_context(|| format!("{origin}: data.chat_template"))
     }
 }
 
@@ -220,7 +218,7 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
         tools.toolbox("rejection_sampling.tools").map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
     }
     let p = &cfg.ppo;
-    if p.batch_size == 0 || p.minibatch_size == 0 || p.batch_size % p.minibatch_size != 0 {
+    if p.batch_size == 0 || p.minibatch_size == 0 || !p.batch_size.is_multiple_of(p.minibatch_size) {
         bail!("{origin}: ppo.batch_size ({}) must be a positive multiple of ppo.minibatch_size ({})", p.batch_size, p.minibatch_size);
     }
     if p.value_coef.is_some() {

@@ -359,7 +359,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
         metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", value_of("ppo/reward_combined"), value_of("ppo/kl_k1")));
         kill_point("logged", state.iteration);
         // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
-        if state.iteration > p.value_warmup && (state.iteration % p.eval_every == 0 || state.iteration == p.iterations) {
+        if state.iteration > p.value_warmup && (state.iteration.is_multiple_of(p.eval_every) || state.iteration == p.iterations) {
             let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
             let (r, kl) = (held_out.reward, held_out.kl);
             metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
@@ -378,7 +378,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             }
         }
         let stop_now = stop_after == Some(state.iteration);
-        if state.iteration % p.checkpoint_every == 0 || state.iteration == p.iterations || stop_now || stopped_early {
+        if state.iteration.is_multiple_of(p.checkpoint_every) || state.iteration == p.iterations || stop_now || stopped_early {
             save(&state)?;
         }
         if stop_now || stopped_early {

@@ -134,38 +134,6 @@ impl Tree {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::Tree;
-
-    fn fails(f: impl FnOnce()) -> String {
-        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("should fail");
-        e.downcast_ref::<String>().cloned().unwrap_or_default()
-    }
-
-    /// The tree check sees a removed, a changed and a created file, and allows what a case may
-    /// create.
-    #[test]
-    fn the_tree_check_sees_every_change_outside_the_allowed_paths() {
-        let dir = std::env::temp_dir().join(format!("llama-testkit-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(dir.join("sub")).unwrap();
-        std::fs::write(dir.join("sub/a.txt"), "a").unwrap();
-        std::fs::write(dir.join("b.txt"), "b").unwrap();
-        let before = Tree::of(&dir);
-        before.assert_kept(&dir, &[], "untouched");
-        std::fs::write(dir.join("out.txt"), "new").unwrap();
-        assert!(fails(|| before.assert_kept(&dir, &[], "created")).contains("out.txt was created"));
-        before.assert_kept(&dir, &[dir.join("out.txt")], "allowed");
-        std::fs::write(dir.join("b.txt"), "B").unwrap();
-        assert!(fails(|| before.assert_kept(&dir, &[dir.join("out.txt")], "changed")).contains("b.txt was changed"));
-        std::fs::write(dir.join("b.txt"), "b").unwrap();
-        std::fs::remove_dir_all(dir.join("sub")).unwrap();
-        assert!(fails(|| before.assert_kept(&dir, &[dir.join("out.txt")], "removed")).contains("was removed"));
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
-
 /// `mpirun -np RANKS BINARY ARGS...` from the workspace root, one thread per rank (allowed as
 /// root, where the tests run as root); each `env` pair is exported to every rank. Returns
 /// (succeeded, stdout, stderr).
@@ -201,5 +169,37 @@ pub fn assert_same_curve(label: &str, got: impl AsRef<Path>, want: impl AsRef<Pa
     let close = |g: f64, w: f64| (g - w).abs() <= tol * w.abs().max(1.0);
     for (g, w) in got.iter().zip(&want) {
         assert!(close(g.1, w.1) && close(g.2, w.2), "{label}, step {}: (loss, grad norm) {:?} vs {:?}", g.0, (g.1, g.2), (w.1, w.2));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Tree;
+
+    fn fails(f: impl FnOnce()) -> String {
+        let e = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).expect_err("should fail");
+        e.downcast_ref::<String>().cloned().unwrap_or_default()
+    }
+
+    /// The tree check sees a removed, a changed and a created file, and allows what a case may
+    /// create.
+    #[test]
+    fn the_tree_check_sees_every_change_outside_the_allowed_paths() {
+        let dir = std::env::temp_dir().join(format!("llama-testkit-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("sub/a.txt"), "a").unwrap();
+        std::fs::write(dir.join("b.txt"), "b").unwrap();
+        let before = Tree::of(&dir);
+        before.assert_kept(&dir, &[], "untouched");
+        std::fs::write(dir.join("out.txt"), "new").unwrap();
+        assert!(fails(|| before.assert_kept(&dir, &[], "created")).contains("out.txt was created"));
+        before.assert_kept(&dir, &[dir.join("out.txt")], "allowed");
+        std::fs::write(dir.join("b.txt"), "B").unwrap();
+        assert!(fails(|| before.assert_kept(&dir, &[dir.join("out.txt")], "changed")).contains("b.txt was changed"));
+        std::fs::write(dir.join("b.txt"), "b").unwrap();
+        std::fs::remove_dir_all(dir.join("sub")).unwrap();
+        assert!(fails(|| before.assert_kept(&dir, &[dir.join("out.txt")], "removed")).contains("was removed"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

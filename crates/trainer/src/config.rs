@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 /// Reads and deserialises a TOML file; errors name the file, and toml names the key and line.
 pub fn load_toml<T: DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: cannot read config: {e}", path.display()))?;
-    toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    toml::from_str(llama_io::without_bom(&text)).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Resolves a `[model]` table: its keys, or `preset = "7b.toml"` (relative to the config file)
@@ -100,10 +100,10 @@ impl ScheduleConfig {
         if !(0.0..=1.0).contains(&self.min_lr_ratio) {
             return Err(format!("schedule.min_lr_ratio must be in [0, 1], got {}", self.min_lr_ratio));
         }
-        if let Some(r) = self.warmup_ratio {
-            if !(0.0..1.0).contains(&r) {
-                return Err(format!("schedule.warmup_ratio must be in [0, 1), got {r}"));
-            }
+        if let Some(r) = self.warmup_ratio
+            && !(0.0..1.0).contains(&r)
+        {
+            return Err(format!("schedule.warmup_ratio must be in [0, 1), got {r}"));
         }
         Ok(())
     }
@@ -174,7 +174,7 @@ impl TrainConfig {
         if self.batch_size == 0 || self.micro_batch_size == 0 {
             return Err("train.batch_size and train.micro_batch_size must be > 0".into());
         }
-        if self.batch_size % self.micro_batch_size != 0 {
+        if !self.batch_size.is_multiple_of(self.micro_batch_size) {
             return Err(format!("train.batch_size ({}) must be a multiple of train.micro_batch_size ({})", self.batch_size, self.micro_batch_size));
         }
         for (key, v) in [("train.log_every", self.log_every), ("train.eval_every", self.eval_every), ("train.checkpoint_every", self.checkpoint_every)] {

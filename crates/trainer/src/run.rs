@@ -121,7 +121,7 @@ impl LoopConfig {
         let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
         let ranks = crate::distributed::world().size();
-        if accumulation % (run.devices * ranks) != 0 {
+        if !accumulation.is_multiple_of(run.devices * ranks) {
             bail!(
                 "train.batch_size ({}) must be a multiple of train.micro_batch_size ({}) x run.devices ({}) x MPI ranks ({ranks}): each device runs micro-batches of micro_batch_size",
                 train.batch_size,
@@ -415,7 +415,7 @@ where
         let last = step == cfg.total_steps || cfg.stop_after == Some(step);
         match outcome {
             StepOutcome::Updated { loss, grad_norm, lr } => {
-                if step % cfg.train.log_every == 0 || last {
+                if step.is_multiple_of(cfg.train.log_every) || last {
                     self.log(loss, grad_norm, lr)?;
                 }
             }
@@ -438,12 +438,12 @@ where
                 }
             }
         }
-        if step % cfg.train.eval_every == 0 || last {
+        if step.is_multiple_of(cfg.train.eval_every) || last {
             objective.evaluate(&self.for_eval(), step, &mut self.metrics)?;
             self.evaluated_step = step;
             self.window.0 = Instant::now();
         }
-        if step % cfg.train.checkpoint_every == 0 || last {
+        if step.is_multiple_of(cfg.train.checkpoint_every) || last {
             self.last_checkpoint = Some(self.save(objective)?);
             self.window.0 = Instant::now();
         }

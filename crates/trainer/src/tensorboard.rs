@@ -91,7 +91,7 @@ struct Dim {
 
 fn masked_crc(data: &[u8]) -> u32 {
     let crc = crc32c::crc32c(data);
-    ((crc >> 15) | (crc << 17)).wrapping_add(0xa282_ead8)
+    crc.rotate_right(15).wrapping_add(0xa282_ead8)
 }
 
 /// Appends events to one `events.out.tfevents.*` file in a log directory.

@@ -35,10 +35,10 @@ pub fn kill_point(point: &str, step: u64) {
     if !names(KILL_AT_ENV, point, step) {
         return;
     }
-    if let Ok(rank) = std::env::var(KILL_RANK_ENV) {
-        if rank.parse::<usize>().ok() != Some(crate::distributed::world().rank()) {
-            return;
-        }
+    if let Ok(rank) = std::env::var(KILL_RANK_ENV)
+        && rank.parse::<usize>().ok() != Some(crate::distributed::world().rank())
+    {
+        return;
     }
     // SAFETY: kill(2) on this process; nothing is left to run after it.
     unsafe {

@@ -476,3 +476,13 @@ fn a_zero_logits_chunk_is_refused_with_the_key() {
     let err = parsed.unwrap_err().to_string();
     assert!(err.contains("recompute") && err.contains("block") && err.contains("none"), "{err}");
 }
+
+/// A config saved with a UTF-8 byte-order mark (as Windows editors write it) reads as without.
+#[test]
+fn a_config_with_a_byte_order_mark_is_read() {
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("bom.toml");
+    std::fs::write(&path, "\u{feff}lr = 0.25\n").unwrap();
+    let optim: OptimConfig = llama_trainer::config::load_toml(&path).unwrap();
+    assert_eq!(optim.lr, 0.25);
+}
