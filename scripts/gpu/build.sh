@@ -3,7 +3,9 @@
 # package registries (no GPU, no CUDA toolkit: cudarc loads libcuda and NVRTC at run time), and
 # packs it for the trip: `llama` and `pretrain` with both GPU backends (cuda and vulkan, each with
 # Burn's fusion and autotune), and the model crate's two test binaries with the same features (the
-# GPU tests), xz-compressed into OUT (default gpu-bin/, git-ignored). Cold: ~40 min on 2 cores.
+# GPU tests), xz-compressed into OUT (default gpu-bin/, git-ignored). Cold on 2 cores: 62 min for
+# the two binaries (33 MB packed); the test binaries rebuild the dependencies with the model
+# crate's dev-dependencies (not measured whole: budget as much again).
 #   scripts/gpu/build.sh && ls -l gpu-bin
 set -euo pipefail
 cd "$(dirname "$0")/../.."
