@@ -144,6 +144,17 @@ fn ppo_weight_decay_is_applied() {
     assert_ne!(with, without, "weight decay changed nothing");
 }
 
+/// The `rlhf` binary on `cfg` into `out` with `extra` flags, killed at `kill` (a
+/// `LLAMA2_TEST_KILL_AT` point) when given.
+fn run_rlhf(cfg: &Path, out: &Path, extra: &[&str], kill: Option<&str>) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
+    cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra);
+    if let Some(point) = kill {
+        cmd.env("LLAMA2_TEST_KILL_AT", point);
+    }
+    cmd.output().unwrap()
+}
+
 /// The crash test of PPO's own loop: killed with SIGKILL after an iteration's updates, after its
 /// logging, and at every point of a checkpoint write (`trainer::test_hooks::KILL_AT_ENV`),
 /// `rlhf --resume` ends with the uninterrupted run's metrics, each iteration logged once.
@@ -156,14 +167,7 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
     let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("checkpoint_every = 100", "checkpoint_every = 1"));
     llama_rlhf::run(&cfg, Some(tmp.path().join("straight")), false, None, true).unwrap();
     let want = ppo_curve(&tmp.path().join("straight"));
-    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
-        cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap(), "--skip-rejection-sampling"]).args(extra);
-        if let Some(point) = kill {
-            cmd.env("LLAMA2_TEST_KILL_AT", point);
-        }
-        cmd.output().unwrap()
-    };
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, &[&["--skip-rejection-sampling"], extra].concat(), kill);
     for (i, point) in ["update@2", "logged@2", "policy.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
         let out = tmp.path().join(format!("killed{i}"));
         let died = rlhf(&out, &[], Some(point));
@@ -183,14 +187,7 @@ fn rejection_sampling_killed_in_a_round_resumes_there() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let extra = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-2\nbatch_size = 4\nseq_len = 64\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
     let cfg = config(tmp.path(), &policy, &help, &safe, extra);
-    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| {
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
-        cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra);
-        if let Some(point) = kill {
-            cmd.env("LLAMA2_TEST_KILL_AT", point);
-        }
-        cmd.output().unwrap()
-    };
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, extra, kill);
     let outcome = |out: &Path| {
         let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         (read("rejection-sampling/pool-round-1.jsonl"), read("rejection-sampling/pool-round-2.jsonl"), read("rejection-sampling/metrics.jsonl"), ppo_curve(out))

@@ -20,7 +20,7 @@ use std::time::Instant;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::GradientsParams;
 use burn::tensor::{Tensor, TensorData};
-use llama_model::adamw::{AdamWRule, adamw_flat};
+use llama_model::adamw::{AdamWRule, adamw_flat, sum_of_squares};
 use serde::{Deserialize, Serialize};
 
 use crate::config::OptimConfig;
@@ -209,7 +209,7 @@ impl ShardedAdamW {
 
     /// The L2 norm of the whole summed gradient (every rank gets the same value).
     pub fn global_norm(&mut self, block: &[f32]) -> f64 {
-        let mut sum = [block.iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>()];
+        let mut sum = [sum_of_squares(block)];
         let started = Instant::now();
         self.world.sum_f64(&mut sum);
         self.comm_seconds += started.elapsed().as_secs_f64();
