@@ -5,7 +5,7 @@
 //! context. Reads stdin, so a script can pipe a conversation in. With `--tools` the calls the
 //! model writes are run (`llama_tools`), their results streamed into the answer as they come.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{IsTerminal, Write};
 
 use std::path::PathBuf;
 
@@ -49,13 +49,29 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
     let mut messages = fresh();
     let mut turn = 0u64;
     let stdin = std::io::stdin();
-    let mut lines = stdin.lock().lines();
+    let mut stdin = stdin.lock();
+    let max_line = llama_io::max_line_bytes();
+    let mut line_number = 0u64;
     loop {
         if interactive {
             eprint!("> ");
         }
-        let Some(line) = lines.next() else { break };
-        let line = line?;
+        let Some(line) = llama_io::read_line_bounded(&mut stdin, max_line).context("reading stdin")? else { break };
+        line_number += 1;
+        // A bad line is skipped with a word, not the end of the conversation.
+        let line = match line {
+            llama_io::BoundedLine::Line(bytes) => match String::from_utf8(bytes) {
+                Ok(line) => line,
+                Err(e) => {
+                    eprintln!("(stdin line {line_number} is not valid UTF-8 at byte {}: skipped)", e.utf8_error().valid_up_to());
+                    continue;
+                }
+            },
+            llama_io::BoundedLine::TooLong => {
+                eprintln!("(stdin line {line_number} is longer than {max_line} bytes: skipped)");
+                continue;
+            }
+        };
         let text = line.trim();
         if text.is_empty() {
             continue;

@@ -77,6 +77,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
                 Format::HuggingFace => checkpoint::save_hf(&model, &config, &to, (shard_size_gb * 1e9) as u64)?,
                 Format::Native => checkpoint::save_native(&model, &config, &to)?,
             }
+            remove_other_kind(&to, format)?;
             if let Some(json) = tokenizer_json {
                 llama_io::write_atomic(&to.join("tokenizer.json"), json.as_bytes())?;
             }
@@ -102,6 +103,43 @@ fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer> {
     let text = |id: u32| tok.token_text(id).unwrap_or_default();
     let chat_template = tok.declared_chat_template().unwrap_or(gguf::LLAMA2_CHAT_TEMPLATE).to_string();
     Ok(GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template })
+}
+
+/// After `--overwrite` wrote a checkpoint of kind `written` into `dir`, removes the checkpoint
+/// files that were there before and are not part of it (the other kind's config, an old index,
+/// weight shards of another split), so the directory holds one checkpoint: left behind, an old
+/// `config.json` beside new native weights would load into `transformers` as garbage without a
+/// word, and an old `config.toml` would shadow new HF files.
+fn remove_other_kind(dir: &Path, written: Format) -> Result<()> {
+    let mut kept: Vec<String> = match written {
+        Format::Native => vec![checkpoint::NATIVE_CONFIG.into(), checkpoint::NATIVE_WEIGHTS.into()],
+        Format::HuggingFace => vec![checkpoint::HF_CONFIG.into()],
+    };
+    if written == Format::HuggingFace {
+        let index = dir.join(checkpoint::HF_INDEX);
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+            let json: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("reading {}", index.display()))?;
+            kept.push(checkpoint::HF_INDEX.into());
+            kept.extend(json["weight_map"].as_object().into_iter().flat_map(|m| m.values()).filter_map(|v| v.as_str().map(String::from)));
+        } else {
+            kept.push(checkpoint::NATIVE_WEIGHTS.into());
+        }
+    }
+    let checkpoint_file = |name: &str| {
+        [checkpoint::NATIVE_CONFIG, checkpoint::HF_CONFIG, checkpoint::NATIVE_WEIGHTS, checkpoint::NATIVE_WEIGHTS_BURNPACK, checkpoint::HF_INDEX]
+            .contains(&name)
+            || (name.starts_with("model-") && name.ends_with(".safetensors"))
+    };
+    for entry in std::fs::read_dir(dir).with_context(|| format!("--to {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else { continue };
+        if path.is_file() && checkpoint_file(name) && !kept.iter().any(|k| k == name) {
+            std::fs::remove_file(&path).with_context(|| format!("removing the replaced {}", path.display()))?;
+            eprintln!("removed {} (of the checkpoint this one replaces)", path.display());
+        }
+    }
+    Ok(())
 }
 
 /// What `convert` writes.

@@ -252,6 +252,38 @@ fn convert_round_trips_hf_native_hf() {
     }
 }
 
+/// `--overwrite` replaces the checkpoint in a directory: the files of the one it replaces (the
+/// other kind's config, an old single file beside new shards) are gone, so nothing mixed loads.
+#[test]
+fn convert_overwrite_leaves_one_checkpoint_in_the_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tmp.path().join("target");
+    let names = |dir: &Path| {
+        let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        n.sort();
+        n
+    };
+    let convert = |to_format: &str, extra: &[&str]| {
+        let args = [&["convert", "--from", "tests/fixtures/hf-tiny-gqa", "--to", target.to_str().unwrap(), "--to-format", to_format, "--overwrite"][..], extra]
+            .concat();
+        let (ok, _, err) = llama(&args);
+        assert!(ok, "{err}");
+    };
+    convert("hf", &[]);
+    std::fs::write(target.join("notes.md"), "mine").unwrap();
+    convert("native", &[]);
+    assert_eq!(names(&target), ["config.toml", "model.safetensors", "notes.md"]);
+    // Sharded HF over the native checkpoint: its config and single weights file go.
+    convert("hf", &["--shard-size-gb", "0.00001"]);
+    let now = names(&target);
+    assert!(now.contains(&"model.safetensors.index.json".to_string()) && now.contains(&"notes.md".to_string()), "{now:?}");
+    assert!(!now.contains(&"config.toml".to_string()) && !now.contains(&"model.safetensors".to_string()), "{now:?}");
+    assert_eq!(weights(&target), weights(&llama_testkit::repo().join("tests/fixtures/hf-tiny-gqa")));
+    // And native again: the shards and the index go too.
+    convert("native", &[]);
+    assert_eq!(names(&target), ["config.toml", "model.safetensors", "notes.md"]);
+}
+
 /// Every weight of a checkpoint (any kind) as f32, in visiting order.
 fn weights(dir: &Path) -> Vec<f32> {
     use burn::module::{Module, ModuleVisitor, Param};
@@ -349,7 +381,7 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     let config = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(96);
     llama_model::checkpoint::save_native(&config.init(&burn::tensor::Device::flex()), &config, tmp.path()).unwrap();
     let dir = tmp.path().to_str().unwrap();
-    let chat_with = |input: &str, extra: &[&str]| {
+    let chat_with = |input: &[u8], extra: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_llama"))
             .args(
                 [&["chat", "--checkpoint", dir, "--tokenizer", "data/tokenizer.json", "--max-new-tokens", "6", "--seed", "7", "--show-prompt"][..], extra]
@@ -361,12 +393,12 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
-    let chat = |input: &str| chat_with(input, &[]);
+    let chat = |input: &str| chat_with(input.as_bytes(), &[]);
     // What `llama generate` answers to a rendered prompt with a seed (its output is prompt + text).
     let generate = |prompt: &str, seed: &str| {
         let (ok, out, err) =
@@ -395,9 +427,13 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
     assert_eq!(out, format!("{first}\n{second}\n"), "two answers as generated, and nothing after /quit");
     // With --tools (a model that writes no call) each turn gets the same answer, streamed too
     // (the runtime leaves out an answer's leading spaces, which a random model may write).
-    let (tools_out, tools_err) = chat_with("Hi there\nWhat did I say?\n/quit\n", &["--tools", "--search-corpus", "data/tools/search.jsonl"]);
+    let (tools_out, tools_err) = chat_with(b"Hi there\nWhat did I say?\n/quit\n", &["--tools", "--search-corpus", "data/tools/search.jsonl"]);
     assert_eq!(tools_out, format!("{}\n{}\n", first.trim_start(), second.trim_start()));
     assert!(tools_err.contains(&format!("prompt: <s>{second_prompt}\n")), "{tools_err}");
+    // A line that is not UTF-8 is named and skipped; the conversation goes on.
+    let (out, err) = chat_with(b"\xff\xfeHi\nHi there\n/quit\n", &[]);
+    assert!(err.contains("stdin line 1 is not valid UTF-8"), "{err}");
+    assert!(out.starts_with(&format!("{first}\n")), "the next line is answered: {out:?}");
     // After /reset the same message renders alone again.
     let (_, err) = chat("Hi there\n/reset\nHi there\n");
     assert_eq!(err.matches("prompt: <s>[INST] Hi there [/INST]\n").count(), 2, "{err}");
@@ -560,4 +596,161 @@ fn bench_reports_every_phase() {
         let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "16", bad[0], bad[1]]);
         assert!(!ok && err.contains("must be > 0") && !err.contains("panicked"), "{err}");
     }
+}
+
+/// Files a stranger hands us, built to make a reader trust a size, wrap an offset, recurse,
+/// loop or load poison. Each is refused with its file and value named, within the hostile
+/// bounds of `llama_testkit` (2 GiB of address space, seconds), touching nothing.
+#[test]
+fn llama_refuses_hostile_files_within_bounded_memory_and_time() {
+    use llama_testkit::{Case, repo};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let p = |name: &str| dir.join(name).display().to_string();
+    let flex = burn::tensor::Device::flex();
+    // Hugging Face directories from the shipped fixture, with config.json edited.
+    let fixture = repo().join("tests/fixtures/hf-tiny-gqa");
+    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    let hf_with = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::copy(fixture.join("model.safetensors"), dir.join(name).join("model.safetensors")).unwrap();
+        let mut c = config.clone();
+        edit(&mut c);
+        std::fs::write(dir.join(name).join("config.json"), c.to_string()).unwrap();
+    };
+    hf_with("context-1e8", &|c| c["max_position_embeddings"] = 100_000_000u64.into());
+    hf_with("context-2e40", &|c| c["max_position_embeddings"] = (1u64 << 40).into());
+    hf_with("context-2e62", &|c| c["max_position_embeddings"] = (1u64 << 62).into());
+    hf_with("layers-1e6", &|c| c["num_hidden_layers"] = 1_000_000u64.into());
+    hf_with("huge", &|c| {
+        c.as_object_mut().unwrap().remove("head_dim");
+        c["hidden_size"] = 65536.into();
+        c["intermediate_size"] = (1u64 << 20).into();
+        c["num_hidden_layers"] = 1024.into();
+    });
+    // NaN in the last weight of a file (safetensors and GGUF keep the last tensor's data last).
+    let poison_tail = |path: &Path| {
+        let mut b = std::fs::read(path).unwrap();
+        let n = b.len();
+        b[n - 4..].copy_from_slice(&f32::NAN.to_le_bytes());
+        std::fs::write(path, b).unwrap();
+    };
+    hf_with("nan-hf", &|_| {});
+    poison_tail(&dir.join("nan-hf/model.safetensors"));
+    let small = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(32);
+    llama_model::checkpoint::save_native(&small.init(&flex), &small, &dir.join("nan-native")).unwrap();
+    poison_tail(&dir.join("nan-native/model.safetensors"));
+    // GGUF files: a good one carrying the shipped tokenizer, then edited.
+    let gguf = dir.join("model.gguf");
+    let tokenizer = llama_model::gguf::GgufTokenizer {
+        json: std::fs::read_to_string(repo().join("data/tokenizer.json")).unwrap(),
+        bos: "<s>".into(),
+        eos: "</s>".into(),
+        chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
+    };
+    llama_model::gguf::save_gguf(&small.init(&flex), &small, Some(&tokenizer), "small", &gguf, llama_model::gguf::GgufType::F32).unwrap();
+    let bytes = std::fs::read(&gguf).unwrap();
+    let patched = |name: &str, after: &[u8], value: &[u8]| {
+        let mut b = bytes.clone();
+        let at = b.windows(after.len()).position(|w| w == after).expect("in the header") + after.len();
+        b[at..at + value.len()].copy_from_slice(value);
+        std::fs::write(dir.join(name), b).unwrap();
+    };
+    patched("context.gguf", b"llama.context_length\x04\0\0\0", &u32::MAX.to_le_bytes());
+    patched("layers.gguf", b"llama.block_count\x04\0\0\0", &1_000_000u32.to_le_bytes());
+    // token_embd.weight's offset (after its 2 dims, each a u64, and its type) near 2^64.
+    patched("offset.gguf", b"token_embd.weight\x02\0\0\0", &[&[0u8; 20][..], &(u64::MAX - 3).to_le_bytes()].concat());
+    patched("tokenizer.gguf", b"\"model\"", b"\"mode!\"");
+    std::fs::copy(&gguf, dir.join("nan.gguf")).unwrap();
+    poison_tail(&dir.join("nan.gguf"));
+    // Headers written by hand: counts far past what the file can hold, arrays nested 10000 deep.
+    let header = |n_tensors: u64, n_kv: u64, body: &[u8]| [&b"GGUF"[..], &3u32.to_le_bytes(), &n_tensors.to_le_bytes(), &n_kv.to_le_bytes(), body].concat();
+    let key = |k: &str| [&(k.len() as u64).to_le_bytes()[..], k.as_bytes()].concat();
+    std::fs::write(dir.join("count.gguf"), header(0, 1 << 60, &[])).unwrap();
+    std::fs::write(dir.join("tensors.gguf"), header(1 << 40, 0, &[0; 64])).unwrap();
+    let huge_array = [key("a"), 9u32.to_le_bytes().to_vec(), 0u32.to_le_bytes().to_vec(), (1u64 << 40).to_le_bytes().to_vec()].concat();
+    std::fs::write(dir.join("array.gguf"), header(0, 1, &huge_array)).unwrap();
+    let mut nested = [key("a"), 9u32.to_le_bytes().to_vec()].concat();
+    for _ in 0..10_000 {
+        nested.extend(9u32.to_le_bytes());
+        nested.extend(1u64.to_le_bytes());
+    }
+    nested.extend(4u32.to_le_bytes());
+    nested.extend(1u64.to_le_bytes());
+    nested.extend(7u32.to_le_bytes());
+    std::fs::write(dir.join("nested.gguf"), header(0, 1, &nested)).unwrap();
+    // Chat templates that loop for ever or write hundreds of MB.
+    let template_dir = |name: &str, template: &str| {
+        std::fs::create_dir_all(dir.join(name)).unwrap();
+        std::fs::copy(repo().join("data/tokenizer.json"), dir.join(name).join("tokenizer.json")).unwrap();
+        std::fs::write(dir.join(name).join("tokenizer_config.json"), serde_json::json!({ "chat_template": template }).to_string()).unwrap();
+        dir.join(name).join("tokenizer.json").display().to_string()
+    };
+    let looping = template_dir("looping", "{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}");
+    let bloated = template_dir("bloated", "{% for m in messages %}{{ 'x' * 90000000 }}{% endfor %}");
+    llama_model::checkpoint::save_native(&small.init(&flex), &small, &dir.join("chat")).unwrap();
+    let chat = |name: &str, tokenizer: &str| {
+        Case::new(
+            name,
+            &["chat", "--checkpoint", &p("chat"), "--tokenizer", tokenizer, "--chat-template", "tokenizer", "--max-new-tokens", "8"],
+            &["tokenizer_config.json", "chat_template"],
+        )
+        .stdin("Hi\n")
+        .hostile()
+    };
+    let convert = |name: &str, from: &str, needles: &[&str]| Case::new(name, &["convert", "--from", &p(from), "--to", &p("out")], needles).hostile();
+    let cases = vec![
+        convert("a context of 1e8 positions", "context-1e8", &["config.json", "max_position_embeddings", "100000000"]),
+        convert("a context of 2^40 positions", "context-2e40", &["config.json", "max_position_embeddings"]),
+        convert("a context of 2^62 positions", "context-2e62", &["config.json", "max_position_embeddings"]),
+        convert("a million layers", "layers-1e6", &["config.json", "num_hidden_layers", "1000000"]),
+        convert("a model larger than the machine", "huge", &["config.json", "GiB", "more than this machine"]),
+        convert("a NaN weight in Hugging Face safetensors", "nan-hf", &["model.safetensors", "non-finite"]),
+        convert("a NaN weight in a native checkpoint", "nan-native", &["model.safetensors", "NaN"]),
+        Case::new(
+            "generate from a NaN weight",
+            &[
+                "generate",
+                "--checkpoint",
+                &p("nan-native"),
+                "--tokenizer",
+                &repo().join("data/tokenizer.json").display().to_string(),
+                "--prompt",
+                "Hi",
+                "--max-new-tokens",
+                "8",
+            ],
+            &["model.safetensors", "NaN"],
+        )
+        .hostile(),
+        convert("a GGUF context of 2^32", "context.gguf", &["context.gguf", "llama.context_length", "4294967295"]),
+        convert("a GGUF of a million layers", "layers.gguf", &["layers.gguf", "llama.block_count", "1000000"]),
+        convert("a GGUF tensor offset near 2^64", "offset.gguf", &["offset.gguf", "token_embd.weight"]),
+        convert("a GGUF NaN weight", "nan.gguf", &["nan.gguf", "non-finite"]),
+        convert("a GGUF with a broken embedded tokenizer", "tokenizer.gguf", &["tokenizer.gguf", "tokenizer.huggingface.json"]),
+        convert("a GGUF metadata count of 2^60", "count.gguf", &["count.gguf", "metadata count"]),
+        convert("a GGUF tensor count of 2^40", "tensors.gguf", &["tensors.gguf", "tensor count"]),
+        convert("a GGUF array of 2^40 items", "array.gguf", &["array.gguf", "array length"]),
+        convert("GGUF arrays nested 10000 deep", "nested.gguf", &["nested.gguf", "nested"]),
+        chat("a chat template that loops 10^10 times", &looping),
+        chat("a chat template that writes 90 MB", &bloated),
+    ];
+    llama_testkit::refuse_all(env!("CARGO_BIN_EXE_llama"), dir, &cases);
+}
+
+/// A context length above the tabulated RoPE positions loads and runs: the angles are computed
+/// for the positions in use, so `max_position_embeddings` sizes nothing.
+#[test]
+fn a_long_context_config_loads_without_allocating_for_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let fixture = llama_testkit::repo().join("tests/fixtures/hf-tiny-gqa");
+    let mut config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fixture.join("config.json")).unwrap()).unwrap();
+    config["max_position_embeddings"] = 10_000_000.into();
+    std::fs::copy(fixture.join("model.safetensors"), tmp.path().join("model.safetensors")).unwrap();
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let (_, model) = llama_model::checkpoint::load(tmp.path(), &burn::tensor::Device::flex()).unwrap();
+    assert_eq!((model.max_seq_len(), model.rope.cos.dims()[0]), (10_000_000, llama_model::model::ROPE_TABLE_POSITIONS));
+    let tokens =
+        burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &burn::tensor::Device::flex());
+    assert_eq!(model.forward(tokens).dims(), [1, 4, 96]);
 }

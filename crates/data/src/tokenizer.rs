@@ -34,7 +34,8 @@ pub struct Tokenizer {
     unk: Option<u32>,
     fingerprint: String,
     /// The `chat_template` of the checkpoint's `tokenizer_config.json`, if it has one.
-    declared_template: Option<String>,
+    /// And the file it came from.
+    declared_template: Option<(String, String)>,
     /// `declared_template` compiled, when chats render with it instead of Llama 2's template.
     chat_template: Option<crate::chat::JinjaTemplate>,
 }
@@ -55,7 +56,8 @@ impl std::fmt::Debug for Tokenizer {
 struct DeclaredSpecials {
     bos: Option<(String, String)>,
     eos: Option<(String, String)>,
-    chat_template: Option<String>,
+    /// The template and the file it came from.
+    chat_template: Option<(String, String)>,
 }
 
 impl DeclaredSpecials {
@@ -79,6 +81,7 @@ impl DeclaredSpecials {
                 serde_json::Value::Array(list) => list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(String::from),
                 _ => None,
             };
+            let template = template.map(|t| (t, path.display().to_string()));
             out.chat_template = out.chat_template.or(template);
         }
         Ok(out)
@@ -165,7 +168,7 @@ impl Tokenizer {
         use crate::chat::{ChatTemplateChoice, JinjaTemplate};
         self.chat_template = match (choice, &self.declared_template) {
             (ChatTemplateChoice::Llama2, _) => None,
-            (ChatTemplateChoice::Tokenizer, Some(source)) => Some(JinjaTemplate::compile(source)?),
+            (ChatTemplateChoice::Tokenizer, Some((source, origin))) => Some(JinjaTemplate::compile(source, origin)?),
             (ChatTemplateChoice::Tokenizer, None) => {
                 return Err(DataError::Config(
                     "chat_template = \"tokenizer\": the tokenizer_config.json beside the tokenizer has no chat_template (use \"llama2\")".into(),
@@ -178,7 +181,7 @@ impl Tokenizer {
     /// The `chat_template` the checkpoint's `tokenizer_config.json` declares, whether or not
     /// chats render with it.
     pub fn declared_chat_template(&self) -> Option<&str> {
-        self.declared_template.as_deref()
+        self.declared_template.as_ref().map(|(source, _)| source.as_str())
     }
 
     /// The compiled Jinja template chats render with, when it is the tokenizer's own.

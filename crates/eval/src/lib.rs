@@ -49,6 +49,9 @@ pub fn perplexity(model: &Llama, shards: &Path, split: Split, seq_len: usize, ma
     if tokens == 0 {
         bail!("{}: no {} windows of {} tokens to evaluate", shards.display(), split.name(), seq_len + 1);
     }
+    if !sum.is_finite() {
+        bail!("the loss on {} ({}) is {sum}: the model's outputs are not finite", shards.display(), split.name());
+    }
     Ok(((sum / tokens as f64).exp(), tokens))
 }
 

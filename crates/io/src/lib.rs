@@ -84,23 +84,105 @@ pub struct JsonLine {
     pub value: serde_json::Value,
 }
 
-/// The non-empty lines of a JSONL file as JSON, in order and streamed. Opening the file, a line
-/// that is not UTF-8, and a line that is not JSON are errors naming the file (and line).
-pub fn read_jsonl(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<JsonLine>>> {
-    let reader = BufReader::new(File::open(path).map_err(|e| named(path, e))?);
-    let path = path.to_path_buf();
-    Ok(reader.lines().enumerate().filter_map(move |(n, line)| {
-        let at = format!("{}:{}", path.display(), n + 1);
-        let line = match line {
-            Ok(l) if l.trim().is_empty() => return None,
-            Ok(l) if n == 0 => without_bom(&l).to_string(),
-            Ok(l) => l,
-            Err(e) => return Some(Err(std::io::Error::new(e.kind(), format!("{at}: {e}")))),
+/// Longest line [`read_jsonl`] accepts, in bytes, unless `LLAMA2_MAX_LINE_BYTES` says otherwise:
+/// far above any chat or document of a training set, and low enough that a file without a
+/// newline (a binary, `/dev/zero`) is refused instead of read into one string until memory ends.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
+
+/// The line-length cap of [`read_jsonl`]: `LLAMA2_MAX_LINE_BYTES` if set (a number of bytes),
+/// else [`MAX_LINE_BYTES`].
+pub fn max_line_bytes() -> usize {
+    std::env::var("LLAMA2_MAX_LINE_BYTES").ok().and_then(|v| v.trim().parse().ok()).filter(|&n| n > 0).unwrap_or(MAX_LINE_BYTES)
+}
+
+/// One line read by [`read_line_bounded`].
+#[derive(Debug, PartialEq)]
+pub enum BoundedLine {
+    /// The line's bytes, without the newline.
+    Line(Vec<u8>),
+    /// Longer than the cap: its bytes were consumed up to the next newline (or the end), and
+    /// dropped as they came.
+    TooLong,
+}
+
+/// Reads the next line of `reader`, keeping at most `max` bytes of it in memory; None at the end.
+pub fn read_line_bounded(reader: &mut impl BufRead, max: usize) -> std::io::Result<Option<BoundedLine>> {
+    let mut line = Vec::new();
+    let mut too_long = false;
+    let mut read_any = false;
+    loop {
+        let buf = reader.fill_buf()?;
+        if buf.is_empty() {
+            break;
+        }
+        read_any = true;
+        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => (&buf[..i], Some(i + 1)),
+            None => (buf, None),
         };
-        Some(match serde_json::from_str(&line) {
-            Ok(value) => Ok(JsonLine { at, line: n + 1, value }),
-            Err(e) => Err(std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{at}: invalid JSON: {e}"))),
-        })
+        if !too_long && line.len() + chunk.len() <= max {
+            line.extend_from_slice(chunk);
+        } else {
+            too_long = true;
+            line = Vec::new();
+        }
+        let used = done.unwrap_or(buf.len());
+        reader.consume(used);
+        if done.is_some() {
+            break;
+        }
+    }
+    if !read_any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some(if too_long { BoundedLine::TooLong } else { BoundedLine::Line(line) }))
+}
+
+/// The non-empty lines of a JSONL file as JSON, in order and streamed. Opening the file, a line
+/// that is not UTF-8, a line longer than [`max_line_bytes`] and a line that is not JSON are
+/// errors naming the file and line. A UTF-8 byte-order mark before the first line is skipped.
+pub fn read_jsonl(path: &Path) -> std::io::Result<impl Iterator<Item = std::io::Result<JsonLine>>> {
+    let mut reader = BufReader::new(File::open(path).map_err(|e| named(path, e))?);
+    let path = path.to_path_buf();
+    let max = max_line_bytes();
+    let mut n = 0usize;
+    let mut failed = false;
+    Ok(std::iter::from_fn(move || {
+        loop {
+            if failed {
+                return None;
+            }
+            let at = format!("{}:{}", path.display(), n + 1);
+            let invalid = |m: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{at}: {m}"));
+            let line = match read_line_bounded(&mut reader, max) {
+                Ok(None) => return None,
+                Ok(Some(BoundedLine::Line(bytes))) => bytes,
+                Ok(Some(BoundedLine::TooLong)) => {
+                    // Past a line with no end in sight there is nothing more to read usefully.
+                    failed = true;
+                    return Some(Err(invalid(format!("a line longer than {max} bytes (set LLAMA2_MAX_LINE_BYTES to allow longer lines)"))));
+                }
+                Err(e) => {
+                    failed = true;
+                    return Some(Err(std::io::Error::new(e.kind(), format!("{at}: {e}"))));
+                }
+            };
+            n += 1;
+            let Ok(text) = String::from_utf8(line) else {
+                return Some(Err(invalid("stream did not contain valid UTF-8".into())));
+            };
+            let text = if n == 1 { without_bom(&text) } else { &text };
+            if text.trim().is_empty() {
+                continue;
+            }
+            return Some(match serde_json::from_str(text) {
+                Ok(value) => Ok(JsonLine { at, line: n, value }),
+                Err(e) => Err(invalid(format!("invalid JSON: {e}"))),
+            });
+        }
     }))
 }
 
@@ -153,5 +235,24 @@ mod tests {
             vec!["d".to_string(), "f.txt".to_string()]
         );
         assert!(dir.join("b").exists() && !dir.join("a").exists());
+    }
+
+    #[test]
+    fn lines_past_the_cap_are_refused_without_being_kept() {
+        let text = b"short\r\nxxxxxxxxxxxxxxxxxxxx\nlast";
+        let mut r = std::io::BufReader::with_capacity(4, &text[..]);
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), Some(BoundedLine::Line(b"short".to_vec())));
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), Some(BoundedLine::TooLong));
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), Some(BoundedLine::Line(b"last".to_vec())));
+        assert_eq!(read_line_bounded(&mut r, 8).unwrap(), None);
+        // A JSONL file whose second line is too long: the first is read, then an error naming line 2.
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("long.jsonl");
+        std::fs::write(&path, format!("{{\"a\": 1}}\n\"{}\"\n{{\"a\": 3}}\n", "y".repeat(MAX_LINE_BYTES))).unwrap();
+        let got: Vec<_> = read_jsonl(&path).unwrap().collect();
+        assert_eq!(got.len(), 2, "the error ends the file");
+        assert_eq!(got[0].as_ref().unwrap().value["a"], 1);
+        let err = got[1].as_ref().unwrap_err().to_string();
+        assert!(err.contains("long.jsonl:2") && err.contains("longer than"), "{err}");
     }
 }

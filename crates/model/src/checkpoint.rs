@@ -135,6 +135,7 @@ fn is_burnpack(path: &Path) -> bool {
 /// Loads a native checkpoint directory.
 pub fn load_native(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
     let config = LlamaConfig::from_toml_file(&dir.join(NATIVE_CONFIG))?;
+    config.check_host_memory(device, &dir.join(NATIVE_CONFIG).display().to_string())?;
     let mut model = config.init_lazy(device);
     let weights = if dir.join(NATIVE_WEIGHTS).is_file() { dir.join(NATIVE_WEIGHTS) } else { dir.join(NATIVE_WEIGHTS_BURNPACK) };
     load_weights(&mut model, &weights)?;
@@ -164,5 +165,39 @@ pub fn load_weights<M: ModuleSnapshot>(model: &mut M, path: &Path) -> Result<(),
         let more = if problems.len() > 6 { format!(" (and {} more)", problems.len() - 6) } else { String::new() };
         return Err(ckpt_err(format!("{}: checkpoint does not match the model's config: {shown}{more}", path.display())));
     }
-    Ok(())
+    check_finite(model, &path.display().to_string())
+}
+
+/// Refuses a model with a NaN or infinite weight, naming the first such tensor: every loader
+/// calls it, so such a file never yields an empty or plausible-but-wrong answer. One reduction
+/// per tensor (`0 * w` sums to NaN exactly when some `w` is not finite) and one read back.
+pub fn check_finite<M: burn::module::Module>(model: &M, origin: &str) -> Result<(), ModelError> {
+    #[derive(Default)]
+    struct Sums {
+        path: Vec<String>,
+        names: Vec<String>,
+        sums: Vec<burn::tensor::Tensor<1>>,
+    }
+    impl burn::module::ModuleVisitor for Sums {
+        fn enter_module(&mut self, name: &str, _container: &str) {
+            self.path.push(name.to_string());
+        }
+        fn exit_module(&mut self, _name: &str, _container: &str) {
+            self.path.pop();
+        }
+        fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<burn::tensor::Tensor<D>>) {
+            self.names.push(self.path.join("."));
+            self.sums.push(param.val().cast(burn::tensor::DType::F32).mul_scalar(0.0).sum());
+        }
+    }
+    let mut sums = Sums::default();
+    model.visit(&mut sums);
+    if sums.sums.is_empty() {
+        return Ok(());
+    }
+    let values = burn::tensor::Tensor::cat(sums.sums, 0).into_data().try_to_vec::<f32>().map_err(|e| ckpt_err(format!("{origin}: {e:?}")))?;
+    match values.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(ckpt_err(format!("{origin}: tensor `{}` holds NaN or infinite values", sums.names[i]))),
+        None => Ok(()),
+    }
 }

@@ -7,6 +7,21 @@ use serde::{Deserialize, Serialize};
 use crate::ModelError;
 use crate::precision::Precision;
 
+/// The largest value each size of a [`LlamaConfig`] may take, from any source. Each is far above
+/// every released Llama-family model (405B: width 16384, 126 layers, SwiGLU 53248; vocabularies
+/// up to 256k; contexts up to 10M) and low enough that nothing derived from them overflows: the
+/// parameter count stays below 2^50.
+pub struct Limits {
+    pub dim: usize,
+    pub n_layers: usize,
+    pub vocab_size: usize,
+    pub ffn_hidden: usize,
+    pub ffn_dim_multiplier: f64,
+    pub max_seq_len: usize,
+}
+
+pub const LIMITS: Limits = Limits { dim: 1 << 16, n_layers: 1 << 10, vocab_size: 1 << 22, ffn_hidden: 1 << 20, ffn_dim_multiplier: 16.0, max_seq_len: 1 << 24 };
+
 /// Hyper-parameters of a Llama model, as found in the `[model]` table of a run's TOML file.
 ///
 /// Defaults are those of Llama 2 (RMSNorm eps 1e-5, RoPE theta 10000, context 4096, vocab 32000,
@@ -265,20 +280,36 @@ impl LlamaConfig {
         Ok(cfg)
     }
 
-    /// Checks every relation the architecture needs; the message names the offending key.
+    /// Checks every relation the architecture needs and that every size is in a sane range; the
+    /// message names the offending key. Every source of a config (TOML, `config.json`, GGUF
+    /// metadata) passes here before anything is allocated, so a size read from a stranger's
+    /// file cannot allocate, overflow or wrap (see [`LIMITS`]).
     pub fn validate(&self) -> Result<(), String> {
-        let positive = [
-            ("model.dim", self.dim),
-            ("model.n_layers", self.n_layers),
-            ("model.n_heads", self.n_heads),
-            ("model.vocab_size", self.vocab_size),
-            ("model.multiple_of", self.multiple_of),
-            ("model.max_seq_len", self.max_seq_len),
+        let sizes = [
+            ("model.dim", self.dim, LIMITS.dim),
+            ("model.n_layers", self.n_layers, LIMITS.n_layers),
+            ("model.n_heads", self.n_heads, LIMITS.dim),
+            ("model.vocab_size", self.vocab_size, LIMITS.vocab_size),
+            ("model.multiple_of", self.multiple_of, LIMITS.dim),
+            ("model.max_seq_len", self.max_seq_len, LIMITS.max_seq_len),
         ];
-        for (key, v) in positive {
-            if v == 0 {
-                return Err(format!("{key} must be > 0"));
+        for (key, v, max) in sizes {
+            if v == 0 || v > max {
+                return Err(format!("{key} must be in 1..={max}, got {v}"));
             }
+        }
+        if let Some(m) = self.ffn_dim_multiplier
+            && !(m.is_finite() && m > 0.0 && m <= LIMITS.ffn_dim_multiplier)
+        {
+            return Err(format!("model.ffn_dim_multiplier must be in (0, {}], got {m}", LIMITS.ffn_dim_multiplier));
+        }
+        if let Some(h) = self.ffn_hidden_dim
+            && (h == 0 || h > LIMITS.ffn_hidden)
+        {
+            return Err(format!("model.ffn_hidden_dim must be in 1..={}, got {h}", LIMITS.ffn_hidden));
+        }
+        if self.ffn_hidden() > LIMITS.ffn_hidden {
+            return Err(format!("the SwiGLU width {} (from model.dim and model.ffn_dim_multiplier) is above {}", self.ffn_hidden(), LIMITS.ffn_hidden));
         }
         if !self.dim.is_multiple_of(self.n_heads) {
             return Err(format!("model.dim ({}) must be divisible by model.n_heads ({})", self.dim, self.n_heads));
@@ -290,19 +321,30 @@ impl LlamaConfig {
         if kv == 0 || !self.n_heads.is_multiple_of(kv) {
             return Err(format!("model.n_kv_heads ({kv}) must be > 0 and divide model.n_heads ({})", self.n_heads));
         }
-        if let Some(m) = self.ffn_dim_multiplier
-            && !(m.is_finite() && m > 0.0)
-        {
-            return Err(format!("model.ffn_dim_multiplier must be a positive number, got {m}"));
-        }
-        if self.ffn_hidden_dim == Some(0) {
-            return Err("model.ffn_hidden_dim must be > 0".into());
-        }
         if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
             return Err(format!("model.norm_eps must be > 0, got {}", self.norm_eps));
         }
         if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
             return Err(format!("model.rope_theta must be > 0, got {}", self.rope_theta));
+        }
+        Ok(())
+    }
+
+    /// Refuses, before anything is allocated, a model whose weights alone (f32, as every loader
+    /// builds them) exceed this machine's memory when they are to live on the CPU. `origin`
+    /// names the file the config came from. Unknown memory (not Linux) or a GPU device: no check
+    /// here (a training run's launch check compares its whole estimate with the device).
+    pub fn check_host_memory(&self, device: &burn::tensor::Device, origin: &str) -> Result<(), ModelError> {
+        let Some(total) = crate::host_memory::total_bytes().filter(|_| crate::device::is_flex(device)) else { return Ok(()) };
+        let weights = self.num_params() * 4;
+        if weights > total {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            return Err(ModelError::Config(format!(
+                "{origin}: this model has {} parameters: {:.1} GiB of f32 weights, more than this machine's {:.1} GiB of memory",
+                self.num_params(),
+                gib(weights),
+                gib(total)
+            )));
         }
         Ok(())
     }

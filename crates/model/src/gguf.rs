@@ -193,7 +193,7 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|e| io_err(path, e))?;
         // SAFETY: opened read-only, and not modified while mapped.
         let data = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io_err(path, e))?;
-        let mut r = Reader { bytes: &data, at: 0, path };
+        let mut r = Reader { bytes: &data, at: 0, path, items_left: MAX_METADATA_ITEMS };
         if data.len() < 4 || &data[..4] != MAGIC {
             return Err(ckpt_err(format!("{}: not a GGUF file (it does not start with `GGUF`)", path.display())));
         }
@@ -202,16 +202,18 @@ impl GgufFile {
         if !(2..=3).contains(&version) {
             return Err(ckpt_err(format!("{}: GGUF version {version} is not supported (2 or 3)", path.display())));
         }
-        let n_tensors = r.count("tensor count")?;
-        let n_kv = r.count("metadata count")?;
-        let mut metadata = Vec::with_capacity(n_kv);
+        // Smallest encodings: a tensor's name length, dimension count, one dimension, type and
+        // offset (32 bytes); a key's length, value type and a one-byte value (13 bytes).
+        let n_tensors = r.count("tensor count", 32)?;
+        let n_kv = r.count("metadata count", 13)?;
+        let mut metadata = Vec::with_capacity(n_kv.min(PREALLOCATED_ITEMS));
         for _ in 0..n_kv {
             let key = r.string()?;
             let ty = r.u32()?;
-            let value = r.value(ty).map_err(|e| ckpt_err(format!("{e} (metadata `{key}`)")))?;
+            let value = r.value(ty, 0).map_err(|e| ckpt_err(format!("{e} (metadata `{key}`)")))?;
             metadata.push((key, value));
         }
-        let mut tensors = Vec::with_capacity(n_tensors);
+        let mut tensors = Vec::with_capacity(n_tensors.min(PREALLOCATED_ITEMS));
         for _ in 0..n_tensors {
             let name = r.string()?;
             let n_dims = r.u32()?;
@@ -227,7 +229,10 @@ impl GgufFile {
         if alignment == 0 || !alignment.is_power_of_two() {
             return Err(ckpt_err(format!("{}: general.alignment {alignment} is not a power of two", path.display())));
         }
-        let data_start = (r.at as u64).next_multiple_of(alignment) as usize;
+        let data_start = (r.at as u64).checked_next_multiple_of(alignment).filter(|&s| s <= data.len() as u64);
+        let data_start = data_start
+            .ok_or_else(|| ckpt_err(format!("{}: general.alignment {alignment} puts the data section past the end of the file", path.display())))?
+            as usize;
         let gguf = Self { version, metadata, tensors, data, data_start };
         for t in &gguf.tensors {
             gguf.tensor_bytes(t, path)?;
@@ -245,8 +250,10 @@ impl GgufFile {
         if ty == GgufType::Q8_0 && !(t.ne[0] as usize).is_multiple_of(Q8_0_BLOCK) {
             return Err(ckpt_err(format!("{}: q8_0 tensor `{}` has rows of {} values, not a multiple of 32", path.display(), t.name, t.ne[0])));
         }
-        let start = self.data_start as u64 + t.offset;
-        let end = start + ty.bytes(n) as u64;
+        // Checked: an offset near 2^64 must not wrap around to the header's bytes.
+        let start = (self.data_start as u64).checked_add(t.offset);
+        let end = start.and_then(|s| s.checked_add(ty.bytes(n) as u64)).unwrap_or(u64::MAX);
+        let start = start.unwrap_or(u64::MAX);
         if end > self.data.len() as u64 {
             return Err(ckpt_err(format!(
                 "{}: tensor `{}` needs bytes {start}..{end} but the file has {} (truncated?)",
@@ -269,11 +276,22 @@ impl GgufFile {
     }
 }
 
+/// Array items of all the metadata together (a 256k vocabulary's tokens, scores, types and merges
+/// are about a million): each item is a [`Value`] of 32 bytes in memory, so the cap bounds what a
+/// small file that declares huge arrays of one-byte items can make us allocate (256 MiB).
+const MAX_METADATA_ITEMS: usize = 1 << 23;
+/// Arrays inside arrays, at most (llama.cpp writes none).
+const MAX_ARRAY_NESTING: usize = 2;
+/// Items reserved ahead of reading them; past this a vector grows as items are actually read.
+const PREALLOCATED_ITEMS: usize = 4096;
+
 /// Bounds-checked little-endian reads of a GGUF header.
 struct Reader<'a> {
     bytes: &'a [u8],
     at: usize,
     path: &'a Path,
+    /// Array items still allowed ([`MAX_METADATA_ITEMS`]).
+    items_left: usize,
 }
 
 impl Reader<'_> {
@@ -293,21 +311,23 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64, ModelError> {
         Ok(u64::from_le_bytes(self.array()?))
     }
-    /// A count of items of at least one byte each: more than the bytes left is corruption.
-    fn count(&mut self, what: &str) -> Result<usize, ModelError> {
+    /// A count of items of at least `min_bytes` bytes each: more than the bytes left can hold is
+    /// corruption, refused before anything is allocated for them.
+    fn count(&mut self, what: &str, min_bytes: usize) -> Result<usize, ModelError> {
         let n = self.u64()?;
-        if n > (self.bytes.len() - self.at) as u64 {
-            return Err(ckpt_err(format!("{}: {what} {n} is larger than the file (corrupt GGUF)", self.path.display())));
+        if n > ((self.bytes.len() - self.at) / min_bytes) as u64 {
+            return Err(ckpt_err(format!("{}: {what} {n} is larger than the rest of the file can hold (corrupt GGUF)", self.path.display())));
         }
         Ok(n as usize)
     }
     fn string(&mut self) -> Result<String, ModelError> {
-        let n = self.count("string length")?;
+        let n = self.count("string length", 1)?;
         let at = self.at;
         let bytes = self.take(n)?;
         String::from_utf8(bytes.to_vec()).map_err(|_| ckpt_err(format!("{}: a string at byte {at} is not UTF-8", self.path.display())))
     }
-    fn value(&mut self, ty: u32) -> Result<Value, ModelError> {
+    /// A value of type `ty`, `depth` arrays deep.
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, ModelError> {
         Ok(match ty {
             0 => Value::U8(self.array::<1>()?[0]),
             1 => Value::I8(self.array::<1>()?[0] as i8),
@@ -319,9 +339,27 @@ impl Reader<'_> {
             7 => Value::Bool(self.array::<1>()?[0] != 0),
             8 => Value::Str(self.string()?),
             9 => {
+                if depth >= MAX_ARRAY_NESTING {
+                    return Err(ckpt_err(format!("{}: arrays nested deeper than {MAX_ARRAY_NESTING} at byte {}", self.path.display(), self.at)));
+                }
                 let item = self.u32()?;
-                let n = self.count("array length")?;
-                Value::Array((0..n).map(|_| self.value(item)).collect::<Result<_, _>>()?)
+                // Smallest encoding of one item: a string's or an array's length prefix.
+                let min_bytes = match item {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    _ => 12,
+                };
+                let n = self.count("array length", min_bytes)?;
+                self.items_left = self.items_left.checked_sub(n).ok_or_else(|| {
+                    ckpt_err(format!("{}: the metadata's arrays hold more than {MAX_METADATA_ITEMS} items in all (corrupt GGUF?)", self.path.display()))
+                })?;
+                let mut items = Vec::with_capacity(n.min(PREALLOCATED_ITEMS));
+                for _ in 0..n {
+                    items.push(self.value(item, depth + 1)?);
+                }
+                Value::Array(items)
             }
             10 => Value::U64(self.u64()?),
             11 => Value::I64(i64::from_le_bytes(self.array()?)),
@@ -584,6 +622,12 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
         Some(other) => return Err(err(format!("general.architecture is `{other}`; this reader takes `llama`"))),
         None => return Err(err("no general.architecture".into())),
     }
+    let tokenizer = file.get("tokenizer.huggingface.json").and_then(Value::as_str).map(String::from);
+    // Parsed first, so that a broken one is refused here, not written out to fail at its next use.
+    if let Some(json) = &tokenizer {
+        tokenizers::Tokenizer::from_bytes(json.as_bytes())
+            .map_err(|e| err(format!("metadata `tokenizer.huggingface.json` is not a valid tokenizer.json: {e}")))?;
+    }
     let int = |key: &str| file.get(key).and_then(Value::as_u64).ok_or_else(|| err(format!("metadata `{key}` is missing or not an integer")));
     let embedding = file.tensors.iter().find(|t| t.name == "token_embd.weight").ok_or_else(|| err("no tensor `token_embd.weight`".into()))?;
     let vocab_size = match file.get("llama.vocab_size") {
@@ -603,7 +647,9 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
         "rope_theta": float("llama.rope.freq_base", 10000.0)?,
         "tie_word_embeddings": !file.tensors.iter().any(|t| t.name == "output.weight"),
     });
-    let config = hf::config_from_hf(&hf_config, &origin)?;
+    // Errors name the GGUF key the value came from, not config.json's.
+    let config = hf::config_from_hf(&hf_config, &origin).map_err(|e| ModelError::Config(hf::rename_keys(&e.to_string(), GGUF_KEYS)))?;
+    config.check_host_memory(device, &origin)?;
     let mut model = config.init_lazy(device);
     let mut by_name: HashMap<&str, &TensorInfo> = file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
     for (hf_name, shape, kind) in hf::hf_layout(&config) {
@@ -614,14 +660,27 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
             return Err(err(format!("tensor `{name}` has ne {:?}, but the metadata implies {want:?}", t.ne)));
         }
         let data = file.tensor_f32(t, path)?;
+        hf::refuse_non_finite(&data, &name, &origin)?;
         hf::set_tensor(&mut model, &config, &hf_name, &shape, kind, data, RopeRows::Meta, device);
     }
     if let Some(extra) = by_name.keys().next() {
         return Err(err(format!("unexpected tensor `{extra}` for a llama model")));
     }
-    let tokenizer = file.get("tokenizer.huggingface.json").and_then(Value::as_str).map(String::from);
     Ok((config, model, tokenizer))
 }
+
+/// The `config.json` keys [`load_gguf`] passes the metadata as, and the GGUF keys they came from.
+const GGUF_KEYS: &[(&str, &str)] = &[
+    ("hidden_size", "llama.embedding_length"),
+    ("num_hidden_layers", "llama.block_count"),
+    ("num_attention_heads", "llama.attention.head_count"),
+    ("num_key_value_heads", "llama.attention.head_count_kv"),
+    ("vocab_size", "llama.vocab_size"),
+    ("intermediate_size", "llama.feed_forward_length"),
+    ("max_position_embeddings", "llama.context_length"),
+    ("rms_norm_eps", "llama.attention.layer_norm_rms_epsilon"),
+    ("rope_theta", "llama.rope.freq_base"),
+];
 
 /// Whether `path` is a GGUF file (by its first bytes).
 pub fn is_gguf(path: &Path) -> bool {

@@ -58,7 +58,7 @@ pub fn config_from_hf(json: &Value, origin: &str) -> Result<LlamaConfig, ModelEr
     let dim = get_usize("hidden_size")?;
     if let Some(hd) = json.get("head_dim").and_then(Value::as_u64)
         && n_heads > 0
-        && hd as usize * n_heads != dim
+        && (hd as usize).checked_mul(n_heads) != Some(dim)
     {
         return Err(err(format!("head_dim {hd} * num_attention_heads {n_heads} != hidden_size {dim} is not supported")));
     }
@@ -76,8 +76,35 @@ pub fn config_from_hf(json: &Value, origin: &str) -> Result<LlamaConfig, ModelEr
         max_seq_len: json.get("max_position_embeddings").and_then(Value::as_u64).map_or(4096, |v| v as usize),
         tie_word_embeddings: json.get("tie_word_embeddings").and_then(Value::as_bool).unwrap_or(false),
     };
-    config.validate().map_err(|m| err(m.replace("model.", "")))?;
+    config.validate().map_err(|m| err(rename_keys(&m, HF_KEYS)))?;
     Ok(config)
+}
+
+/// Refuses a NaN or infinite weight, naming the tensor and the file (one pass, on the host).
+pub(crate) fn refuse_non_finite(data: &[f32], name: &str, origin: &str) -> Result<(), ModelError> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(ckpt_err(format!("{origin}: tensor `{name}` holds a non-finite value ({} at index {i})", data[i]))),
+        None => Ok(()),
+    }
+}
+
+/// Our config keys and the `config.json` keys they are read from.
+pub(crate) const HF_KEYS: &[(&str, &str)] = &[
+    ("model.dim", "hidden_size"),
+    ("model.n_layers", "num_hidden_layers"),
+    ("model.n_heads", "num_attention_heads"),
+    ("model.n_kv_heads", "num_key_value_heads"),
+    ("model.vocab_size", "vocab_size"),
+    ("model.ffn_hidden_dim", "intermediate_size"),
+    ("model.max_seq_len", "max_position_embeddings"),
+    ("model.norm_eps", "rms_norm_eps"),
+    ("model.rope_theta", "rope_theta"),
+];
+
+/// `message` with each `(ours, theirs)` key renamed, so that an error names the key of the file
+/// the value came from.
+pub(crate) fn rename_keys(message: &str, keys: &[(&str, &str)]) -> String {
+    keys.iter().fold(message.to_string(), |m, (ours, theirs)| m.replace(ours, theirs))
 }
 
 /// Our config as a `transformers` `config.json`.
@@ -269,6 +296,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), Mode
     let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
     let config = config_from_hf(&json, &config_path.display().to_string())?;
+    config.check_host_memory(device, &config_path.display().to_string())?;
     let (files, _) = hf_weight_files(dir)?;
     let mut model = config.init_lazy(device);
     let layout = hf_layout(&config);
@@ -292,6 +320,7 @@ pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), Mode
                 return Err(ckpt_err(format!("{}: tensor `{name}` has shape {:?}, but config.json implies {:?}", file.display(), view.shape(), shape)));
             }
             let data = view_to_f32(&view, &name, file)?;
+            refuse_non_finite(&data, &name, &file.display().to_string())?;
             set_from_hf(&mut model, &config, &name, shape, kind, data, device);
         }
     }

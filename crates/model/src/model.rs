@@ -60,28 +60,28 @@ fn norm_layer(config: &LlamaConfig, device: &Device) -> RmsNorm {
 /// to the input's dtype elsewhere.
 #[derive(Module, Debug)]
 pub struct Rope {
-    /// `[max_seq_len, head_dim / 2]`, constants (never saved or trained).
+    /// `[positions, head_dim / 2]` for the first `min(max_seq_len, ROPE_TABLE_POSITIONS)`
+    /// positions, constants (never saved or trained).
     pub cos: Tensor<2>,
     pub sin: Tensor<2>,
+    pub max_seq_len: usize,
+    pub theta: f64,
 }
+
+/// Positions whose RoPE angles are tabulated when the model is built (16 MiB at head_dim 128);
+/// the angles of later positions are computed when a sequence reaches them. A context length
+/// read from a file (`max_position_embeddings`, up to [`crate::config::LIMITS`]) thus never sizes
+/// an allocation.
+pub const ROPE_TABLE_POSITIONS: usize = 1 << 15;
 
 impl Rope {
     pub fn new(max_seq_len: usize, head_dim: usize, theta: f64, device: &Device) -> Self {
-        let half = head_dim / 2;
-        let (mut cos, mut sin) = (Vec::with_capacity(max_seq_len * half), Vec::with_capacity(max_seq_len * half));
-        for p in 0..max_seq_len {
-            for i in 0..half {
-                let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
-                cos.push(angle.cos() as f32);
-                sin.push(angle.sin() as f32);
-            }
-        }
-        let table = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [max_seq_len, half]), device);
-        Self { cos: table(cos), sin: table(sin) }
+        let (cos, sin) = rope_tables(0..max_seq_len.min(ROPE_TABLE_POSITIONS), head_dim, theta, device);
+        Self { cos, sin, max_seq_len, theta }
     }
 
     pub fn max_seq_len(&self) -> usize {
-        self.cos.dims()[0]
+        self.max_seq_len
     }
 
     /// Rotates `x` whose positions are `start..start + seq`.
@@ -89,8 +89,29 @@ impl Rope {
     /// # Shapes
     /// - x: `[batch, heads, seq, head_dim]` -> same
     pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
-        rotate_pairs(x, &self.cos, &self.sin, start)
+        let [_, _, t, head_dim] = x.dims();
+        if start + t <= self.cos.dims()[0] {
+            return rotate_pairs(x, &self.cos, &self.sin, start);
+        }
+        assert!(start + t <= self.max_seq_len, "positions {start}..{} past max_seq_len {}", start + t, self.max_seq_len);
+        let (cos, sin) = rope_tables(start..start + t, head_dim, self.theta, &x.device());
+        rotate_pairs(x, &cos, &sin, 0)
     }
+}
+
+/// cos and sin of the RoPE angles of `positions`, `[positions.len(), head_dim / 2]` each.
+pub(crate) fn rope_tables(positions: std::ops::Range<usize>, head_dim: usize, theta: f64, device: &Device) -> (Tensor<2>, Tensor<2>) {
+    let (half, rows) = (head_dim / 2, positions.len());
+    let (mut cos, mut sin) = (Vec::with_capacity(rows * half), Vec::with_capacity(rows * half));
+    for p in positions {
+        for i in 0..half {
+            let angle = p as f64 * theta.powf(-2.0 * i as f64 / head_dim as f64);
+            cos.push(angle.cos() as f32);
+            sin.push(angle.sin() as f32);
+        }
+    }
+    let table = |v: Vec<f32>| Tensor::from_data(TensorData::new(v, [rows, half]), device);
+    (table(cos), table(sin))
 }
 
 /// Causal self-attention with RoPE and grouped-query attention (`n_kv_heads` <= `n_heads`).

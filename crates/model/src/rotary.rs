@@ -179,4 +179,20 @@ mod tests {
         ));
         assert_close(back, x, 1e-6);
     }
+
+    /// Past the tabulated positions the angles are computed for the positions in use: a
+    /// sequence straddling the table's end is rotated exactly as by a table of every position.
+    #[test]
+    fn positions_past_the_table_rotate_as_a_full_table_would() {
+        use crate::model::ROPE_TABLE_POSITIONS;
+        let device = Device::flex();
+        let rope = Rope::new(ROPE_TABLE_POSITIONS + 16, 8, 10_000.0, &device);
+        assert_eq!((rope.cos.dims()[0], rope.max_seq_len()), (ROPE_TABLE_POSITIONS, ROPE_TABLE_POSITIONS + 16));
+        let (cos, sin) = crate::model::rope_tables(0..ROPE_TABLE_POSITIONS + 16, 8, 10_000.0, &device);
+        let x = heads(&device);
+        for start in [ROPE_TABLE_POSITIONS - 4, ROPE_TABLE_POSITIONS + 7] {
+            let want = rotate_pairs(x.clone(), &cos, &sin, start).into_data();
+            assert_eq!(rope.apply(x.clone(), start).into_data(), want, "from position {start}");
+        }
+    }
 }

@@ -32,7 +32,19 @@ pub struct Case {
     /// Paths (under the watched directory) the refused command may create; none by default.
     pub may_create: Vec<PathBuf>,
     pub cwd: Option<PathBuf>,
+    /// Fed to the binary's standard input (none: it reads end of file).
+    pub stdin: Option<Vec<u8>>,
+    pub env: Vec<(String, String)>,
+    /// A hostile file's case: the binary runs with [`HOSTILE_MEMORY_BYTES`] of address space
+    /// (so a size it trusts aborts it instead of passing) and must end within
+    /// [`HOSTILE_SECONDS`].
+    pub hostile: bool,
 }
+
+/// Address space a hostile case's binary may map (`ulimit -v`).
+pub const HOSTILE_MEMORY_BYTES: u64 = 2 << 30;
+/// Wall time a hostile case's binary may take to refuse its input.
+pub const HOSTILE_SECONDS: u64 = 20;
 
 impl Case {
     pub fn new(name: &str, args: &[&str], needles: &[&str]) -> Self {
@@ -42,7 +54,26 @@ impl Case {
             needles: needles.iter().map(|n| n.to_string()).collect(),
             may_create: vec![],
             cwd: None,
+            stdin: None,
+            env: vec![],
+            hostile: false,
         }
+    }
+
+    /// A hostile file's case (see [`Case::hostile`]).
+    pub fn hostile(mut self) -> Self {
+        self.hostile = true;
+        self
+    }
+
+    pub fn stdin(mut self, bytes: impl Into<Vec<u8>>) -> Self {
+        self.stdin = Some(bytes.into());
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     pub fn may_create(mut self, path: impl Into<PathBuf>) -> Self {
@@ -59,9 +90,40 @@ impl Case {
     /// nothing under `watch` changed (see the crate doc). Returns the standard error.
     pub fn refused(&self, binary: &str, watch: &Path) -> String {
         let before = Tree::of(watch);
-        let out = Command::new(binary).args(&self.args).current_dir(self.cwd.clone().unwrap_or_else(repo)).env_remove("RUST_BACKTRACE").output().unwrap();
+        let mut command = Command::new(binary);
+        command.args(&self.args).current_dir(self.cwd.clone().unwrap_or_else(repo)).env_remove("RUST_BACKTRACE");
+        command.envs(self.env.iter().map(|(k, v)| (k, v)));
+        if self.hostile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: setrlimit is async-signal-safe; it only lowers this child's own limit.
+            unsafe {
+                command.pre_exec(|| {
+                    let limit = libc::rlimit { rlim_cur: HOSTILE_MEMORY_BYTES, rlim_max: HOSTILE_MEMORY_BYTES };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        command.stdin(std::process::Stdio::piped()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped());
+        let started = std::time::Instant::now();
+        let mut child = command.spawn().unwrap();
+        let mut input = child.stdin.take().unwrap();
+        let bytes = self.stdin.clone().unwrap_or_default();
+        // Written from a thread: a binary that refuses before reading must not block the writer.
+        let feeder = std::thread::spawn(move || {
+            use std::io::Write;
+            let _ = input.write_all(&bytes);
+        });
+        let out = child.wait_with_output().unwrap();
+        let _ = feeder.join();
+        let elapsed = started.elapsed();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         let what = format!("case `{}` ({} {})", self.name, binary.rsplit('/').next().unwrap_or(binary), self.args.join(" "));
+        if self.hostile {
+            assert!(elapsed.as_secs() < HOSTILE_SECONDS, "{what}: took {elapsed:?} to refuse a hostile file (at most {HOSTILE_SECONDS} s)\n{err}");
+        }
         assert!(!out.status.success(), "{what}: should have been refused; stdout:\n{}", String::from_utf8_lossy(&out.stdout));
         // 1: the binary's `error: ...` path; 2: clap's usage errors. 101 is a panic; none, a signal.
         assert!(matches!(out.status.code(), Some(1 | 2)), "{what}: exit status {:?} (a panic or a crash), stderr:\n{err}", out.status);

@@ -36,9 +36,7 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
         return Some(((gib * GIB) as u64, "run.device_memory_gib".into()));
     }
     if llama_model::device::is_cpu(&run.device) {
-        let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-        let kib: u64 = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
-        return Some((kib * 1024, "/proc/meminfo MemTotal".into()));
+        return Some((llama_model::host_memory::total_bytes()?, "/proc/meminfo MemTotal".into()));
     }
     let index = run.device.split_once(':').map_or("0", |(_, i)| i);
     let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index]).output().ok()?;
