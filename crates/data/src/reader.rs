@@ -33,6 +33,48 @@ pub struct Cursor {
     pub offset: usize,
     /// Windows of the global stream produced so far (all ranks).
     pub window: u64,
+    /// The shards this position is in (absent in cursors saved before it was recorded): a
+    /// restore into other shards is refused, saying what changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<Vec<ShardSummary>>,
+}
+
+/// One shard file as a cursor records it: enough to tell that the shard set a run resumes on
+/// is not the one it saved its position in (prepared again with other row groups, a shard
+/// added, removed or rewritten).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShardSummary {
+    pub file: String,
+    pub bytes: u64,
+    pub row_groups: usize,
+    pub documents: usize,
+}
+
+impl ShardSummary {
+    fn of(file: &ShardFile) -> Self {
+        Self {
+            file: file.path.file_name().map_or_else(|| file.path.display().to_string(), |n| n.to_string_lossy().into_owned()),
+            bytes: std::fs::metadata(&file.path).map_or(0, |m| m.len()),
+            row_groups: file.row_groups.len(),
+            documents: file.documents(),
+        }
+    }
+}
+
+/// What differs between the shard set a cursor was saved in and the one now, in words.
+fn shard_changes(then: &[ShardSummary], now: &[ShardSummary]) -> String {
+    let describe = |s: &ShardSummary| format!("{} bytes, {} row groups, {} documents", s.bytes, s.row_groups, s.documents);
+    for s in then {
+        match now.iter().find(|n| n.file == s.file) {
+            None => return format!("{} is gone", s.file),
+            Some(n) if n != s => return format!("{} had {} and now has {}", s.file, describe(s), describe(n)),
+            _ => {}
+        }
+    }
+    match now.iter().find(|n| !then.iter().any(|s| s.file == n.file)) {
+        Some(n) => format!("{} is new", n.file),
+        None => "the shards are in another order".into(),
+    }
 }
 
 /// How to read: window length, sharding across ranks, shuffling, epochs.
@@ -57,6 +99,8 @@ impl ReaderConfig {
 
 /// Streams packed windows from a split of a shard directory.
 pub struct PackedReader {
+    /// `DIR (split)`, for errors.
+    origin: String,
     files: Vec<ShardFile>,
     /// (file, row group) of every non-empty row group.
     units: Vec<(usize, usize)>,
@@ -110,22 +154,36 @@ impl PackedReader {
         if units.is_empty() {
             return Err(DataError::Empty(format!("{}: the {} split has no documents", dir.display(), split.name())));
         }
-        Ok(Self { files, units, vocab_size, bos, eos, config, cursor: Cursor::default(), round_start: 0, order: None, loaded: None })
+        let cursor = Cursor { shards: Some(files.iter().map(ShardSummary::of).collect()), ..Cursor::default() };
+        let origin = format!("{} ({} split)", dir.display(), split.name());
+        Ok(Self { origin, files, units, vocab_size, bos, eos, config, cursor, round_start: 0, order: None, loaded: None })
     }
 
     pub fn cursor(&self) -> &Cursor {
         &self.cursor
     }
 
-    /// Continues from a saved cursor.
+    /// Continues from a saved cursor; refused if it was saved in other shards than these.
     pub fn restore(&mut self, cursor: Cursor) -> Result<(), DataError> {
+        let now = self.cursor.shards.clone().unwrap_or_default();
+        if let Some(then) = &cursor.shards
+            && *then != now
+        {
+            return Err(DataError::Config(format!(
+                "{}: the shards changed since the data position was saved ({}); resuming would read other data than the run saw: restore those shards, or start a fresh run",
+                self.origin,
+                shard_changes(then, &now)
+            )));
+        }
         if cursor.unit >= self.units.len() {
             return Err(DataError::Config(format!(
-                "data cursor points at row group {} of {}: the shards changed since it was saved",
+                "{}: the data cursor points at row group {} of {}: the shards changed since it was saved",
+                self.origin,
                 cursor.unit,
                 self.units.len()
             )));
         }
+        let cursor = Cursor { shards: Some(now), ..cursor };
         self.round_start = cursor.window;
         self.cursor = cursor;
         Ok(())
@@ -167,8 +225,15 @@ impl PackedReader {
             }
             self.load(c.epoch, c.unit)?;
             let docs = &self.loaded.as_ref().expect("loaded above").2;
-            let (doc, n_docs) = (&docs[c.doc], docs.len());
+            let n_docs = docs.len();
             let bos = usize::from(self.config.add_bos);
+            // Only a cursor saved in other shards (before cursors recorded them) points past these.
+            let Some(doc) = docs.get(c.doc).filter(|d| c.offset < bos + d.len() + 1) else {
+                return Err(DataError::Config(format!(
+                    "{}: the data cursor points at token {} of document {} of a row group of {n_docs}: the shards changed since it was saved",
+                    self.origin, c.offset, c.doc
+                )));
+            };
             let seq_len = bos + doc.len() + 1;
             let take = (len - out.len()).min(seq_len - c.offset);
             for i in c.offset..c.offset + take {

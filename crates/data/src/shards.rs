@@ -254,7 +254,7 @@ impl ShardFile {
                 if col.is_null(i) {
                     return Err(err(format!("row {row}: `{COLUMN}` is null")));
                 }
-                let doc = list_values(col.as_ref(), i).map_err(|m| err(format!("row {row}: {m}")))?;
+                let doc = list_values(col.as_ref(), i).map_err(|m| err(format!("row group {rg}, row {row}: {m}")))?;
                 if let Some(&bad) = doc.iter().find(|&&t| t as usize >= vocab_size) {
                     return Err(err(format!("row {row}: token id {bad} is outside the vocabulary (size {vocab_size})")));
                 }
@@ -272,6 +272,10 @@ fn list_values(col: &dyn Array, i: usize) -> Result<Vec<u32>, String> {
         DataType::LargeList(_) => col.as_list::<i64>().value(i),
         other => return Err(format!("unexpected type {other}")),
     };
+    // The values' own nulls (the validity bitmap) are not ids: their slots hold arbitrary numbers.
+    if let Some(j) = (0..values.len()).find(|&j| values.is_null(j)) {
+        return Err(format!("token {j} of the document is null"));
+    }
     fn convert<T: TryInto<u32> + Copy + std::fmt::Display>(v: &[T]) -> Result<Vec<u32>, String> {
         v.iter().map(|&x| x.try_into().map_err(|_| format!("token id {x} is not a valid id"))).collect()
     }
@@ -303,4 +307,26 @@ pub fn split_files(dir: &Path, split: Split) -> Result<Vec<PathBuf>, DataError> 
     let prefix = format!("{}-", split.name());
     let named: Vec<PathBuf> = all.iter().filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))).cloned().collect();
     Ok(if named.is_empty() { all } else { named })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A list entry marked null by the values' validity bitmap is refused, naming the row group
+    /// and row, not read as the arbitrary number its slot holds.
+    #[test]
+    fn null_token_ids_are_refused_with_their_row() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("train-00000.parquet");
+        let ids = ListArray::from_iter_primitive::<UInt32Type, _, _>([Some(vec![Some(1), Some(5), Some(2)]), Some(vec![Some(1), None, Some(2)])]);
+        let schema = Arc::new(Schema::new(vec![Field::new(COLUMN, ids.data_type().clone(), false)]));
+        let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids)]).unwrap();
+        let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), schema, None).unwrap();
+        writer.write(&batch).unwrap();
+        writer.close().unwrap();
+        let shard = ShardFile::open(&path).unwrap();
+        let err = shard.read_row_group(0, 100).unwrap_err().to_string();
+        assert!(err.contains("train-00000.parquet") && err.contains("row group 0, row 1") && err.contains("null"), "{err}");
+    }
 }

@@ -153,6 +153,38 @@ fn a_restored_cursor_continues_exactly_across_epochs() {
     }
 }
 
+/// A cursor saved in one shard set is refused in another (the same documents prepared again
+/// with other row groups: the index that panicked), the error saying what changed; a cursor of
+/// an older checkpoint, without the record, that points past the shards is an error, not a panic.
+#[test]
+fn a_cursor_is_refused_in_shards_that_changed_since_it_was_saved() {
+    let tmp = tempfile::tempdir().unwrap();
+    let write = |row_group_docs: usize| {
+        let mut w = llama_data::ShardWriter::new(tmp.path(), Split::Train, 1_000_000, row_group_docs);
+        for d in 0..12u32 {
+            w.write((0..20 + d).map(|t| 3 + (t + d) % 50).collect()).unwrap();
+        }
+        w.finish().unwrap();
+    };
+    write(4);
+    let config = ReaderConfig { shuffle: false, ..ReaderConfig::new(16) };
+    let mut reader = PackedReader::open(tmp.path(), Split::Train, 64, config.clone()).unwrap();
+    for _ in 0..14 {
+        reader.next_window().unwrap().unwrap();
+    }
+    let saved = reader.cursor().clone();
+    assert_eq!(saved.unit, 2, "the cursor is in the third row group of 4 documents");
+    write(6);
+    let mut resumed = PackedReader::open(tmp.path(), Split::Train, 64, config.clone()).unwrap();
+    let err = resumed.restore(saved.clone()).unwrap_err().to_string();
+    assert!(err.contains("shards changed") && err.contains("train-00000.parquet had") && err.contains("3 row groups") && err.contains("2 row groups"), "{err}");
+    // Without the record (an older checkpoint's cursor), the position is checked as it is read.
+    let mut resumed = PackedReader::open(tmp.path(), Split::Train, 64, config).unwrap();
+    resumed.restore(Cursor { shards: None, unit: 1, doc: 7, ..saved }).unwrap();
+    let err = resumed.next_window().unwrap_err().to_string();
+    assert!(err.contains("points at token") && err.contains("shards changed"), "{err}");
+}
+
 #[test]
 fn shards_written_by_pyarrow_are_read_for_every_integer_type() {
     let dir = fixtures().join("shards");

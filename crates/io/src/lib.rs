@@ -87,7 +87,7 @@ pub struct JsonLine {
 /// Longest line [`read_jsonl`] accepts, in bytes, unless `LLAMA2_MAX_LINE_BYTES` says otherwise:
 /// far above any chat or document of a training set, and low enough that a file without a
 /// newline (a binary, `/dev/zero`) is refused instead of read into one string until memory ends.
-pub const MAX_LINE_BYTES: usize = 16 << 20;
+pub const MAX_LINE_BYTES: usize = 4 << 20;
 
 /// The line-length cap of [`read_jsonl`]: `LLAMA2_MAX_LINE_BYTES` if set (a number of bytes),
 /// else [`MAX_LINE_BYTES`].

@@ -57,6 +57,9 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         std::fs::write(dir.join(name), text).unwrap();
     }
     std::fs::write(dir.join("utf8.jsonl"), b"{\"prompt\": \"a\", \"response\": \"b\"}\n{\"prompt\": \"\xff\xfe\", \"response\": \"b\"}\n").unwrap();
+    // A file with no newline (a binary, /dev/zero copied by mistake), past the 4 MiB line cap.
+    std::fs::write(dir.join("nonewline.jsonl"), vec![b'a'; 6 << 20]).unwrap();
+    std::fs::write(dir.join("long.jsonl"), format!("{GOOD}\n{{\"prompt\": \"{}\", \"response\": \"b\"}}\n", "x".repeat(2000))).unwrap();
     std::fs::write(dir.join("instructions.txt"), "Act as a pirate.\n").unwrap();
     std::fs::write(dir.join("blank.txt"), "\n  \n").unwrap();
     let multiturn = repo().join("data/chat/multiturn.jsonl").display().to_string();
@@ -93,6 +96,8 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
         train("a message without content", "nocontent.jsonl", &[&at("nocontent.jsonl", 1), "content"]),
         train("invalid UTF-8", "utf8.jsonl", &[&at("utf8.jsonl", 2)]),
         train("no conversations", "empty.jsonl", &["empty.jsonl", "no conversations"]),
+        train("a file with no newline", "nonewline.jsonl", &[&at("nonewline.jsonl", 1), "longer than 4194304 bytes"]).hostile(),
+        train("a line over LLAMA2_MAX_LINE_BYTES", "long.jsonl", &[&at("long.jsonl", 2), "longer than 1000 bytes"]).env("LLAMA2_MAX_LINE_BYTES", "1000"),
         train("an unsupported chat file", "chats.csv", &["chats.csv", "unsupported chat file"]),
         train("a missing chat file", "missing.jsonl", &["missing.jsonl"]),
         // The config and the model.
