@@ -90,3 +90,25 @@ fn a_rank_killed_mid_step_ends_the_job_and_leaves_the_last_complete_checkpoint()
     assert!(ok, "{err}");
     assert_same_run("killed then resumed", &f.path("out-killed"), &f.path("out-one"), &[10]);
 }
+
+/// SIGTERM reaching one rank of three mid-step: every rank stops after the same step, the job
+/// writes a checkpoint of it and exits 0, and resuming at another world size gives the
+/// uninterrupted run.
+#[test]
+fn a_signal_to_one_rank_stops_the_whole_job_at_one_step_with_a_checkpoint() {
+    let f = Fixture::new(400);
+    let cfg = f.config("signalled", MODEL, TRAIN, "");
+    let (ok, out, err) = mpirun(3, &["--config", &cfg], &[("LLAMA2_TEST_SIGNAL_AT", "backward@7"), ("LLAMA2_TEST_KILL_RANK", "1")]);
+    assert!(ok, "a signalled job ends with status 0: {out}\n{err}");
+    assert!(out.contains("SIGTERM received: stopped after step 7"), "{out}");
+    let mut checkpoints: Vec<String> =
+        std::fs::read_dir(f.path("out-signalled/checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    checkpoints.sort();
+    assert_eq!(checkpoints, vec!["step-00000005".to_string(), "step-00000007".to_string()]);
+    let (ok, out, err) = mpirun(2, &["--config", &cfg, "--resume"], &[]);
+    assert!(ok, "{out}\n{err}");
+    let one = f.config("one", MODEL, TRAIN, "");
+    let (ok, _, err) = pretrain(&["--config", &one], &[]);
+    assert!(ok, "{err}");
+    assert_same_run("signalled then resumed", &f.path("out-signalled"), &f.path("out-one"), &[10]);
+}

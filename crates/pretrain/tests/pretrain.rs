@@ -176,6 +176,55 @@ fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
     assert_eq!(got, train_curve(f.path("out-straight")));
 }
 
+/// SIGTERM (as Slurm sends before a time limit) or SIGINT mid-step: the step finishes, a
+/// checkpoint of it is written (or the one just written is kept), the run exits 0 with a line
+/// saying so, and `--resume` reproduces the uninterrupted run bit for bit. A second signal ends
+/// the process at once, leaving the last periodic checkpoint, from which the resume is exact too.
+#[test]
+fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
+    use std::os::unix::process::ExitStatusExt;
+    let f = Fixture::new(400);
+    let train =
+        "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
+    let straight = f.config("straight", MODEL, train, "");
+    let (ok, _, err) = pretrain(&["--config", &straight], &[]);
+    assert!(ok, "{err}");
+    let (want_curve, want_weights) = (train_curve(f.path("out-straight")), weights(&f.path("out-straight"), 6));
+    let checkpoints = |out: &str| -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(PathBuf::from(out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        names.sort();
+        names
+    };
+    // (spec, the line's words, the checkpoints left by the signalled run)
+    let cases = [
+        ("backward@3", Some("SIGTERM received: stopped after step 3"), "step-00000003"),
+        ("SIGINT:logged@4", Some("SIGINT received: stopped after step 4"), "step-00000004"),
+        ("backward@3,update@3", None, "step-00000002"),
+    ];
+    for (i, (spec, line, left)) in cases.iter().enumerate() {
+        let name = format!("signalled{i}");
+        let cfg = f.config(&name, MODEL, train, "");
+        let out = f.path(&format!("out-{name}"));
+        let ended =
+            Command::new(env!("CARGO_BIN_EXE_pretrain")).args(["--config", &cfg]).env("LLAMA2_TEST_SIGNAL_AT", spec).current_dir(repo()).output().unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&ended.stdout), String::from_utf8_lossy(&ended.stderr));
+        match line {
+            Some(line) => {
+                assert!(ended.status.success(), "{spec}: a signalled run ends with status 0: {stderr}");
+                assert!(stdout.contains(line) && stdout.contains("--resume"), "{spec}: {stdout}");
+            }
+            None => assert_eq!(ended.status.signal(), Some(15), "{spec}: a second signal ends the run at once: {stderr}"),
+        }
+        assert_eq!(checkpoints(&out), vec![left.to_string()], "{spec}: the checkpoint left");
+        let (ok, stdout, err) = pretrain(&["--config", &cfg, "--resume"], &[]);
+        assert!(ok, "{spec}: resume failed: {err}");
+        assert_eq!(train_curve(&out), want_curve, "{spec}: the logged curve differs after the resume\n{stdout}");
+        let got = weights(&out, 6);
+        assert!(got.len() == want_weights.len() && got.iter().zip(&want_weights).all(|(a, b)| a.to_bits() == b.to_bits()), "{spec}: the final weights differ");
+    }
+}
+
 /// The crash test: a run killed with SIGKILL at each point of a step and of a checkpoint write
 /// (`trainer::test_hooks::KILL_AT_ENV`), before its first checkpoint or after, always resumes to
 /// the uninterrupted run: the same logged curve with each step once, the same validation losses,

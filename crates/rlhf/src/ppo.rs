@@ -378,8 +378,15 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             }
         }
         let stop_now = stop_after == Some(state.iteration);
-        if state.iteration.is_multiple_of(p.checkpoint_every) || state.iteration == p.iterations || stop_now || stopped_early {
-            save(&state)?;
+        // SIGTERM / SIGINT between iterations: save this one and end (exit 0; --resume goes on).
+        let last = state.iteration == p.iterations || stop_now || stopped_early;
+        let signal = if last { None } else { llama_trainer::signals::received() };
+        if state.iteration.is_multiple_of(p.checkpoint_every) || last || signal.is_some() {
+            let checkpoint = save(&state)?;
+            if let Some(signal) = signal {
+                metrics.finish();
+                return Err(llama_trainer::signals::Interrupted { signal, unit: "PPO iteration", step: state.iteration, checkpoint }.into());
+            }
         }
         if stop_now || stopped_early {
             break;

@@ -260,6 +260,13 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyho
         };
         llama_io::write_atomic(&round_dir.join(ROUND_STATE), serde_json::to_string(&state)?.as_bytes())?;
         llama_trainer::test_hooks::kill_point("round", round as u64);
+        // SIGTERM / SIGINT: this round is saved; end (exit 0; --resume starts the next one).
+        if round < rs.rounds
+            && let Some(signal) = llama_trainer::signals::received()
+        {
+            metrics.finish();
+            return Err(llama_trainer::signals::Interrupted { signal, unit: "rejection-sampling round", step: round as u64, checkpoint: round_dir }.into());
+        }
     }
     let best_dir = best.1.map(|round| round_path(&out, round));
     if rs.keep_best_round {

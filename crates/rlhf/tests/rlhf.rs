@@ -145,12 +145,15 @@ fn ppo_weight_decay_is_applied() {
 }
 
 /// The `rlhf` binary on `cfg` into `out` with `extra` flags, killed at `kill` (a
-/// `LLAMA2_TEST_KILL_AT` point) when given.
-fn run_rlhf(cfg: &Path, out: &Path, extra: &[&str], kill: Option<&str>) -> std::process::Output {
+/// `LLAMA2_TEST_KILL_AT` point) or signalled at `signal` (`LLAMA2_TEST_SIGNAL_AT`) when given.
+fn run_rlhf(cfg: &Path, out: &Path, extra: &[&str], kill: Option<&str>, signal: Option<&str>) -> std::process::Output {
     let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_rlhf"));
     cmd.args(["--config", cfg.to_str().unwrap(), "--out", out.to_str().unwrap()]).args(extra);
     if let Some(point) = kill {
         cmd.env("LLAMA2_TEST_KILL_AT", point);
+    }
+    if let Some(point) = signal {
+        cmd.env("LLAMA2_TEST_SIGNAL_AT", point);
     }
     cmd.output().unwrap()
 }
@@ -167,7 +170,7 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
     let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("checkpoint_every = 100", "checkpoint_every = 1"));
     llama_rlhf::run(&cfg, Some(tmp.path().join("straight")), false, None, true).unwrap();
     let want = ppo_curve(&tmp.path().join("straight"));
-    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, &[&["--skip-rejection-sampling"], extra].concat(), kill);
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, &[&["--skip-rejection-sampling"], extra].concat(), kill, None);
     for (i, point) in ["update@2", "logged@2", "policy.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
         let out = tmp.path().join(format!("killed{i}"));
         let died = rlhf(&out, &[], Some(point));
@@ -176,6 +179,16 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
         assert!(resumed.status.success(), "{point}: {}", String::from_utf8_lossy(&resumed.stderr));
         assert_eq!(ppo_curve(&out), want, "{point}: the resumed run's metrics differ");
     }
+    // SIGTERM mid-iteration (after its updates): iteration 2 is saved, the run exits 0, and the
+    // resume gives the uninterrupted run.
+    let out = tmp.path().join("signalled");
+    let ended = run_rlhf(&cfg, &out, &["--skip-rejection-sampling"], None, Some("update@2"));
+    let stdout = String::from_utf8_lossy(&ended.stdout);
+    assert!(ended.status.success(), "{}", String::from_utf8_lossy(&ended.stderr));
+    assert!(stdout.contains("SIGTERM received: stopped after PPO iteration 2"), "{stdout}");
+    let resumed = rlhf(&out, &["--resume"], None);
+    assert!(resumed.status.success(), "{}", String::from_utf8_lossy(&resumed.stderr));
+    assert_eq!(ppo_curve(&out), want, "signalled: the resumed run's metrics differ");
 }
 
 /// Rejection sampling killed in round 1's fine-tuning, or right after round 1 was recorded, and
@@ -187,7 +200,7 @@ fn rejection_sampling_killed_in_a_round_resumes_there() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let extra = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-2\nbatch_size = 4\nseq_len = 64\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
     let cfg = config(tmp.path(), &policy, &help, &safe, extra);
-    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, extra, kill);
+    let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, extra, kill, None);
     let outcome = |out: &Path| {
         let read = |name: &str| std::fs::read_to_string(out.join(name)).unwrap_or_else(|e| panic!("{name}: {e}"));
         (read("rejection-sampling/pool-round-1.jsonl"), read("rejection-sampling/pool-round-2.jsonl"), read("rejection-sampling/metrics.jsonl"), ppo_curve(out))
@@ -206,6 +219,20 @@ fn rejection_sampling_killed_in_a_round_resumes_there() {
         if point == "round@1" {
             assert!(String::from_utf8_lossy(&resumed.stdout).contains("resumed after round 1 of 2"), "{point}");
         }
+        assert_eq!(outcome(&out), want, "{point}: the resumed run differs from the uninterrupted one");
+    }
+    // SIGINT in round 1's fine-tuning (the trainer saves its step and the run ends), or SIGTERM
+    // once round 1 is recorded: exit 0, and the resume gives the uninterrupted run.
+    for (point, line) in
+        [("SIGINT:backward@1", "SIGINT received: stopped after step 1"), ("round@1", "SIGTERM received: stopped after rejection-sampling round 1")]
+    {
+        let out = tmp.path().join(format!("signalled-{}", point.replace(['@', ':'], "-")));
+        let ended = run_rlhf(&cfg, &out, &[], None, Some(point));
+        let stdout = String::from_utf8_lossy(&ended.stdout);
+        assert!(ended.status.success(), "{point}: {}", String::from_utf8_lossy(&ended.stderr));
+        assert!(stdout.contains(line), "{point}: {stdout}");
+        let resumed = rlhf(&out, &["--resume"], None);
+        assert!(resumed.status.success(), "{point}: {}", String::from_utf8_lossy(&resumed.stderr));
         assert_eq!(outcome(&out), want, "{point}: the resumed run differs from the uninterrupted one");
     }
 }

@@ -196,6 +196,9 @@ pub fn main_with(body: impl FnOnce() -> anyhow::Result<()>) -> std::process::Exi
         Ok(session) => session,
         Err(e) => return exit_with(Err(e)),
     };
+    if let Err(e) = crate::signals::install() {
+        return exit_with(Err(e.context("installing the SIGTERM/SIGINT handlers")));
+    }
     let code = exit_with(body());
     drop(session);
     code
@@ -205,6 +208,11 @@ pub fn main_with(body: impl FnOnce() -> anyhow::Result<()>) -> std::process::Exi
 /// the rank) and the whole job ended with a non-zero status. A rank that failed alone would leave
 /// the others waiting in a collective forever: MPI_Abort ends them too.
 pub fn exit_with(result: anyhow::Result<()>) -> std::process::ExitCode {
+    if let Some(stopped) = crate::signals::interrupted(&result) {
+        // Every rank stopped at the same step and saved: a normal end.
+        world().say(stopped);
+        return std::process::ExitCode::SUCCESS;
+    }
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

@@ -15,6 +15,7 @@ pub mod precision;
 pub mod run;
 pub mod schedule;
 pub mod sharded;
+pub mod signals;
 pub mod tensorboard;
 pub mod test_hooks;
 

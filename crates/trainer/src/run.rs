@@ -451,6 +451,16 @@ where
             self.metrics.println(&format!("stopping after step {step} as asked (--stop-after)"));
             return Ok(Flow::Stop);
         }
+        // After the last step the run ends anyway (and an outer loop, PPO's or rejection
+        // sampling's, asks for itself).
+        if !last && let Some(signal) = crate::signals::received_by_any_rank() {
+            let checkpoint = match (&self.last_checkpoint, self.saved_step == step) {
+                (Some(dir), true) => dir.clone(),
+                _ => self.save(objective)?,
+            };
+            self.metrics.finish();
+            return Err(crate::signals::Interrupted { signal, unit: "step", step, checkpoint }.into());
+        }
         Ok(Flow::Continue)
     }
 
