@@ -8,12 +8,18 @@
 //! number := digits ("." digits)?
 //! ```
 //!
-//! Limits keep a bad call cheap and its answer exact: 200 characters, 32 levels of nesting,
-//! magnitudes up to 1e15 (integers in f64 are exact to 2^53).
+//! Numbers are decimals (`rust_decimal`, 28 significant digits), not binary floats, so `+ - *`
+//! are exact (`1234567890.123 * 100000` is `123456789012300`, where f64 printed
+//! `123456789012299.984375`) and a quotient is exact to 28 digits before it is rounded to the
+//! 6 decimals an answer shows. Limits keep a bad call cheap: 200 characters, 32 levels of
+//! nesting, magnitudes up to 1e15.
+
+use rust_decimal::Decimal;
+use rust_decimal::prelude::ToPrimitive;
 
 const MAX_LEN: usize = 200;
 const MAX_DEPTH: usize = 32;
-const MAX_MAGNITUDE: f64 = 1e15;
+const MAX_MAGNITUDE: i64 = 1_000_000_000_000_000;
 
 /// Evaluates `input`; the error says what is wrong, for the model to read.
 pub fn evaluate(input: &str) -> Result<String, String> {
@@ -29,14 +35,10 @@ pub fn evaluate(input: &str) -> Result<String, String> {
     Ok(format_number(value))
 }
 
-/// Integers as integers; other values to 6 decimals, trailing zeros dropped.
-fn format_number(x: f64) -> String {
-    if x.fract() == 0.0 {
-        return format!("{}", x as i64);
-    }
-    let s = format!("{x:.6}");
-    let s = s.trim_end_matches('0').trim_end_matches('.');
-    if s == "-0" { "0".into() } else { s.into() }
+/// Integers as integers; other values rounded to 6 decimals (half to even), trailing zeros dropped.
+fn format_number(x: Decimal) -> String {
+    let rounded = x.round_dp(6).normalize();
+    if rounded.is_zero() { "0".into() } else { rounded.to_string() }
 }
 
 struct Parser<'a> {
@@ -57,33 +59,33 @@ impl Parser<'_> {
         self.s.get(self.at).copied()
     }
 
-    fn expr(&mut self) -> Result<f64, String> {
+    fn expr(&mut self) -> Result<Decimal, String> {
         let mut value = self.term()?;
         while let Some(op @ (b'+' | b'-')) = self.peek() {
             self.at += 1;
             let rhs = self.term()?;
-            value = checked(if op == b'+' { value + rhs } else { value - rhs })?;
+            value = checked(if op == b'+' { value.checked_add(rhs) } else { value.checked_sub(rhs) })?;
         }
         Ok(value)
     }
 
-    fn term(&mut self) -> Result<f64, String> {
+    fn term(&mut self) -> Result<Decimal, String> {
         let mut value = self.factor()?;
         while let Some(op @ (b'*' | b'/')) = self.peek() {
             self.at += 1;
             let rhs = self.factor()?;
             value = checked(if op == b'*' {
-                value * rhs
-            } else if rhs == 0.0 {
+                value.checked_mul(rhs)
+            } else if rhs.is_zero() {
                 return Err("division by zero".into());
             } else {
-                value / rhs
+                value.checked_div(rhs)
             })?;
         }
         Ok(value)
     }
 
-    fn factor(&mut self) -> Result<f64, String> {
+    fn factor(&mut self) -> Result<Decimal, String> {
         self.depth += 1;
         if self.depth > MAX_DEPTH {
             return Err(format!("nested deeper than {MAX_DEPTH} levels"));
@@ -114,19 +116,28 @@ impl Parser<'_> {
         Ok(value)
     }
 
-    fn number(&mut self) -> Result<f64, String> {
+    fn number(&mut self) -> Result<Decimal, String> {
         let start = self.at;
         while self.at < self.s.len() && (self.s[self.at].is_ascii_digit() || self.s[self.at] == b'.') {
             self.at += 1;
         }
         let text = std::str::from_utf8(&self.s[start..self.at]).unwrap_or_default();
-        let value: f64 = text.parse().map_err(|_| format!("`{text}` is not a number"))?;
-        checked(value)
+        if text.bytes().filter(|&b| b == b'.').count() > 1 || text.ends_with('.') {
+            return Err(format!("`{text}` is not a number"));
+        }
+        // Digits beyond what a decimal holds (28) are rounded away: past the magnitude limit,
+        // or decimals finer than any answer shows.
+        let value = Decimal::from_str_exact(text).or_else(|_| text.parse::<Decimal>()).map_err(|_| format!("`{text}` is not a number"))?;
+        checked(Some(value))
     }
 }
 
-fn checked(x: f64) -> Result<f64, String> {
-    if x.is_finite() && x.abs() <= MAX_MAGNITUDE { Ok(x) } else { Err("number too large (the limit is 1e15)".into()) }
+/// `x` if it was computed (no overflow) and is within the magnitude limit.
+fn checked(x: Option<Decimal>) -> Result<Decimal, String> {
+    match x {
+        Some(x) if x.abs().to_i64().is_some_and(|i| i < MAX_MAGNITUDE) || x.abs() == Decimal::from(MAX_MAGNITUDE) => Ok(x),
+        _ => Err("number too large (the limit is 1e15)".into()),
+    }
 }
 
 #[cfg(test)]
@@ -148,6 +159,13 @@ mod tests {
             ("10 - 2 - 3", "5"),
             ("0.1 + 0.2", "0.3"),
             ("999999999999999", "999999999999999"),
+            // Exact where binary floats are not.
+            ("1234567890.123 * 100000", "123456789012300"),
+            ("0.1 * 3", "0.3"),
+            ("123456789.123456 + 0.000001", "123456789.123457"),
+            ("2 / 3", "0.666667"),
+            ("-0.0000001", "0"),
+            ("1 / 3 * 3", "1"),
         ] {
             assert_eq!(evaluate(input).as_deref(), Ok(want), "{input}");
         }
