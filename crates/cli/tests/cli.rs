@@ -754,3 +754,53 @@ fn a_long_context_config_loads_without_allocating_for_it() {
         burn::tensor::Tensor::<2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(vec![1i64, 5, 9, 3], [1, 4]), &burn::tensor::Device::flex());
     assert_eq!(model.forward(tokens).dims(), [1, 4, 96]);
 }
+
+/// Model files quantized by llama.cpp's quantizer (the `gguf` package's, through
+/// `scripts/gguf_requantize.py`) convert to a checkpoint whose weights are the f32 model's within
+/// each type's rounding, its norms (kept f32) exactly; a type the reader does not take is named.
+#[test]
+fn quantized_gguf_models_load_within_their_rounding() {
+    let tmp = tempfile::tempdir().unwrap();
+    let t = |name: &str| tmp.path().join(name).display().to_string();
+    let config = llama_model::LlamaConfig::new(64, 2, 4)
+        .with_n_kv_heads(2)
+        .with_vocab_size(2048)
+        .with_multiple_of(32)
+        .with_max_seq_len(64)
+        .with_tie_word_embeddings(true);
+    let model = config.init(&burn::tensor::Device::flex());
+    llama_model::checkpoint::save_native(&model, &config, &tmp.path().join("f32")).unwrap();
+    let tokenizer = llama_model::gguf::GgufTokenizer {
+        json: std::fs::read_to_string(llama_testkit::repo().join("data/tokenizer.json")).unwrap(),
+        bos: "<s>".into(),
+        eos: "</s>".into(),
+        chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
+    };
+    llama_model::gguf::save_gguf(&model, &config, Some(&tokenizer), "q", &tmp.path().join("f32.gguf"), llama_model::gguf::GgufType::F32).unwrap();
+    let want = weights(&tmp.path().join("f32"));
+    let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
+    // (type, the largest error allowed relative to the largest weight)
+    for (ty, tolerance) in [("q4_0", 0.15), ("q4_1", 0.08), ("q5_0", 0.07), ("q5_1", 0.04), ("q8_0", 0.005)] {
+        let file = t(&format!("{ty}.gguf"));
+        let out = Command::new(&python).args(["scripts/gguf_requantize.py", &t("f32.gguf"), &file, ty]).current_dir(llama_testkit::repo()).output().unwrap();
+        assert!(out.status.success(), "{ty}: the gguf package is needed (scripts/test.sh installs it): {}", String::from_utf8_lossy(&out.stderr));
+        let (ok, _, err) = llama(&["convert", "--from", &file, "--to", &t(ty)]);
+        assert!(ok, "{ty}: {err}");
+        let got = weights(&tmp.path().join(ty));
+        let scale = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(worst <= tolerance * scale, "{ty}: weights differ by up to {worst} (largest weight {scale})");
+        assert!(got != want, "{ty}: nothing was quantized");
+        // Tied embeddings: the final norm is the last parameter visited.
+        let norms = |w: &[f32]| w[w.len() - 64..].to_vec();
+        assert_eq!(norms(&got), norms(&want), "{ty}: the final norm, kept f32, is exact");
+    }
+    // token_embd.weight's ggml type (after its 2 dims) set to 16, IQ2_XXS, which is not read.
+    let mut bytes = std::fs::read(t("q4_0.gguf")).unwrap();
+    let name = b"token_embd.weight\x02\0\0\0";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap() + name.len() + 16;
+    bytes[at..at + 4].copy_from_slice(&16u32.to_le_bytes());
+    std::fs::write(t("iq2.gguf"), bytes).unwrap();
+    let (ok, _, err) = llama(&["convert", "--from", &t("iq2.gguf"), "--to", &t("iq2")]);
+    assert!(!ok && err.contains("token_embd.weight") && err.contains("ggml type 16") && !err.contains("panicked"), "{err}");
+}

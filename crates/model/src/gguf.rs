@@ -1,7 +1,7 @@
 //! GGUF, the one-file format of llama.cpp (read by Ollama and LM Studio too): the model's
 //! hyper-parameters and tokenizer as metadata, then its tensors, for llama.cpp's `llama`
 //! architecture. Written in f32, f16 or Q8_0 (norms stay f32, as llama.cpp's converter keeps
-//! them), read back from the same three.
+//! them); read from those and from bf16 and llama.cpp's quantized types (`crate::quants`).
 //!
 //! Layout (GGUF version 3, little-endian): magic `GGUF`, version, tensor count, metadata count;
 //! metadata `key, type, value`; per tensor `name, n_dims, ne[..], ggml type, offset`; padding to
@@ -24,6 +24,7 @@ use serde_json::json;
 
 use crate::checkpoint::{ckpt_err, io_err};
 use crate::hf::{self, RopeRows};
+use crate::quants::QuantType;
 use crate::{Llama, LlamaConfig, ModelError};
 
 const MAGIC: &[u8; 4] = b"GGUF";
@@ -241,37 +242,30 @@ impl GgufFile {
 
     /// The bytes of tensor `t`, checked to lie inside the file.
     fn tensor_bytes(&self, t: &TensorInfo, path: &Path) -> Result<&[u8], ModelError> {
-        let ty = GgufType::from_ggml(t.ggml_type).ok_or_else(|| {
-            ckpt_err(format!("{}: tensor `{}` has ggml type {}; this reader takes f32 (0), f16 (1) and q8_0 (8)", path.display(), t.name, t.ggml_type))
+        let err = |m: String| ckpt_err(format!("{}: tensor `{}` {m}", path.display(), t.name));
+        let ty = QuantType::from_ggml(t.ggml_type).ok_or_else(|| {
+            err(format!(
+                "has ggml type {}; this reader takes f32 (0), f16 (1), bf16 (30), q4_0 (2), q4_1 (3), q5_0 (6), q5_1 (7), q8_0 (8), q2_K (10), q3_K (11), q4_K (12), q5_K (13) and q6_K (14)",
+                t.ggml_type
+            ))
         })?;
         let n = t.ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).filter(|&n| n <= usize::MAX as u64 / 4);
-        let n = n.ok_or_else(|| ckpt_err(format!("{}: tensor `{}` has an impossible shape {:?}", path.display(), t.name, t.ne)))? as usize;
-        if ty == GgufType::Q8_0 && !(t.ne[0] as usize).is_multiple_of(Q8_0_BLOCK) {
-            return Err(ckpt_err(format!("{}: q8_0 tensor `{}` has rows of {} values, not a multiple of 32", path.display(), t.name, t.ne[0])));
-        }
+        let n = n.ok_or_else(|| err(format!("has an impossible shape {:?}", t.ne)))?;
+        let size = ty.bytes_for(t.ne[0], n).map_err(|m| err(format!("(ne {:?}, {}): {m}", t.ne, ty.name())))?;
         // Checked: an offset near 2^64 must not wrap around to the header's bytes.
         let start = (self.data_start as u64).checked_add(t.offset);
-        let end = start.and_then(|s| s.checked_add(ty.bytes(n) as u64)).unwrap_or(u64::MAX);
+        let end = start.and_then(|s| s.checked_add(size)).unwrap_or(u64::MAX);
         let start = start.unwrap_or(u64::MAX);
         if end > self.data.len() as u64 {
-            return Err(ckpt_err(format!(
-                "{}: tensor `{}` needs bytes {start}..{end} but the file has {} (truncated?)",
-                path.display(),
-                t.name,
-                self.data.len()
-            )));
+            return Err(err(format!("needs bytes {start}..{end} but the file has {} (truncated?)", self.data.len())));
         }
         Ok(&self.data[start as usize..end as usize])
     }
 
-    /// Tensor `t` as f32 values (dequantised), in its row-major order.
+    /// Tensor `t` as f32 values (dequantised as llama.cpp does), in its row-major order.
     pub fn tensor_f32(&self, t: &TensorInfo, path: &Path) -> Result<Vec<f32>, ModelError> {
         let bytes = self.tensor_bytes(t, path)?;
-        Ok(match GgufType::from_ggml(t.ggml_type).expect("checked by tensor_bytes") {
-            GgufType::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            GgufType::F16 => bytes.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            GgufType::Q8_0 => dequantize_q8_0(bytes),
-        })
+        Ok(QuantType::from_ggml(t.ggml_type).expect("checked by tensor_bytes").dequantize(bytes))
     }
 }
 
@@ -408,15 +402,6 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
         let id = if d != 0.0 { 1.0 / d } else { 0.0 };
         out.extend(half::f16::from_f32(d).to_le_bytes());
         out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
-    }
-    out
-}
-
-pub fn dequantize_q8_0(bytes: &[u8]) -> Vec<f32> {
-    let mut out = Vec::with_capacity(bytes.len() / Q8_0_BYTES * Q8_0_BLOCK);
-    for block in bytes.chunks_exact(Q8_0_BYTES) {
-        let d = half::f16::from_le_bytes([block[0], block[1]]).to_f32();
-        out.extend(block[2..].iter().map(|&q| q as i8 as f32 * d));
     }
     out
 }
@@ -609,8 +594,8 @@ pub fn save_gguf(model: &Llama, config: &LlamaConfig, tokenizer: Option<&GgufTok
     Ok(())
 }
 
-/// Reads a GGUF file of the `llama` architecture (f32, f16 or Q8_0 tensors) into our model, and
-/// the `tokenizer.json` it carries, if any. The config comes from the `llama.*` metadata and is
+/// Reads a GGUF file of the `llama` architecture (its tensors dequantized to f32 by
+/// `crate::quants`) into our model, and the `tokenizer.json` it carries, if any. The config comes from the `llama.*` metadata and is
 /// checked against every tensor's shape.
 pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Option<String>), ModelError> {
     let file = GgufFile::open(path)?;
@@ -703,13 +688,13 @@ mod tests {
         assert_eq!(half::f16::from_le_bytes([q[0], q[1]]).to_f32(), 1.0);
         assert_eq!(q[2] as i8, -127);
         assert_eq!((q[3] as i8, q[4] as i8), (3, -3));
-        let back = dequantize_q8_0(&q);
+        let back = QuantType::Q8_0.dequantize(&q);
         assert_eq!(back[3..], x[3..], "integers at scale 1 decode exactly");
         // A zero block has scale 0 and decodes to zeros.
-        assert_eq!(dequantize_q8_0(&quantize_q8_0(&[0.0; 32])), vec![0.0; 32]);
+        assert_eq!(QuantType::Q8_0.dequantize(&quantize_q8_0(&[0.0; 32])), vec![0.0; 32]);
         // Error at most half a step per value.
         let y: Vec<f32> = (0..64).map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0).collect();
-        let back = dequantize_q8_0(&quantize_q8_0(&y));
+        let back = QuantType::Q8_0.dequantize(&quantize_q8_0(&y));
         for (block, got) in y.chunks(32).zip(back.chunks(32)) {
             let step = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
             for (a, b) in block.iter().zip(got) {

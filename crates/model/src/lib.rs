@@ -28,6 +28,7 @@ pub mod host_memory;
 pub mod loss;
 pub mod model;
 pub mod precision;
+pub mod quants;
 pub mod recompute;
 pub mod rms_norm;
 pub mod rotary;

@@ -177,3 +177,45 @@ fn index_shard_names_stay_inside_the_checkpoint_directory() {
         assert!(err.contains(says) && err.contains("model.embed_tokens.weight"), "{file}: {err}");
     }
 }
+
+/// Every quantized type the GGUF reader takes decodes to the values the `gguf` Python package
+/// (llama.cpp's own) computes, bit for bit: blocks made by its quantizer (Q4_0, Q4_1, Q5_0, Q5_1,
+/// Q8_0) or random with finite scales (the K-quants, which it cannot quantize), by
+/// `scripts/gguf_quants.py`.
+#[test]
+fn gguf_quantized_types_dequantize_as_the_gguf_package_does() {
+    use llama_model::quants::QuantType;
+    let tmp = tempfile::tempdir().unwrap();
+    let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let out = std::process::Command::new(&python).arg(repo.join("scripts/gguf_quants.py")).arg(tmp.path()).output().unwrap();
+    assert!(out.status.success(), "the gguf package is needed (scripts/test.sh installs it): {}", String::from_utf8_lossy(&out.stderr));
+    let types = [
+        ("Q4_0", QuantType::Q4_0),
+        ("Q4_1", QuantType::Q4_1),
+        ("Q5_0", QuantType::Q5_0),
+        ("Q5_1", QuantType::Q5_1),
+        ("Q8_0", QuantType::Q8_0),
+        ("Q2_K", QuantType::Q2K),
+        ("Q3_K", QuantType::Q3K),
+        ("Q4_K", QuantType::Q4K),
+        ("Q5_K", QuantType::Q5K),
+        ("Q6_K", QuantType::Q6K),
+        ("BF16", QuantType::BF16),
+    ];
+    for (name, ty) in types {
+        let blocks = std::fs::read(tmp.path().join(format!("{name}.blocks"))).unwrap();
+        let want: Vec<u32> =
+            std::fs::read(tmp.path().join(format!("{name}.f32"))).unwrap().chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let got: Vec<u32> = ty.dequantize(&blocks).iter().map(|v| v.to_bits()).collect();
+        assert_eq!(got.len(), want.len(), "{name}: value count");
+        let differ = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert!(
+            differ.is_none(),
+            "{name}: value {} is {} here, {} in gguf",
+            differ.unwrap(),
+            f32::from_bits(got[differ.unwrap()]),
+            f32::from_bits(want[differ.unwrap()])
+        );
+    }
+}
