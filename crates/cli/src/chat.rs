@@ -183,7 +183,7 @@ pub struct ChatArgs {
     /// Checkpoint directory (native, Hugging Face, or a run directory: its newest checkpoint).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// tokenizer.json (default: the checkpoint directory's tokenizer.json).
+    /// tokenizer.json (default: the tokenizer.json of the checkpoint, which training writes into each).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// System prompt, folded into the first user turn as Llama 2 does.
@@ -214,7 +214,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
         "tokenizer" => llama_data::chat::ChatTemplateChoice::Tokenizer,
         other => bail!("--chat-template `{other}`: allowed values: llama2, tokenizer"),
     };
-    let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tokenizer_path = tokenizer.unwrap_or_else(|| crate::default_tokenizer(&dir));
     let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
     let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
     let (config, model) = checkpoint::load(&dir, &device)?;

@@ -81,7 +81,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             if let Some(json) = tokenizer_json {
                 llama_io::write_atomic(&to.join("tokenizer.json"), json.as_bytes())?;
             }
-            for extra in ["tokenizer.json", "tokenizer_config.json"] {
+            for extra in llama_io::TOKENIZER_FILES {
                 let src = from.join(extra);
                 if src.is_file() {
                     std::fs::copy(&src, to.join(extra)).with_context(|| format!("copying {}", src.display()))?;

@@ -14,7 +14,7 @@ pub struct GenerateArgs {
     /// Checkpoint directory (native or Hugging Face).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// tokenizer.json (default: the checkpoint directory's tokenizer.json).
+    /// tokenizer.json (default: the tokenizer.json of the checkpoint, which training writes into each).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
     /// A prompt; repeat the flag for a batch.
@@ -32,7 +32,7 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let GenerateArgs { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools } = args;
     let device = device::parse(&sampling.device)?;
-    let tokenizer_path = tokenizer.unwrap_or_else(|| dir.join("tokenizer.json"));
+    let tokenizer_path = tokenizer.unwrap_or_else(|| crate::default_tokenizer(&dir));
     if let Some(toolbox) = tools.toolbox()? {
         let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
         let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;

@@ -128,6 +128,14 @@ impl SamplingArgs {
     }
 }
 
+/// The tokenizer of a `--checkpoint` when `--tokenizer` is not given: the `tokenizer.json` of the
+/// checkpoint it resolves to (a run directory's newest, which training writes there), else the
+/// one in the directory given.
+pub(crate) fn default_tokenizer(checkpoint: &std::path::Path) -> PathBuf {
+    let resolved = llama_model::checkpoint::resolve(checkpoint).join("tokenizer.json");
+    if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") }
+}
+
 fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
     match run(Cli::parse()) {

@@ -52,6 +52,9 @@ impl std::fmt::Debug for Tokenizer {
 }
 
 /// The BOS / EOS tokens a checkpoint's tokenizer files name: (token, the file naming it).
+/// The largest `chat_template.jinja` read (real ones are a few KB).
+const MAX_TEMPLATE_BYTES: u64 = 1 << 20;
+
 #[derive(Debug, Default)]
 struct DeclaredSpecials {
     bos: Option<(String, String)>,
@@ -63,12 +66,26 @@ struct DeclaredSpecials {
 impl DeclaredSpecials {
     /// From `tokenizer_config.json`, else `special_tokens_map.json`, beside `tokenizer.json`: each
     /// token a string or `{"content": ...}`; a missing or null entry names none.
+    ///
+    /// The chat template: `chat_template.jinja` beside them (where `transformers` 5 saves it)
+    /// wins over a `chat_template` inside `tokenizer_config.json`.
     fn beside(tokenizer_json: &Path) -> Result<Self, DataError> {
         let mut out = Self::default();
+        let jinja = tokenizer_json.with_file_name("chat_template.jinja");
+        if jinja.is_file() {
+            let read = |e: String| DataError::Tokenizer(format!("{}: {e}", jinja.display()));
+            let size = std::fs::metadata(&jinja).map_err(|e| read(e.to_string()))?.len();
+            if size > MAX_TEMPLATE_BYTES {
+                return Err(read(format!("{size} bytes; a chat template is at most {MAX_TEMPLATE_BYTES}")));
+            }
+            let text = std::fs::read_to_string(&jinja).map_err(|e| read(e.to_string()))?;
+            out.chat_template = Some((llama_io::without_bom(&text).to_string(), jinja.display().to_string()));
+        }
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = tokenizer_json.with_file_name(file);
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| DataError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
+            let json: serde_json::Value =
+                serde_json::from_str(llama_io::without_bom(&text)).map_err(|e| DataError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
             let named = |key: &str| {
                 let v = &json[key];
                 v.as_str().or_else(|| v["content"].as_str()).map(|t| (t.to_string(), path.display().to_string()))

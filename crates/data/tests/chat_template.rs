@@ -223,4 +223,14 @@ fn a_tokenizers_own_chat_template_renders_and_masks_exactly_the_answers() {
     std::fs::write(tmp.path().join("tokenizer_config.json"), r#"{"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}"#).unwrap();
     let err = Tokenizer::from_file(&path).unwrap().with_chat_template(llama_data::chat::ChatTemplateChoice::Tokenizer).unwrap_err().to_string();
     assert!(err.contains("no chat_template"), "{err}");
+    // transformers 5 saves the template as chat_template.jinja beside tokenizer_config.json: read
+    // there, and it wins over one inside tokenizer_config.json.
+    std::fs::write(tmp.path().join("chat_template.jinja"), chatml).unwrap();
+    let from_file = Tokenizer::from_file(&path).unwrap().with_chat_template(llama_data::chat::ChatTemplateChoice::Tokenizer).unwrap();
+    assert_eq!(c.tokenize(&from_file).unwrap(), (ids.clone(), c.tokenize(&tok).unwrap().1));
+    let other = serde_json::json!({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "chat_template": "{{ 'other' }}"});
+    std::fs::write(tmp.path().join("tokenizer_config.json"), other.to_string()).unwrap();
+    let both = Tokenizer::from_file(&path).unwrap();
+    assert_eq!(both.declared_chat_template(), Some(chatml));
+    assert_eq!(c.tokenize(&both.with_chat_template(llama_data::chat::ChatTemplateChoice::Tokenizer).unwrap()).unwrap().0, ids);
 }

@@ -84,6 +84,23 @@ pub struct JsonLine {
     pub value: serde_json::Value,
 }
 
+/// The files of a Hugging Face tokenizer: what a model directory carries so that its tokenizer,
+/// special tokens and chat template travel with it.
+pub const TOKENIZER_FILES: [&str; 4] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"];
+
+/// Copies the tokenizer `tokenizer_json` into `dir` as `tokenizer.json`, with the other
+/// [`TOKENIZER_FILES`] found beside it, so that `dir` (a checkpoint) is a self-contained model
+/// directory.
+pub fn copy_tokenizer_files(tokenizer_json: &Path, dir: &Path) -> std::io::Result<()> {
+    for name in TOKENIZER_FILES {
+        let src = if name == TOKENIZER_FILES[0] { tokenizer_json.to_path_buf() } else { tokenizer_json.with_file_name(name) };
+        if name == TOKENIZER_FILES[0] || src.is_file() {
+            std::fs::copy(&src, dir.join(name)).map_err(|e| named(&src, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Longest line [`read_jsonl`] accepts, in bytes, unless `LLAMA2_MAX_LINE_BYTES` says otherwise:
 /// far above any chat or document of a training set, and low enough that a file without a
 /// newline (a binary, `/dev/zero`) is refused instead of read into one string until memory ends.

@@ -255,7 +255,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let total_steps = cfg.train.total_steps(cfg.data.seq_len);
     let loop_config =
         LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim.clone(), &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)
-            .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?
+            .with_tokenizer(&cfg.data.tokenizer);
     let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
     if tokenizer.vocab_size() > model_config.vocab_size {
         bail!(

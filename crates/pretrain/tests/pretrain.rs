@@ -190,6 +190,10 @@ fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
     let (ok, _, err) = pretrain(&["--config", &straight], &[]);
     assert!(ok, "{err}");
     let (want_curve, want_weights) = (train_curve(f.path("out-straight")), weights(&f.path("out-straight"), 6));
+    // A checkpoint is a model directory with its tokenizer: `llama generate --checkpoint OUT`
+    // needs no --tokenizer.
+    let carried = std::fs::read(PathBuf::from(f.path("out-straight")).join("checkpoints/step-00000006/tokenizer.json")).unwrap();
+    assert_eq!(carried, std::fs::read(f.path("tokenizer.json")).unwrap(), "the checkpoint carries the run's tokenizer");
     let checkpoints = |out: &str| -> Vec<String> {
         let mut names: Vec<String> =
             std::fs::read_dir(PathBuf::from(out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();

@@ -539,7 +539,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         pad: tokenizer.eos_id(),
         device: train_device,
     };
-    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, longest.max(1), overrides, true)?;
+    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, longest.max(1), overrides, true)?
+        .with_tokenizer(&cfg.data.tokenizer);
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     Ok(summary)
 }

@@ -308,12 +308,13 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             // The policy alone, loadable as a model: config.toml + model.bpk.
             llama_model::checkpoint::save_weights(&state.policy, &dir.join("model.bpk"))?;
             std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
+            llama_io::copy_tokenizer_files(&cfg.data.tokenizer, dir)?;
             std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&saved)?)?;
             written("ppo_state.json")
         })
     };
     if state.iteration == 0 {
-        save_best(&state.policy, &model_config, &out)?;
+        save_best(&state.policy, &model_config, &cfg.data.tokenizer, &out)?;
         let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
         let r = held_out.reward;
         metrics.scalars(0, &held_out.scalars("ppo"))?;
@@ -368,7 +369,7 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             if state.best_eval.is_none_or(|b| r > b) {
                 state.best_eval = Some(r);
                 state.evals_without_gain = 0;
-                save_best(&state.policy, &model_config, &out)?;
+                save_best(&state.policy, &model_config, &cfg.data.tokenizer, &out)?;
             } else {
                 state.evals_without_gain += 1;
             }
@@ -401,11 +402,12 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
 }
 
 /// Early stopping keeps the policy with the best held-out reward in `OUT/ppo/best` (a model
-/// directory: config.toml + model.bpk), written atomically.
-fn save_best(policy: &Llama, model_config: &str, out: &Path) -> anyhow::Result<()> {
+/// directory: config.toml + model.bpk + the tokenizer files), written atomically.
+fn save_best(policy: &Llama, model_config: &str, tokenizer: &Path, out: &Path) -> anyhow::Result<()> {
     llama_io::write_dir_atomic(&out.join("best"), |tmp| -> anyhow::Result<()> {
         llama_model::checkpoint::save_weights(policy, &tmp.join("model.bpk"))?;
         std::fs::write(tmp.join(llama_model::checkpoint::NATIVE_CONFIG), model_config)?;
+        llama_io::copy_tokenizer_files(tokenizer, tmp)?;
         Ok(())
     })
 }

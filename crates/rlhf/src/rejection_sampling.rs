@@ -232,7 +232,8 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyho
         let run = RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() };
         let optim = OptimConfig { lr: rs.lr, ..OptimConfig::default() };
         let loop_config = LoopConfig::new(train, run, optim, &schedule, rs.sft_steps, &policy_config, rs.seq_len, &llama_trainer::Overrides::default(), false)
-            .with_context(|| format!("{origin}: rejection_sampling"))?;
+            .with_context(|| format!("{origin}: rejection_sampling"))?
+            .with_tokenizer(&cfg.data.tokenizer);
         if round_dir.exists() {
             std::fs::remove_dir_all(&round_dir)?;
         }

@@ -170,6 +170,8 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
     let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("checkpoint_every = 100", "checkpoint_every = 1"));
     llama_rlhf::run(&cfg, Some(tmp.path().join("straight")), false, None, true).unwrap();
     let want = ppo_curve(&tmp.path().join("straight"));
+    // PPO's best policy is a model directory with the tokenizer it was trained with.
+    assert!(tmp.path().join("straight/ppo/best/tokenizer.json").is_file(), "ppo/best carries its tokenizer");
     let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, &[&["--skip-rejection-sampling"], extra].concat(), kill, None);
     for (i, point) in ["update@2", "logged@2", "policy.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
         let out = tmp.path().join(format!("killed{i}"));

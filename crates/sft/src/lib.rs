@@ -398,7 +398,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval_cfg: cfg.eval,
         micro_batch: cfg.train.micro_batch_size,
     };
-    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, true)?;
+    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, true)?
+        .with_tokenizer(&cfg.data.tokenizer);
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
         world.say(format_args!("done: {} steps; checkpoint {}", summary.steps, dir.display()));

@@ -3,7 +3,7 @@
 //! rest: accumulation with correct loss scaling, global-norm clipping, AdamW, the schedule,
 //! non-finite step skipping, logging, evaluation, checkpoints and resume.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -43,6 +43,10 @@ pub struct LoopConfig {
     pub precision: Precision,
     /// Data-parallel replicas' devices (`run.devices`); empty or one: the model's own device.
     pub devices: Vec<burn::tensor::Device>,
+    /// The tokenizer the stage trains with: copied into every checkpoint with the files beside
+    /// it (`llama_io::TOKENIZER_FILES`), so a checkpoint is a model directory that `llama chat`
+    /// and the next stage read as they read a Hugging Face one.
+    pub tokenizer: Option<PathBuf>,
 }
 
 /// Command-line overrides every training stage takes (`--max-steps --out --device --dtype
@@ -142,7 +146,14 @@ impl LoopConfig {
             train,
             run,
             optim,
+            tokenizer: None,
         })
+    }
+
+    /// The tokenizer checkpoints carry (see [`LoopConfig::tokenizer`]).
+    pub fn with_tokenizer(mut self, tokenizer_json: &Path) -> Self {
+        self.tokenizer = Some(tokenizer_json.to_path_buf());
+        self
     }
 }
 
@@ -506,7 +517,7 @@ where
     fn save<O: Objective<M>>(&mut self, objective: &O) -> anyhow::Result<PathBuf> {
         let mut state = self.state.clone();
         state.data = objective.data_state();
-        let (world, model, optimizer) = (self.world, self.model(), &self.optimizer);
+        let (world, model, optimizer, tokenizer) = (self.world, self.model(), &self.optimizer, self.cfg.tokenizer.as_deref());
         let dir = self.checkpoints.save(state.step, self.cfg.train.keep_checkpoints, world, |dir, written| {
             if world.is_root() {
                 save_weights(model, &dir.join(MODEL_FILE))?;
@@ -518,6 +529,9 @@ where
                 // config.toml beside model.bpk makes the checkpoint a native model directory too
                 // (`llama generate --checkpoint OUT`, `sft init = OUT`).
                 std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &state.model_config)?;
+                if let Some(tokenizer) = tokenizer {
+                    llama_io::copy_tokenizer_files(tokenizer, dir)?;
+                }
                 std::fs::write(dir.join(STATE_FILE), serde_json::to_string_pretty(&state)?)?;
             }
             written(STATE_FILE)

@@ -123,6 +123,7 @@ fn loop_config(out: &std::path::Path, steps: u64, batch: usize, micro: usize) ->
         optim: OptimConfig { lr: 1e-2, ..OptimConfig::default() },
         precision: Precision::F32,
         devices: vec![],
+        tokenizer: None,
     }
 }
 
