@@ -53,7 +53,7 @@ pub fn perplexity(model: &Llama, shards: &Path, split: Split, seq_len: usize, ma
         }
         windows += w.len();
         tokens += w.len() * seq_len;
-        sum += llama_pretrain::cross_entropy_sum(&model, &w, &device).into_scalar::<f32>() as f64;
+        sum += llama_model::loss::cross_entropy_sum(&model, &w, &device).into_scalar::<f32>() as f64;
     }
     if tokens == 0 {
         bail!("{}: no {} windows of {} tokens to evaluate", shards.display(), split.name(), seq_len + 1);

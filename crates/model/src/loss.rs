@@ -181,6 +181,25 @@ impl<B: Backend + TokenNllBackend> Backward<B, 1> for TokenNll {
     }
 }
 
+/// Inputs and targets of packed windows of `seq_len + 1` tokens.
+///
+/// # Shapes
+/// - output: inputs `[batch, seq_len]`, targets `[batch * seq_len, 1]`
+pub fn inputs_and_targets(windows: &[Vec<u32>], device: &burn::tensor::Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
+    let (b, t) = (windows.len(), windows[0].len() - 1);
+    let inputs: Vec<i64> = windows.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
+    let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
+    (Tensor::from_data(TensorData::new(inputs, [b, t]), device), Tensor::from_data(TensorData::new(targets, [b * t, 1]), device))
+}
+
+/// Summed next-token cross-entropy of packed windows: pre-training's loss and validation loss,
+/// and `eval perplexity`'s.
+pub fn cross_entropy_sum(model: &crate::Llama, windows: &[Vec<u32>], device: &burn::tensor::Device) -> Tensor<1> {
+    let (inputs, targets) = inputs_and_targets(windows, device);
+    let [b, t] = inputs.dims();
+    model.token_nll(model.forward_hidden(inputs, None), targets.reshape([b * t])).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use burn::module::Module;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use llama_data::prepare::{PrepareConfig, prepare};
 use llama_data::{Cursor, Manifest, PackedReader, ReaderConfig, Split, Tokenizer};
 use llama_model::generate::{SamplingConfig, generate};
@@ -97,23 +97,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
 /// A micro-batch: `size` windows of `seq_len + 1` tokens.
 pub struct Windows(pub Vec<Vec<u32>>);
 
-/// Inputs and targets of packed windows.
-///
-/// # Shapes
-/// - output: inputs `[batch, seq_len]`, targets `[batch * seq_len, 1]`
-pub fn inputs_and_targets(windows: &[Vec<u32>], device: &Device) -> (Tensor<2, Int>, Tensor<2, Int>) {
-    let (b, t) = (windows.len(), windows[0].len() - 1);
-    let inputs: Vec<i64> = windows.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
-    let targets: Vec<i64> = windows.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
-    (Tensor::from_data(TensorData::new(inputs, [b, t]), device), Tensor::from_data(TensorData::new(targets, [b * t, 1]), device))
-}
-
-/// Summed next-token cross-entropy of the windows.
-pub fn cross_entropy_sum(model: &Llama, windows: &[Vec<u32>], device: &Device) -> Tensor<1> {
-    let (inputs, targets) = inputs_and_targets(windows, device);
-    let [b, t] = inputs.dims();
-    model.token_nll(model.forward_hidden(inputs, None), targets.reshape([b * t])).sum()
-}
+pub use llama_model::loss::{cross_entropy_sum, inputs_and_targets};
 
 /// The pre-training objective over a packed reader.
 pub struct Pretrain {
