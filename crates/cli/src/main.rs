@@ -130,8 +130,11 @@ impl SamplingArgs {
 
 /// The tokenizer of a `--checkpoint` when `--tokenizer` is not given: the `tokenizer.json` of the
 /// checkpoint it resolves to (a run directory's newest, which training writes there), else the
-/// one in the directory given.
+/// one in the directory given; for a GGUF file, the one beside it.
 pub(crate) fn default_tokenizer(checkpoint: &std::path::Path) -> PathBuf {
+    if llama_model::gguf::is_gguf(checkpoint) {
+        return checkpoint.with_file_name("tokenizer.json");
+    }
     let resolved = llama_model::checkpoint::resolve(checkpoint).join("tokenizer.json");
     if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") }
 }

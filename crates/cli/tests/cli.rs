@@ -804,3 +804,36 @@ fn quantized_gguf_models_load_within_their_rounding() {
     let (ok, _, err) = llama(&["convert", "--from", &t("iq2.gguf"), "--to", &t("iq2")]);
     assert!(!ok && err.contains("token_embd.weight") && err.contains("ggml type 16") && !err.contains("panicked"), "{err}");
 }
+
+/// A GGUF file serves wherever a model directory does: `llama generate --checkpoint model.gguf`
+/// from our f32 export decodes what the native checkpoint decodes (`init = "model.gguf"` in a
+/// stage goes through the same loader).
+#[test]
+fn a_gguf_file_is_a_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(2048).with_multiple_of(16).with_max_seq_len(64);
+    let model = config.init(&burn::tensor::Device::flex());
+    llama_model::checkpoint::save_native(&model, &config, &tmp.path().join("native")).unwrap();
+    let gguf = tmp.path().join("model.gguf");
+    llama_model::gguf::save_gguf(&model, &config, None, "m", &gguf, llama_model::gguf::GgufType::F32).unwrap();
+    let generate = |checkpoint: &Path| {
+        let (ok, out, err) = llama(&[
+            "generate",
+            "--checkpoint",
+            checkpoint.to_str().unwrap(),
+            "--tokenizer",
+            "data/tokenizer.json",
+            "--prompt",
+            "The jury",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ]);
+        assert!(ok, "{err}");
+        out
+    };
+    assert_eq!(generate(&gguf), generate(&tmp.path().join("native")));
+    let (_, loaded) = llama_model::checkpoint::load(&gguf, &burn::tensor::Device::flex()).unwrap();
+    assert_eq!(loaded.vocab_size(), 2048);
+}

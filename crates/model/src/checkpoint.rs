@@ -90,8 +90,14 @@ pub fn resolve(dir: &Path) -> PathBuf {
     list_checkpoints(&dir.join("checkpoints")).pop().map_or_else(|| dir.to_path_buf(), |(_, newest)| newest)
 }
 
-/// Loads either kind of checkpoint directory (or a run directory's newest checkpoint).
+/// Loads either kind of checkpoint directory (or a run directory's newest checkpoint), or a
+/// GGUF file (llama.cpp's; its weights dequantized): wherever a model is expected (`init`,
+/// `--checkpoint`, `--policy`), a `.gguf` file serves as a directory does.
 pub fn load(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
+    if crate::gguf::is_gguf(dir) {
+        let (config, model, _) = crate::gguf::load_gguf(dir, device)?;
+        return Ok((config, model));
+    }
     let dir = &resolve(dir);
     match detect(dir)? {
         Format::Native => load_native(dir, device),

@@ -228,6 +228,9 @@ mod tests {
 /// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint or a Hugging Face
 /// directory. Returns the config and the model on `device`.
 pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<(llama_model::LlamaConfig, llama_model::Llama)> {
+    if llama_model::gguf::is_gguf(path) {
+        return Ok(llama_model::checkpoint::load(path, device)?);
+    }
     let dir = llama_model::checkpoint::resolve(path);
     if !dir.exists() {
         anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
