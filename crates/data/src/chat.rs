@@ -175,6 +175,33 @@ pub struct Conversation {
 }
 
 impl Conversation {
+    /// For `overlong = "truncate"`: this conversation cut to the text its first `tokens` tokens
+    /// can come from, so that a huge chat is not tokenized whole only to be truncated (None: it
+    /// is short enough already). A token covers at most `max_token_bytes` bytes of text, so the
+    /// first `tokens` tokens lie in the first `tokens * max_token_bytes` bytes; twice that plus
+    /// 4 KiB is kept, so a word cut at the end is far past them. Messages after the cut go.
+    pub fn cut_for(&self, tokens: usize, max_token_bytes: usize) -> Option<Conversation> {
+        let budget = tokens.saturating_mul(max_token_bytes.max(1)).saturating_mul(2).saturating_add(4096);
+        if self.messages.iter().map(|m| m.content.len()).sum::<usize>() <= budget {
+            return None;
+        }
+        let (mut messages, mut left) = (vec![], budget);
+        for m in &self.messages {
+            if m.content.len() <= left {
+                left -= m.content.len();
+                messages.push(m.clone());
+                continue;
+            }
+            let mut at = left;
+            while !m.content.is_char_boundary(at) {
+                at -= 1;
+            }
+            messages.push(Message { content: m.content[..at].to_string(), ..m.clone() });
+            break;
+        }
+        Some(Conversation { messages })
+    }
+
     /// Parses `{"messages": [...]}` or `{"prompt": ..., "response": ..., "system"?: ...}`.
     pub fn from_json(value: &serde_json::Value) -> Result<Self, String> {
         let messages = if let Some(list) = value.get("messages") {

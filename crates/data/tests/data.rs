@@ -334,3 +334,27 @@ fn over_long_prompts_are_refused_at_load_with_file_and_line() {
     assert!(load_prompts_for(&exact, &tok, 8, n + 8).is_err(), "no room for the EOS after a cut answer");
     assert_eq!(load_prompts_for(&exact, &tok, 8, n + 9).unwrap().len(), 1);
 }
+
+/// Under `overlong = "truncate"` a chat far longer than a window is cut before it is tokenized:
+/// the cut chat's first window of ids and loss mask are the whole chat's, whether the cut falls
+/// in a question or in an answer, and only a few KB are tokenized.
+#[test]
+fn a_huge_chat_is_cut_before_tokenizing_without_changing_its_first_window() {
+    use llama_data::chat::{Conversation, Message, Role};
+    let tok = Tokenizer::from_file(&fixtures().join("../../data/tokenizer.json")).unwrap();
+    let text = "The jury said the county election was conducted well, and 12 of them agreed. ".repeat(4000);
+    let window = 65;
+    for (question, answer) in [(text.as_str(), "It was."), ("How was the election?", text.as_str())] {
+        let chat = Conversation { messages: vec![Message::new(Role::User, question), Message::new(Role::Assistant, answer)] };
+        let cut = chat.cut_for(window, tok.max_token_bytes()).expect("a 300 KB chat is cut");
+        let kept: usize = cut.messages.iter().map(|m| m.content.len()).sum();
+        assert!(kept < 16_000, "{kept} bytes kept");
+        let (whole_ids, whole_mask) = chat.tokenize(&tok).unwrap();
+        let (cut_ids, cut_mask) = cut.tokenize(&tok).unwrap();
+        assert!(cut_ids.len() > window);
+        assert_eq!((&cut_ids[..window], &cut_mask[..window]), (&whole_ids[..window], &whole_mask[..window]));
+    }
+    // A chat that fits is left as it is.
+    let short = Conversation { messages: vec![Message::new(Role::User, "Hi"), Message::new(Role::Assistant, "Hello")] };
+    assert!(short.cut_for(window, tok.max_token_bytes()).is_none());
+}

@@ -143,9 +143,19 @@ pub fn load_config(path: &Path) -> anyhow::Result<SftConfig> {
     Ok(cfg)
 }
 
-/// Renders and tokenizes chats; returns (ids, answer mask) per chat.
-pub fn tokenize_all(chats: &[Conversation], tokenizer: &Tokenizer) -> anyhow::Result<Vec<(Vec<u32>, Vec<bool>)>> {
-    chats.iter().map(|c| c.tokenize(tokenizer).map_err(Into::into)).collect()
+/// Renders and tokenizes chats; returns (ids, answer mask) per chat. With `truncate_at` (the
+/// window length, under `overlong = "truncate"`), a chat longer than any window could hold is cut
+/// first ([`Conversation::cut_for`]): its first `truncate_at` tokens are the same, and a huge
+/// chat costs no more than a window's worth of tokenizing.
+pub fn tokenize_all(chats: &[Conversation], tokenizer: &Tokenizer, truncate_at: Option<usize>) -> anyhow::Result<Vec<(Vec<u32>, Vec<bool>)>> {
+    let max_token_bytes = tokenizer.max_token_bytes();
+    chats
+        .iter()
+        .map(|c| match truncate_at.and_then(|n| c.cut_for(n, max_token_bytes)) {
+            Some(cut) => cut.tokenize(tokenizer).map_err(Into::into),
+            None => c.tokenize(tokenizer).map_err(Into::into),
+        })
+        .collect()
 }
 
 /// Inputs, targets, loss mask and (optionally) the packed-chat attention mask of sequences.
@@ -358,7 +368,8 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     }
     // Pads are masked out of the loss (and of attention when separate_packed); EOS is a harmless id.
     let pad = tokenizer.eos_id();
-    let (train, stats) = pack(&tokenize_all(&chats, &tokenizer)?, cfg.data.seq_len, pad, cfg.data.overlong);
+    let truncate_at = (cfg.data.overlong == Overlong::Truncate).then_some(cfg.data.seq_len + 1);
+    let (train, stats) = pack(&tokenize_all(&chats, &tokenizer, truncate_at)?, cfg.data.seq_len, pad, cfg.data.overlong);
     report("train", &stats);
     if train.is_empty() || stats.loss_tokens == 0 {
         bail!("{}: no trainable answer tokens after packing", cfg.data.train.display());
@@ -366,7 +377,7 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let (eval, eval_chats) = match &cfg.data.eval {
         Some(path) => {
             let chats = load_conversations(path)?;
-            let (eval, stats) = pack(&tokenize_all(&chats, &tokenizer)?, cfg.data.seq_len, pad, cfg.data.overlong);
+            let (eval, stats) = pack(&tokenize_all(&chats, &tokenizer, truncate_at)?, cfg.data.seq_len, pad, cfg.data.overlong);
             report("eval", &stats);
             let mut expected = expected_of(path)?;
             expected.resize(chats.len(), None);
