@@ -119,6 +119,7 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
             &["train-00000.parquet", "input_ids"],
         ),
         run("a token id outside the vocabulary", &with_shards("oov", &out_of_vocab(root)), &[], &["train-00000.parquet", "row 1"]).may_create(out("oov")),
+        run("a null token id", &with_shards("null", &null_ids(root)), &[], &["train-00000.parquet", "row group 0, row 1", "null"]).may_create(out("null")),
         run(
             "no documents",
             &with_shards("empty", &{
@@ -149,6 +150,22 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
     let locked = f.config("locked", MODEL, TRAIN, "");
     let _lock = llama_trainer::checkpoint::RunLock::acquire(&out("locked")).unwrap();
     run("a run directory being written", &locked, &[], &["out-locked", "another run"]).refused(PRETRAIN, root);
+}
+
+/// A shard directory whose row 1 holds a null id (the list values' validity bitmap), as a
+/// careless pyarrow writer makes: its slot holds an arbitrary number.
+fn null_ids(root: &Path) -> String {
+    use arrow_array::types::UInt32Type;
+    use arrow_array::{Array, ListArray, RecordBatch};
+    let dir = root.join("s-null");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ids = ListArray::from_iter_primitive::<UInt32Type, _, _>([Some(vec![Some(1), Some(5), Some(9), Some(2)]), Some(vec![Some(1), None, Some(3), Some(2)])]);
+    let schema = std::sync::Arc::new(arrow_schema::Schema::new(vec![arrow_schema::Field::new("input_ids", ids.data_type().clone(), false)]));
+    let batch = RecordBatch::try_new(schema.clone(), vec![std::sync::Arc::new(ids)]).unwrap();
+    let mut writer = parquet::arrow::ArrowWriter::try_new(std::fs::File::create(dir.join("train-00000.parquet")).unwrap(), schema, None).unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+    dir.display().to_string()
 }
 
 /// A shard directory whose row 1 holds the id 400, one past a vocabulary of 400.
