@@ -642,12 +642,7 @@ fn llama_refuses_hostile_files_within_bounded_memory_and_time() {
     poison_tail(&dir.join("nan-native/model.safetensors"));
     // GGUF files: a good one carrying the shipped tokenizer, then edited.
     let gguf = dir.join("model.gguf");
-    let tokenizer = llama_model::gguf::GgufTokenizer {
-        json: std::fs::read_to_string(repo().join("data/tokenizer.json")).unwrap(),
-        bos: "<s>".into(),
-        eos: "</s>".into(),
-        chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
-    };
+    let tokenizer = shipped_gguf_tokenizer();
     llama_model::gguf::save_gguf(&small.init(&flex), &small, Some(&tokenizer), "small", &gguf, llama_model::gguf::GgufType::F32).unwrap();
     let bytes = std::fs::read(&gguf).unwrap();
     let patched = |name: &str, after: &[u8], value: &[u8]| {
@@ -770,12 +765,7 @@ fn quantized_gguf_models_load_within_their_rounding() {
         .with_tie_word_embeddings(true);
     let model = config.init(&burn::tensor::Device::flex());
     llama_model::checkpoint::save_native(&model, &config, &tmp.path().join("f32")).unwrap();
-    let tokenizer = llama_model::gguf::GgufTokenizer {
-        json: std::fs::read_to_string(llama_testkit::repo().join("data/tokenizer.json")).unwrap(),
-        bos: "<s>".into(),
-        eos: "</s>".into(),
-        chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
-    };
+    let tokenizer = shipped_gguf_tokenizer();
     llama_model::gguf::save_gguf(&model, &config, Some(&tokenizer), "q", &tmp.path().join("f32.gguf"), llama_model::gguf::GgufType::F32).unwrap();
     let want = weights(&tmp.path().join("f32"));
     let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -836,4 +826,14 @@ fn a_gguf_file_is_a_checkpoint() {
     assert_eq!(generate(&gguf), generate(&tmp.path().join("native")));
     let (_, loaded) = llama_model::checkpoint::load(&gguf, &burn::tensor::Device::flex()).unwrap();
     assert_eq!(loaded.vocab_size(), 2048);
+}
+
+/// The shipped tokenizer as a GGUF file carries it (Llama 2's special tokens and template).
+fn shipped_gguf_tokenizer() -> llama_model::gguf::GgufTokenizer {
+    llama_model::gguf::GgufTokenizer {
+        json: std::fs::read_to_string(llama_testkit::repo().join("data/tokenizer.json")).unwrap(),
+        bos: "<s>".into(),
+        eos: "</s>".into(),
+        chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
+    }
 }

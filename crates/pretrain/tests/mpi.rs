@@ -7,7 +7,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Fixture, pretrain, weights};
+use common::{Fixture, checkpoint_names, pretrain, weights};
 
 // 6 micro-batches of one sequence per step: 6 in one process, 3 per rank at world 2, 2 at 3.
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
@@ -101,10 +101,7 @@ fn a_signal_to_one_rank_stops_the_whole_job_at_one_step_with_a_checkpoint() {
     let (ok, out, err) = mpirun(3, &["--config", &cfg], &[("LLAMA2_TEST_SIGNAL_AT", "backward@7"), ("LLAMA2_TEST_KILL_RANK", "1")]);
     assert!(ok, "a signalled job ends with status 0: {out}\n{err}");
     assert!(out.contains("SIGTERM received: stopped after step 7"), "{out}");
-    let mut checkpoints: Vec<String> =
-        std::fs::read_dir(f.path("out-signalled/checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    checkpoints.sort();
-    assert_eq!(checkpoints, vec!["step-00000005".to_string(), "step-00000007".to_string()]);
+    assert_eq!(checkpoint_names(&f.path("out-signalled")), vec!["step-00000005".to_string(), "step-00000007".to_string()]);
     let (ok, out, err) = mpirun(2, &["--config", &cfg, "--resume"], &[]);
     assert!(ok, "{out}\n{err}");
     let one = f.config("one", MODEL, TRAIN, "");

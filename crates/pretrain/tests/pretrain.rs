@@ -8,10 +8,14 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Fixture, pretrain, repo, train_curve, weights};
+use common::{Fixture, checkpoint_names, pretrain, repo, train_curve, weights};
 use serde_json::Value;
 
 const MODEL: &str = "dim = 32\nn_layers = 2\nn_heads = 2\nn_kv_heads = 1\nvocab_size = 400\nmultiple_of = 16\nmax_seq_len = 64";
+/// The crash and signal tests' run: 6 steps, checkpoints at 2, 4, 6 with one kept (every save
+/// after the first prunes one), validation at 3 and 6.
+const INTERRUPTED_TRAIN: &str =
+    "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
 const TRAIN: &str =
     "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 5";
 
@@ -184,8 +188,7 @@ fn a_killed_run_neither_blocks_nor_confuses_the_next_start() {
 fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
     use std::os::unix::process::ExitStatusExt;
     let f = Fixture::new(400);
-    let train =
-        "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
+    let train = INTERRUPTED_TRAIN;
     let straight = f.config("straight", MODEL, train, "");
     let (ok, _, err) = pretrain(&["--config", &straight], &[]);
     assert!(ok, "{err}");
@@ -194,12 +197,6 @@ fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
     // needs no --tokenizer.
     let carried = std::fs::read(PathBuf::from(f.path("out-straight")).join("checkpoints/step-00000006/tokenizer.json")).unwrap();
     assert_eq!(carried, std::fs::read(f.path("tokenizer.json")).unwrap(), "the checkpoint carries the run's tokenizer");
-    let checkpoints = |out: &str| -> Vec<String> {
-        let mut names: Vec<String> =
-            std::fs::read_dir(PathBuf::from(out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        names.sort();
-        names
-    };
     // (spec, the line's words, the checkpoints left by the signalled run)
     let cases = [
         ("backward@3", Some("SIGTERM received: stopped after step 3"), "step-00000003"),
@@ -220,7 +217,7 @@ fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
             }
             None => assert_eq!(ended.status.signal(), Some(15), "{spec}: a second signal ends the run at once: {stderr}"),
         }
-        assert_eq!(checkpoints(&out), vec![left.to_string()], "{spec}: the checkpoint left");
+        assert_eq!(checkpoint_names(&out), vec![left.to_string()], "{spec}: the checkpoint left");
         let (ok, stdout, err) = pretrain(&["--config", &cfg, "--resume"], &[]);
         assert!(ok, "{spec}: resume failed: {err}");
         assert_eq!(train_curve(&out), want_curve, "{spec}: the logged curve differs after the resume\n{stdout}");
@@ -237,9 +234,7 @@ fn a_signalled_run_saves_its_last_step_and_resumes_to_the_uninterrupted_run() {
 fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
     use std::os::unix::process::ExitStatusExt;
     let f = Fixture::new(400);
-    // Checkpoints at 2, 4, 6 with one kept, so every save after the first prunes one.
-    let train =
-        "max_steps = 6\nbatch_size = 4\nmicro_batch_size = 2\nlog_every = 1\neval_every = 3\neval_batches = 2\ncheckpoint_every = 2\nkeep_checkpoints = 1";
+    let train = INTERRUPTED_TRAIN;
     let straight = f.config("straight", MODEL, train, "");
     let (ok, _, err) = pretrain(&["--config", &straight], &[]);
     assert!(ok, "{err}");
@@ -284,8 +279,6 @@ fn a_run_killed_anywhere_resumes_to_the_uninterrupted_run() {
             got_weights.len() == want_weights.len() && got_weights.iter().zip(&want_weights).all(|(a, b)| a.to_bits() == b.to_bits()),
             "{point}: the final weights differ"
         );
-        let left: Vec<String> =
-            std::fs::read_dir(PathBuf::from(&out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        assert_eq!(left, vec!["step-00000006".to_string()], "{point}: leftovers after the resumed run");
+        assert_eq!(checkpoint_names(&out), vec!["step-00000006".to_string()], "{point}: leftovers after the resumed run");
     }
 }

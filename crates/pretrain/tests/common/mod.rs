@@ -79,3 +79,11 @@ pub fn weights(out: &str, step: u64) -> Vec<f32> {
     model.visit(&mut v);
     v.0
 }
+
+/// The entries of `OUT/checkpoints`, sorted by name.
+pub fn checkpoint_names(out: &str) -> Vec<String> {
+    let mut names: Vec<String> =
+        std::fs::read_dir(std::path::Path::new(out).join("checkpoints")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
