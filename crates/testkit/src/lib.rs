@@ -199,14 +199,24 @@ impl Tree {
 /// `mpirun -np RANKS BINARY ARGS...` from the workspace root, one thread per rank (allowed as
 /// root, where the tests run as root); each `env` pair is exported to every rank. Returns
 /// (succeeded, stdout, stderr).
+///
+/// Each launch gets its own `TMPDIR`: Open MPI makes its session directory there, and two
+/// launches at once (the tests of one binary run in parallel) race to create the same
+/// `/tmp/ompi.HOST.UID`, the loser failing in `orte_init` with "File exists".
 pub fn mpirun(ranks: usize, binary: &str, args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
+    static LAUNCHES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let launch = LAUNCHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let session = std::env::temp_dir().join(format!("llama2-mpirun-{}-{launch}", std::process::id()));
+    std::fs::create_dir_all(&session).unwrap_or_else(|e| panic!("{}: {e}", session.display()));
     let mut cmd = Command::new("mpirun");
+    cmd.env("TMPDIR", &session);
     cmd.args(["--oversubscribe", "--allow-run-as-root", "-np", &ranks.to_string(), "-x", "RAYON_NUM_THREADS=1"]);
     for (k, v) in env {
         cmd.args(["-x", &format!("{k}={v}")]);
     }
     cmd.arg(binary).args(args).current_dir(repo());
     let out = cmd.output().expect("mpirun (apt-get install openmpi-bin libopenmpi-dev)");
+    let _ = std::fs::remove_dir_all(&session);
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
 }
 
