@@ -50,7 +50,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     };
     check_convert_target(&from, &to, overwrite, target == Target::Gguf)?;
     let device = device::parse("flex")?;
-    let (config, model, tokenizer_json) = if from_gguf {
+    let (config, model, tokenizer_files) = if from_gguf {
         gguf::load_gguf(&from, &device)?
     } else {
         let (config, model) = checkpoint::load(&from, &device)?;
@@ -78,8 +78,9 @@ pub fn run(args: ConvertArgs) -> Result<()> {
                 Format::Native => checkpoint::save_native(&model, &config, &to)?,
             }
             remove_other_kind(&to, format)?;
-            if let Some(json) = tokenizer_json {
-                llama_io::write_atomic(&to.join("tokenizer.json"), json.as_bytes())?;
+            if let Some(files) = tokenizer_files {
+                llama_io::write_atomic(&to.join("tokenizer.json"), files.tokenizer.as_bytes())?;
+                llama_io::write_atomic(&to.join("tokenizer_config.json"), files.config.as_bytes())?;
             }
             for extra in llama_io::TOKENIZER_FILES {
                 let src = from.join(extra);
@@ -102,7 +103,7 @@ fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer> {
     let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let text = |id: u32| tok.token_text(id).unwrap_or_default();
     let chat_template = tok.declared_chat_template().unwrap_or(gguf::LLAMA2_CHAT_TEMPLATE).to_string();
-    Ok(GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template })
+    Ok(GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template, add_bos: tok.declared_add_bos() })
 }
 
 /// After `--overwrite` wrote a checkpoint of kind `written` into `dir`, removes the checkpoint

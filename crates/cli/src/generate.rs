@@ -26,11 +26,15 @@ pub struct GenerateArgs {
     pub sampling: SamplingArgs,
     #[command(flatten)]
     pub tools: ToolArgs,
+    /// After each answer, print one JSON line of the prompt's token ids and the generated ones
+    /// (`{"prompt_ids": [...], "new_ids": [...]}`), to compare with other tools token for token.
+    #[arg(long, conflicts_with = "tools")]
+    pub print_ids: bool,
 }
 
 /// `llama generate`.
 pub fn run(args: GenerateArgs) -> Result<()> {
-    let GenerateArgs { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools } = args;
+    let GenerateArgs { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools, print_ids } = args;
     let device = device::parse(&sampling.device)?;
     let tokenizer_path = tokenizer.unwrap_or_else(|| crate::default_tokenizer(&dir));
     if let Some(toolbox) = tools.toolbox()? {
@@ -63,6 +67,9 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     let out = generate(&model, &prompts, &sampling)?;
     for ((p, ids), tokens) in prompt.iter().zip(&prompts).zip(&out.tokens) {
         println!("{p}{}", tok.decode_after(ids, tokens)?);
+        if print_ids {
+            println!("{}", serde_json::json!({"prompt_ids": ids, "new_ids": tokens}));
+        }
         println!("---");
     }
     Ok(())

@@ -835,5 +835,6 @@ fn shipped_gguf_tokenizer() -> llama_model::gguf::GgufTokenizer {
         bos: "<s>".into(),
         eos: "</s>".into(),
         chat_template: llama_model::gguf::LLAMA2_CHAT_TEMPLATE.into(),
+        add_bos: None,
     }
 }

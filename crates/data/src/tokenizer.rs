@@ -36,6 +36,8 @@ pub struct Tokenizer {
     /// The `chat_template` of the checkpoint's `tokenizer_config.json`, if it has one.
     /// And the file it came from.
     declared_template: Option<(String, String)>,
+    /// `add_bos_token` of the checkpoint's `tokenizer_config.json`, if it says.
+    declared_add_bos: Option<bool>,
     /// `declared_template` compiled, when chats render with it instead of Llama 2's template.
     chat_template: Option<crate::chat::JinjaTemplate>,
 }
@@ -61,6 +63,8 @@ struct DeclaredSpecials {
     eos: Option<(String, String)>,
     /// The template and the file it came from.
     chat_template: Option<(String, String)>,
+    /// `add_bos_token`: whether the tokenizer's users put BOS before a text.
+    add_bos: Option<bool>,
 }
 
 impl DeclaredSpecials {
@@ -92,6 +96,7 @@ impl DeclaredSpecials {
             };
             out.bos = out.bos.or_else(|| named("bos_token"));
             out.eos = out.eos.or_else(|| named("eos_token"));
+            out.add_bos = out.add_bos.or(json["add_bos_token"].as_bool());
             // A string, or (newer files) a list of {name, template}: the one named "default".
             let template = match &json["chat_template"] {
                 serde_json::Value::String(t) => Some(t.clone()),
@@ -135,7 +140,16 @@ impl Tokenizer {
         let eos = special("eos", &declared.eos, EOS)?;
         let json = inner.to_string(false).map_err(|e| DataError::Tokenizer(format!("{origin}: {e}")))?;
         let fingerprint = format!("sha256:{:x}", Sha256::digest(json.as_bytes()));
-        Ok(Self { unk: inner.token_to_id(UNK), inner, bos, eos, fingerprint, declared_template: declared.chat_template.clone(), chat_template: None })
+        Ok(Self {
+            unk: inner.token_to_id(UNK),
+            inner,
+            bos,
+            eos,
+            fingerprint,
+            declared_template: declared.chat_template.clone(),
+            declared_add_bos: declared.add_bos,
+            chat_template: None,
+        })
     }
 
     /// Trains a BPE tokenizer with byte fallback on `texts`, Llama-style: `<unk>`=0, `<s>`=1,
@@ -195,6 +209,11 @@ impl Tokenizer {
         Ok(self)
     }
 
+    /// The `add_bos_token` the checkpoint's `tokenizer_config.json` declares, if any.
+    pub fn declared_add_bos(&self) -> Option<bool> {
+        self.declared_add_bos
+    }
+
     /// The `chat_template` the checkpoint's `tokenizer_config.json` declares, whether or not
     /// chats render with it.
     pub fn declared_chat_template(&self) -> Option<&str> {
@@ -230,11 +249,14 @@ impl Tokenizer {
         Ok(llama_io::write_atomic(path, json.as_bytes())?)
     }
 
-    /// Token ids of `text`, with BOS before and/or EOS after when asked.
+    /// Token ids of `text`, with EOS after when asked, and BOS before when asked unless the
+    /// checkpoint's `tokenizer_config.json` says `add_bos_token: false` (SmolLM, whose "BOS" is
+    /// `<|im_start|>`: as `transformers` and llama.cpp, a text then starts with its own first
+    /// token).
     pub fn encode(&self, text: &str, bos: bool, eos: bool) -> Result<Vec<u32>, DataError> {
         let enc = self.inner.encode(text, false).map_err(|e| DataError::Tokenizer(format!("cannot encode: {e}")))?;
         let mut ids = Vec::with_capacity(enc.len() + 2);
-        if bos {
+        if bos && self.declared_add_bos != Some(false) {
             ids.push(self.bos);
         }
         ids.extend_from_slice(enc.get_ids());
@@ -350,5 +372,21 @@ mod tests {
         assert_eq!(back.encode(text, true, false).unwrap(), tok.encode(text, true, false).unwrap());
         std::fs::write(&path, "{not json").unwrap();
         assert!(Tokenizer::from_file(&path).unwrap_err().to_string().contains("tokenizer.json"));
+    }
+
+    #[test]
+    fn add_bos_token_false_keeps_bos_off_a_text_start() {
+        let tok = Tokenizer::train(corpus().iter(), 320).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokenizer.json");
+        tok.save(&path).unwrap();
+        let text = "the jury";
+        for (config, bos_first) in [(r#"{"add_bos_token": true}"#, true), (r#"{"add_bos_token": false}"#, false), ("{}", true)] {
+            std::fs::write(dir.path().join("tokenizer_config.json"), config).unwrap();
+            let back = Tokenizer::from_file(&path).unwrap();
+            let ids = back.encode(text, true, true).unwrap();
+            assert_eq!(ids[0] == back.bos_id(), bos_first, "{config}");
+            assert_eq!((ids.len(), *ids.last().unwrap()), (tok.encode(text, false, false).unwrap().len() + 1 + bos_first as usize, back.eos_id()), "{config}");
+        }
     }
 }

@@ -131,6 +131,13 @@ pub fn save_weights<M: ModuleSnapshot>(model: &M, path: &Path) -> Result<(), Mod
         model.save_into(&mut store).map_err(|e| e.to_string())
     };
     result.map_err(|e| ckpt_err(format!("{}: cannot save weights: {e}", path.display())))?;
+    // Burn's stores create the file readable by its owner only (0600); a model directory is
+    // shared like any other output, so it gets the mode `File::create` gives the files beside it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644)).map_err(|e| io_err(path, e))?;
+    }
     std::fs::rename(&tmp, path).map_err(|e| io_err(path, e))
 }
 

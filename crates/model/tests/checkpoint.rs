@@ -85,6 +85,13 @@ fn native_round_trip_and_wrong_config_is_an_error() {
     let dir = tmp.path().join("native");
     save_native(&model, &config, &dir).unwrap();
     assert_eq!(checkpoint::detect(&dir).unwrap(), checkpoint::Format::Native);
+    // Readable by others, as the config beside it (Burn's store alone made it 0600).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.join(checkpoint::NATIVE_WEIGHTS)).unwrap().permissions().mode();
+        assert_eq!(mode & 0o044, 0o044, "model.safetensors mode {mode:o}");
+    }
     let (config2, model2) = load_native(&dir, &device).unwrap();
     assert_eq!(config2, config);
     let (ids, want) = expected(&fixture("hf-tiny-gqa"));

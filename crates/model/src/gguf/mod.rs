@@ -11,9 +11,10 @@
 //! Hugging Face rotate-half order. Q8_0 stores blocks of 32 values as an f16 scale `max|x| / 127`
 //! and 32 signed bytes `round(x / scale)`, as llama.cpp's reference quantizer does.
 //!
-//! The tokenizer goes in as llama.cpp's SentencePiece-style `llama` tokenizer (pieces with `▁`,
-//! byte-fallback tokens, a score per piece from the BPE merge order), together with the whole
-//! `tokenizer.json` under `tokenizer.huggingface.json`, which is what reading a file back uses.
+//! The tokenizer goes in as llama.cpp's `llama` (SentencePiece-style) or `gpt2` (byte-level BPE)
+//! tokenizer, together with the whole `tokenizer.json` under `tokenizer.huggingface.json`; reading
+//! takes that one when present and otherwise builds one from the `tokenizer.ggml.*` metadata
+//! (`vocab`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -22,10 +23,12 @@ use burn::tensor::Device;
 use serde_json::json;
 
 mod file;
+mod vocab;
 mod write;
 
 pub use file::{GgufFile, TensorInfo};
-pub use write::{GgufTokenizer, GgufType, LLAMA2_CHAT_TEMPLATE, quantize_q8_0, save_gguf};
+pub use vocab::{GgufTokenizer, TokenizerFiles, tokenizer_files};
+pub use write::{GgufType, LLAMA2_CHAT_TEMPLATE, quantize_q8_0, save_gguf};
 
 use crate::checkpoint::ckpt_err;
 use crate::hf::{self, RopeRows};
@@ -130,9 +133,9 @@ pub(crate) fn gguf_name(hf: &str) -> String {
 }
 
 /// Reads a GGUF file of the `llama` architecture (its tensors dequantized to f32 by
-/// `crate::quants`) into our model, and the `tokenizer.json` it carries, if any. The config comes from the `llama.*` metadata and is
-/// checked against every tensor's shape.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Option<String>), ModelError> {
+/// `crate::quants`) into our model, and the tokenizer files its metadata describes, if any. The
+/// config comes from the `llama.*` metadata and is checked against every tensor's shape.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Option<TokenizerFiles>), ModelError> {
     let file = GgufFile::open(path)?;
     let origin = path.display().to_string();
     let err = |m: String| ckpt_err(format!("{origin}: {m}"));
@@ -141,12 +144,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
         Some(other) => return Err(err(format!("general.architecture is `{other}`; this reader takes `llama`"))),
         None => return Err(err("no general.architecture".into())),
     }
-    let tokenizer = file.get("tokenizer.huggingface.json").and_then(Value::as_str).map(String::from);
-    // Parsed first, so that a broken one is refused here, not written out to fail at its next use.
-    if let Some(json) = &tokenizer {
-        tokenizers::Tokenizer::from_bytes(json.as_bytes())
-            .map_err(|e| err(format!("metadata `tokenizer.huggingface.json` is not a valid tokenizer.json: {e}")))?;
-    }
+    let tokenizer = tokenizer_files(&file.metadata, &origin)?;
     let int = |key: &str| file.get(key).and_then(Value::as_u64).ok_or_else(|| err(format!("metadata `{key}` is missing or not an integer")));
     let embedding = file.tensors.iter().find(|t| t.name == "token_embd.weight").ok_or_else(|| err("no tensor `token_embd.weight`".into()))?;
     let vocab_size = match file.get("llama.vocab_size") {

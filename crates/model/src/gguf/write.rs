@@ -1,16 +1,14 @@
-//! Writing a GGUF file: the `llama` architecture's metadata, the tokenizer as llama.cpp's
-//! SentencePiece-style vocabulary, and the tensors in f32, f16 or Q8_0.
+//! Writing a GGUF file: the `llama` architecture's metadata, the tokenizer (`super::vocab`), and
+//! the tensors in f32, f16 or Q8_0.
 
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::Path;
 
-use super::{ALIGNMENT, MAGIC, TensorInfo, VERSION, Value, gguf_name};
+use super::{ALIGNMENT, GgufTokenizer, MAGIC, TensorInfo, VERSION, Value, gguf_name};
 
 /// Values per Q8_0 block, and its bytes (an f16 scale and 32 i8).
 const Q8_0_BLOCK: usize = 32;
 const Q8_0_BYTES: usize = 2 + Q8_0_BLOCK;
-use crate::checkpoint::ckpt_err;
 use crate::hf::{self, RopeRows};
 use crate::{Llama, LlamaConfig, ModelError};
 
@@ -117,84 +115,6 @@ pub fn quantize_q8_0(x: &[f32]) -> Vec<u8> {
         out.extend(block.iter().map(|v| (v * id).round() as i8 as u8));
     }
     out
-}
-
-/// The tokenizer as GGUF needs it: the `tokenizer.json` text, the BOS and EOS tokens and the chat
-/// template (`llama convert` takes them from `llama_data::Tokenizer`, which reads the
-/// checkpoint's tokenizer files; [`LLAMA2_CHAT_TEMPLATE`] when it declares none).
-#[derive(Debug, Clone)]
-pub struct GgufTokenizer {
-    pub json: String,
-    pub bos: String,
-    pub eos: String,
-    pub chat_template: String,
-}
-
-impl GgufTokenizer {
-    /// The `tokenizer.*` metadata of llama.cpp's `llama` (SentencePiece-style) tokenizer.
-    fn metadata(&self, vocab_size: usize, origin: &str) -> Result<Vec<(String, Value)>, ModelError> {
-        let err = |m: String| ckpt_err(format!("{origin}: {m}"));
-        let tok = tokenizers::Tokenizer::from_bytes(self.json.as_bytes()).map_err(|e| err(format!("cannot load tokenizer.json: {e}")))?;
-        let vocab = tok.get_vocab(true);
-        if !vocab.keys().any(|t| t.starts_with('▁')) || !vocab.contains_key("<0x00>") {
-            return Err(err("GGUF export writes llama.cpp's SentencePiece-style tokenizer (pieces marked `▁`, byte-fallback tokens <0x00>..<0xFF>), as Llama 2's; this tokenizer is not one".into()));
-        }
-        let id_of = |t: &str| vocab.get(t).copied().ok_or_else(|| err(format!("the tokenizer has no `{t}` token")));
-        let (bos, eos) = (id_of(&self.bos)?, id_of(&self.eos)?);
-        let mut tokens: Vec<Option<String>> = vec![None; vocab_size];
-        for (t, &id) in &vocab {
-            let slot = tokens.get_mut(id as usize).ok_or_else(|| err(format!("token `{t}` has id {id}, outside the model's vocabulary of {vocab_size}")))?;
-            *slot = Some(t.clone());
-        }
-        // SentencePiece merges the adjacent pair whose piece scores highest: the BPE merge order.
-        let raw: serde_json::Value = serde_json::from_str(&self.json).map_err(|e| err(format!("tokenizer.json: {e}")))?;
-        let mut scores = vec![0f32; vocab_size];
-        for (rank, merge) in raw["model"]["merges"].as_array().into_iter().flatten().enumerate() {
-            let merged = match merge {
-                serde_json::Value::String(s) => s.split_once(' ').map(|(a, b)| format!("{a}{b}")),
-                serde_json::Value::Array(p) => Some(p.iter().filter_map(|x| x.as_str()).collect()),
-                _ => None,
-            };
-            if let Some(&id) = merged.as_ref().and_then(|m| vocab.get(m)) {
-                scores[id as usize] = -(rank as f32) - 1.0;
-            }
-        }
-        let specials: HashMap<u32, bool> = tok.get_added_tokens_decoder().into_iter().map(|(id, t)| (id, t.special)).collect();
-        let unk = vocab.get("<unk>").copied();
-        let types: Vec<Value> = (0..vocab_size as u32)
-            .map(|id| {
-                let text = tokens[id as usize].as_deref().unwrap_or("");
-                Value::I32(if Some(id) == unk {
-                    2 // unknown
-                } else if tokens[id as usize].is_none() {
-                    5 // unused
-                } else if specials.get(&id) == Some(&true) {
-                    3 // control
-                } else if text.len() == 6 && text.starts_with("<0x") && text.ends_with('>') {
-                    6 // byte
-                } else {
-                    1 // normal
-                })
-            })
-            .collect();
-        let tokens = tokens.into_iter().enumerate().map(|(i, t)| Value::Str(t.unwrap_or_else(|| format!("[PAD{i}]")))).collect();
-        let mut meta = vec![
-            ("tokenizer.ggml.model".into(), Value::Str("llama".into())),
-            ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
-            ("tokenizer.ggml.scores".into(), Value::Array(scores.into_iter().map(Value::F32).collect())),
-            ("tokenizer.ggml.token_type".into(), Value::Array(types)),
-            ("tokenizer.ggml.bos_token_id".into(), Value::U32(bos)),
-            ("tokenizer.ggml.eos_token_id".into(), Value::U32(eos)),
-            ("tokenizer.ggml.add_bos_token".into(), Value::Bool(true)),
-            ("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)),
-            ("tokenizer.chat_template".into(), Value::Str(self.chat_template.clone())),
-            ("tokenizer.huggingface.json".into(), Value::Str(self.json.clone())),
-        ];
-        if let Some(unk) = unk {
-            meta.push(("tokenizer.ggml.unknown_token_id".into(), Value::U32(unk)));
-        }
-        Ok(meta)
-    }
 }
 
 /// The `general.*` and `llama.*` metadata of a model with this config.
