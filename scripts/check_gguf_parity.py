@@ -14,7 +14,10 @@ from the file's `tokenizer.ggml.*` metadata.
   greedy decoding from the same prompt ids. Equal ids pass; where they part, the script prints
   the position and llama.cpp's logit gap between its token and ours (a quantized file is read by
   two different dequantize-and-multiply paths, so a near-tie can flip).
-Exit status 1 if a tokenization differs or a generation parts where llama.cpp's gap is over 0.05.
+- Chat: three questions through llama.cpp's chat API (the template from the file's metadata) and
+  `llama chat --chat-template tokenizer`, greedy: the answers' text must be equal.
+Exit status 1 if a tokenization or a chat answer differs, or a generation parts where llama.cpp's
+gap is over 0.05.
 """
 
 import argparse
@@ -94,4 +97,15 @@ for prompt in prompts:
           f"{len(ours)} tokens: {'equal' if same else f'first difference at token {gap_at[0]}, llama.cpp logit gap {gap_at[1]:.4f}'}")
     if not same and gap_at[1] > 0.05:
         failed = True
+# Chat: llama.cpp's chat API with the template from the file's metadata, against `llama chat`
+# with the template from the converted tokenizer_config.json; both greedy.
+for question in ["What is the capital of France?", "Name three colours.", "What is 12 plus 30?"]:
+    llm.reset()
+    theirs = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0, top_k=1,
+                                        max_tokens=args.tokens, repeat_penalty=1.0)["choices"][0]["message"]["content"]
+    ours = subprocess.run([args.llama, "chat", "--checkpoint", args.checkpoint, "--chat-template", "tokenizer", "--temperature", "0",
+                           "--max-new-tokens", str(args.tokens)], input=question + "\n", capture_output=True, text=True, check=True).stdout
+    same = ours.strip() == theirs.strip()
+    print(f"chat {question!r}\n  ours      {ours.strip()!r}\n  llama.cpp {theirs.strip()!r}\n  {'equal' if same else 'DIFFERENT'}")
+    failed |= not same
 sys.exit(1 if failed else 0)

@@ -126,6 +126,15 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
     models(dir, 2048);
     let small = dir.join("small");
     save_rm(&small.join("help"), &tiny(1000));
+    // Finite weights whose activations overflow f32: a loss of NaN, not a perplexity.
+    struct Scale;
+    impl burn::module::ModuleMapper for Scale {
+        fn map_float<const D: usize>(&mut self, param: burn::module::Param<burn::tensor::Tensor<D>>) -> burn::module::Param<burn::tensor::Tensor<D>> {
+            param.map(|t| t.mul_scalar(1e20))
+        }
+    }
+    let huge = burn::module::Module::map(tiny(2048).init(&Device::flex()), &mut Scale);
+    llama_model::checkpoint::save_native(&huge, &tiny(2048), &dir.join("huge")).unwrap();
     // Shards of the shipped tokenizer, and a model directory whose tokenizer is another one.
     let tok = llama_data::Tokenizer::from_file(&repo().join("data/tokenizer.json")).unwrap();
     let corpus = std::fs::read_to_string(repo().join("data/corpus/brown.jsonl")).unwrap();
@@ -210,6 +219,19 @@ fn eval_refuses_bad_input_and_touches_nothing_else() {
         perplexity("zero-token windows", &["--seq-len", "0"], &["--seq-len 0"]),
         perplexity("shards of another tokenizer", &["--tokenizer", &other_tok.display().to_string()], &["manifest.json", "re-run prepare"]),
         llama_testkit::Case::new("missing shards", &["perplexity", "--model", &a, "--shards", "/nowhere/shards"], &["/nowhere/shards"]),
+        llama_testkit::Case::new(
+            "a model whose outputs overflow",
+            &[
+                "perplexity",
+                "--model",
+                &dir.join("huge").display().to_string(),
+                "--shards",
+                &shards_arg,
+                "--tokenizer",
+                &repo().join("data/tokenizer.json").display().to_string(),
+            ],
+            &["NaN", "not finite"],
+        ),
         llama_testkit::Case::new("no subcommand", &[], &["Usage"]),
     ];
     llama_testkit::refuse_all(env!("CARGO_BIN_EXE_eval"), dir, &cases);

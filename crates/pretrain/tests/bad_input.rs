@@ -55,6 +55,20 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
     assert!(pretrain(&["--config", &state_broken], &[]).0);
     std::fs::write(f.path("out-state/checkpoints/step-00000002/state.json"), "{\"step\": ").unwrap();
 
+    // The same corpus prepared again with other row groups, and a config that resumes the
+    // finished run `done` on it: its saved data cursor no longer points where it did.
+    let regrouped = root.join("s-regrouped");
+    let tok = llama_data::Tokenizer::from_file(&root.join("tokenizer.json")).unwrap();
+    let cfg = llama_data::prepare::PrepareConfig {
+        show_progress: false,
+        val_fraction: 0.1,
+        row_group_docs: 2,
+        ..llama_data::prepare::PrepareConfig::new(vec![root.join("corpus.jsonl")], regrouped.clone())
+    };
+    llama_data::prepare::prepare(&cfg, &tok).unwrap();
+    let changed =
+        edited("changed", MODEL, TRAIN, &[(&format!("shards = \"{shards}\""), &format!("shards = \"{}\"", regrouped.display())), ("out-changed", "out-done")]);
+
     let out = |name: &str| PathBuf::from(f.path(&format!("out-{name}")));
     let run = |name: &str, config: &str, extra: &[&str], needles: &[&str]| {
         let mut args = vec!["--config", config];
@@ -139,6 +153,12 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
         ),
         run("a truncated checkpoint on --resume", &broken, &["--resume"], &["step-00000002", "model.bpk"]),
         run("a corrupt checkpoint state on --resume", &state_broken, &["--resume"], &["step-00000002", "state.json"]),
+        run(
+            "shards that changed since the checkpoint on --resume",
+            &changed,
+            &["--resume", "--max-steps", "4"],
+            &["train-00000.parquet", "row groups", "now has"],
+        ),
         // The command line.
         run("zero max steps", &done, &["--max-steps", "0", "--resume"], &["done.toml", "max_steps"]),
         run("unknown recompute", &done, &["--recompute", "layers"], &["--recompute", "layers"]),

@@ -284,7 +284,8 @@ pub fn tokenizer_files(meta: &[(String, Value)], origin: &str) -> Result<Option<
         (None, Some(other)) => return Err(err(format!("tokenizer.ggml.model `{other}` is not supported (this reader takes `llama` and `gpt2`)"))),
         (None, None) => unreachable!("returned above"),
     };
-    tokenizers::Tokenizer::from_bytes(tokenizer.as_bytes()).map_err(|e| err(format!("its tokenizer is not a valid tokenizer.json: {e}")))?;
+    let source = if embedded.is_some() { "metadata `tokenizer.huggingface.json`" } else { "the tokenizer built from its `tokenizer.ggml.*` metadata" };
+    tokenizers::Tokenizer::from_bytes(tokenizer.as_bytes()).map_err(|e| err(format!("{source} is not a valid tokenizer.json: {e}")))?;
     let mut config = serde_json::Map::new();
     config.insert("tokenizer_class".into(), json!("PreTrainedTokenizerFast"));
     config.insert("clean_up_tokenization_spaces".into(), json!(false));
