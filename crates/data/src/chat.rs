@@ -302,7 +302,7 @@ impl Conversation {
     /// exchange, as SentencePiece does in Meta's code, and the answer's first word keeps its `▁`);
     /// the answer's tokens are those that start at or after the space before the answer, by the
     /// tokenizer's offsets. The answer's EOS carries loss too; a token that carries any character
-    /// of a tool result (`<result>...</result>`, which the runtime writes) carries none.
+    /// of a tool result only (`<result>...</result>`, which the runtime writes) carries none.
     pub fn tokenize(&self, tokenizer: &Tokenizer) -> Result<(Vec<u32>, Vec<bool>), DataError> {
         if let Some(template) = tokenizer.chat_template() {
             return self.tokenize_jinja(template, tokenizer);
@@ -323,7 +323,7 @@ impl Conversation {
             let (piece, offsets) = tokenizer.encode_with_offsets(&exchange.text)?;
             let results = exchange.answer_at.map_or(vec![], |at| tool_markup::result_spans(&exchange.text, at..exchange.text.len()));
             let in_answer = |(start, end): (usize, usize)| {
-                exchange.trained && exchange.answer_at.is_some_and(|at| start >= at) && !results.iter().any(|r| overlaps((start, end), r))
+                exchange.trained && exchange.answer_at.is_some_and(|at| start >= at) && !results.iter().any(|r| within((start, end), r))
             };
             mask.extend(offsets.iter().map(|&o| in_answer(o)));
             ids.extend(piece);
@@ -359,8 +359,8 @@ impl Conversation {
         let (ids, offsets) = tokenizer.encode_with_offsets(&whole)?;
         // A token that carries any of an answer's text is trained (one may also carry the end
         // of the header before it, e.g. `\nH`, where the tokenizer merges across the boundary),
-        // unless it carries any of a tool result's.
-        let mask = offsets.iter().map(|&o| spans.iter().any(|s| overlaps(o, s)) && !results.iter().any(|r| overlaps(o, r))).collect();
+        // unless it is made of a tool result's text only.
+        let mask = offsets.iter().map(|&o| spans.iter().any(|s| overlaps(o, s)) && !results.iter().any(|r| within(o, r))).collect();
         Ok((ids, mask))
     }
 
@@ -390,6 +390,14 @@ impl Conversation {
 /// Whether a token's byte range meets `span` (a zero-width token: whether it sits inside it).
 fn overlaps((start, end): (usize, usize), span: &std::ops::Range<usize>) -> bool {
     start < span.end && (end > span.start || (start == end && start >= span.start))
+}
+
+/// Whether the token at byte range `(start, end)` is made of `span`'s text only: a tool result's
+/// token carries no loss, but one that also carries the model's own text is trained (byte-level
+/// BPE joins `</call>` and `<result>` into `... call`, `><`, `result ...`: the model must write
+/// that `><`, and the runtime cuts it at `</call>`).
+fn within((start, end): (usize, usize), span: &std::ops::Range<usize>) -> bool {
+    span.start <= start && end <= span.end
 }
 
 /// Reads conversations from `.jsonl` (one object per line) or `.parquet` (a `messages` column of

@@ -56,6 +56,26 @@ fn calls_render_inside_the_answer_and_results_carry_no_loss() {
     assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, 37 years ago. ");
 }
 
+/// Byte-level BPE (SmolLM's, Llama 3's) joins the call's end and the result's start into one
+/// token `><`, which the model must write for the runtime to see `</call>`: it is trained; the
+/// tokens made of the result only are not. (Here `><` is an added token of the shipped
+/// tokenizer, so that it is one token as in SmolLM2's vocabulary.)
+#[test]
+fn a_token_joining_the_calls_end_and_the_results_start_is_trained() {
+    let mut inner = shipped_tokenizer().inner().clone();
+    inner.add_tokens([tokenizers::AddedToken::from("><", false)]).unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    inner.save(tmp.path().join("tokenizer.json"), false).unwrap();
+    let tok = Tokenizer::from_file(&tmp.path().join("tokenizer.json")).unwrap();
+    let joined = tok.token_to_id("><").unwrap();
+    let (ids, mask) = dated_chat().tokenize(&tok).unwrap();
+    let at = ids.iter().position(|&i| i == joined).expect("`><` is one token");
+    assert!(mask[at], "`><` carries the call's `>`: trained");
+    assert_eq!(text_where(&tok, &ids, &mask, true), "It was in 1989, <call>calculator(2026 - 1989)</call>< years ago. ");
+    let untrained_after: Vec<u32> = ids[at + 1..].iter().zip(&mask[at + 1..]).take_while(|&(_, &m)| !m).map(|(&i, _)| i).collect();
+    assert_eq!(tok.decode(&untrained_after).unwrap(), format!("{}37{RESULT_CLOSE}", &RESULT_OPEN[1..]));
+}
+
 #[test]
 fn generation_goes_on_after_a_result_from_the_ids_training_saw() {
     let tok = shipped_tokenizer();

@@ -28,6 +28,10 @@ const USER_DEFINED: i32 = 4;
 const UNUSED: i32 = 5;
 const BYTE: i32 = 6;
 
+/// The longest `llama`-kind piece that merges are derived for (SentencePiece's own limit is 16
+/// characters, at most 64 bytes).
+const MAX_MERGED_PIECE_BYTES: usize = 256;
+
 /// Llama 3's pre-tokenizer expression (llama.cpp's `LLAMA_VOCAB_PRE_TYPE_LLAMA3`, written with
 /// the case-insensitive group as `tokenizers` has it).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
@@ -338,7 +342,9 @@ fn sentencepiece_json(tokens: &[String], scores: &[f64], types: &[i32], add_spac
     let id: HashMap<&str, usize> = tokens.iter().enumerate().rev().map(|(i, t)| (t.as_str(), i)).collect();
     let mut merges: Vec<(f64, usize, usize, usize)> = vec![];
     for (piece_id, piece) in tokens.iter().enumerate() {
-        if types[piece_id] != NORMAL || id[piece.as_str()] != piece_id {
+        // Each split hashes both halves: quadratic in a piece's length, so a stranger's file with
+        // a megabyte-long piece must not reach here (real pieces are a few dozen bytes).
+        if types[piece_id] != NORMAL || id[piece.as_str()] != piece_id || piece.len() > MAX_MERGED_PIECE_BYTES {
             continue;
         }
         for (at, _) in piece.char_indices().skip(1) {
