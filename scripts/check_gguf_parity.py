@@ -22,6 +22,7 @@ gap is over 0.05.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 
@@ -99,7 +100,10 @@ for prompt in prompts:
         failed = True
 # Chat: llama.cpp's chat API with the template from the file's metadata, against `llama chat`
 # with the template from the converted tokenizer_config.json; both greedy.
-for question in ["What is the capital of France?", "Name three colours.", "What is 12 plus 30?"]:
+has_template = "chat_template" in json.load(open(f"{args.checkpoint}/tokenizer_config.json")) if os.path.exists(f"{args.checkpoint}/tokenizer_config.json") else False
+if not has_template:
+    print("chat: skipped (the checkpoint's tokenizer_config.json has no chat_template)")
+for question in ["What is the capital of France?", "Name three colours.", "What is 12 plus 30?"] if has_template else []:
     llm.reset()
     theirs = llm.create_chat_completion(messages=[{"role": "user", "content": question}], temperature=0.0, top_k=1,
                                         max_tokens=args.tokens, repeat_penalty=1.0)["choices"][0]["message"]["content"]
