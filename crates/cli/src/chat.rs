@@ -214,7 +214,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         "tokenizer" => llama_data::chat::ChatTemplateChoice::Tokenizer,
         other => bail!("--chat-template `{other}`: allowed values: llama2, tokenizer"),
     };
-    let tokenizer_path = tokenizer.unwrap_or_else(|| crate::default_tokenizer(&dir));
+    let tokenizer_path = match tokenizer {
+        Some(path) => path,
+        None => crate::default_tokenizer(&dir)?,
+    };
     let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
     let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
     let (config, model) = checkpoint::load(&dir, &device)?;

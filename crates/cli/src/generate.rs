@@ -36,7 +36,10 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let GenerateArgs { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools, print_ids } = args;
     let device = device::parse(&sampling.device)?;
-    let tokenizer_path = tokenizer.unwrap_or_else(|| crate::default_tokenizer(&dir));
+    let tokenizer_path = match tokenizer {
+        Some(path) => path,
+        None => crate::default_tokenizer(&dir)?,
+    };
     if let Some(toolbox) = tools.toolbox()? {
         let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
         let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;

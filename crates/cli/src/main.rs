@@ -131,12 +131,20 @@ impl SamplingArgs {
 /// The tokenizer of a `--checkpoint` when `--tokenizer` is not given: the `tokenizer.json` of the
 /// checkpoint it resolves to (a run directory's newest, which training writes there), else the
 /// one in the directory given; for a GGUF file, the one beside it.
-pub(crate) fn default_tokenizer(checkpoint: &std::path::Path) -> PathBuf {
+pub(crate) fn default_tokenizer(checkpoint: &std::path::Path) -> anyhow::Result<PathBuf> {
     if llama_model::gguf::is_gguf(checkpoint) {
-        return checkpoint.with_file_name("tokenizer.json");
+        let beside = checkpoint.with_file_name("tokenizer.json");
+        if !beside.is_file() {
+            anyhow::bail!(
+                "{}: no tokenizer.json beside this GGUF file; pass --tokenizer, or convert the file (llama convert --from {} --to DIR), which writes the tokenizer its metadata holds into DIR",
+                checkpoint.display(),
+                checkpoint.display()
+            );
+        }
+        return Ok(beside);
     }
     let resolved = llama_model::checkpoint::resolve(checkpoint).join("tokenizer.json");
-    if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") }
+    Ok(if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") })
 }
 
 fn main() -> ExitCode {

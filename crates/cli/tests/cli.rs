@@ -82,6 +82,17 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
     write("tiny.toml", "[model]\ndim = 32\nn_layers = 1\nn_heads = 2\nvocab_size = 64\nmultiple_of = 16\nmax_seq_len = 32\n");
     let small = llama_model::LlamaConfig::new(32, 1, 2).with_vocab_size(64).with_multiple_of(16).with_max_seq_len(32);
     llama_model::checkpoint::save_native(&small.init(&burn::tensor::Device::flex()), &small, &dir.join("small")).unwrap();
+    // A GGUF file with no tokenizer.json beside it.
+    std::fs::create_dir_all(dir.join("lone")).unwrap();
+    llama_model::gguf::save_gguf(
+        &small.init(&burn::tensor::Device::flex()),
+        &small,
+        None,
+        "lone",
+        &dir.join("lone/model.gguf"),
+        llama_model::gguf::GgufType::F32,
+    )
+    .unwrap();
     let chat = small.clone().with_vocab_size(2048);
     llama_model::checkpoint::save_native(&chat.init(&burn::tensor::Device::flex()), &chat, &dir.join("chat")).unwrap();
     // Hugging Face directories broken in different ways, from the shipped fixture.
@@ -204,6 +215,11 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
             "generate: --tools past the model's length",
             &["generate", "--checkpoint", &chat_dir, "--tokenizer", &tok, "--prompt", "Hi", "--max-new-tokens", "500", "--tools"],
             &["max_seq_len"],
+        ),
+        Case::new(
+            "generate: a GGUF file without a tokenizer beside it",
+            &["generate", "--checkpoint", &p("lone/model.gguf"), "--prompt", "Hi"],
+            &["lone/model.gguf", "--tokenizer", "llama convert --from"],
         ),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
         Case::new(
