@@ -51,7 +51,8 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     check_convert_target(&from, &to, overwrite, target == Target::Gguf)?;
     let device = device::parse("flex")?;
     let (config, model, tokenizer_files) = if from_gguf {
-        gguf::load_gguf(&from, &device)?
+        let (config, model, metadata) = gguf::load_gguf(&from, &device)?;
+        (config, model, gguf::tokenizer_files(&metadata, &from.display().to_string())?)
     } else {
         let (config, model) = checkpoint::load(&from, &device)?;
         (config, model, None)

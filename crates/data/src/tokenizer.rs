@@ -293,12 +293,12 @@ impl Tokenizer {
         }
     }
 
-    /// Number of ids, added tokens included: every id the tokenizer can produce is below it.
     /// The longest token's text, in bytes (an upper bound on the text one token covers).
     pub fn max_token_bytes(&self) -> usize {
         self.inner.get_vocab(true).keys().map(String::len).max().unwrap_or(1)
     }
 
+    /// Number of ids, added tokens included: every id the tokenizer can produce is below it.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }

@@ -57,15 +57,7 @@ fn pretrain_refuses_bad_input_and_touches_nothing_else() {
 
     // The same corpus prepared again with other row groups, and a config that resumes the
     // finished run `done` on it: its saved data cursor no longer points where it did.
-    let regrouped = root.join("s-regrouped");
-    let tok = llama_data::Tokenizer::from_file(&root.join("tokenizer.json")).unwrap();
-    let cfg = llama_data::prepare::PrepareConfig {
-        show_progress: false,
-        val_fraction: 0.1,
-        row_group_docs: 2,
-        ..llama_data::prepare::PrepareConfig::new(vec![root.join("corpus.jsonl")], regrouped.clone())
-    };
-    llama_data::prepare::prepare(&cfg, &tok).unwrap();
+    let regrouped = f.prepare("s-regrouped", 2);
     let changed =
         edited("changed", MODEL, TRAIN, &[(&format!("shards = \"{shards}\""), &format!("shards = \"{}\"", regrouped.display())), ("out-changed", "out-done")]);
 

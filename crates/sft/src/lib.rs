@@ -151,9 +151,9 @@ pub fn tokenize_all(chats: &[Conversation], tokenizer: &Tokenizer, truncate_at: 
     let max_token_bytes = tokenizer.max_token_bytes();
     chats
         .iter()
-        .map(|c| match truncate_at.and_then(|n| c.cut_for(n, max_token_bytes)) {
-            Some(cut) => cut.tokenize(tokenizer).map_err(Into::into),
-            None => c.tokenize(tokenizer).map_err(Into::into),
+        .map(|c| {
+            let cut = truncate_at.and_then(|n| c.cut_for(n, max_token_bytes));
+            Ok(cut.as_ref().unwrap_or(c).tokenize(tokenizer)?)
         })
         .collect()
 }

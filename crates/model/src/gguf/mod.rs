@@ -133,9 +133,12 @@ pub(crate) fn gguf_name(hf: &str) -> String {
 }
 
 /// Reads a GGUF file of the `llama` architecture (its tensors dequantized to f32 by
-/// `crate::quants`) into our model, and the tokenizer files its metadata describes, if any. The
-/// config comes from the `llama.*` metadata and is checked against every tensor's shape.
-pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Option<TokenizerFiles>), ModelError> {
+/// `crate::quants`) into our model, and returns its metadata beside it, from which
+/// [`tokenizer_files`] builds the tokenizer for a caller that writes one (building it costs a
+/// parse of the whole vocabulary, which loading a model for training or generation does not
+/// need). The config comes from the `llama.*` metadata and is checked against every tensor's
+/// shape.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Vec<(String, Value)>), ModelError> {
     let file = GgufFile::open(path)?;
     let origin = path.display().to_string();
     let err = |m: String| ckpt_err(format!("{origin}: {m}"));
@@ -144,7 +147,6 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
         Some(other) => return Err(err(format!("general.architecture is `{other}`; this reader takes `llama`"))),
         None => return Err(err("no general.architecture".into())),
     }
-    let tokenizer = tokenizer_files(&file.metadata, &origin)?;
     let int = |key: &str| file.get(key).and_then(Value::as_u64).ok_or_else(|| err(format!("metadata `{key}` is missing or not an integer")));
     let embedding = file.tensors.iter().find(|t| t.name == "token_embd.weight").ok_or_else(|| err("no tensor `token_embd.weight`".into()))?;
     let vocab_size = match file.get("llama.vocab_size") {
@@ -183,7 +185,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Op
     if let Some(extra) = by_name.keys().next() {
         return Err(err(format!("unexpected tensor `{extra}` for a llama model")));
     }
-    Ok((config, model, tokenizer))
+    Ok((config, model, file.metadata))
 }
 
 /// The `config.json` keys [`load_gguf`] passes the metadata as, and the GGUF keys they came from.

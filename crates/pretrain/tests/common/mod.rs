@@ -34,11 +34,20 @@ impl Fixture {
         let src = dir.path().join("corpus.jsonl");
         std::fs::write(&src, lines.join("\n")).unwrap();
         let texts: Vec<String> = lines.iter().map(|l| serde_json::from_str::<Value>(l).unwrap()["text"].as_str().unwrap().to_string()).collect();
-        let tok = Tokenizer::train(texts.iter(), vocab).unwrap();
-        tok.save(&dir.path().join("tokenizer.json")).unwrap();
-        let cfg = PrepareConfig { show_progress: false, val_fraction: 0.1, row_group_docs: 4, ..PrepareConfig::new(vec![src], dir.path().join("shards")) };
+        Tokenizer::train(texts.iter(), vocab).unwrap().save(&dir.path().join("tokenizer.json")).unwrap();
+        let fixture = Self { dir };
+        fixture.prepare("shards", 4);
+        fixture
+    }
+
+    /// The fixture's corpus prepared with its tokenizer into `NAME/`, `row_group_docs` documents
+    /// per row group; returns the directory.
+    pub fn prepare(&self, name: &str, row_group_docs: usize) -> std::path::PathBuf {
+        let (root, out) = (self.dir.path(), self.dir.path().join(name));
+        let tok = Tokenizer::from_file(&root.join("tokenizer.json")).unwrap();
+        let cfg = PrepareConfig { show_progress: false, val_fraction: 0.1, row_group_docs, ..PrepareConfig::new(vec![root.join("corpus.jsonl")], out.clone()) };
         prepare(&cfg, &tok).unwrap();
-        Self { dir }
+        out
     }
 
     pub fn path(&self, p: &str) -> String {
