@@ -221,9 +221,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
     let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
     let (config, model) = checkpoint::load(&dir, &device)?;
-    if tok.vocab_size() > config.vocab_size {
-        bail!("{}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer_path.display(), tok.vocab_size(), config.vocab_size);
-    }
+    config.check_vocabulary(&tokenizer_path.display().to_string(), tok.vocab_size())?;
     if max_new_tokens == 0 || max_new_tokens >= config.max_seq_len {
         bail!("--max-new-tokens {max_new_tokens}: must be above 0 and leave room for a prompt in the model's max_seq_len {}", config.max_seq_len);
     }

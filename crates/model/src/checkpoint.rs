@@ -105,6 +105,19 @@ pub fn load(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelEr
     }
 }
 
+/// The config of what [`load`] would load, read without the weights (a launch check needs the
+/// model's shape before anything large is read).
+pub fn load_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
+    if crate::gguf::is_gguf(dir) {
+        return crate::gguf::gguf_config(dir);
+    }
+    let dir = &resolve(dir);
+    match detect(dir)? {
+        Format::Native => LlamaConfig::from_toml_file(&dir.join(NATIVE_CONFIG)),
+        Format::HuggingFace => crate::hf::hf_config(dir),
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Native
 

@@ -330,6 +330,15 @@ impl LlamaConfig {
         Ok(())
     }
 
+    /// The one vocabulary rule: a tokenizer of `tokenizer_ids` ids may only produce ids this
+    /// model has an embedding for. `origin` names the file or flag that chose the tokenizer.
+    pub fn check_vocabulary(&self, origin: &str, tokenizer_ids: usize) -> Result<(), ModelError> {
+        if tokenizer_ids > self.vocab_size {
+            return Err(ModelError::Config(format!("{origin}: the tokenizer has {tokenizer_ids} ids but the model's vocabulary is {}", self.vocab_size)));
+        }
+        Ok(())
+    }
+
     /// Refuses, before anything is allocated, a model whose weights alone (f32, as every loader
     /// builds them) exceed this machine's memory when they are to live on the CPU. `origin`
     /// names the file the config came from. Unknown memory (not Linux) or a GPU device: no check

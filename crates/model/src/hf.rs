@@ -290,12 +290,18 @@ fn hf_weight_files(dir: &Path) -> Result<(Vec<PathBuf>, HashMap<String, PathBuf>
     }
 }
 
-/// Loads a Hugging Face `LlamaForCausalLM` directory (safetensors, single or sharded).
-pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
+/// The model config of a Hugging Face directory (its `config.json`).
+pub fn hf_config(dir: &Path) -> Result<LlamaConfig, ModelError> {
     let config_path = dir.join(HF_CONFIG);
     let text = std::fs::read_to_string(&config_path).map_err(|e| io_err(&config_path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| ModelError::Config(format!("{}: invalid JSON: {e}", config_path.display())))?;
-    let config = config_from_hf(&json, &config_path.display().to_string())?;
+    config_from_hf(&json, &config_path.display().to_string())
+}
+
+/// Loads a Hugging Face `LlamaForCausalLM` directory (safetensors, single or sharded).
+pub fn load_hf(dir: &Path, device: &Device) -> Result<(LlamaConfig, Llama), ModelError> {
+    let config_path = dir.join(HF_CONFIG);
+    let config = hf_config(dir)?;
     config.check_host_memory(device, &config_path.display().to_string())?;
     let (files, _) = hf_weight_files(dir)?;
     let mut model = config.init_lazy(device);

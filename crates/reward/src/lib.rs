@@ -18,9 +18,9 @@ use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Role};
 use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_model::{Llama, LlamaConfig};
-use llama_trainer::checkpoint::{MODEL_FILE, init_model};
+use llama_trainer::checkpoint::MODEL_FILE;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
+use llama_trainer::{LoopConfig, Metrics, Objective, Stage, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::{IndexedRandom, SliceRandom};
@@ -490,17 +490,13 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     }
     let tokenizer =
         Tokenizer::from_file(&cfg.data.tokenizer)?.with_chat_template(cfg.data.chat_template).with_context(|| format!("{origin}: data.chat_template"))?;
-    let device = llama_model::device::parse(&cfg.run.device)?;
-    device.seed(cfg.train.seed);
-    let train_device = device.clone().autodiff();
-    let (model_config, trunk) = init_model(&cfg.init, &train_device).with_context(|| format!("{origin}: init"))?;
-    if tokenizer.vocab_size() > model_config.vocab_size {
-        bail!("{origin}: the tokenizer has {} ids but the model's vocabulary is {}", tokenizer.vocab_size(), model_config.vocab_size);
-    }
-    let model = RewardModel::from_trunk(trunk, model_config.dim, &train_device);
+    // Everything that can refuse the run comes before the weights are read (the launch check
+    // needs the longest pair, so the pairs come first).
+    let stage = Stage::open(&origin.to_string(), &cfg.init)?;
+    stage.check_tokenizer(tokenizer.vocab_size())?;
     let load = |path: &Path, category: Category| -> anyhow::Result<Vec<Pair>> {
         let (pairs, _) = load_pairs(path, &tokenizer, category)?;
-        check_pair_lengths(&pairs, path, model_config.max_seq_len)?;
+        check_pair_lengths(&pairs, path, stage.model_config.max_seq_len)?;
         Ok(pairs)
     };
     let help = load(&cfg.data.helpfulness, Category::Helpfulness)?;
@@ -519,6 +515,12 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     let total_steps = overrides.epoch_stage_steps(&cfg.train, train.len(), cfg.data.epochs);
     cfg.train.max_steps = Some(total_steps);
     cfg.train.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    let loop_config =
+        LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim, &cfg.schedule, total_steps, &stage.model_config, longest.max(1), overrides, true)
+            .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))?
+            .with_tokenizer(&cfg.data.tokenizer);
+    let (train_device, trunk) = stage.load_model(&cfg.run, cfg.train.seed)?;
+    let model = RewardModel::from_trunk(trunk, stage.model_config.dim, &train_device);
     let world = llama_trainer::distributed::world();
     world.say(format_args!(
         "reward ({:?}): {} pairs ({} helpfulness, {} safety available) | {} steps of {} pairs | out {}",
@@ -539,8 +541,6 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         pad: tokenizer.eos_id(),
         device: train_device,
     };
-    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, longest.max(1), overrides, true)?
-        .with_tokenizer(&cfg.data.tokenizer);
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     Ok(summary)
 }

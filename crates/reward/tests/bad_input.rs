@@ -65,7 +65,14 @@ fn reward_refuses_bad_input_and_touches_nothing_else() {
     let template = config(dir, "template", "policy", "good.jsonl", "good.jsonl", "");
     let text = std::fs::read_to_string(&template).unwrap().replace("[data]\n", "[data]\nchat_template = \"tokenizer\"\n");
     std::fs::write(&template, text).unwrap();
+    // A run too big for its device, from a model whose weights are corrupt.
+    llama_model::checkpoint::save_native(&tiny(2048).init(&device), &tiny(2048), &dir.join("unread")).unwrap();
+    std::fs::write(dir.join("unread/model.safetensors"), "not weights").unwrap();
+    let too_big = config(dir, "fit", "unread", "good.jsonl", "good.jsonl", "");
+    std::fs::write(&too_big, std::fs::read_to_string(&too_big).unwrap().replace("[run]\n", "[run]\ndevice_memory_gib = 0.000001\n")).unwrap();
     let cases = vec![
+        // The launch check comes before the weights are read.
+        Case::new("a run that does not fit its device, before its weights", &["--config", &too_big], &["fit.toml", "needs about", "device_memory_gib"]),
         Case::new(
             "the tokenizer's chat template, which it does not have",
             &["--config", &template],

@@ -195,8 +195,6 @@ pub fn load_scorers(cfg: &RlhfConfig, policy_config: &LlamaConfig, tokenizer: &T
             );
         }
     }
-    if tokenizer.vocab_size() > policy_config.vocab_size {
-        bail!("{origin}: the tokenizer has {} ids but the policy's vocabulary is {}", tokenizer.vocab_size(), policy_config.vocab_size);
-    }
+    policy_config.check_vocabulary(origin, tokenizer.vocab_size())?;
     Ok(Scorers { helpfulness: helpfulness.valid(), safety: safety.valid(), threshold: cfg.data.safety_threshold, pad: tokenizer.eos_id() })
 }

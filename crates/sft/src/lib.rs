@@ -12,9 +12,8 @@ use llama_data::chat::{ChatTemplateChoice, Conversation, Message, Overlong, Pack
 use llama_data::sampler::{EpochCursor, EpochSampler};
 use llama_model::Llama;
 use llama_model::generate::{SamplingConfig, generate};
-use llama_trainer::checkpoint::init_model;
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig, load_toml};
-use llama_trainer::{LoopConfig, Metrics, Objective, Summary};
+use llama_trainer::{LoopConfig, Metrics, Objective, Stage, Summary};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -346,19 +345,14 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     if let Some(i) = &overrides.init {
         cfg.init = i.clone();
     }
-    let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?
-        .with_chat_template(cfg.data.chat_template)
-        .with_context(|| format!("{}: data.chat_template", config_path.display()))?;
-    let device = llama_model::device::parse(&cfg.run.device)?;
-    device.seed(cfg.train.seed);
-    let train_device = device.clone().autodiff();
-    let (model_config, model) = init_model(&cfg.init, &train_device).with_context(|| format!("{}: init", config_path.display()))?;
-    if tokenizer.vocab_size() > model_config.vocab_size {
-        bail!("{}: the tokenizer has {} ids but the model's vocabulary is {}", config_path.display(), tokenizer.vocab_size(), model_config.vocab_size);
-    }
-    if cfg.data.seq_len > model_config.max_seq_len {
-        bail!("{}: data.seq_len ({}) exceeds the model's max_seq_len ({})", config_path.display(), cfg.data.seq_len, model_config.max_seq_len);
-    }
+    let origin = config_path.display().to_string();
+    // Everything that can refuse the run comes before the data and the weights are read.
+    let stage = Stage::open(&origin, &cfg.init)?;
+    let tokenizer =
+        Tokenizer::from_file(&cfg.data.tokenizer)?.with_chat_template(cfg.data.chat_template).with_context(|| format!("{origin}: data.chat_template"))?;
+    stage.check_tokenizer(tokenizer.vocab_size())?;
+    stage.check_seq_len("data.seq_len", cfg.data.seq_len)?;
+    stage.check_launch(&cfg.run, &cfg.train, cfg.data.seq_len)?;
     let mut chats = vec![];
     for path in cfg.data.train.paths() {
         chats.extend(load_training_conversations(path)?);
@@ -387,10 +381,14 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
     };
     let total_steps = overrides.epoch_stage_steps(&cfg.train, train.len(), cfg.data.epochs);
     cfg.train.max_steps = Some(total_steps);
+    let loop_config =
+        LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim, &cfg.schedule, total_steps, &stage.model_config, cfg.data.seq_len, overrides, true)?
+            .with_tokenizer(&cfg.data.tokenizer);
+    let (train_device, model) = stage.load_model(&cfg.run, cfg.train.seed)?;
     let world = llama_trainer::distributed::world();
     world.say(format_args!(
         "sft: {} parameters from {} | {} steps of {} sequences x {} tokens | out {}",
-        model_config.num_params(),
+        stage.model_config.num_params(),
         cfg.init.display(),
         total_steps,
         cfg.train.batch_size,
@@ -409,8 +407,6 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         eval_cfg: cfg.eval,
         micro_batch: cfg.train.micro_batch_size,
     };
-    let loop_config = LoopConfig::new(cfg.train, cfg.run, cfg.optim, &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, true)?
-        .with_tokenizer(&cfg.data.tokenizer);
     let (_, summary) = llama_trainer::train(model, &mut objective, &loop_config)?;
     if let Some(dir) = &summary.checkpoint {
         world.say(format_args!("done: {} steps; checkpoint {}", summary.steps, dir.display()));

@@ -38,6 +38,8 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
     let dir = tmp.path();
     model(dir, "policy", 2048);
     model(dir, "small", 256);
+    model(dir, "unread", 2048);
+    std::fs::write(dir.join("unread/model.safetensors"), "not weights").unwrap();
     let chats = [
         ("good.jsonl", format!("{GOOD}\n{GOOD}\n")),
         ("useronly.jsonl", format!("{GOOD}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"and then?\"}}]}}\n")),
@@ -77,6 +79,11 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
     let in_train = |name: &str, line: &str| {
         let path = config(dir, name, "good.jsonl", "policy", "");
         std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("max_steps = 1", line)).unwrap();
+        path
+    };
+    let too_big = |name: &str| {
+        let path = config(dir, name, "missing.jsonl", "unread", "");
+        std::fs::write(&path, std::fs::read_to_string(&path).unwrap().replace("[run]\n", "[run]\ndevice_memory_gib = 0.000001\n")).unwrap();
         path
     };
     let cases = vec![
@@ -128,6 +135,9 @@ fn sft_refuses_bad_input_and_touches_nothing_else() {
             &["--config", &in_train("tokens", "max_tokens = 100")],
             &["tokens.toml", "train.max_tokens", "train.max_steps"],
         ),
+        // The launch check comes before any data or weights are read: a run too big for its
+        // device is refused for that, though its chat file is missing and its weights corrupt.
+        Case::new("a run that does not fit its device, before its data", &["--config", &too_big("fit")], &["fit.toml", "needs about", "device_memory_gib"]),
         Case::new("a missing init", &["--config", &config(dir, "noinit", "good.jsonl", "nowhere", "")], &["noinit.toml", "nowhere"]),
         Case::new("a model smaller than the tokenizer", &["--config", &config(dir, "vocab", "good.jsonl", "small", "")], &["vocab.toml", "vocabulary"]),
         Case::new("a missing config", &["--config", &dir.join("nothere.toml").display().to_string()], &["nothere.toml"]),

@@ -224,6 +224,30 @@ mod tests {
     }
 }
 
+/// The config of the model [`init_model`] would load from `path`, read without its weights.
+pub fn init_config(path: &Path) -> anyhow::Result<llama_model::LlamaConfig> {
+    if llama_model::gguf::is_gguf(path) {
+        return Ok(llama_model::gguf::gguf_config(path)?);
+    }
+    let dir = llama_model::checkpoint::resolve(path);
+    if !dir.exists() {
+        anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
+    }
+    if let Some(text) = legacy_model_config(&dir)? {
+        return Ok(llama_model::LlamaConfig::from_toml_str(&text, &dir.join(STATE_FILE).display().to_string())?);
+    }
+    Ok(llama_model::checkpoint::load_config(&dir)?)
+}
+
+/// A checkpoint from before config.toml was written beside the weights: its model config, which
+/// only its `state.json` holds.
+fn legacy_model_config(dir: &Path) -> anyhow::Result<Option<String>> {
+    if !dir.join(llama_model::checkpoint::NATIVE_CONFIG).is_file() && dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
+        return Ok(Some(Checkpoints::load_state(dir)?.model_config));
+    }
+    Ok(None)
+}
+
 /// Loads a model to start a stage from: a run directory (its newest checkpoint), a training
 /// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint or a Hugging Face
 /// directory. Returns the config and the model on `device`.
@@ -235,10 +259,8 @@ pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<
     if !dir.exists() {
         anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
     }
-    if !dir.join(llama_model::checkpoint::NATIVE_CONFIG).is_file() && dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
-        // A checkpoint from before config.toml was written beside the weights.
-        let state = Checkpoints::load_state(&dir)?;
-        let config = llama_model::LlamaConfig::from_toml_str(&state.model_config, &dir.join(STATE_FILE).display().to_string())?;
+    if let Some(text) = legacy_model_config(&dir)? {
+        let config = llama_model::LlamaConfig::from_toml_str(&text, &dir.join(STATE_FILE).display().to_string())?;
         let mut model = config.init(device);
         llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
         return Ok((config, model));

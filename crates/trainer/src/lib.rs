@@ -16,6 +16,7 @@ pub mod run;
 pub mod schedule;
 pub mod sharded;
 pub mod signals;
+pub mod stage;
 pub mod tensorboard;
 pub mod test_hooks;
 
@@ -26,6 +27,7 @@ pub use objective::Objective;
 pub use precision::{LossScale, Precision};
 pub use run::{LoopConfig, Overrides, Summary, train};
 pub use schedule::Schedule;
+pub use stage::Stage;
 
 /// A model config as the TOML text (a `[model]` table) that checkpoints store and compare.
 pub fn model_config_toml(config: &llama_model::LlamaConfig) -> anyhow::Result<String> {

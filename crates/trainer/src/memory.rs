@@ -15,15 +15,19 @@ pub fn check_launch(run: &RunConfig, model: &LlamaConfig, train: &TrainConfig, s
     let device = llama_model::device::parse(&run.device).map_err(|e| format!("run.device: {e}"))?;
     llama_model::device::probe(&device, &run.device).map_err(|e| format!("run.device: {e}"))?;
     precision.check_device(&device, &run.device)?;
+    check_fits(run, model, train.micro_batch_size, seq_len, &run.training_memory(precision, train))?;
+    Ok(precision)
+}
+
+/// Mixed precision on the CPU is allowed (it tests that path) but rarely what a CPU user wants:
+/// a note, printed once per run by the loop's setup.
+pub fn note_cpu_precision(run: &RunConfig, precision: llama_model::Precision) {
     if precision != llama_model::Precision::F32 && llama_model::device::is_cpu(&run.device) && crate::distributed::world().is_root() {
-        // Allowed (it tests the mixed-precision path), but rarely what a CPU user wants.
         eprintln!(
             "note: run.dtype = \"{}\" on the CPU: mixed precision is meant for GPUs; run.dtype = \"f32\" is the CPU's tested and benchmarked setting",
             run.dtype
         );
     }
-    check_fits(run, model, train.micro_batch_size, seq_len, &run.training_memory(precision, train))?;
-    Ok(precision)
 }
 
 const GIB: f64 = (1u64 << 30) as f64;

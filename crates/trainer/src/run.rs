@@ -122,6 +122,7 @@ impl LoopConfig {
         eval_at_start: bool,
     ) -> anyhow::Result<Self> {
         let precision = crate::memory::check_launch(&run, model, &train, seq_len).map_err(anyhow::Error::msg)?;
+        crate::memory::note_cpu_precision(&run, precision);
         let devices = crate::parallel::devices(&run.device, run.devices).map_err(anyhow::Error::msg)?;
         let accumulation = train.accumulation();
         let ranks = crate::distributed::world().size();

@@ -142,6 +142,34 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Ve
     let file = GgufFile::open(path)?;
     let origin = path.display().to_string();
     let err = |m: String| ckpt_err(format!("{origin}: {m}"));
+    let config = config_of(&file, &origin)?;
+    config.check_host_memory(device, &origin)?;
+    let mut model = config.init_lazy(device);
+    let mut by_name: HashMap<&str, &TensorInfo> = file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
+    for (hf_name, shape, kind) in hf::hf_layout(&config) {
+        let name = gguf_name(&hf_name);
+        let t = by_name.remove(name.as_str()).ok_or_else(|| err(format!("tensor `{name}` is missing")))?;
+        let want: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
+        if t.ne != want {
+            return Err(err(format!("tensor `{name}` has ne {:?}, but the metadata implies {want:?}", t.ne)));
+        }
+        let data = file.tensor_f32(t, path)?;
+        hf::refuse_non_finite(&data, &name, &origin)?;
+        hf::set_tensor(&mut model, &config, &hf_name, &shape, kind, data, RopeRows::Meta, device);
+    }
+    if let Some(extra) = by_name.keys().next() {
+        return Err(err(format!("unexpected tensor `{extra}` for a llama model")));
+    }
+    Ok((config, model, file.metadata))
+}
+
+/// The model config a GGUF file's `llama.*` metadata describes, read without its tensors' data.
+pub fn gguf_config(path: &Path) -> Result<LlamaConfig, ModelError> {
+    config_of(&GgufFile::open(path)?, &path.display().to_string())
+}
+
+fn config_of(file: &GgufFile, origin: &str) -> Result<LlamaConfig, ModelError> {
+    let err = |m: String| ckpt_err(format!("{origin}: {m}"));
     match file.get("general.architecture").and_then(Value::as_str) {
         Some("llama") => {}
         Some(other) => return Err(err(format!("general.architecture is `{other}`; this reader takes `llama`"))),
@@ -167,25 +195,7 @@ pub fn load_gguf(path: &Path, device: &Device) -> Result<(LlamaConfig, Llama, Ve
         "tie_word_embeddings": !file.tensors.iter().any(|t| t.name == "output.weight"),
     });
     // Errors name the GGUF key the value came from, not config.json's.
-    let config = hf::config_from_hf(&hf_config, &origin).map_err(|e| ModelError::Config(hf::rename_keys(&e.to_string(), GGUF_KEYS)))?;
-    config.check_host_memory(device, &origin)?;
-    let mut model = config.init_lazy(device);
-    let mut by_name: HashMap<&str, &TensorInfo> = file.tensors.iter().map(|t| (t.name.as_str(), t)).collect();
-    for (hf_name, shape, kind) in hf::hf_layout(&config) {
-        let name = gguf_name(&hf_name);
-        let t = by_name.remove(name.as_str()).ok_or_else(|| err(format!("tensor `{name}` is missing")))?;
-        let want: Vec<u64> = shape.iter().rev().map(|&d| d as u64).collect();
-        if t.ne != want {
-            return Err(err(format!("tensor `{name}` has ne {:?}, but the metadata implies {want:?}", t.ne)));
-        }
-        let data = file.tensor_f32(t, path)?;
-        hf::refuse_non_finite(&data, &name, &origin)?;
-        hf::set_tensor(&mut model, &config, &hf_name, &shape, kind, data, RopeRows::Meta, device);
-    }
-    if let Some(extra) = by_name.keys().next() {
-        return Err(err(format!("unexpected tensor `{extra}` for a llama model")));
-    }
-    Ok((config, model, file.metadata))
+    hf::config_from_hf(&hf_config, origin).map_err(|e| ModelError::Config(hf::rename_keys(&e.to_string(), GGUF_KEYS)))
 }
 
 /// The `config.json` keys [`load_gguf`] passes the metadata as, and the GGUF keys they came from.
