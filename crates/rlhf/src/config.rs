@@ -170,6 +170,8 @@ pub struct PpoConfig {
     pub eval_every: u64,
     pub patience: u64,
     pub checkpoint_every: u64,
+    /// How many of the newest PPO checkpoints are kept (at least 1).
+    pub keep_checkpoints: usize,
     pub seed: u64,
     /// Start from the rejection-sampling policy when the run has one.
     pub from_rejection_sampling: bool,
@@ -197,6 +199,7 @@ impl Default for PpoConfig {
             eval_every: 10,
             patience: 5,
             checkpoint_every: 10,
+            keep_checkpoints: 2,
             seed: 0,
             from_rejection_sampling: true,
         }
@@ -252,8 +255,8 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
     if !(cfg.eval.temperature > 0.0) {
         bail!("{origin}: eval.temperature must be > 0 (got {}); eval.samples_per_prompt = 0 scores the greedy answers only", cfg.eval.temperature);
     }
-    if !(p.lr > 0.0) || !(p.value_lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 {
-        bail!("{origin}: ppo.lr, ppo.value_lr, ppo.eval_every and ppo.checkpoint_every must be > 0");
+    if !(p.lr > 0.0) || !(p.value_lr > 0.0) || p.eval_every == 0 || p.checkpoint_every == 0 || p.keep_checkpoints == 0 {
+        bail!("{origin}: ppo.lr, ppo.value_lr, ppo.eval_every, ppo.checkpoint_every and ppo.keep_checkpoints must be > 0");
     }
     if p.iterations > 0 && p.value_warmup >= p.iterations {
         bail!("{origin}: ppo.value_warmup ({}) must be below ppo.iterations ({}): the policy would never train", p.value_warmup, p.iterations);

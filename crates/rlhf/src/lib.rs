@@ -10,7 +10,7 @@
 //!
 //! Modules by job: [`config`] (the run file and its validation), [`scoring`] (answers scored by
 //! `llama_reward::scoring`, held-out evaluation), [`math`] (the arithmetic, by hand),
-//! [`rejection_sampling`] and [`ppo`]; this file wires them ([`run_with`]). Prompt sets are
+//! [`rejection_sampling`] and [`ppo`]; this file wires them ([`run`]). Prompt sets are
 //! `llama_data::prompts`, shared with `eval compare`.
 
 pub mod config;
@@ -29,9 +29,25 @@ use std::path::{Path, PathBuf};
 use llama_data::prompts::load_prompts;
 use llama_trainer::config::load_toml;
 
-/// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).
-pub fn run(config_path: &Path, out: Option<PathBuf>, resume: bool, stop_after: Option<u64>, skip_rs: bool) -> anyhow::Result<()> {
-    run_with(config_path, &Paths { out, ..Paths::default() }, resume, stop_after, skip_rs)
+/// How an `rlhf` run goes beyond its config: the command line's flags.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// The config's paths replaced.
+    pub paths: Paths,
+    /// Continue where the run stopped: rejection sampling after its newest completed round,
+    /// then PPO from its newest checkpoint.
+    pub resume: bool,
+    /// Stop PPO after this iteration, with a checkpoint.
+    pub stop_after: Option<u64>,
+    /// Go straight to PPO.
+    pub skip_rejection_sampling: bool,
+}
+
+impl RunOptions {
+    /// No flag but `--out`.
+    pub fn with_out(out: PathBuf) -> Self {
+        Self { paths: Paths { out: Some(out), ..Paths::default() }, ..Self::default() }
+    }
 }
 
 /// Command-line replacements of the config's paths.
@@ -43,8 +59,9 @@ pub struct Paths {
     pub safety_model: Option<PathBuf>,
 }
 
-/// [`run`] with any of the config's paths replaced.
-pub fn run_with(config_path: &Path, paths: &Paths, resume: bool, stop_after: Option<u64>, skip_rs: bool) -> anyhow::Result<()> {
+/// The whole `rlhf --config` run: rejection sampling (if rounds > 0), then PPO (if iterations > 0).
+pub fn run(config_path: &Path, options: &RunOptions) -> anyhow::Result<()> {
+    let paths = &options.paths;
     let mut cfg: RlhfConfig = load_toml(config_path)?;
     if let Some(o) = &paths.out {
         cfg.run.out_dir = o.clone();
@@ -62,7 +79,8 @@ pub fn run_with(config_path: &Path, paths: &Paths, resume: bool, stop_after: Opt
     validate(&cfg, &origin)?;
     load_prompts(&cfg.data.prompts)?;
     load_prompts(&cfg.data.eval_prompts)?;
-    let rs_dir = if skip_rs { None } else { rejection_sampling(&cfg, &origin, resume)? };
+    let skip_rs = options.skip_rejection_sampling;
+    let rs_dir = if skip_rs { None } else { rejection_sampling(&cfg, &origin, options.resume)? };
     if cfg.ppo.iterations > 0 {
         let existing_rs = cfg.run.out_dir.join("rejection-sampling").join(format!("round-{}", cfg.rejection_sampling.rounds));
         let start = match (cfg.ppo.from_rejection_sampling, rs_dir) {
@@ -70,8 +88,8 @@ pub fn run_with(config_path: &Path, paths: &Paths, resume: bool, stop_after: Opt
             (true, None) if skip_rs && existing_rs.join("checkpoints").is_dir() => existing_rs,
             _ => cfg.policy.clone(),
         };
-        let (r, kl) = ppo(&cfg, &start, resume, stop_after, &origin)?;
-        println!("PPO done: held-out reward {r:.3}, KL to the starting policy {kl:.3}");
+        let result = ppo(&cfg, &start, options.resume, options.stop_after, &origin)?;
+        println!("PPO done: held-out reward {:.3}, KL to the starting policy {:.3}", result.reward, result.kl);
     }
     Ok(())
 }

@@ -43,10 +43,15 @@ struct Cli {
 fn main() -> ExitCode {
     llama_model::host_memory::keep_freed_memory();
     let cli = Cli::parse();
-    let paths = llama_rlhf::Paths { out: cli.out, policy: cli.policy, helpfulness_model: cli.helpfulness_model, safety_model: cli.safety_model };
+    let options = llama_rlhf::RunOptions {
+        paths: llama_rlhf::Paths { out: cli.out, policy: cli.policy, helpfulness_model: cli.helpfulness_model, safety_model: cli.safety_model },
+        resume: cli.resume,
+        stop_after: cli.stop_after,
+        skip_rejection_sampling: cli.skip_rejection_sampling,
+    };
     // A single process: SIGTERM / SIGINT are recorded, and PPO or rejection sampling saves and
     // ends between iterations (exit_with turns that into exit 0).
     let result =
-        llama_trainer::signals::install().and_then(|()| llama_rlhf::run_with(&cli.config, &paths, cli.resume, cli.stop_after, cli.skip_rejection_sampling));
+        llama_trainer::signals::install().and_then(|()| llama_rlhf::run(&cli.config, &options));
     llama_trainer::distributed::exit_with(result)
 }

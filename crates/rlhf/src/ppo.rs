@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, load_prompts_for};
 use llama_model::Llama;
@@ -14,7 +14,7 @@ use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::Metrics;
-use llama_trainer::checkpoint::{Checkpoints, init_model};
+use llama_trainer::checkpoint::{Checkpoints, RunLock, init_model};
 use llama_trainer::config::OptimConfig;
 use llama_trainer::optim::{Optimizer, clip_global_norm};
 use llama_trainer::test_hooks::kill_point;
@@ -237,103 +237,129 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     stats
 }
 
-/// PPO from `start` (the SFT or rejection-sampling policy); resumable.
-pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>, origin: &str) -> anyhow::Result<(f64, f64)> {
-    let p = &cfg.ppo;
-    let tokenizer = cfg.data.load_tokenizer(origin)?;
-    let device = llama_model::device::parse(&cfg.run.device)?;
-    device.seed(p.seed);
-    let train_device = device.clone().autodiff();
-    let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;
-    let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
-    let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
-    let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
-    // The value model starts from the helpfulness reward model (trainable copy).
-    let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
-    let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
-    let reference = policy.valid();
-    let mut state = PpoState {
-        policy,
-        value,
-        reference,
-        policy_optim: Optimizer::new(&opt),
-        value_optim: Optimizer::new(&opt),
-        whitener: Whitener::default(),
-        iteration: 0,
-        cursor: 0,
-        best_eval: None,
-        evals_without_gain: 0,
-    };
-    let model_config = llama_trainer::model_config_toml(&policy_config)?;
-    let out = cfg.run.out_dir.join("ppo");
-    let _lock = llama_trainer::checkpoint::RunLock::acquire(&out)?;
-    let checkpoints = Checkpoints::new(&out);
-    checkpoints.remove_leftovers()?;
-    match (resume, checkpoints.latest()) {
-        (true, Some((_, dir))) => {
-            let saved: PpoSaved = serde_json::from_str(&std::fs::read_to_string(dir.join("ppo_state.json"))?)?;
-            if saved.model_config != model_config {
-                bail!("{}: this PPO checkpoint was written for another policy config", dir.display());
-            }
-            llama_model::checkpoint::load_weights(&mut state.policy, &dir.join("policy.bpk"))?;
-            llama_model::checkpoint::load_weights(&mut state.value, &dir.join("value.bpk"))?;
-            state.policy_optim = state.policy_optim.clone().load(&dir.join("policy_optimizer.bpk"))?;
-            state.value_optim = state.value_optim.clone().load(&dir.join("value_optimizer.bpk"))?;
-            state.whitener = saved.whitener;
-            state.iteration = saved.iteration;
-            state.cursor = saved.cursor;
-            state.best_eval = saved.best_eval;
-            state.evals_without_gain = saved.evals_without_gain;
-            println!("resumed PPO from {} (iteration {})", dir.display(), state.iteration);
+/// What PPO ends with: the best policy's held-out reward and its KL to the starting policy.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct PpoResult {
+    pub reward: f64,
+    pub kl: f64,
+}
+
+/// PPO from `start` (the SFT or rejection-sampling policy); resumable. In three parts, as the
+/// training loop: [`PpoRun::start`] (a fresh run or a resumed one), [`PpoRun::iteration`] (a
+/// rollout and its updates), [`PpoRun::after_iteration`] (log, evaluate, checkpoint, stop).
+pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>, origin: &str) -> anyhow::Result<PpoResult> {
+    let mut run = PpoRun::start(cfg, start, resume, origin)?;
+    while run.state.iteration < cfg.ppo.iterations {
+        let values = run.iteration()?;
+        if run.after_iteration(&values, stop_after)? == Next::Stop {
+            break;
         }
-        (false, Some((step, _))) => bail!("{} already holds PPO checkpoints (iteration {step}); pass --resume or choose another --out", out.display()),
-        _ => {}
     }
-    let mut metrics = Metrics::open(&out, p.iterations, state.iteration)?;
-    let save = |state: &PpoState| -> anyhow::Result<PathBuf> {
-        let saved = PpoSaved {
-            iteration: state.iteration,
-            cursor: state.cursor,
-            whitener: state.whitener.clone(),
-            best_eval: state.best_eval,
-            evals_without_gain: state.evals_without_gain,
-            model_config: model_config.clone(),
+    run.finish()
+}
+
+/// Whether the loop goes on after an iteration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    Continue,
+    Stop,
+}
+
+/// One PPO run between its iterations: the models and their state, the prompts and scorers,
+/// and the run directory (`OUT/ppo`: locked, its checkpoints, metrics and `best`).
+struct PpoRun<'a> {
+    cfg: &'a RlhfConfig,
+    state: PpoState,
+    tokenizer: Tokenizer,
+    scorers: Scorers,
+    prompts: Vec<Prompt>,
+    eval_prompts: Vec<Prompt>,
+    /// The policy's `[model]` table, stored in each checkpoint and compared on resume.
+    model_config: String,
+    /// The evaluation device (the training device's non-autodiff twin).
+    device: Device,
+    out: PathBuf,
+    checkpoints: Checkpoints,
+    metrics: Metrics,
+    _lock: RunLock,
+}
+
+impl<'a> PpoRun<'a> {
+    /// Loads the models and data, then resumes from the newest checkpoint (with `resume`) or
+    /// evaluates the starting policy (a fresh run refuses a directory holding checkpoints).
+    fn start(cfg: &'a RlhfConfig, start: &Path, resume: bool, origin: &str) -> anyhow::Result<Self> {
+        let p = &cfg.ppo;
+        let tokenizer = cfg.data.load_tokenizer(origin)?;
+        let device = llama_model::device::parse(&cfg.run.device)?;
+        device.seed(p.seed);
+        let train_device = device.clone().autodiff();
+        let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;
+        let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
+        let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
+        let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
+        // The value model starts from the helpfulness reward model (trainable copy).
+        let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
+        let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
+        let reference = policy.valid();
+        let mut state = PpoState {
+            policy,
+            value,
+            reference,
+            policy_optim: Optimizer::new(&opt),
+            value_optim: Optimizer::new(&opt),
+            whitener: Whitener::default(),
+            iteration: 0,
+            cursor: 0,
+            best_eval: None,
+            evals_without_gain: 0,
         };
-        checkpoints.save(state.iteration, 2, llama_trainer::distributed::World::single(), |dir, written| {
-            llama_model::checkpoint::save_weights(&state.policy, &dir.join("policy.bpk"))?;
-            written("policy.bpk")?;
-            llama_model::checkpoint::save_weights(&state.value, &dir.join("value.bpk"))?;
-            state.policy_optim.save(&dir.join("policy_optimizer.bpk"))?;
-            state.value_optim.save(&dir.join("value_optimizer.bpk"))?;
-            // The policy alone, loadable as a model: config.toml + model.bpk.
-            llama_model::checkpoint::save_weights(&state.policy, &dir.join("model.bpk"))?;
-            std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
-            llama_io::copy_tokenizer_files(&cfg.data.tokenizer, dir)?;
-            std::fs::write(dir.join("ppo_state.json"), serde_json::to_string_pretty(&saved)?)?;
-            written("ppo_state.json")
-        })
-    };
-    if state.iteration == 0 {
-        save_best(&state.policy, &model_config, &cfg.data.tokenizer, &out)?;
-        let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
-        let r = held_out.reward;
-        metrics.scalars(0, &held_out.scalars("ppo"))?;
-        metrics.text(0, "ppo/samples", &samples_text(&held_out.samples, 6))?;
-        metrics.println(&format!("PPO: held-out reward of the starting policy {r:.3} (mean Rc {:.3})", held_out.combined));
-        state.best_eval = Some(r);
-    }
-    let mut stopped_early = false;
-    while state.iteration < p.iterations {
-        let batch: Vec<&Prompt> = (0..p.batch_size).map(|i| &prompts[(state.cursor + i) % prompts.len()]).collect();
-        state.cursor = (state.cursor + p.batch_size) % prompts.len();
-        let seed = p.seed.wrapping_mul(1_000_003).wrapping_add(state.iteration);
-        let ro = rollout(&mut state, &batch, &tokenizer, &scorers, p, seed)?;
-        let train_policy = state.iteration >= p.value_warmup;
-        let mut stats = vec![];
-        let order: Vec<usize> = (0..batch.len()).collect();
-        for mb in order.chunks(p.minibatch_size) {
-            stats.push(ppo_step(&mut state, &ro, mb, p, scorers.pad, train_policy, cfg.memory.memory_saving()));
+        let out = cfg.run.out_dir.join("ppo");
+        let lock = RunLock::acquire(&out)?;
+        let checkpoints = Checkpoints::new(&out);
+        checkpoints.remove_leftovers()?;
+        let model_config = llama_trainer::model_config_toml(&policy_config)?;
+        match (resume, checkpoints.latest()) {
+            (true, Some((_, dir))) => restore(&mut state, &dir, &model_config)?,
+            (false, Some((step, _))) => bail!("{} already holds PPO checkpoints (iteration {step}); pass --resume or choose another --out", out.display()),
+            _ => {}
         }
+        let mut run = Self {
+            cfg,
+            metrics: Metrics::open(&out, p.iterations, state.iteration)?,
+            state,
+            tokenizer,
+            scorers,
+            prompts,
+            eval_prompts,
+            model_config,
+            device,
+            out,
+            checkpoints,
+            _lock: lock,
+        };
+        if run.state.iteration == 0 {
+            save_best(&run.state.policy, &run.model_config, &cfg.data.tokenizer, &run.out)?;
+            let held_out = run.evaluate()?;
+            run.metrics.println(&format!("PPO: held-out reward of the starting policy {:.3} (mean Rc {:.3})", held_out.reward, held_out.combined));
+            run.state.best_eval = Some(held_out.reward);
+        }
+        Ok(run)
+    }
+
+    /// One iteration: a rollout of the next batch of prompts, then one gradient step per
+    /// minibatch (the value model's alone during the warm-up). Returns the iteration's scalars.
+    fn iteration(&mut self) -> anyhow::Result<Vec<(&'static str, f64)>> {
+        let (p, state) = (&self.cfg.ppo, &mut self.state);
+        let batch: Vec<&Prompt> = (0..p.batch_size).map(|i| &self.prompts[(state.cursor + i) % self.prompts.len()]).collect();
+        state.cursor = (state.cursor + p.batch_size) % self.prompts.len();
+        let seed = p.seed.wrapping_mul(1_000_003).wrapping_add(state.iteration);
+        let ro = rollout(state, &batch, &self.tokenizer, &self.scorers, p, seed)?;
+        let train_policy = state.iteration >= p.value_warmup;
+        let order: Vec<usize> = (0..batch.len()).collect();
+        let stats: Vec<StepStats> = order
+            .chunks(p.minibatch_size)
+            .map(|mb| ppo_step(state, &ro, mb, p, self.scorers.pad, train_policy, self.cfg.memory.memory_saving()))
+            .collect();
         state.iteration += 1;
         kill_point("update", state.iteration);
         let n = ro.scores.len() as f64;
@@ -355,51 +381,121 @@ pub fn ppo(cfg: &RlhfConfig, start: &Path, resume: bool, stop_after: Option<u64>
             // The value warm-up: no policy step, so no policy-step statistics.
             values.retain(|(k, _)| !matches!(*k, "ppo/clip_fraction" | "ppo/approx_kl" | "ppo/policy_loss" | "ppo/entropy"));
         }
-        metrics.scalars(state.iteration, &values)?;
+        Ok(values)
+    }
+
+    /// After an iteration: its scalars logged; the held-out evaluation when due (keeping the
+    /// best policy, counting evaluations without a gain); a checkpoint when due, at the end, or
+    /// on SIGTERM / SIGINT (which then ends the run: exit 0, `--resume` goes on).
+    fn after_iteration(&mut self, values: &[(&str, f64)], stop_after: Option<u64>) -> anyhow::Result<Next> {
+        let p = &self.cfg.ppo;
+        let iteration = self.state.iteration;
+        self.metrics.scalars(iteration, values)?;
         let value_of = |key: &str| values.iter().find(|(k, _)| *k == key).map_or(f64::NAN, |(_, v)| *v);
-        metrics.progress(state.iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", value_of("ppo/reward_combined"), value_of("ppo/kl_k1")));
-        kill_point("logged", state.iteration);
+        self.metrics.progress(iteration, p.iterations, &format!("reward {:.3} | kl {:.3}", value_of("ppo/reward_combined"), value_of("ppo/kl_k1")));
+        kill_point("logged", iteration);
+        let mut stopped_early = false;
         // While the policy is frozen its held-out reward is the start's: nothing to evaluate.
-        if state.iteration > p.value_warmup && (state.iteration.is_multiple_of(p.eval_every) || state.iteration == p.iterations) {
-            let held_out = evaluate(&state.policy, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
-            let (r, kl) = (held_out.reward, held_out.kl);
-            metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
-            metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
-            metrics.println(&format!("iteration {}: held-out reward {r:.3}, mean Rc {:.3}, KL {kl:.3}", state.iteration, held_out.combined));
-            if state.best_eval.is_none_or(|b| r > b) {
-                state.best_eval = Some(r);
-                state.evals_without_gain = 0;
-                save_best(&state.policy, &model_config, &cfg.data.tokenizer, &out)?;
+        if iteration > p.value_warmup && (iteration.is_multiple_of(p.eval_every) || iteration == p.iterations) {
+            let held_out = self.evaluate()?;
+            let r = held_out.reward;
+            self.metrics.println(&format!("iteration {iteration}: held-out reward {r:.3}, mean Rc {:.3}, KL {:.3}", held_out.combined, held_out.kl));
+            if self.state.best_eval.is_none_or(|b| r > b) {
+                self.state.best_eval = Some(r);
+                self.state.evals_without_gain = 0;
+                save_best(&self.state.policy, &self.model_config, &self.cfg.data.tokenizer, &self.out)?;
             } else {
-                state.evals_without_gain += 1;
+                self.state.evals_without_gain += 1;
             }
-            if p.patience > 0 && state.evals_without_gain >= p.patience {
-                metrics.println(&format!("early stop: no held-out gain in {} evaluations", p.patience));
+            if p.patience > 0 && self.state.evals_without_gain >= p.patience {
+                self.metrics.println(&format!("early stop: no held-out gain in {} evaluations", p.patience));
                 stopped_early = true;
             }
         }
-        let stop_now = stop_after == Some(state.iteration);
-        // SIGTERM / SIGINT between iterations: save this one and end (exit 0; --resume goes on).
-        let last = state.iteration == p.iterations || stop_now || stopped_early;
+        let stop_now = stop_after == Some(iteration) || stopped_early;
+        let last = iteration == p.iterations || stop_now;
         let signal = if last { None } else { llama_trainer::signals::received() };
-        if state.iteration.is_multiple_of(p.checkpoint_every) || last || signal.is_some() {
-            let checkpoint = save(&state)?;
+        if iteration.is_multiple_of(p.checkpoint_every) || last || signal.is_some() {
+            let checkpoint = self.save()?;
             if let Some(signal) = signal {
-                metrics.finish();
-                return Err(llama_trainer::signals::Interrupted { signal, unit: "PPO iteration", step: state.iteration, checkpoint }.into());
+                self.metrics.finish();
+                return Err(llama_trainer::signals::Interrupted { signal, unit: "PPO iteration", step: iteration, checkpoint }.into());
             }
         }
-        if stop_now || stopped_early {
-            break;
-        }
+        Ok(if stop_now { Next::Stop } else { Next::Continue })
     }
-    metrics.finish();
-    // The result of PPO is the best policy on the held-out prompts (early stopping).
-    let (_, best) = init_model(&out.join("best"), &device)?;
-    let HeldOut { reward: r, kl, .. } = evaluate(&best, &state.reference, &eval_prompts, &tokenizer, &scorers, p.max_new_tokens, &cfg.eval, None)?;
-    println!("best PPO policy (held-out reward {:.3}) in {}", state.best_eval.unwrap_or(r), out.join("best").display());
-    Ok((r, kl))
+
+    /// The current policy on the held-out prompts, logged at this iteration.
+    fn evaluate(&mut self) -> anyhow::Result<HeldOut> {
+        let (p, state) = (&self.cfg.ppo, &self.state);
+        let held_out = evaluate(&state.policy, &state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
+        self.metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
+        self.metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
+        Ok(held_out)
+    }
+
+    /// Checkpoint `OUT/ppo/checkpoints/step-N`: the policy as a model directory (config.toml +
+    /// model.bpk + the tokenizer files, so it loads wherever a model is expected), the value
+    /// model, both optimizers and the loop state. The newest `ppo.keep_checkpoints` are kept.
+    fn save(&self) -> anyhow::Result<PathBuf> {
+        let state = &self.state;
+        let saved = PpoSaved {
+            iteration: state.iteration,
+            cursor: state.cursor,
+            whitener: state.whitener.clone(),
+            best_eval: state.best_eval,
+            evals_without_gain: state.evals_without_gain,
+            model_config: self.model_config.clone(),
+        };
+        self.checkpoints.save(state.iteration, self.cfg.ppo.keep_checkpoints, llama_trainer::distributed::World::single(), |dir, written| {
+            llama_model::checkpoint::save_weights(&state.policy, &dir.join(POLICY))?;
+            written(POLICY)?;
+            std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
+            llama_io::copy_tokenizer_files(&self.cfg.data.tokenizer, dir)?;
+            llama_model::checkpoint::save_weights(&state.value, &dir.join(VALUE))?;
+            state.policy_optim.save(&dir.join(POLICY_OPTIMIZER))?;
+            state.value_optim.save(&dir.join(VALUE_OPTIMIZER))?;
+            std::fs::write(dir.join(PPO_STATE), serde_json::to_string_pretty(&saved)?)?;
+            written(PPO_STATE)
+        })
+    }
+
+    /// The result of PPO: the best policy on the held-out prompts (early stopping), evaluated.
+    fn finish(self) -> anyhow::Result<PpoResult> {
+        self.metrics.finish();
+        let (_, best) = init_model(&self.out.join("best"), &self.device)?;
+        let p = &self.cfg.ppo;
+        let held_out = evaluate(&best, &self.state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
+        println!("best PPO policy (held-out reward {:.3}) in {}", self.state.best_eval.unwrap_or(held_out.reward), self.out.join("best").display());
+        Ok(PpoResult { reward: held_out.reward, kl: held_out.kl })
+    }
 }
+
+/// Restores the models, optimizers and loop state of PPO checkpoint `dir` into `state`.
+fn restore(state: &mut PpoState, dir: &Path, model_config: &str) -> anyhow::Result<()> {
+    let saved: PpoSaved = serde_json::from_str(&std::fs::read_to_string(dir.join(PPO_STATE))?)?;
+    if saved.model_config != model_config {
+        bail!("{}: this PPO checkpoint was written for another policy config", dir.display());
+    }
+    llama_model::checkpoint::load_weights(&mut state.policy, &dir.join(POLICY))?;
+    llama_model::checkpoint::load_weights(&mut state.value, &dir.join(VALUE))?;
+    state.policy_optim = state.policy_optim.clone().load(&dir.join(POLICY_OPTIMIZER))?;
+    state.value_optim = state.value_optim.clone().load(&dir.join(VALUE_OPTIMIZER))?;
+    state.whitener = saved.whitener;
+    state.iteration = saved.iteration;
+    state.cursor = saved.cursor;
+    state.best_eval = saved.best_eval;
+    state.evals_without_gain = saved.evals_without_gain;
+    println!("resumed PPO from {} (iteration {})", dir.display(), state.iteration);
+    Ok(())
+}
+
+/// The policy's weights are the model directory's `model.bpk`.
+const POLICY: &str = llama_trainer::checkpoint::MODEL_FILE;
+const VALUE: &str = "value.bpk";
+const POLICY_OPTIMIZER: &str = "policy_optimizer.bpk";
+const VALUE_OPTIMIZER: &str = "value_optimizer.bpk";
+const PPO_STATE: &str = "ppo_state.json";
 
 /// Early stopping keeps the policy with the best held-out reward in `OUT/ppo/best` (a model
 /// directory: config.toml + model.bpk + the tokenizer files), written atomically.

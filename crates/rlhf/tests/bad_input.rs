@@ -85,6 +85,7 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         ppo("batch not a multiple of the minibatch", "batch_size = 3", &["ppo.batch_size (3)", "ppo.minibatch_size (2)"]),
         ppo("a warm-up as long as the run", "value_warmup = 2", &["ppo.value_warmup (2) must be below ppo.iterations (2)"]),
         ppo("zero LR", "lr = 0.0", &["ppo.lr"]),
+        ppo("no checkpoint kept", "keep_checkpoints = 0", &["ppo.keep_checkpoints"]),
         ppo("unknown key", "kl_coef = 0.1", &["kl_coef"]),
         with("no samples per round", "", "[rejection_sampling]\nrounds = 1\nk = 0\n", &["rejection_sampling"]),
         with(

@@ -86,11 +86,11 @@ fn ppo_resume_equals_uninterrupted() {
     let tmp = tempfile::tempdir().unwrap();
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let cfg = config(tmp.path(), &policy, &help, &safe, PPO);
-    llama_rlhf::run(&cfg, Some(tmp.path().join("a")), false, None, true).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("a")) }).unwrap();
     let want = ppo_curve(&tmp.path().join("a"));
     assert_eq!(want.len(), 4);
-    llama_rlhf::run(&cfg, Some(tmp.path().join("b")), false, Some(2), true).unwrap();
-    llama_rlhf::run(&cfg, Some(tmp.path().join("b")), true, None, true).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) }).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { resume: true, skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) }).unwrap();
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
@@ -135,7 +135,7 @@ fn ppo_weight_decay_is_applied() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let run = |name: &str, decay: f64| {
         let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("iterations = 4", &format!("iterations = 2\nweight_decay = {decay}")));
-        llama_rlhf::run(&cfg, Some(tmp.path().join(name)), false, None, true).unwrap();
+        llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join(name)) }).unwrap();
         ppo_curve(&tmp.path().join(name))
     };
     let (with, without) = (run("decay", 0.1), run("none", 0.0));
@@ -168,12 +168,20 @@ fn ppo_killed_anywhere_resumes_to_the_uninterrupted_run() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     // A checkpoint every iteration, two kept: the save of iteration 3 prunes iteration 1's.
     let cfg = config(tmp.path(), &policy, &help, &safe, &PPO.replace("checkpoint_every = 100", "checkpoint_every = 1"));
-    llama_rlhf::run(&cfg, Some(tmp.path().join("straight")), false, None, true).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("straight")) }).unwrap();
     let want = ppo_curve(&tmp.path().join("straight"));
     // PPO's best policy is a model directory with the tokenizer it was trained with.
     assert!(tmp.path().join("straight/ppo/best/tokenizer.json").is_file(), "ppo/best carries its tokenizer");
+    // ppo.keep_checkpoints (2 by default) newest kept; each a model directory whose policy
+    // weights are written once (model.bpk), loadable as a model.
+    let kept: Vec<u64> = llama_model::checkpoint::list_checkpoints(&tmp.path().join("straight/ppo/checkpoints")).into_iter().map(|(s, _)| s).collect();
+    assert_eq!(kept, vec![3, 4]);
+    let newest = tmp.path().join("straight/ppo/checkpoints/step-00000004");
+    let files: Vec<String> = std::fs::read_dir(&newest).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(files.iter().filter(|f| f.ends_with(".bpk")).count(), 4, "model, value and two optimizers: {files:?}");
+    llama_model::checkpoint::load(&newest, &Device::flex()).unwrap();
     let rlhf = |out: &Path, extra: &[&str], kill: Option<&str>| run_rlhf(&cfg, out, &[&["--skip-rejection-sampling"], extra].concat(), kill, None);
-    for (i, point) in ["update@2", "logged@2", "policy.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
+    for (i, point) in ["update@2", "logged@2", "model.bpk@2", "ppo_state.json@2", "synced@2", "published@2", "pruning@3"].iter().enumerate() {
         let out = tmp.path().join(format!("killed{i}"));
         let died = rlhf(&out, &[], Some(point));
         assert_eq!(died.status.signal(), Some(9), "{point}: PPO should die by SIGKILL: {}", String::from_utf8_lossy(&died.stderr));
@@ -251,7 +259,7 @@ fn rejection_sampling_pool_is_never_worse_than_greedy_or_best_of_k() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let extra = "[rejection_sampling]\nrounds = 1\nk = 2\nmax_new_tokens = 4\nsft_steps = 1\nbatch_size = 4\nseq_len = 64\ninclude_greedy = true\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
     let cfg = config(tmp.path(), &policy, &help, &safe, extra);
-    llama_rlhf::run(&cfg, Some(tmp.path().join("out")), false, None, false).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions::with_out(tmp.path().join("out"))).unwrap();
     let m = tmp.path().join("out/rejection-sampling/metrics.jsonl");
     let (pool, greedy, best) = (last_value(&m, "rs/pool_mean_reward"), last_value(&m, "rs/greedy_mean_reward"), last_value(&m, "rs/max_reward"));
     assert!(pool >= greedy - 1e-9 && pool >= best - 1e-9, "pool {pool}, greedy {greedy}, best of k {best}");
@@ -287,7 +295,7 @@ fn rejection_sampling_with_tools_samples_as_plain_generation_when_no_call_is_wri
             let dir = tmp.path().join(format!("run-{i}"));
             std::fs::create_dir_all(&dir).unwrap();
             let cfg = config(&dir, &policy, &help, &safe, &format!("{rs}{t}{ppo}"));
-            llama_rlhf::run(&cfg, Some(dir.join("out")), false, None, false).unwrap();
+            llama_rlhf::run(&cfg, &llama_rlhf::RunOptions::with_out(dir.join("out"))).unwrap();
             let metrics = dir.join("out/rejection-sampling/metrics.jsonl");
             let held_out: Vec<Vec<f64>> = ["rs/eval_reward", "rs/eval_kl", "rs/eval_expected"].iter().map(|k| all_values(&metrics, k)).collect();
             (std::fs::read_to_string(dir.join("out/rejection-sampling/pool-round-1.jsonl")).unwrap(), held_out)
@@ -317,7 +325,7 @@ fn keep_best_round_hands_ppo_the_best_policy() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let extra = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-2\nbatch_size = 4\nseq_len = 64\nkeep_best_round = true\n[ppo]\niterations = 1\nbatch_size = 4\nminibatch_size = 2\nmax_new_tokens = 4\neval_every = 100\ncheckpoint_every = 100\n";
     let cfg = config(tmp.path(), &policy, &help, &safe, extra);
-    llama_rlhf::run(&cfg, Some(tmp.path().join("out")), false, None, false).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions::with_out(tmp.path().join("out"))).unwrap();
     let rs = all_values(&tmp.path().join("out/rejection-sampling/metrics.jsonl"), "rs/eval_reward");
     assert_eq!(rs.len(), 3, "start + 2 rounds: {rs:?}");
     let best = rs.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -353,7 +361,7 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let cfg = config(tmp.path(), &policy, &help, &safe, &format!("{PPO}value_warmup = 2\nvalue_lr = 1e-2\n"));
     let out = tmp.path().join("out");
-    llama_rlhf::run(&cfg, Some(out.clone()), false, Some(2), true).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(out.clone()) }).unwrap();
     let start = floats(&llama_model::checkpoint::load(&policy, &device).unwrap().1);
     let warm = out.join("ppo/checkpoints/step-00000002");
     assert!(floats(&llama_model::checkpoint::load_native(&warm, &device).unwrap().1) == start, "the policy moved during the warm-up");
@@ -366,7 +374,7 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
     assert!(ppo_curve(&out).is_empty(), "policy statistics logged while the policy was frozen");
     assert_eq!(all_values(&out.join("ppo/metrics.jsonl"), "ppo/value_loss").len(), 2);
 
-    llama_rlhf::run(&cfg, Some(out.clone()), true, None, true).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { resume: true, skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(out.clone()) }).unwrap();
     let trained = floats(&llama_model::checkpoint::load_native(&out.join("ppo/checkpoints/step-00000004"), &device).unwrap().1);
     assert!(trained.iter().zip(&start).any(|(a, b)| a != b), "the policy did not train after the warm-up");
     assert_eq!(ppo_curve(&out).iter().map(|l| l.split(' ').next().unwrap().to_string()).collect::<Vec<_>>(), ["3", "4"]);
