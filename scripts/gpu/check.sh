@@ -6,7 +6,7 @@
 #   1. the GPU tests on cuda: block recomputation and our attention's gradients against the plain
 #      pass / Burn's composed attention (LLAMA2_TEST_GPU=cuda);
 #   2. `llama bench` on configs/gpu-125m.toml (16 x 512) in bf16 and f32 on cuda, alternating
-#      with PyTorch on the same GPU (scripts/bench_torch.py, bf16 autocast, eager and
+#      with PyTorch on the same GPU (scripts/bench/bench_torch.py, bf16 autocast, eager and
 #      torch.compile), two rounds, and once with Burn's attention instead of ours; then the same
 #      bench in f16 on vulkan (same binary);
 #   3. per-kernel timings of one bf16 bench under nsys, when nsys is installed;
@@ -58,7 +58,7 @@ bench_ours() { # device, dtype, tag, extra flags
 bench_torch() { # tag, extra flags
     local tag=$1
     shift
-    HF_HUB_OFFLINE=1 timeout 150 python3 scripts/bench_torch.py --config configs/gpu-125m.toml --batch 16 --seq-len 512 \
+    HF_HUB_OFFLINE=1 timeout 150 python3 scripts/bench/bench_torch.py --config configs/gpu-125m.toml --batch 16 --seq-len 512 \
         --steps 10 --gen-tokens 64 --device cuda --dtype bf16 --threads 8 --json "$OUT/bench-torch-$tag.json" "$@" 2>&1 | tail -6
 }
 if ! skip 2; then

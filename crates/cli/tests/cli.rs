@@ -365,7 +365,7 @@ fn gguf_export_then_import_gives_the_weights_back() {
     let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
     for ty in ["f32", "f16", "q8_0"] {
         let out = Command::new(&python)
-            .args(["scripts/check_gguf.py", &t(&format!("{ty}.gguf")), "--type", ty])
+            .args(["scripts/interop/check_gguf.py", &t(&format!("{ty}.gguf")), "--type", ty])
             .current_dir(Path::new(&std::env::var("CARGO_MANIFEST_DIR").unwrap()).join("../.."))
             .output()
             .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the gguf package"));
@@ -767,7 +767,7 @@ fn a_long_context_config_loads_without_allocating_for_it() {
 }
 
 /// Model files quantized by llama.cpp's quantizer (the `gguf` package's, through
-/// `scripts/gguf_requantize.py`) convert to a checkpoint whose weights are the f32 model's within
+/// `scripts/interop/gguf_requantize.py`) convert to a checkpoint whose weights are the f32 model's within
 /// each type's rounding, its norms (kept f32) exactly; a type the reader does not take is named.
 #[test]
 fn quantized_gguf_models_load_within_their_rounding() {
@@ -788,7 +788,8 @@ fn quantized_gguf_models_load_within_their_rounding() {
     // (type, the largest error allowed relative to the largest weight)
     for (ty, tolerance) in [("q4_0", 0.15), ("q4_1", 0.08), ("q5_0", 0.07), ("q5_1", 0.04), ("q8_0", 0.005)] {
         let file = t(&format!("{ty}.gguf"));
-        let out = Command::new(&python).args(["scripts/gguf_requantize.py", &t("f32.gguf"), &file, ty]).current_dir(llama_testkit::repo()).output().unwrap();
+        let out =
+            Command::new(&python).args(["scripts/interop/gguf_requantize.py", &t("f32.gguf"), &file, ty]).current_dir(llama_testkit::repo()).output().unwrap();
         assert!(out.status.success(), "{ty}: the gguf package is needed (scripts/test.sh installs it): {}", String::from_utf8_lossy(&out.stderr));
         let (ok, _, err) = llama(&["convert", "--from", &file, "--to", &t(ty)]);
         assert!(ok, "{ty}: {err}");

@@ -45,6 +45,23 @@ pub struct EvalConfig {
     pub out_dir: PathBuf,
 }
 
+impl EvalConfig {
+    /// Whether prompt set `set` is answered with the tools running (named in `[tools] sets`).
+    pub fn is_tool_set(&self, set: &str) -> bool {
+        self.tools.as_ref().is_some_and(|t| t.sets.iter().any(|s| s == set))
+    }
+
+    /// Tokens per answer in the [tools] sets.
+    pub fn tool_max_new_tokens(&self) -> usize {
+        self.tools.as_ref().and_then(|t| t.max_new_tokens).unwrap_or(self.max_new_tokens)
+    }
+
+    /// Tokens per answer in prompt set `set`.
+    pub fn max_new_tokens_of(&self, set: &str) -> usize {
+        if self.is_tool_set(set) { self.tool_max_new_tokens() } else { self.max_new_tokens }
+    }
+}
+
 /// `[tools]`: which prompt sets are answered with tool use, and the tools they get.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -2,6 +2,8 @@
 
 use anyhow::Context;
 use llama_data::prompts::Prompt;
+
+use crate::compare::ScoredAnswers;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -59,13 +61,14 @@ pub struct Report {
 /// answers.jsonl: every answer with its scores, a line per model, set and prompt (for pandas or
 /// pyarrow: `pd.read_json(path, lines=True)`).
 pub(crate) fn write_answers(
-    scored: &BTreeMap<String, BTreeMap<String, (Vec<String>, Vec<f64>, Vec<f64>, Vec<f64>)>>,
+    scored: &BTreeMap<String, BTreeMap<String, ScoredAnswers>>,
     sets: &BTreeMap<String, Vec<Prompt>>,
     out: &Path,
 ) -> anyhow::Result<()> {
     let mut text = String::new();
     for (model, by_set) in scored {
-        for (set, (answers, comb, h, s)) in by_set {
+        for (set, scored) in by_set {
+            let (answers, comb, h, s) = (&scored.answers, &scored.combined, &scored.helpfulness, &scored.safety);
             for (i, p) in sets[set].iter().enumerate() {
                 let mut row = serde_json::json!({
                     "model": model, "set": set, "prompt": p.question(), "answer": answers[i],

@@ -14,7 +14,7 @@ use crate::LlamaConfig;
 use crate::attention::causal_attention;
 use crate::device::is_flex;
 use crate::loss::token_nll;
-use crate::recompute::{checkpoint, memory_saving};
+use crate::recompute::{memory_saving, rerun_in_backward};
 use crate::rms_norm::rms_norm;
 use crate::rotary::rotate_pairs;
 use crate::swiglu::swiglu;
@@ -290,7 +290,7 @@ impl Llama {
             x = if recompute {
                 // Constants of the re-run: the RoPE tables off the autodiff graph.
                 let (rope, mask) = (self.rope.valid(), mask.clone());
-                checkpoint(layer, x, move |block, x| block.forward(x, &rope, 0, mask.clone(), None))
+                rerun_in_backward(layer, x, move |block, x| block.forward(x, &rope, 0, mask.clone(), None))
             } else {
                 layer.forward(x, &self.rope, 0, mask.clone(), None)
             };
@@ -321,10 +321,10 @@ impl Llama {
                 let r1 = (r0 + chunk).min(rows);
                 let (h, y) = (hidden.clone().slice([r0..r1, 0..d]), targets.clone().slice([r0..r1]));
                 match &self.output {
-                    Some(output) => checkpoint(output, h, move |output, h| token_nll(logits_f32(output.forward(h)), y.clone())),
-                    None => {
-                        checkpoint(&self.tok_embeddings, h, move |embedding, h| token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone()))
-                    }
+                    Some(output) => rerun_in_backward(output, h, move |output, h| token_nll(logits_f32(output.forward(h)), y.clone())),
+                    None => rerun_in_backward(&self.tok_embeddings, h, move |embedding, h| {
+                        token_nll(logits_f32(h.matmul(embedding.weight.val().transpose())), y.clone())
+                    }),
                 }
             })
             .collect();

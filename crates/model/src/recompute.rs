@@ -1,6 +1,6 @@
 //! Recomputation ("activation checkpointing") of a segment of the forward pass.
 //!
-//! [`checkpoint`] runs `f(module, x)` without recording anything for backward except `x` itself
+//! [`rerun_in_backward`] runs `f(module, x)` without recording anything for backward except `x` itself
 //! and references to the module's parameters (which exist anyway); backward runs `f` again on
 //! them, on fresh autodiff leaves, backpropagates through that re-run and hands the gradients of
 //! `x` and of every parameter on to the rest of the graph. Memory: the segment's intermediate
@@ -88,7 +88,7 @@ pub fn memory_saving() -> MemorySaving {
 ///
 /// # Shapes
 /// - x: any `[..]` of rank `DI` -> `f`'s output of rank `DO`
-pub fn checkpoint<M, const DI: usize, const DO: usize>(
+pub fn rerun_in_backward<M, const DI: usize, const DO: usize>(
     module: &M,
     x: Tensor<DI>,
     f: impl Fn(&M, Tensor<DI>) -> Tensor<DO> + Send + Sync + 'static,
@@ -137,7 +137,7 @@ struct FreshLeaves<I: Iterator<Item = DispatchTensor>> {
 
 impl<I: Iterator<Item = DispatchTensor>> ModuleMapper for FreshLeaves<I> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
-        let value = self.values.next().expect("checkpoint: fewer saved values than parameters");
+        let value = self.values.next().expect("recomputed: fewer saved values than parameters");
         let leaf = Tensor::<D>::from_dispatch(value).autodiff().require_grad();
         let read = leaf.clone();
         self.grads.push(Box::new(move |grads| read.grad(grads).map(Tensor::into_dispatch)));
@@ -164,20 +164,20 @@ fn recomputed(inputs: Vec<DispatchTensor>, output: DispatchTensor, recompute: Re
     // tensors into `Autodiff<B, C>` for its two strategies only, not for a generic `C`).
     macro_rules! on_strategy {
         ($strategy:ty) => {{
-            let DispatchTensorKind::Autodiff(inner) = &inputs[0].kind else { unreachable!("checkpoint: inputs are autodiff tensors") };
+            let DispatchTensorKind::Autodiff(inner) = &inputs[0].kind else { unreachable!("recomputed: inputs are autodiff tensors") };
             match **inner {
                 DispatchTensorKind::Flex(_) => on_backend::<Flex, $strategy>(inputs, output, recompute),
                 #[cfg(any(feature = "vulkan", feature = "wgpu", feature = "cuda"))]
                 DispatchTensorKind::Cube(_) => on_backend::<burn::backend::Cube, $strategy>(inputs, output, recompute),
                 #[allow(unreachable_patterns)]
-                _ => panic!("checkpoint: no recomputation for this backend in this build"),
+                _ => panic!("recomputed: no recomputation for this backend in this build"),
             }
         }};
     }
     match inputs[0].autodiff {
         DispatchAutodiffContext::Enabled(GradientCheckpointingStrategy::Balanced) => on_strategy!(BalancedCheckpointing),
         DispatchAutodiffContext::Enabled(_) => on_strategy!(NoCheckpointing),
-        DispatchAutodiffContext::Disabled => unreachable!("checkpoint: inputs are autodiff tensors"),
+        DispatchAutodiffContext::Disabled => unreachable!("recomputed: inputs are autodiff tensors"),
     }
 }
 
@@ -188,7 +188,7 @@ where
     DispatchTensor: DispatchKindConversion<B> + DispatchKindConversion<Autodiff<B, C>>,
 {
     let tracked = |t: DispatchTensor| {
-        <DispatchTensor as DispatchKindConversion<Autodiff<B, C>>>::try_into_backend(t).unwrap_or_else(|e| panic!("checkpoint: {e}")).float()
+        <DispatchTensor as DispatchKindConversion<Autodiff<B, C>>>::try_into_backend(t).unwrap_or_else(|e| panic!("recomputed: {e}")).float()
     };
     let inputs: Vec<FloatTensor<Autodiff<B, C>>> = inputs.into_iter().map(tracked).collect();
     let output = tracked(output).into_primitive();
@@ -196,7 +196,7 @@ where
         ($($n:literal)*) => {
             match inputs.len() {
                 $($n => record::<B, C, $n>(inputs, output, recompute),)*
-                n => panic!("checkpoint: a segment takes at most {MAX_INPUTS} inputs (its input and parameters), got {n}"),
+                n => panic!("recomputed: a segment takes at most {MAX_INPUTS} inputs (its input and parameters), got {n}"),
             }
         };
     }
@@ -265,7 +265,7 @@ mod tests {
         let upstream = Tensor::<2>::random([5, 4], Distribution::Normal(0.0, 1.0), &device);
         let segment = |m: &(Linear, Linear), x: Tensor<2>| m.1.forward(burn::tensor::activation::gelu(m.0.forward(x)));
         let run = |checkpointed: bool| {
-            let y = if checkpointed { checkpoint(&layers, x.clone(), segment) } else { segment(&layers, x.clone()) };
+            let y = if checkpointed { rerun_in_backward(&layers, x.clone(), segment) } else { segment(&layers, x.clone()) };
             let grads = (y.clone() * upstream.clone()).sum().backward();
             let g = |t: Tensor<2>| t.grad(&grads).unwrap().into_data().try_to_vec::<f32>().unwrap();
             (

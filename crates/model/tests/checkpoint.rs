@@ -1,4 +1,4 @@
-//! Checkpoint tests: Hugging Face parity (fixtures made by scripts/make_hf_fixture.py with
+//! Checkpoint tests: Hugging Face parity (fixtures made by tests/fixtures/make_hf_fixture.py with
 //! `transformers`), export round trips, native save/load, and bad input.
 
 use std::path::{Path, PathBuf};
@@ -188,14 +188,14 @@ fn index_shard_names_stay_inside_the_checkpoint_directory() {
 /// Every quantized type the GGUF reader takes decodes to the values the `gguf` Python package
 /// (llama.cpp's own) computes, bit for bit: blocks made by its quantizer (Q4_0, Q4_1, Q5_0, Q5_1,
 /// Q8_0) or random with finite scales (the K-quants, which it cannot quantize), by
-/// `scripts/gguf_quants.py`.
+/// `scripts/interop/gguf_quants.py`.
 #[test]
 fn gguf_quantized_types_dequantize_as_the_gguf_package_does() {
     use llama_model::quants::QuantType;
     let tmp = tempfile::tempdir().unwrap();
     let python = std::env::var("LLAMA2_PYTHON").unwrap_or_else(|_| "python3".into());
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let out = std::process::Command::new(&python).arg(repo.join("scripts/gguf_quants.py")).arg(tmp.path()).output().unwrap();
+    let out = std::process::Command::new(&python).arg(repo.join("scripts/interop/gguf_quants.py")).arg(tmp.path()).output().unwrap();
     assert!(out.status.success(), "the gguf package is needed (scripts/test.sh installs it): {}", String::from_utf8_lossy(&out.stderr));
     let types = [
         ("Q4_0", QuantType::Q4_0),

@@ -80,7 +80,13 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
         cfg.train.max_steps = Some(s);
     }
     overrides.apply(&mut cfg.run, &mut cfg.train);
-    let origin = path.display();
+    check(&cfg, &model, &path.display().to_string())?;
+    Ok((cfg, model))
+}
+
+/// Checks a config (read by [`load_config`], or built in code) and its model; errors start with
+/// `origin` and name the key.
+pub fn check(cfg: &PretrainConfig, model: &LlamaConfig, origin: &str) -> anyhow::Result<()> {
     let checks = [cfg.optim.validate(), cfg.schedule.validate(), cfg.train.validate(), cfg.run.validate()];
     for check in checks {
         check.map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
@@ -91,7 +97,7 @@ pub fn load_config(path: &Path, overrides: &Overrides) -> anyhow::Result<(Pretra
     if !(cfg.eval.temperature >= 0.0) {
         bail!("{origin}: eval.temperature must be >= 0");
     }
-    Ok((cfg, model))
+    Ok(())
 }
 
 /// A micro-batch: `size` windows of `seq_len + 1` tokens.
@@ -235,17 +241,23 @@ pub fn unigram_baseline(shards: &Path, vocab_size: usize, seq_len: usize, max_to
 /// Everything `pretrain` does after parsing its arguments.
 pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary> {
     let (cfg, model_config) = load_config(config_path, overrides)?;
+    run_config(cfg, model_config, &config_path.display().to_string(), overrides)
+}
+
+/// [`run`] on a config already read and checked ([`load_config`], or built in code and passed
+/// through [`check`]); `origin` names it in errors.
+pub fn run_config(cfg: PretrainConfig, model_config: LlamaConfig, origin: &str, overrides: &Overrides) -> anyhow::Result<Summary> {
     // Built first: its launch check (device, dtype, memory fit) runs before any work.
     let total_steps = cfg.train.total_steps(cfg.data.seq_len);
     let loop_config =
         LoopConfig::new(cfg.train.clone(), cfg.run.clone(), cfg.optim.clone(), &cfg.schedule, total_steps, &model_config, cfg.data.seq_len, overrides, false)
-            .map_err(|e| anyhow::anyhow!("{}: {e:#}", config_path.display()))?
+            .map_err(|e| anyhow::anyhow!("{origin}: {e:#}"))?
             .with_tokenizer(&cfg.data.tokenizer);
     let tokenizer = Tokenizer::from_file(&cfg.data.tokenizer)?;
     if tokenizer.vocab_size() > model_config.vocab_size {
         bail!(
             "{}: the tokenizer {} has {} ids but model.vocab_size is {}",
-            config_path.display(),
+            origin,
             cfg.data.tokenizer.display(),
             tokenizer.vocab_size(),
             model_config.vocab_size
@@ -259,11 +271,9 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
                 println!("preparing shards {} from {}", cfg.data.shards.display(), source.display());
                 prepare(&PrepareConfig::new(vec![source.clone()], cfg.data.shards.clone()), &tokenizer)?;
             }
-            None => bail!(
-                "{}: data.shards {} does not exist (run `prepare`, or set data.source to prepare it automatically)",
-                config_path.display(),
-                cfg.data.shards.display()
-            ),
+            None => {
+                bail!("{}: data.shards {} does not exist (run `prepare`, or set data.source to prepare it automatically)", origin, cfg.data.shards.display())
+            }
         }
     }
     world.barrier();
@@ -321,23 +331,4 @@ pub fn run(config_path: &Path, overrides: &Overrides) -> anyhow::Result<Summary>
         world.say(format_args!("done: {} steps, {} tokens; checkpoint {}", summary.steps, summary.tokens, dir.display()));
     }
     Ok(summary)
-}
-
-/// A small pre-trained start model for the later stages' tests and examples: configs/tiny.toml's
-/// run at width `dim` with 2 layers on `seq_len`-token windows of the shipped corpus (the
-/// repository at `repo`), `steps` steps, written to `dir/pre` (shards in `dir/shards`). Returns
-/// the run directory.
-pub fn pretrain_tiny(repo: &Path, dir: &Path, dim: usize, seq_len: usize, steps: u64) -> anyhow::Result<std::path::PathBuf> {
-    let config = dir.join("pre.toml");
-    let text = std::fs::read_to_string(repo.join("configs/tiny.toml"))?
-        .replace("shards = \"runs/data/brown\"", &format!("shards = \"{}\"", dir.join("shards").display()))
-        .replace("out_dir = \"runs/tiny\"", &format!("out_dir = \"{}\"", dir.join("pre").display()))
-        .replace("dim = 128", &format!("dim = {dim}"))
-        .replace("n_layers = 4", "n_layers = 2")
-        .replace("seq_len = 128", &format!("seq_len = {seq_len}"))
-        .replace("eval_every = 100", "eval_every = 1000")
-        .replace("\"data/", &format!("\"{}/data/", repo.display()));
-    std::fs::write(&config, text)?;
-    run(&config, &Overrides { max_steps: Some(steps), ..Default::default() })?;
-    Ok(dir.join("pre"))
 }

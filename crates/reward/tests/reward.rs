@@ -94,7 +94,7 @@ fn accuracy(out: &Path, set: &str) -> (f64, f64) {
 #[test]
 fn tiny_reward_models_reach_high_held_out_accuracy() {
     let tmp = tempfile::tempdir().unwrap();
-    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 64, 64, 10).unwrap();
+    llama_testkit::pretrain_tiny(tmp.path(), 64, 64, 10).unwrap();
     // Safety (refusal vs compliance) is easy; helpfulness needs the fact copied from the prompt
     // for its `better` pairs (a wrong fact), which a model this small only partly learns.
     for (target, bar) in [("helpfulness", 0.7), ("safety", 0.9)] {

@@ -51,7 +51,6 @@ fn main() -> ExitCode {
     };
     // A single process: SIGTERM / SIGINT are recorded, and PPO or rejection sampling saves and
     // ends between iterations (exit_with turns that into exit 0).
-    let result =
-        llama_trainer::signals::install().and_then(|()| llama_rlhf::run(&cli.config, &options));
+    let result = llama_trainer::signals::install().and_then(|()| llama_rlhf::run(&cli.config, &options));
     llama_trainer::distributed::exit_with(result)
 }

@@ -356,10 +356,8 @@ impl<'a> PpoRun<'a> {
         let ro = rollout(state, &batch, &self.tokenizer, &self.scorers, p, seed)?;
         let train_policy = state.iteration >= p.value_warmup;
         let order: Vec<usize> = (0..batch.len()).collect();
-        let stats: Vec<StepStats> = order
-            .chunks(p.minibatch_size)
-            .map(|mb| ppo_step(state, &ro, mb, p, self.scorers.pad, train_policy, self.cfg.memory.memory_saving()))
-            .collect();
+        let stats: Vec<StepStats> =
+            order.chunks(p.minibatch_size).map(|mb| ppo_step(state, &ro, mb, p, self.scorers.pad, train_policy, self.cfg.memory.memory_saving())).collect();
         state.iteration += 1;
         kill_point("update", state.iteration);
         let n = ro.scores.len() as f64;

@@ -10,15 +10,15 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use burn::module::Module;
-use llama_data::chat::{Message, Overlong, Role, pack};
-use llama_data::Tokenizer;
-use llama_data::prompts::{Prompt, expected_rate, load_prompts_for};
 use burn::tensor::Device;
+use llama_data::Tokenizer;
+use llama_data::chat::{Message, Overlong, Role, pack};
+use llama_data::prompts::{Prompt, expected_rate, load_prompts_for};
 use llama_model::generate::SamplingConfig;
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::scoring::Scorers;
-use llama_tools::Toolbox;
 use llama_reward::scoring::logit;
+use llama_tools::Toolbox;
 use llama_trainer::checkpoint::{RunLock, init_model};
 use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
 use llama_trainer::{LoopConfig, Metrics};
@@ -250,7 +250,11 @@ impl<'a> RsRun<'a> {
         if rs.include_greedy {
             self.metrics.scalars(round as u64, &[("rs/greedy_mean_reward", greedy_sum / n)])?;
         }
-        self.metrics.println(&format!("round {round}: mean sample reward {mean_sample:.3}, best of {} {:.3}, pool {pool_mean:.3}", rs.k, best_of_k[rs.k - 1] / n));
+        self.metrics.println(&format!(
+            "round {round}: mean sample reward {mean_sample:.3}, best of {} {:.3}, pool {pool_mean:.3}",
+            rs.k,
+            best_of_k[rs.k - 1] / n
+        ));
         Ok(())
     }
 
@@ -325,9 +329,10 @@ impl<'a> RsRun<'a> {
         // Through LoopConfig::new, so the round's fine-tuning gets the launch checks every stage gets.
         let run = RunConfig { out_dir: round_dir.clone(), ..cfg.run.clone() };
         let optim = OptimConfig { lr: rs.lr, ..OptimConfig::default() };
-        let loop_config = LoopConfig::new(train, run, optim, &schedule, rs.sft_steps, &self.policy_config, rs.seq_len, &llama_trainer::Overrides::default(), false)
-            .with_context(|| format!("{}: rejection_sampling", self.origin))?
-            .with_tokenizer(&cfg.data.tokenizer);
+        let loop_config =
+            LoopConfig::new(train, run, optim, &schedule, rs.sft_steps, &self.policy_config, rs.seq_len, &llama_trainer::Overrides::default(), false)
+                .with_context(|| format!("{}: rejection_sampling", self.origin))?
+                .with_tokenizer(&cfg.data.tokenizer);
         if round_dir.exists() {
             std::fs::remove_dir_all(&round_dir)?;
         }
@@ -341,8 +346,16 @@ impl<'a> RsRun<'a> {
     /// SIGTERM / SIGINT the run ends there (exit 0; `--resume` starts the next round).
     fn end_round(&mut self, round: usize) -> anyhow::Result<()> {
         let rs = &self.cfg.rejection_sampling;
-        let held_out =
-            evaluate(&self.policy, &self.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, rs.max_new_tokens, &self.cfg.eval, self.toolbox.as_ref())?;
+        let held_out = evaluate(
+            &self.policy,
+            &self.reference,
+            &self.eval_prompts,
+            &self.tokenizer,
+            &self.scorers,
+            rs.max_new_tokens,
+            &self.cfg.eval,
+            self.toolbox.as_ref(),
+        )?;
         let (r, kl) = (held_out.reward, held_out.kl);
         self.metrics.scalars(round as u64, &held_out.scalars("rs"))?;
         self.metrics.text(round as u64, "rs/samples", &samples_text(&held_out.samples, 6))?;
@@ -382,9 +395,7 @@ impl<'a> RsRun<'a> {
         if self.cfg.rejection_sampling.keep_best_round {
             match &best_dir {
                 Some(dir) => self.metrics.println(&format!("rejection sampling: keeping {} (held-out reward {:.3})", dir.display(), self.best.reward)),
-                None => self
-                    .metrics
-                    .println(&format!("rejection sampling: no round beat the starting policy ({:.3}); PPO starts from it", self.start.reward)),
+                None => self.metrics.println(&format!("rejection sampling: no round beat the starting policy ({:.3}); PPO starts from it", self.start.reward)),
             }
         }
         best_dir

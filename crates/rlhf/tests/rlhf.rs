@@ -89,8 +89,13 @@ fn ppo_resume_equals_uninterrupted() {
     llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("a")) }).unwrap();
     let want = ppo_curve(&tmp.path().join("a"));
     assert_eq!(want.len(), 4);
-    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) }).unwrap();
-    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { resume: true, skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) }).unwrap();
+    llama_rlhf::run(
+        &cfg,
+        &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) },
+    )
+    .unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { resume: true, skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join("b")) })
+        .unwrap();
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
@@ -361,7 +366,8 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
     let (policy, help, safe) = models(tmp.path(), 2048, 2048);
     let cfg = config(tmp.path(), &policy, &help, &safe, &format!("{PPO}value_warmup = 2\nvalue_lr = 1e-2\n"));
     let out = tmp.path().join("out");
-    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(out.clone()) }).unwrap();
+    llama_rlhf::run(&cfg, &llama_rlhf::RunOptions { stop_after: Some(2), skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(out.clone()) })
+        .unwrap();
     let start = floats(&llama_model::checkpoint::load(&policy, &device).unwrap().1);
     let warm = out.join("ppo/checkpoints/step-00000002");
     assert!(floats(&llama_model::checkpoint::load_native(&warm, &device).unwrap().1) == start, "the policy moved during the warm-up");

@@ -7,7 +7,7 @@ use llama_testkit::{assert_same_curve, mpirun, repo};
 #[test]
 fn two_ranks_fine_tune_as_one_process() {
     let tmp = tempfile::tempdir().unwrap();
-    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 32, 32, 2).unwrap();
+    llama_testkit::pretrain_tiny(tmp.path(), 32, 32, 2).unwrap();
 
     let config = |name: &str| {
         let path = tmp.path().join(format!("{name}.toml"));

@@ -124,7 +124,7 @@ fn ghost_attention_keeps_the_instruction_in_the_first_turn_and_trains_the_last_a
 #[test]
 fn fine_tuning_raises_the_held_out_success_rate() {
     let tmp = tempfile::tempdir().unwrap();
-    llama_pretrain::pretrain_tiny(&repo(), tmp.path(), 64, 64, 20).unwrap();
+    llama_testkit::pretrain_tiny(tmp.path(), 64, 64, 20).unwrap();
 
     let sft_cfg = tmp.path().join("sft.toml");
     let text = std::fs::read_to_string(repo().join("configs/sft-tiny.toml"))
@@ -184,7 +184,7 @@ fn fine_tuning_a_model_with_its_own_tokenizer_and_chat_template() {
     assert!(losses.len() >= 3 && losses.last().unwrap() < &(losses[0] - 1.0), "the loss falls: {losses:?}");
 }
 
-/// Chats in Parquet (written by pyarrow, scripts/make_parquet_fixtures.py) read like JSONL.
+/// Chats in Parquet (written by pyarrow, tests/fixtures/make_parquet_fixtures.py) read like JSONL.
 #[test]
 fn parquet_chats_are_read_in_both_forms() {
     let chats = load_conversations(&repo().join("tests/fixtures/chat.parquet")).unwrap();

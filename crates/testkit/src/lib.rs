@@ -1,5 +1,6 @@
 //! What the binaries' end-to-end tests share (a dev-dependency of their crates): the bad-input
-//! suites' checks, launching a binary as an MPI job, and reading a run's logged training curve.
+//! suites' checks, launching a binary as an MPI job, reading a run's logged training curve, and
+//! a small pre-trained model to start the later stages from ([`pretrain_tiny`]).
 //!
 //! Each suite is a table of [`Case`]s: a command line that must be refused. [`Case::refused`]
 //! runs it and asserts what a user must see: a non-zero exit of the binary's own error path (not
@@ -14,6 +15,50 @@ use std::process::Command;
 /// The workspace root (tests run with the crate's directory as `CARGO_MANIFEST_DIR`).
 pub fn repo() -> PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
+}
+
+/// A small pre-trained start model for the later stages' tests: `configs/tiny.toml`'s run with
+/// the model at width `dim` and 2 layers, on `seq_len`-token windows of the shipped corpus, for
+/// `steps` steps, written to `dir/pre` (shards prepared into `dir/shards`). Returns the run
+/// directory.
+pub fn pretrain_tiny(dir: &Path, dim: usize, seq_len: usize, steps: u64) -> anyhow::Result<PathBuf> {
+    use llama_pretrain::{DataConfig, EvalConfig, PretrainConfig};
+    use llama_trainer::config::{OptimConfig, RunConfig, ScheduleConfig, ScheduleKind, TrainConfig};
+    let repo = repo();
+    let model = llama_model::LlamaConfig::new(dim, 2, 4).with_n_kv_heads(2).with_vocab_size(2048).with_multiple_of(32).with_max_seq_len(256);
+    let cfg = PretrainConfig {
+        model: toml::Value::try_from(&model)?,
+        data: DataConfig {
+            shards: dir.join("shards"),
+            tokenizer: repo.join("data/tokenizer.json"),
+            seq_len,
+            source: Some(repo.join("data/corpus/brown.jsonl")),
+            shuffle: true,
+        },
+        optim: OptimConfig { lr: 3e-3, weight_decay: 0.1, grad_clip: 1.0, ..OptimConfig::default() },
+        schedule: ScheduleConfig { kind: ScheduleKind::Cosine, warmup_steps: 30, min_lr_ratio: 0.1, ..ScheduleConfig::default() },
+        train: TrainConfig {
+            max_steps: Some(steps),
+            batch_size: 16,
+            micro_batch_size: 8,
+            seed: 0,
+            log_every: 10,
+            eval_every: 1000,
+            eval_batches: 8,
+            checkpoint_every: 100,
+            keep_checkpoints: 2,
+            ..TrainConfig::default()
+        },
+        run: RunConfig { out_dir: dir.join("pre"), device: "flex".into(), dtype: "f32".into(), ..RunConfig::default() },
+        eval: EvalConfig {
+            prompts: ["The jury said", "In the morning, the", "He looked at her and"].map(String::from).to_vec(),
+            max_new_tokens: 32,
+            temperature: 0.8,
+        },
+    };
+    llama_pretrain::check(&cfg, &model, "pretrain_tiny")?;
+    llama_pretrain::run_config(cfg, model, "pretrain_tiny", &llama_pretrain::Overrides::default())?;
+    Ok(dir.join("pre"))
 }
 
 /// Writes a case's config `dir/NAME.toml` and returns its path.

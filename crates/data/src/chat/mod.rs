@@ -6,10 +6,19 @@
 //! message as `<<SYS>>\n{system}\n<</SYS>>\n\n{user}`, and each exchange is encoded as one
 //! string, as Meta does, so the ids are Meta's for any tokenizer. Loss falls on answer tokens and
 //! their EOS only (and not on answers marked `"train": false`, as Ghost Attention needs).
+//!
+//! By job: this file holds the conversation and its rendering and tokenization; [`template`]
+//! the template choice and Jinja templates, [`load`] the files, [`pack`] the packing.
 
-use std::path::Path;
+mod load;
+mod pack;
+mod template;
 
 use serde::{Deserialize, Serialize};
+
+pub use load::{load_conversations, load_training_conversations};
+pub use pack::{Overlong, PackStats, Packed, pack};
+pub use template::{ChatTemplateChoice, JinjaTemplate, TEMPLATE_FUEL, TEMPLATE_OUTPUT_BYTES};
 
 use crate::{DataError, Tokenizer, tool_markup};
 
@@ -46,115 +55,6 @@ impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
         Self { role, content: content.into(), train: true }
     }
-}
-
-/// Which template chats render with (`data.chat_template`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ChatTemplateChoice {
-    /// Llama 2's `[INST]` template, what the recipe trains (the default).
-    #[default]
-    Llama2,
-    /// The checkpoint's own: the `chat_template` of its `tokenizer_config.json`, rendered by
-    /// minijinja with Python's string methods (`.strip()`...), as `transformers` renders it.
-    Tokenizer,
-}
-
-/// A Hugging Face Jinja chat template, compiled once: rendered with `messages` (role, content),
-/// `bos_token`, `eos_token`, `add_generation_prompt`, Python's string methods (`.strip()`...,
-/// minijinja-contrib's pycompat) and `raise_exception`, as `transformers` renders it.
-///
-/// A template is a program from a stranger's file, so each rendering has a budget: at most
-/// [`TEMPLATE_FUEL`] instructions and [`TEMPLATE_OUTPUT_BYTES`] (plus four times the messages'
-/// text) of output. Past either, the error names the template's file.
-#[derive(Clone)]
-pub struct JinjaTemplate {
-    env: std::sync::Arc<minijinja::Environment<'static>>,
-    /// The file the template came from, for errors.
-    origin: String,
-}
-
-impl std::fmt::Debug for JinjaTemplate {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "JinjaTemplate({})", self.origin)
-    }
-}
-
-const TEMPLATE_NAME: &str = "chat_template";
-/// Instructions one rendering may run: about a hundred per message for the templates of real
-/// checkpoints, so conversations of thousands of turns fit, and a runaway loop ends in well
-/// under a second.
-pub const TEMPLATE_FUEL: u64 = 20_000_000;
-/// Output one rendering may write beyond four times its messages' text.
-pub const TEMPLATE_OUTPUT_BYTES: usize = 1 << 20;
-
-impl JinjaTemplate {
-    /// Compiles `source`, from the file `origin`; a syntax error names both.
-    pub fn compile(source: &str, origin: &str) -> Result<Self, DataError> {
-        let mut env = minijinja::Environment::new();
-        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
-        env.add_function("raise_exception", |message: String| -> Result<String, minijinja::Error> {
-            Err(minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, message))
-        });
-        env.set_fuel(Some(TEMPLATE_FUEL));
-        env.add_template_owned(TEMPLATE_NAME, source.to_string()).map_err(|e| template_error(origin, e))?;
-        Ok(Self { env: std::sync::Arc::new(env), origin: origin.to_string() })
-    }
-
-    fn render(&self, messages: &[Message], tokenizer: &Tokenizer, add_generation_prompt: bool) -> Result<String, DataError> {
-        let role = |r: Role| match r {
-            Role::System => "system",
-            Role::User => "user",
-            Role::Assistant => "assistant",
-        };
-        let text_bytes: usize = messages.iter().map(|m| m.content.len()).sum();
-        let mut out = CappedOutput { bytes: Vec::new(), cap: TEMPLATE_OUTPUT_BYTES.saturating_add(text_bytes.saturating_mul(4)), over: false };
-        let messages: Vec<minijinja::Value> = messages
-            .iter()
-            .map(|m| minijinja::Value::from_pairs([("role", minijinja::Value::from(role(m.role))), ("content", minijinja::Value::from(m.content.as_str()))]))
-            .collect();
-        let template = self.env.get_template(TEMPLATE_NAME).map_err(|e| template_error(&self.origin, e))?;
-        let rendered = template.render_captured_to(
-            minijinja::context! {
-                messages => minijinja::Value::from(messages),
-                bos_token => tokenizer.token_text(tokenizer.bos_id()).unwrap_or_default(),
-                eos_token => tokenizer.token_text(tokenizer.eos_id()).unwrap_or_default(),
-                add_generation_prompt => add_generation_prompt,
-            },
-            &mut out,
-        );
-        if out.over {
-            return Err(DataError::Config(format!("{}: chat_template: the rendering grew past {} bytes", self.origin, out.cap)));
-        }
-        rendered.map_err(|e| template_error(&self.origin, e))?;
-        String::from_utf8(out.bytes).map_err(|e| DataError::Config(format!("{}: chat_template: the rendering is not UTF-8: {e}", self.origin)))
-    }
-}
-
-/// A rendering's output, refused past `cap` bytes.
-struct CappedOutput {
-    bytes: Vec<u8>,
-    cap: usize,
-    over: bool,
-}
-
-impl std::io::Write for CappedOutput {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        if self.bytes.len() + buf.len() > self.cap {
-            self.over = true;
-            return Err(std::io::Error::other("chat template output over its cap"));
-        }
-        self.bytes.extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn template_error(origin: &str, e: minijinja::Error) -> DataError {
-    let hint = if e.kind() == minijinja::ErrorKind::OutOfFuel { format!(" (the template ran more than {TEMPLATE_FUEL} instructions)") } else { String::new() };
-    DataError::Config(format!("{origin}: chat_template: {e}{hint}"))
 }
 
 /// One user/assistant exchange rendered with the template ([`Conversation::render_exchanges`]).
@@ -398,186 +298,6 @@ fn overlaps((start, end): (usize, usize), span: &std::ops::Range<usize>) -> bool
 /// that `><`, and the runtime cuts it at `</call>`).
 fn within((start, end): (usize, usize), span: &std::ops::Range<usize>) -> bool {
     span.start <= start && end <= span.end
-}
-
-/// Reads conversations from `.jsonl` (one object per line) or `.parquet` (a `messages` column of
-/// `list<struct<role, content>>`, or `prompt`/`response` string columns). Errors name the file
-/// and line (or row).
-pub fn load_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
-    load_checked(path, |_| Ok(()))
-}
-
-/// [`load_conversations`] for fine-tuning data: a conversation with no answer to learn from (only
-/// a user turn, or every answer marked `"train": false`) is refused, naming the file and line,
-/// since it would be read, packed and trained on without adding one token of loss.
-pub fn load_training_conversations(path: &Path) -> Result<Vec<Conversation>, DataError> {
-    load_checked(path, |c| {
-        if c.exchanges().iter().any(|(_, answer)| answer.is_some_and(|a| a.train)) {
-            Ok(())
-        } else {
-            Err("no assistant answer to train on (a fine-tuning chat needs at least one assistant turn that is not `\"train\": false`)".into())
-        }
-    })
-}
-
-/// Loads conversations and applies `check` to each; errors name the file and line (or row).
-fn load_checked(path: &Path, check: impl Fn(&Conversation) -> Result<(), String>) -> Result<Vec<Conversation>, DataError> {
-    let parse = |value: &serde_json::Value| Conversation::from_json(value).and_then(|c| check(&c).map(|()| c));
-    match path.extension().and_then(|e| e.to_str()) {
-        Some("jsonl" | "json") => llama_io::read_jsonl(path)?
-            .map(|line| {
-                let line = line?;
-                parse(&line.value).map_err(|e| DataError::Input(format!("{}: {e}", line.at)))
-            })
-            .collect(),
-        Some("parquet") => load_parquet(path, parse),
-        _ => Err(DataError::Config(format!("{}: unsupported chat file; expected .jsonl or .parquet", path.display()))),
-    }
-}
-
-fn load_parquet(path: &Path, parse: impl Fn(&serde_json::Value) -> Result<Conversation, String>) -> Result<Vec<Conversation>, DataError> {
-    use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-    let err = |m: String| DataError::Input(format!("{}: {m}", path.display()));
-    let file = std::fs::File::open(path).map_err(|e| DataError::Io(format!("{}: {e}", path.display())))?;
-    let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-        .map_err(|e| err(format!("not a readable Parquet file: {e}")))?
-        .build()
-        .map_err(|e| err(e.to_string()))?;
-    let mut out = vec![];
-    for batch in reader {
-        let batch = batch.map_err(|e| err(e.to_string()))?;
-        // Each row becomes the JSON form, so one parser validates both formats.
-        for value in arrow_rows_to_json(&batch).map_err(err)? {
-            let row = out.len();
-            out.push(parse(&value).map_err(|e| err(format!("row {row}: {e}")))?);
-        }
-    }
-    Ok(out)
-}
-
-/// Turns the `messages` / `prompt` / `response` / `system` columns of a batch into JSON rows.
-fn arrow_rows_to_json(batch: &arrow_array::RecordBatch) -> Result<Vec<serde_json::Value>, String> {
-    use arrow_array::Array;
-    use arrow_array::cast::AsArray;
-    use arrow_schema::DataType;
-    let string_at = |col: &dyn Array, i: usize| -> Option<String> {
-        match col.data_type() {
-            DataType::Utf8 => Some(col.as_string::<i32>().value(i).to_string()),
-            DataType::LargeUtf8 => Some(col.as_string::<i64>().value(i).to_string()),
-            DataType::Utf8View => Some(col.as_string_view().value(i).to_string()),
-            _ => None,
-        }
-    };
-    let schema = batch.schema();
-    let mut rows = vec![serde_json::Map::new(); batch.num_rows()];
-    for (field, col) in schema.fields().iter().zip(batch.columns()) {
-        match field.name().as_str() {
-            "prompt" | "response" | "system" => {
-                for (i, row) in rows.iter_mut().enumerate() {
-                    if col.is_null(i) {
-                        continue;
-                    }
-                    let s = string_at(col.as_ref(), i).ok_or(format!("column `{}` is not a string column", field.name()))?;
-                    row.insert(field.name().clone(), s.into());
-                }
-            }
-            "messages" => {
-                let list = match col.data_type() {
-                    DataType::List(_) => col.as_list::<i32>(),
-                    other => return Err(format!("column `messages` has type {other}; expected list<struct<role, content>>")),
-                };
-                for (i, row) in rows.iter_mut().enumerate() {
-                    let items = list.value(i);
-                    let s = items.as_struct_opt().ok_or("`messages` items are not structs with role and content")?;
-                    let role = s.column_by_name("role").ok_or("`messages` items have no `role`")?;
-                    let content = s.column_by_name("content").ok_or("`messages` items have no `content`")?;
-                    let msgs: Vec<serde_json::Value> =
-                        (0..s.len()).map(|j| serde_json::json!({ "role": string_at(role.as_ref(), j), "content": string_at(content.as_ref(), j) })).collect();
-                    row.insert("messages".into(), msgs.into());
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(rows.into_iter().map(serde_json::Value::Object).collect())
-}
-
-/// What to do with a conversation longer than a training sequence.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlong {
-    /// Cut it to the sequence length (counted, with a warning).
-    Truncate,
-    /// Leave it out (counted, with a warning).
-    Skip,
-}
-
-/// A packed training sequence: `seq_len + 1` ids, the loss mask of each *target* (ids[1..]), and
-/// for each position the index of the conversation it belongs to (padding is `u32::MAX`).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Packed {
-    pub ids: Vec<u32>,
-    pub loss_mask: Vec<bool>,
-    pub segment: Vec<u32>,
-}
-
-/// Packing statistics, reported to the user.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct PackStats {
-    pub conversations: usize,
-    pub truncated: usize,
-    pub skipped: usize,
-    pub sequences: usize,
-    pub loss_tokens: usize,
-}
-
-/// Packs tokenized conversations whole into sequences of `seq_len + 1` tokens (a conversation
-/// never straddles two sequences), padding the rest of each sequence with `pad` (masked).
-pub fn pack(items: &[(Vec<u32>, Vec<bool>)], seq_len: usize, pad: u32, overlong: Overlong) -> (Vec<Packed>, PackStats) {
-    let len = seq_len + 1;
-    let mut stats = PackStats { conversations: items.len(), ..PackStats::default() };
-    let mut out = vec![];
-    let mut cur = Packed { ids: vec![], loss_mask: vec![], segment: vec![] };
-    let flush = |cur: &mut Packed, out: &mut Vec<Packed>| {
-        if cur.ids.is_empty() {
-            return;
-        }
-        let n = len - cur.ids.len();
-        cur.ids.extend(std::iter::repeat_n(pad, n));
-        cur.loss_mask.extend(std::iter::repeat_n(false, n));
-        cur.segment.extend(std::iter::repeat_n(u32::MAX, n));
-        out.push(std::mem::replace(cur, Packed { ids: vec![], loss_mask: vec![], segment: vec![] }));
-    };
-    for (index, (ids, mask)) in items.iter().enumerate() {
-        let (mut ids, mut mask) = (ids.clone(), mask.clone());
-        if ids.len() > len {
-            match overlong {
-                Overlong::Skip => {
-                    stats.skipped += 1;
-                    continue;
-                }
-                Overlong::Truncate => {
-                    stats.truncated += 1;
-                    ids.truncate(len);
-                    mask.truncate(len);
-                }
-            }
-        }
-        if cur.ids.len() + ids.len() > len {
-            flush(&mut cur, &mut out);
-        }
-        cur.segment.extend(std::iter::repeat_n(index as u32, ids.len()));
-        cur.ids.extend(ids);
-        cur.loss_mask.extend(mask);
-    }
-    flush(&mut cur, &mut out);
-    // The mask so far is per position; the loss of position t is on target ids[t + 1].
-    for p in &mut out {
-        p.loss_mask.remove(0);
-        stats.loss_tokens += p.loss_mask.iter().filter(|&&m| m).count();
-    }
-    stats.sequences = out.len();
-    (out, stats)
 }
 
 #[cfg(test)]

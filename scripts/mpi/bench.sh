@@ -5,9 +5,9 @@
 # the seconds each step spent in collectives (dist/comm_seconds: reduce-scatter of the f32
 # gradients, the norm's all-reduce, all-gather of the f32 weights), the bytes each rank sent per
 # step, and the whole step's time.
-#   BIN=$CARGO_TARGET_DIR/release/pretrain scripts/bench_mpi.sh    # a pretrain built with --features mpi
+#   BIN=$CARGO_TARGET_DIR/release/pretrain scripts/mpi/bench.sh    # a pretrain built with --features mpi
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 BIN="${BIN:-${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}/release/pretrain}"
 RANKS="${RANKS:-2}"
 STEPS="${STEPS:-4}"

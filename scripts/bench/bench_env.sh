@@ -1,4 +1,4 @@
-# Sourced by scripts/bench.sh and scripts/bench_seq_len.sh (from the repository root): the shared
+# Sourced by scripts/bench/bench.sh and scripts/bench/bench_seq_len.sh (from the repository root): the shared
 # build cache, PyTorch + transformers in a cached virtual environment (installed from the package
 # index on first use), and a release build of `llama`. Sets $venv.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"

@@ -2,7 +2,7 @@
 (llama.cpp's own quantizer), metadata and the other tensors copied: a quantized model file for
 the reader's end-to-end test, as llama.cpp's presets make them.
 
-    python scripts/gguf_requantize.py IN.gguf OUT.gguf q4_0|q4_1|q5_0|q5_1|q8_0
+    python scripts/interop/gguf_requantize.py IN.gguf OUT.gguf q4_0|q4_1|q5_0|q5_1|q8_0
 """
 
 import sys

@@ -1,8 +1,8 @@
 """llama.cpp (through llama-cpp-python) and we read the same GGUF file alike: its tokenizer and its
-greedy generation. Run by scripts/get_smollm2.sh on SmolLM2-135M-Instruct (Q4_1); any GGUF of the
+greedy generation. Run by scripts/interop/get_smollm2.sh on SmolLM2-135M-Instruct (Q4_1); any GGUF of the
 `llama` architecture works.
 
-    python scripts/check_gguf_parity.py --llama BIN --gguf model.gguf --checkpoint DIR [--tokens 16]
+    python scripts/interop/check_gguf_parity.py --llama BIN --gguf model.gguf --checkpoint DIR [--tokens 16]
 
 DIR is `llama convert --from model.gguf --to DIR`: its tokenizer.json is the one our reader built
 from the file's `tokenizer.ggml.*` metadata.

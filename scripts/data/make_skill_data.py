@@ -25,13 +25,13 @@ training; for arithmetic, the numbers are drawn afresh (a problem seen in traini
 Most problems have one-digit operands: the tiny model copies a one-token number from the question
 into the call, not yet a two-digit one (docs/results.md); the two-digit group measures that.
 
-Usage: python scripts/make_skill_data.py
+Usage: python scripts/data/make_skill_data.py
 """
 import json
 import random
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 MONTHS = "January February March April May June July August September October November December".split()
 
 # (year, event): well-known dated events.

@@ -2,10 +2,10 @@
 calculator, capital look-ups for search) answered by a SmolLM2 checkpoint, with the tools running
 and with them off, greedy, batched through `llama generate`. Success: the expected answer appears
 in the answer. Prompts are rendered in SmolLM2's ChatML, with the default system prompt its
-template adds (what `sft` trained on). Used by scripts/smollm2.sh; the `eval` binary does this for
+template adds (what `sft` trained on). Used by scripts/interop/smollm2.sh; the `eval` binary does this for
 any template, but it also needs reward models of the same vocabulary.
 
-    python scripts/smollm2_tools.py LLAMA_BIN CHECKPOINT OUT.json
+    python scripts/interop/smollm2_tools.py LLAMA_BIN CHECKPOINT OUT.json
 """
 
 import json

@@ -1,8 +1,8 @@
 """llama.cpp itself (through the llama-cpp-python package) loads GGUF exports and decodes greedily
-what `llama generate` decodes. Run by scripts/check_llama_cpp.sh, which builds llama.cpp when
+what `llama generate` decodes. Run by scripts/interop/check_llama_cpp.sh, which builds llama.cpp when
 missing; not in the default test run (the build takes minutes).
 
-    python scripts/check_llama_cpp.py --llama BIN --checkpoint DIR --tokenizer tokenizer.json \
+    python scripts/interop/check_llama_cpp.py --llama BIN --checkpoint DIR --tokenizer tokenizer.json \
         --gguf f32=a.gguf --gguf f16=b.gguf --gguf q8_0=c.gguf --prompt "The jury" --tokens 24
 
 For each prompt: llama.cpp's tokenization of it must equal the `tokenizers` package's (our

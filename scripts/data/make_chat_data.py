@@ -10,13 +10,13 @@ pre-trained model fails and supervised fine-tuning must raise.
   data/chat/eval.jsonl     100 held-out single-turn conversations with `expected`
   data/chat/gatt_instructions.txt   instructions for the Ghost Attention example
 
-Usage: python scripts/make_chat_data.py
+Usage: python scripts/data/make_chat_data.py
 """
 import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "data" / "chat"
+OUT = Path(__file__).resolve().parent.parent.parent / "data" / "chat"
 NAMES = "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Louis Maria Nathan Olivia Peter Quinn Rachel Samuel Tina Victor Wendy Xavier Yvonne Zachary Anna Brian Clara Daniel Elena Felix Hannah Isaac Julia Kevin Laura Martin Nora Oscar Paula".split()
 CITIES = "Paris London Boston Chicago Denver Madrid Rome Berlin Vienna Dublin Oslo Lisbon Prague Warsaw Athens Cairo Tokyo Sydney Toronto Seattle Houston Miami Atlanta Dallas Phoenix Portland Austin Detroit Memphis Nashville".split()
 COLORS = "red blue green yellow purple orange black white pink brown gray silver".split()

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Peak memory and speed of a training step with and without block recomputation (and with it,
 # logits in chunks of 1024 positions), each in a fresh process so that peak RSS is its own.
-#   scripts/bench_memory.sh [configs/bench-medium.toml:4:512 configs/bench-long.toml:1:2048 ...]
+#   scripts/bench/bench_memory.sh [configs/bench-medium.toml:4:512 configs/bench-long.toml:1:2048 ...]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 cargo build --release --bin llama
 out="${BENCH_OUT:-runs/bench-memory}"; mkdir -p "$out"

@@ -3,7 +3,7 @@
 our config), AdamW, batch, sequence length and thread count, f32 eager; then Hugging Face `generate`
 with its KV cache (greedy). Prints and writes the same JSON fields as `llama bench`.
 
-Usage: python scripts/bench_torch.py --config configs/bench-small.toml --batch 8 --seq-len 256 --steps 5 --gen-tokens 64 [--threads 2] [--device cuda --dtype bf16] [--compile] [--json out.json]
+Usage: python scripts/bench/bench_torch.py --config configs/bench-small.toml --batch 8 --seq-len 256 --steps 5 --gen-tokens 64 [--threads 2] [--device cuda --dtype bf16] [--compile] [--json out.json]
 """
 import argparse
 import contextlib

@@ -3,9 +3,9 @@
 # builds `pretrain` with the `mpi` feature, runs a small pre-training (configs/tiny.toml's model,
 # STEPS steps of 6 sequences) in one plain process and as MPI jobs of 2 and 3 ranks, and prints
 # whether their losses and gradient norms agree (to 1e-5, relative).
-#   scripts/mpi_check.sh            # STEPS=10, OUT=runs/mpi-check
+#   scripts/mpi/check.sh            # STEPS=10, OUT=runs/mpi-check
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 STEPS="${STEPS:-10}"
 OUT="${OUT:-runs/mpi-check}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"

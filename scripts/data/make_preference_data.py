@@ -14,13 +14,13 @@ Labels come from stated rules, not from people:
     rating significantly_better, or better when the compliance is hedged.
 Each set has a train file and a held-out eval file built from disjoint templates/values.
 
-Usage: python scripts/make_preference_data.py
+Usage: python scripts/data/make_preference_data.py
 """
 import json
 import random
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "data" / "preferences"
+OUT = Path(__file__).resolve().parent.parent.parent / "data" / "preferences"
 NAMES = "Alice Bob Carol David Emma Frank Grace Henry Irene Jack Karen Louis Maria Nathan Olivia Peter Quinn Rachel Samuel Tina".split()
 CITIES = "Paris London Boston Chicago Denver Madrid Rome Berlin Vienna Dublin Oslo Lisbon Prague Warsaw Athens Cairo".split()
 COLORS = "red blue green yellow purple orange black white pink brown".split()

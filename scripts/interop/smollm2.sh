@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The recipe on a real pretrained model, as far as it is built for one: SmolLM2-135M-Instruct from
-# its GGUF file (scripts/get_smollm2.sh, checked against llama.cpp), supervised fine-tuning on the
+# its GGUF file (scripts/interop/get_smollm2.sh, checked against llama.cpp), supervised fine-tuning on the
 # shipped chats with the dated and tool-use ones (configs/sft-smollm2.toml, its own ChatML
 # template), the fine-tuned model exported to GGUF and checked against llama.cpp again, and the
-# held-out tool-use set before and after (scripts/smollm2_tools.py). ~25 min on 2 cores, plus the
+# held-out tool-use set before and after (scripts/interop/smollm2_tools.py). ~25 min on 2 cores, plus the
 # llama.cpp build the first time (~45 min). Writes runs/smollm2/.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 cargo build --release --quiet --bin llama --bin sft
 bin="$CARGO_TARGET_DIR/release"
@@ -14,16 +14,16 @@ venv="${LLAMA2_LLAMA_CPP_VENV:-$HOME/.cache/llama2-rs/llama-cpp-venv}"
 start=$(date +%s)
 stage() { echo; echo "== $1 ($(( $(date +%s) - start )) s)"; }
 stage "SmolLM2-135M-Instruct from its GGUF file, against llama.cpp"
-CHECK=1 scripts/get_smollm2.sh runs/smollm2/model
+CHECK=1 scripts/interop/get_smollm2.sh runs/smollm2/model
 stage "sft"
 rm -rf runs/smollm2/sft
 "$bin/sft" --config configs/sft-smollm2.toml
 ckpt=$(ls -d runs/smollm2/sft/checkpoints/step-* | tail -1)
 stage "the fine-tuned model as f16 GGUF, against llama.cpp"
 "$bin/llama" convert --from "$ckpt" --to runs/smollm2/sft-f16.gguf --gguf-type f16 --overwrite
-"$venv/bin/python" scripts/check_gguf_parity.py --llama "$bin/llama" --gguf runs/smollm2/sft-f16.gguf --checkpoint "$ckpt"
+"$venv/bin/python" scripts/interop/check_gguf_parity.py --llama "$bin/llama" --gguf runs/smollm2/sft-f16.gguf --checkpoint "$ckpt"
 stage "the held-out tool-use set, before and after"
 mkdir -p runs/smollm2/tools
-python3 scripts/smollm2_tools.py "$bin/llama" runs/smollm2/model runs/smollm2/tools/base.json
-python3 scripts/smollm2_tools.py "$bin/llama" "$ckpt" runs/smollm2/tools/sft.json
+python3 scripts/interop/smollm2_tools.py "$bin/llama" runs/smollm2/model runs/smollm2/tools/base.json
+python3 scripts/interop/smollm2_tools.py "$bin/llama" "$ckpt" runs/smollm2/tools/sft.json
 stage "done"

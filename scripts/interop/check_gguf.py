@@ -3,7 +3,7 @@ reader) and checks what llama.cpp needs of a `llama` model: every tensor name an
 metadata implies, the ggml types (norms f32, matrices the file type), the hyper-parameters and
 the tokenizer. Prints a summary; exits non-zero on the first problem.
 
-    python scripts/check_gguf.py model.gguf [--type f32|f16|q8_0]     # needs `pip install gguf`
+    python scripts/interop/check_gguf.py model.gguf [--type f32|f16|q8_0]     # needs `pip install gguf`
 """
 
 import argparse

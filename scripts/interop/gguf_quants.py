@@ -5,7 +5,7 @@ blocks) and OUT/TYPE.f32 (little-endian f32 values). Q4_0, Q4_1, Q5_0, Q5_1 and 
 the package's quantizer from normal values; the K-quants, which it cannot quantize, are random
 bytes with finite f16 scales (any such block is valid).
 
-    python scripts/gguf_quants.py OUT        # needs `pip install gguf` (scripts/test.sh does)
+    python scripts/interop/gguf_quants.py OUT        # needs `pip install gguf` (scripts/test.sh does)
 """
 
 import sys

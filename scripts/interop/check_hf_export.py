@@ -2,7 +2,7 @@
 """Checks that a directory written by `llama convert --to-format hf` loads in transformers and gives
 the logits recorded in a fixture's expected.json.
 
-Usage: python scripts/check_hf_export.py EXPORTED_DIR tests/fixtures/hf-tiny-gqa/expected.json
+Usage: python scripts/interop/check_hf_export.py EXPORTED_DIR tests/fixtures/hf-tiny-gqa/expected.json
 (needs torch and transformers; not part of CI, which has no torch)
 """
 import json
