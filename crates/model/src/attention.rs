@@ -59,9 +59,9 @@ thread_local! {
     static BURN_ATTENTION: Cell<bool> = const { Cell::new(false) };
 }
 
-/// Runs `f` with [`causal_attention`] going to Burn's composed attention on every backend, as
-/// before the recomputed op existed: for benchmarks that measure what it buys
-/// (`llama bench --burn-attention`). The backward of a graph follows its forward's path.
+/// Runs `f` with [`causal_attention`] going to Burn's composed attention on every backend (which
+/// keeps the probabilities for backward): for benchmarks that measure what the recomputed op
+/// buys (`llama bench --burn-attention`). The backward of a graph follows its forward's path.
 pub fn with_burn_attention<R>(f: impl FnOnce() -> R) -> R {
     crate::with_setting(&BURN_ATTENTION, true, f)
 }

@@ -10,6 +10,7 @@ pub mod memory;
 pub mod metrics;
 pub mod objective;
 pub mod optim;
+pub mod optim_rules;
 pub mod parallel;
 pub mod precision;
 pub mod run;

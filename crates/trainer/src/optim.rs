@@ -4,15 +4,13 @@
 
 use std::path::Path;
 
-use burn::module::{Module, ModuleVisitor, Param, ParamGroup};
+use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
 use burn::tensor::Tensor;
 use llama_model::adamw::FusedAdamW;
 
 use crate::config::OptimConfig;
-
-/// Parameter paths excluded from weight decay unless `decay_norms_and_embeddings` is set.
-pub const NO_DECAY: &[&str] = &["norm", "tok_embeddings"];
+pub use crate::optim_rules::{NO_DECAY, clip_factor, no_decay_group};
 
 /// The optimizer of a run: AdamW for all parameters, a zero-decay group for norms/embeddings.
 #[derive(Clone)]
@@ -22,12 +20,6 @@ pub struct Optimizer {
 
 fn adamw(config: &OptimConfig, weight_decay: f64) -> FusedAdamW {
     FusedAdamW::new(config.beta1 as f32, config.beta2 as f32, config.eps as f32, weight_decay as f32)
-}
-
-/// The parameters exempt from weight decay (norms and embeddings, unless
-/// `optim.decay_norms_and_embeddings`), or None when all decay alike.
-pub fn no_decay_group(config: &OptimConfig) -> Option<ParamGroup> {
-    (!config.decay_norms_and_embeddings && config.weight_decay > 0.0).then(|| ParamGroup::from_any_predicates(NO_DECAY.to_vec()))
 }
 
 impl Optimizer {
@@ -100,8 +92,9 @@ pub fn scale_grads<M: Module>(model: &M, grads: &mut GradientsParams, factor: f6
 /// disables clipping.
 pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_norm: f64) -> f64 {
     let norm = global_grad_norm(model, grads);
-    if max_norm > 0.0 && norm.is_finite() && norm > max_norm {
-        scale_grads(model, grads, max_norm / (norm + 1e-6));
+    let factor = clip_factor(norm, max_norm);
+    if factor != 1.0 {
+        scale_grads(model, grads, factor);
     }
     norm
 }

@@ -98,7 +98,7 @@ impl ModuleVisitor for Layout<'_> {
 }
 
 fn layout<M: Module>(model: &M, config: &OptimConfig) -> Vec<Slot> {
-    let no_decay = crate::optim::no_decay_group(config);
+    let no_decay = crate::optim_rules::no_decay_group(config);
     let mut l = Layout { path: vec![], slots: vec![], offset: 0, no_decay: no_decay.as_ref() };
     model.visit(&mut l);
     l.slots
@@ -223,10 +223,10 @@ impl ShardedAdamW {
         (self.comm_seconds, 2 * 4 * self.block as u64 * (n - 1))
     }
 
-    /// Clips `block` to `max_norm` by the global `norm` (as `optim::clip_global_norm` does),
+    /// Clips `block` to `max_norm` by the global `norm` (`optim_rules::clip_factor`, as `optim::clip_global_norm`),
     /// updates this rank's block and returns the model with every rank's updated block.
     pub fn step<M: Module>(&mut self, lr: f64, model: M, block: Vec<f32>, norm: f64, max_norm: f64) -> M {
-        let clip = if max_norm > 0.0 && norm.is_finite() && norm > max_norm { (max_norm / (norm + 1e-6)) as f32 } else { 1.0 };
+        let clip = crate::optim_rules::clip_factor(norm, max_norm) as f32;
         self.time += 1;
         let range = self.range();
         let mut master = vec![0f32; self.block];
