@@ -20,7 +20,7 @@ use llama_trainer::checkpoint::init_model;
 
 use crate::config::EvalConfig;
 use crate::judge::{check_template, judge_margin};
-use crate::report::{Report, SetReport, WithoutTools, r6, write_answers, write_outputs};
+use crate::report::{Report, ScoredAnswers, SetReport, WithoutTools, r6, write_answers, write_outputs};
 use crate::stats::{bootstrap_win_rate, win_tie_loss};
 
 /// Runs the comparison; writes report.json, TensorBoard scalars and chart.svg under out_dir.
@@ -180,15 +180,6 @@ impl Loaded {
         let scorers = Scorers { helpfulness: help, safety: safe, threshold: cfg.safety_threshold, pad: tokenizer.eos_id() };
         Ok(Self { tokenizer, sets, scorers, policies, judge })
     }
-}
-
-/// One model's answers to one prompt set, scored by the reward models.
-pub(crate) struct ScoredAnswers {
-    pub answers: Vec<String>,
-    /// logit of the combined reward Rc, per answer.
-    pub combined: Vec<f64>,
-    pub helpfulness: Vec<f64>,
-    pub safety: Vec<f64>,
 }
 
 /// A [tools] set answered with the tools running and without them, as a reader sees the answers

@@ -2,8 +2,6 @@
 
 use anyhow::Context;
 use llama_data::prompts::Prompt;
-
-use crate::compare::ScoredAnswers;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -56,6 +54,15 @@ pub struct Report {
     pub baseline: String,
     pub seed: u64,
     pub models: BTreeMap<String, BTreeMap<String, SetReport>>,
+}
+
+/// One model's answers to one prompt set, scored by the reward models.
+pub(crate) struct ScoredAnswers {
+    pub answers: Vec<String>,
+    /// logit of the combined reward Rc, per answer.
+    pub combined: Vec<f64>,
+    pub helpfulness: Vec<f64>,
+    pub safety: Vec<f64>,
 }
 
 /// answers.jsonl: every answer with its scores, a line per model, set and prompt (for pandas or

@@ -13,7 +13,7 @@ use llama_io::write_atomic;
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 use serde_json::{Value, json};
 
-use crate::checkpoint::{HF_CONFIG, HF_INDEX, NATIVE_WEIGHTS, ckpt_err, io_err, write_safetensors};
+use crate::files::{HF_CONFIG, HF_INDEX, NATIVE_WEIGHTS, ckpt_err, io_err, write_safetensors};
 use crate::{Llama, LlamaConfig, ModelError};
 
 /// Reads a `transformers` `LlamaConfig` JSON object into ours, refusing what we do not implement.

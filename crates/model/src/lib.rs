@@ -20,6 +20,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+mod files;
 mod flex_kernels;
 pub mod generate;
 pub mod gguf;

@@ -189,6 +189,20 @@ impl World {
     }
 }
 
+/// [`crate::signals::received`] agreed across the job's ranks: every rank must call it at the same point; if
+/// any rank was signalled, all get the signal's name (mpirun and Slurm signal every rank, but
+/// not at the same instant).
+pub fn signal_received_by_any_rank() -> Option<&'static str> {
+    let world = world();
+    let here = crate::signals::received();
+    if !world.is_distributed() {
+        return here;
+    }
+    let mut v = [if here.is_some() { 1.0 } else { 0.0 }];
+    world.sum_f64(&mut v);
+    (v[0] > 0.0).then(|| here.unwrap_or("SIGTERM"))
+}
+
 /// A training binary's `main`: joins the job's world (under `mpirun` / `srun`, built with the
 /// `mpi` feature), runs `body`, and settles the exit status with [`exit_with`] while MPI is up.
 pub fn main_with(body: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {

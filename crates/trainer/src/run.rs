@@ -465,7 +465,7 @@ where
         }
         // After the last step the run ends anyway (and an outer loop, PPO's or rejection
         // sampling's, asks for itself).
-        if !last && let Some(signal) = crate::signals::received_by_any_rank() {
+        if !last && let Some(signal) = crate::distributed::signal_received_by_any_rank() {
             let checkpoint = match (&self.last_checkpoint, self.saved_step == step) {
                 (Some(dir), true) => dir.clone(),
                 _ => self.save(objective)?,

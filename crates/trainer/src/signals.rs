@@ -52,20 +52,6 @@ pub fn received() -> Option<&'static str> {
     })
 }
 
-/// [`received`] agreed across the job's ranks: every rank must call it at the same point; if
-/// any rank was signalled, all get the signal's name (mpirun and Slurm signal every rank, but
-/// not at the same instant).
-pub fn received_by_any_rank() -> Option<&'static str> {
-    let world = crate::distributed::world();
-    let here = received();
-    if !world.is_distributed() {
-        return here;
-    }
-    let mut v = [if here.is_some() { 1.0 } else { 0.0 }];
-    world.sum_f64(&mut v);
-    (v[0] > 0.0).then(|| here.unwrap_or("SIGTERM"))
-}
-
 /// The end of a run stopped by a signal after saving: not a failure (`main` exits 0 with
 /// [`Interrupted`]'s line).
 #[derive(Debug)]

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use super::{ALIGNMENT, MAGIC, Value};
 use crate::ModelError;
-use crate::checkpoint::{ckpt_err, io_err};
+use crate::files::{ckpt_err, io_err};
 use crate::quants::QuantType;
 
 /// One tensor of a GGUF file: its name, `ne` (contiguous dimension first), type and where its

@@ -30,7 +30,7 @@ pub use file::{GgufFile, TensorInfo};
 pub use vocab::{GgufTokenizer, TokenizerFiles, tokenizer_files};
 pub use write::{GgufType, LLAMA2_CHAT_TEMPLATE, quantize_q8_0, save_gguf};
 
-use crate::checkpoint::ckpt_err;
+use crate::files::ckpt_err;
 use crate::hf::{self, RopeRows};
 use crate::{Llama, LlamaConfig, ModelError};
 

@@ -18,7 +18,7 @@ use serde_json::{Value as Json, json};
 
 use super::Value;
 use crate::ModelError;
-use crate::checkpoint::ckpt_err;
+use crate::files::ckpt_err;
 
 /// llama.cpp's token types (`llama_token_type`).
 const NORMAL: i32 = 1;
