@@ -43,14 +43,39 @@ pub struct InfoArgs {
     /// attention keeps its probabilities for backward (heads x seq per token and layer).
     #[arg(long)]
     pub cpu: bool,
+    /// Also estimate a PPO iteration's five models on one device: the policy (this config) and
+    /// the value model train, the reference policy and the two reward models are frozen, and the
+    /// rollout keeps a KV cache; updates of --micro-batch x --seq-len, rollouts of --rollout-batch.
+    #[arg(long)]
+    pub ppo: bool,
+    /// With --ppo: the shape of the value model and the two reward models (default: --config).
+    #[arg(long, requires = "ppo")]
+    pub reward_config: Option<PathBuf>,
+    /// With --ppo: sequences generated at once per device (ppo.batch_size / ranks).
+    #[arg(long, default_value_t = 64, requires = "ppo")]
+    pub rollout_batch: usize,
 }
 
 /// `llama info`.
 pub fn run(args: InfoArgs) -> Result<()> {
-    let InfoArgs { config, micro_batch, micro_batches, seq_len, device_memory_gib, recompute, optimizer, logits_chunk, ranks, cpu } = args;
+    let InfoArgs {
+        config,
+        micro_batch,
+        micro_batches,
+        seq_len,
+        device_memory_gib,
+        recompute,
+        optimizer,
+        logits_chunk,
+        ranks,
+        cpu,
+        ppo,
+        reward_config,
+        rollout_batch,
+    } = args;
     let c = LlamaConfig::from_toml_file(&config)?;
-    if ranks == 0 || micro_batches == 0 {
-        bail!("--ranks and --micro-batches must be >= 1");
+    if ranks == 0 || micro_batches == 0 || rollout_batch == 0 {
+        bail!("--ranks, --micro-batches and --rollout-batch must be >= 1");
     }
     let seq = seq_len.unwrap_or(c.max_seq_len);
     if logits_chunk == Some(0) {
@@ -117,8 +142,15 @@ pub fn run(args: InfoArgs) -> Result<()> {
     }
     println!(
         "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients",
-        llama_model::config::MEASURED_OVERHEAD
+        llama_model::memory::MEASURED_OVERHEAD
     );
+    if ppo {
+        let reward = match &reward_config {
+            Some(path) => LlamaConfig::from_toml_file(path)?,
+            None => c.clone(),
+        };
+        print_ppo(&c, &reward, micro_batch, seq, rollout_batch, device_memory_gib, &chunk_for);
+    }
     if ranks > 1 {
         // trainer::sharded: flat f32 blocks, reduce-scattered gradients, all-gathered weights.
         let p = c.num_params();
@@ -133,6 +165,57 @@ with {ranks} MPI ranks (AdamW sharded, ZeRO-1): per rank, AdamW moments {} on th
             );
     }
     Ok(())
+}
+
+/// `llama info --ppo`: a PPO iteration's memory on one device for every dtype, recomputation and
+/// optimizer placement.
+fn print_ppo(
+    policy: &LlamaConfig,
+    reward: &LlamaConfig,
+    micro_batch: usize,
+    seq: usize,
+    rollout_batch: usize,
+    device_memory_gib: Option<f64>,
+    chunk_for: &dyn Fn(Recompute) -> Option<usize>,
+) {
+    println!(
+        "\nPPO on one device: policy and reference {:.2} B, value and two reward models {:.2} B each; updates of {micro_batch} x seq {seq}, rollouts of {rollout_batch} sequences",
+        policy.num_params() as f64 / 1e9,
+        reward.reward_model_params() as f64 / 1e9
+    );
+    println!(
+        "{:<6} {:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14} {:>10}",
+        "dtype", "recompute", "optimizer", "policy", "value", "reference", "rewards", "KV cache", "expected peak", "host"
+    );
+    for precision in [Precision::F32, Precision::Bf16] {
+        for r in [Recompute::None, Recompute::Block] {
+            for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
+                let plan = TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), ..TrainingMemory::new(precision) };
+                let m = policy.ppo_memory_estimate(reward, micro_batch, seq, rollout_batch, &plan);
+                let fits = match device_memory_gib {
+                    Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
+                    Some(_) => "  does NOT fit",
+                    None => "",
+                };
+                println!(
+                    "{:<6} {:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14} {:>10}{fits}",
+                    precision.name(),
+                    name(r),
+                    name(o),
+                    gib(m.policy.total()),
+                    gib(m.value.total()),
+                    gib(m.reference),
+                    gib(m.reward_models),
+                    gib(m.kv_cache),
+                    gib(m.expected_peak()),
+                    gib(m.host_total())
+                );
+            }
+        }
+    }
+    println!(
+        "policy and value = weights, master, gradients, AdamW and activations each; the update's activations and the rollout's KV cache are never alive at once, so the peak counts the larger; the rlhf stage runs f32 with both AdamWs on the device today"
+    );
 }
 
 /// A clap value's name as typed on the command line.

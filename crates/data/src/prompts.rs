@@ -70,8 +70,9 @@ pub fn load_prompts(path: &Path) -> anyhow::Result<Vec<Prompt>> {
 
 /// Refuses, before any work, a prompt of `path` that the model cannot answer in full: its tokens,
 /// `max_new_tokens`, and the end-of-sequence token appended to an answer cut at that limit must
-/// fit `max_seq_len`. The error names the file and line.
-pub fn check_prompt_lengths(prompts: &[Prompt], path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<()> {
+/// fit `max_seq_len`. The error names the file and line. Returns the longest such total.
+pub fn check_prompt_lengths(prompts: &[Prompt], path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<usize> {
+    let mut longest = 0;
     for p in prompts {
         let at = format!("{}:{}", path.display(), p.line);
         let n = p.conversation.prompt_ids(tokenizer).map_err(|e| anyhow::anyhow!("{at}: {e}"))?.len();
@@ -81,13 +82,20 @@ pub fn check_prompt_lengths(prompts: &[Prompt], path: &Path, tokenizer: &Tokeniz
                 "{at}: the prompt is {n} tokens; with max_new_tokens ({max_new_tokens}) and the end-of-sequence token appended to a cut answer that is {total}, more than the model's max_seq_len ({max_seq_len}): shorten or remove the prompt, or lower max_new_tokens"
             );
         }
+        longest = longest.max(total);
     }
-    Ok(())
+    Ok(longest)
 }
 
 /// Loads a prompt file and checks every prompt's length ([`check_prompt_lengths`]).
 pub fn load_prompts_for(path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<Vec<Prompt>> {
+    Ok(load_prompts_with_longest(path, tokenizer, max_new_tokens, max_seq_len)?.0)
+}
+
+/// [`load_prompts_for`], with the longest sequence a prompt and its answer can make (the prompt,
+/// `max_new_tokens` and the end-of-sequence token).
+pub fn load_prompts_with_longest(path: &Path, tokenizer: &Tokenizer, max_new_tokens: usize, max_seq_len: usize) -> anyhow::Result<(Vec<Prompt>, usize)> {
     let prompts = load_prompts(path)?;
-    check_prompt_lengths(&prompts, path, tokenizer, max_new_tokens, max_seq_len)?;
-    Ok(prompts)
+    let longest = check_prompt_lengths(&prompts, path, tokenizer, max_new_tokens, max_seq_len)?;
+    Ok((prompts, longest))
 }

@@ -1,11 +1,11 @@
-//! The Llama architecture hyper-parameters: loading, validation, parameter and memory counting.
+//! The Llama architecture hyper-parameters: loading, validation, parameter counting (the memory
+//! estimates are in `crate::memory`).
 
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
 use crate::ModelError;
-use crate::precision::Precision;
 
 /// The largest value each size of a [`LlamaConfig`] may take, from any source. Each is far above
 /// every released Llama-family model (405B: width 16384, 126 layers, SwiGLU 53248; vocabularies
@@ -101,92 +101,6 @@ pub enum OptimizerPlacement {
     /// In host memory, updated on the CPU (ZeRO-Offload's split): the device keeps only the
     /// compute-dtype weights, their gradients and the activations.
     Host,
-}
-
-/// Positions per chunk of the output projection and loss when `train.logits_chunk` is not set
-/// and blocks are recomputed: 1024 x 32000 f32 logits are 125 MiB per chunk.
-pub const DEFAULT_LOGITS_CHUNK: usize = 1024;
-
-/// How a run trains, as far as memory goes: the inputs of [`LlamaConfig::memory_estimate`].
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct TrainingMemory {
-    pub precision: Precision,
-    pub recompute: Recompute,
-    pub optimizer: OptimizerPlacement,
-    /// Positions per chunk of the output projection and loss (None: the whole logits at once).
-    pub logits_chunk: Option<usize>,
-    /// Whether attention keeps its probabilities for backward (`heads * seq` per token and layer
-    /// in `precision`): the fused CPU attention does (flex, f32); on a GPU attention recomputes
-    /// them in backward and keeps none.
-    pub keeps_attention_probs: bool,
-    /// Micro-batches per optimizer step on each device: with the optimizer on the host and more
-    /// than one, their gradients are summed on the device in f32 (an f32 copy of the gradients).
-    pub micro_batches: usize,
-}
-
-impl TrainingMemory {
-    /// No recomputation, optimizer on the device, whole logits, attention as on a GPU.
-    pub fn new(precision: Precision) -> Self {
-        Self {
-            precision,
-            recompute: Recompute::None,
-            optimizer: OptimizerPlacement::Device,
-            logits_chunk: None,
-            keeps_attention_probs: false,
-            micro_batches: 1,
-        }
-    }
-
-    /// Whether attention keeps its probabilities when training in `precision` on the CPU
-    /// (`on_cpu`) or a GPU: only the fused CPU kernel does, in f32.
-    pub fn attention_keeps_probs(precision: Precision, on_cpu: bool) -> bool {
-        on_cpu && precision == Precision::F32
-    }
-}
-
-/// Estimated training memory, in bytes: one device's share (the first five fields) and the
-/// host's (`host_*`, non-zero with the optimizer on the host).
-#[derive(Debug, Clone, Copy)]
-pub struct MemoryEstimate {
-    pub weights: u64,
-    /// f32 master copy kept beside low-precision weights on the device (0 in f32 or on the host).
-    pub master_weights: u64,
-    /// A micro-batch's gradients in the compute dtype, plus, with the optimizer on the host and
-    /// several micro-batches a step, their f32 sum (it leaves the device once per step).
-    pub gradients: u64,
-    /// AdamW first and second moments, always f32 (0 when on the host).
-    pub optimizer: u64,
-    pub activations: u64,
-    /// Host: f32 master weights (the model itself when the optimizer is on the host).
-    pub host_master_weights: u64,
-    /// Host: AdamW moments.
-    pub host_optimizer: u64,
-    /// Host: the step's f32 gradients, come down from the device.
-    pub host_gradients: u64,
-}
-
-/// What a run really takes over [`MemoryEstimate::total`]: on an H100 (Vulkan) the 134M config's
-/// peak device memory (nvidia-smi) was 1.32x the estimate in f32 and 1.31x in f16 (allocator
-/// pools, the f32 logits copy, buffers kept for backward; docs/benchmarks.md). Measured when
-/// attention was Burn's composed op, whose two kept score-sized tensors per layer the estimate
-/// then counted; not re-measured since attention recomputes them.
-pub const MEASURED_OVERHEAD: f64 = 1.35;
-
-impl MemoryEstimate {
-    /// The device's total.
-    pub fn total(&self) -> u64 {
-        self.weights + self.master_weights + self.gradients + self.optimizer + self.activations
-    }
-
-    /// The host's total (0 with the optimizer on the device).
-    pub fn host_total(&self) -> u64 {
-        self.host_master_weights + self.host_optimizer + self.host_gradients
-    }
-
-    /// The peak to plan for: the total times [`MEASURED_OVERHEAD`].
-    pub fn expected_peak(&self) -> u64 {
-        (self.total() as f64 * MEASURED_OVERHEAD) as u64
-    }
 }
 
 impl LlamaConfig {
@@ -406,56 +320,6 @@ impl LlamaConfig {
         let n = self.num_params() - embedding - norms;
         6.0 * n as f64 + 12.0 * (self.n_layers * self.dim * seq_len) as f64
     }
-
-    /// Memory needed to train on one device with `micro_batch` sequences of `seq_len` tokens.
-    ///
-    /// Weights and gradients in the compute dtype; AdamW moments in f32 and an f32 master copy
-    /// (when the compute dtype is not f32) on the device, or with `OptimizerPlacement::Host` on
-    /// the host, with the gradients summed in f32 on the device over several micro-batches. Activations count the tensors our forward keeps
-    /// for backward and the logits with their f32 softmax and gradient; with `Recompute::Block`,
-    /// each block's input plus twice one block's tensors (its re-run and the gradients flowing
-    /// through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
-    /// tensor on a GPU (it recomputes its probabilities in backward, `crate::attention`), its
-    /// probabilities with `keeps_attention_probs` (the fused CPU kernel); one layer's attention
-    /// at a time holds four `[batch, heads, seq, seq]` tensors while it runs (Burn's composed
-    /// forward, where the flash kernel does not launch). An estimate: allocator slack and
-    /// workspace are not counted (see [`MEASURED_OVERHEAD`]).
-    pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> MemoryEstimate {
-        let p = self.num_params();
-        let b = plan.precision.bytes();
-        let tokens = (micro_batch * seq_len) as u64;
-        let d = self.dim as u64;
-        let kv = (self.n_kv_heads() * self.head_dim()) as u64;
-        let f = self.ffn_hidden() as u64;
-        let h = self.n_heads as u64;
-        let t = seq_len as u64;
-        let layers = self.n_layers as u64;
-        // Per token and layer: two norm inputs and outputs (4d), q/k/v (d + 2kv), RoPE'd q/k
-        // (d + kv), expanded k/v for GQA (2d), attention output (d), residuals (2d), SwiGLU
-        // gate, up, silu and product (4f); the attention probabilities (h t) if kept.
-        let probs = if plan.keeps_attention_probs { h * t } else { 0 };
-        let per_token_layer = 4 * d + (d + 2 * kv) + (d + kv) + 2 * d + d + 2 * d + 4 * f + probs;
-        let attention_scores = 4 * micro_batch as u64 * h * t * t * b;
-        let blocks = match plan.recompute {
-            Recompute::None => tokens * layers * per_token_layer * b,
-            Recompute::Block => tokens * layers * d * b + 2 * tokens * per_token_layer * b,
-        };
-        let logit_rows = plan.logits_chunk.map_or(tokens, |c| (c as u64).min(tokens));
-        let logits = logit_rows * self.vocab_size as u64 * (b + 4 + 4);
-        let master = if plan.precision == Precision::F32 { 0 } else { p * 4 };
-        let on_host = plan.optimizer == OptimizerPlacement::Host;
-        let gradient_sum = if on_host && plan.micro_batches > 1 { p * 4 } else { 0 };
-        MemoryEstimate {
-            weights: p * b,
-            master_weights: if on_host { 0 } else { master },
-            gradients: p * b + gradient_sum,
-            optimizer: if on_host { 0 } else { 2 * p * 4 },
-            activations: blocks + logits + attention_scores,
-            host_master_weights: if on_host { p * 4 } else { 0 },
-            host_optimizer: if on_host { 2 * p * 4 } else { 0 },
-            host_gradients: if on_host { p * 4 } else { 0 },
-        }
-    }
 }
 
 #[cfg(test)]
@@ -501,60 +365,5 @@ mod tests {
         assert!(err.contains("model.n_kv_heads"), "{err}");
         let err = LlamaConfig::from_toml_str("[model]\ndim = 64\nn_layers = 2\nn_heads = 4\nnorm_eps = -1.0\n", "x.toml").unwrap_err().to_string();
         assert!(err.contains("model.norm_eps"), "{err}");
-    }
-
-    #[test]
-    fn memory_estimate_counts_adam_and_master_weights() {
-        let c = preset("7b.toml");
-        let p = c.num_params();
-        let m32 = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::F32));
-        assert_eq!(m32.weights, 4 * p);
-        assert_eq!(m32.optimizer, 8 * p);
-        assert_eq!(m32.master_weights, 0);
-        assert_eq!(m32.host_total(), 0);
-        let m16 = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::Bf16));
-        assert_eq!(m16.weights, 2 * p);
-        assert_eq!(m16.master_weights, 4 * p);
-        assert!(m16.activations < m32.activations);
-    }
-
-    /// The fused CPU attention's kept probabilities are `heads * seq` values per token and
-    /// layer; attention's transient scores (four `[batch, heads, seq, seq]` tensors) count once.
-    #[test]
-    fn memory_estimate_counts_attention_probabilities_only_where_kept() {
-        let c = preset("7b.toml");
-        let gpu = c.memory_estimate(2, 1024, &TrainingMemory::new(Precision::F32));
-        let cpu = c.memory_estimate(2, 1024, &TrainingMemory { keeps_attention_probs: true, ..TrainingMemory::new(Precision::F32) });
-        assert_eq!(cpu.activations - gpu.activations, (2 * 1024) * 32 * (32 * 1024) * 4);
-        let longer = c.memory_estimate(2, 2048, &TrainingMemory::new(Precision::F32));
-        // Four f32 score tensors of micro-batch 2 x 32 heads x seq x seq.
-        let scores = |seq: u64| 4 * (2 * 32 * seq * seq) * 4;
-        // Without kept probabilities the rest grows linearly with the tokens (logits included).
-        assert_eq!((gpu.activations - scores(1024)) / 2048, (longer.activations - scores(2048)) / 4096);
-    }
-
-    /// The host optimizer moves exactly the f32 master and AdamW's moments off the device (and
-    /// adds the f32 gradient accumulator on the host); block recomputation and chunked logits
-    /// cut the activations several-fold at 7B x 4096 and leave the rest alone.
-    #[test]
-    fn memory_estimate_knows_recomputation_chunks_and_the_host_optimizer() {
-        let c = preset("7b.toml");
-        let p = c.num_params();
-        let plain = c.memory_estimate(1, 4096, &TrainingMemory::new(Precision::Bf16));
-        let host = c.memory_estimate(1, 4096, &TrainingMemory { optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
-        assert_eq!(plain.total() - host.total(), plain.master_weights + plain.optimizer);
-        assert_eq!((host.master_weights, host.optimizer), (0, 0));
-        assert_eq!(host.host_total(), 4 * p + 8 * p + 4 * p);
-        // Several micro-batches a step: their f32 sum on the device too.
-        let accumulating =
-            c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
-        assert_eq!(accumulating.total() - host.total(), 4 * p);
-        assert_eq!(accumulating.host_total(), host.host_total());
-        let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };
-        let lean = c.memory_estimate(1, 4096, &saving);
-        assert!(lean.activations * 4 < plain.activations, "{} vs {}", lean.activations, plain.activations);
-        assert_eq!((lean.weights, lean.gradients, lean.optimizer), (plain.weights, plain.gradients, plain.optimizer));
-        // The saved block inputs: 32 layers x 4096 tokens x 4096 x 2 bytes = 1 GiB of it.
-        assert!(lean.activations > 32 * 4096 * 4096 * 2);
     }
 }

@@ -27,6 +27,7 @@ pub mod gguf;
 pub mod hf;
 pub mod host_memory;
 pub mod loss;
+pub mod memory;
 pub mod model;
 pub mod precision;
 pub mod quants;
@@ -35,8 +36,9 @@ pub mod rms_norm;
 pub mod rotary;
 pub mod swiglu;
 
-pub use config::{LlamaConfig, MemoryEstimate, OptimizerPlacement, Recompute, TrainingMemory};
+pub use config::{LlamaConfig, OptimizerPlacement, Recompute};
 pub use flex_kernels::without_fused_kernels;
+pub use memory::{MemoryEstimate, PpoMemory, TrainingMemory};
 pub use model::{Attention, Block, FeedForward, KvCache, Llama};
 pub use precision::Precision;
 

@@ -36,7 +36,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::GradientCheckpointingStrategy;
 use burn::tensor::Tensor;
 
-use crate::config::DEFAULT_LOGITS_CHUNK;
+use crate::memory::DEFAULT_LOGITS_CHUNK;
 
 /// How a training forward saves memory (`train.recompute`, `train.logits_chunk`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -7,10 +7,10 @@ use burn::module::Module;
 use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
-use llama_data::prompts::{Prompt, load_prompts_for};
-use llama_model::Llama;
+use llama_data::prompts::{Prompt, load_prompts_for, load_prompts_with_longest};
 use llama_model::generate::{Generation, SamplingConfig, generate};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
+use llama_model::{Llama, LlamaConfig, TrainingMemory};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::Metrics;
@@ -290,13 +290,16 @@ impl<'a> PpoRun<'a> {
     fn start(cfg: &'a RlhfConfig, start: &Path, resume: bool, origin: &str) -> anyhow::Result<Self> {
         let p = &cfg.ppo;
         let tokenizer = cfg.data.load_tokenizer(origin)?;
+        // The fit check comes before any model is loaded: the configs, the prompts' lengths.
+        let policy_config = llama_trainer::checkpoint::init_config(start).with_context(|| format!("{origin}: policy"))?;
+        let (prompts, longest) = load_prompts_with_longest(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
+        let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
+        check_ppo_fits(cfg, &policy_config, longest, origin)?;
         let device = llama_model::device::parse(&cfg.run.device)?;
         device.seed(p.seed);
         let train_device = device.clone().autodiff();
         let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;
         let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
-        let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
-        let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
         // The value model starts from the helpfulness reward model (trainable copy).
         let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
         let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
@@ -467,6 +470,21 @@ impl<'a> PpoRun<'a> {
         println!("best PPO policy (held-out reward {:.3}) in {}", self.state.best_eval.unwrap_or(held_out.reward), self.out.join("best").display());
         Ok(PpoResult { reward: held_out.reward, kl: held_out.kl })
     }
+}
+
+/// The launch check of PPO ([`llama_trainer::memory::check_ppo_fits`]): its five models in f32
+/// with both AdamWs on the device (how the stage runs), minibatches and rollouts of sequences of
+/// the longest prompt and answer, against `run.device`.
+fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin: &str) -> anyhow::Result<()> {
+    let reward_dir = llama_model::checkpoint::resolve(&cfg.helpfulness_model);
+    let reward = LlamaConfig::from_toml_file(&reward_dir.join(llama_model::checkpoint::NATIVE_CONFIG))
+        .with_context(|| format!("{origin}: helpfulness_model {}: not a reward model checkpoint", cfg.helpfulness_model.display()))?;
+    let saving = cfg.memory.memory_saving();
+    let recompute = if saving.recompute_blocks { llama_model::Recompute::Block } else { llama_model::Recompute::None };
+    let plan = TrainingMemory { recompute, logits_chunk: saving.logits_chunk, ..TrainingMemory::new(llama_model::Precision::F32) };
+    let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);
+    let m = policy.ppo_memory_estimate(&reward, micro_batch, longest, rollout_batch, &plan);
+    llama_trainer::memory::check_ppo_fits(&cfg.run, &m, micro_batch, longest, rollout_batch).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
 }
 
 /// Restores the models, optimizers and loop state of PPO checkpoint `dir` into `state`.

@@ -97,6 +97,13 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         with("a cap of no tool calls", "", "[rejection_sampling.tools]\nmax_calls = 0\n", &["rejection_sampling.tools.max_calls"]),
         with("a zero evaluation temperature", "", "[eval]\ntemperature = 0.0\n", &["eval.temperature"]),
         with("half precision", "", "[run]\ndtype = \"bf16\"\n", &["run.dtype"]),
+        // PPO's launch check: its five models and the rollout's cache against the device.
+        with(
+            "PPO that does not fit its device",
+            "",
+            "[run]\ndevice_memory_gib = 0.000001\n",
+            &["PPO needs about", "reward models", "KV cache", "run.device_memory_gib"],
+        ),
         // Models.
         Case::new(
             "a reward model of another vocabulary",

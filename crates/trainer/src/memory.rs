@@ -2,7 +2,7 @@
 //! it (the model crate's estimate of one device's training memory: weights, f32 master copy,
 //! gradients, AdamW moments, activations of a micro-batch, against what the device has).
 
-use llama_model::config::MEASURED_OVERHEAD;
+use llama_model::memory::MEASURED_OVERHEAD;
 use llama_model::{LlamaConfig, OptimizerPlacement, Recompute, TrainingMemory};
 
 use crate::config::{RunConfig, TrainConfig};
@@ -124,4 +124,26 @@ mod tests {
             }
         }
     }
+}
+
+/// [`check_fits`] for a PPO iteration ([`llama_model::PpoMemory`]): its five models, the update's
+/// activations or the rollout's KV cache, against the device of `run`.
+pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: usize, seq_len: usize, rollout_batch: usize) -> Result<(), String> {
+    let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
+    let expected = m.expected_peak();
+    if expected <= capacity {
+        return Ok(());
+    }
+    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
+    Err(format!(
+        "PPO needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate: policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB)) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
+        g(expected),
+        run.device,
+        g(m.policy.total()),
+        g(m.value.total()),
+        g(m.reference),
+        g(m.reward_models),
+        g(m.kv_cache),
+        g(capacity)
+    ))
 }

@@ -30,11 +30,24 @@ pub fn needs_loss_scaling(precision: Precision) -> bool {
 
 /// Dynamic loss scaling for f16 (as PyTorch's `GradScaler`): start at 2^16, halve on a step whose
 /// gradients are not finite (the step is skipped), double after `growth_interval` good steps.
+///
+/// Unlike `GradScaler`, the first update is never skipped for nothing: until a run's first good
+/// step the scale is still being found ([`LossScale::recalibrate`]), and an overflow halves it
+/// and runs the same micro-batches again instead of spending the step; a scale found that way
+/// is halved once more after that step, as headroom.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LossScale {
     pub scale: f64,
     /// Good steps since the scale last changed.
     pub good_steps: u64,
+    /// Whether a step has succeeded at some scale (checkpoints written before this field existed
+    /// had trained, so they read as calibrated).
+    #[serde(default = "calibrated_by_default")]
+    pub calibrated: bool,
+}
+
+fn calibrated_by_default() -> bool {
+    true
 }
 
 impl LossScale {
@@ -44,11 +57,17 @@ impl LossScale {
     pub const MIN: f64 = 1.0;
 
     pub fn new() -> Self {
-        Self { scale: Self::INITIAL, good_steps: 0 }
+        Self { scale: Self::INITIAL, good_steps: 0, calibrated: false }
     }
 
     /// Records a step whose gradients were finite.
     pub fn good_step(&mut self) {
+        if !self.calibrated && self.scale < Self::INITIAL {
+            // The scale just found is the largest at which the first step's gradients were
+            // finite: the run goes on at half of it, as headroom for gradients that grow.
+            self.scale /= 2.0;
+        }
+        self.calibrated = true;
         self.good_steps += 1;
         if self.good_steps >= Self::GROWTH_INTERVAL {
             self.scale *= 2.0;
@@ -64,6 +83,13 @@ impl LossScale {
         }
         self.scale /= 2.0;
         true
+    }
+
+    /// An overflow before the run's first good step: halves the scale and returns true when the
+    /// step should run again at the new one (false once calibrated, or at the floor: the
+    /// overflow is then an ordinary skipped step).
+    pub fn recalibrate(&mut self) -> bool {
+        !self.calibrated && self.overflow()
     }
 }
 
@@ -86,16 +112,35 @@ mod tests {
 
     #[test]
     fn loss_scale_halves_on_overflow_and_grows_after_good_steps() {
-        let mut s = LossScale::new();
+        // A run past its first good step.
+        let mut s = LossScale { calibrated: true, ..LossScale::new() };
         assert!(s.overflow());
         assert_eq!(s.scale, 32768.0);
         for _ in 0..LossScale::GROWTH_INTERVAL {
             s.good_step();
         }
         assert_eq!((s.scale, s.good_steps), (65536.0, 0));
-        let mut low = LossScale { scale: 1.0, good_steps: 3 };
+        let mut low = LossScale { scale: 1.0, good_steps: 3, calibrated: true };
         assert!(!low.overflow());
         assert_eq!(low.scale, 1.0);
+    }
+
+    #[test]
+    fn the_scale_is_recalibrated_only_before_the_first_good_step() {
+        let mut s = LossScale::new();
+        assert!(s.recalibrate() && s.recalibrate());
+        assert_eq!(s.scale, 16384.0);
+        s.good_step();
+        assert_eq!(s.scale, 8192.0, "the scale found, halved for headroom");
+        assert!(!s.recalibrate(), "after a good step an overflow skips the step");
+        assert_eq!(s.scale, 8192.0);
+        let mut at_once = LossScale::new();
+        at_once.good_step();
+        assert_eq!(at_once.scale, LossScale::INITIAL, "no overflow, no headroom taken");
+        let mut floor = LossScale { scale: 1.0, good_steps: 0, calibrated: false };
+        assert!(!floor.recalibrate(), "at the floor the overflow is a skipped step");
+        let old: LossScale = serde_json::from_str(r#"{"scale": 1024.0, "good_steps": 5}"#).unwrap();
+        assert!(old.calibrated, "a checkpoint from before the field had trained");
     }
 
     #[test]

@@ -390,10 +390,23 @@ where
         let mut step_tokens = [batches.iter().map(|b| objective.tokens(b)).sum::<usize>() as f64];
         self.world.sum_f64(&mut step_tokens);
         let step_tokens = step_tokens[0] as usize;
-        let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-        let (grads, loss) = crate::parallel::accumulate(self.model(), objective, batches, self.plan, scale, &cfg.devices);
-        kill_point("backward", self.state.step + 1);
-        let (grads, grad_norm) = self.optimizer.gradients(self.model.as_ref().expect("the model is back after every update"), grads, cfg.optim.grad_clip);
+        let (grads, loss, grad_norm) = loop {
+            let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+            let (grads, loss) = crate::parallel::accumulate(self.model(), objective, batches, self.plan, scale, &cfg.devices);
+            kill_point("backward", self.state.step + 1);
+            let (grads, grad_norm) = self.optimizer.gradients(self.model.as_ref().expect("the model is back after every update"), grads, cfg.optim.grad_clip);
+            // Before the run's first update the f16 scale is still being found: an overflow
+            // halves it and the same micro-batches run again (every rank sees the same norm).
+            if loss.is_finite() && !grad_norm.is_finite() && self.state.loss_scale.as_mut().is_some_and(LossScale::recalibrate) {
+                let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
+                self.metrics.println(&format!(
+                    "step {}: f16 gradients overflowed before the first update; running it again at loss scale {scale}",
+                    self.state.step + 1
+                ));
+                continue;
+            }
+            break (grads, loss, grad_norm);
+        };
         let lr = cfg.schedule.lr(self.state.step);
         self.state.step += 1;
         self.state.tokens += step_tokens as u64;
