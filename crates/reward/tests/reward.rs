@@ -111,3 +111,20 @@ fn tiny_reward_models_reach_high_held_out_accuracy() {
         assert!(end > bar, "{target}: held-out accuracy {start:.3} -> {end:.3} (chance: 0.5)");
     }
 }
+
+/// The memory estimate's count of a reward model's parameters (`LlamaConfig::reward_model_params`,
+/// which `llama info --ppo` and PPO's launch check use) is the module's own, tied or not.
+#[test]
+fn the_estimate_counts_a_reward_model_s_parameters_exactly() {
+    use burn::module::Module;
+    let device = Device::flex();
+    for tie in [false, true] {
+        let config = LlamaConfig::new(64, 2, 4).with_n_kv_heads(2).with_vocab_size(300).with_multiple_of(16).with_tie_word_embeddings(tie);
+        let model = if tie {
+            RewardModel::from_trunk(config.init(&device), config.dim, &device)
+        } else {
+            RewardModel::new(&config, &device)
+        };
+        assert_eq!(model.num_params() as u64, config.reward_model_params(), "tied: {tie}");
+    }
+}
