@@ -214,14 +214,11 @@ pub fn run(args: ChatArgs) -> Result<()> {
         "tokenizer" => llama_data::chat::ChatTemplateChoice::Tokenizer,
         other => bail!("--chat-template `{other}`: allowed values: llama2, tokenizer"),
     };
-    let tokenizer_path = match tokenizer {
-        Some(path) => path,
-        None => crate::default_tokenizer(&dir)?,
-    };
-    let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?.with_chat_template(template).context("--chat-template")?;
+    let (tok, tokenizer_origin) = crate::load_tokenizer(&dir, tokenizer)?;
+    let tok = tok.with_chat_template(template).context("--chat-template")?;
     let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
     let (config, model) = checkpoint::load(&dir, &device)?;
-    config.check_vocabulary(&tokenizer_path.display().to_string(), tok.vocab_size())?;
+    config.check_vocabulary(&tokenizer_origin, tok.vocab_size())?;
     if max_new_tokens == 0 || max_new_tokens >= config.max_seq_len {
         bail!("--max-new-tokens {max_new_tokens}: must be above 0 and leave room for a prompt in the model's max_seq_len {}", config.max_seq_len);
     }

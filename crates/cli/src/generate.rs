@@ -36,12 +36,8 @@ pub struct GenerateArgs {
 pub fn run(args: GenerateArgs) -> Result<()> {
     let GenerateArgs { checkpoint: dir, tokenizer, prompt, max_new_tokens, sampling, tools, print_ids } = args;
     let device = device::parse(&sampling.device)?;
-    let tokenizer_path = match tokenizer {
-        Some(path) => path,
-        None => crate::default_tokenizer(&dir)?,
-    };
+    let (tok, _) = crate::load_tokenizer(&dir, tokenizer)?;
     if let Some(toolbox) = tools.toolbox()? {
-        let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
         let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
         let (config, model) = checkpoint::load(&dir, &device)?;
         let prompts: Vec<llama_tools::TextPrompt> = prompt.iter().map(|p| llama_tools::TextPrompt(p.clone())).collect();
@@ -63,7 +59,6 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         return Ok(());
     }
     // Through our tokenizer: BOS and EOS are the ones the checkpoint's tokenizer declares.
-    let tok = llama_data::Tokenizer::from_file(&tokenizer_path)?;
     let sampling = sampling.config(max_new_tokens, Some(tok.eos_id()))?;
     let (_, model) = checkpoint::load(&dir, &device)?;
     let prompts = prompt.iter().map(|p| tok.encode(p, true, false)).collect::<Result<Vec<_>, _>>()?;

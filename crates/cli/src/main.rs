@@ -128,23 +128,32 @@ impl SamplingArgs {
     }
 }
 
-/// The tokenizer of a `--checkpoint` when `--tokenizer` is not given: the `tokenizer.json` of the
-/// checkpoint it resolves to (a run directory's newest, which training writes there), else the
-/// one in the directory given; for a GGUF file, the one beside it.
-pub(crate) fn default_tokenizer(checkpoint: &std::path::Path) -> anyhow::Result<PathBuf> {
-    if llama_model::gguf::is_gguf(checkpoint) {
-        let beside = checkpoint.with_file_name("tokenizer.json");
-        if !beside.is_file() {
-            anyhow::bail!(
-                "{}: no tokenizer.json beside this GGUF file; pass --tokenizer, or convert the file (llama convert --from {} --to DIR), which writes the tokenizer its metadata holds into DIR",
-                checkpoint.display(),
-                checkpoint.display()
-            );
+/// The tokenizer for `checkpoint`, and where it came from (for messages): `explicit` (the
+/// `--tokenizer` flag) when given; for a GGUF file, the `tokenizer.json` beside it, else the
+/// tokenizer its metadata holds; for a directory, its (or its newest checkpoint's)
+/// `tokenizer.json`.
+pub(crate) fn load_tokenizer(checkpoint: &std::path::Path, explicit: Option<PathBuf>) -> anyhow::Result<(llama_data::Tokenizer, String)> {
+    let path = match explicit {
+        Some(path) => path,
+        None if llama_model::gguf::is_gguf(checkpoint) => {
+            let beside = checkpoint.with_file_name("tokenizer.json");
+            if beside.is_file() {
+                beside
+            } else {
+                let origin = format!("{} (its metadata)", checkpoint.display());
+                let metadata = llama_model::gguf::GgufFile::open(checkpoint)?.metadata;
+                let Some(files) = llama_model::gguf::tokenizer_files(&metadata, &origin)? else {
+                    anyhow::bail!("{}: no tokenizer in its metadata and no tokenizer.json beside it; pass --tokenizer", checkpoint.display());
+                };
+                return Ok((llama_data::Tokenizer::from_json(&files.tokenizer, &files.config, &origin)?, origin));
+            }
         }
-        return Ok(beside);
-    }
-    let resolved = llama_model::checkpoint::resolve(checkpoint).join("tokenizer.json");
-    Ok(if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") })
+        None => {
+            let resolved = llama_model::checkpoint::resolve(checkpoint).join("tokenizer.json");
+            if resolved.is_file() { resolved } else { checkpoint.join("tokenizer.json") }
+        }
+    };
+    Ok((llama_data::Tokenizer::from_file(&path)?, path.display().to_string()))
 }
 
 fn main() -> ExitCode {

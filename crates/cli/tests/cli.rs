@@ -217,9 +217,9 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
             &["max_seq_len"],
         ),
         Case::new(
-            "generate: a GGUF file without a tokenizer beside it",
+            "generate: a GGUF file without a tokenizer, in its metadata or beside it",
             &["generate", "--checkpoint", &p("lone/model.gguf"), "--prompt", "Hi"],
-            &["lone/model.gguf", "--tokenizer", "llama convert --from"],
+            &["lone/model.gguf", "no tokenizer in its metadata", "--tokenizer"],
         ),
         Case::new("generate: a missing checkpoint", &["generate", "--checkpoint", &p("nowhere"), "--tokenizer", &tok, "--prompt", "Hi"], &["nowhere"]),
         Case::new(
@@ -814,7 +814,8 @@ fn quantized_gguf_models_load_within_their_rounding() {
 
 /// A GGUF file serves wherever a model directory does: `llama generate --checkpoint model.gguf`
 /// from our f32 export decodes what the native checkpoint decodes (`init = "model.gguf"` in a
-/// stage goes through the same loader).
+/// stage goes through the same loader), and without `--tokenizer` or a tokenizer.json beside it
+/// takes the tokenizer its metadata holds.
 #[test]
 fn a_gguf_file_is_a_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
@@ -823,24 +824,21 @@ fn a_gguf_file_is_a_checkpoint() {
     llama_model::checkpoint::save_native(&model, &config, &tmp.path().join("native")).unwrap();
     let gguf = tmp.path().join("model.gguf");
     llama_model::gguf::save_gguf(&model, &config, None, "m", &gguf, llama_model::gguf::GgufType::F32).unwrap();
-    let generate = |checkpoint: &Path| {
-        let (ok, out, err) = llama(&[
-            "generate",
-            "--checkpoint",
-            checkpoint.to_str().unwrap(),
-            "--tokenizer",
-            "data/tokenizer.json",
-            "--prompt",
-            "The jury",
-            "--max-new-tokens",
-            "12",
-            "--temperature",
-            "0",
-        ]);
+    std::fs::create_dir_all(tmp.path().join("alone")).unwrap();
+    let with_tokenizer = tmp.path().join("alone/model.gguf");
+    llama_model::gguf::save_gguf(&model, &config, Some(&shipped_gguf_tokenizer()), "m", &with_tokenizer, llama_model::gguf::GgufType::F32).unwrap();
+    let generate = |checkpoint: &Path, tokenizer: &[&str]| {
+        let args =
+            [&["generate", "--checkpoint", checkpoint.to_str().unwrap()], tokenizer, &["--prompt", "The jury", "--max-new-tokens", "12", "--temperature", "0"]]
+                .concat();
+        let (ok, out, err) = llama(&args);
         assert!(ok, "{err}");
         out
     };
-    assert_eq!(generate(&gguf), generate(&tmp.path().join("native")));
+    let shipped = ["--tokenizer", "data/tokenizer.json"];
+    let want = generate(&tmp.path().join("native"), &shipped);
+    assert_eq!(generate(&gguf, &shipped), want);
+    assert_eq!(generate(&with_tokenizer, &[]), want, "the tokenizer from the GGUF metadata");
     let (_, loaded) = llama_model::checkpoint::load(&gguf, &burn::tensor::Device::flex()).unwrap();
     assert_eq!(loaded.vocab_size(), 2048);
 }

@@ -88,25 +88,31 @@ impl DeclaredSpecials {
         for file in ["tokenizer_config.json", "special_tokens_map.json"] {
             let path = tokenizer_json.with_file_name(file);
             let Ok(text) = std::fs::read_to_string(&path) else { continue };
-            let json: serde_json::Value =
-                serde_json::from_str(llama_io::without_bom(&text)).map_err(|e| DataError::Tokenizer(format!("{}: invalid JSON: {e}", path.display())))?;
-            let named = |key: &str| {
-                let v = &json[key];
-                v.as_str().or_else(|| v["content"].as_str()).map(|t| (t.to_string(), path.display().to_string()))
-            };
-            out.bos = out.bos.or_else(|| named("bos_token"));
-            out.eos = out.eos.or_else(|| named("eos_token"));
-            out.add_bos = out.add_bos.or(json["add_bos_token"].as_bool());
-            // A string, or (newer files) a list of {name, template}: the one named "default".
-            let template = match &json["chat_template"] {
-                serde_json::Value::String(t) => Some(t.clone()),
-                serde_json::Value::Array(list) => list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(String::from),
-                _ => None,
-            };
-            let template = template.map(|t| (t, path.display().to_string()));
-            out.chat_template = out.chat_template.or(template);
+            out.add_config(&text, &path.display().to_string())?;
         }
         Ok(out)
+    }
+
+    /// Takes what the config JSON `text` (from `origin`) names and `self` does not have yet.
+    fn add_config(&mut self, text: &str, origin: &str) -> Result<(), DataError> {
+        let json: serde_json::Value =
+            serde_json::from_str(llama_io::without_bom(text)).map_err(|e| DataError::Tokenizer(format!("{origin}: invalid JSON: {e}")))?;
+        let named = |key: &str| {
+            let v = &json[key];
+            v.as_str().or_else(|| v["content"].as_str()).map(|t| (t.to_string(), origin.to_string()))
+        };
+        self.bos = self.bos.take().or_else(|| named("bos_token"));
+        self.eos = self.eos.take().or_else(|| named("eos_token"));
+        self.add_bos = self.add_bos.or(json["add_bos_token"].as_bool());
+        // A string, or (newer files) a list of {name, template}: the one named "default".
+        let template = match &json["chat_template"] {
+            serde_json::Value::String(t) => Some(t.clone()),
+            serde_json::Value::Array(list) => list.iter().find(|t| t["name"] == "default").and_then(|t| t["template"].as_str()).map(String::from),
+            _ => None,
+        };
+        let template = template.map(|t| (t, origin.to_string()));
+        self.chat_template = self.chat_template.take().or(template);
+        Ok(())
     }
 }
 
@@ -122,6 +128,16 @@ impl Tokenizer {
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| DataError::Tokenizer(format!("{}: cannot load tokenizer: {e}", path.display())))?;
         let declared = DeclaredSpecials::beside(path)?;
         Self::from_inner(inner, &path.display().to_string(), &declared)
+    }
+
+    /// A tokenizer from the text of its `tokenizer.json` and `tokenizer_config.json` (as
+    /// `llama_model::gguf::tokenizer_files` builds them from a GGUF file's metadata); `origin`
+    /// names where they came from in errors.
+    pub fn from_json(tokenizer_json: &str, config_json: &str, origin: &str) -> Result<Self, DataError> {
+        let inner: tokenizers::Tokenizer = tokenizer_json.parse().map_err(|e| DataError::Tokenizer(format!("{origin}: cannot load tokenizer: {e}")))?;
+        let mut declared = DeclaredSpecials::default();
+        declared.add_config(config_json, origin)?;
+        Self::from_inner(inner, origin, &declared)
     }
 
     fn from_inner(inner: tokenizers::Tokenizer, origin: &str, declared: &DeclaredSpecials) -> Result<Self, DataError> {

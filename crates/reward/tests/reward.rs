@@ -120,11 +120,7 @@ fn the_estimate_counts_a_reward_model_s_parameters_exactly() {
     let device = Device::flex();
     for tie in [false, true] {
         let config = LlamaConfig::new(64, 2, 4).with_n_kv_heads(2).with_vocab_size(300).with_multiple_of(16).with_tie_word_embeddings(tie);
-        let model = if tie {
-            RewardModel::from_trunk(config.init(&device), config.dim, &device)
-        } else {
-            RewardModel::new(&config, &device)
-        };
+        let model = if tie { RewardModel::from_trunk(config.init(&device), config.dim, &device) } else { RewardModel::new(&config, &device) };
         assert_eq!(model.num_params() as u64, config.reward_model_params(), "tied: {tie}");
     }
 }
