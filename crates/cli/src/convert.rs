@@ -59,10 +59,15 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     };
     match target {
         Target::Gguf => {
-            let tokenizer = match tokenizer {
-                Some(path) => Some(gguf_tokenizer(&path).context("--tokenizer")?),
-                None if from.join("tokenizer.json").is_file() => Some(gguf_tokenizer(&from.join("tokenizer.json"))?),
-                None => {
+            let tokenizer = match (tokenizer, &tokenizer_files) {
+                (Some(path), _) => Some(gguf_tokenizer(&path).context("--tokenizer")?),
+                // GGUF to GGUF: the tokenizer the source's metadata holds goes across.
+                (None, Some(files)) => {
+                    let tok = llama_data::Tokenizer::from_json(&files.tokenizer, &files.config, &format!("{} (its metadata)", from.display()))?;
+                    Some(gguf_tokenizer_of(&tok, files.tokenizer.clone()))
+                }
+                (None, None) if from.join("tokenizer.json").is_file() => Some(gguf_tokenizer(&from.join("tokenizer.json"))?),
+                (None, None) => {
                     eprintln!(
                         "warning: {} has no tokenizer.json and no --tokenizer was given: the GGUF file has no tokenizer, which llama.cpp needs",
                         from.display()
@@ -95,16 +100,19 @@ pub fn run(args: ConvertArgs) -> Result<()> {
     Ok(())
 }
 
-/// Refuses a conversion that would write over its own input, or into an existing directory
-/// holding anything unless `--overwrite` says so (it may be another model).
 /// The tokenizer at `path` as a GGUF file carries it: BOS, EOS and chat template as
 /// `llama_data::Tokenizer` reads them from the checkpoint's tokenizer files.
 fn gguf_tokenizer(path: &Path) -> Result<GgufTokenizer> {
     let tok = llama_data::Tokenizer::from_file(path)?;
     let json = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(gguf_tokenizer_of(&tok, json))
+}
+
+/// `tok`, whose `tokenizer.json` text is `json`, as a GGUF file carries it.
+fn gguf_tokenizer_of(tok: &llama_data::Tokenizer, json: String) -> GgufTokenizer {
     let text = |id: u32| tok.token_text(id).unwrap_or_default();
     let chat_template = tok.declared_chat_template().unwrap_or(gguf::LLAMA2_CHAT_TEMPLATE).to_string();
-    Ok(GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template, add_bos: tok.declared_add_bos() })
+    GgufTokenizer { json, bos: text(tok.bos_id()), eos: text(tok.eos_id()), chat_template, add_bos: tok.declared_add_bos() }
 }
 
 /// After `--overwrite` wrote a checkpoint of kind `written` into `dir`, removes the checkpoint
@@ -151,6 +159,8 @@ enum Target {
     Gguf,
 }
 
+/// Refuses a conversion that would write over its own input, or into an existing directory
+/// holding anything unless `--overwrite` says so (it may be another model).
 fn check_convert_target(from: &Path, to: &Path, overwrite: bool, file: bool) -> Result<()> {
     if !to.exists() {
         return Ok(());

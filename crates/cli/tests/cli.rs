@@ -839,6 +839,12 @@ fn a_gguf_file_is_a_checkpoint() {
     let want = generate(&tmp.path().join("native"), &shipped);
     assert_eq!(generate(&gguf, &shipped), want);
     assert_eq!(generate(&with_tokenizer, &[]), want, "the tokenizer from the GGUF metadata");
+    // GGUF to GGUF carries the tokenizer across.
+    let again = tmp.path().join("again.gguf");
+    let (ok, _, err) = llama(&["convert", "--from", with_tokenizer.to_str().unwrap(), "--to", again.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    assert!(!err.contains("has no tokenizer"), "{err}");
+    assert_eq!(generate(&again, &[]), want, "the tokenizer carried from GGUF to GGUF");
     let (_, loaded) = llama_model::checkpoint::load(&gguf, &burn::tensor::Device::flex()).unwrap();
     assert_eq!(loaded.vocab_size(), 2048);
 }

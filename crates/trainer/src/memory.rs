@@ -85,6 +85,28 @@ pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_
     ))
 }
 
+/// [`check_fits`] for a PPO iteration ([`llama_model::PpoMemory`]): its five models, the update's
+/// activations or the rollout's KV cache, against the device of `run`.
+pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: usize, seq_len: usize, rollout_batch: usize) -> Result<(), String> {
+    let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
+    let expected = m.expected_peak();
+    if expected <= capacity {
+        return Ok(());
+    }
+    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
+    Err(format!(
+        "PPO needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate: policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB)) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
+        g(expected),
+        run.device,
+        g(m.policy.total()),
+        g(m.value.total()),
+        g(m.reference),
+        g(m.reward_models),
+        g(m.kv_cache),
+        g(capacity)
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -124,26 +146,4 @@ mod tests {
             }
         }
     }
-}
-
-/// [`check_fits`] for a PPO iteration ([`llama_model::PpoMemory`]): its five models, the update's
-/// activations or the rollout's KV cache, against the device of `run`.
-pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: usize, seq_len: usize, rollout_batch: usize) -> Result<(), String> {
-    let Some((capacity, source)) = device_capacity(run) else { return Ok(()) };
-    let expected = m.expected_peak();
-    if expected <= capacity {
-        return Ok(());
-    }
-    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
-    Err(format!(
-        "PPO needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate: policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB)) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
-        g(expected),
-        run.device,
-        g(m.policy.total()),
-        g(m.value.total()),
-        g(m.reference),
-        g(m.reward_models),
-        g(m.kv_cache),
-        g(capacity)
-    ))
 }
