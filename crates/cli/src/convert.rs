@@ -62,10 +62,7 @@ pub fn run(args: ConvertArgs) -> Result<()> {
             let tokenizer = match (tokenizer, &tokenizer_files) {
                 (Some(path), _) => Some(gguf_tokenizer(&path).context("--tokenizer")?),
                 // GGUF to GGUF: the tokenizer the source's metadata holds goes across.
-                (None, Some(files)) => {
-                    let tok = llama_data::Tokenizer::from_json(&files.tokenizer, &files.config, &format!("{} (its metadata)", from.display()))?;
-                    Some(gguf_tokenizer_of(&tok, files.tokenizer.clone()))
-                }
+                (None, Some(files)) => Some(gguf_tokenizer_of(&crate::metadata_tokenizer(&from, files)?.0, files.tokenizer.clone())),
                 (None, None) if from.join("tokenizer.json").is_file() => Some(gguf_tokenizer(&from.join("tokenizer.json"))?),
                 (None, None) => {
                     eprintln!(

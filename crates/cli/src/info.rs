@@ -95,11 +95,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
     );
     println!("parameters       {} ({:.3} B)", c.num_params(), c.num_params() as f64 / 1e9);
     println!("train FLOPs/tok  {:.3e} at seq {seq}", c.train_flops_per_token(seq));
-    let fits = |m: &llama_model::MemoryEstimate| match device_memory_gib {
-        Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
-        Some(_) => "  does NOT fit",
-        None => "",
-    };
+    let fits = |m: &llama_model::MemoryEstimate| verdict(m.expected_peak(), device_memory_gib);
     let chunk_name = |c: Option<usize>| c.map_or("whole".to_string(), |c| c.to_string());
     println!(
         "\ntraining memory on {}, micro-batch {micro_batch} x seq {seq} ({micro_batches} a step), recompute {}, optimizer on the {}, logits {}:",
@@ -192,11 +188,7 @@ fn print_ppo(
             for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
                 let plan = TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), ..TrainingMemory::new(precision) };
                 let m = policy.ppo_memory_estimate(reward, micro_batch, seq, rollout_batch, &plan);
-                let fits = match device_memory_gib {
-                    Some(g) if (m.expected_peak() as f64) <= g * (1u64 << 30) as f64 => "  fits",
-                    Some(_) => "  does NOT fit",
-                    None => "",
-                };
+                let fits = verdict(m.expected_peak(), device_memory_gib);
                 println!(
                     "{:<6} {:<9} {:<9} {:>10} {:>10} {:>10} {:>10} {:>10} {:>14} {:>10}{fits}",
                     precision.name(),
@@ -216,6 +208,15 @@ fn print_ppo(
     println!(
         "policy and value = weights, master, gradients, AdamW and activations each; the update's activations and the rollout's KV cache are never alive at once, so the peak counts the larger; the rlhf stage runs f32 with both AdamWs on the device today"
     );
+}
+
+/// Whether an expected peak of `bytes` fits `device_memory_gib` (nothing said without it).
+fn verdict(bytes: u64, device_memory_gib: Option<f64>) -> &'static str {
+    match device_memory_gib {
+        Some(g) if (bytes as f64) <= g * (1u64 << 30) as f64 => "  fits",
+        Some(_) => "  does NOT fit",
+        None => "",
+    }
 }
 
 /// A clap value's name as typed on the command line.

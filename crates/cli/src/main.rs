@@ -140,12 +140,11 @@ pub(crate) fn load_tokenizer(checkpoint: &std::path::Path, explicit: Option<Path
             if beside.is_file() {
                 beside
             } else {
-                let origin = format!("{} (its metadata)", checkpoint.display());
                 let metadata = llama_model::gguf::GgufFile::open(checkpoint)?.metadata;
-                let Some(files) = llama_model::gguf::tokenizer_files(&metadata, &origin)? else {
+                let Some(files) = llama_model::gguf::tokenizer_files(&metadata, &metadata_origin(checkpoint))? else {
                     anyhow::bail!("{}: no tokenizer in its metadata and no tokenizer.json beside it; pass --tokenizer", checkpoint.display());
                 };
-                return Ok((llama_data::Tokenizer::from_json(&files.tokenizer, &files.config, &origin)?, origin));
+                return metadata_tokenizer(checkpoint, &files);
             }
         }
         None => {
@@ -154,6 +153,18 @@ pub(crate) fn load_tokenizer(checkpoint: &std::path::Path, explicit: Option<Path
         }
     };
     Ok((llama_data::Tokenizer::from_file(&path)?, path.display().to_string()))
+}
+
+/// How messages name the tokenizer held in GGUF file `gguf`'s metadata.
+fn metadata_origin(gguf: &std::path::Path) -> String {
+    format!("{} (its metadata)", gguf.display())
+}
+
+/// The tokenizer that GGUF file `gguf`'s metadata holds (`files`, from
+/// `llama_model::gguf::tokenizer_files`), and how messages name it.
+pub(crate) fn metadata_tokenizer(gguf: &std::path::Path, files: &llama_model::gguf::TokenizerFiles) -> anyhow::Result<(llama_data::Tokenizer, String)> {
+    let origin = metadata_origin(gguf);
+    Ok((llama_data::Tokenizer::from_json(&files.tokenizer, &files.config, &origin)?, origin))
 }
 
 fn main() -> ExitCode {

@@ -451,11 +451,17 @@ impl Objective<RewardModel> for RewardObjective {
     }
 }
 
+/// The shape of the reward model at `path` (a run directory or a checkpoint), read without its
+/// weights.
+pub fn reward_model_config(path: &Path) -> anyhow::Result<LlamaConfig> {
+    let dir = llama_model::checkpoint::resolve(path);
+    LlamaConfig::from_toml_file(&dir.join(llama_model::checkpoint::NATIVE_CONFIG)).with_context(|| format!("{}: not a reward model checkpoint", dir.display()))
+}
+
 /// Loads a trained reward model: a reward run directory or one of its checkpoints.
 pub fn load_reward_model(path: &Path, device: &Device) -> anyhow::Result<(LlamaConfig, RewardModel)> {
     let dir = llama_model::checkpoint::resolve(path);
-    let config_path = dir.join(llama_model::checkpoint::NATIVE_CONFIG);
-    let config = LlamaConfig::from_toml_file(&config_path).with_context(|| format!("{}: not a reward model checkpoint", dir.display()))?;
+    let config = reward_model_config(&dir)?;
     let mut model = RewardModel::new(&config, device);
     llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
     Ok((config, model))

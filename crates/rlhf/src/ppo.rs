@@ -476,12 +476,12 @@ impl<'a> PpoRun<'a> {
 /// with both AdamWs on the device (how the stage runs), minibatches and rollouts of sequences of
 /// the longest prompt and answer, against `run.device`.
 fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin: &str) -> anyhow::Result<()> {
-    let reward_dir = llama_model::checkpoint::resolve(&cfg.helpfulness_model);
-    let reward = LlamaConfig::from_toml_file(&reward_dir.join(llama_model::checkpoint::NATIVE_CONFIG))
-        .with_context(|| format!("{origin}: helpfulness_model {}: not a reward model checkpoint", cfg.helpfulness_model.display()))?;
-    let saving = cfg.memory.memory_saving();
-    let recompute = if saving.recompute_blocks { llama_model::Recompute::Block } else { llama_model::Recompute::None };
-    let plan = TrainingMemory { recompute, logits_chunk: saving.logits_chunk, ..TrainingMemory::new(llama_model::Precision::F32) };
+    let reward = llama_reward::reward_model_config(&cfg.helpfulness_model).with_context(|| format!("{origin}: helpfulness_model"))?;
+    let plan = TrainingMemory {
+        recompute: cfg.memory.recompute,
+        logits_chunk: cfg.memory.memory_saving().logits_chunk,
+        ..TrainingMemory::new(llama_model::Precision::F32)
+    };
     let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);
     let m = policy.ppo_memory_estimate(&reward, micro_batch, longest, rollout_batch, &plan);
     llama_trainer::memory::check_ppo_fits(&cfg.run, &m, micro_batch, longest, rollout_batch).map_err(|e| anyhow::anyhow!("{origin}: {e}"))

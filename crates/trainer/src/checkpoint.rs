@@ -224,48 +224,51 @@ mod tests {
     }
 }
 
-/// The config of the model [`init_model`] would load from `path`, read without its weights.
-pub fn init_config(path: &Path) -> anyhow::Result<llama_model::LlamaConfig> {
+/// What a stage's `init` path holds, as [`init_config`] and [`init_model`] read it.
+enum InitSource {
+    /// A GGUF file, or a directory `llama_model::checkpoint` reads (native or Hugging Face).
+    Model(PathBuf),
+    /// A training checkpoint from before config.toml was written beside the weights: its
+    /// directory and the model config, which only its `state.json` holds.
+    Legacy(PathBuf, llama_model::LlamaConfig),
+}
+
+fn init_source(path: &Path) -> anyhow::Result<InitSource> {
     if llama_model::gguf::is_gguf(path) {
-        return Ok(llama_model::gguf::gguf_config(path)?);
+        return Ok(InitSource::Model(path.to_path_buf()));
     }
     let dir = llama_model::checkpoint::resolve(path);
     if !dir.exists() {
         anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
     }
-    if let Some(text) = legacy_model_config(&dir)? {
-        return Ok(llama_model::LlamaConfig::from_toml_str(&text, &dir.join(STATE_FILE).display().to_string())?);
+    if !dir.join(llama_model::checkpoint::NATIVE_CONFIG).is_file() && dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
+        let text = Checkpoints::load_state(&dir)?.model_config;
+        let config = llama_model::LlamaConfig::from_toml_str(&text, &dir.join(STATE_FILE).display().to_string())?;
+        return Ok(InitSource::Legacy(dir, config));
     }
-    Ok(llama_model::checkpoint::load_config(&dir)?)
+    Ok(InitSource::Model(dir))
 }
 
-/// A checkpoint from before config.toml was written beside the weights: its model config, which
-/// only its `state.json` holds.
-fn legacy_model_config(dir: &Path) -> anyhow::Result<Option<String>> {
-    if !dir.join(llama_model::checkpoint::NATIVE_CONFIG).is_file() && dir.join(STATE_FILE).is_file() && dir.join(MODEL_FILE).is_file() {
-        return Ok(Some(Checkpoints::load_state(dir)?.model_config));
-    }
-    Ok(None)
+/// The config of the model [`init_model`] would load from `path`, read without its weights.
+pub fn init_config(path: &Path) -> anyhow::Result<llama_model::LlamaConfig> {
+    Ok(match init_source(path)? {
+        InitSource::Model(source) => llama_model::checkpoint::load_config(&source)?,
+        InitSource::Legacy(_, config) => config,
+    })
 }
 
 /// Loads a model to start a stage from: a run directory (its newest checkpoint), a training
-/// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint or a Hugging Face
-/// directory. Returns the config and the model on `device`.
+/// checkpoint directory (`model.bpk` + `state.json`), a native checkpoint, a Hugging Face
+/// directory or a GGUF file. Returns the config and the model on `device`.
 pub fn init_model(path: &Path, device: &burn::tensor::Device) -> anyhow::Result<(llama_model::LlamaConfig, llama_model::Llama)> {
-    if llama_model::gguf::is_gguf(path) {
-        return Ok(llama_model::checkpoint::load(path, device)?);
+    match init_source(path)? {
+        InitSource::Model(source) => Ok(llama_model::checkpoint::load(&source, device)?),
+        InitSource::Legacy(dir, config) => {
+            let mut model = config.init(device);
+            llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
+            Ok((config, model))
+        }
     }
-    let dir = llama_model::checkpoint::resolve(path);
-    if !dir.exists() {
-        anyhow::bail!("{}: no such run, checkpoint or model directory", dir.display());
-    }
-    if let Some(text) = legacy_model_config(&dir)? {
-        let config = llama_model::LlamaConfig::from_toml_str(&text, &dir.join(STATE_FILE).display().to_string())?;
-        let mut model = config.init(device);
-        llama_model::checkpoint::load_weights(&mut model, &dir.join(MODEL_FILE))?;
-        return Ok((config, model));
-    }
-    Ok(llama_model::checkpoint::load(&dir, device)?)
 }
 
 /// An exclusive lock on a run directory (`OUT/.lock`), held while a process writes the run: a
