@@ -16,7 +16,7 @@ if ! "$venv/bin/python" -c "import tensorboard, gguf" 2>/dev/null; then
 fi
 export LLAMA2_PYTHON="$venv/bin/python"
 have_mpi() { command -v mpirun >/dev/null && command -v mpicc >/dev/null && ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1; }
-mpi_features="--features llama-pretrain/mpi,llama-sft/mpi,llama-reward/mpi"
+mpi_features="--features llama-pretrain/mpi,llama-sft/mpi,llama-reward/mpi,llama-rlhf/mpi"
 if ! have_mpi; then
     echo "installing OpenMPI and libclang for the mpi feature (apt-get)"
     sudo=""; [ "$(id -u)" = 0 ] || sudo="sudo"

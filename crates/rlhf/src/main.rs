@@ -49,8 +49,8 @@ fn main() -> ExitCode {
         stop_after: cli.stop_after,
         skip_rejection_sampling: cli.skip_rejection_sampling,
     };
-    // A single process: SIGTERM / SIGINT are recorded, and PPO or rejection sampling saves and
-    // ends between iterations (exit_with turns that into exit 0).
-    let result = llama_trainer::signals::install().and_then(|()| llama_rlhf::run(&cli.config, &options));
-    llama_trainer::distributed::exit_with(result)
+    // Under `mpirun` / `srun` (built with the `mpi` feature) each process is one rank of the job.
+    // SIGTERM / SIGINT are recorded, and PPO or rejection sampling saves and ends between
+    // iterations (an exit 0).
+    llama_trainer::distributed::main_with(|| llama_rlhf::run(&cli.config, &options))
 }

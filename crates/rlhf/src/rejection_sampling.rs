@@ -80,6 +80,16 @@ pub fn rejection_sampling(cfg: &RlhfConfig, origin: &str, resume: bool) -> anyho
     Ok(run.finish())
 }
 
+/// One prompt's draws in a round: the K samples' rewards (logit Rc), the greedy answer's (with
+/// `include_greedy`) and the best of them all (reward, answer tokens). What a rank sends the
+/// others in an MPI job.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct PromptDraws {
+    rewards: Vec<f64>,
+    greedy: Option<f64>,
+    best: (f64, Vec<u32>),
+}
+
 /// The held-out reward to beat and the round that holds it (None: the starting policy).
 #[derive(Debug, Clone, Copy)]
 struct Best {
@@ -116,7 +126,8 @@ struct RsRun<'a> {
     best: Best,
     start: Start,
     first_round: usize,
-    _lock: RunLock,
+    /// Rank 0's hold on the run directory (None on the other ranks of an MPI job).
+    _lock: Option<RunLock>,
 }
 
 impl<'a> RsRun<'a> {
@@ -133,7 +144,11 @@ impl<'a> RsRun<'a> {
         let prompts = load_prompts_for(&cfg.data.prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
         let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, rs.max_new_tokens, policy_config.max_seq_len)?;
         let out = cfg.run.out_dir.join("rejection-sampling");
-        let lock = RunLock::acquire(&out)?;
+        // In an MPI job rank 0 holds the run directory and writes its files; every rank samples
+        // its share of the prompts and trains its share of each round's batches.
+        let world = llama_trainer::distributed::world();
+        let lock = if world.is_root() { Some(RunLock::acquire(&out)?) } else { None };
+        world.barrier();
         let reference = policy.clone();
         let resumed = if resume { latest_round(&out, rs.rounds)? } else { None };
         let (metrics, pool, best, start, first_round) = match resumed {
@@ -155,9 +170,11 @@ impl<'a> RsRun<'a> {
                 (metrics, state.pool, best, Start { reward: state.start_reward, combined: state.start_combined }, state.round + 1)
             }
             None => {
-                for round in 1..=rs.rounds {
-                    // A fresh run: no state of an earlier run may be resumed into this one.
-                    let _ = std::fs::remove_file(round_path(&out, round).join(ROUND_STATE));
+                if world.is_root() {
+                    for round in 1..=rs.rounds {
+                        // A fresh run: no state of an earlier run may be resumed into this one.
+                        let _ = std::fs::remove_file(round_path(&out, round).join(ROUND_STATE));
+                    }
                 }
                 let mut metrics = Metrics::open(&out, rs.rounds as u64, 0)?;
                 let start = evaluate(&policy, &policy, &eval_prompts, &tokenizer, &scorers, rs.max_new_tokens, &cfg.eval, toolbox.as_ref())?;
@@ -191,52 +208,33 @@ impl<'a> RsRun<'a> {
 
     /// K samples per prompt (and the greedy answer with `include_greedy`) from the current
     /// policy, scored; each prompt's best replaces its pool entry when better. Logs the reward
-    /// of the best of the first k samples for every k, and the round's means.
+    /// of the best of the first k samples for every k, and the round's means. In an MPI job the
+    /// prompts' chunks are dealt over the ranks and their draws gathered in prompt order, so every
+    /// rank holds the same pool, the one a single process draws: a chunk is one generation batch
+    /// seeded by (round, chunk), whichever rank runs it.
     fn sample(&mut self, round: usize) -> anyhow::Result<()> {
         let rs = &self.cfg.rejection_sampling;
-        let sampler = self.policy.valid();
+        let per_chunk = (64 / rs.k).max(1);
+        let chunks: Vec<&[Prompt]> = self.prompts.chunks(per_chunk).collect();
+        let world = llama_trainer::distributed::world();
+        let mine: anyhow::Result<Vec<Vec<PromptDraws>>> = world.dealt(chunks.len()).map(|c| self.draw_chunk(round, c, chunks[c])).collect();
+        let mine = world.all_ok(mine, || "another rank failed while sampling".into())?;
+        let draws: Vec<PromptDraws> = world.gather_dealt(chunks.len(), mine)?.into_iter().flatten().collect();
         let mut best_of_k = vec![0.0; rs.k];
         let (mut mean_all, mut n_all) = (0.0, 0usize);
         let mut greedy_sum = 0.0;
-        let per_chunk = (64 / rs.k).max(1);
-        for (chunk_i, chunk) in self.prompts.chunks(per_chunk).enumerate() {
-            let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&self.tokenizer)).collect::<Result<_, _>>()?;
-            let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
-            let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
-            let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
-            let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
-            let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &self.tokenizer, &self.scorers, &sampling, self.toolbox.as_ref())?;
-            // The policy's own greedy answer competes too: the kept answer is never worse than
-            // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
-            let greedy = if rs.include_greedy {
-                let refs: Vec<&Prompt> = chunk.iter().collect();
-                let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &self.tokenizer, &self.scorers, rs.max_new_tokens, self.toolbox.as_ref())?;
-                Some((tokens, scores))
-            } else {
-                None
-            };
-            for j in 0..chunk.len() {
-                let rewards: Vec<f64> = (0..rs.k).map(|s| logit(scores[j * rs.k + s].combined)).collect();
-                let mut running = f64::NEG_INFINITY;
-                for (k, r) in rewards.iter().enumerate() {
-                    running = running.max(*r);
-                    best_of_k[k] += running;
-                    mean_all += r;
-                    n_all += 1;
-                }
-                let (best_s, mut best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
-                let mut answer = samples[j * rs.k + best_s].clone();
-                if let Some((tokens, scores)) = &greedy {
-                    let r = logit(scores[j].combined);
-                    greedy_sum += r;
-                    if r > best_r {
-                        (best_r, answer) = (r, tokens[j].clone());
-                    }
-                }
-                let entry = &mut self.pool[chunk_i * per_chunk + j];
-                if entry.as_ref().is_none_or(|(r, _)| best_r > *r) {
-                    *entry = Some((best_r, answer));
-                }
+        for (entry, draw) in self.pool.iter_mut().zip(draws) {
+            let mut running = f64::NEG_INFINITY;
+            for (k, r) in draw.rewards.iter().enumerate() {
+                running = running.max(*r);
+                best_of_k[k] += running;
+                mean_all += r;
+                n_all += 1;
+            }
+            greedy_sum += draw.greedy.unwrap_or(0.0);
+            let (best_r, answer) = draw.best;
+            if entry.as_ref().is_none_or(|(r, _)| best_r > *r) {
+                *entry = Some((best_r, answer));
             }
         }
         let n = self.prompts.len() as f64;
@@ -256,6 +254,44 @@ impl<'a> RsRun<'a> {
             best_of_k[rs.k - 1] / n
         ));
         Ok(())
+    }
+
+    /// The draws of chunk `chunk_i` (`chunk`, its prompts): K samples per prompt in one
+    /// generation batch seeded by (round, chunk), the greedy answers with `include_greedy`, all
+    /// scored.
+    fn draw_chunk(&self, round: usize, chunk_i: usize, chunk: &[Prompt]) -> anyhow::Result<Vec<PromptDraws>> {
+        let rs = &self.cfg.rejection_sampling;
+        let sampler = self.policy.valid();
+        let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&self.tokenizer)).collect::<Result<_, _>>()?;
+        let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
+        let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
+        let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
+        let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
+        let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &self.tokenizer, &self.scorers, &sampling, self.toolbox.as_ref())?;
+        // The policy's own greedy answer competes too: the kept answer is never worse than
+        // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
+        let greedy = if rs.include_greedy {
+            let refs: Vec<&Prompt> = chunk.iter().collect();
+            let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &self.tokenizer, &self.scorers, rs.max_new_tokens, self.toolbox.as_ref())?;
+            Some((tokens, scores))
+        } else {
+            None
+        };
+        Ok((0..chunk.len())
+            .map(|j| {
+                let rewards: Vec<f64> = (0..rs.k).map(|s| logit(scores[j * rs.k + s].combined)).collect();
+                let (best_s, mut best_r) = rewards.iter().enumerate().fold((0, f64::NEG_INFINITY), |acc, (s, r)| if *r > acc.1 { (s, *r) } else { acc });
+                let mut answer = samples[j * rs.k + best_s].clone();
+                let greedy = greedy.as_ref().map(|(tokens, scores)| {
+                    let r = logit(scores[j].combined);
+                    if r > best_r {
+                        (best_r, answer) = (r, tokens[j].clone());
+                    }
+                    r
+                });
+                PromptDraws { rewards, greedy, best: (best_r, answer) }
+            })
+            .collect())
     }
 
     /// The pool as text, decoded once: written as data (`pool-round-N.jsonl`, what this round
@@ -278,7 +314,9 @@ impl<'a> RsRun<'a> {
             rows.push_str(&row.to_string());
             rows.push('\n');
         }
-        llama_io::write_atomic(&self.out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
+        if llama_trainer::distributed::world().is_root() {
+            llama_io::write_atomic(&self.out.join(format!("pool-round-{round}.jsonl")), rows.as_bytes())?;
+        }
         let answers: Vec<String> = kept.iter().map(|(_, _, _, text)| text.clone()).collect();
         if let Some(e) = expected_rate(kept.iter().map(|(_, p, _, _)| *p), &answers) {
             self.metrics.scalars(round as u64, &[("rs/pool_expected", e)])?;
@@ -302,21 +340,25 @@ impl<'a> RsRun<'a> {
         let (packed, _) = pack(&chats, rs.seq_len, self.tokenizer.eos_id(), Overlong::Truncate);
         let packed_len = packed.len();
         let round_dir = round_path(&self.out, round);
+        // A step's batch is split over the ranks (validated: batch_size is a multiple of them).
+        let world = llama_trainer::distributed::world();
+        let micro_batch = rs.batch_size / world.size();
         let mut objective = llama_sft::Sft {
             train: packed,
             eval: vec![],
             eval_chats: vec![],
             tokenizer: self.tokenizer.clone(),
             separate: true,
-            sampler: llama_data::sampler::EpochSampler::new(packed_len, u64::MAX, round as u64),
+            // In an MPI job each rank takes every `size`-th draw of the one shuffled sequence.
+            sampler: llama_data::sampler::EpochSampler::new(packed_len, u64::MAX, round as u64).for_rank(world.rank(), world.size()),
             device: self.train_device.clone(),
             eval_cfg: llama_sft::SftEval { success_samples: 0, text_samples: 0, max_new_tokens: 1 },
-            micro_batch: rs.batch_size,
+            micro_batch,
         };
         let train = TrainConfig {
             max_steps: Some(rs.sft_steps),
             batch_size: rs.batch_size,
-            micro_batch_size: rs.batch_size,
+            micro_batch_size: micro_batch,
             log_every: 10,
             eval_every: u64::MAX,
             checkpoint_every: u64::MAX,
@@ -333,9 +375,10 @@ impl<'a> RsRun<'a> {
             LoopConfig::new(train, run, optim, &schedule, rs.sft_steps, &self.policy_config, rs.seq_len, &llama_trainer::Overrides::default(), false)
                 .with_context(|| format!("{}: rejection_sampling", self.origin))?
                 .with_tokenizer(&cfg.data.tokenizer);
-        if round_dir.exists() {
+        if world.is_root() && round_dir.exists() {
             std::fs::remove_dir_all(&round_dir)?;
         }
+        world.barrier();
         let (tuned, _) = llama_trainer::train(self.policy.clone(), &mut objective, &loop_config)?;
         self.policy = tuned;
         Ok(())
@@ -377,10 +420,14 @@ impl<'a> RsRun<'a> {
             metrics_rows: llama_trainer::metrics::rows_logged(&self.out),
         };
         let round_dir = round_path(&self.out, round);
-        llama_io::write_atomic(&round_dir.join(ROUND_STATE), serde_json::to_string(&state)?.as_bytes())?;
+        let world = llama_trainer::distributed::world();
+        if world.is_root() {
+            llama_io::write_atomic(&round_dir.join(ROUND_STATE), serde_json::to_string(&state)?.as_bytes())?;
+        }
+        world.barrier();
         llama_trainer::test_hooks::kill_point("round", round as u64);
         if round < rs.rounds
-            && let Some(signal) = llama_trainer::signals::received()
+            && let Some(signal) = llama_trainer::distributed::signal_received_by_any_rank()
         {
             self.metrics.finish();
             return Err(llama_trainer::signals::Interrupted { signal, unit: "rejection-sampling round", step: round as u64, checkpoint: round_dir }.into());

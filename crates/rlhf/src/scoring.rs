@@ -123,42 +123,74 @@ pub fn evaluate(
 ) -> anyhow::Result<HeldOut> {
     let policy = policy.valid();
     let reference = reference.valid();
-    let mut rewards = vec![];
-    let mut combined = vec![];
-    let mut kls = vec![];
-    let mut samples = vec![];
+    // Groups of 16 prompts, dealt over the ranks of an MPI job and gathered in prompt order: each
+    // group is answered in the same batches whichever rank takes it.
+    let groups: Vec<&[Prompt]> = prompts.chunks(16).collect();
+    let world = llama_trainer::distributed::world();
+    let mine: anyhow::Result<Vec<GroupHeldOut>> =
+        world.dealt(groups.len()).map(|g| held_out_group(&policy, &reference, g, groups[g], tokenizer, scorers, max_new, eval, tools)).collect();
+    let mine = world.all_ok(mine, || "another rank failed in the held-out evaluation".into())?;
+    let (mut rewards, mut combined, mut kls, mut samples) = (vec![], vec![], vec![], vec![]);
     let (mut answered, mut texts): (Vec<&Prompt>, Vec<String>) = (vec![], vec![]);
-    for (g, group) in prompts.chunks(16).enumerate() {
-        let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-        let refs: Vec<&Prompt> = group.iter().collect();
-        // The greedy answers, then each round of sampled ones with its fixed seed.
-        let samplings = std::iter::once(SamplingConfig::greedy(max_new)).chain((0..eval.samples_per_prompt).map(|s| SamplingConfig {
-            temperature: eval.temperature,
-            top_k: None,
-            top_p: None,
-            max_new_tokens: max_new,
-            eos_id: None,
-            seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
-        }));
-        for (i, sampling) in samplings.enumerate() {
-            let (answers, seqs, scores) = scored_answers(&policy, &ids, &refs, tokenizer, scorers, &sampling, tools)?;
-            for s in scores {
-                rewards.push(logit(s.combined));
-                combined.push(s.combined);
-            }
-            kls.extend(sequence_kls(&policy, &reference, &ids, &seqs, scorers.pad));
-            for (p, r) in group.iter().zip(&answers) {
-                let text = tokenizer.decode(r)?;
-                if i == 0 {
-                    samples.push((p.question(), text.clone()));
-                }
-                answered.push(p);
-                texts.push(text);
-            }
-        }
+    for (group, part) in groups.iter().zip(world.gather_dealt(groups.len(), mine)?) {
+        rewards.extend(part.rewards);
+        combined.extend(part.combined);
+        kls.extend(part.kls);
+        // The greedy answers come first: one per prompt.
+        samples.extend(group.iter().map(Prompt::question).zip(part.texts.iter().cloned()));
+        answered.extend(group.iter().cycle().take(part.texts.len()));
+        texts.extend(part.texts);
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     Ok(HeldOut { reward: mean(&rewards), combined: mean(&combined), kl: mean(&kls), expected: expected_rate(answered, &texts), samples })
+}
+
+/// One group's part of [`evaluate`], as a rank sends it to the others: per answer (the greedy
+/// ones first, then each round of sampled ones, a row per prompt) its logit(Rc), Rc, KL and text.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct GroupHeldOut {
+    rewards: Vec<f64>,
+    combined: Vec<f64>,
+    kls: Vec<f64>,
+    texts: Vec<String>,
+}
+
+/// Group `g` of [`evaluate`]: its greedy answers, then each round of sampled ones with its fixed
+/// seed (by group and round), scored.
+fn held_out_group(
+    policy: &Llama,
+    reference: &Llama,
+    g: usize,
+    group: &[Prompt],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    max_new: usize,
+    eval: &EvalConfig,
+    tools: Option<&llama_tools::Toolbox>,
+) -> anyhow::Result<GroupHeldOut> {
+    let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+    let refs: Vec<&Prompt> = group.iter().collect();
+    let samplings = std::iter::once(SamplingConfig::greedy(max_new)).chain((0..eval.samples_per_prompt).map(|s| SamplingConfig {
+        temperature: eval.temperature,
+        top_k: None,
+        top_p: None,
+        max_new_tokens: max_new,
+        eos_id: None,
+        seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
+    }));
+    let mut part = GroupHeldOut { rewards: vec![], combined: vec![], kls: vec![], texts: vec![] };
+    for sampling in samplings {
+        let (answers, seqs, scores) = scored_answers(policy, &ids, &refs, tokenizer, scorers, &sampling, tools)?;
+        for s in scores {
+            part.rewards.push(logit(s.combined));
+            part.combined.push(s.combined);
+        }
+        part.kls.extend(sequence_kls(policy, reference, &ids, &seqs, scorers.pad));
+        for r in &answers {
+            part.texts.push(tokenizer.decode(r)?);
+        }
+    }
+    Ok(part)
 }
 
 /// Per sequence, the summed `log pi - log pi_ref` (k1) of its response tokens (those after the

@@ -152,6 +152,60 @@ impl World {
         let _ = values;
     }
 
+    /// Every rank's `bytes` (each rank's of its own length), in rank order.
+    pub fn all_gather_bytes(&self, bytes: &[u8]) -> anyhow::Result<Vec<Vec<u8>>> {
+        #[cfg(feature = "mpi")]
+        if self.is_distributed() {
+            use mpi::collective::CommunicatorCollectives;
+            use mpi::datatype::PartitionMut;
+            let world = mpi::topology::SimpleCommunicator::world();
+            let count = mpi::Count::try_from(bytes.len()).map_err(|_| anyhow::anyhow!("{} bytes to gather: more than MPI counts", bytes.len()))?;
+            let mut counts = vec![0 as mpi::Count; self.size];
+            world.all_gather_into(&count, &mut counts[..]);
+            let displs: Vec<mpi::Count> = counts
+                .iter()
+                .scan(0 as mpi::Count, |at, &n| {
+                    let start = *at;
+                    *at = at.saturating_add(n);
+                    Some(start)
+                })
+                .collect();
+            let total: usize = counts.iter().map(|&n| n as usize).sum();
+            if mpi::Count::try_from(total).is_err() {
+                anyhow::bail!("{total} bytes gathered over {} ranks: more than MPI counts", self.size);
+            }
+            let mut all = vec![0u8; total];
+            world.all_gather_varcount_into(bytes, &mut PartitionMut::new(&mut all[..], &counts[..], &displs[..]));
+            return Ok(counts.iter().zip(&displs).map(|(&n, &at)| all[at as usize..(at + n) as usize].to_vec()).collect());
+        }
+        Ok(vec![bytes.to_vec()])
+    }
+
+    /// The indices of `n` items that this rank takes when they are dealt round-robin over the
+    /// ranks: `rank, rank + size, ...`.
+    pub fn dealt(&self, n: usize) -> impl Iterator<Item = usize> + use<> {
+        (self.rank..n).step_by(self.size)
+    }
+
+    /// The results of `n` items dealt with [`Self::dealt`], gathered on every rank in item order:
+    /// `mine` holds this rank's, in its order of `dealt(n)`. Every rank must call it.
+    pub fn gather_dealt<T: serde::Serialize + serde::de::DeserializeOwned>(&self, n: usize, mine: Vec<T>) -> anyhow::Result<Vec<T>> {
+        if !self.is_distributed() {
+            return Ok(mine);
+        }
+        let bytes = rmp_serde::to_vec(&mine).map_err(|e| anyhow::anyhow!("encoding this rank's results for the other ranks: {e}"))?;
+        let mut per_rank: Vec<std::vec::IntoIter<T>> = Vec::with_capacity(self.size);
+        for (rank, bytes) in self.all_gather_bytes(&bytes)?.iter().enumerate() {
+            let items: Vec<T> = rmp_serde::from_slice(bytes).map_err(|e| anyhow::anyhow!("decoding rank {rank}'s results: {e}"))?;
+            let expected = (rank..n).step_by(self.size).count();
+            if items.len() != expected {
+                anyhow::bail!("rank {rank} sent {} results, its share of {n} is {expected}", items.len());
+            }
+            per_rank.push(items.into_iter());
+        }
+        Ok((0..n).map(|i| per_rank[i % self.size].next().expect("counted above")).collect())
+    }
+
     /// Whether every rank says yes (for "all ranks succeeded" before publishing a file).
     pub fn all(&self, yes: bool) -> bool {
         let mut v = [if yes { 0.0 } else { 1.0 }];
