@@ -34,7 +34,7 @@ pub struct Scorers {
 }
 
 /// Scores of one response.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scores {
     pub helpfulness: f64,
     pub safety: f64,

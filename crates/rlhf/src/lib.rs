@@ -90,29 +90,24 @@ pub fn run(config_path: &Path, options: &RunOptions) -> anyhow::Result<()> {
             _ => cfg.policy.clone(),
         };
         let result = ppo(&cfg, &start, options.resume, options.stop_after, &origin)?;
-        println!("PPO done: held-out reward {:.3}, KL to the starting policy {:.3}", result.reward, result.kl);
+        llama_trainer::distributed::world().say(format_args!("PPO done: held-out reward {:.3}, KL to the starting policy {:.3}", result.reward, result.kl));
     }
     Ok(())
 }
 
-/// What an MPI job of `ranks` processes can run: rejection sampling, whose round batches must
-/// split evenly over the ranks. PPO runs in one process for now.
+/// What an MPI job of `ranks` processes can run: batches that split evenly over the ranks
+/// (rejection sampling's fine-tuning batches, PPO's minibatches).
 pub fn check_world(cfg: &RlhfConfig, origin: &str, ranks: usize) -> anyhow::Result<()> {
     if ranks <= 1 {
         return Ok(());
     }
-    let rs = &cfg.rejection_sampling;
-    if rs.rounds > 0 && !rs.batch_size.is_multiple_of(ranks) {
-        anyhow::bail!(
-            "{origin}: rejection_sampling.batch_size = {} must be a multiple of the {ranks} MPI ranks: each rank trains its share of every batch",
-            rs.batch_size
-        );
-    }
-    if cfg.ppo.iterations > 0 {
-        anyhow::bail!(
-            "{origin}: ppo.iterations = {}: PPO runs in one process for now, rejection sampling across MPI ranks. Run the job with ppo.iterations = 0, then PPO in one process: rlhf --config {origin} --skip-rejection-sampling",
-            cfg.ppo.iterations
-        );
+    let (rs, ppo) = (&cfg.rejection_sampling, &cfg.ppo);
+    for (active, key, value) in
+        [(rs.rounds > 0, "rejection_sampling.batch_size", rs.batch_size), (ppo.iterations > 0, "ppo.minibatch_size", ppo.minibatch_size)]
+    {
+        if active && !value.is_multiple_of(ranks) {
+            anyhow::bail!("{origin}: {key} = {value} must be a multiple of the {ranks} MPI ranks: each rank trains its share of every batch");
+        }
     }
     Ok(())
 }

@@ -8,7 +8,7 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, load_prompts_for, load_prompts_with_longest};
-use llama_model::generate::{Generation, SamplingConfig, generate};
+use llama_model::generate::{Generation, SamplingConfig, generate_until, row_seed};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::{Llama, LlamaConfig, TrainingMemory};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
@@ -16,7 +16,8 @@ use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::Metrics;
 use llama_trainer::checkpoint::{Checkpoints, RunLock, init_model};
 use llama_trainer::config::OptimConfig;
-use llama_trainer::optim::{Optimizer, clip_global_norm};
+use llama_trainer::optim::{Optimizer, StepOptimizer};
+use llama_trainer::sharded::ShardedAdamW;
 use llama_trainer::test_hooks::kill_point;
 use serde::{Deserialize, Serialize};
 
@@ -69,8 +70,10 @@ pub struct PpoState {
     pub policy: Llama,
     pub value: RewardModel,
     pub reference: Llama,
-    pub policy_optim: Optimizer,
-    pub value_optim: Optimizer,
+    /// AdamW of the policy and of the value model: Burn's in one process, sharded over the ranks
+    /// of an MPI job (ZeRO-1, as the trainer's).
+    pub policy_optim: StepOptimizer,
+    pub value_optim: StepOptimizer,
     pub whitener: Whitener,
     pub iteration: u64,
     pub cursor: usize,
@@ -88,17 +91,83 @@ struct PpoSaved {
     model_config: String,
 }
 
+/// One rollout row as its rank measured it: what [`rollout`] gathers from the ranks of an MPI
+/// job before the batch-wide arithmetic (whitening, GAE), which every rank then does alike.
+#[derive(Debug, Serialize, Deserialize)]
+struct RolloutRow {
+    sequence: Vec<u32>,
+    prompt_len: usize,
+    /// Per response token: the policy's log-prob (the generator's; the teacher-forced pass's
+    /// for an appended EOS), the reference's, and the value.
+    logp: Vec<f32>,
+    ref_logp: Vec<f32>,
+    values: Vec<f64>,
+    scores: Scores,
+}
+
 /// Samples `prompts` from the policy and builds the batch: scores, whitened rewards, KL against
-/// the reference, values, GAE.
+/// the reference, values, GAE. Row `i` samples with the RNG seeded by `row_seed(seed, i)`; in an
+/// MPI job the rows are dealt over the ranks, each measures its own, and every rank assembles
+/// the whole batch in row order.
 pub fn rollout(state: &mut PpoState, prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &PpoConfig, seed: u64) -> anyhow::Result<Rollout> {
+    let world = llama_trainer::distributed::world();
+    let mine: Vec<usize> = world.dealt(prompts.len()).collect();
+    let rows = world.all_ok(rollout_rows(state, prompts, &mine, tokenizer, scorers, cfg, seed), || "another rank failed in the rollout".into())?;
+    let rows = world.gather_dealt(prompts.len(), rows)?;
+    let logits: Vec<f64> = rows.iter().map(|r| logit(r.scores.combined)).collect();
+    state.whitener.update(&logits);
+    let whitened: Vec<f64> = logits.iter().map(|&l| state.whitener.whiten(l)).collect();
+    let mut out = Rollout {
+        sequences: vec![],
+        prompt_len: vec![],
+        logp: vec![],
+        values: vec![],
+        advantages: vec![],
+        returns: vec![],
+        scores: vec![],
+        whitened,
+        kl: vec![],
+    };
+    for (i, row) in rows.into_iter().enumerate() {
+        let kl = kl_k1(&row.logp, &row.ref_logp);
+        let rewards = token_rewards(&kl, cfg.beta, out.whitened[i]);
+        let (adv, ret) = gae(&rewards, &row.values, cfg.gamma, cfg.lambda);
+        out.kl.push(kl.iter().sum());
+        out.sequences.push(row.sequence);
+        out.prompt_len.push(row.prompt_len);
+        out.logp.push(row.logp);
+        out.values.push(row.values);
+        out.advantages.push(adv);
+        out.returns.push(ret);
+        out.scores.push(row.scores);
+    }
+    whiten_advantages(&mut out.advantages);
+    Ok(out)
+}
+
+/// The rows `mine` of the rollout of `prompts`: sampled in one batch, scored, with the policy's,
+/// the reference's and the value model's per-token figures.
+fn rollout_rows(
+    state: &PpoState,
+    prompts: &[&Prompt],
+    mine: &[usize],
+    tokenizer: &Tokenizer,
+    scorers: &Scorers,
+    cfg: &PpoConfig,
+    seed: u64,
+) -> anyhow::Result<Vec<RolloutRow>> {
+    if mine.is_empty() {
+        return Ok(vec![]);
+    }
     let policy = state.policy.valid();
+    let prompts: Vec<&Prompt> = mine.iter().map(|&i| prompts[i]).collect();
     let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
     let sampling =
         SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
-    let Generation { tokens, logprobs, .. } = generate(&policy, &prompt_ids, &sampling)?;
+    let seeds: Vec<u64> = mine.iter().map(|&i| row_seed(seed, i as u64)).collect();
+    let Generation { tokens, logprobs, .. } = generate_until(&policy, &prompt_ids, &sampling, &seeds, |_, _| {}, |_, _| false)?;
     let eos = tokenizer.eos_id();
     let sequences: Vec<Vec<u32>> = prompt_ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, eos)).collect();
-    let prompt_len: Vec<usize> = prompt_ids.iter().map(Vec::len).collect();
     // The appended EOS of a cut response is part of what is scored but was not sampled: its
     // log-prob comes from the same teacher-forced pass as the reference's.
     let policy_lp = token_logprobs(&policy, &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
@@ -109,33 +178,25 @@ pub fn rollout(state: &mut PpoState, prompts: &[&Prompt], tokenizer: &Tokenizer,
     let (padded, _) = right_pad(&sequences, scorers.pad, &device);
     let values_all = value_model.values(padded).into_data().try_to_vec::<f32>().expect("f32");
     let full_width = width + 1;
-    let scores = scorers.score(&sequences, prompts);
-    let logits: Vec<f64> = scores.iter().map(|s| logit(s.combined)).collect();
-    state.whitener.update(&logits);
-    let whitened: Vec<f64> = logits.iter().map(|&l| state.whitener.whiten(l)).collect();
-    let mut out = Rollout { sequences: vec![], prompt_len, logp: vec![], values: vec![], advantages: vec![], returns: vec![], scores, whitened, kl: vec![] };
-    for (i, seq) in sequences.iter().enumerate() {
-        let start = out.prompt_len[i] - 1;
-        let n = seq.len() - out.prompt_len[i];
-        let mut lp: Vec<f32> = logprobs[i].clone();
-        lp.truncate(n);
-        while lp.len() < n {
-            lp.push(policy_lp[i * width + start + lp.len()]);
-        }
-        let rl: Vec<f32> = (0..n).map(|j| ref_lp[i * width + start + j]).collect();
-        let kl = kl_k1(&lp, &rl);
-        let v: Vec<f64> = (0..n).map(|j| values_all[i * full_width + start + j] as f64).collect();
-        let rewards = token_rewards(&kl, cfg.beta, out.whitened[i]);
-        let (adv, ret) = gae(&rewards, &v, cfg.gamma, cfg.lambda);
-        out.kl.push(kl.iter().sum());
-        out.logp.push(lp);
-        out.values.push(v);
-        out.advantages.push(adv);
-        out.returns.push(ret);
-    }
-    out.sequences = sequences;
-    whiten_advantages(&mut out.advantages);
-    Ok(out)
+    let scores = scorers.score(&sequences, &prompts);
+    Ok(sequences
+        .into_iter()
+        .zip(logprobs)
+        .zip(scores)
+        .enumerate()
+        .map(|(i, ((sequence, mut logp), scores))| {
+            let prompt_len = prompt_ids[i].len();
+            let start = prompt_len - 1;
+            let n = sequence.len() - prompt_len;
+            logp.truncate(n);
+            while logp.len() < n {
+                logp.push(policy_lp[i * width + start + logp.len()]);
+            }
+            let ref_logp = (0..n).map(|j| ref_lp[i * width + start + j]).collect();
+            let values = (0..n).map(|j| values_all[i * full_width + start + j] as f64).collect();
+            RolloutRow { sequence, prompt_len, logp, ref_logp, values, scores }
+        })
+        .collect())
 }
 
 /// Metrics of one gradient step.
@@ -181,25 +242,35 @@ pub fn clipped_value_loss(values: Tensor<2>, old_values: Tensor<2>, returns: Ten
 }
 
 /// One clipped-PPO gradient step on the minibatch `idx` of `rollout`: the value model, and the
-/// policy unless `train_policy` is false (the value warm-up).
+/// policy unless `train_policy` is false (the value warm-up). The losses are means over the
+/// minibatch's response tokens. In an MPI job the minibatch's rows are dealt over the ranks: each
+/// weighs its rows' mean by its share of those tokens, so the gradients summed over ranks (by
+/// the sharded AdamW) and the statistics summed are the whole minibatch's.
 pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &PpoConfig, pad: u32, train_policy: bool, saving: MemorySaving) -> StepStats {
+    let world = llama_trainer::distributed::world();
+    let tokens_of = |rows: &mut dyn Iterator<Item = usize>| rows.map(|i| rollout.logp[i].len()).sum::<usize>() as f64;
+    let idx_all = idx;
+    let idx: Vec<usize> = world.dealt(idx_all.len()).map(|j| idx_all[j]).collect();
+    // 1 in one process (bit for bit the plain mean).
+    let share = tokens_of(&mut idx.iter().copied()) / tokens_of(&mut idx_all.iter().copied()).max(1.0);
     let device = state.policy.tok_embeddings.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
     let b = idx.len();
     let t2 = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, width]), &device);
-    let mask = t2(response_mask(rollout, idx, width));
-    let old_lp = t2(scatter(rollout, idx, width, |i| rollout.logp[i].iter().map(|&x| x as f64).collect()));
-    let adv = t2(scatter(rollout, idx, width, |i| rollout.advantages[i].clone()));
-    let ret = t2(scatter(rollout, idx, width, |i| rollout.returns[i].clone()));
-    let old_v = t2(scatter(rollout, idx, width, |i| rollout.values[i].clone()));
+    let mask = t2(response_mask(rollout, &idx, width));
+    let old_lp = t2(scatter(rollout, &idx, width, |i| rollout.logp[i].iter().map(|&x| x as f64).collect()));
+    let adv = t2(scatter(rollout, &idx, width, |i| rollout.advantages[i].clone()));
+    let ret = t2(scatter(rollout, &idx, width, |i| rollout.returns[i].clone()));
+    let old_v = t2(scatter(rollout, &idx, width, |i| rollout.values[i].clone()));
     let masked_mean = |x: Tensor<2>| masked_mean(x, mask.clone());
 
     let (tokens, _) = right_pad(&seqs, pad, &device);
     // Value: clipped around the rollout's values.
     let values = with_memory_saving(saving, || state.value.values(tokens.clone())).slice([0..b, 0..width]);
-    let value_loss = clipped_value_loss(values, old_v, ret, mask.clone(), cfg.value_clip);
-    let mut stats = StepStats { value_loss: value_loss.clone().into_scalar::<f32>() as f64, ..StepStats::default() };
+    let value_loss = clipped_value_loss(values, old_v, ret, mask.clone(), cfg.value_clip).mul_scalar(share);
+    // This rank's parts: policy loss, value loss, clip fraction, approx KL, entropy.
+    let mut parts = [0.0, value_loss.clone().into_scalar::<f32>() as f64, 0.0, 0.0, 0.0];
 
     // Policy: clipped surrogate (not during the value warm-up).
     let total = if train_policy {
@@ -209,15 +280,16 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
             let lp = state.policy.token_nll(hidden.clone(), targets).neg().reshape([b, width]);
             (hidden, lp)
         });
-        let policy_loss = clipped_policy_loss(lp.clone(), old_lp.clone(), adv, mask.clone(), cfg.clip);
+        let policy_loss = clipped_policy_loss(lp.clone(), old_lp.clone(), adv, mask.clone(), cfg.clip).mul_scalar(share);
 
         // Diagnostics, detached.
         let log_ratio = (lp.detach() - old_lp).clone();
-        stats.approx_kl = masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio.clone()).into_scalar::<f32>() as f64;
-        stats.clip_fraction = masked_mean(log_ratio.exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()).into_scalar::<f32>() as f64;
+        let scalar = |x: Tensor<1>| x.into_scalar::<f32>() as f64 * share;
+        parts[2] = scalar(masked_mean(log_ratio.clone().exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()));
+        parts[3] = scalar(masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio));
         let entropy_tok = with_memory_saving(saving, || state.policy.token_entropy(hidden)).reshape([b, width]);
-        stats.entropy = masked_mean(entropy_tok).into_scalar::<f32>() as f64;
-        stats.policy_loss = policy_loss.clone().into_scalar::<f32>() as f64;
+        parts[4] = scalar(masked_mean(entropy_tok));
+        parts[0] = policy_loss.clone().into_scalar::<f32>() as f64;
         // The two models share no parameter, so one backward through the sum gives each its own
         // gradients; the value loss is unweighted, as its own AdamW would undo any constant weight.
         policy_loss + value_loss
@@ -227,14 +299,16 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
     let mut grads = total.backward();
     if train_policy {
-        let mut pg = GradientsParams::from_module(&mut grads, &state.policy);
-        clip_global_norm(&state.policy, &mut pg, cfg.grad_clip);
-        state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg);
+        let pg = GradientsParams::from_module(&mut grads, &state.policy);
+        let (pg, norm) = state.policy_optim.gradients(&state.policy, pg, cfg.grad_clip);
+        state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg, norm, cfg.grad_clip);
     }
-    let mut vg = GradientsParams::from_module(&mut grads, &state.value);
-    clip_global_norm(&state.value, &mut vg, cfg.grad_clip);
-    state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg);
-    stats
+    let vg = GradientsParams::from_module(&mut grads, &state.value);
+    let (vg, norm) = state.value_optim.gradients(&state.value, vg, cfg.grad_clip);
+    state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg, norm, cfg.grad_clip);
+    world.sum_f64(&mut parts);
+    let [policy_loss, value_loss, clip_fraction, approx_kl, entropy] = parts;
+    StepStats { policy_loss, value_loss, clip_fraction, approx_kl, entropy }
 }
 
 /// What PPO ends with: the best policy's held-out reward and its KL to the starting policy.
@@ -281,7 +355,8 @@ struct PpoRun<'a> {
     out: PathBuf,
     checkpoints: Checkpoints,
     metrics: Metrics,
-    _lock: RunLock,
+    /// Rank 0's hold on the run directory (None on the other ranks of an MPI job).
+    _lock: Option<RunLock>,
 }
 
 impl<'a> PpoRun<'a> {
@@ -304,26 +379,42 @@ impl<'a> PpoRun<'a> {
         let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
         let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
         let reference = policy.valid();
+        let out = cfg.run.out_dir.join("ppo");
+        // In an MPI job rank 0 holds the run directory and writes what is shared.
+        let world = llama_trainer::distributed::world();
+        let lock = if world.is_root() { Some(RunLock::acquire(&out)?) } else { None };
+        world.barrier();
+        let checkpoints = Checkpoints::new(&out);
+        if world.is_root() {
+            checkpoints.remove_leftovers()?;
+        }
+        world.barrier();
+        let latest = if resume { checkpoints.latest() } else { None };
+        // Several ranks: both AdamWs sharded over them; a sharded checkpoint resumes sharded.
+        let sharded = world.is_distributed() || latest.as_ref().is_some_and(|(_, dir)| is_sharded(dir));
+        let (policy_optim, value_optim) = if sharded {
+            (StepOptimizer::Sharded(ShardedAdamW::new(&policy, &opt, world)), StepOptimizer::Sharded(ShardedAdamW::new(&value, &opt, world)))
+        } else {
+            (StepOptimizer::Local(Optimizer::new(&opt)), StepOptimizer::Local(Optimizer::new(&opt)))
+        };
         let mut state = PpoState {
             policy,
             value,
             reference,
-            policy_optim: Optimizer::new(&opt),
-            value_optim: Optimizer::new(&opt),
+            policy_optim,
+            value_optim,
             whitener: Whitener::default(),
             iteration: 0,
             cursor: 0,
             best_eval: None,
             evals_without_gain: 0,
         };
-        let out = cfg.run.out_dir.join("ppo");
-        let lock = RunLock::acquire(&out)?;
-        let checkpoints = Checkpoints::new(&out);
-        checkpoints.remove_leftovers()?;
         let model_config = llama_trainer::model_config_toml(&policy_config)?;
-        match (resume, checkpoints.latest()) {
-            (true, Some((_, dir))) => restore(&mut state, &dir, &model_config)?,
-            (false, Some((step, _))) => bail!("{} already holds PPO checkpoints (iteration {step}); pass --resume or choose another --out", out.display()),
+        match (latest, checkpoints.latest()) {
+            (Some((_, dir)), _) => restore(&mut state, &dir, &model_config)?,
+            (None, Some((step, _))) if !resume => {
+                bail!("{} already holds PPO checkpoints (iteration {step}); pass --resume or choose another --out", out.display())
+            }
             _ => {}
         }
         let mut run = Self {
@@ -341,7 +432,9 @@ impl<'a> PpoRun<'a> {
             _lock: lock,
         };
         if run.state.iteration == 0 {
-            save_best(&run.state.policy, &run.model_config, &cfg.data.tokenizer, &run.out)?;
+            if world.is_root() {
+                save_best(&run.state.policy, &run.model_config, &cfg.data.tokenizer, &run.out)?;
+            }
             let held_out = run.evaluate()?;
             run.metrics.println(&format!("PPO: held-out reward of the starting policy {:.3} (mean Rc {:.3})", held_out.reward, held_out.combined));
             run.state.best_eval = Some(held_out.reward);
@@ -404,7 +497,9 @@ impl<'a> PpoRun<'a> {
             if self.state.best_eval.is_none_or(|b| r > b) {
                 self.state.best_eval = Some(r);
                 self.state.evals_without_gain = 0;
-                save_best(&self.state.policy, &self.model_config, &self.cfg.data.tokenizer, &self.out)?;
+                if llama_trainer::distributed::world().is_root() {
+                    save_best(&self.state.policy, &self.model_config, &self.cfg.data.tokenizer, &self.out)?;
+                }
             } else {
                 self.state.evals_without_gain += 1;
             }
@@ -415,7 +510,8 @@ impl<'a> PpoRun<'a> {
         }
         let stop_now = stop_after == Some(iteration) || stopped_early;
         let last = iteration == p.iterations || stop_now;
-        let signal = if last { None } else { llama_trainer::signals::received() };
+        // Every rank asks at the same point, so all stop at the same iteration.
+        let signal = if last { None } else { llama_trainer::distributed::signal_received_by_any_rank() };
         if iteration.is_multiple_of(p.checkpoint_every) || last || signal.is_some() {
             let checkpoint = self.save()?;
             if let Some(signal) = signal {
@@ -448,14 +544,20 @@ impl<'a> PpoRun<'a> {
             evals_without_gain: state.evals_without_gain,
             model_config: self.model_config.clone(),
         };
-        self.checkpoints.save(state.iteration, self.cfg.ppo.keep_checkpoints, llama_trainer::distributed::World::single(), |dir, written| {
+        // Every rank writes its blocks of sharded optimizer state; rank 0 the rest, and
+        // publishes the checkpoint once all succeeded.
+        let world = llama_trainer::distributed::world();
+        self.checkpoints.save(state.iteration, self.cfg.ppo.keep_checkpoints, world, |dir, written| {
+            save_optimizer(&state.policy_optim, dir, POLICY_OPTIMIZER)?;
+            save_optimizer(&state.value_optim, dir, VALUE_OPTIMIZER)?;
+            if !world.is_root() {
+                return Ok(());
+            }
             llama_model::checkpoint::save_weights(&state.policy, &dir.join(POLICY))?;
             written(POLICY)?;
             std::fs::write(dir.join(llama_model::checkpoint::NATIVE_CONFIG), &saved.model_config)?;
             llama_io::copy_tokenizer_files(&self.cfg.data.tokenizer, dir)?;
             llama_model::checkpoint::save_weights(&state.value, &dir.join(VALUE))?;
-            state.policy_optim.save(&dir.join(POLICY_OPTIMIZER))?;
-            state.value_optim.save(&dir.join(VALUE_OPTIMIZER))?;
             std::fs::write(dir.join(PPO_STATE), serde_json::to_string_pretty(&saved)?)?;
             written(PPO_STATE)
         })
@@ -467,7 +569,11 @@ impl<'a> PpoRun<'a> {
         let (_, best) = init_model(&self.out.join("best"), &self.device)?;
         let p = &self.cfg.ppo;
         let held_out = evaluate(&best, &self.state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
-        println!("best PPO policy (held-out reward {:.3}) in {}", self.state.best_eval.unwrap_or(held_out.reward), self.out.join("best").display());
+        llama_trainer::distributed::world().say(format_args!(
+            "best PPO policy (held-out reward {:.3}) in {}",
+            self.state.best_eval.unwrap_or(held_out.reward),
+            self.out.join("best").display()
+        ));
         Ok(PpoResult { reward: held_out.reward, kl: held_out.kl })
     }
 }
@@ -495,22 +601,51 @@ fn restore(state: &mut PpoState, dir: &Path, model_config: &str) -> anyhow::Resu
     }
     llama_model::checkpoint::load_weights(&mut state.policy, &dir.join(POLICY))?;
     llama_model::checkpoint::load_weights(&mut state.value, &dir.join(VALUE))?;
-    state.policy_optim = state.policy_optim.clone().load(&dir.join(POLICY_OPTIMIZER))?;
-    state.value_optim = state.value_optim.clone().load(&dir.join(VALUE_OPTIMIZER))?;
+    load_optimizer(&mut state.policy_optim, dir, POLICY_OPTIMIZER)?;
+    load_optimizer(&mut state.value_optim, dir, VALUE_OPTIMIZER)?;
     state.whitener = saved.whitener;
     state.iteration = saved.iteration;
     state.cursor = saved.cursor;
     state.best_eval = saved.best_eval;
     state.evals_without_gain = saved.evals_without_gain;
-    println!("resumed PPO from {} (iteration {})", dir.display(), state.iteration);
+    llama_trainer::distributed::world().say(format_args!("resumed PPO from {} (iteration {})", dir.display(), state.iteration));
     Ok(())
 }
 
 /// The policy's weights are the model directory's `model.bpk`.
 const POLICY: &str = llama_trainer::checkpoint::MODEL_FILE;
 const VALUE: &str = "value.bpk";
-const POLICY_OPTIMIZER: &str = "policy_optimizer.bpk";
-const VALUE_OPTIMIZER: &str = "value_optimizer.bpk";
+/// The optimizers' states: `NAME.bpk` (Burn's, one process), or the folder `NAME/` of sharded
+/// blocks (`NAME/optimizer/block-R-of-N.safetensors`, the trainer's layout).
+const POLICY_OPTIMIZER: &str = "policy_optimizer";
+const VALUE_OPTIMIZER: &str = "value_optimizer";
+
+fn save_optimizer(optimizer: &StepOptimizer, dir: &Path, name: &str) -> anyhow::Result<()> {
+    match optimizer {
+        StepOptimizer::Local(o) if llama_trainer::distributed::world().is_root() => o.save(&dir.join(format!("{name}.bpk"))),
+        StepOptimizer::Local(_) => Ok(()),
+        StepOptimizer::Sharded(s) => s.save(&dir.join(name)),
+    }
+}
+
+fn load_optimizer(optimizer: &mut StepOptimizer, dir: &Path, name: &str) -> anyhow::Result<()> {
+    match optimizer {
+        StepOptimizer::Local(o) if !ShardedAdamW::is_saved_in(&dir.join(name)) => {
+            *o = o.clone().load(&dir.join(format!("{name}.bpk")))?;
+            Ok(())
+        }
+        StepOptimizer::Sharded(s) if ShardedAdamW::is_saved_in(&dir.join(name)) => s.load(&dir.join(name)),
+        StepOptimizer::Sharded(_) => {
+            bail!("{}: PPO's optimizer state was written by a single process (unsharded); resume it with one process, not under mpirun", dir.display())
+        }
+        StepOptimizer::Local(_) => unreachable!("a sharded checkpoint is resumed with the sharded optimizer"),
+    }
+}
+
+/// Whether PPO checkpoint `dir` holds sharded optimizer state.
+fn is_sharded(dir: &Path) -> bool {
+    ShardedAdamW::is_saved_in(&dir.join(POLICY_OPTIMIZER))
+}
 const PPO_STATE: &str = "ppo_state.json";
 
 /// Early stopping keeps the policy with the best held-out reward in `OUT/ppo/best` (a model

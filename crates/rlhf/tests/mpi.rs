@@ -1,8 +1,10 @@
-//! `rlhf` rejection sampling as an MPI job (`mpirun -np N`, built with the `mpi` feature): the
+//! `rlhf` as an MPI job (`mpirun -np N`, built with the `mpi` feature). Rejection sampling: the
 //! prompts' chunks dealt over the ranks, the pool gathered in prompt order, each round's
-//! fine-tuning data parallel with AdamW sharded. The pools must be the one process's, byte for
-//! byte, at every world size; a rank killed mid-round ends the job and `--resume` finishes it as
-//! the uninterrupted run.
+//! fine-tuning data parallel with AdamW sharded; the pools must be the one process's, byte for
+//! byte, at every world size. PPO: each iteration's rollout rows and each minibatch's rows dealt
+//! over the ranks, both AdamWs sharded; the metrics must be the one process's. In both, a rank
+//! killed mid-round or mid-iteration ends the job and `--resume` finishes it as the
+//! uninterrupted run.
 #![cfg(feature = "mpi")]
 
 use std::path::{Path, PathBuf};
@@ -16,9 +18,16 @@ fn tiny(vocab: usize) -> LlamaConfig {
     LlamaConfig::new(32, 2, 4).with_n_kv_heads(2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(128)
 }
 
-/// Random tiny policy and reward models, and a config of two rounds whose batches of 6 split
-/// over 1, 2 and 3 ranks (8 sampling chunks of 32 prompts, 4 held-out groups), no PPO.
-fn fixture(dir: &Path) -> PathBuf {
+/// Two rounds of rejection sampling whose batches of 6 split over 1, 2 and 3 ranks (8 sampling
+/// chunks of 32 prompts, 4 held-out groups), no PPO.
+const RS: &str = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-3\nbatch_size = 6\nseq_len = 64\ninclude_greedy = true\n[ppo]\niterations = 0\n";
+
+/// Three PPO iterations of 12 rollouts in minibatches of 6 (split over 1, 2 and 3 ranks), a
+/// checkpoint after each, the held-out evaluation after the last.
+const PPO: &str = "[rejection_sampling]\nrounds = 0\n[ppo]\niterations = 3\nbatch_size = 12\nminibatch_size = 6\nmax_new_tokens = 4\nlr = 1e-4\nvalue_lr = 1e-4\neval_every = 100\ncheckpoint_every = 1\n";
+
+/// Random tiny policy and reward models, and a config with `stages` (`RS` or `PPO`).
+fn fixture(dir: &Path, stages: &str) -> PathBuf {
     let device = Device::flex();
     let policy = dir.join("policy");
     llama_model::checkpoint::save_native(&tiny(2048).init(&device), &tiny(2048), &policy).unwrap();
@@ -27,9 +36,7 @@ fn fixture(dir: &Path) -> PathBuf {
     }
     let text = format!(
         "policy = \"{}\"\nhelpfulness_model = \"{}\"\nsafety_model = \"{}\"\n[data]\ntokenizer = \"{}\"\nprompts = \"{}\"\neval_prompts = \"{}\"\n\
-         [eval]\nsamples_per_prompt = 1\n\
-         [rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-3\nbatch_size = 6\nseq_len = 64\ninclude_greedy = true\n\
-         [ppo]\niterations = 0\n",
+         [eval]\nsamples_per_prompt = 1\n{stages}",
         policy.display(),
         dir.join("help").display(),
         dir.join("safe").display(),
@@ -92,7 +99,7 @@ fn assert_same_rs(label: &str, got: &Path, want: &Path, tol: f64) {
 #[test]
 fn world_sizes_1_2_3_draw_the_same_pools_and_a_killed_rank_resumes_to_the_same_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = fixture(tmp.path());
+    let cfg = fixture(tmp.path(), RS);
     let one = tmp.path().join("one");
     let (ok, stdout, stderr) = rlhf(1, &cfg, &one, &[], &[]);
     assert!(ok, "{stdout}\n{stderr}");
@@ -115,16 +122,53 @@ fn world_sizes_1_2_3_draw_the_same_pools_and_a_killed_rank_resumes_to_the_same_r
     assert_same_rs("killed and resumed", &killed, &one, 1e-5);
 }
 
-/// A job whose rounds' batches do not split over its ranks, or that asks for PPO, is refused
+/// PPO's metrics over 3 iterations at 2 and 3 ranks are the one process's; rank 1 of 2 killed
+/// after iteration 2's updates ends the job, and `--resume` (from iteration 1's sharded
+/// checkpoint) ends as the one process did.
+#[test]
+fn world_sizes_1_2_3_run_ppo_alike_and_a_killed_rank_resumes_to_the_same_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = fixture(tmp.path(), PPO);
+    let one = tmp.path().join("one");
+    let (ok, stdout, stderr) = rlhf(1, &cfg, &one, &[], &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    let want = metrics(&one.join("ppo/metrics.jsonl"));
+    assert_eq!(want.iter().filter(|r| r.1 == "ppo/policy_loss").count(), 3, "three iterations");
+    assert!(want.iter().any(|r| r.1 == "ppo/eval_reward" && r.0 == 3), "the last iteration was evaluated");
+    let assert_same = |label: &str, out: &Path| {
+        let got = metrics(&out.join("ppo/metrics.jsonl"));
+        assert_eq!(got.iter().map(|r| (r.0, &r.1)).collect::<Vec<_>>(), want.iter().map(|r| (r.0, &r.1)).collect::<Vec<_>>(), "{label}: rows");
+        for (g, w) in got.iter().zip(&want) {
+            assert!((g.2 - w.2).abs() <= 1e-5 * w.2.abs().max(1.0), "{label}: step {} {}: {} vs {}", g.0, g.1, g.2, w.2);
+        }
+    };
+    for ranks in [2, 3] {
+        let out = tmp.path().join(format!("ranks{ranks}"));
+        let (ok, stdout, stderr) = rlhf(ranks, &cfg, &out, &[], &[]);
+        assert!(ok, "{ranks} ranks: {stdout}\n{stderr}");
+        assert_same(&format!("{ranks} ranks"), &out);
+        assert_eq!(stdout.matches("PPO done").count(), 1, "{stdout}");
+    }
+    let killed = tmp.path().join("killed");
+    let (ok, _, _) = rlhf(2, &cfg, &killed, &[], &[("LLAMA2_TEST_KILL_AT", "update@2"), ("LLAMA2_TEST_KILL_RANK", "1")]);
+    assert!(!ok, "a killed rank must end the job with an error");
+    let (ok, stdout, stderr) = rlhf(2, &cfg, &killed, &["--resume"], &[]);
+    assert!(ok, "{stdout}\n{stderr}");
+    assert!(stdout.contains("(iteration 1)"), "resumed from iteration 1's checkpoint: {stdout}");
+    assert_same("killed and resumed", &killed);
+}
+
+/// A job whose rounds' batches or PPO's minibatches do not split over its ranks is refused
 /// before any work, naming the key.
 #[test]
 fn an_mpi_job_is_refused_what_it_cannot_split() {
     let tmp = tempfile::tempdir().unwrap();
-    let cfg = fixture(tmp.path());
-    let text = std::fs::read_to_string(&cfg).unwrap();
-    for (change, key) in
-        [(("batch_size = 6", "batch_size = 4"), "rejection_sampling.batch_size = 4"), (("iterations = 0", "iterations = 2"), "ppo.iterations = 2")]
-    {
+    for (stages, change, key) in [
+        (RS, ("batch_size = 6", "batch_size = 4"), "rejection_sampling.batch_size = 4"),
+        (PPO, ("minibatch_size = 6", "minibatch_size = 4"), "ppo.minibatch_size = 4"),
+    ] {
+        let cfg = fixture(tmp.path(), stages);
+        let text = std::fs::read_to_string(&cfg).unwrap();
         std::fs::write(&cfg, text.replace(change.0, change.1)).unwrap();
         let out = tmp.path().join("refused");
         let (ok, stdout, stderr) = rlhf(3, &cfg, &out, &[], &[]);
