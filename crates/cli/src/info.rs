@@ -131,7 +131,14 @@ pub fn run(args: InfoArgs) -> Result<()> {
             let m = c.memory_estimate(
                 micro_batch,
                 seq,
-                &TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), micro_batches, ..TrainingMemory::new(Precision::Bf16) },
+                &TrainingMemory {
+                    recompute: r,
+                    optimizer: o,
+                    logits_chunk: chunk_for(r),
+                    keeps_attention_probs: TrainingMemory::attention_keeps_probs(Precision::Bf16, cpu),
+                    micro_batches,
+                    ..TrainingMemory::new(Precision::Bf16)
+                },
             );
             println!("  --recompute {:<5} --optimizer {:<6} {:>12} | {:>11}{}", name(r), name(o), gib(m.expected_peak()), gib(m.host_total()), fits(&m));
         }
@@ -145,7 +152,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
             Some(path) => LlamaConfig::from_toml_file(path)?,
             None => c.clone(),
         };
-        print_ppo(&c, &reward, micro_batch, seq, rollout_batch, device_memory_gib, &chunk_for);
+        print_ppo(&c, &reward, micro_batch, seq, rollout_batch, device_memory_gib, cpu, &chunk_for);
     }
     if ranks > 1 {
         // trainer::sharded: flat f32 blocks, reduce-scattered gradients, all-gathered weights.
@@ -172,10 +179,12 @@ fn print_ppo(
     seq: usize,
     rollout_batch: usize,
     device_memory_gib: Option<f64>,
+    cpu: bool,
     chunk_for: &dyn Fn(Recompute) -> Option<usize>,
 ) {
     println!(
-        "\nPPO on one device: policy and reference {:.2} B, value and two reward models {:.2} B each; updates of {micro_batch} x seq {seq}, rollouts of {rollout_batch} sequences",
+        "\nPPO on {}: policy and reference {:.2} B, value and two reward models {:.2} B each; updates of {micro_batch} x seq {seq}, rollouts of {rollout_batch} sequences",
+        if cpu { "the CPU" } else { "one GPU" },
         policy.num_params() as f64 / 1e9,
         reward.reward_model_params() as f64 / 1e9
     );
@@ -186,7 +195,9 @@ fn print_ppo(
     for precision in [Precision::F32, Precision::Bf16] {
         for r in [Recompute::None, Recompute::Block] {
             for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
-                let plan = TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), ..TrainingMemory::new(precision) };
+                // The fused CPU attention keeps its probabilities for the backward pass.
+                let keeps_attention_probs = TrainingMemory::attention_keeps_probs(precision, cpu);
+                let plan = TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), keeps_attention_probs, ..TrainingMemory::new(precision) };
                 let m = policy.ppo_memory_estimate(reward, micro_batch, seq, rollout_batch, &plan);
                 let fits = verdict(m.expected_peak(), device_memory_gib);
                 println!(

@@ -64,6 +64,26 @@ fn info_reads_presets_and_shards_the_optimizer_over_ranks() {
     assert!(!ok && err.contains("--ranks"), "{err}");
 }
 
+/// `llama info --ppo` counts what the run's device keeps: on the CPU (`--cpu`) the fused
+/// attention's probabilities are kept for the backward pass, so the f32 policy's share is larger
+/// than on a GPU, as in the training table; bf16 rows are the same on both.
+#[test]
+fn info_ppo_counts_the_cpu_attention_probabilities() {
+    let policy_column = |out: &str, dtype: &str| -> f64 {
+        let table = &out[out.find("\nPPO on ").unwrap_or_else(|| panic!("no PPO table: {out}"))..];
+        let row = table.lines().find(|l| l.starts_with(dtype)).unwrap_or_else(|| panic!("no {dtype} row: {table}"));
+        row.split_whitespace().nth(3).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("{row}"))
+    };
+    let args = ["info", "--config", "configs/7b.toml", "--ppo", "--micro-batch", "1", "--seq-len", "1024"];
+    let (ok, gpu, err) = llama(&args);
+    assert!(ok, "{err}");
+    let (ok, cpu, err) = llama(&[&args[..], &["--cpu"]].concat());
+    assert!(ok, "{err}");
+    assert!(gpu.contains("PPO on one GPU") && cpu.contains("PPO on the CPU"), "{gpu}\n{cpu}");
+    assert!(policy_column(&cpu, "f32 ") > policy_column(&gpu, "f32 "), "{cpu}\n{gpu}");
+    assert_eq!(policy_column(&cpu, "bf16 "), policy_column(&gpu, "bf16 "));
+}
+
 /// `llama` on bad input, as a user runs it: each case is refused with a non-zero exit, no panic,
 /// a message naming the file and the key, flag or tensor, and nothing in the fixture directory
 /// changed (`llama_testkit::Case::refused`): a conversion never writes over a directory it was

@@ -583,10 +583,13 @@ impl<'a> PpoRun<'a> {
 /// the longest prompt and answer, against `run.device`.
 fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin: &str) -> anyhow::Result<()> {
     let reward = llama_reward::reward_model_config(&cfg.helpfulness_model).with_context(|| format!("{origin}: helpfulness_model"))?;
+    let precision = llama_model::Precision::F32;
     let plan = TrainingMemory {
         recompute: cfg.memory.recompute,
         logits_chunk: cfg.memory.memory_saving().logits_chunk,
-        ..TrainingMemory::new(llama_model::Precision::F32)
+        // The fused CPU attention keeps its probabilities for the backward pass.
+        keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&cfg.run.device)),
+        ..TrainingMemory::new(precision)
     };
     let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);
     let m = policy.ppo_memory_estimate(&reward, micro_batch, longest, rollout_batch, &plan);
