@@ -13,6 +13,7 @@
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
+use rayon::prelude::*;
 
 use crate::{KvCache, Llama, ModelError};
 
@@ -189,13 +190,18 @@ pub fn generate_until(
     for step in 0..config.max_new_tokens {
         let host: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
         let mut next = vec![config.eos_id.unwrap_or(0); batch];
-        for (row, row_logits) in host.chunks(vocab).enumerate() {
-            if done[row] {
-                continue;
-            }
-            let token = sample(row_logits, config, &mut rngs[row]);
+        // The rows' draws in parallel (each row has its own RNG, so the result does not depend
+        // on the threads), then their bookkeeping in row order.
+        let drawn: Vec<Option<(usize, f32)>> = host
+            .par_chunks(vocab)
+            .zip(rngs.par_iter_mut())
+            .zip(done.par_iter())
+            .map(|((row_logits, rng), &finished)| (!finished).then(|| sample_with_logprob(row_logits, config, rng)))
+            .collect();
+        for (row, draw) in drawn.into_iter().enumerate() {
+            let Some((token, logprob)) = draw else { continue };
             out.tokens[row].push(token as u32);
-            out.logprobs[row].push(log_softmax_at(row_logits, token));
+            out.logprobs[row].push(logprob);
             on_token(row, token as u32);
             next[row] = token as u32;
             if config.eos_id == Some(token as u32) {
@@ -218,6 +224,33 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
     let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
     (logits[index] as f64 - max - sum.ln()) as f32
+}
+
+/// Picks one token from a row of logits according to `config`, with its log-probability under
+/// the model (`log_softmax_at`, at temperature 1 whatever `config.temperature`). Plain sampling
+/// at temperature 1 (what RLHF's rollouts do) takes one pass of exponentials over the vocabulary
+/// for both, in the vocabulary's order (no sort); greedy, other temperatures, top-k and top-p
+/// go through [`sample`].
+pub fn sample_with_logprob(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> (usize, f32) {
+    let plain = config.top_k.is_none_or(|k| k == 0 || k >= logits.len()) && config.top_p.is_none_or(|p| p >= 1.0);
+    if config.temperature != 1.0 || !plain {
+        let token = sample(logits, config, rng);
+        return (token, log_softmax_at(logits, token));
+    }
+    // As log_softmax_at computes it: the same terms summed in the same order.
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let weights: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
+    let sum: f64 = weights.iter().sum();
+    let mut u = rng.random::<f64>() * sum;
+    let mut token = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
+    for (i, &w) in weights.iter().enumerate() {
+        if u < w {
+            token = i;
+            break;
+        }
+        u -= w;
+    }
+    (token, (logits[token] as f64 - max - sum.ln()) as f32)
 }
 
 /// Picks one token from a row of logits according to `config`.
@@ -301,6 +334,32 @@ mod tests {
         let ones = (0..n).filter(|_| sample(&logits, &cfg(1.0, None, None), &mut rng) == 1).count();
         let share = ones as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.015, "{share}");
+    }
+
+    /// The one-pass draw of plain sampling follows the softmax (token frequencies within 1.5
+    /// points over 20,000 draws of three tokens) and returns log_softmax_at's log-prob exactly;
+    /// other settings draw as `sample` does.
+    #[test]
+    fn one_pass_sampling_follows_the_distribution_with_exact_logprobs() {
+        let logits = [0.0f32, 3f32.ln(), 2f32.ln()];
+        let mut rng = StdRng::seed_from_u64(3);
+        let mut counts = [0usize; 3];
+        let n = 20_000;
+        for _ in 0..n {
+            let (token, logprob) = sample_with_logprob(&logits, &cfg(1.0, None, None), &mut rng);
+            assert_eq!(logprob, log_softmax_at(&logits, token));
+            counts[token] += 1;
+        }
+        for (count, want) in counts.iter().zip([1.0 / 6.0, 3.0 / 6.0, 2.0 / 6.0]) {
+            assert!((*count as f64 / n as f64 - want).abs() < 0.015, "{counts:?}");
+        }
+        for config in [cfg(0.0, None, None), cfg(0.7, None, None), cfg(1.0, Some(2), None), cfg(1.0, None, Some(0.5))] {
+            let (mut a, mut b) = (StdRng::seed_from_u64(9), StdRng::seed_from_u64(9));
+            for _ in 0..100 {
+                let token = sample(&logits, &config, &mut a);
+                assert_eq!(sample_with_logprob(&logits, &config, &mut b), (token, log_softmax_at(&logits, token)), "{config:?}");
+            }
+        }
     }
 
     #[test]

@@ -431,10 +431,13 @@ fn logits_f32<const D: usize>(logits: Tensor<D>) -> Tensor<D> {
 }
 
 /// Keys and values of one layer for the positions seen so far, preallocated to `max_len`.
+/// The buffers are written in place: [`LayerCache::append`] takes them out (so nothing else
+/// holds them and the backend writes without a copy; on the CPU a copy of the whole cache per
+/// token and layer was most of a decoding step) and puts them back.
 #[derive(Debug, Clone)]
 pub struct LayerCache {
-    k: Tensor<4>,
-    v: Tensor<4>,
+    k: Option<Tensor<4>>,
+    v: Option<Tensor<4>>,
 }
 
 impl LayerCache {
@@ -445,10 +448,14 @@ impl LayerCache {
     fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
         let [b, h, t, d] = k.dims();
         let end = start + t;
-        assert!(end <= self.k.dims()[2], "KV cache overflow: {end} > {}", self.k.dims()[2]);
-        self.k = self.k.clone().slice_assign([0..b, 0..h, start..end, 0..d], k);
-        self.v = self.v.clone().slice_assign([0..b, 0..h, start..end, 0..d], v);
-        (self.k.clone().slice([0..b, 0..h, 0..end, 0..d]), self.v.clone().slice([0..b, 0..h, 0..end, 0..d]))
+        let write = |buffer: &mut Option<Tensor<4>>, new: Tensor<4>| {
+            let all = buffer.take().expect("the cache's buffers are put back after every append");
+            assert!(end <= all.dims()[2], "KV cache overflow: {end} > {}", all.dims()[2]);
+            let all = all.slice_assign([0..b, 0..h, start..end, 0..d], new);
+            *buffer = Some(all.clone());
+            all.slice([0..b, 0..h, 0..end, 0..d])
+        };
+        (write(&mut self.k, k), write(&mut self.v, v))
     }
 }
 
@@ -463,7 +470,7 @@ pub struct KvCache {
 impl KvCache {
     pub fn new(config: &LlamaConfig, batch: usize, max_len: usize, device: &Device) -> Self {
         let shape = [batch, config.n_kv_heads(), max_len, config.head_dim()];
-        let layer = || LayerCache { k: Tensor::zeros(shape, device), v: Tensor::zeros(shape, device) };
+        let layer = || LayerCache { k: Some(Tensor::zeros(shape, device)), v: Some(Tensor::zeros(shape, device)) };
         Self { layers: (0..config.n_layers).map(|_| layer()).collect(), len: 0 }
     }
 
@@ -476,7 +483,7 @@ impl KvCache {
             .map(|block| {
                 let a = &block.attention;
                 let shape = [batch, a.n_kv_heads, max_len, a.head_dim];
-                LayerCache { k: Tensor::zeros(shape, &device), v: Tensor::zeros(shape, &device) }
+                LayerCache { k: Some(Tensor::zeros(shape, &device)), v: Some(Tensor::zeros(shape, &device)) }
             })
             .collect();
         Self { layers, len: 0 }
@@ -492,6 +499,6 @@ impl KvCache {
     }
 
     pub fn capacity(&self) -> usize {
-        self.layers.first().map_or(0, |l| l.k.dims()[2])
+        self.layers.first().and_then(|l| l.k.as_ref()).map_or(0, |k| k.dims()[2])
     }
 }
