@@ -3,12 +3,15 @@
 # its GGUF file (scripts/interop/get_smollm2.sh, checked against llama.cpp), supervised fine-tuning on the
 # shipped chats with the dated and tool-use ones (configs/sft-smollm2.toml, its own ChatML
 # template), the fine-tuned model exported to GGUF and checked against llama.cpp again, and the
-# held-out tool-use set before and after (scripts/interop/smollm2_tools.py). ~25 min on 2 cores, plus the
-# llama.cpp build the first time (~45 min). Writes runs/smollm2/.
+# held-out tool-use set before and after (scripts/interop/smollm2_tools.py), the helpfulness and safety
+# reward models from the fine-tuned model (configs/reward-*-smollm2.toml), then rejection sampling
+# and PPO against them (configs/rlhf-smollm2.toml). About 2 h on 2 cores (SFT 12 min, the reward
+# models 15-20 min each, RLHF 35-50 min), plus the llama.cpp build the first time (~45 min).
+# Writes runs/smollm2/.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/llama2-rs/target}"
-cargo build --release --quiet --bin llama --bin sft
+cargo build --release --quiet --bin llama --bin sft --bin reward --bin rlhf
 bin="$CARGO_TARGET_DIR/release"
 venv="${LLAMA2_LLAMA_CPP_VENV:-$HOME/.cache/llama2-rs/llama-cpp-venv}"
 start=$(date +%s)
@@ -26,4 +29,11 @@ stage "the held-out tool-use set, before and after"
 mkdir -p runs/smollm2/tools
 python3 scripts/interop/smollm2_tools.py "$bin/llama" runs/smollm2/model runs/smollm2/tools/base.json
 python3 scripts/interop/smollm2_tools.py "$bin/llama" "$ckpt" runs/smollm2/tools/sft.json
+stage "the helpfulness and safety reward models"
+rm -rf runs/smollm2/reward-helpfulness runs/smollm2/reward-safety
+"$bin/reward" --config configs/reward-helpfulness-smollm2.toml
+"$bin/reward" --config configs/reward-safety-smollm2.toml
+stage "rejection sampling and PPO"
+rm -rf runs/smollm2/rlhf
+"$bin/rlhf" --config configs/rlhf-smollm2.toml
 stage "done"
