@@ -389,8 +389,9 @@ fn value_warmup_freezes_the_policy_and_trains_the_value_model() {
 /// The shipped tiny config parses (no unknown keys) and passes validation.
 #[test]
 fn shipped_config_is_valid() {
-    let path = repo().join("configs/rlhf-tiny.toml");
-    let cfg: RlhfConfig = llama_trainer::config::load_toml(&path).unwrap();
-    validate(&cfg, "configs/rlhf-tiny.toml").unwrap();
-    assert!(cfg.ppo.value_warmup < cfg.ppo.iterations && cfg.ppo.value_lr > 0.0);
+    for name in ["configs/rlhf-tiny.toml", "configs/rlhf-smollm2.toml"] {
+        let cfg: RlhfConfig = llama_trainer::config::load_toml(&repo().join(name)).unwrap();
+        validate(&cfg, name).unwrap();
+        assert!(cfg.ppo.value_warmup < cfg.ppo.iterations && cfg.ppo.value_lr > 0.0, "{name}");
+    }
 }
