@@ -219,38 +219,36 @@ pub fn generate_until(
     Ok(out)
 }
 
-/// `log softmax(logits)[index]`, computed stably in f64.
+/// `log softmax(logits)[index]`, by the training loss's vectorised log-sum-exp (the libm `exp`
+/// over the vocabulary per row and token was a tenth of greedy decoding).
 pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
-    (logits[index] as f64 - max - sum.ln()) as f32
+    logits[index] - crate::loss::log_sum_exp(logits)
 }
 
 /// Picks one token from a row of logits according to `config`, with its log-probability under
-/// the model (`log_softmax_at`, at temperature 1 whatever `config.temperature`). Plain sampling
-/// at temperature 1 (what RLHF's rollouts do) takes one pass of exponentials over the vocabulary
-/// for both, in the vocabulary's order (no sort); greedy, other temperatures, top-k and top-p
-/// go through [`sample`].
+/// the model ([`log_softmax_at`], at temperature 1 whatever `config.temperature`). Plain
+/// sampling at temperature 1 (what RLHF's rollouts do) draws by the inverse CDF in the
+/// vocabulary's order from vectorised exponentials (no sort, no libm call per token); greedy,
+/// other temperatures, top-k and top-p go through [`sample`].
 pub fn sample_with_logprob(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> (usize, f32) {
     let plain = config.top_k.is_none_or(|k| k == 0 || k >= logits.len()) && config.top_p.is_none_or(|p| p >= 1.0);
     if config.temperature != 1.0 || !plain {
         let token = sample(logits, config, rng);
         return (token, log_softmax_at(logits, token));
     }
-    // As log_softmax_at computes it: the same terms summed in the same order.
-    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-    let weights: Vec<f64> = logits.iter().map(|&l| (l as f64 - max).exp()).collect();
-    let sum: f64 = weights.iter().sum();
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let weights: Vec<f32> = logits.iter().map(|&l| crate::flex_kernels::exp_nonpositive(l - max)).collect();
+    let sum: f64 = weights.iter().map(|&w| w as f64).sum();
     let mut u = rng.random::<f64>() * sum;
     let mut token = weights.iter().rposition(|&w| w > 0.0).unwrap_or(0);
     for (i, &w) in weights.iter().enumerate() {
-        if u < w {
+        if u < w as f64 {
             token = i;
             break;
         }
-        u -= w;
+        u -= w as f64;
     }
-    (token, (logits[token] as f64 - max - sum.ln()) as f32)
+    (token, log_softmax_at(logits, token))
 }
 
 /// Picks one token from a row of logits according to `config`.

@@ -127,7 +127,7 @@ fn target_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
 
 /// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows. Eight
 /// independent accumulators let the compiler vectorise both reductions.
-fn log_sum_exp(row: &[f32]) -> f32 {
+pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let (chunks, rest) = row.as_chunks::<8>();
     let mut maxes = [f32::NEG_INFINITY; 8];
     for chunk in chunks {
