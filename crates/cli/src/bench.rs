@@ -22,6 +22,10 @@ pub struct BenchArgs {
     /// Tokens generated per sequence (batch `batch`, prompts of 16 tokens); 0 skips generation.
     #[arg(long, default_value_t = 64)]
     pub gen_tokens: usize,
+    /// Batch sizes to time decoding at, comma-separated (e.g. `1,8,32,64`), each in its own
+    /// line and as `decode_tokens_per_s_by_batch` in the JSON; default: `--batch` alone.
+    #[arg(long, value_delimiter = ',')]
+    pub decode_batches: Vec<usize>,
     #[arg(long, default_value = "flex")]
     pub device: String,
     /// Compute dtype of the training steps: f32, or bf16 / f16 mixed precision (f32 master
@@ -52,16 +56,23 @@ pub struct BenchArgs {
     pub logits_chunk: Option<usize>,
 }
 
+/// What `llama bench` decodes: `tokens` per sequence (0: nothing) at each batch size.
+struct Decode<'a> {
+    tokens: usize,
+    batches: &'a [usize],
+}
+
 /// `llama bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchArgs { config, batch, seq_len, steps, gen_tokens, device, dtype, json, unfused, burn_attention, recompute, logits_chunk } = args;
+    let BenchArgs { config, batch, seq_len, steps, gen_tokens, decode_batches, device, dtype, json, unfused, burn_attention, recompute, logits_chunk } = args;
     let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
-    if batch == 0 || seq_len == 0 || logits_chunk == Some(0) {
-        bail!("--batch, --seq-len and --logits-chunk must be > 0");
+    if batch == 0 || seq_len == 0 || logits_chunk == Some(0) || decode_batches.contains(&0) {
+        bail!("--batch, --seq-len, --logits-chunk and --decode-batches must be > 0");
     }
     let saving = MemorySaving::new(recompute, logits_chunk);
     let ops = BenchOps { fused: !unfused, our_attention: !burn_attention };
-    let run = || bench(&config, batch, seq_len, steps, gen_tokens, &device, precision, json, ops, saving);
+    let decode_batches = if decode_batches.is_empty() { vec![batch] } else { decode_batches };
+    let run = || bench(&config, batch, seq_len, steps, Decode { tokens: gen_tokens, batches: &decode_batches }, &device, precision, json, ops, saving);
     // The switches are per thread; every op of the benchmark runs on this one.
     let run = || if unfused { llama_model::without_fused_kernels(run) } else { run() };
     if burn_attention { llama_model::attention::with_burn_attention(run) } else { run() }
@@ -86,7 +97,7 @@ fn bench(
     batch: usize,
     seq_len: usize,
     steps: usize,
-    gen_tokens: usize,
+    decode: Decode,
     device: &str,
     precision: Precision,
     json: Option<PathBuf>,
@@ -172,17 +183,23 @@ fn bench(
         bwd / n,
         opt / n
     );
+    let gen_tokens = decode.tokens;
     if gen_tokens > 0 {
         let plain = model.valid();
-        let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..16).map(|_| next() as u32).collect()).collect();
         let sampling = SamplingConfig { eos_id: None, ..SamplingConfig::greedy(gen_tokens) };
-        let _ = generate(&plain, &prompts, &SamplingConfig { max_new_tokens: 2, ..sampling.clone() })?;
-        let t = Instant::now();
-        let out = generate(&plain, &prompts, &sampling)?;
-        let secs = t.elapsed().as_secs_f64();
-        let produced: usize = out.tokens.iter().map(Vec::len).sum();
-        println!("decode {:>10.1} tokens/s | {produced} tokens ({batch} x {gen_tokens}) in {secs:.3} s, KV cache", produced as f64 / secs);
-        report["decode_tokens_per_s"] = serde_json::json!(produced as f64 / secs);
+        let mut by_batch = serde_json::Map::new();
+        for &batch in decode.batches {
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..16).map(|_| next() as u32).collect()).collect();
+            let _ = generate(&plain, &prompts, &SamplingConfig { max_new_tokens: 2, ..sampling.clone() })?;
+            let t = Instant::now();
+            let out = generate(&plain, &prompts, &sampling)?;
+            let secs = t.elapsed().as_secs_f64();
+            let produced: usize = out.tokens.iter().map(Vec::len).sum();
+            println!("decode {:>10.1} tokens/s | {produced} tokens ({batch} x {gen_tokens}) in {secs:.3} s, KV cache", produced as f64 / secs);
+            report["decode_tokens_per_s"] = serde_json::json!(produced as f64 / secs);
+            by_batch.insert(batch.to_string(), serde_json::json!(produced as f64 / secs));
+        }
+        report["decode_tokens_per_s_by_batch"] = serde_json::Value::Object(by_batch);
     }
     let peak = peak_rss_gib();
     println!("peak RSS {peak:.3} GiB");

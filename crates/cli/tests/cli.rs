@@ -172,6 +172,7 @@ fn llama_refuses_bad_input_and_touches_nothing_else() {
         Case::new("info: zero ranks", &["info", "--config", &tiny, "--ranks", "0"], &["--ranks"]),
         Case::new("info: unknown recompute", &["info", "--config", &tiny, "--recompute", "layers"], &["--recompute", "block"]),
         Case::new("bench: zero batch", &["bench", "--config", &tiny, "--batch", "0"], &["--batch", "must be > 0"]),
+        Case::new("bench: zero decode batch", &["bench", "--config", &tiny, "--decode-batches", "8,0"], &["--decode-batches", "must be > 0"]),
         Case::new("bench: zero logits chunk", &["bench", "--config", &tiny, "--seq-len", "16", "--logits-chunk", "0"], &["--logits-chunk", "must be > 0"]),
         Case::new("bench: longer than the model", &["bench", "--config", &tiny, "--seq-len", "64"], &["--seq-len 64", "max_seq_len 32"]),
         Case::new("bench: unknown dtype", &["bench", "--config", &tiny, "--seq-len", "16", "--dtype", "f8"], &["--dtype", "f8"]),
@@ -561,6 +562,31 @@ fn bench_reports_every_phase() {
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(true));
+    // Decoding at several batch sizes: a line and a JSON figure for each.
+    let (ok, out, err) = llama(&[
+        "bench",
+        "--config",
+        config.to_str().unwrap(),
+        "--batch",
+        "2",
+        "--seq-len",
+        "16",
+        "--steps",
+        "1",
+        "--gen-tokens",
+        "4",
+        "--decode-batches",
+        "1,3",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(ok, "{err}");
+    assert!(out.contains("(1 x 4)") && out.contains("(3 x 4)") && !out.contains("(2 x 4)"), "{out}");
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for batch in ["1", "3"] {
+        let v = report["decode_tokens_per_s_by_batch"][batch].as_f64().unwrap_or_else(|| panic!("batch {batch} missing: {report}"));
+        assert!(v.is_finite() && v > 0.0, "batch {batch}: {v}");
+    }
     // Burn's composed ops instead of the fused kernels: the same report, marked.
     let (ok, out, err) = llama(&[
         "bench",
