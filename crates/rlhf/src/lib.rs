@@ -10,18 +10,20 @@
 //!
 //! Modules by job: [`config`] (the run file and its validation), [`scoring`] (answers scored by
 //! `llama_reward::scoring`, held-out evaluation), [`math`] (the arithmetic, by hand),
-//! [`rejection_sampling`] and [`ppo`]; this file wires them ([`run`]). Prompt sets are
+//! [`rejection_sampling`], [`rollout`] and [`ppo`]; this file wires them ([`run`]). Prompt sets are
 //! `llama_data::prompts`, shared with `eval compare`.
 
 pub mod config;
 pub mod math;
 pub mod ppo;
 pub mod rejection_sampling;
+pub mod rollout;
 pub mod scoring;
 
 pub use config::*;
 pub use ppo::*;
 pub use rejection_sampling::*;
+pub use rollout::*;
 pub use scoring::*;
 
 use std::path::{Path, PathBuf};

@@ -1,4 +1,5 @@
-//! PPO: rollouts, the clipped losses, one gradient step per minibatch, and the resumable loop.
+//! PPO: the clipped losses, one gradient step per minibatch, and the resumable loop (the
+//! rollouts: [`crate::rollout`]).
 
 use std::path::{Path, PathBuf};
 
@@ -8,10 +9,9 @@ use burn::optim::GradientsParams;
 use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, load_prompts_for, load_prompts_with_longest};
-use llama_model::generate::{Generation, SamplingConfig, generate_until, row_seed};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::{Llama, LlamaConfig, TrainingMemory};
-use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
+use llama_reward::scoring::{Scorers, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::Metrics;
 use llama_trainer::checkpoint::{Checkpoints, RunLock, init_model};
@@ -22,48 +22,9 @@ use llama_trainer::test_hooks::kill_point;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{PpoConfig, RlhfConfig};
-use crate::math::{Whitener, gae, kl_k1, token_rewards, whiten_advantages};
-use crate::scoring::{HeldOut, evaluate, load_scorers, samples_text, token_logprobs};
-
-/// One PPO batch after the rollout: everything the update needs, on the host.
-#[derive(Debug, Clone)]
-pub struct Rollout {
-    pub sequences: Vec<Vec<u32>>,
-    /// Per sequence: index of the first response token.
-    pub prompt_len: Vec<usize>,
-    /// Per sequence and response token: old log-prob, value, advantage, return.
-    pub logp: Vec<Vec<f32>>,
-    pub values: Vec<Vec<f64>>,
-    pub advantages: Vec<Vec<f64>>,
-    pub returns: Vec<Vec<f64>>,
-    pub scores: Vec<Scores>,
-    pub whitened: Vec<f64>,
-    pub kl: Vec<f64>,
-}
-
-/// Response-token mask over `[batch, longest - 1]` targets.
-fn response_mask(rollout: &Rollout, idx: &[usize], width: usize) -> Vec<f32> {
-    let mut m = vec![0.0; idx.len() * width];
-    for (row, &i) in idx.iter().enumerate() {
-        let start = rollout.prompt_len[i] - 1;
-        for j in 0..rollout.logp[i].len() {
-            m[row * width + start + j] = 1.0;
-        }
-    }
-    m
-}
-
-/// Places per-response-token host values at their target positions.
-fn scatter(rollout: &Rollout, idx: &[usize], width: usize, values: impl Fn(usize) -> Vec<f64>) -> Vec<f32> {
-    let mut m = vec![0.0; idx.len() * width];
-    for (row, &i) in idx.iter().enumerate() {
-        let start = rollout.prompt_len[i] - 1;
-        for (j, v) in values(i).into_iter().enumerate() {
-            m[row * width + start + j] = v as f32;
-        }
-    }
-    m
-}
+use crate::math::Whitener;
+use crate::rollout::{Rollout, response_mask, rollout, scatter};
+use crate::scoring::{HeldOut, evaluate, load_scorers, samples_text};
 
 /// The PPO models and state.
 pub struct PpoState {
@@ -89,114 +50,6 @@ struct PpoSaved {
     best_eval: Option<f64>,
     evals_without_gain: u64,
     model_config: String,
-}
-
-/// One rollout row as its rank measured it: what [`rollout`] gathers from the ranks of an MPI
-/// job before the batch-wide arithmetic (whitening, GAE), which every rank then does alike.
-#[derive(Debug, Serialize, Deserialize)]
-struct RolloutRow {
-    sequence: Vec<u32>,
-    prompt_len: usize,
-    /// Per response token: the policy's log-prob (the generator's; the teacher-forced pass's
-    /// for an appended EOS), the reference's, and the value.
-    logp: Vec<f32>,
-    ref_logp: Vec<f32>,
-    values: Vec<f64>,
-    scores: Scores,
-}
-
-/// Samples `prompts` from the policy and builds the batch: scores, whitened rewards, KL against
-/// the reference, values, GAE. Row `i` samples with the RNG seeded by `row_seed(seed, i)`; in an
-/// MPI job the rows are dealt over the ranks, each measures its own, and every rank assembles
-/// the whole batch in row order.
-pub fn rollout(state: &mut PpoState, prompts: &[&Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &PpoConfig, seed: u64) -> anyhow::Result<Rollout> {
-    let world = llama_trainer::distributed::world();
-    let mine: Vec<usize> = world.dealt(prompts.len()).collect();
-    let rows = world.all_ok(rollout_rows(state, prompts, &mine, tokenizer, scorers, cfg, seed), || "another rank failed in the rollout".into())?;
-    let rows = world.gather_dealt(prompts.len(), rows)?;
-    let logits: Vec<f64> = rows.iter().map(|r| logit(r.scores.combined)).collect();
-    state.whitener.update(&logits);
-    let whitened: Vec<f64> = logits.iter().map(|&l| state.whitener.whiten(l)).collect();
-    let mut out = Rollout {
-        sequences: vec![],
-        prompt_len: vec![],
-        logp: vec![],
-        values: vec![],
-        advantages: vec![],
-        returns: vec![],
-        scores: vec![],
-        whitened,
-        kl: vec![],
-    };
-    for (i, row) in rows.into_iter().enumerate() {
-        let kl = kl_k1(&row.logp, &row.ref_logp);
-        let rewards = token_rewards(&kl, cfg.beta, out.whitened[i]);
-        let (adv, ret) = gae(&rewards, &row.values, cfg.gamma, cfg.lambda);
-        out.kl.push(kl.iter().sum());
-        out.sequences.push(row.sequence);
-        out.prompt_len.push(row.prompt_len);
-        out.logp.push(row.logp);
-        out.values.push(row.values);
-        out.advantages.push(adv);
-        out.returns.push(ret);
-        out.scores.push(row.scores);
-    }
-    whiten_advantages(&mut out.advantages);
-    Ok(out)
-}
-
-/// The rows `mine` of the rollout of `prompts`: sampled in one batch, scored, with the policy's,
-/// the reference's and the value model's per-token figures.
-fn rollout_rows(
-    state: &PpoState,
-    prompts: &[&Prompt],
-    mine: &[usize],
-    tokenizer: &Tokenizer,
-    scorers: &Scorers,
-    cfg: &PpoConfig,
-    seed: u64,
-) -> anyhow::Result<Vec<RolloutRow>> {
-    if mine.is_empty() {
-        return Ok(vec![]);
-    }
-    let policy = state.policy.valid();
-    let prompts: Vec<&Prompt> = mine.iter().map(|&i| prompts[i]).collect();
-    let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-    let sampling =
-        SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
-    let seeds: Vec<u64> = mine.iter().map(|&i| row_seed(seed, i as u64)).collect();
-    let Generation { tokens, logprobs, .. } = generate_until(&policy, &prompt_ids, &sampling, &seeds, |_, _| {}, |_, _| false)?;
-    let eos = tokenizer.eos_id();
-    let sequences: Vec<Vec<u32>> = prompt_ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, eos)).collect();
-    // The appended EOS of a cut response is part of what is scored but was not sampled: its
-    // log-prob comes from the same teacher-forced pass as the reference's.
-    let policy_lp = token_logprobs(&policy, &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
-    let ref_lp = token_logprobs(&state.reference.valid(), &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
-    let width = sequences.iter().map(Vec::len).max().unwrap_or(1) - 1;
-    let value_model = state.value.valid();
-    let device = value_model.head.weight.device();
-    let (padded, _) = right_pad(&sequences, scorers.pad, &device);
-    let values_all = value_model.values(padded).into_data().try_to_vec::<f32>().expect("f32");
-    let full_width = width + 1;
-    let scores = scorers.score(&sequences, &prompts);
-    Ok(sequences
-        .into_iter()
-        .zip(logprobs)
-        .zip(scores)
-        .enumerate()
-        .map(|(i, ((sequence, mut logp), scores))| {
-            let prompt_len = prompt_ids[i].len();
-            let start = prompt_len - 1;
-            let n = sequence.len() - prompt_len;
-            logp.truncate(n);
-            while logp.len() < n {
-                logp.push(policy_lp[i * width + start + logp.len()]);
-            }
-            let ref_logp = (0..n).map(|j| ref_lp[i * width + start + j]).collect();
-            let values = (0..n).map(|j| values_all[i * full_width + start + j] as f64).collect();
-            RolloutRow { sequence, prompt_len, logp, ref_logp, values, scores }
-        })
-        .collect())
 }
 
 /// Metrics of one gradient step.
@@ -625,8 +478,8 @@ const VALUE_OPTIMIZER: &str = "value_optimizer";
 
 fn save_optimizer(optimizer: &StepOptimizer, dir: &Path, name: &str) -> anyhow::Result<()> {
     match optimizer {
-        StepOptimizer::Local(o) if llama_trainer::distributed::world().is_root() => o.save(&dir.join(format!("{name}.bpk"))),
-        StepOptimizer::Local(_) => Ok(()),
+        // Local only in one process (several ranks always shard).
+        StepOptimizer::Local(o) => o.save(&dir.join(format!("{name}.bpk"))),
         StepOptimizer::Sharded(s) => s.save(&dir.join(name)),
     }
 }
