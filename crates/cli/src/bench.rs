@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use llama_model::generate::{SamplingConfig, generate};
+use llama_model::generate::{SamplingConfig, generate, generate_in_slots, generate_until};
 use llama_model::recompute::MemorySaving;
 use llama_model::{LlamaConfig, Precision, Recompute, device};
 
@@ -26,6 +26,12 @@ pub struct BenchArgs {
     /// line and as `decode_tokens_per_s_by_batch` in the JSON; default: `--batch` alone.
     #[arg(long, value_delimiter = ',')]
     pub decode_batches: Vec<usize>,
+    /// Also decode this many prompts whose answers end after 1 to `--gen-tokens` tokens (uniform,
+    /// seeded), `--batch` rows at a time: in fixed batches (each decoded until its longest row
+    /// ends) and with continuous batching (a finished row's slot takes the next prompt). Lines
+    /// `ragged`; JSON `ragged_fixed_tokens_per_s`, `ragged_continuous_tokens_per_s`.
+    #[arg(long, default_value_t = 0)]
+    pub ragged_prompts: usize,
     #[arg(long, default_value = "flex")]
     pub device: String,
     /// Compute dtype of the training steps: f32, or bf16 / f16 mixed precision (f32 master
@@ -60,11 +66,27 @@ pub struct BenchArgs {
 struct Decode<'a> {
     tokens: usize,
     batches: &'a [usize],
+    ragged_prompts: usize,
 }
 
 /// `llama bench`.
 pub fn run(args: BenchArgs) -> Result<()> {
-    let BenchArgs { config, batch, seq_len, steps, gen_tokens, decode_batches, device, dtype, json, unfused, burn_attention, recompute, logits_chunk } = args;
+    let BenchArgs {
+        config,
+        batch,
+        seq_len,
+        steps,
+        gen_tokens,
+        decode_batches,
+        ragged_prompts,
+        device,
+        dtype,
+        json,
+        unfused,
+        burn_attention,
+        recompute,
+        logits_chunk,
+    } = args;
     let precision = Precision::parse(&dtype).ok_or_else(|| anyhow::anyhow!("--dtype `{dtype}`: allowed values: {}", Precision::ALLOWED))?;
     if batch == 0 || seq_len == 0 || logits_chunk == Some(0) || decode_batches.contains(&0) {
         bail!("--batch, --seq-len, --logits-chunk and --decode-batches must be > 0");
@@ -72,7 +94,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let saving = MemorySaving::new(recompute, logits_chunk);
     let ops = BenchOps { fused: !unfused, our_attention: !burn_attention };
     let decode_batches = if decode_batches.is_empty() { vec![batch] } else { decode_batches };
-    let run = || bench(&config, batch, seq_len, steps, Decode { tokens: gen_tokens, batches: &decode_batches }, &device, precision, json, ops, saving);
+    let run = || {
+        bench(&config, batch, seq_len, steps, Decode { tokens: gen_tokens, batches: &decode_batches, ragged_prompts }, &device, precision, json, ops, saving)
+    };
     // The switches are per thread; every op of the benchmark runs on this one.
     let run = || if unfused { llama_model::without_fused_kernels(run) } else { run() };
     if burn_attention { llama_model::attention::with_burn_attention(run) } else { run() }
@@ -200,6 +224,25 @@ fn bench(
             by_batch.insert(batch.to_string(), serde_json::json!(produced as f64 / secs));
         }
         report["decode_tokens_per_s_by_batch"] = serde_json::Value::Object(by_batch);
+        if decode.ragged_prompts > 0 {
+            let n = decode.ragged_prompts;
+            let prompts: Vec<Vec<u32>> = (0..n).map(|_| (0..16).map(|_| next() as u32).collect()).collect();
+            let ends: Vec<usize> = (0..n).map(|_| 1 + next() as usize % gen_tokens).collect();
+            let seeds = vec![0; n];
+            let produced: usize = ends.iter().sum();
+            let t = Instant::now();
+            for (i, rows) in prompts.chunks(batch).enumerate() {
+                let ends = &ends[i * batch..];
+                generate_until(&plain, rows, &sampling, &seeds[..rows.len()], |_, _| {}, |row, tokens| tokens.len() >= ends[row])?;
+            }
+            let fixed = produced as f64 / t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            generate_in_slots(&plain, &prompts, &sampling, &seeds, batch, |_, _| {}, |row, tokens| tokens.len() >= ends[row])?;
+            let continuous = produced as f64 / t.elapsed().as_secs_f64();
+            println!("ragged {continuous:>10.1} tokens/s continuous, {fixed:.1} in fixed batches | {n} prompts, {produced} tokens, {batch} rows at a time");
+            report["ragged_fixed_tokens_per_s"] = serde_json::json!(fixed);
+            report["ragged_continuous_tokens_per_s"] = serde_json::json!(continuous);
+        }
     }
     let peak = peak_rss_gib();
     println!("peak RSS {peak:.3} GiB");

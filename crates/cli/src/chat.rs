@@ -105,7 +105,7 @@ pub fn chat(model: &Llama, max_seq_len: usize, tokenizer: &Tokenizer, options: &
         let sampling = SamplingConfig { seed: options.sampling.seed.wrapping_add(turn), ..options.sampling.clone() };
         if let Some(toolbox) = &options.tools {
             // Row 0's seed in the runtime is the seed itself, as in the streamed path.
-            let mut source = llama_tools::ModelContinue { model, sampling: sampling.clone() };
+            let mut source = llama_tools::ModelContinue { model, sampling: sampling.clone(), slots: usize::MAX };
             let chat = [Conversation { messages: messages.clone() }];
             // Streamed as the runtime settles it, the answer's leading spaces left out (the
             // answer kept is trimmed).

@@ -47,7 +47,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 bail!("--prompt {}: {n} tokens + --max-new-tokens {max_new_tokens} exceed the model's max_seq_len {}", i + 1, config.max_seq_len);
             }
         }
-        let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling.clone() };
+        let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling.clone(), slots: usize::MAX };
         let answers = llama_tools::answer(&mut source, &tok, &prompts, Some(&toolbox), max_new_tokens, config.max_seq_len, sampling.seed)?;
         for (p, a) in prompt.iter().zip(&answers) {
             // The answer with its leading space, as it follows the prompt.

@@ -12,7 +12,7 @@ use llama_data::Tokenizer;
 use llama_data::chat::Conversation;
 use llama_data::prompts::{Prompt, check_prompt_lengths, expected_rate, load_prompts};
 use llama_model::Llama;
-use llama_model::generate::{SamplingConfig, generate};
+use llama_model::generate::{SamplingConfig, generate_in_slots, row_seed};
 use llama_reward::load_reward_model;
 use llama_reward::scoring::{Scorers, full_sequence, logit, sigmoid};
 use llama_tools::Toolbox;
@@ -285,24 +285,20 @@ fn set_report(
     Ok(r)
 }
 
-/// Greedy (or `cfg.temperature`) answers generated in groups of 16 prompts, scored by the reward
-/// models.
+/// Greedy (or `cfg.temperature`) answers, [`GROUP`] rows decoded at once with continuous
+/// batching (prompt `j` of group `g` seeded as `generate` seeds row `j` with `cfg.seed + g`),
+/// scored by the reward models.
 fn answer_and_score(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, scorers: &Scorers, cfg: &EvalConfig) -> anyhow::Result<ScoredAnswers> {
     let model = model.valid();
-    let (mut answers, mut seqs) = (vec![], vec![]);
-    for (g, group) in prompts.chunks(GROUP).enumerate() {
-        let ids: Vec<Vec<u32>> = group.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-        let out = generate(&model, &ids, &sampling(cfg, tokenizer, cfg.max_new_tokens, cfg.seed.wrapping_add(g as u64)))?;
-        for (p, r) in ids.iter().zip(&out.tokens) {
-            seqs.push(full_sequence(p, r, tokenizer.eos_id()));
-            answers.push(tokenizer.decode(r)?);
-        }
-    }
+    let ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
+    let seeds: Vec<u64> = (0..prompts.len()).map(|i| row_seed(cfg.seed.wrapping_add((i / GROUP) as u64), (i % GROUP) as u64)).collect();
+    let out = generate_in_slots(&model, &ids, &sampling(cfg, tokenizer, cfg.max_new_tokens, cfg.seed), &seeds, GROUP, |_, _| {}, |_, _| false)?;
+    let seqs: Vec<Vec<u32>> = ids.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
+    let answers: Vec<String> = out.tokens.iter().map(|r| tokenizer.decode(r)).collect::<Result<_, _>>()?;
     Ok(ScoredAnswers { answers, ..score_sequences(scorers, prompts, &seqs) })
 }
 
-/// Prompts per generation batch, and per reward-model batch (the same groups, so a set's scores
-/// do not depend on how its answers were generated).
+/// Rows decoded at once, and prompts per reward-model batch.
 const GROUP: usize = 16;
 
 fn sampling(cfg: &EvalConfig, tokenizer: &Tokenizer, max_new_tokens: usize, seed: u64) -> SamplingConfig {
@@ -337,7 +333,7 @@ fn tool_answers(
     let mut answers = vec![];
     for (g, group) in prompts.chunks(GROUP).enumerate() {
         // The runtime seeds each row from the seed it is given (`sampling`'s is not used).
-        let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling(cfg, tokenizer, max_new_tokens, 0) };
+        let mut source = llama_tools::ModelContinue { model: &model, sampling: sampling(cfg, tokenizer, max_new_tokens, 0), slots: usize::MAX };
         let chats: Vec<Conversation> = group.iter().map(|p| p.conversation.clone()).collect();
         answers.extend(llama_tools::answer(&mut source, tokenizer, &chats, toolbox, max_new_tokens, model.max_seq_len(), cfg.seed.wrapping_add(g as u64))?);
     }

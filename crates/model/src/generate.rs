@@ -15,7 +15,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
-use crate::{KvCache, Llama, ModelError};
+use crate::{KvCache, Llama, ModelError, Positions};
 
 /// How to pick each next token.
 #[derive(Debug, Clone, PartialEq)]
@@ -67,13 +67,21 @@ pub struct Generation {
     pub stopped_on_eos: Vec<bool>,
 }
 
-/// Incremental decoder over a left-padded batch; [`generate`] drives it, tests use it to compare
-/// cached logits with full forward passes.
+/// Incremental decoder over a batch of slots, each holding one sequence: [`generate_in_slots`]
+/// drives it, tests use it to compare cached logits with full forward passes.
+///
+/// The slots' sequences sit in one preallocated KV cache, each from its own start; while every
+/// slot's next token has the same position (prompts left-padded to a common length, decoded in
+/// lock step) a step is one plain cached forward. When a finished slot takes a new prompt
+/// ([`BatchDecoder::refill`]), the slots' positions part, and a step rotates and writes each
+/// row at its own position and masks each row's keys to its own span.
 pub struct BatchDecoder<'a> {
     model: &'a Llama,
     cache: KvCache,
-    /// Left padding of each row.
-    pad: Vec<usize>,
+    /// The first key of each slot's sequence (its left padding).
+    start: Vec<usize>,
+    /// The position of each slot's next input token.
+    position: Vec<usize>,
     device: Device,
 }
 
@@ -83,64 +91,121 @@ impl<'a> BatchDecoder<'a> {
     /// # Shapes
     /// - output: `[batch, vocab]`
     pub fn prefill(model: &'a Llama, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<(Self, Tensor<2>), ModelError> {
-        if prompts.is_empty() {
-            return Err(ModelError::Generation("no prompts to generate from".into()));
-        }
-        if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
-            return Err(ModelError::Generation(format!("prompt {i} is empty (it needs at least a BOS token)")));
-        }
-        let vocab = model.vocab_size();
-        for (i, p) in prompts.iter().enumerate() {
-            if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
-                return Err(ModelError::Generation(format!("prompt {i}: token id {t} is outside the vocabulary (size {vocab})")));
-            }
-        }
-        let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
-        let total = longest + max_new_tokens;
-        if total > model.max_seq_len() {
-            return Err(ModelError::Generation(format!(
-                "longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's max_seq_len ({})",
-                model.max_seq_len()
-            )));
-        }
-        let device = model.tok_embeddings.weight.device();
-        let batch = prompts.len();
-        let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
-        let mut ids = Vec::with_capacity(batch * longest);
-        for (p, &n) in prompts.iter().zip(&pad) {
-            ids.extend(std::iter::repeat_n(0i64, n));
-            ids.extend(p.iter().map(|&t| t as i64));
-        }
-        let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, longest]), &device);
-        // A pad query may see earlier pads (so no softmax row is empty); a real query never sees a pad.
-        let mut mask = Vec::with_capacity(batch * longest * longest);
-        for &n in &pad {
-            for q in 0..longest {
-                for k in 0..longest {
-                    mask.push(k < n && q >= n);
-                }
-            }
-        }
-        let mask = Tensor::<3, Bool>::from_data(TensorData::new(mask, [batch, longest, longest]), &device);
-        let mut cache = KvCache::for_model(model, batch, total);
-        let logits = model.forward_cached(tokens, &mut cache, Some(mask));
-        let last = logits.slice([0..batch, longest - 1..longest]).squeeze_dim::<2>(1);
-        Ok((Self { model, cache, pad, device }, last))
+        let longest = check_prompts(model, prompts, max_new_tokens)?;
+        Self::prefill_within(model, prompts, longest + max_new_tokens)
     }
 
-    /// Feeds one token per row and returns the logits for the next one.
+    /// [`BatchDecoder::prefill`] into a cache of `capacity` positions per slot (checked prompts).
+    fn prefill_within(model: &'a Llama, prompts: &[Vec<u32>], capacity: usize) -> Result<(Self, Tensor<2>), ModelError> {
+        let mut cache = KvCache::for_model(model, prompts.len(), capacity);
+        let (pad, hidden) = left_padded_forward(model, prompts, &mut cache);
+        let [batch, longest, dim] = hidden.dims();
+        let last = model.project(hidden.slice([0..batch, longest - 1..longest, 0..dim])).squeeze_dim::<2>(1);
+        let device = model.device();
+        Ok((Self { model, cache, start: pad, position: vec![longest; batch], device }, last))
+    }
+
+    /// Puts new prompts into slots `slots` (`prompts[j]` into `slots[j]`): all of each prompt
+    /// but its last token goes into the cache now; the returned last tokens are the slots' next
+    /// inputs, so that the following [`BatchDecoder::step`] gives their first logits.
+    pub fn refill(&mut self, slots: &[usize], prompts: &[&[u32]]) -> Vec<u32> {
+        let heads: Vec<Vec<u32>> = prompts.iter().map(|p| p[..p.len() - 1].to_vec()).collect();
+        let longest = heads.iter().map(Vec::len).max().unwrap_or(0);
+        if longest > 0 {
+            let mut fresh = KvCache::for_model(self.model, slots.len(), longest);
+            let (pad, _) = left_padded_forward(self.model, &heads, &mut fresh);
+            self.cache.copy_rows(slots, &fresh, longest);
+            for (&slot, pad) in slots.iter().zip(pad) {
+                self.start[slot] = pad;
+            }
+        } else {
+            slots.iter().for_each(|&slot| self.start[slot] = 0);
+        }
+        slots.iter().for_each(|&slot| self.position[slot] = longest);
+        prompts.iter().map(|p| p[p.len() - 1]).collect()
+    }
+
+    /// Feeds one token per slot and returns the logits for the next one.
     ///
     /// # Shapes
     /// - output: `[batch, vocab]`
     pub fn step(&mut self, next: &[u32]) -> Tensor<2> {
-        let batch = self.pad.len();
+        let batch = self.position.len();
         let ids: Vec<i64> = next.iter().map(|&t| t as i64).collect();
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, 1]), &self.device);
-        let keys = self.cache.len() + 1;
-        let mask: Vec<bool> = self.pad.iter().flat_map(|&n| (0..keys).map(move |k| k < n)).collect();
+        let first = self.position[0];
+        let lock_step = self.position.iter().all(|&p| p == first);
+        let keys = self.position.iter().max().map_or(0, |&p| p + 1);
+        let mask: Vec<bool> = self.start.iter().zip(&self.position).flat_map(|(&s, &p)| (0..keys).map(move |k| k < s || k > p)).collect();
         let mask = Tensor::<3, Bool>::from_data(TensorData::new(mask, [batch, 1, keys]), &self.device);
-        self.model.forward_cached(tokens, &mut self.cache, Some(mask)).squeeze_dim::<2>(1)
+        let hidden = if lock_step {
+            self.cache.set_len(first);
+            self.model.forward_cached_hidden(tokens, &mut self.cache, Positions::From(first), Some(mask))
+        } else {
+            self.model.forward_cached_hidden(tokens, &mut self.cache, Positions::Rows(&self.position), Some(mask))
+        };
+        // A slot at the end of the cache stays there: only an idle slot gets there (an active one
+        // never outgrows its prompt + max_new_tokens), and it rewrites its own last key.
+        let last = self.cache.capacity() - 1;
+        self.position.iter_mut().for_each(|p| *p = (*p + 1).min(last));
+        self.model.project(hidden).squeeze_dim::<2>(1)
     }
+}
+
+/// Checks prompts against the model (none empty, ids in the vocabulary, the longest with
+/// `max_new_tokens` within the context) and returns the longest prompt's length.
+fn check_prompts(model: &Llama, prompts: &[Vec<u32>], max_new_tokens: usize) -> Result<usize, ModelError> {
+    if prompts.is_empty() {
+        return Err(ModelError::Generation("no prompts to generate from".into()));
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        return Err(ModelError::Generation(format!("prompt {i} is empty (it needs at least a BOS token)")));
+    }
+    let vocab = model.vocab_size();
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(&t) = p.iter().find(|&&t| t as usize >= vocab) {
+            return Err(ModelError::Generation(format!("prompt {i}: token id {t} is outside the vocabulary (size {vocab})")));
+        }
+    }
+    let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let total = longest + max_new_tokens;
+    if total > model.max_seq_len() {
+        return Err(ModelError::Generation(format!(
+            "longest prompt ({longest}) + max_new_tokens ({max_new_tokens}) = {total} exceeds the model's max_seq_len ({})",
+            model.max_seq_len()
+        )));
+    }
+    Ok(longest)
+}
+
+/// Runs prompts left-padded to the longest (pad keys masked) through the model into `cache`,
+/// from position 0; returns each row's padding and the final hidden states.
+///
+/// # Shapes
+/// - output: `[batch, longest, dim]`
+fn left_padded_forward(model: &Llama, prompts: &[Vec<u32>], cache: &mut KvCache) -> (Vec<usize>, Tensor<3>) {
+    let device = model.device();
+    let (batch, longest) = (prompts.len(), prompts.iter().map(Vec::len).max().unwrap_or(0));
+    let pad: Vec<usize> = prompts.iter().map(|p| longest - p.len()).collect();
+    let mut ids = Vec::with_capacity(batch * longest);
+    for (p, &n) in prompts.iter().zip(&pad) {
+        ids.extend(std::iter::repeat_n(0i64, n));
+        ids.extend(p.iter().map(|&t| t as i64));
+    }
+    let tokens = Tensor::<2, Int>::from_data(TensorData::new(ids, [batch, longest]), &device);
+    // A pad query may see earlier pads (so no softmax row is empty); a real query never sees a pad.
+    let mut mask = Vec::with_capacity(batch * longest * longest);
+    for &n in &pad {
+        for q in 0..longest {
+            for k in 0..longest {
+                mask.push(k < n && q >= n);
+            }
+        }
+    }
+    let mask = Tensor::<3, Bool>::from_data(TensorData::new(mask, [batch, longest, longest]), &device);
+    cache.set_len(0);
+    let hidden = model.forward_cached_hidden(tokens, cache, Positions::From(0), Some(mask));
+    (pad, hidden)
 }
 
 /// Generates up to `config.max_new_tokens` tokens after each prompt.
@@ -165,53 +230,97 @@ pub fn row_seed(seed: u64, row: u64) -> u64 {
     seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
-/// The general form: row `i` samples from an RNG seeded by `seeds[i]`, and stops at EOS, at
-/// `config.max_new_tokens`, or as soon as `stop(row, tokens so far)` returns true after one of
-/// its tokens (a tool call complete, a per-row budget spent); `stopped_on_eos` stays false for
-/// a row `stop` ended.
+/// The general form, every prompt in one batch: row `i` samples from an RNG seeded by
+/// `seeds[i]`, and stops at EOS, at `config.max_new_tokens`, or as soon as `stop(row, tokens so
+/// far)` returns true after one of its tokens (a tool call complete, a per-row budget spent);
+/// `stopped_on_eos` stays false for a row `stop` ended.
 pub fn generate_until(
     model: &Llama,
     prompts: &[Vec<u32>],
     config: &SamplingConfig,
     seeds: &[u64],
+    on_token: impl FnMut(usize, u32),
+    stop: impl FnMut(usize, &[u32]) -> bool,
+) -> Result<Generation, ModelError> {
+    generate_in_slots(model, prompts, config, seeds, prompts.len(), on_token, stop)
+}
+
+/// [`generate_until`] with continuous batching: `slots` rows decode at once, and a row that
+/// finishes hands its slot to the next waiting prompt (prefilled into it), so that no slot idles
+/// while prompts wait, as vLLM batches. Each row's tokens are those it gets in any batch (its own
+/// RNG, its own keys), up to float rounding; with `slots >= prompts.len()` this is one batch
+/// decoded in lock step.
+pub fn generate_in_slots(
+    model: &Llama,
+    prompts: &[Vec<u32>],
+    config: &SamplingConfig,
+    seeds: &[u64],
+    slots: usize,
     mut on_token: impl FnMut(usize, u32),
     mut stop: impl FnMut(usize, &[u32]) -> bool,
 ) -> Result<Generation, ModelError> {
     config.validate()?;
-    let batch = prompts.len();
-    if seeds.len() != batch {
-        return Err(ModelError::Generation(format!("{} seeds for {batch} prompts", seeds.len())));
+    let rows = prompts.len();
+    if seeds.len() != rows {
+        return Err(ModelError::Generation(format!("{} seeds for {rows} prompts", seeds.len())));
     }
-    let (mut decoder, mut logits) = BatchDecoder::prefill(model, prompts, config.max_new_tokens)?;
-    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
-    let mut out = Generation { tokens: vec![vec![]; batch], logprobs: vec![vec![]; batch], stopped_on_eos: vec![false; batch] };
-    let mut done = vec![false; batch];
+    let longest = check_prompts(model, prompts, config.max_new_tokens)?;
+    let slots = slots.clamp(1, rows);
+    let mut out = Generation { tokens: vec![vec![]; rows], logprobs: vec![vec![]; rows], stopped_on_eos: vec![false; rows] };
+    if config.max_new_tokens == 0 {
+        return Ok(out);
+    }
+    let (mut decoder, mut logits) = BatchDecoder::prefill_within(model, &prompts[..slots], longest + config.max_new_tokens)?;
+    // Which row each slot decodes (None: idle), and that row's RNG.
+    let mut row_in: Vec<Option<usize>> = (0..slots).map(Some).collect();
+    let mut rngs: Vec<StdRng> = seeds[..slots].iter().map(|&s| StdRng::seed_from_u64(s)).collect();
+    let mut waiting = slots..rows;
     let vocab = model.vocab_size();
-    for step in 0..config.max_new_tokens {
+    loop {
         let host: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
-        let mut next = vec![config.eos_id.unwrap_or(0); batch];
+        let mut next = vec![config.eos_id.unwrap_or(0); slots];
         // The rows' draws in parallel (each row has its own RNG, so the result does not depend
-        // on the threads), then their bookkeeping in row order.
+        // on the threads), then their bookkeeping in slot order.
         let drawn: Vec<Option<(usize, f32)>> = host
             .par_chunks(vocab)
             .zip(rngs.par_iter_mut())
-            .zip(done.par_iter())
-            .map(|((row_logits, rng), &finished)| (!finished).then(|| sample_with_logprob(row_logits, config, rng)))
+            .zip(row_in.par_iter())
+            .map(|((row_logits, rng), row)| row.map(|_| sample_with_logprob(row_logits, config, rng)))
             .collect();
-        for (row, draw) in drawn.into_iter().enumerate() {
-            let Some((token, logprob)) = draw else { continue };
-            out.tokens[row].push(token as u32);
+        for (slot, draw) in drawn.into_iter().enumerate() {
+            let (Some((token, logprob)), Some(row)) = (draw, row_in[slot]) else { continue };
+            let token = token as u32;
+            out.tokens[row].push(token);
             out.logprobs[row].push(logprob);
-            on_token(row, token as u32);
-            next[row] = token as u32;
-            if config.eos_id == Some(token as u32) {
+            on_token(row, token);
+            next[slot] = token;
+            let finished = if config.eos_id == Some(token) {
                 out.stopped_on_eos[row] = true;
-                done[row] = true;
-            } else if stop(row, &out.tokens[row]) {
-                done[row] = true;
+                true
+            } else {
+                stop(row, &out.tokens[row]) || out.tokens[row].len() == config.max_new_tokens
+            };
+            if finished {
+                row_in[slot] = None;
             }
         }
-        if done.iter().all(|&s| s) || step + 1 == config.max_new_tokens {
+        // Idle slots take the waiting prompts, in order.
+        let idle: Vec<usize> = (0..slots).filter(|&s| row_in[s].is_none()).collect();
+        let (refilled, fresh): (Vec<usize>, Vec<&[u32]>) = idle
+            .into_iter()
+            .zip(waiting.by_ref())
+            .map(|(slot, row)| {
+                row_in[slot] = Some(row);
+                rngs[slot] = StdRng::seed_from_u64(seeds[row]);
+                (slot, prompts[row].as_slice())
+            })
+            .unzip();
+        if !refilled.is_empty() {
+            for (&slot, token) in refilled.iter().zip(decoder.refill(&refilled, &fresh)) {
+                next[slot] = token;
+            }
+        }
+        if row_in.iter().all(Option::is_none) {
             break;
         }
         logits = decoder.step(&next);

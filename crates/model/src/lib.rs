@@ -39,7 +39,7 @@ pub mod swiglu;
 pub use config::{LlamaConfig, OptimizerPlacement, Recompute};
 pub use flex_kernels::without_fused_kernels;
 pub use memory::{MemoryEstimate, PpoMemory, TrainingMemory};
-pub use model::{Attention, Block, FeedForward, KvCache, Llama};
+pub use model::{Attention, Block, FeedForward, KvCache, Llama, Positions};
 pub use precision::Precision;
 
 /// Runs `f` with the thread-local `setting` set to `value`, restoring the previous value after,

@@ -16,7 +16,7 @@ use crate::device::is_flex;
 use crate::loss::token_nll;
 use crate::recompute::{memory_saving, rerun_in_backward};
 use crate::rms_norm::rms_norm;
-use crate::rotary::rotate_pairs;
+use crate::rotary::{rotate_pairs, rotate_rows};
 use crate::swiglu::swiglu;
 
 /// Standard deviation of the normal initialisation (as Hugging Face `initializer_range`).
@@ -84,11 +84,15 @@ impl Rope {
         self.max_seq_len
     }
 
-    /// Rotates `x` whose positions are `start..start + seq`.
+    /// Rotates `x` whose tokens sit at `at`.
     ///
     /// # Shapes
-    /// - x: `[batch, heads, seq, head_dim]` -> same
-    pub fn apply(&self, x: Tensor<4>, start: usize) -> Tensor<4> {
+    /// - x: `[batch, heads, seq, head_dim]` -> same (seq 1 with [`Positions::Rows`])
+    pub fn apply(&self, x: Tensor<4>, at: Positions) -> Tensor<4> {
+        let start = match at {
+            Positions::From(start) => start,
+            Positions::Rows(rows) => return self.apply_rows(x, rows),
+        };
         let [_, _, t, head_dim] = x.dims();
         if start + t <= self.cos.dims()[0] {
             return rotate_pairs(x, &self.cos, &self.sin, start);
@@ -96,6 +100,45 @@ impl Rope {
         assert!(start + t <= self.max_seq_len, "positions {start}..{} past max_seq_len {}", start + t, self.max_seq_len);
         let (cos, sin) = rope_tables(start..start + t, head_dim, self.theta, &x.device());
         rotate_pairs(x, &cos, &sin, 0)
+    }
+
+    /// Rotates one token per row, row `r`'s at position `rows[r]`.
+    fn apply_rows(&self, x: Tensor<4>, rows: &[usize]) -> Tensor<4> {
+        let [b, _, t, head_dim] = x.dims();
+        assert!(t == 1 && rows.len() == b, "one position per row: {} for x {:?}", rows.len(), x.dims());
+        let device = x.device();
+        if let Some(&p) = rows.iter().find(|&&p| p >= self.max_seq_len) {
+            panic!("position {p} past max_seq_len {}", self.max_seq_len);
+        }
+        let (cos, sin) = if rows.iter().all(|&p| p < self.cos.dims()[0]) {
+            let index = Tensor::<1, Int>::from_data(TensorData::new(rows.iter().map(|&p| p as i64).collect(), [b]), &device);
+            (self.cos.clone().select(0, index.clone()), self.sin.clone().select(0, index))
+        } else {
+            let tables: Vec<(Tensor<2>, Tensor<2>)> = rows.iter().map(|&p| rope_tables(p..p + 1, head_dim, self.theta, &device)).collect();
+            let (cos, sin): (Vec<_>, Vec<_>) = tables.into_iter().unzip();
+            (Tensor::cat(cos, 0), Tensor::cat(sin, 0))
+        };
+        rotate_rows(x, cos, sin)
+    }
+}
+
+/// Where the new tokens of a forward pass sit in their sequences.
+#[derive(Debug, Clone, Copy)]
+pub enum Positions<'a> {
+    /// Every row's tokens at `start..start + seq`: training, prefill, decoding in lock step.
+    From(usize),
+    /// One token per row, row `r`'s at `rows[r]`: rows that advance independently (continuous
+    /// batching, where a finished row's slot takes a new prompt).
+    Rows(&'a [usize]),
+}
+
+impl Positions<'_> {
+    /// One past the last position written.
+    fn end(&self, seq: usize) -> usize {
+        match self {
+            Positions::From(start) => start + seq,
+            Positions::Rows(rows) => rows.iter().max().map_or(0, |&p| p + 1),
+        }
     }
 }
 
@@ -141,17 +184,18 @@ impl Attention {
     }
 
     /// # Shapes
-    /// - x: `[batch, seq, dim]`, the new tokens at positions `start..start + seq`
-    /// - mask: `[batch, seq, start + seq]`, `true` hides a key (added to the causal mask)
+    /// - x: `[batch, seq, dim]`, the new tokens at `at` (`start..start + seq`, or one per row)
+    /// - mask: `[batch, seq, keys]` (keys: `start + seq`, or one past the last row's position),
+    ///   `true` hides a key (added to the causal mask)
     /// - output: `[batch, seq, dim]`
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, start: usize, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, at: Positions, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
         let [b, t, _] = x.dims();
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, self.head_dim]).swap_dims(1, 2);
-        let q = rope.apply(heads(apply(&self.wq, x.clone()), self.n_heads), start);
-        let k = rope.apply(heads(apply(&self.wk, x.clone()), self.n_kv_heads), start);
+        let q = rope.apply(heads(apply(&self.wq, x.clone()), self.n_heads), at);
+        let k = rope.apply(heads(apply(&self.wk, x.clone()), self.n_kv_heads), at);
         let v = heads(apply(&self.wv, x), self.n_kv_heads);
         let (k, v) = match cache {
-            Some(cache) => cache.append(k, v, start),
+            Some(cache) => cache.append(k, v, at),
             None => (k, v),
         };
         let n_rep = self.n_heads / self.n_kv_heads;
@@ -223,8 +267,8 @@ impl Block {
 
     /// # Shapes
     /// - x: `[batch, seq, dim]` -> `[batch, seq, dim]`
-    pub fn forward(&self, x: Tensor<3>, rope: &Rope, start: usize, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let h = x.clone() + self.attention.forward(rms_norm(&self.attention_norm, x), rope, start, mask, cache);
+    pub fn forward(&self, x: Tensor<3>, rope: &Rope, at: Positions, mask: Option<Tensor<3, Bool>>, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let h = x.clone() + self.attention.forward(rms_norm(&self.attention_norm, x), rope, at, mask, cache);
         h.clone() + self.feed_forward.forward(rms_norm(&self.ffn_norm, h))
     }
 }
@@ -290,9 +334,9 @@ impl Llama {
             x = if recompute {
                 // Constants of the re-run: the RoPE tables off the autodiff graph.
                 let (rope, mask) = (self.rope.valid(), mask.clone());
-                rerun_in_backward(layer, x, move |block, x| block.forward(x, &rope, 0, mask.clone(), None))
+                rerun_in_backward(layer, x, move |block, x| block.forward(x, &rope, Positions::From(0), mask.clone(), None))
             } else {
-                layer.forward(x, &self.rope, 0, mask.clone(), None)
+                layer.forward(x, &self.rope, Positions::From(0), mask.clone(), None)
             };
         }
         rms_norm(&self.norm, x)
@@ -369,13 +413,24 @@ impl Llama {
     /// - output: logits `[batch, seq, vocab]`
     pub fn forward_cached(&self, tokens: Tensor<2, Int>, cache: &mut KvCache, mask: Option<Tensor<3, Bool>>) -> Tensor<3> {
         let start = cache.len;
+        self.project(self.forward_cached_hidden(tokens, cache, Positions::From(start), mask))
+    }
+
+    /// [`Llama::forward_cached`] before the output projection, the new tokens at `at` (a
+    /// prefill needs only its last position's logits; a cache being filled, none).
+    ///
+    /// # Shapes
+    /// - tokens: `[batch, seq]` (seq 1 with [`Positions::Rows`])
+    /// - mask: `[batch, seq, keys]`, keys one past the last position written
+    /// - output: `[batch, seq, dim]`
+    pub fn forward_cached_hidden(&self, tokens: Tensor<2, Int>, cache: &mut KvCache, at: Positions, mask: Option<Tensor<3, Bool>>) -> Tensor<3> {
         let [_, t] = tokens.dims();
         let mut x = self.tok_embeddings.forward(tokens);
         for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
-            x = layer.forward(x, &self.rope, start, mask.clone(), Some(layer_cache));
+            x = layer.forward(x, &self.rope, at, mask.clone(), Some(layer_cache));
         }
-        cache.len = start + t;
-        self.project(rms_norm(&self.norm, x))
+        cache.len = cache.len.max(at.end(t));
+        rms_norm(&self.norm, x)
     }
 
     /// Output projection of hidden states (through the embedding matrix when tied).
@@ -441,21 +496,38 @@ pub struct LayerCache {
 }
 
 impl LayerCache {
-    /// Writes the new keys/values at `start..` and returns all of them up to the new end.
+    /// Writes the new keys/values at `at` and returns all of them up to the last one written.
     ///
     /// # Shapes
-    /// - k, v: `[batch, n_kv_heads, seq, head_dim]` -> `[batch, n_kv_heads, start + seq, head_dim]`
-    fn append(&mut self, k: Tensor<4>, v: Tensor<4>, start: usize) -> (Tensor<4>, Tensor<4>) {
+    /// - k, v: `[batch, n_kv_heads, seq, head_dim]` -> `[batch, n_kv_heads, end, head_dim]`
+    fn append(&mut self, k: Tensor<4>, v: Tensor<4>, at: Positions) -> (Tensor<4>, Tensor<4>) {
         let [b, h, t, d] = k.dims();
-        let end = start + t;
+        let end = at.end(t);
         let write = |buffer: &mut Option<Tensor<4>>, new: Tensor<4>| {
             let all = buffer.take().expect("the cache's buffers are put back after every append");
             assert!(end <= all.dims()[2], "KV cache overflow: {end} > {}", all.dims()[2]);
-            let all = all.slice_assign([0..b, 0..h, start..end, 0..d], new);
+            let all = match at {
+                Positions::From(start) => all.slice_assign([0..b, 0..h, start..end, 0..d], new),
+                Positions::Rows(rows) => rows
+                    .iter()
+                    .enumerate()
+                    .fold(all, |all, (r, &p)| all.slice_assign([r..r + 1, 0..h, p..p + 1, 0..d], new.clone().slice([r..r + 1, 0..h, 0..1, 0..d]))),
+            };
             *buffer = Some(all.clone());
             all.slice([0..b, 0..h, 0..end, 0..d])
         };
         (write(&mut self.k, k), write(&mut self.v, v))
+    }
+
+    /// Copies the first `len` positions of `src`'s row `from` into row `to`.
+    fn copy_row(&mut self, to: usize, src: &LayerCache, from: usize, len: usize) {
+        let copy = |buffer: &mut Option<Tensor<4>>, src: &Option<Tensor<4>>| {
+            let (all, src) = (buffer.take().expect("the cache's buffers are in place"), src.as_ref().expect("the cache's buffers are in place"));
+            let [_, h, _, d] = all.dims();
+            *buffer = Some(all.slice_assign([to..to + 1, 0..h, 0..len, 0..d], src.clone().slice([from..from + 1, 0..h, 0..len, 0..d])));
+        };
+        copy(&mut self.k, &src.k);
+        copy(&mut self.v, &src.v);
     }
 }
 
@@ -496,6 +568,22 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Copies the first `len` positions of `src`'s rows into this cache's rows `to` (`to[j]`
+    /// takes `src`'s row `j`): prompts prefilled on their own, moved into the slots of a batch.
+    pub fn copy_rows(&mut self, to: &[usize], src: &KvCache, len: usize) {
+        for (layer, src) in self.layers.iter_mut().zip(&src.layers) {
+            for (from, &to) in to.iter().enumerate() {
+                layer.copy_row(to, src, from, len);
+            }
+        }
+        self.len = self.len.max(len);
+    }
+
+    /// Sets the number of positions in use (the start of the next lock-step forward).
+    pub(crate) fn set_len(&mut self, len: usize) {
+        self.len = len;
     }
 
     pub fn capacity(&self) -> usize {

@@ -46,9 +46,27 @@ pub fn rotate_pairs(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, start: usize
 /// [`rotate_pairs`] from Burn's differentiable ops (the tables cast to `x`'s dtype, for mixed
 /// precision): the reference the fused op is tested against, and the path on every other backend.
 pub fn composed_rotate_pairs(x: Tensor<4>, cos: &Tensor<2>, sin: &Tensor<2>, start: usize) -> Tensor<4> {
-    let [b, h, t, d] = x.dims();
+    let [_, _, t, d] = x.dims();
     let table = |c: &Tensor<2>| c.clone().slice([start..start + t]).cast(x.dtype()).reshape([1, 1, t, d / 2, 1]);
     let (cos, sin) = (table(cos), table(sin));
+    rotate_by(x, cos, sin)
+}
+
+/// Rotates one token per row by its own angles: continuous batching, where rows sit at
+/// different positions.
+///
+/// # Shapes
+/// - x: `[batch, heads, 1, head_dim]`, cos/sin: `[batch, head_dim / 2]` -> `[batch, heads, 1, head_dim]`
+pub fn rotate_rows(x: Tensor<4>, cos: Tensor<2>, sin: Tensor<2>) -> Tensor<4> {
+    let [b, _, _, d] = x.dims();
+    let table = |c: Tensor<2>| c.cast(x.dtype()).reshape([b, 1, 1, d / 2, 1]);
+    let (cos, sin) = (table(cos), table(sin));
+    rotate_by(x, cos, sin)
+}
+
+/// The pair rotation with cos/sin tables that broadcast to `[batch, heads, seq, head_dim / 2, 1]`.
+fn rotate_by(x: Tensor<4>, cos: Tensor<5>, sin: Tensor<5>) -> Tensor<4> {
+    let [b, h, t, d] = x.dims();
     let pairs = x.reshape([b, h, t, d / 2, 2]);
     let even = pairs.clone().slice([0..b, 0..h, 0..t, 0..d / 2, 0..1]);
     let odd = pairs.slice([0..b, 0..h, 0..t, 0..d / 2, 1..2]);
@@ -128,7 +146,7 @@ impl<B: Backend + RotaryBackend> Backward<B, 1> for RotatePairs {
 mod tests {
     use super::*;
     use crate::flex_kernels::assert_close;
-    use crate::model::Rope;
+    use crate::model::{Positions, Rope};
     use burn::tensor::{Device, Distribution};
 
     /// The head split's strided view `[batch, heads, seq, head_dim]` of `[batch, seq, heads *
@@ -192,7 +210,24 @@ mod tests {
         let x = heads(&device);
         for start in [ROPE_TABLE_POSITIONS - 4, ROPE_TABLE_POSITIONS + 7] {
             let want = rotate_pairs(x.clone(), &cos, &sin, start).into_data();
-            assert_eq!(rope.apply(x.clone(), start).into_data(), want, "from position {start}");
+            assert_eq!(rope.apply(x.clone(), Positions::From(start)).into_data(), want, "from position {start}");
+        }
+    }
+
+    /// Rows at their own positions (continuous batching), in the table and past it, are rotated
+    /// as each row alone at its position.
+    #[test]
+    fn rows_at_their_own_positions_rotate_as_each_row_alone() {
+        use crate::model::ROPE_TABLE_POSITIONS;
+        let device = Device::flex();
+        let rope = Rope::new(ROPE_TABLE_POSITIONS + 16, 8, 10_000.0, &device);
+        let x = heads(&device).slice([0..2, 0..3, 0..1, 0..8]);
+        for rows in [[0, 7], [ROPE_TABLE_POSITIONS - 1, ROPE_TABLE_POSITIONS + 9]] {
+            let together = rope.apply(x.clone(), Positions::Rows(&rows));
+            for (r, &p) in rows.iter().enumerate() {
+                let alone = rope.apply(x.clone().slice([r..r + 1, 0..3, 0..1, 0..8]), Positions::From(p));
+                assert_close(together.clone().slice([r..r + 1, 0..3, 0..1, 0..8]), alone, 1e-6);
+            }
         }
     }
 }

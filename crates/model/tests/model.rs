@@ -2,7 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
-use llama_model::generate::{BatchDecoder, SamplingConfig, generate, log_softmax_at};
+use llama_model::generate::{BatchDecoder, SamplingConfig, generate, generate_in_slots, generate_until, log_softmax_at, row_seed};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::{Llama, LlamaConfig};
 
@@ -87,7 +87,7 @@ fn rope_matches_the_direct_formula() {
     let (t, hd) = (6, 8);
     let x: Vec<f32> = (0..t * hd).map(|i| ((i * 37 % 17) as f32 - 8.0) / 5.0).collect();
     let start = 3;
-    let got = host(model.rope.apply(Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 1, t, hd]), &device), start));
+    let got = host(model.rope.apply(Tensor::<4>::from_data(TensorData::new(x.clone(), [1, 1, t, hd]), &device), llama_model::Positions::From(start)));
     let mut want = vec![0.0f32; t * hd];
     for p in 0..t {
         let pos = (p + start) as f64;
@@ -217,6 +217,29 @@ fn generation_is_seeded_stops_per_row_and_returns_model_logprobs() {
     assert!(stopped.stopped_on_eos[0]);
     let row1_until_eos: Vec<u32> = greedy.tokens[1].iter().copied().take_while(|&t| t != eos).collect();
     assert!(stopped.tokens[1].starts_with(&row1_until_eos));
+}
+
+/// Continuous batching: 7 prompts of 1 to 8 tokens through 3 slots, each row stopped after its
+/// own number of tokens (2 to 9), so that slots take new prompts at different steps and decode
+/// at different positions, give each row what it gets alone with its seed: the same tokens and
+/// log-probs within 1e-4.
+#[test]
+fn continuous_batching_gives_each_row_what_it_gets_alone() {
+    let device = Device::flex();
+    let model = tiny(60, 2).init(&device);
+    let prompts: Vec<Vec<u32>> = (0..7).map(|i| (0..1 + (i * 3) % 8).map(|j| ((1 + i * 11 + j * 7) % 60) as u32).collect()).collect();
+    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 9, eos_id: None, seed: 5 };
+    let seeds: Vec<u64> = (0..7).map(|i| row_seed(5, i)).collect();
+    let budget = |row: usize| 2 + (row * 5) % 8;
+    let mut streamed = [0; 7];
+    let together = generate_in_slots(&model, &prompts, &sampling, &seeds, 3, |row, _| streamed[row] += 1, |row, t| t.len() >= budget(row)).unwrap();
+    for (row, prompt) in prompts.iter().enumerate() {
+        let alone = generate_until(&model, std::slice::from_ref(prompt), &sampling, &seeds[row..row + 1], |_, _| {}, |_, t| t.len() >= budget(row)).unwrap();
+        assert_eq!((together.tokens[row].len(), streamed[row]), (budget(row), budget(row)), "row {row}");
+        assert_eq!(together.tokens[row], alone.tokens[0], "row {row}");
+        let diff = max_abs_diff(&together.logprobs[row], &alone.logprobs[0]);
+        assert!(diff < 1e-4, "row {row}: log-probs differ by {diff}");
+    }
 }
 
 #[test]

@@ -8,6 +8,11 @@
 
 use std::path::{Path, PathBuf};
 
+/// Samples per chunk of prompts: the unit dealt over MPI ranks, sampled with one seed.
+const CHUNK_SAMPLES: usize = 256;
+/// Rows decoded at once within a chunk; a finished row's slot takes the chunk's next sample.
+const GENERATION_SLOTS: usize = 64;
+
 use anyhow::Context;
 use burn::module::Module;
 use burn::tensor::Device;
@@ -210,11 +215,12 @@ impl<'a> RsRun<'a> {
     /// policy, scored; each prompt's best replaces its pool entry when better. Logs the reward
     /// of the best of the first k samples for every k, and the round's means. In an MPI job the
     /// prompts' chunks are dealt over the ranks and their draws gathered in prompt order, so every
-    /// rank holds the same pool, the one a single process draws: a chunk is one generation batch
-    /// seeded by (round, chunk), whichever rank runs it.
+    /// rank holds the same pool, the one a single process draws: a chunk is
+    /// [`CHUNK_SAMPLES`] samples decoded [`GENERATION_SLOTS`] at a time, seeded by (round, chunk),
+    /// whichever rank runs it.
     fn sample(&mut self, round: usize) -> anyhow::Result<()> {
         let rs = &self.cfg.rejection_sampling;
-        let per_chunk = (64 / rs.k).max(1);
+        let per_chunk = (CHUNK_SAMPLES / rs.k).max(1);
         let chunks: Vec<&[Prompt]> = self.prompts.chunks(per_chunk).collect();
         let world = llama_trainer::distributed::world();
         let mine: anyhow::Result<Vec<Vec<PromptDraws>>> = world.dealt(chunks.len()).map(|c| self.draw_chunk(round, c, chunks[c])).collect();
@@ -256,8 +262,9 @@ impl<'a> RsRun<'a> {
         Ok(())
     }
 
-    /// The draws of chunk `chunk_i` (`chunk`, its prompts): K samples per prompt in one
-    /// generation batch seeded by (round, chunk), the greedy answers with `include_greedy`, all
+    /// The draws of chunk `chunk_i` (`chunk`, its prompts): K samples per prompt seeded by
+    /// (round, chunk), decoded [`GENERATION_SLOTS`] at a time with continuous batching (a slot
+    /// whose answer ends takes the next sample), the greedy answers with `include_greedy`, all
     /// scored.
     fn draw_chunk(&self, round: usize, chunk_i: usize, chunk: &[Prompt]) -> anyhow::Result<Vec<PromptDraws>> {
         let rs = &self.cfg.rejection_sampling;
@@ -267,12 +274,14 @@ impl<'a> RsRun<'a> {
         let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
         let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
         let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
-        let (samples, _, scores) = scored_answers(&sampler, &batch, &owners, &self.tokenizer, &self.scorers, &sampling, self.toolbox.as_ref())?;
+        let (samples, _, scores) =
+            scored_answers(&sampler, &batch, &owners, &self.tokenizer, &self.scorers, &sampling, GENERATION_SLOTS, self.toolbox.as_ref())?;
         // The policy's own greedy answer competes too: the kept answer is never worse than
         // what the policy already says, so fine-tuning on the pool cannot teach it a worse one.
         let greedy = if rs.include_greedy {
             let refs: Vec<&Prompt> = chunk.iter().collect();
-            let (tokens, _, scores) = greedy_answers(&sampler, &ids, &refs, &self.tokenizer, &self.scorers, rs.max_new_tokens, self.toolbox.as_ref())?;
+            let (tokens, _, scores) =
+                greedy_answers(&sampler, &ids, &refs, &self.tokenizer, &self.scorers, rs.max_new_tokens, GENERATION_SLOTS, self.toolbox.as_ref())?;
             Some((tokens, scores))
         } else {
             None

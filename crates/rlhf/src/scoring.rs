@@ -6,15 +6,16 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, expected_rate};
-use llama_model::generate::{SamplingConfig, generate};
+use llama_model::generate::{SamplingConfig, generate_in_slots, row_seed};
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{load_reward_model, right_pad};
 
 use crate::config::{EvalConfig, RlhfConfig};
 
-/// The policy's answers to `prompts` (token ids `ids`) under `sampling`, scored: (answer tokens,
-/// prompt + answer sequences as scored, scores). With `tools`, each answer's calls are run and
+/// The policy's answers to `prompts` (token ids `ids`) under `sampling`, `slots` rows decoded at
+/// once (continuous batching; `usize::MAX`: all in one batch; row `i` seeded as `generate` seeds
+/// it), scored: (answer tokens, prompt + answer sequences as scored, scores). With `tools`, each answer's calls are run and
 /// their results appended ([`llama_tools::answer`]); its tokens are then those after the prompt in
 /// the sequence the policy saw last (results included), and that sequence is what is scored.
 pub(crate) fn scored_answers(
@@ -24,14 +25,18 @@ pub(crate) fn scored_answers(
     tokenizer: &Tokenizer,
     scorers: &Scorers,
     sampling: &SamplingConfig,
+    slots: usize,
     tools: Option<&llama_tools::Toolbox>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
     let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() };
     let tokens: Vec<Vec<u32>> = match tools {
-        None => generate(policy, ids, &sampling)?.tokens,
+        None => {
+            let seeds: Vec<u64> = (0..ids.len()).map(|i| row_seed(sampling.seed, i as u64)).collect();
+            generate_in_slots(policy, ids, &sampling, &seeds, slots, |_, _| {}, |_, _| false)?.tokens
+        }
         Some(toolbox) => {
             let chats: Vec<llama_data::chat::Conversation> = prompts.iter().map(|p| p.conversation.clone()).collect();
-            let mut source = llama_tools::ModelContinue { model: policy, sampling: sampling.clone() };
+            let mut source = llama_tools::ModelContinue { model: policy, sampling: sampling.clone(), slots };
             let answers = llama_tools::answer(&mut source, tokenizer, &chats, Some(toolbox), sampling.max_new_tokens, policy.max_seq_len(), sampling.seed)?;
             // The prompt's ids begin the sequence (it is encoded with the answer as one string,
             // and the template's prompt ends where a word does); should a tokenizer merge across,
@@ -46,7 +51,8 @@ pub(crate) fn scored_answers(
         }
     };
     let seqs: Vec<Vec<u32>> = ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, tokenizer.eos_id())).collect();
-    let scores = scorers.score(&seqs, prompts);
+    // Scored `slots` rows at a time: the reward models' batches stay the generation's size.
+    let scores = seqs.chunks(slots).zip(prompts.chunks(slots)).flat_map(|(seqs, prompts)| scorers.score(seqs, prompts)).collect();
     Ok((tokens, seqs, scores))
 }
 
@@ -59,9 +65,10 @@ pub(crate) fn greedy_answers(
     tokenizer: &Tokenizer,
     scorers: &Scorers,
     max_new: usize,
+    slots: usize,
     tools: Option<&llama_tools::Toolbox>,
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
-    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new), tools)
+    scored_answers(policy, ids, prompts, tokenizer, scorers, &SamplingConfig::greedy(max_new), slots, tools)
 }
 
 /// Log-probabilities of each response token under `model`, by teacher forcing on right-padded
@@ -180,7 +187,7 @@ fn held_out_group(
     }));
     let mut part = GroupHeldOut { rewards: vec![], combined: vec![], kls: vec![], texts: vec![] };
     for sampling in samplings {
-        let (answers, seqs, scores) = scored_answers(policy, &ids, &refs, tokenizer, scorers, &sampling, tools)?;
+        let (answers, seqs, scores) = scored_answers(policy, &ids, &refs, tokenizer, scorers, &sampling, usize::MAX, tools)?;
         for s in scores {
             part.rewards.push(logit(s.combined));
             part.combined.push(s.combined);

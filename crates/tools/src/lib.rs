@@ -13,7 +13,7 @@ use llama_data::Tokenizer;
 use llama_data::chat::Conversation;
 use llama_data::tool_markup::{find_call, result_text};
 use llama_model::Llama;
-use llama_model::generate::{SamplingConfig, generate_until, row_seed};
+use llama_model::generate::{SamplingConfig, generate_in_slots, row_seed};
 
 pub use search::SearchCorpus;
 
@@ -157,6 +157,9 @@ pub trait Continue {
 pub struct ModelContinue<'a> {
     pub model: &'a Llama,
     pub sampling: SamplingConfig,
+    /// Rows decoded at once, a finished row's slot taken by the next waiting one
+    /// ([`llama_model::generate::generate_in_slots`]; `usize::MAX`: every row in one batch).
+    pub slots: usize,
 }
 
 impl Continue for ModelContinue<'_> {
@@ -174,7 +177,8 @@ impl Continue for ModelContinue<'_> {
             return Ok(vec![(vec![], false); prompts.len()]);
         }
         let config = SamplingConfig { max_new_tokens: max_new, ..self.sampling.clone() };
-        let out = generate_until(self.model, prompts, &config, seeds, |_, _| {}, |row, tokens| tokens.len() >= budgets[row] || stop(row, tokens))?;
+        let out =
+            generate_in_slots(self.model, prompts, &config, seeds, self.slots, |_, _| {}, |row, tokens| tokens.len() >= budgets[row] || stop(row, tokens))?;
         Ok(out.tokens.into_iter().zip(out.stopped_on_eos).collect())
     }
 }

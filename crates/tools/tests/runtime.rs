@@ -198,7 +198,7 @@ fn the_model_path_stops_where_asked_and_matches_plain_generation() {
     // The runtime with tools, on a model that writes no call: plain generation's answers.
     let chats: Vec<Conversation> = ["Hi", "How long ago was it?", "A much longer prompt than the others, to pad"].iter().map(|q| ask(q)).collect();
     let tools = Toolbox::new(None, 4);
-    let mut source = ModelContinue { model: &model, sampling: config.clone() };
+    let mut source = ModelContinue { model: &model, sampling: config.clone(), slots: usize::MAX };
     let answers = answer(&mut source, &tok, &chats, Some(&tools), 12, 128, 0).unwrap();
     for ((a, p), g) in answers.iter().zip(&prompts).zip(&plain.tokens) {
         assert_eq!(a.text, tok.decode_after(p, g).unwrap().trim(), "no call: one segment, generate's tokens");
