@@ -89,6 +89,10 @@ fn the_report_is_reproducible_and_complete() {
         .output()
         .unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    // Progress: a line per model and set, on stderr.
+    let progress = String::from_utf8_lossy(&run.stderr);
+    let sets = first.models["a"].len();
+    assert!(progress.contains(&format!("eval compare [{}/{}]: b answered the", 2 * sets, 2 * sets)), "{progress}");
     let swapped: llama_eval::Report = serde_json::from_str(&std::fs::read_to_string(out2.join("report.json")).unwrap()).unwrap();
     assert_eq!(swapped.models["b"]["helpfulness"].tie_rate, Some(1.0));
     assert_eq!(swapped.models["a"], first.models["a"]);
