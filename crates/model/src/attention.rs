@@ -19,8 +19,9 @@
 //!   score-sized tensor outlives its layer's backward, and one block's are bounded by
 //!   [`BACKWARD_BLOCK_ELEMENTS`].
 //!
-//! Queries and keys of different lengths (decoding with a KV cache) and extra masks (padding)
-//! go to Burn's `attention`.
+//! Queries and keys of different lengths (prefill into a KV cache) and extra masks (padding) go
+//! to Burn's `attention`; a decoding step's one query per row on flex f32 goes to
+//! [`crate::decode_attention`], which reads the cache in place.
 
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;

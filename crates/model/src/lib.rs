@@ -19,6 +19,7 @@ pub mod adamw;
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod decode_attention;
 pub mod device;
 mod files;
 mod flex_kernels;

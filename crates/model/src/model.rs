@@ -12,6 +12,7 @@ use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 
 use crate::LlamaConfig;
 use crate::attention::causal_attention;
+use crate::decode_attention::one_query_attention;
 use crate::device::is_flex;
 use crate::loss::token_nll;
 use crate::recompute::{memory_saving, rerun_in_backward};
@@ -198,6 +199,11 @@ impl Attention {
             Some(cache) => cache.append(k, v, at),
             None => (k, v),
         };
+        let merge = |out: Tensor<4>| apply(&self.wo, out.swap_dims(1, 2).reshape([b, t, self.n_heads * self.head_dim]));
+        // A decoding step on the CPU reads the cache in place.
+        if let Some(out) = mask.as_ref().filter(|_| t == 1).and_then(|m| one_query_attention(&q, &k, &v, m)) {
+            return merge(out);
+        }
         let n_rep = self.n_heads / self.n_kv_heads;
         let (k, v) = (repeat_kv(k, n_rep), repeat_kv(v, n_rep));
         let out = match mask {
@@ -209,7 +215,7 @@ impl Attention {
                 attention(q, k, v, Some(mask), None, options)
             }
         };
-        apply(&self.wo, out.swap_dims(1, 2).reshape([b, t, self.n_heads * self.head_dim]))
+        merge(out)
     }
 }
 

@@ -1,0 +1,130 @@
+//! Attention of one new token per sequence over the KV cache, read in place (decoding on the CPU).
+//!
+//! Burn's attention first makes its key and value inputs contiguous. A decoding step's keys
+//! and values are a slice of the preallocated cache, so each step copied the whole cache once per
+//! layer (11% of a decoding step at batch 32). Grouped-query attention also repeated each
+//! key/value head for its query heads before that. Here each (row, query head) reads its KV head
+//! straight from the cache. The scores, softmax and weighted sum of values are one pass over the
+//! row's visible keys.
+
+use burn::backend::flex::FlexTensor;
+use burn::backend::tensor::FloatTensor;
+use burn::backend::{Backend, Dispatch, Flex, backend_extension};
+use burn::tensor::{Bool, DType, Tensor, TensorData};
+use rayon::prelude::*;
+
+use crate::flex_kernels::{contiguous_f32, enabled, f32_values};
+
+/// `softmax(q kᵀ / sqrt(head_dim), keys hidden by `mask` left out) v` for one query per row,
+/// on flex f32 without autodiff; None where Burn's attention should run.
+///
+/// # Shapes
+/// - q: `[batch, heads, 1, head_dim]`
+/// - k, v: `[batch, kv_heads, keys, head_dim]` (any strides with unit-stride rows: the cache's
+///   slice), `heads` a multiple of `kv_heads`
+/// - mask: `[batch, 1, keys]`, `true` hides a key
+/// - output: `[batch, heads, 1, head_dim]`
+pub fn one_query_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &Tensor<3, Bool>) -> Option<Tensor<4>> {
+    let usable =
+        enabled(&q.device()) && q.dims()[2] == 1 && !q.is_autodiff() && !k.is_autodiff() && [q.dtype(), k.dtype(), v.dtype()].iter().all(|&d| d == DType::F32);
+    if !usable {
+        return None;
+    }
+    let hidden: Vec<bool> = mask.clone().into_data().try_into_vec::<bool>().ok()?;
+    Some(Tensor::from_dispatch(<Dispatch as DecodeAttentionBackend>::one_query_attention(
+        q.clone().into_dispatch(),
+        k.clone().into_dispatch(),
+        v.clone().into_dispatch(),
+        hidden,
+    )))
+}
+
+/// The kernel as a Burn backend extension, implemented for `Flex` (decoding runs without autodiff).
+#[backend_extension(Flex)]
+pub trait DecodeAttentionBackend: Backend {
+    /// See [`one_query_attention`]; `hidden` is the mask's `[batch, keys]` values.
+    fn one_query_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, hidden: Vec<bool>) -> FloatTensor<Self>;
+}
+
+/// A 4-d flex tensor's f32 storage read in place where its rows are unit-stride: (values, offset
+/// of element 0, strides).
+fn strided(t: FlexTensor) -> (FlexTensor, usize, [usize; 4]) {
+    let in_place = t.dtype() == DType::F32 && t.layout().strides().iter().all(|&s| s >= 0) && t.layout().strides()[3] == 1;
+    let t = if in_place { t } else { contiguous_f32(t) };
+    let s = t.layout().strides();
+    let strides = [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize];
+    (t.clone(), t.layout().start_offset(), strides)
+}
+
+impl DecodeAttentionBackend for Flex {
+    fn one_query_attention(q: FlexTensor, k: FlexTensor, v: FlexTensor, hidden: Vec<bool>) -> FlexTensor {
+        let q = contiguous_f32(q);
+        let qs = q.layout().shape();
+        let (batch, heads, d) = (qs[0], qs[1], qs[3]);
+        let ks = k.layout().shape();
+        let (kv_heads, keys) = (ks[1], ks[2]);
+        assert!(
+            ks[0] == batch && ks[3] == d && heads % kv_heads == 0 && hidden.len() == batch * keys,
+            "one_query_attention: q {qs:?}, k {ks:?}, mask {}",
+            hidden.len()
+        );
+        let group = heads / kv_heads;
+        let ((k, k0, kst), (v, v0, vst)) = (strided(k), strided(v));
+        let (kd, vd, qd) = (k.storage::<f32>(), v.storage::<f32>(), f32_values(&q));
+        let scale = 1.0 / (d as f32).sqrt();
+        let mut out = vec![0f32; batch * heads * d];
+        out.par_chunks_mut(d).enumerate().for_each(|(bh, out)| {
+            let (b, h) = (bh / heads, bh % heads);
+            let query = &qd[bh * d..][..d];
+            let hidden = &hidden[b * keys..][..keys];
+            let key = |j: usize| &kd[k0 + b * kst[0] + (h / group) * kst[1] + j * kst[2]..][..d];
+            let value = |j: usize| &vd[v0 + b * vst[0] + (h / group) * vst[1] + j * vst[2]..][..d];
+            let scores: Vec<f32> =
+                (0..keys).map(|j| if hidden[j] { f32::NEG_INFINITY } else { scale * query.iter().zip(key(j)).map(|(a, b)| a * b).sum::<f32>() }).collect();
+            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            if max == f32::NEG_INFINITY {
+                return; // every key hidden: a padding row, whose output nothing reads
+            }
+            let weights: Vec<f32> = scores.iter().map(|&s| (s - max).exp()).collect();
+            let total: f32 = weights.iter().sum();
+            for (j, &w) in weights.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+                for (o, &x) in out.iter_mut().zip(value(j)) {
+                    *o += w * x;
+                }
+            }
+            out.iter_mut().for_each(|o| *o /= total);
+        });
+        FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, d]))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flex_kernels::assert_close;
+    use burn::tensor::module::attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    use burn::tensor::{Device, Distribution};
+
+    /// One query per row against a slice of a larger cache buffer, 4 query heads over 2 KV heads,
+    /// each row with its own hidden keys: equal to Burn's attention over the repeated heads.
+    #[test]
+    fn one_query_over_the_cache_equals_burns_attention() {
+        let device = Device::flex();
+        device.seed(11);
+        let (b, h, kv, keys, d) = (3, 4, 2, 7, 8);
+        let normal = |shape: [usize; 4]| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &device);
+        let q = normal([b, h, 1, d]);
+        let (k_cache, v_cache) = (normal([b, kv, 10, d]), normal([b, kv, 10, d]));
+        let (k, v) = (k_cache.slice([0..b, 0..kv, 0..keys, 0..d]), v_cache.slice([0..b, 0..kv, 0..keys, 0..d]));
+        // Row 0 sees every key, row 1 its keys 2..=6 (left padding), row 2 keys 0..=3 (a slot
+        // behind the others).
+        let hidden: Vec<bool> = (0..b).flat_map(|r| (0..keys).map(move |j| (r == 1 && j < 2) || (r == 2 && j > 3))).collect();
+        let mask = Tensor::<3, Bool>::from_data(TensorData::new(hidden, [b, 1, keys]), &device);
+        let got = one_query_attention(&q, &k, &v, &mask).expect("flex f32");
+        let repeat = |x: Tensor<4>| x.unsqueeze_dim::<5>(2).expand([b, kv, h / kv, keys, d]).reshape([b, h, keys, d]);
+        let options = AttentionModuleOptions { scale: None, softcap: None, is_causal: true };
+        let want = attention(q, repeat(k), repeat(v), Some(mask.unsqueeze_dim::<4>(1).expand([b, h, 1, keys])), None, options);
+        assert_close(got, want, 1e-5);
+    }
+}
