@@ -10,11 +10,12 @@
 //! (log-softmax of the raw logits, temperature 1, no top-k/top-p filtering): the quantity PPO's
 //! trainer recomputes, so the two can be compared directly.
 
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, DType, Device, Int, Tensor, TensorData};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
+use crate::device::is_flex;
 use crate::{KvCache, Llama, ModelError, Positions};
 
 /// How to pick each next token.
@@ -82,6 +83,11 @@ pub struct BatchDecoder<'a> {
     start: Vec<usize>,
     /// The position of each slot's next input token.
     position: Vec<usize>,
+    /// On flex in f32, the output projection's weight as a contiguous `[vocab, dim]` matrix (the
+    /// tied embedding itself, or a transposed copy of the output weight made once): a step's
+    /// logits are then `weight · hiddenᵀ`, which gemm multiplies without repacking the weight
+    /// the way it does for `hidden · weight` (10 against 13 ms for 32 rows of bench-small).
+    vocab_major: Option<Tensor<2>>,
     device: Device,
 }
 
@@ -102,7 +108,11 @@ impl<'a> BatchDecoder<'a> {
         let [batch, longest, dim] = hidden.dims();
         let last = model.project(hidden.slice([0..batch, longest - 1..longest, 0..dim])).squeeze_dim::<2>(1);
         let device = model.device();
-        Ok((Self { model, cache, start: pad, position: vec![longest; batch], device }, last))
+        let vocab_major = (is_flex(&device) && model.tok_embeddings.weight.val().dtype() == DType::F32).then(|| match &model.output {
+            Some(output) => Tensor::from_data(output.weight.val().transpose().into_data(), &device),
+            None => model.tok_embeddings.weight.val(),
+        });
+        Ok((Self { model, cache, start: pad, position: vec![longest; batch], vocab_major, device }, last))
     }
 
     /// Puts new prompts into slots `slots` (`prompts[j]` into `slots[j]`): all of each prompt
@@ -148,7 +158,10 @@ impl<'a> BatchDecoder<'a> {
         // never outgrows its prompt + max_new_tokens), and it rewrites its own last key.
         let last = self.cache.capacity() - 1;
         self.position.iter_mut().for_each(|p| *p = (*p + 1).min(last));
-        self.model.project(hidden).squeeze_dim::<2>(1)
+        match &self.vocab_major {
+            Some(weight) => weight.clone().matmul(hidden.reshape([batch, self.model.tok_embeddings.weight.dims()[1]]).transpose()).transpose(),
+            None => self.model.project(hidden).squeeze_dim::<2>(1),
+        }
     }
 }
 
