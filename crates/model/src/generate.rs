@@ -84,10 +84,10 @@ pub struct BatchDecoder<'a> {
     /// The position of each slot's next input token.
     position: Vec<usize>,
     /// On flex in f32, the output projection's weight as a contiguous `[vocab, dim]` matrix (the
-    /// tied embedding itself, or a transposed copy of the output weight made once): a step's
-    /// logits are then `weight · hiddenᵀ`, which gemm multiplies without repacking the weight
-    /// the way it does for `hidden · weight` (10 against 13 ms for 32 rows of bench-small).
-    vocab_major: Option<Tensor<2>>,
+    /// tied embedding itself, or a transposed copy of the output weight made at the first step):
+    /// a step's logits are then `weight · hiddenᵀ`, which gemm multiplies without repacking the
+    /// weight the way it does for `hidden · weight` (10 against 13 ms for 32 rows of bench-small).
+    vocab_major: std::cell::OnceCell<Option<Tensor<2>>>,
     device: Device,
 }
 
@@ -108,11 +108,7 @@ impl<'a> BatchDecoder<'a> {
         let [batch, longest, dim] = hidden.dims();
         let last = model.project(hidden.slice([0..batch, longest - 1..longest, 0..dim])).squeeze_dim::<2>(1);
         let device = model.device();
-        let vocab_major = (is_flex(&device) && model.tok_embeddings.weight.val().dtype() == DType::F32).then(|| match &model.output {
-            Some(output) => Tensor::from_data(output.weight.val().transpose().into_data(), &device),
-            None => model.tok_embeddings.weight.val(),
-        });
-        Ok((Self { model, cache, start: pad, position: vec![longest; batch], vocab_major, device }, last))
+        Ok((Self { model, cache, start: pad, position: vec![longest; batch], vocab_major: std::cell::OnceCell::new(), device }, last))
     }
 
     /// Puts new prompts into slots `slots` (`prompts[j]` into `slots[j]`): all of each prompt
@@ -158,7 +154,14 @@ impl<'a> BatchDecoder<'a> {
         // never outgrows its prompt + max_new_tokens), and it rewrites its own last key.
         let last = self.cache.capacity() - 1;
         self.position.iter_mut().for_each(|p| *p = (*p + 1).min(last));
-        match &self.vocab_major {
+        let (model, device) = (self.model, &self.device);
+        let vocab_major = self.vocab_major.get_or_init(|| {
+            (is_flex(device) && model.tok_embeddings.weight.val().dtype() == DType::F32).then(|| match &model.output {
+                Some(output) => Tensor::from_data(output.weight.val().transpose().into_data(), device),
+                None => model.tok_embeddings.weight.val(),
+            })
+        });
+        match vocab_major {
             Some(weight) => weight.clone().matmul(hidden.reshape([batch, self.model.tok_embeddings.weight.dims()[1]]).transpose()).transpose(),
             None => self.model.project(hidden).squeeze_dim::<2>(1),
         }
