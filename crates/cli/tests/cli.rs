@@ -539,120 +539,55 @@ fn bench_reports_every_phase() {
     let config = tmp.path().join("tiny.toml");
     std::fs::write(&config, "[model]\ndim = 32\nn_layers = 2\nn_heads = 4\nvocab_size = 64\nmultiple_of = 16\nmax_seq_len = 32\n").unwrap();
     let json = tmp.path().join("bench.json");
-    let (ok, out, err) = llama(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--gen-tokens",
-        "4",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    // One bench of batch 2 x 16 tokens, one step, `gen_tokens` decoded, with `extra` flags: its
+    // status, output, errors and JSON report.
+    let bench = |gen_tokens: &str, extra: &[&str]| {
+        let mut args = vec!["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "1", "--gen-tokens", gen_tokens];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--json", json.to_str().unwrap()]);
+        let (ok, out, err) = llama(&args);
+        let report: serde_json::Value = if ok { serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap() } else { serde_json::Value::Null };
+        (ok, out, err, report)
+    };
+    let (ok, out, err, report) = bench("4", &[]);
     assert!(ok, "{err}");
     assert!(out.contains("tokens/s") && out.contains("AdamW") && out.contains("decode") && out.contains("peak RSS"), "{out}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for key in ["train_tokens_per_s", "forward_s", "backward_s", "optimizer_s", "train_gflops_per_s", "decode_tokens_per_s", "peak_rss_gib"] {
         let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(true));
     // Decoding at several batch sizes: a line and a JSON figure for each.
-    let (ok, out, err) = llama(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--gen-tokens",
-        "4",
-        "--decode-batches",
-        "1,3",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (ok, out, err, report) = bench("4", &["--decode-batches", "1,3"]);
     assert!(ok, "{err}");
     assert!(out.contains("(1 x 4)") && out.contains("(3 x 4)") && !out.contains("(2 x 4)"), "{out}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     for batch in ["1", "3"] {
         let v = report["decode_tokens_per_s_by_batch"][batch].as_f64().unwrap_or_else(|| panic!("batch {batch} missing: {report}"));
         assert!(v.is_finite() && v > 0.0, "batch {batch}: {v}");
     }
+    // Answers of ragged lengths, in fixed batches and with continuous batching: a line and both
+    // figures.
+    let (ok, out, err, report) = bench("4", &["--ragged-prompts", "5"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("ragged") && out.contains("5 prompts") && out.contains("2 rows at a time"), "{out}");
+    for key in ["ragged_fixed_tokens_per_s", "ragged_continuous_tokens_per_s"] {
+        let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
+        assert!(v.is_finite() && v > 0.0, "{key} = {v}");
+    }
     // Burn's composed ops instead of the fused kernels: the same report, marked.
-    let (ok, out, err) = llama(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--gen-tokens",
-        "0",
-        "--unfused",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (ok, out, err, report) = bench("0", &["--unfused"]);
     assert!(ok && out.contains("--unfused"), "{out}{err}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["fused_kernels"], serde_json::Value::Bool(false));
     assert_eq!(report["our_attention"], serde_json::Value::Bool(true));
     // Burn's composed attention instead of ours (the A/B of the recomputed backward).
-    let (ok, out, err) = llama(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--gen-tokens",
-        "0",
-        "--unfused",
-        "--burn-attention",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (ok, out, err, report) = bench("0", &["--unfused", "--burn-attention"]);
     assert!(ok && out.contains("--burn-attention"), "{out}{err}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(report["our_attention"], serde_json::Value::Bool(false));
     let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "64"]);
     assert!(!ok && err.contains("--seq-len 64") && err.contains("max_seq_len 32") && !err.contains("panicked"), "{err}");
     // Block recomputation with chunked logits: the same report, marked; bad sizes refused.
-    let (ok, out, err) = llama(&[
-        "bench",
-        "--config",
-        config.to_str().unwrap(),
-        "--batch",
-        "2",
-        "--seq-len",
-        "16",
-        "--steps",
-        "1",
-        "--gen-tokens",
-        "0",
-        "--recompute",
-        "block",
-        "--logits-chunk",
-        "8",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
+    let (ok, out, err, report) = bench("0", &["--recompute", "block", "--logits-chunk", "8"]);
     assert!(ok && out.contains("block recomputation") && out.contains("chunks of 8"), "{out}{err}");
-    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!((report["recompute"].as_str(), report["logits_chunk"].as_u64()), (Some("block"), Some(8)));
     for bad in [["--batch", "0"], ["--logits-chunk", "0"]] {
         let (ok, _, err) = llama(&["bench", "--config", config.to_str().unwrap(), "--seq-len", "16", bad[0], bad[1]]);

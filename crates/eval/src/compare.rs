@@ -85,14 +85,14 @@ pub fn compare_with(config_path: &Path, paths: &Paths) -> anyhow::Result<Report>
     let mut tool_runs: BTreeMap<(String, String), ToolRun> = BTreeMap::new();
     // A line per model and set as each is done (a comparison of real models runs for tens of
     // minutes); on stderr, so that stdout stays the report.
-    let (total, started) = (loaded.policies.len() * loaded.sets.len(), std::time::Instant::now());
+    let (total, started, mut done) = (loaded.policies.len() * loaded.sets.len(), std::time::Instant::now(), 0);
     for (name, model) in &loaded.policies {
         for (set, prompts) in &loaded.sets {
             let begun = std::time::Instant::now();
             let (answers, tool_run) = answer_set(model, prompts, &loaded, &cfg, toolbox.as_ref().filter(|_| cfg.is_tool_set(set)))?;
+            done += 1;
             eprintln!(
-                "eval compare [{}/{total}]: {name} answered the {} prompts of `{set}` in {:.1} s ({:.0} s in all)",
-                scored.values().map(BTreeMap::len).sum::<usize>() + 1,
+                "eval compare [{done}/{total}]: {name} answered the {} prompts of `{set}` in {:.1} s ({:.0} s in all)",
                 prompts.len(),
                 begun.elapsed().as_secs_f64(),
                 started.elapsed().as_secs_f64()

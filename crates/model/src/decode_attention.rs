@@ -51,9 +51,9 @@ pub trait DecodeAttentionBackend: Backend {
 fn strided(t: FlexTensor) -> (FlexTensor, usize, [usize; 4]) {
     let in_place = t.dtype() == DType::F32 && t.layout().strides().iter().all(|&s| s >= 0) && t.layout().strides()[3] == 1;
     let t = if in_place { t } else { contiguous_f32(t) };
-    let s = t.layout().strides();
+    let (s, offset) = (t.layout().strides(), t.layout().start_offset());
     let strides = [s[0] as usize, s[1] as usize, s[2] as usize, s[3] as usize];
-    (t.clone(), t.layout().start_offset(), strides)
+    (t, offset, strides)
 }
 
 impl DecodeAttentionBackend for Flex {

@@ -236,14 +236,18 @@ pub fn generate(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig) ->
 /// [`generate`], calling `on_token(row, token)` as each token is chosen (for output printed as
 /// it is generated); the tokens and their order are [`generate`]'s.
 pub fn generate_streaming(model: &Llama, prompts: &[Vec<u32>], config: &SamplingConfig, on_token: impl FnMut(usize, u32)) -> Result<Generation, ModelError> {
-    let seeds: Vec<u64> = (0..prompts.len()).map(|i| row_seed(config.seed, i as u64)).collect();
-    generate_until(model, prompts, config, &seeds, on_token, |_, _| false)
+    generate_until(model, prompts, config, &row_seeds(config.seed, prompts.len()), on_token, |_, _| false)
 }
 
 /// The seed of row `row`'s RNG in [`generate`]: a row's sample depends only on the seed, its
 /// prompt and its index.
 pub fn row_seed(seed: u64, row: u64) -> u64 {
     seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+}
+
+/// [`row_seed`] of rows `0..rows`: the seeds [`generate`] gives its rows.
+pub fn row_seeds(seed: u64, rows: usize) -> Vec<u64> {
+    (0..rows as u64).map(|row| row_seed(seed, row)).collect()
 }
 
 /// The general form, every prompt in one batch: row `i` samples from an RNG seeded by

@@ -6,7 +6,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Tensor};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, expected_rate};
-use llama_model::generate::{SamplingConfig, generate_in_slots, row_seed};
+use llama_model::generate::{SamplingConfig, generate_in_slots, row_seeds};
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
 use llama_reward::{load_reward_model, right_pad};
@@ -15,9 +15,10 @@ use crate::config::{EvalConfig, RlhfConfig};
 
 /// The policy's answers to `prompts` (token ids `ids`) under `sampling`, `slots` rows decoded at
 /// once (continuous batching; `usize::MAX`: all in one batch; row `i` seeded as `generate` seeds
-/// it), scored: (answer tokens, prompt + answer sequences as scored, scores). With `tools`, each answer's calls are run and
-/// their results appended ([`llama_tools::answer`]); its tokens are then those after the prompt in
-/// the sequence the policy saw last (results included), and that sequence is what is scored.
+/// it), scored: (answer tokens, prompt + answer sequences as scored, scores). With `tools`,
+/// each answer's calls are run and their results appended ([`llama_tools::answer`]); its tokens
+/// are then those after the prompt in the sequence the policy saw last (results included), and
+/// that sequence is what is scored.
 pub(crate) fn scored_answers(
     policy: &Llama,
     ids: &[Vec<u32>],
@@ -30,10 +31,7 @@ pub(crate) fn scored_answers(
 ) -> anyhow::Result<(Vec<Vec<u32>>, Vec<Vec<u32>>, Vec<Scores>)> {
     let sampling = SamplingConfig { eos_id: Some(tokenizer.eos_id()), ..sampling.clone() };
     let tokens: Vec<Vec<u32>> = match tools {
-        None => {
-            let seeds: Vec<u64> = (0..ids.len()).map(|i| row_seed(sampling.seed, i as u64)).collect();
-            generate_in_slots(policy, ids, &sampling, &seeds, slots, |_, _| {}, |_, _| false)?.tokens
-        }
+        None => generate_in_slots(policy, ids, &sampling, &row_seeds(sampling.seed, ids.len()), slots, |_, _| {}, |_, _| false)?.tokens,
         Some(toolbox) => {
             let chats: Vec<llama_data::chat::Conversation> = prompts.iter().map(|p| p.conversation.clone()).collect();
             let mut source = llama_tools::ModelContinue { model: policy, sampling: sampling.clone(), slots };
