@@ -100,14 +100,16 @@ pub fn clip_global_norm<M: Module>(model: &M, grads: &mut GradientsParams, max_n
 }
 
 /// The optimizer of a run: Burn's (per parameter, on the model's device) in one process, or
-/// AdamW sharded over the ranks of an MPI job.
+/// the flat AdamW state of [`crate::sharded`]: sharded over the ranks of an MPI job, or whole in
+/// one process with the master on the host (`run.optimizer = "host"`, updated in place there).
 pub enum StepOptimizer {
     Local(Optimizer),
     Sharded(crate::sharded::ShardedAdamW),
 }
 
-/// A step's gradients as the optimizer wants them: every parameter's (already clipped), or this
-/// rank's block of the summed flat gradient (clipped in the step).
+/// A step's gradients as the optimizer wants them: every parameter's (already clipped for Burn's
+/// optimizer; the in-place step clips as it updates), or this rank's block of the summed flat
+/// gradient (clipped in the step).
 pub enum StepGradients {
     Local(GradientsParams),
     Block(Vec<f32>),
@@ -119,6 +121,11 @@ impl StepOptimizer {
         match self {
             Self::Local(_) => {
                 let norm = clip_global_norm(model, &mut grads, max_norm);
+                (StepGradients::Local(grads), norm)
+            }
+            // One process: the gradients stay per parameter, the norm is the device optimizer's.
+            Self::Sharded(sharded) if !sharded.is_distributed() => {
+                let norm = global_grad_norm(model, &grads);
                 (StepGradients::Local(grads), norm)
             }
             Self::Sharded(sharded) => {
@@ -134,6 +141,7 @@ impl StepOptimizer {
         match (self, grads) {
             (Self::Local(o), StepGradients::Local(g)) => o.step(lr, model, g),
             (Self::Sharded(s), StepGradients::Block(b)) => s.step(lr, model, b, norm, max_norm),
+            (Self::Sharded(s), StepGradients::Local(g)) => s.step_in_place(lr, model, g, norm, max_norm),
             _ => unreachable!("gradients come from the same optimizer"),
         }
     }
@@ -141,8 +149,8 @@ impl StepOptimizer {
     /// The last step's seconds in collectives and bytes each rank sent (sharded only).
     pub fn comm_stats(&self) -> Option<(f64, u64)> {
         match self {
-            Self::Local(_) => None,
-            Self::Sharded(s) => Some(s.comm_stats()),
+            Self::Sharded(s) if s.is_distributed() => Some(s.comm_stats()),
+            _ => None,
         }
     }
 

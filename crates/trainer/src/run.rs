@@ -279,8 +279,11 @@ where
             checkpoints.remove_leftovers()?;
         }
         // Several ranks: AdamW sharded over them (ZeRO-1), and resumed the same way in one process.
+        // A host master: the same flat state whole, updated in place (its checkpoints then resume
+        // at any world size), unless the run resumes Burn's optimizer state.
         let latest = checkpoints.latest();
-        let sharded = world.is_distributed() || (cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir)));
+        let resumes = |flat: bool| cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir) == flat);
+        let sharded = world.is_distributed() || resumes(true) || (host_master && !resumes(false));
         let mut optimizer = if sharded {
             StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world))
         } else {

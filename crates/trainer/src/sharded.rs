@@ -9,6 +9,12 @@
 //! rank holds the whole updated model. Each rank stores 8 bytes of optimizer state per parameter
 //! divided by the world size.
 //!
+//! In one process (`run.optimizer = "host"`) the same state is updated without the flat
+//! gradient: [`ShardedAdamW::step_in_place`] walks the parameters, each gradient clipped by the
+//! global norm and AdamW applied in one pass over the parameter's f32 master values, its gradient
+//! and its slot of the two flat moments; the arithmetic is the per-tensor optimizer's, bit for
+//! bit, and no moment tensor is allocated per step.
+//!
 //! Checkpoints hold one file per block (`optimizer/block-R-of-W.safetensors`: `moment_1`,
 //! `moment_2`) and `optimizer/manifest.json` (world size, block length, the parameters' offsets,
 //! step count); a run resumes at any world size (the blocks are re-cut from the files), or in a
@@ -139,6 +145,37 @@ impl ModuleVisitor for FlattenRange<'_> {
     }
 }
 
+/// Updates every parameter that has a gradient, in place: clip, AdamW and its moments' slots in
+/// one pass (`adamw_flat`), the result a new leaf on the parameter's device and dtype. A
+/// parameter without a gradient is left as it is, as Burn's optimizers leave it.
+struct UpdateInPlace<'a> {
+    grads: &'a mut GradientsParams,
+    slots: std::slice::Iter<'a, Slot>,
+    moment_1: &'a mut [f32],
+    moment_2: &'a mut [f32],
+    clip: f32,
+    rules: [AdamWRule; 2],
+}
+
+impl ModuleMapper for UpdateInPlace<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let slot = self.slots.next().expect("the layout covers every parameter");
+        let Some(grad) = self.grads.remove::<D>(param.id) else {
+            return param;
+        };
+        let (id, old) = (param.id, param.val());
+        let inner = old.inner();
+        let (device, dtype) = (inner.device(), inner.dtype());
+        let f32_values = |t: Tensor<D>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
+        let (mut values, grad) = (f32_values(inner), f32_values(grad));
+        let range = slot.offset..slot.offset + slot.len();
+        let rule = if slot.decay { &self.rules[0] } else { &self.rules[1] };
+        adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, None);
+        let value = Tensor::<D>::from_data(TensorData::new(values, slot.shape.clone()), &device).cast(dtype).autodiff().require_grad();
+        Param::initialized(id, value)
+    }
+}
+
 /// Replaces every parameter by its slot of the flat vector (a new leaf on its device and dtype).
 struct Unflatten<'a> {
     flat: &'a [f32],
@@ -173,6 +210,11 @@ impl ShardedAdamW {
             weight_decay: config.weight_decay as f32,
             comm_seconds: 0.0,
         }
+    }
+
+    /// Whether the state is sharded over several ranks (else one process holds all of it).
+    pub fn is_distributed(&self) -> bool {
+        self.world.is_distributed()
     }
 
     /// Elements of the flat vector (without padding).
@@ -247,6 +289,28 @@ impl ShardedAdamW {
         let flat = self.world.all_gather(&master);
         self.comm_seconds += started.elapsed().as_secs_f64();
         model.map(&mut Unflatten { flat: &flat, slots: self.slots.iter() })
+    }
+
+    /// One process's update: each parameter's gradient (`grads`, every one of them, unclipped)
+    /// times the clip factor of the global `norm`, then AdamW, parameter by parameter in place
+    /// (see the module docs). The same numbers as [`crate::optim::Optimizer`] after
+    /// `clip_global_norm`, bit for bit.
+    pub fn step_in_place<M: Module>(&mut self, lr: f64, model: M, mut grads: GradientsParams, norm: f64, max_norm: f64) -> M {
+        assert!(!self.world.is_distributed(), "step_in_place updates the whole model: one process only");
+        self.time += 1;
+        let [b1, b2, eps] = self.betas_eps;
+        let rules = [AdamWRule::new(lr, [b1, b2, eps, self.weight_decay], self.time), AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time)];
+        let clip = crate::optim_rules::clip_factor(norm, max_norm) as f32;
+        let total = self.total();
+        let mut update = UpdateInPlace {
+            grads: &mut grads,
+            slots: self.slots.iter(),
+            moment_1: &mut self.moment_1[..total],
+            moment_2: &mut self.moment_2[..total],
+            clip,
+            rules,
+        };
+        model.map(&mut update)
     }
 
     /// Writes this rank's block into `dir/optimizer/` (and, on rank 0, the manifest). Every rank

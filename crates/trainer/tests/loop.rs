@@ -194,14 +194,19 @@ fn stop_after_stops_on_a_skipped_step() {
     assert_eq!((resumed.steps, resumed.skipped), (5, 1), "{resumed:?}");
 }
 
-/// The per-step training losses a run wrote to metrics.jsonl.
-fn loss_curve(out: &std::path::Path) -> Vec<f64> {
+/// The per-step metric `key` a run wrote to metrics.jsonl.
+fn metric_curve(out: &std::path::Path, key: &str) -> Vec<f64> {
     std::fs::read_to_string(out.join("metrics.jsonl"))
         .unwrap()
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v.get("train/loss").and_then(|x| x.as_f64()))
+        .filter_map(|v| v.get(key).and_then(|x| x.as_f64()))
         .collect()
+}
+
+/// The per-step training losses a run wrote to metrics.jsonl.
+fn loss_curve(out: &std::path::Path) -> Vec<f64> {
+    metric_curve(out, "train/loss")
 }
 
 /// The steps that logged a training loss (the updated ones, with `log_every = 1`).
@@ -415,11 +420,12 @@ fn a_batch_that_does_not_split_over_the_devices_is_refused() {
     assert!(err.contains("run.devices (3)") && err.contains("train.micro_batch_size (2)"), "{err}");
 }
 
-/// `run.optimizer = "host"` (master weights and AdamW on the host, passes on a compute copy)
-/// trains to the weights and losses of `"device"`, in f32 and in bf16; a run interrupted under
-/// either resumes under the other to the same end. On the CPU both sides are flex, so this
-/// checks the path (copies, casts, gradients found by parameter id, f32 accumulation), not a
-/// transfer.
+/// `run.optimizer = "host"` (master weights and the flat AdamW state on the host, updated in
+/// place; passes on a compute copy) trains to the weights and losses of `"device"` (Burn's
+/// optimizer) bit for bit, in f32 and in bf16, with the gradients clipped; a run interrupted
+/// under either resumes under the other to the same end. On the CPU both sides are flex, so this
+/// checks the path (copies, casts, gradients found by parameter id, f32 accumulation, the clip and
+/// AdamW of the in-place pass), not a transfer.
 #[test]
 fn host_optimizer_equals_device_optimizer_and_resumes_across_the_switch() {
     use llama_trainer::OptimizerPlacement::{Device as OnDevice, Host};
@@ -450,6 +456,12 @@ fn host_optimizer_equals_device_optimizer_and_resumes_across_the_switch() {
         assert!(dtypes.iter().all(|d| *d == DType::F32), "{p}: host master dtypes {dtypes:?}");
         let diff = max_param_diff(&on_device, &on_host);
         assert!(diff <= tol as f32, "{p}: host optimizer ends {diff} away from the device optimizer");
+        // The equality covers clipped steps, and the host run kept the flat state (which resumes
+        // at any world size).
+        let norms = metric_curve(&tmp.path().join(format!("{p}-host")), "train/grad_norm");
+        assert!(norms.iter().any(|&n| n > 1.0), "{p}: no step was clipped (grad norms {norms:?})");
+        let saved = tmp.path().join(format!("{p}-host/checkpoints/step-00000006/optimizer/manifest.json"));
+        assert!(saved.is_file(), "{p}: {} is missing", saved.display());
     }
     for (first, then) in [(Host, OnDevice), (OnDevice, Host)] {
         let name = format!("switch-{first:?}");
