@@ -10,13 +10,14 @@ use burn::tensor::{Device, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::prompts::{Prompt, load_prompts_for, load_prompts_with_longest};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
-use llama_model::{Llama, LlamaConfig, TrainingMemory};
+use llama_model::{Llama, LlamaConfig, OptimizerPlacement, Precision, TrainingMemory};
 use llama_reward::scoring::{Scorers, logit};
 use llama_reward::{RewardModel, load_reward_model, right_pad};
 use llama_trainer::Metrics;
 use llama_trainer::checkpoint::{Checkpoints, RunLock, init_model};
 use llama_trainer::config::OptimConfig;
 use llama_trainer::optim::{Optimizer, StepOptimizer};
+use llama_trainer::parallel::device_copy;
 use llama_trainer::sharded::ShardedAdamW;
 use llama_trainer::test_hooks::kill_point;
 use serde::{Deserialize, Serialize};
@@ -35,11 +36,39 @@ pub struct PpoState {
     /// of an MPI job (ZeRO-1, as the trainer's).
     pub policy_optim: StepOptimizer,
     pub value_optim: StepOptimizer,
+    /// With `run.optimizer = "host"`: the device the passes run on, while `policy` and `value`
+    /// (the f32 masters, with their AdamWs) stay on the host. `None`: they train where they are.
+    pub passes_on: Option<Device>,
     pub whitener: Whitener,
     pub iteration: u64,
     pub cursor: usize,
     pub best_eval: Option<f64>,
     pub evals_without_gain: u64,
+}
+
+impl PpoState {
+    /// The policy that rollouts, evaluations and the update's passes run on: the master itself,
+    /// or with a host master its copy on the run's device (the same parameter ids, so the
+    /// gradients find the master's parameters).
+    pub fn policy_for_passes(&self) -> Llama {
+        match &self.passes_on {
+            Some(device) => device_copy(&self.policy, Precision::F32, device),
+            None => self.policy.clone(),
+        }
+    }
+
+    /// The value model the passes run on (as [`PpoState::policy_for_passes`]).
+    pub fn value_for_passes(&self) -> RewardModel {
+        match &self.passes_on {
+            Some(device) => device_copy(&self.value, Precision::F32, device),
+            None => self.value.clone(),
+        }
+    }
+}
+
+/// A copy's gradients moved onto its master's device (a no-op when the copy is the master).
+fn onto_master<M: Module>(master: &M, grads: GradientsParams, host_master: bool) -> GradientsParams {
+    if host_master { llama_trainer::parallel::reduce(master, vec![grads]) } else { grads }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -106,7 +135,9 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let idx: Vec<usize> = world.dealt(idx_all.len()).map(|j| idx_all[j]).collect();
     // 1 in one process (bit for bit the plain mean).
     let share = tokens_of(&mut idx.iter().copied()) / tokens_of(&mut idx_all.iter().copied()).max(1.0);
-    let device = state.policy.tok_embeddings.weight.device();
+    let host_master = state.passes_on.is_some();
+    let value_model = state.value_for_passes();
+    let device = value_model.head.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
     let b = idx.len();
@@ -120,17 +151,18 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
     let (tokens, _) = right_pad(&seqs, pad, &device);
     // Value: clipped around the rollout's values.
-    let values = with_memory_saving(saving, || state.value.values(tokens.clone())).slice([0..b, 0..width]);
+    let values = with_memory_saving(saving, || value_model.values(tokens.clone())).slice([0..b, 0..width]);
     let value_loss = clipped_value_loss(values, old_v, ret, mask.clone(), cfg.value_clip).mul_scalar(share);
     // This rank's parts: policy loss, value loss, clip fraction, approx KL, entropy.
     let mut parts = [0.0, value_loss.clone().into_scalar::<f32>() as f64, 0.0, 0.0, 0.0];
 
     // Policy: clipped surrogate (not during the value warm-up).
-    let total = if train_policy {
+    let policy = train_policy.then(|| state.policy_for_passes());
+    let total = if let Some(policy) = &policy {
         let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width]);
         let (hidden, lp) = with_memory_saving(saving, || {
-            let hidden = state.policy.forward_hidden(tokens.slice([0..b, 0..width]), None);
-            let lp = state.policy.token_nll(hidden.clone(), targets).neg().reshape([b, width]);
+            let hidden = policy.forward_hidden(tokens.slice([0..b, 0..width]), None);
+            let lp = policy.token_nll(hidden.clone(), targets).neg().reshape([b, width]);
             (hidden, lp)
         });
         let policy_loss = clipped_policy_loss(lp.clone(), old_lp.clone(), adv, mask.clone(), cfg.clip).mul_scalar(share);
@@ -140,7 +172,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
         let scalar = |x: Tensor<1>| x.into_scalar::<f32>() as f64 * share;
         parts[2] = scalar(masked_mean(log_ratio.clone().exp().sub_scalar(1.0).abs().greater_elem(cfg.clip).float()));
         parts[3] = scalar(masked_mean(log_ratio.clone().exp() - 1.0 - log_ratio));
-        let entropy_tok = with_memory_saving(saving, || state.policy.token_entropy(hidden)).reshape([b, width]);
+        let entropy_tok = with_memory_saving(saving, || policy.token_entropy(hidden)).reshape([b, width]);
         parts[4] = scalar(masked_mean(entropy_tok));
         parts[0] = policy_loss.clone().into_scalar::<f32>() as f64;
         // The two models share no parameter, so one backward through the sum gives each its own
@@ -151,12 +183,12 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     };
 
     let mut grads = total.backward();
-    if train_policy {
-        let pg = GradientsParams::from_module(&mut grads, &state.policy);
+    if let Some(policy) = &policy {
+        let pg = onto_master(&state.policy, GradientsParams::from_module(&mut grads, policy), host_master);
         let (pg, norm) = state.policy_optim.gradients(&state.policy, pg, cfg.grad_clip);
         state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg, norm, cfg.grad_clip);
     }
-    let vg = GradientsParams::from_module(&mut grads, &state.value);
+    let vg = onto_master(&state.value, GradientsParams::from_module(&mut grads, &value_model), host_master);
     let (vg, norm) = state.value_optim.gradients(&state.value, vg, cfg.grad_clip);
     state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg, norm, cfg.grad_clip);
     world.sum_f64(&mut parts);
@@ -230,8 +262,17 @@ impl<'a> PpoRun<'a> {
         let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
         // The value model starts from the helpfulness reward model (trainable copy).
         let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
-        let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
         let reference = policy.valid();
+        // A host optimizer: the f32 masters and their AdamWs live in host memory, the passes run
+        // on copies on the run's device (as the trainer's `run.optimizer = "host"`).
+        let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
+        let (policy, value) = if host_master {
+            let host = Device::flex().autodiff();
+            (policy.fork(&host), value.fork(&host))
+        } else {
+            (policy, value)
+        };
+        let opt = OptimConfig { lr: p.lr, weight_decay: p.weight_decay, grad_clip: p.grad_clip, ..OptimConfig::default() };
         let out = cfg.run.out_dir.join("ppo");
         // In an MPI job rank 0 holds the run directory and writes what is shared.
         let world = llama_trainer::distributed::world();
@@ -243,8 +284,10 @@ impl<'a> PpoRun<'a> {
         }
         world.barrier();
         let latest = if resume { checkpoints.latest() } else { None };
-        // Several ranks: both AdamWs sharded over them; a sharded checkpoint resumes sharded.
-        let sharded = world.is_distributed() || latest.as_ref().is_some_and(|(_, dir)| is_sharded(dir));
+        // Several ranks: both AdamWs sharded over them; a sharded checkpoint resumes sharded. A
+        // host master: the same flat state whole, unless the run resumes Burn's optimizer state.
+        let resumes = |flat: bool| latest.as_ref().is_some_and(|(_, dir)| is_sharded(dir) == flat);
+        let sharded = world.is_distributed() || resumes(true) || (host_master && !resumes(false));
         let (policy_optim, value_optim) = if sharded {
             (StepOptimizer::Sharded(ShardedAdamW::new(&policy, &opt, world)), StepOptimizer::Sharded(ShardedAdamW::new(&value, &opt, world)))
         } else {
@@ -256,6 +299,7 @@ impl<'a> PpoRun<'a> {
             reference,
             policy_optim,
             value_optim,
+            passes_on: host_master.then(|| train_device.clone()),
             whitener: Whitener::default(),
             iteration: 0,
             cursor: 0,
@@ -378,7 +422,8 @@ impl<'a> PpoRun<'a> {
     /// The current policy on the held-out prompts, logged at this iteration.
     fn evaluate(&mut self) -> anyhow::Result<HeldOut> {
         let (p, state) = (&self.cfg.ppo, &self.state);
-        let held_out = evaluate(&state.policy, &state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
+        let held_out =
+            evaluate(&state.policy_for_passes(), &state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
         self.metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
         self.metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
         Ok(held_out)
@@ -432,7 +477,7 @@ impl<'a> PpoRun<'a> {
 }
 
 /// The launch check of PPO ([`llama_trainer::memory::check_ppo_fits`]): its five models in f32
-/// with both AdamWs on the device (how the stage runs), minibatches and rollouts of sequences of
+/// with both AdamWs where `run.optimizer` puts them, minibatches and rollouts of sequences of
 /// the longest prompt and answer, against `run.device`.
 fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin: &str) -> anyhow::Result<()> {
     let reward = llama_reward::reward_model_config(&cfg.helpfulness_model).with_context(|| format!("{origin}: helpfulness_model"))?;
@@ -442,6 +487,7 @@ fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin
         logits_chunk: cfg.memory.memory_saving().logits_chunk,
         // The fused CPU attention keeps its probabilities for the backward pass.
         keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&cfg.run.device)),
+        optimizer: cfg.run.optimizer,
         ..TrainingMemory::new(precision)
     };
     let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);

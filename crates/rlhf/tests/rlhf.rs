@@ -99,6 +99,31 @@ fn ppo_resume_equals_uninterrupted() {
     assert_eq!(ppo_curve(&tmp.path().join("b")), want);
 }
 
+/// `run.optimizer = "host"` reaches PPO: the policy and value masters and their AdamWs on the
+/// host (the flat state, updated in place), the passes on copies. On the CPU both are flex, so
+/// the metrics equal the device optimizer's exactly; a host run stopped after iteration 2 resumes
+/// with the device optimizer to the same metrics.
+#[test]
+fn ppo_with_the_host_optimizer_equals_the_device_optimizer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let device_cfg = config(tmp.path(), &policy, &help, &safe, PPO);
+    let options = |out: &str| llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join(out)) };
+    llama_rlhf::run(&device_cfg, &options("device")).unwrap();
+    let want = ppo_curve(&tmp.path().join("device"));
+    assert_eq!(want.len(), 4);
+    let host_dir = tmp.path().join("host-config");
+    std::fs::create_dir_all(&host_dir).unwrap();
+    let host_cfg = config(&host_dir, &policy, &help, &safe, &format!("{PPO}[run]\noptimizer = \"host\"\n"));
+    llama_rlhf::run(&host_cfg, &options("host")).unwrap();
+    assert_eq!(ppo_curve(&tmp.path().join("host")), want);
+    let state = tmp.path().join("host/ppo/checkpoints/step-00000004/policy_optimizer/optimizer/manifest.json");
+    assert!(state.is_file(), "{} is missing: the host run did not keep the flat AdamW state", state.display());
+    llama_rlhf::run(&host_cfg, &llama_rlhf::RunOptions { stop_after: Some(2), ..options("switch") }).unwrap();
+    llama_rlhf::run(&device_cfg, &llama_rlhf::RunOptions { resume: true, ..options("switch") }).unwrap();
+    assert_eq!(ppo_curve(&tmp.path().join("switch")), want);
+}
+
 /// PPO's clipped losses and their gradients against hand-computed values: clipping on both sides
 /// of the ratio and of the value, positive and negative advantages, a masked position.
 #[test]
