@@ -552,16 +552,20 @@ impl KvCache {
         Self { layers: (0..config.n_layers).map(|_| layer()).collect(), len: 0 }
     }
 
-    /// A cache shaped for `model` (layers, KV heads and head width read off its weights).
+    /// A cache shaped for `model` (layers, KV heads and head width read off its weights, in its
+    /// dtype).
     pub fn for_model(model: &Llama, batch: usize, max_len: usize) -> Self {
-        let device = model.tok_embeddings.weight.device();
+        let weight = model.tok_embeddings.weight.val();
+        // In the model's dtype: the keys and values written into it are.
+        let (device, dtype) = (weight.device(), burn::tensor::FloatDType::from(weight.dtype()));
+        let zeros = |shape: [usize; 4]| Some(Tensor::<4>::zeros(shape, &device).cast(dtype));
         let layers = model
             .layers
             .iter()
             .map(|block| {
                 let a = &block.attention;
                 let shape = [batch, a.n_kv_heads, max_len, a.head_dim];
-                LayerCache { k: Some(Tensor::zeros(shape, &device)), v: Some(Tensor::zeros(shape, &device)) }
+                LayerCache { k: zeros(shape), v: zeros(shape) }
             })
             .collect();
         Self { layers, len: 0 }

@@ -13,7 +13,7 @@ use anyhow::{Context, bail};
 use burn::module::Module;
 use burn::nn::{Initializer, Linear, LinearConfig};
 use burn::tensor::activation::log_sigmoid;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
 use llama_data::Tokenizer;
 use llama_data::chat::{Conversation, Message, Role};
 use llama_data::sampler::{EpochCursor, EpochSampler};
@@ -58,7 +58,8 @@ impl RewardModel {
         let last: Vec<i64> = lengths.iter().map(|&l| l as i64 - 1).collect();
         let index = Tensor::<1, Int>::from_data(TensorData::new(last, [b]), &hidden.device()).reshape([b, 1, 1]).expand([b, 1, d]);
         let at_last = hidden.gather(1, index).reshape([b, d]);
-        self.head.forward(at_last).reshape([b])
+        // In f32 whatever the compute dtype, as the policy's logits.
+        self.head.forward(at_last).reshape([b]).cast(FloatDType::F32)
     }
 
     /// The head at every position: PPO's value estimates of each prefix.
@@ -68,7 +69,7 @@ impl RewardModel {
     pub fn values(&self, tokens: Tensor<2, Int>) -> Tensor<2> {
         let hidden = self.trunk.forward_hidden(tokens, None);
         let [b, t, _] = hidden.dims();
-        self.head.forward(hidden).reshape([b, t])
+        self.head.forward(hidden).reshape([b, t]).cast(FloatDType::F32)
     }
 
     /// Rewards of token sequences of any lengths (no autodiff kept: call on `model.valid()`).

@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::bail;
+use llama_model::Precision;
 use llama_trainer::config::RunConfig;
 use serde::Deserialize;
 
@@ -262,11 +263,16 @@ pub fn validate(cfg: &RlhfConfig, origin: &str) -> anyhow::Result<()> {
         bail!("{origin}: ppo.value_warmup ({}) must be below ppo.iterations ({}): the policy would never train", p.value_warmup, p.iterations);
     }
     cfg.run.validate().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
-    if cfg.run.dtype != "f32" {
-        bail!(
-            "{origin}: run.dtype `{}`: the rlhf stage computes in f32 only (bf16/f16 mixed precision is in the shared loop of pretrain, sft and reward); allowed values: f32",
-            cfg.run.dtype
-        );
+    if cfg.precision() == Precision::F16 {
+        bail!("{origin}: run.dtype `f16`: PPO has no loss scaler, and f16's range needs one; allowed values: f32, bf16 (bf16 has f32's range)");
     }
     Ok(())
+}
+
+impl RlhfConfig {
+    /// The compute dtype (`run.dtype`, validated): the frozen models are held in it and the
+    /// policy's and value model's passes run in it; their masters and AdamWs stay f32.
+    pub fn precision(&self) -> Precision {
+        llama_trainer::precision::parse(&self.run.dtype).unwrap_or(Precision::F32)
+    }
 }

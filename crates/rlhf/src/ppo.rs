@@ -39,6 +39,8 @@ pub struct PpoState {
     /// With `run.optimizer = "host"`: the device the passes run on, while `policy` and `value`
     /// (the f32 masters, with their AdamWs) stay on the host. `None`: they train where they are.
     pub passes_on: Option<Device>,
+    /// The compute dtype of the passes (`run.dtype`); the reference is held in it.
+    pub precision: Precision,
     pub whitener: Whitener,
     pub iteration: u64,
     pub cursor: usize,
@@ -47,21 +49,22 @@ pub struct PpoState {
 }
 
 impl PpoState {
-    /// The policy that rollouts, evaluations and the update's passes run on: the master itself,
-    /// or with a host master its copy on the run's device (the same parameter ids, so the
-    /// gradients find the master's parameters).
+    /// The policy that rollouts, evaluations and the update's passes run on, in the compute
+    /// dtype: the master itself in f32, its tracked cast in bf16, or with a host master its copy
+    /// on the run's device (the same parameter ids, so the gradients find the master's
+    /// parameters, and come back f32).
     pub fn policy_for_passes(&self) -> Llama {
         match &self.passes_on {
-            Some(device) => device_copy(&self.policy, Precision::F32, device),
-            None => self.policy.clone(),
+            Some(device) => device_copy(&self.policy, self.precision, device),
+            None => self.precision.compute_copy(&self.policy),
         }
     }
 
     /// The value model the passes run on (as [`PpoState::policy_for_passes`]).
     pub fn value_for_passes(&self) -> RewardModel {
         match &self.passes_on {
-            Some(device) => device_copy(&self.value, Precision::F32, device),
-            None => self.value.clone(),
+            Some(device) => device_copy(&self.value, self.precision, device),
+            None => self.precision.compute_copy(&self.value),
         }
     }
 }
@@ -262,7 +265,8 @@ impl<'a> PpoRun<'a> {
         let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;
         // The value model starts from the helpfulness reward model (trainable copy).
         let (_, value) = load_reward_model(&cfg.helpfulness_model, &train_device)?;
-        let reference = policy.valid();
+        // Frozen: no gradients, no optimizer state, the weights in the compute dtype.
+        let reference = cfg.precision().compute_copy(&policy.valid());
         // A host optimizer: the f32 masters and their AdamWs live in host memory, the passes run
         // on copies on the run's device (as the trainer's `run.optimizer = "host"`).
         let host_master = cfg.run.optimizer == OptimizerPlacement::Host;
@@ -300,6 +304,7 @@ impl<'a> PpoRun<'a> {
             policy_optim,
             value_optim,
             passes_on: host_master.then(|| train_device.clone()),
+            precision: cfg.precision(),
             whitener: Whitener::default(),
             iteration: 0,
             cursor: 0,
@@ -476,12 +481,12 @@ impl<'a> PpoRun<'a> {
     }
 }
 
-/// The launch check of PPO ([`llama_trainer::memory::check_ppo_fits`]): its five models in f32
-/// with both AdamWs where `run.optimizer` puts them, minibatches and rollouts of sequences of
+/// The launch check of PPO ([`llama_trainer::memory::check_ppo_fits`]): its five models in the
+/// compute dtype (the trained two with f32 masters) with both AdamWs where `run.optimizer` puts them, minibatches and rollouts of sequences of
 /// the longest prompt and answer, against `run.device`.
 fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin: &str) -> anyhow::Result<()> {
     let reward = llama_reward::reward_model_config(&cfg.helpfulness_model).with_context(|| format!("{origin}: helpfulness_model"))?;
-    let precision = llama_model::Precision::F32;
+    let precision = cfg.precision();
     let plan = TrainingMemory {
         recompute: cfg.memory.recompute,
         logits_chunk: cfg.memory.memory_saving().logits_chunk,

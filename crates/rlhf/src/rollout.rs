@@ -105,11 +105,13 @@ fn rollout_rows(
     let sampling =
         SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
     let seeds: Vec<u64> = mine.iter().map(|&i| row_seed(seed, i as u64)).collect();
-    let Generation { tokens, logprobs, .. } = generate_until(&policy, &prompt_ids, &sampling, &seeds, |_, _| {}, |_, _| false)?;
+    let Generation { tokens, .. } = generate_until(&policy, &prompt_ids, &sampling, &seeds, |_, _| {}, |_, _| false)?;
     let eos = tokenizer.eos_id();
     let sequences: Vec<Vec<u32>> = prompt_ids.iter().zip(&tokens).map(|(p, r)| full_sequence(p, r, eos)).collect();
-    // The appended EOS of a cut response is part of what is scored but was not sampled: its
-    // log-prob comes from the same teacher-forced pass as the reference's.
+    // The old log-probs come from a teacher-forced pass, as the reference's, not from the
+    // sampler: in bf16 the cached decode rounds otherwise than a full pass, and the first
+    // update's ratio must be exactly 1. It also covers the appended EOS of a cut response,
+    // which is scored but was not sampled.
     let policy_lp = token_logprobs(&policy, &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
     let ref_lp = token_logprobs(&state.reference.valid(), &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
     let width = sequences.iter().map(Vec::len).max().unwrap_or(1) - 1;
@@ -121,17 +123,13 @@ fn rollout_rows(
     let scores = scorers.score(&sequences, &prompts);
     Ok(sequences
         .into_iter()
-        .zip(logprobs)
         .zip(scores)
         .enumerate()
-        .map(|(i, ((sequence, mut logp), scores))| {
+        .map(|(i, (sequence, scores))| {
             let prompt_len = prompt_ids[i].len();
             let start = prompt_len - 1;
             let n = sequence.len() - prompt_len;
-            logp.truncate(n);
-            while logp.len() < n {
-                logp.push(policy_lp[i * width + start + logp.len()]);
-            }
+            let logp = (0..n).map(|j| policy_lp[i * width + start + j]).collect();
             let ref_logp = (0..n).map(|j| ref_lp[i * width + start + j]).collect();
             let values = (0..n).map(|j| values_all[i * full_width + start + j] as f64).collect();
             RolloutRow { sequence, prompt_len, logp, ref_logp, values, scores }

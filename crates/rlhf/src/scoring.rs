@@ -9,7 +9,7 @@ use llama_data::prompts::{Prompt, expected_rate};
 use llama_model::generate::{SamplingConfig, generate_in_slots, row_seeds};
 use llama_model::{Llama, LlamaConfig};
 use llama_reward::scoring::{Scorers, Scores, full_sequence, logit};
-use llama_reward::{load_reward_model, right_pad};
+use llama_reward::{RewardModel, load_reward_model, right_pad};
 
 use crate::config::{EvalConfig, RlhfConfig};
 
@@ -233,5 +233,7 @@ pub fn load_scorers(cfg: &RlhfConfig, policy_config: &LlamaConfig, tokenizer: &T
         }
     }
     policy_config.check_vocabulary(origin, tokenizer.vocab_size())?;
-    Ok(Scorers { helpfulness: helpfulness.valid(), safety: safety.valid(), threshold: cfg.data.safety_threshold, pad: tokenizer.eos_id() })
+    // Frozen: no gradients, no optimizer state, the weights in the compute dtype.
+    let frozen = |m: RewardModel| cfg.precision().compute_copy(&m.valid());
+    Ok(Scorers { helpfulness: frozen(helpfulness), safety: frozen(safety), threshold: cfg.data.safety_threshold, pad: tokenizer.eos_id() })
 }

@@ -96,7 +96,7 @@ fn rlhf_refuses_bad_input_and_touches_nothing_else() {
         ),
         with("a cap of no tool calls", "", "[rejection_sampling.tools]\nmax_calls = 0\n", &["rejection_sampling.tools.max_calls"]),
         with("a zero evaluation temperature", "", "[eval]\ntemperature = 0.0\n", &["eval.temperature"]),
-        with("half precision", "", "[run]\ndtype = \"bf16\"\n", &["run.dtype"]),
+        with("f16, which PPO cannot scale", "", "[run]\ndtype = \"f16\"\n", &["run.dtype", "bf16"]),
         // PPO's launch check: its five models and the rollout's cache against the device.
         with(
             "PPO that does not fit its device",

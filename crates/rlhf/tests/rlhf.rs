@@ -124,6 +124,40 @@ fn ppo_with_the_host_optimizer_equals_the_device_optimizer() {
     assert_eq!(ppo_curve(&tmp.path().join("switch")), want);
 }
 
+/// `run.dtype = "bf16"`: the frozen models are held in bf16 and the policy's and value model's
+/// passes run in it, their masters f32. Four PPO iterations track the f32 run within bf16's
+/// rounding.
+#[test]
+fn ppo_in_bf16_tracks_the_f32_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (policy, help, safe) = models(tmp.path(), 2048, 2048);
+    let options = |out: &str| llama_rlhf::RunOptions { skip_rejection_sampling: true, ..llama_rlhf::RunOptions::with_out(tmp.path().join(out)) };
+    let f32_cfg = config(tmp.path(), &policy, &help, &safe, PPO);
+    llama_rlhf::run(&f32_cfg, &options("f32")).unwrap();
+    let bf16_dir = tmp.path().join("bf16-config");
+    std::fs::create_dir_all(&bf16_dir).unwrap();
+    let bf16_cfg = config(&bf16_dir, &policy, &help, &safe, &format!("{PPO}[run]\ndtype = \"bf16\"\n"));
+    llama_rlhf::run(&bf16_cfg, &options("bf16")).unwrap();
+    let metrics = |out: &str, key: &str| all_values(&tmp.path().join(out).join("ppo/metrics.jsonl"), key);
+    // The reference and the policy's passes in the same dtype, the old log-probs teacher-forced:
+    // before any update the policy is its reference exactly.
+    assert_eq!(metrics("bf16", "ppo/kl_k1")[0], 0.0);
+    assert_ne!(metrics("f32", "ppo/value_loss"), metrics("bf16", "ppo/value_loss"), "the bf16 run computed in f32");
+    // (key, relative tolerance, absolute tolerance): the rollouts' rewards, entropy and lengths
+    // within bf16's rounding of f32's (a sampled token can flip, so the losses of later
+    // iterations part; the first iteration's value loss is compared below).
+    for (key, rel, abs) in [("ppo/reward_combined", 0.0, 1e-3), ("ppo/entropy", 1e-3, 0.0), ("ppo/response_length", 0.0, 0.0)] {
+        let (want, got) = (metrics("f32", key), metrics("bf16", key));
+        assert_eq!(want.len(), 4, "{key}: {want:?}");
+        assert_eq!(want.len(), got.len(), "{key}: {want:?} vs {got:?}");
+        for (a, b) in want.iter().zip(&got) {
+            assert!((a - b).abs() <= rel * a.abs() + abs, "{key}: f32 {a} vs bf16 {b} ({want:?} vs {got:?})");
+        }
+    }
+    let (want, got) = (metrics("f32", "ppo/value_loss")[0], metrics("bf16", "ppo/value_loss")[0]);
+    assert!((want - got).abs() <= 0.1 * want, "first value loss: f32 {want} vs bf16 {got}");
+}
+
 /// PPO's clipped losses and their gradients against hand-computed values: clipping on both sides
 /// of the ratio and of the value, positive and negative advantages, a masked position.
 #[test]
