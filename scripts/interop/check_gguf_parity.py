@@ -17,7 +17,9 @@ from the file's `tokenizer.ggml.*` metadata.
 - Chat: three questions through llama.cpp's chat API (the template from the file's metadata) and
   `llama chat --chat-template tokenizer`, greedy: the answers' text must be equal.
 Exit status 1 if a tokenization or a chat answer differs, or a generation parts where llama.cpp's
-gap is over 0.05.
+gap is over 0.05. With `--quantized` (a file of quantized weights, which llama.cpp multiplies with
+activations rounded to 8 bits, so its logits move by a few hundredths to tenths) the generation
+and chat answers are compared and printed but only the tokenization can fail.
 """
 
 import argparse
@@ -46,6 +48,7 @@ p.add_argument("--gguf", required=True)
 p.add_argument("--checkpoint", required=True, help="the GGUF converted by `llama convert`")
 p.add_argument("--prompt", action="append", help="default: three chat prompts in the file's template")
 p.add_argument("--tokens", type=int, default=16)
+p.add_argument("--quantized", action="store_true", help="report generation and chat differences without failing")
 args = p.parse_args()
 
 tok = Tokenizer.from_file(f"{args.checkpoint}/tokenizer.json")
@@ -96,7 +99,7 @@ for prompt in prompts:
     same = theirs == ours
     print(f"prompt {prompt!r}\n  ours      {tok.decode(ours)!r}\n  llama.cpp {tok.decode(theirs)!r}\n  "
           f"{len(ours)} tokens: {'equal' if same else f'first difference at token {gap_at[0]}, llama.cpp logit gap {gap_at[1]:.4f}'}")
-    if not same and gap_at[1] > 0.05:
+    if not same and gap_at[1] > 0.05 and not args.quantized:
         failed = True
 # Chat: llama.cpp's chat API with the template from the file's metadata, against `llama chat`
 # with the template from the converted tokenizer_config.json; both greedy.
@@ -111,5 +114,5 @@ for question in ["What is the capital of France?", "Name three colours.", "What 
                            "--max-new-tokens", str(args.tokens)], input=question + "\n", capture_output=True, text=True, check=True).stdout
     same = ours.strip() == theirs.strip()
     print(f"chat {question!r}\n  ours      {ours.strip()!r}\n  llama.cpp {theirs.strip()!r}\n  {'equal' if same else 'DIFFERENT'}")
-    failed |= not same
+    failed |= not same and not args.quantized
 sys.exit(1 if failed else 0)
