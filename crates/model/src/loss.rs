@@ -125,9 +125,18 @@ fn target_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
         .collect()
 }
 
-/// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows. Eight
-/// independent accumulators let the compiler vectorise both reductions.
+/// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows.
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
+    let max = max_of(row);
+    if max == f32::NEG_INFINITY {
+        return max;
+    }
+    max + sum_of(row, |v| exp_nonpositive(v - max)).ln()
+}
+
+/// The largest value of `row` (-inf for none). Eight independent accumulators let the compiler
+/// vectorise the reduction.
+pub(crate) fn max_of(row: &[f32]) -> f32 {
     let (chunks, rest) = row.as_chunks::<8>();
     let mut maxes = [f32::NEG_INFINITY; 8];
     for chunk in chunks {
@@ -135,18 +144,20 @@ pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
             *m = if v > *m { v } else { *m };
         }
     }
-    let max = maxes.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max);
-    if max == f32::NEG_INFINITY {
-        return max;
-    }
+    maxes.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum of `f` over `row`, in eight accumulators (vectorised, as [`max_of`]).
+#[inline]
+pub(crate) fn sum_of(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    let (chunks, rest) = row.as_chunks::<8>();
     let mut sums = [0f32; 8];
     for chunk in chunks {
         for (s, &v) in sums.iter_mut().zip(chunk) {
-            *s += exp_nonpositive(v - max);
+            *s += f(v);
         }
     }
-    let sum: f32 = sums.iter().sum::<f32>() + rest.iter().map(|&v| exp_nonpositive(v - max)).sum::<f32>();
-    max + sum.ln()
+    sums.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 impl<B: Backend + TokenNllBackend, C: CheckpointStrategy> TokenNllBackend for Autodiff<B, C> {
