@@ -32,6 +32,10 @@ pub struct BenchArgs {
     /// `ragged`; JSON `ragged_fixed_tokens_per_s`, `ragged_continuous_tokens_per_s`.
     #[arg(long, default_value_t = 0)]
     pub ragged_prompts: usize,
+    /// Sampling temperature of the timed decoding (0: greedy, as Hugging Face `generate`'s
+    /// default; 1.2: rejection sampling's), from the whole softmax, seeded.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
     #[arg(long, default_value = "flex")]
     pub device: String,
     /// Compute dtype of the training steps: f32, or bf16 / f16 mixed precision (f32 master
@@ -67,6 +71,7 @@ struct Decode<'a> {
     tokens: usize,
     batches: &'a [usize],
     ragged_prompts: usize,
+    temperature: f32,
 }
 
 /// `llama bench`.
@@ -79,6 +84,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         gen_tokens,
         decode_batches,
         ragged_prompts,
+        temperature,
         device,
         dtype,
         json,
@@ -91,11 +97,25 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if batch == 0 || seq_len == 0 || logits_chunk == Some(0) || decode_batches.contains(&0) {
         bail!("--batch, --seq-len, --logits-chunk and --decode-batches must be > 0");
     }
+    if !(temperature >= 0.0 && temperature.is_finite()) {
+        bail!("--temperature must be a finite number >= 0 (got {temperature})");
+    }
     let saving = MemorySaving::new(recompute, logits_chunk);
     let ops = BenchOps { fused: !unfused, our_attention: !burn_attention };
     let decode_batches = if decode_batches.is_empty() { vec![batch] } else { decode_batches };
     let run = || {
-        bench(&config, batch, seq_len, steps, Decode { tokens: gen_tokens, batches: &decode_batches, ragged_prompts }, &device, precision, json, ops, saving)
+        bench(
+            &config,
+            batch,
+            seq_len,
+            steps,
+            Decode { tokens: gen_tokens, batches: &decode_batches, ragged_prompts, temperature },
+            &device,
+            precision,
+            json,
+            ops,
+            saving,
+        )
     };
     // The switches are per thread; every op of the benchmark runs on this one.
     let run = || if unfused { llama_model::without_fused_kernels(run) } else { run() };
@@ -210,7 +230,7 @@ fn bench(
     let gen_tokens = decode.tokens;
     if gen_tokens > 0 {
         let plain = model.valid();
-        let sampling = SamplingConfig { eos_id: None, ..SamplingConfig::greedy(gen_tokens) };
+        let sampling = SamplingConfig { eos_id: None, temperature: decode.temperature, ..SamplingConfig::greedy(gen_tokens) };
         let mut by_batch = serde_json::Map::new();
         for &batch in decode.batches {
             let prompts: Vec<Vec<u32>> = (0..batch).map(|_| (0..16).map(|_| next() as u32).collect()).collect();

@@ -574,6 +574,11 @@ fn bench_reports_every_phase() {
         let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");
     }
+    // Sampled decoding: its figure; a negative temperature is refused naming the flag.
+    let (ok, out, err, report) = bench("4", &["--temperature", "1.2"]);
+    assert!(ok && out.contains("decode") && report["decode_tokens_per_s"].as_f64().is_some_and(|v| v > 0.0), "{out}{err}");
+    let (ok, _, err, _) = bench("4", &["--temperature=-1"]);
+    assert!(!ok && err.contains("--temperature") && !err.contains("panicked"), "{err}");
     // Burn's composed ops instead of the fused kernels: the same report, marked.
     let (ok, out, err, report) = bench("0", &["--unfused"]);
     assert!(ok && out.contains("--unfused"), "{out}{err}");
