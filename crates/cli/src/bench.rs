@@ -16,7 +16,7 @@ pub struct BenchArgs {
     pub batch: usize,
     #[arg(long, default_value_t = 256)]
     pub seq_len: usize,
-    /// Timed training steps (after one warm-up step).
+    /// Timed training steps (after one warm-up step); 0 skips training (decoding only).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
     /// Tokens generated per sequence (batch `batch`, prompts of 16 tokens); 0 skips generation.
@@ -176,7 +176,8 @@ fn bench(
     let inputs = Tensor::<2, Int>::from_data(TensorData::new(inputs, [batch, seq_len]), &device);
     let targets = Tensor::<1, Int>::from_data(TensorData::new(targets, [batch * seq_len]), &device);
     let (mut fwd, mut bwd, mut opt) = (0.0, 0.0, 0.0);
-    for step in 0..=steps {
+    // No timed step: no warm-up either (a decoding-only run).
+    for step in (0..=steps).filter(|_| steps > 0) {
         let t0 = Instant::now();
         let loss = llama_model::recompute::with_memory_saving(saving, || {
             let compute = precision.compute_copy(&model);
@@ -206,10 +207,15 @@ fn bench(
     let gflops = train_tok_s * c.train_flops_per_token(seq_len) / 1e9;
     let mut report = serde_json::json!({
         "config": config.display().to_string(), "dtype": precision.name(), "params": c.num_params(), "batch": batch, "seq_len": seq_len, "steps": steps,
-        "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n,
-        "train_gflops_per_s": gflops, "fused_kernels": ops.fused, "our_attention": ops.our_attention,
+        "fused_kernels": ops.fused, "our_attention": ops.our_attention,
         "recompute": if saving.recompute_blocks { "block" } else { "none" }, "logits_chunk": saving.logits_chunk,
     });
+    if steps > 0 {
+        let train = serde_json::json!({
+            "train_tokens_per_s": train_tok_s, "forward_s": fwd / n, "backward_s": bwd / n, "optimizer_s": opt / n, "train_gflops_per_s": gflops,
+        });
+        report.as_object_mut().expect("an object").extend(train.as_object().expect("an object").clone());
+    }
     let attention = if ops.our_attention { "" } else { ", Burn's attention (--burn-attention)" };
     let ops = if ops.fused { "" } else { ", Burn's composed ops (--unfused)" };
     let recompute = if saving.recompute_blocks { ", block recomputation" } else { "" };
@@ -220,13 +226,15 @@ fn bench(
         c.num_params(),
         precision.name()
     );
-    println!(
-        "train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s",
-        step_s,
-        fwd / n,
-        bwd / n,
-        opt / n
-    );
+    if steps > 0 {
+        println!(
+            "train  {train_tok_s:>10.1} tokens/s | step {:.3} s = forward {:.3} + backward {:.3} + AdamW {:.3} | {gflops:.1} GFLOP/s",
+            step_s,
+            fwd / n,
+            bwd / n,
+            opt / n
+        );
+    }
     let gen_tokens = decode.tokens;
     if gen_tokens > 0 {
         let plain = model.valid();

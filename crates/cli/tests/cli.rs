@@ -577,6 +577,12 @@ fn bench_reports_every_phase() {
     // Sampled decoding: its figure; a negative temperature is refused naming the flag.
     let (ok, out, err, report) = bench("4", &["--temperature", "1.2"]);
     assert!(ok && out.contains("decode") && report["decode_tokens_per_s"].as_f64().is_some_and(|v| v > 0.0), "{out}{err}");
+    // Decoding only: no training line, no training figure.
+    let json_arg = json.to_str().unwrap();
+    let (ok, out, err) =
+        llama(&["bench", "--config", config.to_str().unwrap(), "--batch", "2", "--seq-len", "16", "--steps", "0", "--gen-tokens", "4", "--json", json_arg]);
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert!(ok && out.contains("decode") && !out.contains("train ") && report.get("train_tokens_per_s").is_none(), "{out}{err}{report}");
     let (ok, _, err, _) = bench("4", &["--temperature=-1"]);
     assert!(!ok && err.contains("--temperature") && !err.contains("panicked"), "{err}");
     // Burn's composed ops instead of the fused kernels: the same report, marked.

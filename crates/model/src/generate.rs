@@ -357,8 +357,15 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
 /// Picks one token from a row of logits according to `config`, with its log-probability under
 /// the model (at temperature 1 whatever `config.temperature`): [`sample`]'s draw, and at
 /// temperature 1 without top-k/top-p the log-probability `logit - max - ln(sum)` from the draw's
-/// own sum; otherwise [`log_softmax_at`].
+/// own sum; greedy, the first maximum and `-ln(sum)` (two vectorised passes); otherwise
+/// [`log_softmax_at`].
 pub fn sample_with_logprob(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> (usize, f32) {
+    if config.temperature == 0.0 {
+        let max = crate::loss::max_of(logits);
+        // The first maximum, as `argmax` picks it.
+        let token = logits.iter().position(|&l| l == max).unwrap_or(0);
+        return (token, -crate::loss::sum_of(logits, |l| crate::flex_kernels::exp_nonpositive(l - max)).ln());
+    }
     if config.temperature == 1.0 && plain(config, logits.len()) {
         let (token, max, total) = draw_by_blocks(logits, 1.0, rng);
         return (token, ((logits[token] - max) as f64 - total.ln()) as f32);
@@ -505,7 +512,7 @@ mod tests {
 
     /// The blocked draw of plain sampling follows the softmax (token frequencies within 1.5
     /// points over 20,000 draws of three tokens) and returns log_softmax_at's log-prob (1e-6);
-    /// other settings draw as `sample` does.
+    /// other settings, greedy included, draw as `sample` does, with the same log-prob (1e-6).
     #[test]
     fn plain_sampling_follows_the_distribution_with_its_logprobs() {
         let logits = [0.0f32, 3f32.ln(), 2f32.ln()];
@@ -524,9 +531,13 @@ mod tests {
             let (mut a, mut b) = (StdRng::seed_from_u64(9), StdRng::seed_from_u64(9));
             for _ in 0..100 {
                 let token = sample(&logits, &config, &mut a);
-                assert_eq!(sample_with_logprob(&logits, &config, &mut b), (token, log_softmax_at(&logits, token)), "{config:?}");
+                let (got, logprob) = sample_with_logprob(&logits, &config, &mut b);
+                assert_eq!(got, token, "{config:?}");
+                assert!((logprob - log_softmax_at(&logits, token)).abs() <= 1e-6, "{config:?}: {logprob}");
             }
         }
+        // Greedy picks the first of tied maxima, as `argmax` does.
+        assert_eq!(sample_with_logprob(&[1.0, 3.0, 3.0, -2.0], &cfg(0.0, None, None), &mut rng).0, 1);
     }
 
     #[test]
