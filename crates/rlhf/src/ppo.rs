@@ -69,9 +69,16 @@ impl PpoState {
     }
 }
 
-/// A copy's gradients moved onto its master's device (a no-op when the copy is the master).
-fn onto_master<M: Module>(master: &M, grads: GradientsParams, host_master: bool) -> GradientsParams {
-    if host_master { llama_trainer::parallel::reduce(master, vec![grads]) } else { grads }
+/// The master's gradients from a backward pass through `copy` (a `*_for_passes` model): a host
+/// master's copy has leaves of its own, whose gradients come down onto the master's device and
+/// dtype; otherwise the copy is the master or its tracked cast, whose backward already reached
+/// the master's f32 leaves.
+fn master_gradients<M: Module>(grads: &mut burn::tensor::Gradients, master: &M, copy: &M, host_master: bool) -> GradientsParams {
+    if host_master {
+        llama_trainer::parallel::reduce(master, vec![GradientsParams::from_module(grads, copy)])
+    } else {
+        GradientsParams::from_module(grads, master)
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -187,11 +194,11 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
 
     let mut grads = total.backward();
     if let Some(policy) = &policy {
-        let pg = onto_master(&state.policy, GradientsParams::from_module(&mut grads, policy), host_master);
+        let pg = master_gradients(&mut grads, &state.policy, policy, host_master);
         let (pg, norm) = state.policy_optim.gradients(&state.policy, pg, cfg.grad_clip);
         state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg, norm, cfg.grad_clip);
     }
-    let vg = onto_master(&state.value, GradientsParams::from_module(&mut grads, &value_model), host_master);
+    let vg = master_gradients(&mut grads, &state.value, &value_model, host_master);
     let (vg, norm) = state.value_optim.gradients(&state.value, vg, cfg.grad_clip);
     state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg, norm, cfg.grad_clip);
     world.sum_f64(&mut parts);

@@ -156,6 +156,29 @@ fn ppo_in_bf16_tracks_the_f32_run() {
     }
     let (want, got) = (metrics("f32", "ppo/value_loss")[0], metrics("bf16", "ppo/value_loss")[0]);
     assert!((want - got).abs() <= 0.1 * want, "first value loss: f32 {want} vs bf16 {got}");
+    // The bf16 passes' gradients reach the f32 masters: the policy and the value model move
+    // about as far as in f32 (the largest change of any weight within a factor of 3).
+    let moved = |out: &str, model: &str| {
+        let dir = tmp.path().join(out).join("ppo/checkpoints/step-00000004");
+        let (start, end): (Vec<f32>, Vec<f32>) = if model == "policy" {
+            (
+                floats(&llama_trainer::checkpoint::init_model(&policy, &Device::flex()).unwrap().1),
+                floats(&llama_trainer::checkpoint::init_model(&dir, &Device::flex()).unwrap().1),
+            )
+        } else {
+            let load = |path: &Path| {
+                let mut m = RewardModel::new(&tiny(2048), &Device::flex());
+                llama_model::checkpoint::load_weights(&mut m, path).unwrap();
+                floats(&m)
+            };
+            (load(&help.join("model.bpk")), load(&dir.join("value.bpk")))
+        };
+        start.iter().zip(&end).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max)
+    };
+    for model in ["policy", "value"] {
+        let (want, got) = (moved("f32", model), moved("bf16", model));
+        assert!(want > 0.0 && got > want / 3.0 && got < want * 3.0, "{model} moved {want} in f32, {got} in bf16");
+    }
 }
 
 /// PPO's clipped losses and their gradients against hand-computed values: clipping on both sides
