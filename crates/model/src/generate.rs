@@ -361,9 +361,7 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
 /// [`log_softmax_at`].
 pub fn sample_with_logprob(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> (usize, f32) {
     if config.temperature == 0.0 {
-        let max = crate::loss::max_of(logits);
-        // The first maximum, as `argmax` picks it.
-        let token = logits.iter().position(|&l| l == max).unwrap_or(0);
+        let (token, max) = first_max(logits);
         return (token, -crate::loss::sum_of(logits, |l| crate::flex_kernels::exp_nonpositive(l - max)).ln());
     }
     if config.temperature == 1.0 && plain(config, logits.len()) {
@@ -384,7 +382,7 @@ fn plain(config: &SamplingConfig, vocab: usize) -> bool {
 /// with them, from the sorted kept tokens.
 pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> usize {
     if config.temperature == 0.0 {
-        return argmax(logits);
+        return first_max(logits).0;
     }
     if plain(config, logits.len()) {
         return draw_by_blocks(logits, 1.0 / config.temperature, rng).0;
@@ -456,14 +454,10 @@ fn draw_by_blocks(logits: &[f32], scale: f32, rng: &mut StdRng) -> (usize, f32, 
 /// Tokens per block of [`draw_by_blocks`]: the inner scan is this long.
 const DRAW_BLOCK: usize = 256;
 
-fn argmax(logits: &[f32]) -> usize {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
-    }
-    best
+/// The argmax (the first of tied maxima; 0 for none) and the maximum, in two vectorised passes.
+fn first_max(logits: &[f32]) -> (usize, f32) {
+    let max = crate::loss::max_of(logits);
+    (logits.iter().position(|&l| l == max).unwrap_or(0), max)
 }
 
 #[cfg(test)]
@@ -536,7 +530,7 @@ mod tests {
                 assert!((logprob - log_softmax_at(&logits, token)).abs() <= 1e-6, "{config:?}: {logprob}");
             }
         }
-        // Greedy picks the first of tied maxima, as `argmax` does.
+        // Greedy picks the first of tied maxima.
         assert_eq!(sample_with_logprob(&[1.0, 3.0, 3.0, -2.0], &cfg(0.0, None, None), &mut rng).0, 1);
     }
 

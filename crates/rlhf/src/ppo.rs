@@ -49,27 +49,19 @@ pub struct PpoState {
 }
 
 impl PpoState {
-    /// The policy that rollouts, evaluations and the update's passes run on, in the compute
-    /// dtype: the master itself in f32, its tracked cast in bf16, or with a host master its copy
-    /// on the run's device (the same parameter ids, so the gradients find the master's
-    /// parameters, and come back f32).
-    pub fn policy_for_passes(&self) -> Llama {
+    /// The model that rollouts, evaluations and the update's passes run on for `master` (the
+    /// policy or the value model), in the compute dtype: the master itself in f32, its tracked
+    /// cast in bf16, or with a host master its copy on the run's device (the same parameter ids,
+    /// so the gradients find the master's parameters, and come back f32).
+    pub fn for_passes<M: Module + Clone>(&self, master: &M) -> M {
         match &self.passes_on {
-            Some(device) => device_copy(&self.policy, self.precision, device),
-            None => self.precision.compute_copy(&self.policy),
-        }
-    }
-
-    /// The value model the passes run on (as [`PpoState::policy_for_passes`]).
-    pub fn value_for_passes(&self) -> RewardModel {
-        match &self.passes_on {
-            Some(device) => device_copy(&self.value, self.precision, device),
-            None => self.precision.compute_copy(&self.value),
+            Some(device) => device_copy(master, self.precision, device),
+            None => self.precision.compute_copy(master),
         }
     }
 }
 
-/// The master's gradients from a backward pass through `copy` (a `*_for_passes` model): a host
+/// The master's gradients from a backward pass through `copy` (its `for_passes` model): a host
 /// master's copy has leaves of its own, whose gradients come down onto the master's device and
 /// dtype; otherwise the copy is the master or its tracked cast, whose backward already reached
 /// the master's f32 leaves.
@@ -146,7 +138,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     // 1 in one process (bit for bit the plain mean).
     let share = tokens_of(&mut idx.iter().copied()) / tokens_of(&mut idx_all.iter().copied()).max(1.0);
     let host_master = state.passes_on.is_some();
-    let value_model = state.value_for_passes();
+    let value_model = state.for_passes(&state.value);
     let device = value_model.head.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
@@ -167,7 +159,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let mut parts = [0.0, value_loss.clone().into_scalar::<f32>() as f64, 0.0, 0.0, 0.0];
 
     // Policy: clipped surrogate (not during the value warm-up).
-    let policy = train_policy.then(|| state.policy_for_passes());
+    let policy = train_policy.then(|| state.for_passes(&state.policy));
     let total = if let Some(policy) = &policy {
         let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width]);
         let (hidden, lp) = with_memory_saving(saving, || {
@@ -297,8 +289,8 @@ impl<'a> PpoRun<'a> {
         let latest = if resume { checkpoints.latest() } else { None };
         // Several ranks: both AdamWs sharded over them; a sharded checkpoint resumes sharded. A
         // host master: the same flat state whole, unless the run resumes Burn's optimizer state.
-        let resumes = |flat: bool| latest.as_ref().is_some_and(|(_, dir)| is_sharded(dir) == flat);
-        let sharded = world.is_distributed() || resumes(true) || (host_master && !resumes(false));
+        let resumed_flat = latest.as_ref().map(|(_, dir)| is_sharded(dir));
+        let sharded = llama_trainer::optim::keeps_flat_state(world.is_distributed(), host_master, resumed_flat);
         let (policy_optim, value_optim) = if sharded {
             (StepOptimizer::Sharded(ShardedAdamW::new(&policy, &opt, world)), StepOptimizer::Sharded(ShardedAdamW::new(&value, &opt, world)))
         } else {
@@ -434,8 +426,16 @@ impl<'a> PpoRun<'a> {
     /// The current policy on the held-out prompts, logged at this iteration.
     fn evaluate(&mut self) -> anyhow::Result<HeldOut> {
         let (p, state) = (&self.cfg.ppo, &self.state);
-        let held_out =
-            evaluate(&state.policy_for_passes(), &state.reference, &self.eval_prompts, &self.tokenizer, &self.scorers, p.max_new_tokens, &self.cfg.eval, None)?;
+        let held_out = evaluate(
+            &state.for_passes(&state.policy),
+            &state.reference,
+            &self.eval_prompts,
+            &self.tokenizer,
+            &self.scorers,
+            p.max_new_tokens,
+            &self.cfg.eval,
+            None,
+        )?;
         self.metrics.scalars(state.iteration, &held_out.scalars("ppo"))?;
         self.metrics.text(state.iteration, "ppo/samples", &samples_text(&held_out.samples, 6))?;
         Ok(held_out)

@@ -107,6 +107,14 @@ pub enum StepOptimizer {
     Sharded(crate::sharded::ShardedAdamW),
 }
 
+/// Whether a run keeps the flat AdamW state of [`crate::sharded`] rather than Burn's record:
+/// always over several ranks; with a host master; and when it resumes flat state
+/// (`resumed_flat`: whether the checkpoint it resumes holds it, None for a fresh start). A run
+/// that resumes Burn's record in one process keeps it, host master or not.
+pub fn keeps_flat_state(distributed: bool, host_master: bool, resumed_flat: Option<bool>) -> bool {
+    distributed || resumed_flat.unwrap_or(host_master)
+}
+
 /// A step's gradients as the optimizer wants them: every parameter's (already clipped for Burn's
 /// optimizer; the in-place step clips as it updates), or this rank's block of the summed flat
 /// gradient (clipped in the step).

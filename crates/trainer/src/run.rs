@@ -282,8 +282,8 @@ where
         // A host master: the same flat state whole, updated in place (its checkpoints then resume
         // at any world size), unless the run resumes Burn's optimizer state.
         let latest = checkpoints.latest();
-        let resumes = |flat: bool| cfg.resume && latest.as_ref().is_some_and(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir) == flat);
-        let sharded = world.is_distributed() || resumes(true) || (host_master && !resumes(false));
+        let resumed_flat = latest.as_ref().filter(|_| cfg.resume).map(|(_, dir)| crate::sharded::ShardedAdamW::is_saved_in(dir));
+        let sharded = crate::optim::keeps_flat_state(world.is_distributed(), host_master, resumed_flat);
         let mut optimizer = if sharded {
             StepOptimizer::Sharded(crate::sharded::ShardedAdamW::new(&model, &cfg.optim, world))
         } else {

@@ -163,17 +163,20 @@ impl ModuleMapper for UpdateInPlace<'_> {
         let Some(grad) = self.grads.remove::<D>(param.id) else {
             return param;
         };
-        let (id, old) = (param.id, param.val());
-        let inner = old.inner();
-        let (device, dtype) = (inner.device(), inner.dtype());
+        let old = param.val().inner();
         let f32_values = |t: Tensor<D>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
-        let (mut values, grad) = (f32_values(inner), f32_values(grad));
+        let (mut values, grad) = (f32_values(old.clone()), f32_values(grad));
         let range = slot.offset..slot.offset + slot.len();
         let rule = if slot.decay { &self.rules[0] } else { &self.rules[1] };
         adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, None);
-        let value = Tensor::<D>::from_data(TensorData::new(values, slot.shape.clone()), &device).cast(dtype).autodiff().require_grad();
-        Param::initialized(id, value)
+        leaf(param.id, values, slot, &old)
     }
+}
+
+/// Parameter `id` holding `values` (shaped as `slot`) as a new leaf on `old`'s device and dtype.
+fn leaf<const D: usize>(id: burn::module::ParamId, values: Vec<f32>, slot: &Slot, old: &Tensor<D>) -> Param<Tensor<D>> {
+    let value = Tensor::<D>::from_data(TensorData::new(values, slot.shape.clone()), &old.device()).cast(old.dtype()).autodiff().require_grad();
+    Param::initialized(id, value)
 }
 
 /// Replaces every parameter by its slot of the flat vector (a new leaf on its device and dtype).
@@ -185,11 +188,7 @@ struct Unflatten<'a> {
 impl ModuleMapper for Unflatten<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let slot = self.slots.next().expect("the layout covers every parameter");
-        let (id, old) = (param.id, param.val());
-        let inner = old.inner();
-        let data = TensorData::new(self.flat[slot.offset..slot.offset + slot.len()].to_vec(), slot.shape.clone());
-        let value = Tensor::<D>::from_data(data, &inner.device()).cast(inner.dtype()).autodiff().require_grad();
-        Param::initialized(id, value)
+        leaf(param.id, self.flat[slot.offset..slot.offset + slot.len()].to_vec(), slot, &param.val().inner())
     }
 }
 
@@ -268,14 +267,10 @@ impl ShardedAdamW {
     /// Clips `block` to `max_norm` by the global `norm` (`optim_rules::clip_factor`, as `optim::clip_global_norm`),
     /// updates this rank's block and returns the model with every rank's updated block.
     pub fn step<M: Module>(&mut self, lr: f64, model: M, block: Vec<f32>, norm: f64, max_norm: f64) -> M {
-        let clip = crate::optim_rules::clip_factor(norm, max_norm) as f32;
-        self.time += 1;
+        let (clip, [decaying, exempt]) = self.next_step(lr, norm, max_norm);
         let range = self.range();
         let mut master = vec![0f32; self.block];
         model.visit(&mut FlattenRange { range: range.clone(), out: &mut master, slots: self.slots.iter() });
-        let [b1, b2, eps] = self.betas_eps;
-        let decaying = AdamWRule::new(lr, [b1, b2, eps, self.weight_decay], self.time);
-        let exempt = AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time);
         for slot in &self.slots {
             let (start, end) = (slot.offset.max(range.start), (slot.offset + slot.len()).min(range.end));
             let (a, b) = (start.saturating_sub(range.start), end.saturating_sub(range.start));
@@ -291,16 +286,23 @@ impl ShardedAdamW {
         model.map(&mut Unflatten { flat: &flat, slots: self.slots.iter() })
     }
 
+    /// Counts a step and returns its clip factor (of the global `norm`, as
+    /// `optim::clip_global_norm`'s) and AdamW rules: with weight decay, and without (the exempt
+    /// group).
+    fn next_step(&mut self, lr: f64, norm: f64, max_norm: f64) -> (f32, [AdamWRule; 2]) {
+        self.time += 1;
+        let [b1, b2, eps] = self.betas_eps;
+        let rules = [AdamWRule::new(lr, [b1, b2, eps, self.weight_decay], self.time), AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time)];
+        (crate::optim_rules::clip_factor(norm, max_norm) as f32, rules)
+    }
+
     /// One process's update: each parameter's gradient (`grads`, every one of them, unclipped)
     /// times the clip factor of the global `norm`, then AdamW, parameter by parameter in place
     /// (see the module docs). The same numbers as [`crate::optim::Optimizer`] after
     /// `clip_global_norm`, bit for bit.
     pub fn step_in_place<M: Module>(&mut self, lr: f64, model: M, mut grads: GradientsParams, norm: f64, max_norm: f64) -> M {
         assert!(!self.world.is_distributed(), "step_in_place updates the whole model: one process only");
-        self.time += 1;
-        let [b1, b2, eps] = self.betas_eps;
-        let rules = [AdamWRule::new(lr, [b1, b2, eps, self.weight_decay], self.time), AdamWRule::new(lr, [b1, b2, eps, 0.0], self.time)];
-        let clip = crate::optim_rules::clip_factor(norm, max_norm) as f32;
+        let (clip, rules) = self.next_step(lr, norm, max_norm);
         let total = self.total();
         let mut update = UpdateInPlace {
             grads: &mut grads,
