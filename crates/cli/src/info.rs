@@ -110,7 +110,15 @@ pub fn run(args: InfoArgs) -> Result<()> {
     );
     for (dtype, p) in [("f32", Precision::F32), ("bf16", Precision::Bf16)] {
         let keeps_attention_probs = TrainingMemory::attention_keeps_probs(p, cpu);
-        let plan = TrainingMemory { recompute, optimizer, logits_chunk: chunk_for(recompute), keeps_attention_probs, micro_batches, ..TrainingMemory::new(p) };
+        let plan = TrainingMemory {
+            recompute,
+            optimizer,
+            logits_chunk: chunk_for(recompute),
+            keeps_attention_probs,
+            micro_batches,
+            streams_gradients: ranks == 1,
+            ..TrainingMemory::new(p)
+        };
         let m = c.memory_estimate(micro_batch, seq, &plan);
         println!(
             "{dtype:<6} {:>11} {:>11} {:>11} {:>11} {:>12} {:>12} {:>14} {:>11}{}",
@@ -137,6 +145,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
                     logits_chunk: chunk_for(r),
                     keeps_attention_probs: TrainingMemory::attention_keeps_probs(Precision::Bf16, cpu),
                     micro_batches,
+                    streams_gradients: ranks == 1,
                     ..TrainingMemory::new(Precision::Bf16)
                 },
             );
@@ -144,8 +153,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
     }
     println!(
-        "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients",
-        llama_model::memory::MEASURED_OVERHEAD
+        "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients ({}; PPO brings them down whole)",
+        llama_model::memory::MEASURED_OVERHEAD,
+        if ranks == 1 { "streamed a parameter at a time into the update" } else { "whole, flattened for the collectives" }
     );
     if ppo {
         let reward = match &reward_config {

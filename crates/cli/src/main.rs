@@ -56,6 +56,11 @@ enum Command {
         /// Timed steps (after one warm-up step).
         #[arg(long, default_value_t = 3)]
         steps: usize,
+        /// Time the trainer's own step instead (global norm, gradients streamed, the in-place
+        /// update and its bf16 copy, through Burn modules) on a Llama model of about --params,
+        /// the CPU as its device.
+        #[arg(long)]
+        trainer: bool,
         /// Write the figures as JSON here too.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -183,7 +188,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Info(args) => info::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
-        Command::BenchOptimizer { params, steps, json } => bench_optimizer::run(params, steps, json),
+        Command::BenchOptimizer { params, steps, trainer, json } => bench_optimizer::run(params, steps, trainer, json),
         Command::Chat(args) => chat::run(args),
         Command::Generate(args) => generate::run(args),
     }

@@ -9,6 +9,11 @@ use crate::precision::Precision;
 /// and blocks are recomputed: 1024 x 32000 f32 logits are 125 MiB per chunk.
 pub const DEFAULT_LOGITS_CHUNK: usize = 1024;
 
+/// Host bytes per value of the largest parameter while gradients stream into the in-place host
+/// update: two f32 gradients on their way down and one in hand, the f32 master values being
+/// updated, and bf16 copies in hand, queued and going up.
+pub const STREAMED_BYTES_PER_VALUE: u64 = 3 * 4 + 4 + 3 * 2;
+
 /// How a run trains, as far as memory goes: the inputs of [`LlamaConfig::memory_estimate`].
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TrainingMemory {
@@ -24,6 +29,10 @@ pub struct TrainingMemory {
     /// Micro-batches per optimizer step on each device: with the optimizer on the host and more
     /// than one, their gradients are summed on the device in f32 (an f32 copy of the gradients).
     pub micro_batches: usize,
+    /// With the optimizer on the host: whether the step's gradients come down a parameter at a
+    /// time into the in-place update (one process on one device, `trainer::sharded`'s
+    /// `step_in_place`), rather than whole (several ranks or devices, PPO).
+    pub streams_gradients: bool,
 }
 
 impl TrainingMemory {
@@ -36,6 +45,7 @@ impl TrainingMemory {
             logits_chunk: None,
             keeps_attention_probs: false,
             micro_batches: 1,
+            streams_gradients: false,
         }
     }
 
@@ -63,7 +73,8 @@ pub struct MemoryEstimate {
     pub host_master_weights: u64,
     /// Host: AdamW moments.
     pub host_optimizer: u64,
-    /// Host: the step's f32 gradients, come down from the device.
+    /// Host: the step's f32 gradients, come down from the device: whole, or a few of the
+    /// largest parameter's values in flight when they stream ([`STREAMED_BYTES_PER_VALUE`]).
     pub host_gradients: u64,
 }
 
@@ -148,6 +159,8 @@ impl LlamaConfig {
         let master = if plan.precision == Precision::F32 { 0 } else { p * 4 };
         let on_host = plan.optimizer == OptimizerPlacement::Host;
         let gradient_sum = if on_host && plan.micro_batches > 1 { p * 4 } else { 0 };
+        let largest_param = (self.vocab_size as u64).max(self.ffn_hidden() as u64) * d;
+        let host_gradients = if plan.streams_gradients { largest_param * STREAMED_BYTES_PER_VALUE } else { p * 4 };
         MemoryEstimate {
             weights: p * b,
             master_weights: if on_host { 0 } else { master },
@@ -156,7 +169,7 @@ impl LlamaConfig {
             activations: blocks + logits + attention_scores,
             host_master_weights: if on_host { p * 4 } else { 0 },
             host_optimizer: if on_host { 2 * p * 4 } else { 0 },
-            host_gradients: if on_host { p * 4 } else { 0 },
+            host_gradients: if on_host { host_gradients } else { 0 },
         }
     }
 
@@ -267,6 +280,15 @@ mod tests {
             c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
         assert_eq!(accumulating.total() - host.total(), 4 * p);
         assert_eq!(accumulating.host_total(), host.host_total());
+        // One process on one device: the gradients stream, a few of the embedding's 131 M
+        // values at a time (3.1 GB, not 27 GB).
+        let streaming = c.memory_estimate(
+            1,
+            4096,
+            &TrainingMemory { streams_gradients: true, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) },
+        );
+        assert_eq!(streaming.host_gradients, 32000 * 4096 * 22);
+        assert_eq!(streaming.total(), host.total());
         let saving = TrainingMemory { recompute: Recompute::Block, logits_chunk: Some(1024), ..TrainingMemory::new(Precision::Bf16) };
         let lean = c.memory_estimate(1, 4096, &saving);
         assert!(lean.activations * 4 < plain.activations, "{} vs {}", lean.activations, plain.activations);

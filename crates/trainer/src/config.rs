@@ -308,6 +308,7 @@ impl RunConfig {
             logits_chunk: train.memory_saving().logits_chunk,
             keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&self.device)),
             micro_batches: train.accumulation() / (self.devices * crate::distributed::world().size()).max(1),
+            streams_gradients: self.devices == 1 && !crate::distributed::world().is_distributed(),
         }
     }
 

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use burn::module::{Module, ModuleVisitor, Param};
 use burn::optim::{GradientsParams, ModuleOptimizer};
-use burn::tensor::Tensor;
+use burn::tensor::{Device, Tensor};
 use llama_model::adamw::FusedAdamW;
 
 use crate::config::OptimConfig;
@@ -54,7 +54,9 @@ struct SumOfSquares<'a> {
 impl ModuleVisitor for SumOfSquares<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.get::<D>(param.id) {
-            let s = (g.clone() * g).sum();
+            // In f32 whatever the gradient's dtype (a host master's single micro-batch leaves
+            // them in the compute dtype on the device), one tensor at a time.
+            let s = llama_model::adamw::tensor_sum_of_squares(&g.cast(burn::tensor::FloatDType::F32));
             self.total = Some(match self.total.take() {
                 Some(t) => t + s,
                 None => s,
@@ -128,6 +130,9 @@ impl StepOptimizer {
     pub fn gradients<M: Module>(&mut self, model: &M, mut grads: GradientsParams, max_norm: f64) -> (StepGradients, f64) {
         match self {
             Self::Local(_) => {
+                // Burn's optimizer wants them on the model's device and in its dtype (a host
+                // master's may still be on the device the passes ran on).
+                grads = crate::parallel::reduce(model, vec![grads]);
                 let norm = clip_global_norm(model, &mut grads, max_norm);
                 (StepGradients::Local(grads), norm)
             }
@@ -146,10 +151,17 @@ impl StepOptimizer {
 
     /// One AdamW update at learning rate `lr`.
     pub fn step<M: Module>(&mut self, lr: f64, model: M, grads: StepGradients, norm: f64, max_norm: f64) -> M {
+        self.step_with_copy(lr, model, grads, norm, max_norm, None).0
+    }
+
+    /// One AdamW update at learning rate `lr`, and, where the update runs in place on the host
+    /// (one process, flat state), the updated weights' bf16 copy on `copy_to` written in the same
+    /// pass (see [`crate::sharded::ShardedAdamW::step_in_place`]); None elsewhere.
+    pub fn step_with_copy<M: Module>(&mut self, lr: f64, model: M, grads: StepGradients, norm: f64, max_norm: f64, copy_to: Option<&Device>) -> (M, Option<M>) {
         match (self, grads) {
-            (Self::Local(o), StepGradients::Local(g)) => o.step(lr, model, g),
-            (Self::Sharded(s), StepGradients::Block(b)) => s.step(lr, model, b, norm, max_norm),
-            (Self::Sharded(s), StepGradients::Local(g)) => s.step_in_place(lr, model, g, norm, max_norm),
+            (Self::Local(o), StepGradients::Local(g)) => (o.step(lr, model, g), None),
+            (Self::Sharded(s), StepGradients::Block(b)) => (s.step(lr, model, b, norm, max_norm), None),
+            (Self::Sharded(s), StepGradients::Local(g)) => s.step_in_place(lr, model, g, norm, max_norm, copy_to),
             _ => unreachable!("gradients come from the same optimizer"),
         }
     }

@@ -88,11 +88,11 @@ impl ModuleMapper for CastLeaves {
 }
 
 /// One replica's share of a step: the summed-then-scaled gradients of its micro-batches (on
-/// `master`'s device in f32 with a host master, else on `model`'s) and the sum of their
-/// (unscaled) losses. `total_weight` is the whole step's, across all replicas.
+/// `model`'s device: in f32, or with a host master and a single micro-batch in the compute
+/// dtype) and the sum of their (unscaled) losses. `total_weight` is the whole step's, across all
+/// replicas.
 pub fn backward_part<'a, M, O>(
     model: &M,
-    master: &M,
     objective: &O,
     batches: impl IntoIterator<Item = &'a O::Batch>,
     plan: StepPlan,
@@ -111,7 +111,8 @@ where
     let batches: Vec<&O::Batch> = batches.into_iter().collect();
     // With a host master and several micro-batches, their gradients are summed on the device in
     // f32 (in the compute dtype the sum would round) and come down to the host once per step;
-    // a single micro-batch's come down as they are and are cast there.
+    // a single micro-batch's come down as they are and are cast there. (Without one, the
+    // gradients reach the f32 master's leaves through the tracked cast, in f32.)
     let sum_on_device = plan.host_master && batches.len() > 1;
     for batch in batches {
         let grads = with_memory_saving(plan.saving, || {
@@ -127,9 +128,7 @@ where
         }
         accumulator.accumulate(model, grads);
     }
-    let grads = accumulator.grads();
-    let grads = if plan.host_master { reduce(master, vec![grads]) } else { grads };
-    (grads, loss_sum)
+    (accumulator.grads(), loss_sum)
 }
 
 /// Casts every parameter's gradient to `dtype` where it is (a no-op for those already in it).
@@ -147,11 +146,23 @@ impl ModuleVisitor for CastGrads<'_> {
     }
 }
 
-/// The step's gradients (on `master`'s device, f32, unscaled) and mean loss: with several
-/// `devices`, computed by one replica per device in parallel threads; with none or one, by
-/// `master` itself, or by its compute copy on `devices[0]` (else the master's device) with a
-/// host master.
-pub fn accumulate<M, O>(master: &M, objective: &O, batches: &[O::Batch], plan: StepPlan, scale: f64, devices: &[Device]) -> (GradientsParams, f64)
+/// The step's gradients (unscaled) and mean loss: with several `devices`, computed by one
+/// replica per device in parallel threads and summed on `master`'s device in f32; with none or
+/// one, by `master` itself, or with a host master by its compute copy on `devices[0]` (else the
+/// master's device): `prepared` if given (the optimizer's, see
+/// [`crate::optim::StepOptimizer::step_with_copy`]), else [`device_copy`]'s. A host master's
+/// gradients then stay on that device, as the passes left them (f32, or the compute dtype for a
+/// single micro-batch), for the optimizer to bring down; with a loss scale they come down first,
+/// to be unscaled in f32.
+pub fn accumulate<M, O>(
+    master: &M,
+    objective: &O,
+    batches: &[O::Batch],
+    plan: StepPlan,
+    scale: f64,
+    devices: &[Device],
+    prepared: Option<M>,
+) -> (GradientsParams, f64)
 where
     M: Module + Clone + Send + Sync,
     O: Objective<M> + Sync,
@@ -172,12 +183,13 @@ where
         let replica = if plan.host_master {
             // No device given: the passes run beside the master (as on the CPU).
             let device = devices.first().cloned().unwrap_or_else(|| master.devices()[0].clone());
-            device_copy(master, plan.precision, &device)
+            prepared.unwrap_or_else(|| device_copy(master, plan.precision, &device))
         } else {
             master.clone()
         };
-        let (mut grads, loss_sum) = backward_part(&replica, master, objective, batches, plan, scale, total_weight);
+        let (mut grads, loss_sum) = backward_part(&replica, objective, batches, plan, scale, total_weight);
         if scale != 1.0 {
+            grads = reduce(master, vec![grads]);
             scale_grads(master, &mut grads, 1.0 / scale);
         }
         return (grads, job_loss(loss_sum));
@@ -195,7 +207,7 @@ where
                     } else {
                         master.clone().fork(device)
                     };
-                    backward_part(&replica, master, objective, batches.iter().skip(rank).step_by(world), plan, scale, total_weight)
+                    backward_part(&replica, objective, batches.iter().skip(rank).step_by(world), plan, scale, total_weight)
                 })
             })
             .collect();

@@ -181,7 +181,7 @@ where
     O: Objective<M> + Sync,
     O::Batch: Sync,
 {
-    crate::parallel::accumulate(model, objective, batches, StepPlan::plain(precision), loss_scale, &[])
+    crate::parallel::accumulate(model, objective, batches, StepPlan::plain(precision), loss_scale, &[], None)
 }
 
 /// Trains `model` on `objective` until `total_steps`, `stop_after`, or the data runs out.
@@ -239,6 +239,9 @@ struct Run<'c, M> {
     checkpoints: Checkpoints,
     plan: StepPlan,
     compute_device: burn::tensor::Device,
+    /// With a host master in bf16 on one device: the master's compute copy on that device, as the
+    /// last update wrote it (the next step's passes and evaluations run on it).
+    compute_copy: Option<M>,
     /// This rank's micro-batches per step.
     accumulation: usize,
     /// Start and tokens of the current logging window (tokens/s, MFU).
@@ -342,6 +345,7 @@ where
             checkpoints,
             plan,
             compute_device,
+            compute_copy: None,
             // Each rank runs its share of the step's micro-batches (LoopConfig::new checked it divides).
             accumulation: cfg.train.accumulation() / world.size(),
             window: (Instant::now(), 0),
@@ -363,7 +367,11 @@ where
 
     /// What evaluation runs on: the master itself, or its copy on the device.
     fn for_eval(&self) -> M {
-        if self.plan.host_master { device_copy(self.model(), self.cfg.precision, &self.compute_device) } else { self.model().clone() }
+        match &self.compute_copy {
+            Some(copy) => copy.clone(),
+            None if self.plan.host_master => device_copy(self.model(), self.cfg.precision, &self.compute_device),
+            None => self.model().clone(),
+        }
     }
 
     /// This rank's micro-batches of the next step; `None` (said once) when any rank's data ran out.
@@ -395,7 +403,8 @@ where
         let step_tokens = step_tokens[0] as usize;
         let (grads, loss, grad_norm) = loop {
             let scale = self.state.loss_scale.as_ref().map_or(1.0, |s| s.scale);
-            let (grads, loss) = crate::parallel::accumulate(self.model(), objective, batches, self.plan, scale, &cfg.devices);
+            let prepared = self.compute_copy.take();
+            let (grads, loss) = crate::parallel::accumulate(self.model(), objective, batches, self.plan, scale, &cfg.devices, prepared);
             kill_point("backward", self.state.step + 1);
             let (grads, grad_norm) = self.optimizer.gradients(self.model.as_ref().expect("the model is back after every update"), grads, cfg.optim.grad_clip);
             // Before the run's first update the f16 scale is still being found: an overflow
@@ -428,7 +437,10 @@ where
             s.good_step();
         }
         let model = self.model.take().expect("the model is back after every update");
-        self.model = Some(self.optimizer.step(lr, model, grads, grad_norm, cfg.optim.grad_clip));
+        // A host master in bf16 on one device: the update writes the next compute copy too.
+        let copy_to = (self.plan.host_master && cfg.devices.len() <= 1 && cfg.precision == Precision::Bf16).then_some(&self.compute_device);
+        let (model, copy) = self.optimizer.step_with_copy(lr, model, grads, grad_norm, cfg.optim.grad_clip, copy_to);
+        (self.model, self.compute_copy) = (Some(model), copy);
         self.last_loss = Some(loss);
         kill_point("update", self.state.step);
         StepOutcome::Updated { loss, grad_norm, lr }

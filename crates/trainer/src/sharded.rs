@@ -10,10 +10,12 @@
 //! divided by the world size.
 //!
 //! In one process (`run.optimizer = "host"`) the same state is updated without the flat
-//! gradient: [`ShardedAdamW::step_in_place`] walks the parameters, each gradient clipped by the
-//! global norm and AdamW applied in one pass over the parameter's f32 master values, its gradient
-//! and its slot of the two flat moments; the arithmetic is the per-tensor optimizer's, bit for
-//! bit, and no moment tensor is allocated per step.
+//! gradient: [`ShardedAdamW::step_in_place`] walks the parameters, each gradient brought down
+//! from the device while the previous parameter updates, clipped by the global norm and AdamW
+//! applied in one pass over the parameter's f32 master values, its gradient and its slot of the
+//! two flat moments (writing the bf16 compute copy too, sent up while the next one updates); the
+//! arithmetic is the per-tensor optimizer's, bit for bit, and no moment tensor is allocated per
+//! step.
 //!
 //! Checkpoints hold one file per block (`optimizer/block-R-of-W.safetensors`: `moment_1`,
 //! `moment_2`) and `optimizer/manifest.json` (world size, block length, the parameters' offsets,
@@ -25,7 +27,8 @@ use std::time::Instant;
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::GradientsParams;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Device, Tensor, TensorData};
+use half::bf16;
 use llama_model::adamw::{AdamWRule, adamw_flat, sum_of_squares};
 use serde::{Deserialize, Serialize};
 
@@ -145,11 +148,32 @@ impl ModuleVisitor for FlattenRange<'_> {
     }
 }
 
-/// Updates every parameter that has a gradient, in place: clip, AdamW and its moments' slots in
-/// one pass (`adamw_flat`), the result a new leaf on the parameter's device and dtype. A
-/// parameter without a gradient is left as it is, as Burn's optimizers leave it.
-struct UpdateInPlace<'a> {
+/// Each parameter's gradient as a job that brings it to the host in f32 (None where it has none),
+/// in the model's visiting order: the download stage of [`ShardedAdamW::step_in_place`].
+struct GradientDownloads<'a> {
     grads: &'a mut GradientsParams,
+    jobs: Vec<Option<Box<dyn FnOnce() -> Vec<f32> + Send>>>,
+}
+
+impl ModuleVisitor for GradientDownloads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let grad = self.grads.remove::<D>(param.id);
+        self.jobs.push(grad.map(|g| Box::new(move || f32_values(g)) as Box<dyn FnOnce() -> Vec<f32> + Send>));
+    }
+}
+
+fn f32_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+    t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values")
+}
+
+/// Updates every parameter that has a gradient (received in order from the download stage), in
+/// place: clip, AdamW and its moments' slots in one pass (`adamw_flat`), the result a new leaf on
+/// the parameter's device and dtype. A parameter without a gradient is left as it is, as Burn's
+/// optimizers leave it. With `uploads`, the same pass writes the bf16 copy of every parameter,
+/// which goes to the upload stage.
+struct UpdateInPlace<'a> {
+    grads: std::sync::mpsc::Receiver<Option<Vec<f32>>>,
+    uploads: Option<std::sync::mpsc::SyncSender<Vec<bf16>>>,
     slots: std::slice::Iter<'a, Slot>,
     moment_1: &'a mut [f32],
     moment_2: &'a mut [f32],
@@ -160,22 +184,45 @@ struct UpdateInPlace<'a> {
 impl ModuleMapper for UpdateInPlace<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let slot = self.slots.next().expect("the layout covers every parameter");
-        let Some(grad) = self.grads.remove::<D>(param.id) else {
+        let grad = self.grads.recv().expect("the download stage sends every parameter");
+        let Some(grad) = grad else {
+            // Not updated, still part of the copy.
+            if let Some(uploads) = &self.uploads {
+                let half = f32_values(param.val().inner()).into_iter().map(bf16::from_f32).collect();
+                uploads.send(half).expect("the upload stage runs until the last parameter");
+            }
             return param;
         };
-        let old = param.val().inner();
-        let f32_values = |t: Tensor<D>| t.into_data().convert::<f32>().try_into_vec::<f32>().expect("f32 values");
-        let (mut values, grad) = (f32_values(old.clone()), f32_values(grad));
+        // The master's values are taken, not copied, where this is their only handle (the run
+        // hands its model over for the update).
+        let (id, old, _) = param.consume();
+        let (device, dtype) = (old.device(), old.dtype());
+        let mut values = f32_values(old.inner());
+        let mut half = self.uploads.as_ref().map(|_| vec![bf16::ZERO; values.len()]);
         let range = slot.offset..slot.offset + slot.len();
         let rule = if slot.decay { &self.rules[0] } else { &self.rules[1] };
-        adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, None);
-        leaf(param.id, values, slot, &old)
+        adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, half.as_deref_mut());
+        if let (Some(uploads), Some(half)) = (&self.uploads, half) {
+            uploads.send(half).expect("the upload stage runs until the last parameter");
+        }
+        leaf(id, values, slot, &device, dtype)
     }
 }
 
-/// Parameter `id` holding `values` (shaped as `slot`) as a new leaf on `old`'s device and dtype.
-fn leaf<const D: usize>(id: burn::module::ParamId, values: Vec<f32>, slot: &Slot, old: &Tensor<D>) -> Param<Tensor<D>> {
-    let value = Tensor::<D>::from_data(TensorData::new(values, slot.shape.clone()), &old.device()).cast(old.dtype()).autodiff().require_grad();
+/// Replaces every parameter by its uploaded bf16 values (flat, in visiting order) as a new leaf:
+/// the compute copy that [`crate::parallel::device_copy`] would make of the updated master.
+struct Uploaded(std::vec::IntoIter<Tensor<1>>);
+
+impl ModuleMapper for Uploaded {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let flat = self.0.next().expect("one upload per parameter");
+        Param::initialized(param.id, flat.reshape(param.val().dims()).autodiff().require_grad())
+    }
+}
+
+/// Parameter `id` holding `values` (shaped as `slot`) as a new leaf on `device` in `dtype`.
+fn leaf<const D: usize>(id: burn::module::ParamId, values: Vec<f32>, slot: &Slot, device: &Device, dtype: DType) -> Param<Tensor<D>> {
+    let value = Tensor::<D>::from_data(TensorData::new(values, slot.shape.clone()), &device.clone().inner()).cast(dtype).autodiff().require_grad();
     Param::initialized(id, value)
 }
 
@@ -188,7 +235,8 @@ struct Unflatten<'a> {
 impl ModuleMapper for Unflatten<'_> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let slot = self.slots.next().expect("the layout covers every parameter");
-        leaf(param.id, self.flat[slot.offset..slot.offset + slot.len()].to_vec(), slot, &param.val().inner())
+        let old = param.val();
+        leaf(param.id, self.flat[slot.offset..slot.offset + slot.len()].to_vec(), slot, &old.device(), old.dtype())
     }
 }
 
@@ -296,23 +344,70 @@ impl ShardedAdamW {
         (crate::optim_rules::clip_factor(norm, max_norm) as f32, rules)
     }
 
-    /// One process's update: each parameter's gradient (`grads`, every one of them, unclipped)
-    /// times the clip factor of the global `norm`, then AdamW, parameter by parameter in place
-    /// (see the module docs). The same numbers as [`crate::optim::Optimizer`] after
-    /// `clip_global_norm`, bit for bit.
-    pub fn step_in_place<M: Module>(&mut self, lr: f64, model: M, mut grads: GradientsParams, norm: f64, max_norm: f64) -> M {
+    /// One process's update: each parameter's gradient (`grads`, every one of them, unclipped,
+    /// on any device and in any float dtype) times the clip factor of the global `norm`, then
+    /// AdamW, parameter by parameter in place (see the module docs). The same numbers as
+    /// [`crate::optim::Optimizer`] after `clip_global_norm`, bit for bit.
+    ///
+    /// With `copy_to`, the same pass also writes each updated parameter in bf16, and the second
+    /// model returned is those values on that device: the next step's compute copy (what
+    /// [`crate::parallel::device_copy`] makes in bf16), without a separate cast. Three stages
+    /// overlap, one parameter apart, as ZeRO-Offload's do: a thread brings the next gradient
+    /// down while this one updates a parameter, and another sends the previous one's copy up.
+    pub fn step_in_place<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        mut grads: GradientsParams,
+        norm: f64,
+        max_norm: f64,
+        copy_to: Option<&Device>,
+    ) -> (M, Option<M>) {
         assert!(!self.world.is_distributed(), "step_in_place updates the whole model: one process only");
         let (clip, rules) = self.next_step(lr, norm, max_norm);
         let total = self.total();
-        let mut update = UpdateInPlace {
-            grads: &mut grads,
-            slots: self.slots.iter(),
-            moment_1: &mut self.moment_1[..total],
-            moment_2: &mut self.moment_2[..total],
-            clip,
-            rules,
-        };
-        model.map(&mut update)
+        let mut downloads = GradientDownloads { grads: &mut grads, jobs: vec![] };
+        model.visit(&mut downloads);
+        let jobs = downloads.jobs;
+        let (moment_1, moment_2) = (&mut self.moment_1[..total], &mut self.moment_2[..total]);
+        let slots = self.slots.iter();
+        std::thread::scope(|scope| {
+            // One parameter in the channel and one in hand: the host holds at most a few
+            // parameters' gradients and copies beside the master and the moments.
+            let (grad_tx, grad_rx) = std::sync::mpsc::sync_channel(1);
+            scope.spawn(move || {
+                for job in jobs {
+                    if grad_tx.send(job.map(|download| download())).is_err() {
+                        break;
+                    }
+                }
+            });
+            let (uploads, uploader) = match copy_to {
+                Some(device) => {
+                    let device = device.clone().inner();
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<bf16>>(1);
+                    let uploader = scope.spawn(move || {
+                        rx.into_iter()
+                            .map(|half| {
+                                let len = half.len();
+                                Tensor::<1>::from_data(TensorData::new(half, [len]), (&device, DType::BF16))
+                            })
+                            .collect::<Vec<_>>()
+                    });
+                    (Some(tx), Some(uploader))
+                }
+                None => (None, None),
+            };
+            let mut update = UpdateInPlace { grads: grad_rx, uploads, slots, moment_1, moment_2, clip, rules };
+            let updated = model.map(&mut update);
+            // Closing the channel ends the upload stage.
+            drop(update);
+            let copy = uploader.map(|u| {
+                let flat = u.join().expect("the upload stage panicked");
+                updated.clone().map(&mut Uploaded(flat.into_iter()))
+            });
+            (updated, copy)
+        })
     }
 
     /// Writes this rank's block into `dir/optimizer/` (and, on rank 0, the manifest). Every rank
@@ -379,4 +474,46 @@ impl ShardedAdamW {
 
 fn block_file(rank: usize, world: usize) -> String {
     format!("block-{rank:05}-of-{world:05}.safetensors")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::nn::{Linear, LinearConfig};
+    use burn::tensor::Distribution;
+    use llama_model::Precision;
+
+    fn values<const D: usize>(t: Tensor<D>) -> (DType, Vec<f32>) {
+        (t.dtype(), t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap())
+    }
+
+    /// The in-place step's bf16 copy, written in its pass and sent up by its upload stage, is
+    /// the updated master cast to bf16 as `device_copy` casts it, bit for bit, on the device
+    /// asked for and as trainable leaves; the master is the same with or without the copy.
+    #[test]
+    fn the_in_place_step_writes_the_compute_copy_of_its_update() {
+        let device = Device::flex().autodiff();
+        device.seed(3);
+        let model: Linear = LinearConfig::new(24, 300).init(&device);
+        let x = Tensor::<2>::random([4, 24], Distribution::Normal(0.0, 1.0), &device);
+        let grads = || GradientsParams::from_grads(model.forward(x.clone()).powi_scalar(2).mean().backward(), &model);
+        let config = OptimConfig::default();
+        let world = crate::distributed::world();
+        let (plain, none) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, None);
+        assert!(none.is_none());
+        let (updated, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some(&device));
+        let copy = copy.expect("a copy was asked for");
+        assert_eq!(values(plain.weight.val()), values(updated.weight.val()));
+        assert_ne!(values(model.weight.val()), values(updated.weight.val()), "the step did not move the weights");
+        let cast = crate::parallel::device_copy(&updated, Precision::Bf16, &device);
+        for (got, want) in [(copy.weight.val(), cast.weight.val()), (copy.clone().bias.unwrap().val().unsqueeze(), cast.bias.unwrap().val().unsqueeze())] {
+            assert!(got.is_autodiff() && got.device() == device, "{:?}", got.device());
+            let (got, want) = (values(got), values(want));
+            assert_eq!(got.0, DType::BF16);
+            assert_eq!(got, want);
+        }
+        // Trainable: a pass through the copy gives its weight a gradient.
+        let loss = copy.forward(x.cast(burn::tensor::FloatDType::BF16)).sum();
+        assert!(GradientsParams::from_grads(loss.backward(), &copy).get::<2>(copy.weight.id).is_some());
+    }
 }

@@ -382,7 +382,7 @@ fn data_parallel_equals_one_device_with_the_whole_batch_and_resumes_on_another_c
     let mut data = toy(&device, None);
     let halves: Vec<_> = (0..2).map(|_| data.next_batch(2).unwrap().unwrap()).collect();
     let (g1, l1) = accumulate(&model, &data, &whole, Precision::F32, 1.0);
-    let (g2, l2) = parallel::accumulate(&model, &data, &halves, parallel::StepPlan::plain(Precision::F32), 1.0, &two);
+    let (g2, l2) = parallel::accumulate(&model, &data, &halves, parallel::StepPlan::plain(Precision::F32), 1.0, &two, None);
     assert!((l1 - l2).abs() < 1e-5, "loss {l1} vs {l2}");
     for id in [model.layers[0].attention.wq.weight.id, model.layers[0].feed_forward.w1.weight.id, model.output.as_ref().unwrap().weight.id] {
         let (a, b) = (host(g1.get::<2>(id).unwrap()), host(g2.get::<2>(id).unwrap()));
