@@ -13,7 +13,9 @@
 #   4. 30 pre-training steps of gpu-125m on cuda in bf16 (the loss must fall);
 #   5. Llama 2 7B (configs/7b-gpu-check.toml: 1 x 4096, 8 micro-batches a step, block
 #      recomputation, host optimizer) for STEPS_7B steps on cuda, device memory sampled by
-#      nvidia-smi, host peak RSS; on vulkan (f16) when cuda failed.
+#      nvidia-smi, host peak RSS; on vulkan (f16) when cuda failed;
+#   6. the host optimizer step at 2 B parameters (`llama bench-optimizer --trainer`, then the bare
+#      pass), on this machine's CPUs and memory: the development machine cannot hold 2 B.
 # Raw JSON, metrics and logs land in OUT (default runs/gpu-check; copy them to docs/gpu/).
 # Environment: BIN (folder of the binaries or their .xz, default gpu-bin), OUT, SKIP (phase
 # numbers to skip, e.g. "3 5"), STEPS_7B (3), LIMIT_7B (seconds, 200).
@@ -128,6 +130,11 @@ if ! skip 5; then
         grep -q '"train/loss"' "$run/metrics.jsonl" 2>/dev/null && break
         echo "7B on $device logged no step (exit $rc)"
     done
+fi
+if ! skip 6; then
+    stamp "6. host optimizer step, 2 B parameters"
+    timeout 150 "$bin/llama" bench-optimizer --params 2 --steps 2 --trainer --json "$OUT/bench-optimizer-trainer-2b.json" 2>&1 | tail -5
+    timeout 60 "$bin/llama" bench-optimizer --params 2 --steps 2 --json "$OUT/bench-optimizer-flat-2b.json" 2>&1 | tail -3
 fi
 rm -rf "$bin"
 stamp done
