@@ -153,7 +153,7 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
     }
     println!(
-        "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients ({}; PPO brings them down whole)",
+        "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients ({})",
         llama_model::memory::MEASURED_OVERHEAD,
         if ranks == 1 { "streamed a parameter at a time into the update" } else { "whole, flattened for the collectives" }
     );
@@ -207,7 +207,14 @@ fn print_ppo(
             for o in [OptimizerPlacement::Device, OptimizerPlacement::Host] {
                 // The fused CPU attention keeps its probabilities for the backward pass.
                 let keeps_attention_probs = TrainingMemory::attention_keeps_probs(precision, cpu);
-                let plan = TrainingMemory { recompute: r, optimizer: o, logits_chunk: chunk_for(r), keeps_attention_probs, ..TrainingMemory::new(precision) };
+                let plan = TrainingMemory {
+                    recompute: r,
+                    optimizer: o,
+                    logits_chunk: chunk_for(r),
+                    keeps_attention_probs,
+                    streams_gradients: true,
+                    ..TrainingMemory::new(precision)
+                };
                 let m = policy.ppo_memory_estimate(reward, micro_batch, seq, rollout_batch, &plan);
                 let fits = verdict(m.expected_peak(), device_memory_gib);
                 println!(

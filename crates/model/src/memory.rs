@@ -31,7 +31,7 @@ pub struct TrainingMemory {
     pub micro_batches: usize,
     /// With the optimizer on the host: whether the step's gradients come down a parameter at a
     /// time into the in-place update (one process on one device, `trainer::sharded`'s
-    /// `step_in_place`), rather than whole (several ranks or devices, PPO).
+    /// `step_in_place`, PPO's too), rather than whole (several ranks or devices).
     pub streams_gradients: bool,
 }
 

@@ -41,6 +41,12 @@ pub struct PpoState {
     pub passes_on: Option<Device>,
     /// The compute dtype of the passes (`run.dtype`); the reference is held in it.
     pub precision: Precision,
+    /// With a host master in bf16: the device copies of the policy and of the value model that
+    /// their last updates wrote in the same pass (`StepOptimizer::step_with_copy`), which every
+    /// pass reuses until the next update. None before the first update, after a resume and with
+    /// f32 passes: each pass then makes its own copy.
+    pub policy_copy: Option<Llama>,
+    pub value_copy: Option<RewardModel>,
     pub whitener: Whitener,
     pub iteration: u64,
     pub cursor: usize,
@@ -52,25 +58,23 @@ impl PpoState {
     /// The model that rollouts, evaluations and the update's passes run on for `master` (the
     /// policy or the value model), in the compute dtype: the master itself in f32, its tracked
     /// cast in bf16, or with a host master its copy on the run's device (the same parameter ids,
-    /// so the gradients find the master's parameters, and come back f32).
-    pub fn for_passes<M: Module + Clone>(&self, master: &M) -> M {
-        match &self.passes_on {
-            Some(device) => device_copy(master, self.precision, device),
-            None => self.precision.compute_copy(master),
+    /// so the gradients find the master's parameters): `written` (its `policy_copy` or
+    /// `value_copy`) where the last update wrote one, else a fresh `device_copy`.
+    pub fn for_passes<M: Module + Clone>(&self, master: &M, written: &Option<M>) -> M {
+        match (&self.passes_on, written) {
+            (Some(_), Some(copy)) => copy.clone(),
+            (Some(device), None) => device_copy(master, self.precision, device),
+            (None, _) => self.precision.compute_copy(master),
         }
     }
 }
 
 /// The master's gradients from a backward pass through `copy` (its `for_passes` model): a host
-/// master's copy has leaves of its own, whose gradients come down onto the master's device and
-/// dtype; otherwise the copy is the master or its tracked cast, whose backward already reached
-/// the master's f32 leaves.
+/// master's copy has leaves of its own, whose gradients stay on the device for the optimizer to
+/// bring down (as the trainer's); otherwise the copy is the master or its tracked cast, whose
+/// backward already reached the master's f32 leaves.
 fn master_gradients<M: Module>(grads: &mut burn::tensor::Gradients, master: &M, copy: &M, host_master: bool) -> GradientsParams {
-    if host_master {
-        llama_trainer::parallel::reduce(master, vec![GradientsParams::from_module(grads, copy)])
-    } else {
-        GradientsParams::from_module(grads, master)
-    }
+    GradientsParams::from_module(grads, if host_master { copy } else { master })
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -138,7 +142,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     // 1 in one process (bit for bit the plain mean).
     let share = tokens_of(&mut idx.iter().copied()) / tokens_of(&mut idx_all.iter().copied()).max(1.0);
     let host_master = state.passes_on.is_some();
-    let value_model = state.for_passes(&state.value);
+    let value_model = state.for_passes(&state.value, &state.value_copy);
     let device = value_model.head.weight.device();
     let seqs: Vec<Vec<u32>> = idx.iter().map(|&i| rollout.sequences[i].clone()).collect();
     let width = seqs.iter().map(Vec::len).max().unwrap_or(1) - 1;
@@ -159,7 +163,7 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     let mut parts = [0.0, value_loss.clone().into_scalar::<f32>() as f64, 0.0, 0.0, 0.0];
 
     // Policy: clipped surrogate (not during the value warm-up).
-    let policy = train_policy.then(|| state.for_passes(&state.policy));
+    let policy = train_policy.then(|| state.for_passes(&state.policy, &state.policy_copy));
     let total = if let Some(policy) = &policy {
         let targets = tokens.clone().slice([0..b, 1..width + 1]).reshape([b * width]);
         let (hidden, lp) = with_memory_saving(saving, || {
@@ -185,14 +189,16 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     };
 
     let mut grads = total.backward();
+    // A host master in bf16: each update writes the next passes' device copy in its pass.
+    let copy_to = state.passes_on.as_ref().filter(|_| state.precision == Precision::Bf16);
     if let Some(policy) = &policy {
         let pg = master_gradients(&mut grads, &state.policy, policy, host_master);
         let (pg, norm) = state.policy_optim.gradients(&state.policy, pg, cfg.grad_clip);
-        state.policy = state.policy_optim.step(cfg.lr, state.policy.clone(), pg, norm, cfg.grad_clip);
+        (state.policy, state.policy_copy) = state.policy_optim.step_with_copy(cfg.lr, state.policy.clone(), pg, norm, cfg.grad_clip, copy_to);
     }
     let vg = master_gradients(&mut grads, &state.value, &value_model, host_master);
     let (vg, norm) = state.value_optim.gradients(&state.value, vg, cfg.grad_clip);
-    state.value = state.value_optim.step(cfg.value_lr, state.value.clone(), vg, norm, cfg.grad_clip);
+    (state.value, state.value_copy) = state.value_optim.step_with_copy(cfg.value_lr, state.value.clone(), vg, norm, cfg.grad_clip, copy_to);
     world.sum_f64(&mut parts);
     let [policy_loss, value_loss, clip_fraction, approx_kl, entropy] = parts;
     StepStats { policy_loss, value_loss, clip_fraction, approx_kl, entropy }
@@ -304,6 +310,8 @@ impl<'a> PpoRun<'a> {
             value_optim,
             passes_on: host_master.then(|| train_device.clone()),
             precision: cfg.precision(),
+            policy_copy: None,
+            value_copy: None,
             whitener: Whitener::default(),
             iteration: 0,
             cursor: 0,
@@ -427,7 +435,7 @@ impl<'a> PpoRun<'a> {
     fn evaluate(&mut self) -> anyhow::Result<HeldOut> {
         let (p, state) = (&self.cfg.ppo, &self.state);
         let held_out = evaluate(
-            &state.for_passes(&state.policy),
+            &state.for_passes(&state.policy, &state.policy_copy),
             &state.reference,
             &self.eval_prompts,
             &self.tokenizer,
@@ -500,6 +508,8 @@ fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin
         // The fused CPU attention keeps its probabilities for the backward pass.
         keeps_attention_probs: TrainingMemory::attention_keeps_probs(precision, llama_model::device::is_cpu(&cfg.run.device)),
         optimizer: cfg.run.optimizer,
+        // One process: a host master's gradients come down a parameter at a time.
+        streams_gradients: !llama_trainer::distributed::world().is_distributed(),
         ..TrainingMemory::new(precision)
     };
     let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);
@@ -515,6 +525,7 @@ fn restore(state: &mut PpoState, dir: &Path, model_config: &str) -> anyhow::Resu
     }
     llama_model::checkpoint::load_weights(&mut state.policy, &dir.join(POLICY))?;
     llama_model::checkpoint::load_weights(&mut state.value, &dir.join(VALUE))?;
+    (state.policy_copy, state.value_copy) = (None, None);
     load_optimizer(&mut state.policy_optim, dir, POLICY_OPTIMIZER)?;
     load_optimizer(&mut state.value_optim, dir, VALUE_OPTIMIZER)?;
     state.whitener = saved.whitener;

@@ -99,7 +99,7 @@ fn rollout_rows(
     if mine.is_empty() {
         return Ok(vec![]);
     }
-    let policy = state.for_passes(&state.policy).valid();
+    let policy = state.for_passes(&state.policy, &state.policy_copy).valid();
     let prompts: Vec<&Prompt> = mine.iter().map(|&i| prompts[i]).collect();
     let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
     let sampling =
@@ -115,7 +115,7 @@ fn rollout_rows(
     let policy_lp = token_logprobs(&policy, &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
     let ref_lp = token_logprobs(&state.reference.valid(), &sequences, scorers.pad).into_data().try_to_vec::<f32>().expect("f32");
     let width = sequences.iter().map(Vec::len).max().unwrap_or(1) - 1;
-    let value_model = state.for_passes(&state.value).valid();
+    let value_model = state.for_passes(&state.value, &state.value_copy).valid();
     let device = value_model.head.weight.device();
     let (padded, _) = right_pad(&sequences, scorers.pad, &device);
     let values_all = value_model.values(padded).into_data().try_to_vec::<f32>().expect("f32");

@@ -101,8 +101,8 @@ fn ppo_resume_equals_uninterrupted() {
 
 /// `run.optimizer = "host"` reaches PPO: the policy and value masters and their AdamWs on the
 /// host (the flat state, updated in place), the passes on copies. On the CPU both are flex, so
-/// the metrics equal the device optimizer's exactly; a host run stopped after iteration 2 resumes
-/// with the device optimizer to the same metrics.
+/// the metrics equal the device optimizer's exactly, in f32 and in bf16; a host run stopped after
+/// iteration 2 resumes with the device optimizer to the same metrics.
 #[test]
 fn ppo_with_the_host_optimizer_equals_the_device_optimizer() {
     let tmp = tempfile::tempdir().unwrap();
@@ -122,6 +122,18 @@ fn ppo_with_the_host_optimizer_equals_the_device_optimizer() {
     llama_rlhf::run(&host_cfg, &llama_rlhf::RunOptions { stop_after: Some(2), ..options("switch") }).unwrap();
     llama_rlhf::run(&device_cfg, &llama_rlhf::RunOptions { resume: true, ..options("switch") }).unwrap();
     assert_eq!(ppo_curve(&tmp.path().join("switch")), want);
+    // In bf16 the host run's passes reuse the copies its updates wrote (a stale copy would part
+    // the curves); they hold the device run's tracked casts exactly.
+    let bf16 = |name: &str, run: &str| {
+        let dir = tmp.path().join(format!("{name}-config"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = config(&dir, &policy, &help, &safe, &format!("{PPO}[run]\ndtype = \"bf16\"\n{run}"));
+        llama_rlhf::run(&cfg, &options(name)).unwrap();
+        ppo_curve(&tmp.path().join(name))
+    };
+    let want = bf16("bf16-device", "");
+    assert_eq!(want.len(), 4);
+    assert_eq!(bf16("bf16-host", "optimizer = \"host\"\n"), want);
 }
 
 /// `run.dtype = "bf16"`: the frozen models are held in bf16 and the policy's and value model's
