@@ -514,7 +514,9 @@ fn check_ppo_fits(cfg: &RlhfConfig, policy: &LlamaConfig, longest: usize, origin
     };
     let (micro_batch, rollout_batch) = (cfg.ppo.minibatch_size, cfg.ppo.batch_size);
     let m = policy.ppo_memory_estimate(&reward, micro_batch, longest, rollout_batch, &plan);
-    llama_trainer::memory::check_ppo_fits(&cfg.run, &m, micro_batch, longest, rollout_batch).map_err(|e| anyhow::anyhow!("{origin}: {e}"))
+    llama_trainer::memory::check_ppo_fits(&cfg.run, &m, micro_batch, longest, rollout_batch).map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
+    llama_trainer::memory::check_host_fits(&cfg.run, m.host_total(), m.expected_peak(), "PPO", llama_model::host_memory::total_bytes())
+        .map_err(|e| anyhow::anyhow!("{origin}: {e}"))
 }
 
 /// Restores the models, optimizers and loop state of PPO checkpoint `dir` into `state`.

@@ -15,8 +15,34 @@ pub fn check_launch(run: &RunConfig, model: &LlamaConfig, train: &TrainConfig, s
     let device = llama_model::device::parse(&run.device).map_err(|e| format!("run.device: {e}"))?;
     llama_model::device::probe(&device, &run.device).map_err(|e| format!("run.device: {e}"))?;
     precision.check_device(&device, &run.device)?;
-    check_fits(run, model, train.micro_batch_size, seq_len, &run.training_memory(precision, train))?;
+    let plan = run.training_memory(precision, train);
+    check_fits(run, model, train.micro_batch_size, seq_len, &plan)?;
+    let m = model.memory_estimate(train.micro_batch_size, seq_len, &plan);
+    check_host_fits(run, m.host_total(), m.expected_peak(), "this run", llama_model::host_memory::total_bytes())?;
     Ok(precision)
+}
+
+/// With the optimizer on the host, one process: the host's share (`host`: f32 masters, AdamW
+/// moments, gradients in flight), plus the passes' share when the device is the CPU (the same
+/// memory), against the machine's memory (`total`, MemTotal), so that a run that cannot hold
+/// its optimizer is refused at launch rather than killed at its first update. An MPI job's ranks
+/// share a node in ways this process does not see (how many, each its block of the moments): it
+/// is not checked.
+pub fn check_host_fits(run: &RunConfig, host: u64, device_expected: u64, what: &str, total: Option<u64>) -> Result<(), String> {
+    let Some(total) = total.filter(|_| host > 0 && !crate::distributed::world().is_distributed()) else { return Ok(()) };
+    let on_cpu = llama_model::device::is_cpu(&run.device);
+    let need = host + if on_cpu { device_expected } else { 0 };
+    if need <= total {
+        return Ok(());
+    }
+    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
+    Err(format!(
+        "{what} needs about {} GiB of host memory with run.optimizer = \"host\" (f32 master weights, AdamW moments and gradients in flight: {} GiB{}) but this machine has {} GiB (/proc/meminfo MemTotal); use run.optimizer = \"device\" where the device holds it, shard the optimizer over MPI ranks on several machines (mpirun), or use a machine with more memory (`llama info` prints both estimates)",
+        g(need),
+        g(host),
+        if on_cpu { format!(", and the passes on the CPU {} GiB", g(device_expected)) } else { String::new() },
+        g(total)
+    ))
 }
 
 /// Mixed precision on the CPU is allowed (it tests that path) but rarely what a CPU user wants:
@@ -111,6 +137,27 @@ pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: 
 mod tests {
     use super::*;
     use llama_model::Precision;
+
+    /// The host optimizer's share is checked against the machine's memory: 7B's (78 GiB) fits
+    /// 128 GiB, not 64; on a CPU device the passes' share counts too; with the optimizer on the
+    /// device nothing is checked.
+    #[test]
+    fn the_host_optimizer_must_fit_the_machines_memory() {
+        let gib = |g: u64| Some(g << 30);
+        let seven_b = LlamaConfig::from_toml_file(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs/7b.toml")).unwrap();
+        let plan = TrainingMemory { optimizer: OptimizerPlacement::Host, streams_gradients: true, ..TrainingMemory::new(Precision::Bf16) };
+        let m = seven_b.memory_estimate(1, 4096, &plan);
+        let gpu = RunConfig { device: "cuda".into(), ..RunConfig::default() };
+        assert!(check_host_fits(&gpu, m.host_total(), m.expected_peak(), "this run", gib(128)).is_ok());
+        let err = check_host_fits(&gpu, m.host_total(), m.expected_peak(), "this run", gib(64)).unwrap_err();
+        assert!(err.contains("78.0 GiB of host memory") && err.contains("has 64.0 GiB") && err.contains("run.optimizer"), "{err}");
+        let cpu = RunConfig { device: "flex".into(), ..RunConfig::default() };
+        let err = check_host_fits(&cpu, m.host_total(), m.expected_peak(), "this run", gib(128)).unwrap_err();
+        assert!(err.contains("the passes on the CPU"), "{err}");
+        let on_device = seven_b.memory_estimate(1, 4096, &TrainingMemory::new(Precision::Bf16));
+        assert_eq!(on_device.host_total(), 0);
+        assert!(check_host_fits(&gpu, on_device.host_total(), on_device.expected_peak(), "this run", gib(1)).is_ok());
+    }
 
     #[test]
     fn refuses_a_model_larger_than_the_stated_memory_and_accepts_a_small_one() {
