@@ -35,7 +35,6 @@ pub fn check_host_fits(run: &RunConfig, host: u64, device_expected: u64, what: &
     if need <= total {
         return Ok(());
     }
-    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
     Err(format!(
         "{what} needs about {} GiB of host memory with run.optimizer = \"host\" (f32 master weights, AdamW moments and gradients in flight: {} GiB{}) but this machine has {} GiB (/proc/meminfo MemTotal); use run.optimizer = \"device\" where the device holds it, shard the optimizer over MPI ranks on several machines (mpirun), or use a machine with more memory (`llama info` prints both estimates)",
         g(need),
@@ -57,6 +56,11 @@ pub fn note_cpu_precision(run: &RunConfig, precision: llama_model::Precision) {
 }
 
 const GIB: f64 = (1u64 << 30) as f64;
+
+/// Bytes as GiB with one decimal, for the launch checks' messages.
+fn g(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / GIB)
+}
 
 /// The device's memory in bytes and where that figure came from: `run.device_memory_gib` if set;
 /// else `nvidia-smi` for a GPU device (absent on other vendors: no check); else, on the CPU,
@@ -84,7 +88,6 @@ pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_
     if expected <= capacity {
         return Ok(());
     }
-    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
     let mut knobs = vec!["lower train.micro_batch_size (gradient accumulation keeps the batch)"];
     if precision == llama_model::Precision::F32 {
         knobs.push("use run.dtype = \"bf16\"");
@@ -119,7 +122,6 @@ pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: 
     if expected <= capacity {
         return Ok(());
     }
-    let g = |b: u64| format!("{:.1}", b as f64 / GIB);
     Err(format!(
         "PPO needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate: policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB)) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
         g(expected),
