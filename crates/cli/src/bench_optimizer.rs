@@ -134,7 +134,7 @@ fn trainer_steps(billions: f64, steps: usize) -> Result<(usize, Vec<f64>)> {
         let started = Instant::now();
         let norm = global_grad_norm(&model, &grads.0);
         let norm_s = started.elapsed().as_secs_f64();
-        let (updated, copy) = optimizer.step_in_place(3e-4, model, grads.0, norm, 1.0, Some(&device));
+        let (updated, copy) = optimizer.step_in_place(3e-4, model, grads.0, norm, 1.0, Some((&device, llama_model::Precision::Bf16)));
         model = updated;
         std::hint::black_box(copy);
         if step > 0 {

@@ -236,21 +236,9 @@ pub fn adamw_flat(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], clip: 
 /// The sum of squares of `g` in f64, on the rayon pool (the global norm's one read of the
 /// gradients).
 pub fn sum_of_squares(g: &[f32]) -> f64 {
-    g.par_chunks(FLAT_CHUNK).map(chunk_sum_of_squares).sum()
-}
-
-/// Eight running sums, so that the loop vectorises and is not held to one addition's latency
-/// per value (a single f64 sum read 7 GB/s on two cores, the memory gives 20).
-fn chunk_sum_of_squares(c: &[f32]) -> f64 {
-    let mut lanes = [0f64; 8];
-    let blocks = c.chunks_exact(8);
-    let tail: f64 = blocks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-    for block in blocks {
-        for (lane, &x) in lanes.iter_mut().zip(block) {
-            *lane += (x as f64) * (x as f64);
-        }
-    }
-    lanes.iter().sum::<f64>() + tail
+    // Eight running sums (`loss::sum_of`), so that the loop vectorises and is not held to one
+    // addition's latency per value (a single f64 sum read 7 GB/s on two cores, the memory gives 20).
+    g.par_chunks(FLAT_CHUNK).map(|c| crate::loss::sum_of(c, |x| (x as f64) * (x as f64))).sum()
 }
 
 /// The sum of squares of a tensor's values as a one-element f32 tensor beside it: on flex f32

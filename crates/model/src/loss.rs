@@ -147,17 +147,21 @@ pub(crate) fn max_of(row: &[f32]) -> f32 {
     maxes.iter().chain(rest).copied().fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// The sum of `f` over `row`, in eight accumulators (vectorised, as [`max_of`]).
+/// The sum of `f` over `row`, in eight accumulators of `f`'s type (vectorised, as [`max_of`]):
+/// f32 for the softmax's sums, f64 for the gradient norm's squares.
 #[inline]
-pub(crate) fn sum_of(row: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+pub(crate) fn sum_of<T>(row: &[f32], f: impl Fn(f32) -> T) -> T
+where
+    T: Copy + Default + std::ops::AddAssign + std::ops::Add<Output = T> + std::iter::Sum<T>,
+{
     let (chunks, rest) = row.as_chunks::<8>();
-    let mut sums = [0f32; 8];
+    let mut sums = [T::default(); 8];
     for chunk in chunks {
         for (s, &v) in sums.iter_mut().zip(chunk) {
             *s += f(v);
         }
     }
-    sums.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
+    sums.iter().copied().sum::<T>() + rest.iter().map(|&v| f(v)).sum::<T>()
 }
 
 impl<B: Backend + TokenNllBackend, C: CheckpointStrategy> TokenNllBackend for Autodiff<B, C> {

@@ -189,8 +189,8 @@ pub fn ppo_step(state: &mut PpoState, rollout: &Rollout, idx: &[usize], cfg: &Pp
     };
 
     let mut grads = total.backward();
-    // A host master in bf16: each update writes the next passes' device copy in its pass.
-    let copy_to = state.passes_on.as_ref().filter(|_| state.precision == Precision::Bf16);
+    // A host master: each update writes the next passes' device copy in its pass (in bf16).
+    let copy_to = state.passes_on.as_ref().map(|device| (device, state.precision));
     if let Some(policy) = &policy {
         let pg = master_gradients(&mut grads, &state.policy, policy, host_master);
         let (pg, norm) = state.policy_optim.gradients(&state.policy, pg, cfg.grad_clip);

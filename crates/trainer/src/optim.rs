@@ -155,9 +155,18 @@ impl StepOptimizer {
     }
 
     /// One AdamW update at learning rate `lr`, and, where the update runs in place on the host
-    /// (one process, flat state), the updated weights' bf16 copy on `copy_to` written in the same
-    /// pass (see [`crate::sharded::ShardedAdamW::step_in_place`]); None elsewhere.
-    pub fn step_with_copy<M: Module>(&mut self, lr: f64, model: M, grads: StepGradients, norm: f64, max_norm: f64, copy_to: Option<&Device>) -> (M, Option<M>) {
+    /// (one process, flat state) and `copy_to`'s dtype is bf16, the updated weights' copy on its
+    /// device written in the same pass (see [`crate::sharded::ShardedAdamW::step_in_place`]);
+    /// None elsewhere.
+    pub fn step_with_copy<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: StepGradients,
+        norm: f64,
+        max_norm: f64,
+        copy_to: Option<(&Device, llama_model::Precision)>,
+    ) -> (M, Option<M>) {
         match (self, grads) {
             (Self::Local(o), StepGradients::Local(g)) => (o.step(lr, model, g), None),
             (Self::Sharded(s), StepGradients::Block(b)) => (s.step(lr, model, b, norm, max_norm), None),

@@ -437,8 +437,8 @@ where
             s.good_step();
         }
         let model = self.model.take().expect("the model is back after every update");
-        // A host master in bf16 on one device: the update writes the next compute copy too.
-        let copy_to = (self.plan.host_master && cfg.devices.len() <= 1 && cfg.precision == Precision::Bf16).then_some(&self.compute_device);
+        // A host master on one device: the update writes the next compute copy too (in bf16).
+        let copy_to = (self.plan.host_master && cfg.devices.len() <= 1).then_some((&self.compute_device, cfg.precision));
         let (model, copy) = self.optimizer.step_with_copy(lr, model, grads, grad_norm, cfg.optim.grad_clip, copy_to);
         (self.model, self.compute_copy) = (Some(model), copy);
         self.last_loss = Some(loss);

@@ -29,6 +29,7 @@ use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor, TensorData};
 use half::bf16;
+use llama_model::Precision;
 use llama_model::adamw::{AdamWRule, adamw_flat, sum_of_squares};
 use serde::{Deserialize, Serialize};
 
@@ -349,9 +350,11 @@ impl ShardedAdamW {
     /// AdamW, parameter by parameter in place (see the module docs). The same numbers as
     /// [`crate::optim::Optimizer`] after `clip_global_norm`, bit for bit.
     ///
-    /// With `copy_to`, the same pass also writes each updated parameter in bf16, and the second
-    /// model returned is those values on that device: the next step's compute copy (what
-    /// [`crate::parallel::device_copy`] makes in bf16), without a separate cast. Three stages
+    /// With `copy_to` (the device the passes run on and their compute dtype) in bf16, the same
+    /// pass also writes each updated parameter in bf16, and the second model returned is those
+    /// values on that device: the next step's compute copy (what [`crate::parallel::device_copy`]
+    /// makes in bf16), without a separate cast. Other dtypes get None (`adamw_flat` writes bf16
+    /// only): the caller makes its copy with `device_copy`. Three stages
     /// overlap, one parameter apart, as ZeRO-Offload's do: a thread brings the next gradient
     /// down while this one updates a parameter, and another sends the previous one's copy up.
     pub fn step_in_place<M: Module>(
@@ -361,9 +364,10 @@ impl ShardedAdamW {
         mut grads: GradientsParams,
         norm: f64,
         max_norm: f64,
-        copy_to: Option<&Device>,
+        copy_to: Option<(&Device, Precision)>,
     ) -> (M, Option<M>) {
         assert!(!self.world.is_distributed(), "step_in_place updates the whole model: one process only");
+        let copy_to = copy_to.filter(|&(_, precision)| precision == Precision::Bf16).map(|(device, _)| device);
         let (clip, rules) = self.next_step(lr, norm, max_norm);
         let total = self.total();
         let mut downloads = GradientDownloads { grads: &mut grads, jobs: vec![] };
@@ -481,7 +485,6 @@ mod tests {
     use super::*;
     use burn::nn::{Linear, LinearConfig};
     use burn::tensor::Distribution;
-    use llama_model::Precision;
 
     fn values<const D: usize>(t: Tensor<D>) -> (DType, Vec<f32>) {
         (t.dtype(), t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap())
@@ -501,7 +504,10 @@ mod tests {
         let world = crate::distributed::world();
         let (plain, none) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, None);
         assert!(none.is_none());
-        let (updated, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some(&device));
+        // Only bf16 is written in the pass: another compute dtype gets no copy.
+        let (_, in_f32) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, Precision::F32)));
+        assert!(in_f32.is_none());
+        let (updated, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, Precision::Bf16)));
         let copy = copy.expect("a copy was asked for");
         assert_eq!(values(plain.weight.val()), values(updated.weight.val()));
         assert_ne!(values(model.weight.val()), values(updated.weight.val()), "the step did not move the weights");
