@@ -154,8 +154,8 @@ mod tests {
     }
 
     /// The flat in-place pass (several chunks, a ragged end) gives the per-element rule's values
-    /// bit for bit, with the clip factor applied to the gradient first, and its bf16 copy is the
-    /// updated parameter rounded.
+    /// bit for bit, with the clip factor applied to the gradient first, and its bf16 or f16 copy is
+    /// the updated parameter rounded.
     #[test]
     fn flat_pass_equals_the_rule_element_by_element() {
         let n = 3 * FLAT_CHUNK + 77;
@@ -178,6 +178,11 @@ mod tests {
             assert_eq!(half[i], half::bf16::from_f32(want.0));
         }
         assert!(p.iter().zip(&p0).any(|(a, b)| a != b));
+        // An f16 copy: the same update, the copy rounded to f16.
+        let (mut p16, mut m16, mut v16, mut half16) = (p0.clone(), m0.clone(), v0.clone(), vec![half::f16::ZERO; n]);
+        adamw_flat(&mut p16, &g, &mut m16, &mut v16, 0.5, &rule, Some(&mut half16));
+        assert_eq!((&p16, &m16, &v16), (&p, &m, &v));
+        assert!(half16.iter().zip(&p).all(|(h, x)| *h == half::f16::from_f32(*x)));
         let exact: f64 = g.iter().map(|&x| (x as f64) * (x as f64)).sum();
         assert!((sum_of_squares(&g) - exact).abs() <= 1e-9 * exact);
     }
@@ -201,32 +206,54 @@ mod tests {
 /// Elements per task of [`adamw_flat`]: 64 Ki f32 (256 KiB a stream, five streams in flight).
 const FLAT_CHUNK: usize = 1 << 16;
 
+/// A 16-bit compute dtype the fused update can write its copy in (bf16, f16).
+pub trait HalfCopy: burn::tensor::Element + Copy + Send + Sync {
+    /// The value rounded to nearest, ties to even, as Burn's cast rounds it.
+    fn from_f32(x: f32) -> Self;
+    /// The dtype of the copy's tensors.
+    const DTYPE: DType;
+}
+
+impl HalfCopy for half::bf16 {
+    fn from_f32(x: f32) -> Self {
+        half::bf16::from_f32(x)
+    }
+    const DTYPE: DType = DType::BF16;
+}
+
+impl HalfCopy for half::f16 {
+    fn from_f32(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
+    const DTYPE: DType = DType::F16;
+}
+
 /// One AdamW step over a flat f32 parameter vector, in place, in one pass on the rayon pool: each
 /// gradient times `clip` (the global-norm clip factor, 1.0 when not clipping), then `rule`, and,
-/// when `half_out` is given, the updated parameter rounded to bf16 there (the compute copy a
-/// host optimizer sends to the device). The arithmetic is [`AdamWRule::apply`]'s, so results equal
-/// the per-tensor step's bit for bit; what changes is the memory traffic: 30 bytes per parameter
-/// (read p, g, m, v; write p, m, v and the bf16 copy), each touched once.
+/// when `half_out` is given, the updated parameter rounded to bf16 or f16 there (the compute copy
+/// a host optimizer sends to the device). The arithmetic is [`AdamWRule::apply`]'s, so results
+/// equal the per-tensor step's bit for bit; what changes is the memory traffic: 30 bytes per
+/// parameter (read p, g, m, v; write p, m, v and the 16-bit copy), each touched once.
 ///
 /// # Shapes
 /// `p`, `g`, `m`, `v` and `half_out` all have the same length.
-pub fn adamw_flat(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], clip: f32, rule: &AdamWRule, half_out: Option<&mut [half::bf16]>) {
+pub fn adamw_flat<H: HalfCopy>(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], clip: f32, rule: &AdamWRule, half_out: Option<&mut [H]>) {
     let n = p.len();
     assert!(g.len() == n && m.len() == n && v.len() == n, "adamw_flat: parameter, gradient and moments differ in length");
-    let step = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32]), half: Option<&mut [half::bf16]>| {
+    let step = |(((p, g), m), v): (((&mut [f32], &[f32]), &mut [f32]), &mut [f32]), half: Option<&mut [H]>| {
         for i in 0..p.len() {
             (p[i], m[i], v[i]) = rule.apply(p[i], g[i] * clip, m[i], v[i]);
         }
         if let Some(half) = half {
             for (h, x) in half.iter_mut().zip(p.iter()) {
-                *h = half::bf16::from_f32(*x);
+                *h = H::from_f32(*x);
             }
         }
     };
     let chunks = p.par_chunks_mut(FLAT_CHUNK).zip(g.par_chunks(FLAT_CHUNK)).zip(m.par_chunks_mut(FLAT_CHUNK)).zip(v.par_chunks_mut(FLAT_CHUNK));
     match half_out {
         Some(half) => {
-            assert_eq!(half.len(), n, "adamw_flat: the bf16 copy differs in length");
+            assert_eq!(half.len(), n, "adamw_flat: the 16-bit copy differs in length");
             chunks.zip(half.par_chunks_mut(FLAT_CHUNK)).for_each(|(c, h)| step(c, Some(h)));
         }
         None => chunks.for_each(|c| step(c, None)),

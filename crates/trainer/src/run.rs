@@ -239,7 +239,7 @@ struct Run<'c, M> {
     checkpoints: Checkpoints,
     plan: StepPlan,
     compute_device: burn::tensor::Device,
-    /// With a host master in bf16 on one device: the master's compute copy on that device, as the
+    /// With a host master in bf16 or f16 on one device: the master's compute copy on that device, as the
     /// last update wrote it (the next step's passes and evaluations run on it).
     compute_copy: Option<M>,
     /// This rank's micro-batches per step.
@@ -437,7 +437,7 @@ where
             s.good_step();
         }
         let model = self.model.take().expect("the model is back after every update");
-        // A host master on one device: the update writes the next compute copy too (in bf16).
+        // A host master on one device: the update writes the next compute copy too (bf16, f16).
         let copy_to = (self.plan.host_master && cfg.devices.len() <= 1).then_some((&self.compute_device, cfg.precision));
         let (model, copy) = self.optimizer.step_with_copy(lr, model, grads, grad_norm, cfg.optim.grad_clip, copy_to);
         (self.model, self.compute_copy) = (Some(model), copy);

@@ -13,7 +13,7 @@
 //! gradient: [`ShardedAdamW::step_in_place`] walks the parameters, each gradient brought down
 //! from the device while the previous parameter updates, clipped by the global norm and AdamW
 //! applied in one pass over the parameter's f32 master values, its gradient and its slot of the
-//! two flat moments (writing the bf16 compute copy too, sent up while the next one updates); the
+//! two flat moments (writing the bf16 or f16 compute copy too, sent up while the next one updates); the
 //! arithmetic is the per-tensor optimizer's, bit for bit, and no moment tensor is allocated per
 //! step.
 //!
@@ -28,9 +28,8 @@ use std::time::Instant;
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param, ParamGroup};
 use burn::optim::GradientsParams;
 use burn::tensor::{DType, Device, Tensor, TensorData};
-use half::bf16;
 use llama_model::Precision;
-use llama_model::adamw::{AdamWRule, adamw_flat, sum_of_squares};
+use llama_model::adamw::{AdamWRule, HalfCopy, adamw_flat, sum_of_squares};
 use serde::{Deserialize, Serialize};
 
 use crate::config::OptimConfig;
@@ -170,11 +169,11 @@ fn f32_values<const D: usize>(t: Tensor<D>) -> Vec<f32> {
 /// Updates every parameter that has a gradient (received in order from the download stage), in
 /// place: clip, AdamW and its moments' slots in one pass (`adamw_flat`), the result a new leaf on
 /// the parameter's device and dtype. A parameter without a gradient is left as it is, as Burn's
-/// optimizers leave it. With `uploads`, the same pass writes the bf16 copy of every parameter,
-/// which goes to the upload stage.
-struct UpdateInPlace<'a> {
+/// optimizers leave it. With `uploads`, the same pass writes the 16-bit copy (`H`) of every
+/// parameter, which goes to the upload stage.
+struct UpdateInPlace<'a, H> {
     grads: std::sync::mpsc::Receiver<Option<Vec<f32>>>,
-    uploads: Option<std::sync::mpsc::SyncSender<Vec<bf16>>>,
+    uploads: Option<std::sync::mpsc::SyncSender<Vec<H>>>,
     slots: std::slice::Iter<'a, Slot>,
     moment_1: &'a mut [f32],
     moment_2: &'a mut [f32],
@@ -182,14 +181,14 @@ struct UpdateInPlace<'a> {
     rules: [AdamWRule; 2],
 }
 
-impl ModuleMapper for UpdateInPlace<'_> {
+impl<H: HalfCopy> ModuleMapper for UpdateInPlace<'_, H> {
     fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
         let slot = self.slots.next().expect("the layout covers every parameter");
         let grad = self.grads.recv().expect("the download stage sends every parameter");
         let Some(grad) = grad else {
             // Not updated, still part of the copy.
             if let Some(uploads) = &self.uploads {
-                let half = f32_values(param.val().inner()).into_iter().map(bf16::from_f32).collect();
+                let half = f32_values(param.val().inner()).into_iter().map(H::from_f32).collect();
                 uploads.send(half).expect("the upload stage runs until the last parameter");
             }
             return param;
@@ -199,7 +198,7 @@ impl ModuleMapper for UpdateInPlace<'_> {
         let (id, old, _) = param.consume();
         let (device, dtype) = (old.device(), old.dtype());
         let mut values = f32_values(old.inner());
-        let mut half = self.uploads.as_ref().map(|_| vec![bf16::ZERO; values.len()]);
+        let mut half = self.uploads.as_ref().map(|_| vec![H::from_f32(0.0); values.len()]);
         let range = slot.offset..slot.offset + slot.len();
         let rule = if slot.decay { &self.rules[0] } else { &self.rules[1] };
         adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, half.as_deref_mut());
@@ -210,7 +209,7 @@ impl ModuleMapper for UpdateInPlace<'_> {
     }
 }
 
-/// Replaces every parameter by its uploaded bf16 values (flat, in visiting order) as a new leaf:
+/// Replaces every parameter by its uploaded 16-bit values (flat, in visiting order) as a new leaf:
 /// the compute copy that [`crate::parallel::device_copy`] would make of the updated master.
 struct Uploaded(std::vec::IntoIter<Tensor<1>>);
 
@@ -326,7 +325,7 @@ impl ShardedAdamW {
             if a < b {
                 let rule = if slot.decay { &decaying } else { &exempt };
                 // Clip, AdamW and the moments in one pass over this slot's part of the block.
-                adamw_flat(&mut master[a..b], &block[a..b], &mut self.moment_1[a..b], &mut self.moment_2[a..b], clip, rule, None);
+                adamw_flat(&mut master[a..b], &block[a..b], &mut self.moment_1[a..b], &mut self.moment_2[a..b], clip, rule, None::<&mut [half::bf16]>);
             }
         }
         let started = Instant::now();
@@ -350,24 +349,40 @@ impl ShardedAdamW {
     /// AdamW, parameter by parameter in place (see the module docs). The same numbers as
     /// [`crate::optim::Optimizer`] after `clip_global_norm`, bit for bit.
     ///
-    /// With `copy_to` (the device the passes run on and their compute dtype) in bf16, the same
-    /// pass also writes each updated parameter in bf16, and the second model returned is those
-    /// values on that device: the next step's compute copy (what [`crate::parallel::device_copy`]
-    /// makes in bf16), without a separate cast. Other dtypes get None (`adamw_flat` writes bf16
-    /// only): the caller makes its copy with `device_copy`. Three stages
-    /// overlap, one parameter apart, as ZeRO-Offload's do: a thread brings the next gradient
-    /// down while this one updates a parameter, and another sends the previous one's copy up.
+    /// With `copy_to` (the device the passes run on and their compute dtype) in bf16 or f16, the
+    /// same pass also writes each updated parameter in that dtype, and the second model returned
+    /// is those values on that device: the next step's compute copy (what
+    /// [`crate::parallel::device_copy`] makes), without a separate cast. In f32 there is nothing to
+    /// cast (None: the caller's copy is the master itself, moved). Three stages overlap, one
+    /// parameter apart, as ZeRO-Offload's do: a thread brings the next gradient down while this
+    /// one updates a parameter, and another sends the previous one's copy up.
     pub fn step_in_place<M: Module>(
+        &mut self,
+        lr: f64,
+        model: M,
+        grads: GradientsParams,
+        norm: f64,
+        max_norm: f64,
+        copy_to: Option<(&Device, Precision)>,
+    ) -> (M, Option<M>) {
+        match copy_to {
+            Some((device, Precision::Bf16)) => self.update_in_place::<M, half::bf16>(lr, model, grads, norm, max_norm, Some(device)),
+            Some((device, Precision::F16)) => self.update_in_place::<M, half::f16>(lr, model, grads, norm, max_norm, Some(device)),
+            _ => self.update_in_place::<M, half::bf16>(lr, model, grads, norm, max_norm, None),
+        }
+    }
+
+    /// [`ShardedAdamW::step_in_place`] with its copy (if any) in `H`.
+    fn update_in_place<M: Module, H: HalfCopy>(
         &mut self,
         lr: f64,
         model: M,
         mut grads: GradientsParams,
         norm: f64,
         max_norm: f64,
-        copy_to: Option<(&Device, Precision)>,
+        copy_to: Option<&Device>,
     ) -> (M, Option<M>) {
         assert!(!self.world.is_distributed(), "step_in_place updates the whole model: one process only");
-        let copy_to = copy_to.filter(|&(_, precision)| precision == Precision::Bf16).map(|(device, _)| device);
         let (clip, rules) = self.next_step(lr, norm, max_norm);
         let total = self.total();
         let mut downloads = GradientDownloads { grads: &mut grads, jobs: vec![] };
@@ -389,12 +404,12 @@ impl ShardedAdamW {
             let (uploads, uploader) = match copy_to {
                 Some(device) => {
                     let device = device.clone().inner();
-                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<bf16>>(1);
+                    let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<H>>(1);
                     let uploader = scope.spawn(move || {
                         rx.into_iter()
                             .map(|half| {
                                 let len = half.len();
-                                Tensor::<1>::from_data(TensorData::new(half, [len]), (&device, DType::BF16))
+                                Tensor::<1>::from_data(TensorData::new(half, [len]), (&device, H::DTYPE))
                             })
                             .collect::<Vec<_>>()
                     });
@@ -490,8 +505,8 @@ mod tests {
         (t.dtype(), t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap())
     }
 
-    /// The in-place step's bf16 copy, written in its pass and sent up by its upload stage, is
-    /// the updated master cast to bf16 as `device_copy` casts it, bit for bit, on the device
+    /// The in-place step's bf16 or f16 copy, written in its pass and sent up by its upload
+    /// stage, is the updated master cast as `device_copy` casts it, bit for bit, on the device
     /// asked for and as trainable leaves; the master is the same with or without the copy.
     #[test]
     fn the_in_place_step_writes_the_compute_copy_of_its_update() {
@@ -504,20 +519,24 @@ mod tests {
         let world = crate::distributed::world();
         let (plain, none) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, None);
         assert!(none.is_none());
-        // Only bf16 is written in the pass: another compute dtype gets no copy.
+        // f32 needs no cast: the caller moves the master itself.
         let (_, in_f32) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, Precision::F32)));
         assert!(in_f32.is_none());
-        let (updated, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, Precision::Bf16)));
-        let copy = copy.expect("a copy was asked for");
-        assert_eq!(values(plain.weight.val()), values(updated.weight.val()));
-        assert_ne!(values(model.weight.val()), values(updated.weight.val()), "the step did not move the weights");
-        let cast = crate::parallel::device_copy(&updated, Precision::Bf16, &device);
-        for (got, want) in [(copy.weight.val(), cast.weight.val()), (copy.clone().bias.unwrap().val().unsqueeze(), cast.bias.unwrap().val().unsqueeze())] {
-            assert!(got.is_autodiff() && got.device() == device, "{:?}", got.device());
-            let (got, want) = (values(got), values(want));
-            assert_eq!(got.0, DType::BF16);
-            assert_eq!(got, want);
+        for (precision, dtype) in [(Precision::F16, DType::F16), (Precision::Bf16, DType::BF16)] {
+            let (updated, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, precision)));
+            let copy = copy.expect("a copy was asked for");
+            assert_eq!(values(plain.weight.val()), values(updated.weight.val()));
+            assert_ne!(values(model.weight.val()), values(updated.weight.val()), "the step did not move the weights");
+            let cast = crate::parallel::device_copy(&updated, precision, &device);
+            for (got, want) in [(copy.weight.val(), cast.weight.val()), (copy.clone().bias.unwrap().val().unsqueeze(), cast.bias.unwrap().val().unsqueeze())] {
+                assert!(got.is_autodiff() && got.device() == device, "{:?}", got.device());
+                let (got, want) = (values(got), values(want));
+                assert_eq!(got.0, dtype);
+                assert_eq!(got, want);
+            }
         }
+        let (_, copy) = ShardedAdamW::new(&model, &config, world).step_in_place(1e-2, model.clone(), grads(), 0.5, 1.0, Some((&device, Precision::Bf16)));
+        let copy = copy.expect("a copy was asked for");
         // Trainable: a pass through the copy gives its weight a gradient.
         let loss = copy.forward(x.cast(burn::tensor::FloatDType::BF16)).sum();
         assert!(GradientsParams::from_grads(loss.backward(), &copy).get::<2>(copy.weight.id).is_some());
