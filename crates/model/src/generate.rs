@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use rayon::prelude::*;
 
+use crate::decode_projection::PackedVocab;
 use crate::device::is_flex;
 use crate::{KvCache, Llama, ModelError, Positions};
 
@@ -83,11 +84,9 @@ pub struct BatchDecoder<'a> {
     start: Vec<usize>,
     /// The position of each slot's next input token.
     position: Vec<usize>,
-    /// On flex in f32, the output projection's weight as a contiguous `[vocab, dim]` matrix (the
-    /// tied embedding itself, or a transposed copy of the output weight made at the first step):
-    /// a step's logits are then `weight · hiddenᵀ`, which gemm multiplies without repacking the
-    /// weight the way it does for `hidden · weight` (10 against 13 ms for 32 rows of bench-small).
-    vocab_major: std::cell::OnceCell<Option<Tensor<2>>>,
+    /// On flex in f32, the output projection's weight made once, at the first step (see
+    /// [`Projection`]).
+    projection: std::cell::OnceCell<Option<Projection>>,
     device: Device,
 }
 
@@ -108,7 +107,7 @@ impl<'a> BatchDecoder<'a> {
         let [batch, longest, dim] = hidden.dims();
         let last = model.project(hidden.slice([0..batch, longest - 1..longest, 0..dim])).squeeze_dim::<2>(1);
         let device = model.device();
-        Ok((Self { model, cache, start: pad, position: vec![longest; batch], vocab_major: std::cell::OnceCell::new(), device }, last))
+        Ok((Self { model, cache, start: pad, position: vec![longest; batch], projection: std::cell::OnceCell::new(), device }, last))
     }
 
     /// Puts new prompts into slots `slots` (`prompts[j]` into `slots[j]`): all of each prompt
@@ -155,15 +154,44 @@ impl<'a> BatchDecoder<'a> {
         let last = self.cache.capacity() - 1;
         self.position.iter_mut().for_each(|p| *p = (*p + 1).min(last));
         let (model, device) = (self.model, &self.device);
-        let vocab_major = self.vocab_major.get_or_init(|| {
-            (is_flex(device) && model.tok_embeddings.weight.val().dtype() == DType::F32).then(|| match &model.output {
-                Some(output) => Tensor::from_data(output.weight.val().transpose().into_data(), device),
-                None => model.tok_embeddings.weight.val(),
-            })
-        });
-        match vocab_major {
-            Some(weight) => weight.clone().matmul(hidden.reshape([batch, self.model.tok_embeddings.weight.dims()[1]]).transpose()).transpose(),
+        let projection =
+            self.projection.get_or_init(|| (is_flex(device) && model.tok_embeddings.weight.val().dtype() == DType::F32).then(|| Projection::new(model)));
+        let [vocab, dim] = self.model.tok_embeddings.weight.dims();
+        match projection {
+            Some(Projection::Packed(weight)) => {
+                let rows = hidden.reshape([batch, dim]).into_data().try_into_vec::<f32>().expect("flex f32 hidden states");
+                Tensor::from_data(TensorData::new(weight.logits(&rows, batch), [batch, vocab]), device)
+            }
+            Some(Projection::VocabMajor(weight)) => weight.clone().matmul(hidden.reshape([batch, dim]).transpose()).transpose(),
             None => self.model.project(hidden).squeeze_dim::<2>(1),
+        }
+    }
+}
+
+/// The output projection of [`BatchDecoder::step`] on flex in f32, from the weight as a
+/// `[vocab, dim]` matrix (the tied embedding, or the output weight transposed).
+enum Projection {
+    /// Packed for the decoding kernels of [`crate::decode_projection`] (x86-64 with AVX-512 or
+    /// AVX2): each step streams it once.
+    Packed(PackedVocab),
+    /// Elsewhere, contiguous for gemm: a step's logits are `weight · hiddenᵀ`, which gemm
+    /// multiplies without repacking the weight the way it does for `hidden · weight` (10
+    /// against 13 ms for 32 rows of bench-small).
+    VocabMajor(Box<Tensor<2>>),
+}
+
+impl Projection {
+    fn new(model: &Llama) -> Self {
+        let device = model.device();
+        let weight = match &model.output {
+            Some(output) => output.weight.val().transpose(),
+            None => model.tok_embeddings.weight.val(),
+        };
+        let [vocab, dim] = weight.dims();
+        let values = weight.into_data().try_into_vec::<f32>().expect("flex f32 weights");
+        match PackedVocab::new(&values, vocab, dim) {
+            Some(packed) => Self::Packed(packed),
+            None => Self::VocabMajor(Box::new(Tensor::from_data(TensorData::new(values, [vocab, dim]), &device))),
         }
     }
 }
@@ -297,7 +325,7 @@ pub fn generate_in_slots(
     let mut waiting = slots..rows;
     let vocab = model.vocab_size();
     loop {
-        let host: Vec<f32> = logits.into_data().convert::<f32>().try_to_vec().map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
+        let host: Vec<f32> = logits.into_data().convert::<f32>().try_into_vec().map_err(|e| ModelError::Generation(format!("cannot read logits: {e:?}")))?;
         let mut next = vec![config.eos_id.unwrap_or(0); slots];
         // The rows' draws in parallel (each row has its own RNG, so the result does not depend
         // on the threads), then their bookkeeping in slot order.

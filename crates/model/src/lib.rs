@@ -20,6 +20,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod decode_attention;
+pub mod decode_projection;
 pub mod device;
 mod files;
 mod flex_kernels;
