@@ -40,14 +40,17 @@ fn trainer_logprobs_equal_generator_logprobs() {
 }
 
 /// A policy directory and two reward model run directories of random tiny models.
+/// A random policy and two reward models, the same on every run (tolerances such as bf16's
+/// against f32's are then checked once, not drawn anew each time).
 fn models(dir: &Path, vocab: usize, rm_vocab: usize) -> (PathBuf, PathBuf, PathBuf) {
     let device = Device::flex();
     let policy_dir = dir.join("policy");
-    llama_model::checkpoint::save_native(&tiny(vocab).init(&device), &tiny(vocab), &policy_dir).unwrap();
+    llama_model::checkpoint::save_native(&llama_testkit::deterministic(tiny(vocab).init(&device), 1), &tiny(vocab), &policy_dir).unwrap();
     let mut rms = vec![];
-    for name in ["help", "safe"] {
+    for (seed, name) in [(2, "help"), (3, "safe")] {
         let d = dir.join(name);
-        llama_reward::save_reward_model(&RewardModel::new(&tiny(rm_vocab), &device), &tiny(rm_vocab), &d).unwrap();
+        let model = llama_testkit::deterministic(RewardModel::new(&tiny(rm_vocab), &device), seed);
+        llama_reward::save_reward_model(&model, &tiny(rm_vocab), &d).unwrap();
         rms.push(d);
     }
     (policy_dir, rms[0].clone(), rms[1].clone())

@@ -17,6 +17,40 @@ pub fn repo() -> PathBuf {
     Path::new(&std::env::var("CARGO_MANIFEST_DIR").expect("run under cargo")).join("../..")
 }
 
+/// `model` with every float parameter refilled from a generator seeded by `seed` and the
+/// parameter's position: uniform with mean 0 and the standard deviation its random init gave it,
+/// rounded to a power of two (so that the sample's noise does not reach the values); a
+/// parameter whose values are all equal (RMSNorm's ones, a zero bias) is kept, and a one-value
+/// parameter (a scalar head's bias, drawn at random) becomes 0. For a test that needs the same
+/// model on every run: Burn's seed is one generator for the process, which the tests running
+/// beside it draw from too.
+pub fn deterministic<M: burn::module::Module>(model: M, seed: u64) -> M {
+    use rand::{RngExt, SeedableRng};
+    struct Refill(u64, u64);
+    impl burn::module::ModuleMapper for Refill {
+        fn map_float<const D: usize>(&mut self, param: burn::module::Param<burn::tensor::Tensor<D>>) -> burn::module::Param<burn::tensor::Tensor<D>> {
+            self.1 += 1;
+            let mut rng = rand::rngs::StdRng::seed_from_u64(self.0.wrapping_mul(1_000_003).wrapping_add(self.1));
+            param.map(|t| {
+                let (device, dtype, shape) = (t.device(), t.dtype(), t.shape());
+                let values = t.into_data().convert::<f32>().try_into_vec::<f32>().expect("float values");
+                let refilled = if values.len() == 1 {
+                    vec![0.0]
+                } else if values.iter().all(|&v| v == values[0]) {
+                    values
+                } else {
+                    let n = values.len() as f64;
+                    let std = (values.iter().map(|&v| (v as f64).powi(2)).sum::<f64>() / n).sqrt();
+                    let half_width = 3f64.sqrt() * std.log2().round().exp2();
+                    values.iter().map(|_| ((rng.random::<f64>() * 2.0 - 1.0) * half_width) as f32).collect()
+                };
+                burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(refilled, shape), (&device, dtype))
+            })
+        }
+    }
+    model.map(&mut Refill(seed, 0))
+}
+
 /// A small pre-trained start model for the later stages' tests: `configs/tiny.toml`'s run with
 /// the model at width `dim` and 2 layers, on `seq_len`-token windows of the shipped corpus, for
 /// `steps` steps, written to `dir/pre` (shards prepared into `dir/shards`). Returns the run
