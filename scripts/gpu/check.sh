@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check: everything the CUDA and 7B issues measure, in one run of under 8 minutes on a
 # machine with an NVIDIA GPU, from binaries built elsewhere by scripts/gpu/build.sh (carried as
-# gpu-bin/*.xz; unpacked here). Phases, each with its own time limit, so that one that hangs
+# gpu-bin/*.xz and gpu-tests/*.xz; unpacked here). Phases, each with its own time limit, so that one that hangs
 # costs only its limit:
 #   1. the GPU tests on cuda: block recomputation and our attention's gradients against the plain
 #      pass / Burn's composed attention (LLAMA2_TEST_GPU=cuda);
@@ -19,6 +19,10 @@
 # Raw JSON, metrics and logs land in OUT (default runs/gpu-check; copy them to docs/gpu/).
 # Environment: BIN (folder of the binaries or their .xz, default gpu-bin), OUT, SKIP (phase
 # numbers to skip, e.g. "3 5"), STEPS_7B (3), LIMIT_7B (seconds, 200).
+# A device call carries at most 64 MiB with the working tree, so the binaries travel in two calls
+# (scripts/gpu/build.sh packs them so): carry ["gpu-bin"] and run `SKIP=1 OUT=$OUT
+# scripts/gpu/check.sh` (phases 2-6), then carry ["gpu-tests"] and run `BIN=gpu-tests
+# SKIP="2 3 4 5 6" OUT=$OUT scripts/gpu/check.sh` (phase 1).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${BIN:-gpu-bin}"

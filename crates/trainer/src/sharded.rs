@@ -13,9 +13,9 @@
 //! gradient: [`ShardedAdamW::step_in_place`] walks the parameters, each gradient brought down
 //! from the device while the previous parameter updates, clipped by the global norm and AdamW
 //! applied in one pass over the parameter's f32 master values, its gradient and its slot of the
-//! two flat moments (writing the bf16 or f16 compute copy too, sent up while the next one updates); the
-//! arithmetic is the per-tensor optimizer's, bit for bit, and no moment tensor is allocated per
-//! step.
+//! two flat moments (writing the bf16 or f16 compute copy too, sent up while the next one
+//! updates); the arithmetic is the per-tensor optimizer's, bit for bit, and no moment tensor is
+//! allocated per step.
 //!
 //! Checkpoints hold one file per block (`optimizer/block-R-of-W.safetensors`: `moment_1`,
 //! `moment_2`) and `optimizer/manifest.json` (world size, block length, the parameters' offsets,
