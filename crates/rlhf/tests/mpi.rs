@@ -26,13 +26,16 @@ const RS: &str = "[rejection_sampling]\nrounds = 2\nk = 2\nmax_new_tokens = 4\ns
 /// checkpoint after each, the held-out evaluation after the last.
 const PPO: &str = "[rejection_sampling]\nrounds = 0\n[ppo]\niterations = 3\nbatch_size = 12\nminibatch_size = 6\nmax_new_tokens = 4\nlr = 1e-4\nvalue_lr = 1e-4\neval_every = 100\ncheckpoint_every = 1\n";
 
-/// Random tiny policy and reward models, and a config with `stages` (`RS` or `PPO`).
+/// Random tiny policy and reward models, the same on every run (the world sizes' results agree
+/// to the last bits, which a sampled token may or may not feel: a fixed draw checks it once), and
+/// a config with `stages` (`RS` or `PPO`).
 fn fixture(dir: &Path, stages: &str) -> PathBuf {
     let device = Device::flex();
     let policy = dir.join("policy");
-    llama_model::checkpoint::save_native(&tiny(2048).init(&device), &tiny(2048), &policy).unwrap();
-    for name in ["help", "safe"] {
-        llama_reward::save_reward_model(&RewardModel::new(&tiny(2048), &device), &tiny(2048), &dir.join(name)).unwrap();
+    llama_model::checkpoint::save_native(&llama_testkit::deterministic(tiny(2048).init(&device), 1), &tiny(2048), &policy).unwrap();
+    for (seed, name) in [(2, "help"), (3, "safe")] {
+        let model = llama_testkit::deterministic(RewardModel::new(&tiny(2048), &device), seed);
+        llama_reward::save_reward_model(&model, &tiny(2048), &dir.join(name)).unwrap();
     }
     let text = format!(
         "policy = \"{}\"\nhelpfulness_model = \"{}\"\nsafety_model = \"{}\"\n[data]\ntokenizer = \"{}\"\nprompts = \"{}\"\neval_prompts = \"{}\"\n\
