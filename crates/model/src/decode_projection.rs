@@ -36,6 +36,12 @@ pub struct PackedVocab {
 }
 
 impl PackedVocab {
+    /// Whether this CPU has the kernels' instructions (AVX-512F, or AVX2 with FMA), so that
+    /// [`PackedVocab::new`] packs.
+    pub fn supported() -> bool {
+        detect().is_some()
+    }
+
     /// Packs `weight`, a row-major `[vocab, dim]` matrix (row `v` is token `v`'s output vector);
     /// None where this CPU has neither AVX-512F nor AVX2 with FMA.
     pub fn new(weight: &[f32], vocab: usize, dim: usize) -> Option<Self> {
@@ -80,7 +86,10 @@ impl PackedVocab {
                     }
                 }
                 #[cfg(not(target_arch = "x86_64"))]
-                unreachable!("PackedVocab is built on x86-64 only ({:?}, {panel:?}, {cols}, {:?})", self.isa, out_at.0);
+                {
+                    let _ = (panel, cols, out_at);
+                    unreachable!("PackedVocab is built on x86-64 only");
+                }
             }
         });
         out

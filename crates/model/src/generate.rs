@@ -182,17 +182,20 @@ enum Projection {
 
 impl Projection {
     fn new(model: &Llama) -> Self {
-        let device = model.device();
         let weight = match &model.output {
             Some(output) => output.weight.val().transpose(),
             None => model.tok_embeddings.weight.val(),
         };
         let [vocab, dim] = weight.dims();
-        let values = weight.into_data().try_into_vec::<f32>().expect("flex f32 weights");
-        match PackedVocab::new(&values, vocab, dim) {
-            Some(packed) => Self::Packed(packed),
-            None => Self::VocabMajor(Box::new(Tensor::from_data(TensorData::new(values, [vocab, dim]), &device))),
+        if PackedVocab::supported() {
+            let values = weight.into_data().try_into_vec::<f32>().expect("flex f32 weights");
+            return Self::Packed(PackedVocab::new(&values, vocab, dim).expect("the kernels' instructions were found"));
         }
+        // The tied embedding is contiguous already; the output weight's transpose is copied once.
+        Self::VocabMajor(Box::new(match &model.output {
+            Some(_) => Tensor::from_data(weight.into_data(), &model.device()),
+            None => weight,
+        }))
     }
 }
 
