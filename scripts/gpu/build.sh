@@ -18,7 +18,7 @@ TESTS_OUT="${TESTS_OUT:-gpu-tests}"
 features="llama-cli/cuda,llama-cli/vulkan,llama-pretrain/cuda,llama-pretrain/vulkan"
 cargo build --release -p llama-cli -p llama-pretrain --features "$features"
 # The test binaries: `cargo test --no-run` prints where it wrote each one.
-tests=$(cargo test --release -p llama-model --features cuda,vulkan,fusion,autotune --no-run --message-format=json 2>/dev/null \
+tests=$(cargo test --release -p llama-model --features cuda,vulkan,fusion,autotune,kernel-cache --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -543,7 +543,7 @@ mod tests {
             for budget in [BACKWARD_BLOCK_ELEMENTS, b * h * t * 64] {
                 let got = crate::with_setting(&BACKWARD_BLOCK_BUDGET, budget, || grads_on(&gpu, causal_attention));
                 for (g, w) in got.into_iter().zip(want.clone()) {
-                    assert_close(g, w, 1e-4);
+                    assert_close(g, w, crate::device::f32_tolerance_for_tests(&spec));
                 }
             }
         }

@@ -71,7 +71,9 @@ print(json.dumps(out))
             .unwrap_or_else(|e| panic!("cannot run {python}: {e}; run the tests with scripts/test.sh, which installs the tensorboard package"));
         assert!(res.status.success(), "TensorBoard reader failed (run scripts/test.sh to install it): {}", String::from_utf8_lossy(&res.stderr));
         let tb: Value = serde_json::from_slice(&res.stdout).unwrap();
-        for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps"] {
+        for tag in
+            ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s", "train/mfu", "train/skipped_steps", "time/step_seconds", "time/update_seconds"]
+        {
             assert_eq!(tb[tag], serde_json::json!([1, 2, 3, 4, 5, 6]), "{run} {tag}: {tb}");
         }
         for tag in ["val/loss", "val/perplexity"] {

@@ -246,6 +246,10 @@ struct Run<'c, M> {
     accumulation: usize,
     /// Start and tokens of the current logging window (tokens/s, MFU).
     window: (Instant, usize),
+    /// The last updated step's seconds: the whole step, and its update alone (from the
+    /// gradient norm, which waits for the device's passes, to the updated model: with a host
+    /// optimizer, the gradients' download, AdamW and the upload, what the device waits for).
+    step_seconds: [f64; 2],
     saved_step: u64,
     evaluated_step: u64,
     last_loss: Option<f64>,
@@ -349,6 +353,7 @@ where
             // Each rank runs its share of the step's micro-batches (LoopConfig::new checked it divides).
             accumulation: cfg.train.accumulation() / world.size(),
             window: (Instant::now(), 0),
+            step_seconds: [0.0; 2],
             saved_step: state.step,
             evaluated_step: state.step,
             last_loss: None,
@@ -398,6 +403,7 @@ where
         O::Batch: Sync,
     {
         let cfg = self.cfg;
+        let step_started = Instant::now();
         let mut step_tokens = [batches.iter().map(|b| objective.tokens(b)).sum::<usize>() as f64];
         self.world.sum_f64(&mut step_tokens);
         let step_tokens = step_tokens[0] as usize;
@@ -436,11 +442,13 @@ where
         if let Some(s) = self.state.loss_scale.as_mut() {
             s.good_step();
         }
+        let update_started = Instant::now();
         let model = self.model.take().expect("the model is back after every update");
         // A host master on one device: the update writes the next compute copy too (bf16, f16).
         let copy_to = (self.plan.host_master && cfg.devices.len() <= 1).then_some((&self.compute_device, cfg.precision));
         let (model, copy) = self.optimizer.step_with_copy(lr, model, grads, grad_norm, cfg.optim.grad_clip, copy_to);
         (self.model, self.compute_copy) = (Some(model), copy);
+        self.step_seconds = [step_started.elapsed().as_secs_f64(), update_started.elapsed().as_secs_f64()];
         self.last_loss = Some(loss);
         kill_point("update", self.state.step);
         StepOutcome::Updated { loss, grad_norm, lr }
@@ -522,6 +530,8 @@ where
         if let Some(s) = &self.state.loss_scale {
             values.push(("train/loss_scale", s.scale));
         }
+        values.push(("time/step_seconds", self.step_seconds[0]));
+        values.push(("time/update_seconds", self.step_seconds[1]));
         if let Some((seconds, bytes)) = self.optimizer.comm_stats() {
             // The last step's collectives (MPI), on rank 0.
             values.push(("dist/comm_seconds", seconds));
