@@ -192,6 +192,10 @@ fn bench(
         model = optim.step(1e-4, model, grads);
         let _ = model.norm.gamma.val().sum().into_scalar::<f32>();
         let t3 = Instant::now();
+        if step == 0 {
+            // On a GPU the untimed first step compiles the kernels: say so, or a long silence looks like a hang.
+            eprintln!("warm-up step: {:.1} s", (t3 - t0).as_secs_f64());
+        }
         if step > 0 {
             fwd += (t1 - t0).as_secs_f64();
             bwd += (t2 - t1).as_secs_f64();

@@ -552,6 +552,7 @@ fn bench_reports_every_phase() {
     let (ok, out, err, report) = bench("4", &[]);
     assert!(ok, "{err}");
     assert!(out.contains("tokens/s") && out.contains("AdamW") && out.contains("decode") && out.contains("peak RSS"), "{out}");
+    assert!(err.contains("warm-up step: "), "the untimed first step is announced: {err}");
     for key in ["train_tokens_per_s", "forward_s", "backward_s", "optimizer_s", "train_gflops_per_s", "decode_tokens_per_s", "peak_rss_gib"] {
         let v = report[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {report}"));
         assert!(v.is_finite() && v > 0.0, "{key} = {v}");

@@ -360,6 +360,12 @@ where
             last_checkpoint: None,
             state,
         };
+        if !llama_model::device::is_flex(&run.compute_device) {
+            // A quiet first step is otherwise indistinguishable from a hang.
+            run.metrics.println(
+                "the first step compiles the GPU kernels: minutes on a machine that has not run this model before (later runs reuse CubeCL's kernel cache)",
+            );
+        }
         if cfg.eval_at_start && run.state.step == 0 {
             objective.evaluate(&run.for_eval(), 0, &mut run.metrics)?;
         }
