@@ -23,7 +23,9 @@
 # (15 minutes a session, start-up included), so a session runs it in two calls, the most
 # telling phases first (scripts/gpu/build.sh packs the folders so):
 #   carry ["gpu-tests", "gpu-bin/llama.xz"]: BIN="gpu-tests gpu-bin" PHASES="1 2" scripts/gpu/check.sh
-#   carry ["gpu-bin"]:                       PHASES="4 5 7 6 3" scripts/gpu/check.sh
+#   carry ["gpu-bin"]:                       PHASES="4 5 7 3 6" scripts/gpu/check.sh
+# The second call should reach the machine while it is still warm (it is given back after ~30 s
+# idle): the kernel cache the first call compiled (target/environment) then serves the second.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${BIN:-gpu-bin}"
