@@ -3,12 +3,13 @@
 # package registries (no GPU, no CUDA toolkit: cudarc loads libcuda and NVRTC at run time), and
 # packs it for the trip, xz-compressed, in two git-ignored folders:
 #   OUT (gpu-bin/): `llama` and `pretrain` with both GPU backends (cuda and vulkan, each with
-#     Burn's fusion and autotune): 33.7 MB, for phases 2-6;
+#     Burn's fusion, autotune and the kernel cache): 42.9 MB, for phases 2-7;
 #   TESTS_OUT (gpu-tests/): the model crate's two test binaries with the GPU tests, same
-#     features: 29 MB, for phase 1.
-# A device call carries at most 64 MiB with the working tree (7.5 MiB): the two folders together
-# (63 MB) do not fit, so each goes in its own call (see check.sh). Cold on 2 cores: 62 min for the
-# two binaries; after a change to our crates, 18 min for the binaries and 2 more for the tests.
+#     features: 39.1 MB, for phase 1.
+# A device call carries at most 64 MiB with the working tree (7.8 MB): the two folders together
+# do not fit, so each goes in its own call (see check.sh). Cold on 2 cores (2026-12-04, empty
+# cargo registry and target): 36 min for the two binaries, 2 more for the tests; after a change to
+# our crates, ~18 min for the binaries.
 #   scripts/gpu/build.sh && ls -l gpu-bin gpu-tests
 set -euo pipefail
 cd "$(dirname "$0")/../.."

@@ -19,13 +19,14 @@
 # Environment: BIN (folders of the binaries or their .xz, default gpu-bin), OUT, PHASES (default
 # "1 2 3 4 5 6 7"), STEPS_7B (3), LIMIT_7B (seconds from the 7B launch, 300), LIMIT_FIRST (seconds
 # for each test, bench and the 30 steps, 420: the first one compiles the kernels), CACHE_IN.
-# A device call carries at most 64 MiB with the working tree (7.5 MiB), and device time is scarce
+# A device call carries at most 64 MiB with the working tree (7.8 MB), and device time is scarce
 # (15 minutes a session, start-up included), so a session runs it in two calls, the most
-# telling phases first (scripts/gpu/build.sh packs the folders so):
-#   carry ["gpu-tests", "gpu-bin/llama.xz"]: BIN="gpu-tests gpu-bin" PHASES="1 2" scripts/gpu/check.sh
-#   carry ["gpu-bin"]:                       PHASES="4 5 7 3 6" scripts/gpu/check.sh
+# telling phases first (scripts/gpu/build.sh packs the folders so: gpu-bin/ 42.9 MB, gpu-tests/
+# 39.1 MB, too much together):
+#   carry ["gpu-bin"]:   PHASES="2 4 5 7 3 6" scripts/gpu/check.sh
+#   carry ["gpu-tests"]: BIN=gpu-tests PHASES=1 scripts/gpu/check.sh
 # The second call should reach the machine while it is still warm (it is given back after ~30 s
-# idle): the kernel cache the first call compiled (target/environment) then serves the second.
+# idle): the kernels the first call compiled (target/environment) then serve the second.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 BIN="${BIN:-gpu-bin}"
