@@ -82,7 +82,8 @@ status() { # pid, seconds
 }
 # Runs a command (output to LOG) for at most LIMIT seconds, printing every 15 s its CPU time, the
 # kernel cache's size, the kernels compiled so far and the GPU's use: compiling and computing look
-# alike from outside otherwise.
+# alike from outside otherwise. With DONE_WHEN set (a function's name), it also stops the command
+# once that function succeeds; either stop prints the command's peak and current memory first.
 limited() { # limit, log, command...
     local limit=$1 log=$2
     shift 2
@@ -91,9 +92,10 @@ limited() { # limit, log, command...
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
         local t=$((SECONDS - start))
-        if [ "$t" -ge "$limit" ]; then
+        if [ "$t" -ge "$limit" ] || { [ -n "${DONE_WHEN:-}" ] && "$DONE_WHEN"; }; then
+            grep -E "VmHWM|VmRSS" "/proc/$pid/status"
             kill -9 "$pid"
-            echo "  stopped at its limit, $limit s"
+            echo "  stopped after $t s (limit $limit s)"
             break
         fi
         [ $((t % 15)) -eq 0 ] && status "$pid" "$t"
@@ -170,29 +172,15 @@ phase5() {
         sampler=$!
         run=runs/7b-gpu-check-$device
         rm -rf "$run"
-        start=$(date +%s)
-        "$bin/pretrain" --config configs/7b-gpu-check.toml --device "$device" --dtype "$dtype" --out "$run" &
-        pid=$!
-        while kill -0 "$pid" 2>/dev/null; do
-            logged=$(grep -c '"train/loss"' "$run/metrics.jsonl" 2>/dev/null)
-            if [ "${logged:-0}" -ge "$STEPS_7B" ] || [ $(($(date +%s) - start)) -ge "$LIMIT_7B" ]; then
-                grep -E "VmHWM|VmRSS" "/proc/$pid/status"
-                kill -9 "$pid"
-                echo "stopped after ${logged:-0} logged steps, $(($(date +%s) - start)) s"
-                break
-            fi
-            sleep 0.5
-            [ $(($(date +%s) - start)) -ge "${next_status:=15}" ] && status "$pid" "$next_status" && next_status=$((next_status + 15))
-        done
-        unset next_status
-        wait "$pid" 2>/dev/null
-        rc=$?
+        logged_enough() { [ "$(grep -c '"train/loss"' "$run/metrics.jsonl" 2>/dev/null)" -ge "$STEPS_7B" ] 2>/dev/null; }
+        DONE_WHEN=logged_enough limited "$LIMIT_7B" "$OUT/pretrain-7b-$device.log" \
+            "$bin/pretrain" --config configs/7b-gpu-check.toml --device "$device" --dtype "$dtype" --out "$run"
         kill $sampler 2>/dev/null
         cp "$run/metrics.jsonl" "$OUT/metrics-7b-$device.jsonl" 2>/dev/null && cat "$OUT/metrics-7b-$device.jsonl"
         awk -F', ' '$2 + 0 > peak { peak = $2 + 0 } END { printf "nvidia-smi peak memory.used: %d MiB = %.2f GiB\n", peak, peak / 1024 }' "$OUT/gpu-memory-7b-$device.csv"
         # Vulkan only when cuda did not get a step done.
         grep -q '"train/loss"' "$run/metrics.jsonl" 2>/dev/null && break
-        echo "7B on $device logged no step (exit $rc)"
+        echo "7B on $device logged no step"
     done
 }
 phase6() {
