@@ -32,12 +32,21 @@ fn linear(d_in: usize, d_out: usize, device: &Device) -> Linear {
 /// 32, and flex then packs the weight once per sequence (the 32000-row output projection 8 times
 /// per forward on bench-small) with one thread per sequence; one matmul packs it once and splits
 /// the rows. On GPUs Burn's batched 3-d form is the faster one (bench-medium f32 on an H100
-/// through Vulkan: backward 0.36 s batched, 0.54 s flattened).
+/// through Vulkan: backward 0.36 s batched, 0.54 s flattened). Up to 64 rows without autodiff
+/// (a decoding step), [`crate::decode_projection::decode_linear`] reads the weight in place
+/// instead of gemm's packing it per call.
 ///
 /// # Shapes
 /// - x: `[batch, seq, d_in]` -> `[batch, seq, d_out]`
 fn apply(linear: &Linear, x: Tensor<3>) -> Tensor<3> {
-    if is_flex(&x.device()) { over_rows(x, |rows| linear.forward(rows)) } else { linear.forward(x) }
+    if !is_flex(&x.device()) {
+        return linear.forward(x);
+    }
+    over_rows(x, |rows| {
+        // A decoding step's few rows, without autodiff: the weight streamed once, unpacked.
+        let few_rows = linear.bias.is_none().then(|| crate::decode_projection::decode_linear(&rows, &linear.weight.val())).flatten();
+        few_rows.unwrap_or_else(|| linear.forward(rows))
+    })
 }
 
 /// `f` applied to `x`'s `[batch * seq, d]` rows, the result reshaped back to `[batch, seq, _]`.
