@@ -212,6 +212,10 @@ pub trait HalfCopy: burn::tensor::Element + Copy + Send + Sync {
     fn from_f32(x: f32) -> Self;
     /// The dtype of the copy's tensors.
     const DTYPE: DType;
+    /// `n` zeros, allocated zeroed (`calloc`: fresh pages are mapped zero, not written), so that
+    /// the pages are first touched by the parallel pass that fills them, not by one thread
+    /// writing zeros beforehand (a 1 B model's bf16 copy is 2 GB).
+    fn zeros(n: usize) -> Vec<Self>;
 }
 
 impl HalfCopy for half::bf16 {
@@ -219,6 +223,10 @@ impl HalfCopy for half::bf16 {
         half::bf16::from_f32(x)
     }
     const DTYPE: DType = DType::BF16;
+    fn zeros(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; n].reinterpret_into()
+    }
 }
 
 impl HalfCopy for half::f16 {
@@ -226,6 +234,10 @@ impl HalfCopy for half::f16 {
         half::f16::from_f32(x)
     }
     const DTYPE: DType = DType::F16;
+    fn zeros(n: usize) -> Vec<Self> {
+        use half::vec::HalfBitsVecExt;
+        vec![0u16; n].reinterpret_into()
+    }
 }
 
 /// One AdamW step over a flat f32 parameter vector, in place, in one pass on the rayon pool: each

@@ -198,7 +198,7 @@ impl<H: HalfCopy> ModuleMapper for UpdateInPlace<'_, H> {
         let (id, old, _) = param.consume();
         let (device, dtype) = (old.device(), old.dtype());
         let mut values = f32_values(old.inner());
-        let mut half = self.uploads.as_ref().map(|_| vec![H::from_f32(0.0); values.len()]);
+        let mut half = self.uploads.as_ref().map(|_| H::zeros(values.len()));
         let range = slot.offset..slot.offset + slot.len();
         let rule = if slot.decay { &self.rules[0] } else { &self.rules[1] };
         adamw_flat(&mut values, &grad, &mut self.moment_1[range.clone()], &mut self.moment_2[range], self.clip, rule, half.as_deref_mut());
