@@ -305,12 +305,18 @@ mod avx512 {
             }
         }
         for j in 0..G {
-            let mut values = [0f32; PANEL];
-            // SAFETY: `values` holds 32 f32; the caller vouches for `out`.
+            // SAFETY: `values` holds 32 f32; the caller vouches for `cols` values at each row of
+            // `out` (a whole panel's are stored straight, without a copy call per row).
             unsafe {
-                _mm512_storeu_ps(values.as_mut_ptr(), lo[j]);
-                _mm512_storeu_ps(values.as_mut_ptr().add(16), hi[j]);
-                store(out.add(j * out_stride), &values, cols);
+                if cols == PANEL {
+                    _mm512_storeu_ps(out.add(j * out_stride), lo[j]);
+                    _mm512_storeu_ps(out.add(j * out_stride + 16), hi[j]);
+                } else {
+                    let mut values = [0f32; PANEL];
+                    _mm512_storeu_ps(values.as_mut_ptr(), lo[j]);
+                    _mm512_storeu_ps(values.as_mut_ptr().add(16), hi[j]);
+                    store(out.add(j * out_stride), &values, cols);
+                }
             }
         }
     }
@@ -372,16 +378,24 @@ mod avx2 {
                 }
             }
             for j in 0..G {
-                // SAFETY: half + 16 <= PANEL.
+                // SAFETY: half + 16 <= PANEL; a whole panel's columns are all valid in `out`
+                // (stored straight, without a copy call per row).
                 unsafe {
-                    _mm256_storeu_ps(values[j].as_mut_ptr().add(half), lo[j]);
-                    _mm256_storeu_ps(values[j].as_mut_ptr().add(half + 8), hi[j]);
+                    if cols == PANEL {
+                        _mm256_storeu_ps(out.add(j * out_stride + half), lo[j]);
+                        _mm256_storeu_ps(out.add(j * out_stride + half + 8), hi[j]);
+                    } else {
+                        _mm256_storeu_ps(values[j].as_mut_ptr().add(half), lo[j]);
+                        _mm256_storeu_ps(values[j].as_mut_ptr().add(half + 8), hi[j]);
+                    }
                 }
             }
         }
-        for (j, values) in values.iter().enumerate() {
-            // SAFETY: the caller vouches for `out`.
-            unsafe { store(out.add(j * out_stride), values, cols) };
+        if cols < PANEL {
+            for (j, values) in values.iter().enumerate() {
+                // SAFETY: the caller vouches for `out`.
+                unsafe { store(out.add(j * out_stride), values, cols) };
+            }
         }
     }
 }
