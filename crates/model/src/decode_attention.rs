@@ -53,11 +53,29 @@ pub fn one_query_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &T
     )))
 }
 
-/// The kernel as a Burn backend extension, implemented for `Flex` (decoding runs without autodiff).
+/// Row `r` of `new` written at position `rows[r]` of `cache` (a KV cache buffer), in place when
+/// the buffer is held only here, on flex f32 without autodiff; `Err(cache)` back where Burn's
+/// `slice_assign` should write it. Slots at different positions (continuous batching) took one
+/// `slice_assign` per row, key and value and layer: 512 Burn ops a step at batch 64.
+///
+/// # Shapes
+/// - cache: `[batch, kv_heads, capacity, head_dim]`
+/// - new: `[batch, kv_heads, 1, head_dim]`
+pub fn write_at_rows(cache: Tensor<4>, new: &Tensor<4>, rows: &[usize]) -> Result<Tensor<4>, Tensor<4>> {
+    let usable = enabled(&cache.device()) && !cache.is_autodiff() && !new.is_autodiff() && cache.dtype() == DType::F32 && new.dtype() == DType::F32;
+    if !usable {
+        return Err(cache);
+    }
+    Ok(Tensor::from_dispatch(<Dispatch as DecodeAttentionBackend>::write_at_rows(cache.into_dispatch(), new.clone().into_dispatch(), rows.to_vec())))
+}
+
+/// The kernels as a Burn backend extension, implemented for `Flex` (decoding runs without autodiff).
 #[backend_extension(Flex)]
 pub trait DecodeAttentionBackend: Backend {
     /// See [`one_query_attention`]; `hidden` is the mask's `[batch, keys]` values.
     fn one_query_attention(q: FloatTensor<Self>, k: FloatTensor<Self>, v: FloatTensor<Self>, hidden: Vec<bool>) -> FloatTensor<Self>;
+    /// See [`write_at_rows`].
+    fn write_at_rows(cache: FloatTensor<Self>, new: FloatTensor<Self>, rows: Vec<usize>) -> FloatTensor<Self>;
 }
 
 /// A 4-d flex tensor's f32 storage read in place where its rows are unit-stride: (values, offset
@@ -109,6 +127,28 @@ impl DecodeAttentionBackend for Flex {
         });
         FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, d]))
     }
+
+    fn write_at_rows(cache: FlexTensor, new: FlexTensor, rows: Vec<usize>) -> FlexTensor {
+        // Contiguous as the cache allocates it; `storage_mut` copies only if the buffer is shared.
+        let (mut cache, new) = (contiguous_f32(cache), contiguous_f32(new));
+        let s = cache.layout().shape();
+        let (batch, heads, capacity, d) = (s[0], s[1], s[2], s[3]);
+        let ns = new.layout().shape();
+        assert!(
+            ns[0] == batch && ns[1] == heads && ns[2] == 1 && ns[3] == d && rows.len() == batch && rows.iter().all(|&p| p < capacity),
+            "write_at_rows: cache {s:?}, new {ns:?}, positions {rows:?}"
+        );
+        let start = cache.layout().start_offset();
+        let values = f32_values(&new);
+        let all = &mut cache.storage_mut::<f32>()[start..];
+        for (r, &p) in rows.iter().enumerate() {
+            for h in 0..heads {
+                let row = r * heads + h;
+                all[(row * capacity + p) * d..][..d].copy_from_slice(&values[row * d..][..d]);
+            }
+        }
+        cache
+    }
 }
 
 #[cfg(test)]
@@ -118,6 +158,24 @@ mod tests {
     use burn::tensor::module::attention;
     use burn::tensor::ops::AttentionModuleOptions;
     use burn::tensor::{Device, Distribution};
+
+    /// Each row's new key written at its own position equals Burn's `slice_assign` row by row,
+    /// and leaves every other position as it was.
+    #[test]
+    fn writing_at_rows_equals_slice_assign() {
+        let device = Device::flex();
+        device.seed(5);
+        let (b, h, cap, d) = (3, 2, 6, 4);
+        let cache = Tensor::<4>::random([b, h, cap, d], Distribution::Normal(0.0, 1.0), &device);
+        let new = Tensor::<4>::random([b, h, 1, d], Distribution::Normal(0.0, 1.0), &device);
+        let rows = [4, 0, 5];
+        let want = rows
+            .iter()
+            .enumerate()
+            .fold(cache.clone(), |all, (r, &p)| all.slice_assign([r..r + 1, 0..h, p..p + 1, 0..d], new.clone().slice([r..r + 1, 0..h, 0..1, 0..d])));
+        let got = write_at_rows(cache.clone(), &new, &rows).unwrap_or_else(|_| panic!("flex f32"));
+        assert_eq!(got.into_data().try_to_vec::<f32>().unwrap(), want.into_data().try_to_vec::<f32>().unwrap());
+    }
 
     /// One query per row against a slice of a larger cache buffer, 4 query heads over 2 KV heads,
     /// each row with its own hidden keys: equal to Burn's attention over the repeated heads.
