@@ -5,7 +5,8 @@
 //! layer (11% of a decoding step at batch 32). Grouped-query attention also repeated each
 //! key/value head for its query heads before that. Here each (row, query head) reads its KV head
 //! straight from the cache. The scores, softmax and weighted sum of values are one pass over the
-//! row's visible keys.
+//! row's visible keys. [`write_at_rows`] writes a step's new keys and values into the cache when
+//! the rows sit at different positions (continuous batching).
 
 use burn::backend::flex::FlexTensor;
 use burn::backend::tensor::FloatTensor;
@@ -53,20 +54,21 @@ pub fn one_query_attention(q: &Tensor<4>, k: &Tensor<4>, v: &Tensor<4>, mask: &T
     )))
 }
 
-/// Row `r` of `new` written at position `rows[r]` of `cache` (a KV cache buffer), in place when
-/// the buffer is held only here, on flex f32 without autodiff; `Err(cache)` back where Burn's
-/// `slice_assign` should write it. Slots at different positions (continuous batching) took one
-/// `slice_assign` per row, key and value and layer: 512 Burn ops a step at batch 64.
+/// Row `r` of `new` written at position `rows[r]` of `cache` (a KV cache buffer). On flex f32
+/// without autodiff, one pass over the rows, in place when the buffer is held only here;
+/// elsewhere a Burn `slice_assign` per row. Slots at different positions (continuous batching)
+/// took that everywhere: 512 Burn ops a step at batch 64 (a key and a value per row and layer).
 ///
 /// # Shapes
 /// - cache: `[batch, kv_heads, capacity, head_dim]`
 /// - new: `[batch, kv_heads, 1, head_dim]`
-pub fn write_at_rows(cache: Tensor<4>, new: &Tensor<4>, rows: &[usize]) -> Result<Tensor<4>, Tensor<4>> {
-    let usable = enabled(&cache.device()) && !cache.is_autodiff() && !new.is_autodiff() && cache.dtype() == DType::F32 && new.dtype() == DType::F32;
-    if !usable {
-        return Err(cache);
+pub fn write_at_rows(cache: Tensor<4>, new: &Tensor<4>, rows: &[usize]) -> Tensor<4> {
+    let in_place = enabled(&cache.device()) && !cache.is_autodiff() && !new.is_autodiff() && cache.dtype() == DType::F32 && new.dtype() == DType::F32;
+    if in_place {
+        return Tensor::from_dispatch(<Dispatch as DecodeAttentionBackend>::write_at_rows(cache.into_dispatch(), new.clone().into_dispatch(), rows.to_vec()));
     }
-    Ok(Tensor::from_dispatch(<Dispatch as DecodeAttentionBackend>::write_at_rows(cache.into_dispatch(), new.clone().into_dispatch(), rows.to_vec())))
+    let [_, h, _, d] = cache.dims();
+    rows.iter().enumerate().fold(cache, |all, (r, &p)| all.slice_assign([r..r + 1, 0..h, p..p + 1, 0..d], new.clone().slice([r..r + 1, 0..h, 0..1, 0..d])))
 }
 
 /// The kernels as a Burn backend extension, implemented for `Flex` (decoding runs without autodiff).
@@ -173,7 +175,7 @@ mod tests {
             .iter()
             .enumerate()
             .fold(cache.clone(), |all, (r, &p)| all.slice_assign([r..r + 1, 0..h, p..p + 1, 0..d], new.clone().slice([r..r + 1, 0..h, 0..1, 0..d])));
-        let got = write_at_rows(cache.clone(), &new, &rows).unwrap_or_else(|_| panic!("flex f32"));
+        let got = write_at_rows(cache.clone(), &new, &rows);
         assert_eq!(got.into_data().try_to_vec::<f32>().unwrap(), want.into_data().try_to_vec::<f32>().unwrap());
     }
 

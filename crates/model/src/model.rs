@@ -523,11 +523,7 @@ impl LayerCache {
             assert!(end <= all.dims()[2], "KV cache overflow: {end} > {}", all.dims()[2]);
             let all = match at {
                 Positions::From(start) => all.slice_assign([0..b, 0..h, start..end, 0..d], new),
-                Positions::Rows(rows) => crate::decode_attention::write_at_rows(all, &new, rows).unwrap_or_else(|all| {
-                    rows.iter()
-                        .enumerate()
-                        .fold(all, |all, (r, &p)| all.slice_assign([r..r + 1, 0..h, p..p + 1, 0..d], new.clone().slice([r..r + 1, 0..h, 0..1, 0..d])))
-                }),
+                Positions::Rows(rows) => crate::decode_attention::write_at_rows(all, &new, rows),
             };
             *buffer = Some(all.clone());
             all.slice([0..b, 0..h, 0..end, 0..d])
