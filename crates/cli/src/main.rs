@@ -127,7 +127,8 @@ pub(crate) struct SamplingArgs {
 impl SamplingArgs {
     /// The sampling config, validated (the error names the flags).
     pub(crate) fn config(&self, max_new_tokens: usize, eos_id: Option<u32>) -> Result<SamplingConfig> {
-        let config = SamplingConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens, eos_id, seed: self.seed };
+        let config =
+            SamplingConfig { temperature: self.temperature, top_k: self.top_k, top_p: self.top_p, max_new_tokens, eos_id, seed: self.seed, logprobs: false };
         config.validate().context("the sampling flags (--temperature, --top-k, --top-p)")?;
         Ok(config)
     }

@@ -458,7 +458,15 @@ fn chat_through_stdin_sees_earlier_turns_and_streams_what_generate_gives() {
         {"role": "user", "content": "Hi there"}, {"role": "assistant", "content": first.trim()}, {"role": "user", "content": "What did I say?"}]}))
     .unwrap();
     let (_, model) = llama_model::checkpoint::load(tmp.path(), &burn::tensor::Device::flex()).unwrap();
-    let sampling = llama_model::generate::SamplingConfig { temperature: 0.8, top_k: None, top_p: None, max_new_tokens: 6, eos_id: Some(tok.eos_id()), seed: 8 };
+    let sampling = llama_model::generate::SamplingConfig {
+        temperature: 0.8,
+        top_k: None,
+        top_p: None,
+        max_new_tokens: 6,
+        eos_id: Some(tok.eos_id()),
+        seed: 8,
+        logprobs: false,
+    };
     let tokens = llama_model::generate::generate(&model, &[conversation.prompt_ids(&tok).unwrap()], &sampling).unwrap().tokens.remove(0);
     let second = tok.decode(&tokens).unwrap();
     assert_eq!(out, format!("{first}\n{second}\n"), "two answers as generated, and nothing after /quit");

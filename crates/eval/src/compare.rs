@@ -313,7 +313,7 @@ fn answer_and_score(model: &Llama, prompts: &[Prompt], tokenizer: &Tokenizer, sc
 const GROUP: usize = 16;
 
 fn sampling(cfg: &EvalConfig, tokenizer: &Tokenizer, max_new_tokens: usize, seed: u64) -> SamplingConfig {
-    SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed }
+    SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed, logprobs: false }
 }
 
 /// The scores of prompt + answer sequences (answers left empty for the caller), scored in groups

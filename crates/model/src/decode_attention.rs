@@ -14,10 +14,11 @@ use burn::backend::{Backend, Dispatch, Flex, backend_extension};
 use burn::tensor::{Bool, DType, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::flex_kernels::{contiguous_f32, enabled, exp_nonpositive, f32_values};
+use crate::flex_kernels::{contiguous_f32, enabled, exp_nonpositive, f32_values, wide};
 
 /// `a · b` in eight running sums, so that it vectorises (one running sum waits on each add's
 /// latency: the scores were a tenth of a decoding step at batch 32).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let (a_chunks, a_rest) = a.as_chunks::<8>();
     let (b_chunks, b_rest) = b.as_chunks::<8>();
@@ -28,6 +29,34 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         }
     }
     sums.iter().sum::<f32>() + a_rest.iter().zip(b_rest).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// One query's attention into `out` (`head_dim` values, zero): `softmax(scale q kᵀ)` over the
+/// keys `hidden` leaves visible, then the weighted sum of their values; `scores` is scratch.
+#[inline(always)]
+fn attend<'a>(
+    query: &[f32],
+    key: impl Fn(usize) -> &'a [f32],
+    value: impl Fn(usize) -> &'a [f32],
+    hidden: &[bool],
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    scores.clear();
+    scores.extend(hidden.iter().enumerate().map(|(j, &hide)| if hide { f32::NEG_INFINITY } else { scale * dot(query, key(j)) }));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        return; // every key hidden: a padding row, whose output nothing reads
+    }
+    scores.iter_mut().for_each(|s| *s = exp_nonpositive(*s - max));
+    let total: f32 = scores.iter().sum();
+    for (j, &w) in scores.iter().enumerate().filter(|(_, w)| **w > 0.0) {
+        for (o, &x) in out.iter_mut().zip(value(j)) {
+            *o += w * x;
+        }
+    }
+    out.iter_mut().for_each(|o| *o /= total);
 }
 
 /// `softmax(q kᵀ / sqrt(head_dim), keys hidden by `mask` left out) v` for one query per row,
@@ -107,25 +136,14 @@ impl DecodeAttentionBackend for Flex {
         let (kd, vd, qd) = (k.storage::<f32>(), v.storage::<f32>(), f32_values(&q));
         let scale = 1.0 / (d as f32).sqrt();
         let mut out = vec![0f32; batch * heads * d];
-        out.par_chunks_mut(d).enumerate().for_each(|(bh, out)| {
+        // Each thread keeps one buffer of scores for all its (row, head) pairs.
+        out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (bh, out)| {
             let (b, h) = (bh / heads, bh % heads);
             let query = &qd[bh * d..][..d];
             let hidden = &hidden[b * keys..][..keys];
             let key = |j: usize| &kd[k0 + b * kst[0] + (h / group) * kst[1] + j * kst[2]..][..d];
             let value = |j: usize| &vd[v0 + b * vst[0] + (h / group) * vst[1] + j * vst[2]..][..d];
-            let scores: Vec<f32> = (0..keys).map(|j| if hidden[j] { f32::NEG_INFINITY } else { scale * dot(query, key(j)) }).collect();
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            if max == f32::NEG_INFINITY {
-                return; // every key hidden: a padding row, whose output nothing reads
-            }
-            let weights: Vec<f32> = scores.iter().map(|&s| exp_nonpositive(s - max)).collect();
-            let total: f32 = weights.iter().sum();
-            for (j, &w) in weights.iter().enumerate().filter(|(_, w)| **w > 0.0) {
-                for (o, &x) in out.iter_mut().zip(value(j)) {
-                    *o += w * x;
-                }
-            }
-            out.iter_mut().for_each(|o| *o /= total);
+            wide(|| attend(query, key, value, hidden, scale, scores, out));
         });
         FlexTensor::from_data(TensorData::new(out, [batch, heads, 1, d]))
     }

@@ -74,10 +74,14 @@ impl PackedVocab {
     /// - output: `[rows, vocab]`, row-major
     pub fn logits(&self, hidden: &[f32], rows: usize) -> Vec<f32> {
         assert_eq!(hidden.len(), rows * self.dim, "PackedVocab::logits: hidden is not [rows, dim]");
-        let mut out = vec![0f32; rows * self.vocab];
+        // Not zeroed first: the kernels write every value (8 MB a step at 64 rows, whose memset
+        // or fresh pages cost more than a tenth of the product).
+        let mut out = Vec::with_capacity(rows * self.vocab);
         // SAFETY: `detect` found the instructions (`new`); panel `p` is `[dim][PANEL]` at
         // `p * PANEL * dim`, zero-padded past the vocabulary.
-        unsafe { panels_times(self.isa, hidden, rows, self.dim, &self.panels, PANEL * self.dim, PANEL, &mut out, self.vocab, self.vocab) };
+        unsafe { panels_times(self.isa, hidden, rows, self.dim, &self.panels, PANEL * self.dim, PANEL, out.spare_capacity_mut(), self.vocab, self.vocab) };
+        // SAFETY: the kernels wrote columns `0..vocab` of every row.
+        unsafe { out.set_len(rows * self.vocab) };
         out
     }
 }
@@ -99,24 +103,27 @@ pub fn rows_times_weight(x: &[f32], rows: usize, w: &[f32], d_in: usize, d_out: 
 /// [`rows_times_weight`] with the kernels of `isa` (present on this CPU).
 fn rows_times_weight_on(isa: Isa, x: &[f32], rows: usize, w: &[f32], d_in: usize, d_out: usize) -> Vec<f32> {
     assert!(x.len() == rows * d_in && w.len() == d_in * d_out, "rows_times_weight: x is not [rows, d_in] or w not [d_in, d_out]");
-    let mut out = vec![0f32; rows * d_out];
+    let mut out = Vec::with_capacity(rows * d_out);
     let whole = d_out / PANEL * PANEL;
     // SAFETY: the instructions were found; panel `p` starts at column `p * PANEL` and its `d_in`
     // rows of `PANEL` values lie `d_out` apart, all inside `w` (`whole <= d_out`).
-    unsafe { panels_times(isa, x, rows, d_in, w, PANEL, d_out, &mut out, d_out, whole) };
+    unsafe { panels_times(isa, x, rows, d_in, w, PANEL, d_out, out.spare_capacity_mut(), d_out, whole) };
     if whole < d_out {
         let cols = d_out - whole;
         let mut tail = vec![0f32; d_in * PANEL];
         for (k, row) in tail.chunks_exact_mut(PANEL).enumerate() {
             row[..cols].copy_from_slice(&w[k * d_out + whole..][..cols]);
         }
-        let mut part = vec![0f32; rows * PANEL];
+        let mut part = Vec::with_capacity(rows * PANEL);
         // SAFETY: as above, one packed panel of `d_in` rows of `PANEL`.
-        unsafe { panels_times(isa, x, rows, d_in, &tail, PANEL, PANEL, &mut part, PANEL, cols) };
-        for (r, part) in part.chunks_exact(PANEL).enumerate() {
-            out[r * d_out + whole..][..cols].copy_from_slice(&part[..cols]);
+        unsafe { panels_times(isa, x, rows, d_in, &tail, PANEL, PANEL, part.spare_capacity_mut(), PANEL, cols) };
+        let out = out.spare_capacity_mut();
+        for r in 0..rows {
+            out[r * d_out + whole..][..cols].copy_from_slice(&part.spare_capacity_mut()[r * PANEL..][..cols]);
         }
     }
+    // SAFETY: the kernels wrote columns `0..whole` of every row, the copies `whole..d_out`.
+    unsafe { out.set_len(rows * d_out) };
     out
 }
 
@@ -166,9 +173,10 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
-/// Columns `0..cols` of `out` (`[rows, out_stride]`) = `x · W`, where W's columns come in panels
-/// of [`PANEL`]: panel `p` starts at `w[p * panel_step]`, and its row `k` (the `PANEL` values of
-/// input `k`) at `k * row_stride` further. Panels are dealt to rayon tasks.
+/// Columns `0..cols` of `out` (`[rows, out_stride]`, written without being read, so it may be
+/// uninitialised) = `x · W`, where W's columns come in panels of [`PANEL`]: panel `p` starts at
+/// `w[p * panel_step]`, and its row `k` (the `PANEL` values of input `k`) at `k * row_stride`
+/// further. Panels are dealt to rayon tasks.
 ///
 /// # Safety
 /// `isa`'s instructions are present; every panel that starts below column `cols` has `d_in` rows
@@ -182,12 +190,12 @@ unsafe fn panels_times(
     w: &[f32],
     panel_step: usize,
     row_stride: usize,
-    out: &mut [f32],
+    out: &mut [std::mem::MaybeUninit<f32>],
     out_stride: usize,
     cols: usize,
 ) {
     assert!(x.len() >= rows * d_in && out.len() >= rows * out_stride && cols <= out_stride);
-    let out_at = SharedOut(out.as_mut_ptr());
+    let out_at = SharedOut(out.as_mut_ptr().cast::<f32>());
     let panels = cols.div_ceil(PANEL);
     // A few panels per task, but at least about eight tasks (a layer of 256 outputs has 8 panels).
     let per_task = PANELS_PER_TASK.min(panels.div_ceil(8)).max(1);
@@ -362,7 +370,6 @@ mod avx2 {
     unsafe fn rows_of<const G: usize>(x: &[f32], d_in: usize, panel: &[f32], row_stride: usize, out: *mut f32, out_stride: usize, cols: usize) {
         assert!(x.len() >= G * d_in && panel.len() >= d_in.saturating_sub(1) * row_stride + PANEL);
         let (h, w) = (x.as_ptr(), panel.as_ptr());
-        let mut values = [[0f32; PANEL]; G];
         for half in [0, 16] {
             let mut lo = [_mm256_setzero_ps(); G];
             let mut hi = [_mm256_setzero_ps(); G];
@@ -378,23 +385,20 @@ mod avx2 {
                 }
             }
             for j in 0..G {
-                // SAFETY: half + 16 <= PANEL; a whole panel's columns are all valid in `out`
-                // (stored straight, without a copy call per row).
+                // SAFETY: the caller vouches for `cols` values at each row of `out`: a whole
+                // half is stored straight, the valid part of a ragged one through a copy.
                 unsafe {
-                    if cols == PANEL {
-                        _mm256_storeu_ps(out.add(j * out_stride + half), lo[j]);
-                        _mm256_storeu_ps(out.add(j * out_stride + half + 8), hi[j]);
-                    } else {
-                        _mm256_storeu_ps(values[j].as_mut_ptr().add(half), lo[j]);
-                        _mm256_storeu_ps(values[j].as_mut_ptr().add(half + 8), hi[j]);
+                    let out = out.add(j * out_stride + half);
+                    if cols >= half + 16 {
+                        _mm256_storeu_ps(out, lo[j]);
+                        _mm256_storeu_ps(out.add(8), hi[j]);
+                    } else if cols > half {
+                        let mut values = [0f32; PANEL];
+                        _mm256_storeu_ps(values.as_mut_ptr(), lo[j]);
+                        _mm256_storeu_ps(values.as_mut_ptr().add(8), hi[j]);
+                        store(out, &values, cols - half);
                     }
                 }
-            }
-        }
-        if cols < PANEL {
-            for (j, values) in values.iter().enumerate() {
-                // SAFETY: the caller vouches for `out`.
-                unsafe { store(out.add(j * out_stride), values, cols) };
             }
         }
     }

@@ -192,7 +192,7 @@ fn generation_is_seeded_stops_per_row_and_returns_model_logprobs() {
     let device = Device::flex();
     let model = tiny(60, 2).init(&device);
     let prompts = vec![vec![1u32, 5, 9], vec![1, 22, 33, 44, 55, 6, 7]];
-    let sampling = SamplingConfig { temperature: 1.0, top_k: Some(20), top_p: Some(0.95), max_new_tokens: 6, eos_id: None, seed: 3 };
+    let sampling = SamplingConfig { temperature: 1.0, top_k: Some(20), top_p: Some(0.95), max_new_tokens: 6, eos_id: None, seed: 3, logprobs: true };
     let a = generate(&model, &prompts, &sampling).unwrap();
     let b = generate(&model, &prompts, &sampling).unwrap();
     assert_eq!(a, b, "same seed, same output");
@@ -201,6 +201,7 @@ fn generation_is_seeded_stops_per_row_and_returns_model_logprobs() {
     assert!(a.tokens.iter().all(|t| t.len() == 6));
     // Log-probabilities equal those of a full forward pass over prompt + generated tokens.
     for (row, prompt) in prompts.iter().enumerate() {
+        assert_eq!(a.logprobs[row].len(), a.tokens[row].len(), "one log-prob per token");
         let seq: Vec<u32> = prompt.iter().chain(&a.tokens[row]).copied().collect();
         let full = host(model.forward(ids(std::slice::from_ref(&seq), &device)));
         for (i, (&tok, &lp)) in a.tokens[row].iter().zip(&a.logprobs[row]).enumerate() {
@@ -228,7 +229,7 @@ fn continuous_batching_gives_each_row_what_it_gets_alone() {
     let device = Device::flex();
     let model = tiny(60, 2).init(&device);
     let prompts: Vec<Vec<u32>> = (0..7).map(|i| (0..1 + (i * 3) % 8).map(|j| ((1 + i * 11 + j * 7) % 60) as u32).collect()).collect();
-    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 9, eos_id: None, seed: 5 };
+    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 9, eos_id: None, seed: 5, logprobs: true };
     let seeds: Vec<u64> = (0..7).map(|i| row_seed(5, i)).collect();
     let budget = |row: usize| 2 + (row * 5) % 8;
     let mut streamed = [0; 7];
@@ -237,6 +238,7 @@ fn continuous_batching_gives_each_row_what_it_gets_alone() {
         let alone = generate_until(&model, std::slice::from_ref(prompt), &sampling, &seeds[row..row + 1], |_, _| {}, |_, t| t.len() >= budget(row)).unwrap();
         assert_eq!((together.tokens[row].len(), streamed[row]), (budget(row), budget(row)), "row {row}");
         assert_eq!(together.tokens[row], alone.tokens[0], "row {row}");
+        assert_eq!(together.logprobs[row].len(), budget(row), "row {row}: one log-prob per token");
         let diff = max_abs_diff(&together.logprobs[row], &alone.logprobs[0]);
         assert!(diff < 1e-4, "row {row}: log-probs differ by {diff}");
     }

@@ -186,6 +186,7 @@ impl Objective<Llama> for Pretrain {
                 max_new_tokens: self.eval.max_new_tokens,
                 eos_id: Some(self.tokenizer.eos_id()),
                 seed: step,
+                logprobs: false,
             };
             let out = generate(&model.valid(), &prompts, &sampling)?;
             let mut text = String::new();

@@ -272,7 +272,8 @@ impl<'a> RsRun<'a> {
         let ids: Vec<Vec<u32>> = chunk.iter().map(|p| p.conversation.prompt_ids(&self.tokenizer)).collect::<Result<_, _>>()?;
         let batch: Vec<Vec<u32>> = ids.iter().flat_map(|p| std::iter::repeat_n(p.clone(), rs.k)).collect();
         let seed = rs.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ ((round as u64) << 32 | chunk_i as u64);
-        let sampling = SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed };
+        let sampling =
+            SamplingConfig { temperature: rs.temperature, top_k: None, top_p: None, max_new_tokens: rs.max_new_tokens, eos_id: None, seed, logprobs: false };
         let owners: Vec<&Prompt> = chunk.iter().flat_map(|p| std::iter::repeat_n(p, rs.k)).collect();
         let (samples, _, scores) =
             scored_answers(&sampler, &batch, &owners, &self.tokenizer, &self.scorers, &sampling, GENERATION_SLOTS, self.toolbox.as_ref())?;

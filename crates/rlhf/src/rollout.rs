@@ -102,8 +102,15 @@ fn rollout_rows(
     let policy = state.for_passes(&state.policy, &state.policy_copy).valid();
     let prompts: Vec<&Prompt> = mine.iter().map(|&i| prompts[i]).collect();
     let prompt_ids: Vec<Vec<u32>> = prompts.iter().map(|p| p.conversation.prompt_ids(tokenizer)).collect::<Result<_, _>>()?;
-    let sampling =
-        SamplingConfig { temperature: cfg.temperature, top_k: None, top_p: None, max_new_tokens: cfg.max_new_tokens, eos_id: Some(tokenizer.eos_id()), seed };
+    let sampling = SamplingConfig {
+        temperature: cfg.temperature,
+        top_k: None,
+        top_p: None,
+        max_new_tokens: cfg.max_new_tokens,
+        eos_id: Some(tokenizer.eos_id()),
+        seed,
+        logprobs: false,
+    };
     let seeds: Vec<u64> = mine.iter().map(|&i| row_seed(seed, i as u64)).collect();
     let Generation { tokens, .. } = generate_until(&policy, &prompt_ids, &sampling, &seeds, |_, _| {}, |_, _| false)?;
     let eos = tokenizer.eos_id();

@@ -182,6 +182,7 @@ fn held_out_group(
         max_new_tokens: max_new,
         eos_id: None,
         seed: eval.seed.wrapping_mul(1_000_003).wrapping_add((g * eval.samples_per_prompt + s) as u64),
+        logprobs: false,
     }));
     let mut part = GroupHeldOut { rewards: vec![], combined: vec![], kls: vec![], texts: vec![] };
     for sampling in samplings {

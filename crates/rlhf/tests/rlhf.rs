@@ -26,12 +26,13 @@ fn trainer_logprobs_equal_generator_logprobs() {
     let device = Device::flex();
     let model = tiny(60).init(&device);
     let prompts = vec![vec![1u32, 5, 9], vec![1, 22, 33, 44, 55, 6, 7], vec![1, 8]];
-    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 7, eos_id: Some(2), seed: 11 };
+    let sampling = SamplingConfig { temperature: 1.0, top_k: None, top_p: None, max_new_tokens: 7, eos_id: Some(2), seed: 11, logprobs: true };
     let out = generate(&model, &prompts, &sampling).unwrap();
     let seqs: Vec<Vec<u32>> = prompts.iter().zip(&out.tokens).map(|(p, r)| full_sequence(p, r, 2)).collect();
     let lp = token_logprobs(&model, &seqs, 0).into_data().try_to_vec::<f32>().unwrap();
     let width = seqs.iter().map(Vec::len).max().unwrap() - 1;
     for (i, p) in prompts.iter().enumerate() {
+        assert_eq!(out.logprobs[i].len(), out.tokens[i].len(), "row {i}: one log-prob per token");
         for (j, &g) in out.logprobs[i].iter().enumerate() {
             let t = lp[i * width + p.len() - 1 + j];
             assert!((t - g).abs() < 1e-4, "row {i} token {j}: trainer {t} vs generator {g}");
