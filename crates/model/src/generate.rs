@@ -17,6 +17,7 @@ use rayon::prelude::*;
 
 use crate::decode_projection::PackedVocab;
 use crate::device::is_flex;
+use crate::flex_kernels::wide;
 use crate::{KvCache, Llama, ModelError, Positions};
 
 /// How to pick each next token.
@@ -405,11 +406,13 @@ pub fn log_softmax_at(logits: &[f32], index: usize) -> f32 {
 /// [`log_softmax_at`].
 pub fn sample_with_logprob(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> (usize, f32) {
     if config.temperature == 0.0 {
-        let (token, max) = first_max(logits);
-        return (token, -crate::loss::sum_of(logits, |l| crate::flex_kernels::exp_nonpositive(l - max)).ln());
+        return wide(|| {
+            let (token, max) = first_max(logits);
+            (token, -crate::loss::sum_of(logits, |l| crate::flex_kernels::exp_nonpositive(l - max)).ln())
+        });
     }
     if config.temperature == 1.0 && plain(config, logits.len()) {
-        let (token, max, total) = draw_by_blocks(logits, 1.0, rng);
+        let (token, max, total) = wide(|| draw_by_blocks(logits, 1.0, rng));
         return (token, ((logits[token] - max) as f64 - total.ln()) as f32);
     }
     let token = sample(logits, config, rng);
@@ -426,10 +429,10 @@ fn plain(config: &SamplingConfig, vocab: usize) -> bool {
 /// with them, from the sorted kept tokens.
 pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> usize {
     if config.temperature == 0.0 {
-        return first_max(logits).0;
+        return wide(|| first_max(logits)).0;
     }
     if plain(config, logits.len()) {
-        return draw_by_blocks(logits, 1.0 / config.temperature, rng).0;
+        return wide(|| draw_by_blocks(logits, 1.0 / config.temperature, rng)).0;
     }
     let mut order: Vec<usize> = (0..logits.len()).collect();
     order.sort_unstable_by(|&a, &b| logits[b].total_cmp(&logits[a]).then(a.cmp(&b)));
@@ -467,6 +470,7 @@ pub fn sample(logits: &[f32], config: &SamplingConfig, rng: &mut StdRng) -> usiz
 /// token): the row's maximum, then the sums of the shifted exponentials by blocks of
 /// [`DRAW_BLOCK`]; one uniform picks a block by those sums, then a token inside it. Returns the
 /// token, the maximum and the sum of all the weights.
+#[inline(always)]
 fn draw_by_blocks(logits: &[f32], scale: f32, rng: &mut StdRng) -> (usize, f32, f64) {
     let max = crate::loss::max_of(logits);
     let weight = |l: f32| crate::flex_kernels::exp_nonpositive((l - max) * scale);
@@ -499,6 +503,7 @@ fn draw_by_blocks(logits: &[f32], scale: f32, rng: &mut StdRng) -> (usize, f32, 
 const DRAW_BLOCK: usize = 256;
 
 /// The argmax (the first of tied maxima; 0 for none) and the maximum, in two vectorised passes.
+#[inline(always)]
 fn first_max(logits: &[f32]) -> (usize, f32) {
     let max = crate::loss::max_of(logits);
     (logits.iter().position(|&l| l == max).unwrap_or(0), max)

@@ -136,6 +136,7 @@ pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
 
 /// The largest value of `row` (-inf for none). Eight independent accumulators let the compiler
 /// vectorise the reduction.
+#[inline(always)]
 pub(crate) fn max_of(row: &[f32]) -> f32 {
     let (chunks, rest) = row.as_chunks::<8>();
     let mut maxes = [f32::NEG_INFINITY; 8];
