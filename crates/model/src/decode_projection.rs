@@ -73,16 +73,24 @@ impl PackedVocab {
     /// - hidden: `[rows, dim]`, row-major
     /// - output: `[rows, vocab]`, row-major
     pub fn logits(&self, hidden: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = Vec::new();
+        self.logits_into(hidden, rows, &mut out);
+        out
+    }
+
+    /// [`PackedVocab::logits`] into `out`, whose allocation is reused where it is large enough
+    /// (a decoding step hands back the last step's logits).
+    pub fn logits_into(&self, hidden: &[f32], rows: usize, out: &mut Vec<f32>) {
         assert_eq!(hidden.len(), rows * self.dim, "PackedVocab::logits: hidden is not [rows, dim]");
         // Not zeroed first: the kernels write every value (8 MB a step at 64 rows, whose memset
         // or fresh pages cost more than a tenth of the product).
-        let mut out = Vec::with_capacity(rows * self.vocab);
+        out.clear();
+        out.reserve(rows * self.vocab);
         // SAFETY: `detect` found the instructions (`new`); panel `p` is `[dim][PANEL]` at
         // `p * PANEL * dim`, zero-padded past the vocabulary.
         unsafe { panels_times(self.isa, hidden, rows, self.dim, &self.panels, PANEL * self.dim, PANEL, out.spare_capacity_mut(), self.vocab, self.vocab) };
         // SAFETY: the kernels wrote columns `0..vocab` of every row.
         unsafe { out.set_len(rows * self.vocab) };
-        out
     }
 }
 

@@ -93,6 +93,9 @@ pub struct BatchDecoder<'a> {
     /// On flex in f32, the output projection's weight made once, at the first step (see
     /// [`Projection`]).
     projection: std::cell::OnceCell<Option<Projection>>,
+    /// The last step's logits, handed back by [`BatchDecoder::recycle`] for the next step to
+    /// write into (no allocation of the logits per token).
+    spare_logits: Vec<f32>,
     device: Device,
 }
 
@@ -113,7 +116,7 @@ impl<'a> BatchDecoder<'a> {
         let [batch, longest, dim] = hidden.dims();
         let last = model.project(hidden.slice([0..batch, longest - 1..longest, 0..dim])).squeeze_dim::<2>(1);
         let device = model.device();
-        Ok((Self { model, cache, start: pad, position: vec![longest; batch], projection: std::cell::OnceCell::new(), device }, last))
+        Ok((Self { model, cache, start: pad, position: vec![longest; batch], projection: std::cell::OnceCell::new(), spare_logits: Vec::new(), device }, last))
     }
 
     /// Puts new prompts into slots `slots` (`prompts[j]` into `slots[j]`): all of each prompt
@@ -134,6 +137,13 @@ impl<'a> BatchDecoder<'a> {
         }
         slots.iter().for_each(|&slot| self.position[slot] = longest);
         prompts.iter().map(|p| p[p.len() - 1]).collect()
+    }
+
+    /// Takes back the host values of the last step's logits (read out of its tensor, which on
+    /// flex hands over its buffer), so that the next step writes into them instead of a fresh
+    /// `[batch, vocab]` buffer.
+    pub fn recycle(&mut self, logits: Vec<f32>) {
+        self.spare_logits = logits;
     }
 
     /// Feeds one token per slot and returns the logits for the next one.
@@ -166,7 +176,9 @@ impl<'a> BatchDecoder<'a> {
         match projection {
             Some(Projection::Packed(weight)) => {
                 let rows = hidden.reshape([batch, dim]).into_data().try_into_vec::<f32>().expect("flex f32 hidden states");
-                Tensor::from_data(TensorData::new(weight.logits(&rows, batch), [batch, vocab]), device)
+                let mut logits = std::mem::take(&mut self.spare_logits);
+                weight.logits_into(&rows, batch, &mut logits);
+                Tensor::from_data(TensorData::new(logits, [batch, vocab]), device)
             }
             Some(Projection::VocabMajor(weight)) => weight.clone().matmul(hidden.reshape([batch, dim]).transpose()).transpose(),
             None => self.model.project(hidden).squeeze_dim::<2>(1),
@@ -352,6 +364,7 @@ pub fn generate_in_slots(
                 })
             })
             .collect();
+        decoder.recycle(host);
         for (slot, draw) in drawn.into_iter().enumerate() {
             let (Some((token, logprob)), Some(row)) = (draw, row_in[slot]) else { continue };
             let token = token as u32;
