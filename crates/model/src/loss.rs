@@ -24,7 +24,7 @@ use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
-use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values};
+use crate::flex_kernels::{contiguous_f32, exp_nonpositive, f32_values, wide};
 
 /// Negative log-likelihood of each row's target under `softmax(logits)`.
 ///
@@ -73,7 +73,7 @@ impl TokenNllBackend for Flex {
         let mut nll = vec![0f32; rows];
         nll.par_iter_mut().enumerate().for_each(|(i, out)| {
             let row = &x[i * vocab..(i + 1) * vocab];
-            *out = log_sum_exp(row) - row[targets[i]];
+            *out = wide(|| log_sum_exp(row)) - row[targets[i]];
         });
         FlexTensor::from_data(TensorData::new(nll, [rows]))
     }
@@ -92,9 +92,11 @@ impl TokenNllBackend for Flex {
             // log-sum-exp of the row, recovered from the forward's output without another pass.
             let lse = nll[i] + row[t];
             let g = grad[i];
-            for (o, &v) in out.iter_mut().zip(row) {
-                o.write(g * exp_nonpositive(v - lse));
-            }
+            wide(|| {
+                for (o, &v) in out.iter_mut().zip(row) {
+                    o.write(g * exp_nonpositive(v - lse));
+                }
+            });
             out[t].write(g * exp_nonpositive(row[t] - lse) - g);
         });
         // SAFETY: the loop above initialised all rows * vocab elements (one chunk per row).
@@ -126,6 +128,7 @@ fn target_ids(targets: &FlexTensor, rows: usize, vocab: usize) -> Vec<usize> {
 }
 
 /// `log(sum(exp(row)))`, shifted by the row's maximum so that nothing overflows.
+#[inline(always)]
 pub(crate) fn log_sum_exp(row: &[f32]) -> f32 {
     let max = max_of(row);
     if max == f32::NEG_INFINITY {
