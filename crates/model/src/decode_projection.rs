@@ -122,15 +122,11 @@ fn rows_times_weight_on(isa: Isa, x: &[f32], rows: usize, w: &[f32], d_in: usize
         for (k, row) in tail.chunks_exact_mut(PANEL).enumerate() {
             row[..cols].copy_from_slice(&w[k * d_out + whole..][..cols]);
         }
-        let mut part = Vec::with_capacity(rows * PANEL);
-        // SAFETY: as above, one packed panel of `d_in` rows of `PANEL`.
-        unsafe { panels_times(isa, x, rows, d_in, &tail, PANEL, PANEL, part.spare_capacity_mut(), PANEL, cols) };
-        let out = out.spare_capacity_mut();
-        for r in 0..rows {
-            out[r * d_out + whole..][..cols].copy_from_slice(&part.spare_capacity_mut()[r * PANEL..][..cols]);
-        }
+        // SAFETY: as above, one packed panel of `d_in` rows of `PANEL`; its `cols` columns go
+        // straight to columns `whole..d_out` of each row.
+        unsafe { panels_times(isa, x, rows, d_in, &tail, PANEL, PANEL, &mut out.spare_capacity_mut()[whole..], d_out, cols) };
     }
-    // SAFETY: the kernels wrote columns `0..whole` of every row, the copies `whole..d_out`.
+    // SAFETY: the kernels wrote columns `0..whole` of every row, then `whole..d_out`.
     unsafe { out.set_len(rows * d_out) };
     out
 }
@@ -181,8 +177,8 @@ fn dims2(t: &FlexTensor) -> [usize; 2] {
     [s[0], s[1]]
 }
 
-/// Columns `0..cols` of `out` (`[rows, out_stride]`, written without being read, so it may be
-/// uninitialised) = `x · W`, where W's columns come in panels of [`PANEL`]: panel `p` starts at
+/// Columns `0..cols` of `out` (rows `out_stride` apart, the last one may end at column `cols`;
+/// written without being read, so it may be uninitialised) = `x · W`, where W's columns come in panels of [`PANEL`]: panel `p` starts at
 /// `w[p * panel_step]`, and its row `k` (the `PANEL` values of input `k`) at `k * row_stride`
 /// further. Panels are dealt to rayon tasks.
 ///
@@ -202,7 +198,7 @@ unsafe fn panels_times(
     out_stride: usize,
     cols: usize,
 ) {
-    assert!(x.len() >= rows * d_in && out.len() >= rows * out_stride && cols <= out_stride);
+    assert!(x.len() >= rows * d_in && (rows == 0 || out.len() >= (rows - 1) * out_stride + cols) && cols <= out_stride);
     let out_at = SharedOut(out.as_mut_ptr().cast::<f32>());
     let panels = cols.div_ceil(PANEL);
     // A few panels per task, but at least about eight tasks (a layer of 256 outputs has 8 panels).
