@@ -3,7 +3,8 @@
 # package registries (no GPU, no CUDA toolkit: cudarc loads libcuda and NVRTC at run time), and
 # packs it for the trip, xz-compressed, in two git-ignored folders:
 #   OUT (gpu-bin/): `llama` and `pretrain` with both GPU backends (cuda and vulkan, each with
-#     Burn's fusion, autotune and the kernel cache): 42.9 MB, for phases 2-7;
+#     Burn's fusion, autotune and the kernel cache; `llama` with its symbols): 48 MB, for phases
+#     2-7;
 #   TESTS_OUT (gpu-tests/): the model crate's two test binaries with the GPU tests, same
 #     features: 39.1 MB, for phase 1.
 # A device call carries at most 64 MiB with the working tree (7.8 MB): the two folders together
@@ -18,6 +19,9 @@ OUT="${OUT:-gpu-bin}"
 TESTS_OUT="${TESTS_OUT:-gpu-tests}"
 features="llama-cli/cuda,llama-cli/vulkan,llama-pretrain/cuda,llama-pretrain/vulkan"
 cargo build --release -p llama-cli -p llama-pretrain --features "$features"
+# `llama` keeps its symbol table (not stripped; +5 MB packed), so that a stack sampled on the GPU
+# machine (scripts/gpu/stacks.py) names our functions and CubeCL's: only its own crate relinks.
+cargo rustc --release -p llama-cli --bin llama --features llama-cli/cuda,llama-cli/vulkan -- -C strip=none
 # The test binaries: `cargo test --no-run` prints where it wrote each one.
 tests=$(cargo test --release -p llama-model --features cuda,vulkan,fusion,autotune,kernel-cache --no-run --message-format=json 2>/dev/null \
     | python3 -c 'import json, sys

@@ -33,7 +33,7 @@
 # CONFIG_125M=configs/tiny.toml SHAPE="--batch 2 --seq-len 64" PHASES="2 3 4" (wgpu has no bf16).
 # A device call carries at most 64 MiB with the working tree (7.8 MB), and device time is scarce
 # (15 minutes a session, start-up included), so a session runs it in two calls, the most
-# telling phases first (scripts/gpu/build.sh packs the folders so: gpu-bin/ 42.9 MB, gpu-tests/
+# telling phases first (scripts/gpu/build.sh packs the folders so: gpu-bin/ 48 MB, gpu-tests/
 # 39.1 MB, too much together):
 #   carry ["gpu-bin"]:   PHASES="2 4 5 7 3 6" scripts/gpu/check.sh
 #   carry ["gpu-tests"]: BIN=gpu-tests PHASES=1 BUDGET_S=200 scripts/gpu/check.sh

@@ -20,8 +20,24 @@ pub fn available() -> Vec<&'static str> {
     names
 }
 
-/// Parses `flex`, `vulkan`, `vulkan:1`, `wgpu`, `cuda`, `cuda:0`, ... into a Burn device.
+/// Parses `flex`, `vulkan`, `vulkan:1`, `wgpu`, `cuda`, `cuda:0`, ... into a Burn device, and
+/// opens a GPU device once per process ([`probe`]): every command that takes `--device` then
+/// meets a missing driver as this error, not as a panic in the backend's device thread.
 pub fn parse(spec: &str) -> Result<Device, ModelError> {
+    let device = parse_unopened(spec)?;
+    if !is_cpu(spec) {
+        static OPENED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+        if !opened.iter().any(|s| s == spec) {
+            probe(&device, spec)?;
+            opened.push(spec.to_string());
+        }
+    }
+    Ok(device)
+}
+
+/// [`parse`] without opening the device.
+fn parse_unopened(spec: &str) -> Result<Device, ModelError> {
     let (kind, index) = match spec.split_once(':') {
         Some((k, i)) => {
             let i: usize = i.parse().map_err(|_| ModelError::Device(format!("device `{spec}`: `{i}` is not a device index (expected e.g. cuda:0)")))?;

@@ -12,8 +12,8 @@ use crate::config::{RunConfig, TrainConfig};
 /// logits chunks and optimizer placement) fits in its memory.
 pub fn check_launch(run: &RunConfig, model: &LlamaConfig, train: &TrainConfig, seq_len: usize) -> Result<llama_model::Precision, String> {
     let precision = crate::precision::parse(&run.dtype)?;
+    // Opens a GPU device, so that a missing driver is this error before any work.
     let device = llama_model::device::parse(&run.device).map_err(|e| format!("run.device: {e}"))?;
-    llama_model::device::probe(&device, &run.device).map_err(|e| format!("run.device: {e}"))?;
     precision.check_device(&device, &run.device)?;
     let plan = run.training_memory(precision, train);
     check_fits(run, model, train.micro_batch_size, seq_len, &plan)?;
