@@ -4,8 +4,8 @@
 # that one that hangs costs only its limit, run in the order PHASES lists them:
 #   1. the GPU tests on cuda: block recomputation and our attention's gradients against the plain
 #      pass / Burn's composed attention (LLAMA2_TEST_GPU=cuda);
-#   2. `llama bench` on configs/gpu-125m.toml (16 x 512) on cuda in bf16, PyTorch on the same GPU
-#      (scripts/bench/bench_torch.py, bf16 autocast, eager), then ours in f32;
+#   2. `llama bench` on configs/gpu-125m.toml (16 x 512) on cuda in bf16, then PyTorch on the same
+#      GPU (scripts/bench/bench_torch.py, bf16 autocast, eager);
 #   3. per-kernel timings of 3 bf16 bench steps from CubeCL's own profiler (every launch timed,
 #      CUBECL_DEBUG_OPTION=profile), summed by kernel: the top 25 in the log (nsys is not on the
 #      H200 image's PATH, and CubeCL's names are the fused kernels' own);
@@ -16,7 +16,8 @@
 #   6. the host optimizer step at 2 B parameters (`llama bench-optimizer --trainer`, then the bare
 #      pass), on this machine's CPUs and memory: the development machine cannot hold 2 B;
 #   7. phase 2's bench again (ours bf16, PyTorch eager: the second round of the alternation), ours
-#      with Burn's attention instead of ours (A/B), PyTorch with torch.compile, ours on vulkan f16.
+#      with Burn's attention instead of ours (A/B), PyTorch with torch.compile, ours in f32 (its
+#      kernels compile anew), ours on vulkan f16.
 # What comes back from a device call is at most 8 files of 16 MiB, so OUT (default
 # runs/gpu-check) holds three: gpu-check.log (this script's output, written as it goes),
 # raw.tar.xz (every log, JSON, metrics file, nvidia-smi sample and CubeCL log, packed when the
@@ -35,7 +36,8 @@
 # (15 minutes a session, start-up included), so a session runs it in two calls, the most
 # telling phases first (scripts/gpu/build.sh packs the folders so: gpu-bin/ 48 MB, gpu-tests/
 # 39.1 MB, too much together):
-#   carry ["gpu-bin"]:   PHASES="2 4 5 7 3 6" scripts/gpu/check.sh
+#   carry ["gpu-bin"]:   PHASES="2 4 5 3 7 6" scripts/gpu/check.sh
+# (phase 2 compiles the bf16 kernels that phases 4 and 3 reuse; 5 compiles 7B's shapes).
 #   carry ["gpu-tests"]: BIN=gpu-tests PHASES=1 BUDGET_S=200 scripts/gpu/check.sh
 # The second call should reach the machine while it is still warm (it is given back after ~30 s
 # idle): the kernels the first call compiled (target/environment) then serve the second.
@@ -199,13 +201,13 @@ have_torch() { python3 -c "import torch, transformers; assert torch.cuda.is_avai
 phase2() {
     stamp "2. bench round 1: ours $DEVICE $HALF"; bench_ours "$DEVICE" "$HALF" r1
     have_torch && { stamp "2. torch eager bf16"; bench_torch eager-bf16-r1; }
-    stamp "2. ours $DEVICE f32"; bench_ours "$DEVICE" f32 r1
 }
 phase7() {
     stamp "7. bench round 2: ours $DEVICE $HALF"; bench_ours "$DEVICE" "$HALF" r2
     have_torch && { stamp "7. torch eager bf16"; bench_torch eager-bf16-r2; }
     stamp "7. ours $DEVICE $HALF, Burn's attention (A/B of ours)"; bench_ours "$DEVICE" "$HALF" burn-attention-r1 --burn-attention
     have_torch && { stamp "7. torch.compile bf16"; bench_torch compile-bf16-r1 --compile; }
+    stamp "7. ours $DEVICE f32"; bench_ours "$DEVICE" f32 r1
     stamp "7. ours vulkan f16"; bench_ours vulkan f16 r1
 }
 

@@ -21,7 +21,9 @@ import time
 # glibc's frames of a wait, shown as one "wait".
 WAIT = re.compile(r"futex|pthread_cond|clock_nanosleep|^syscall$|epoll_wait|__poll")
 THREAD = re.compile(r'^Thread \d+ \(.*\(LWP (\d+)\)(?: "([^"]*)")?\):')
-FRAME = re.compile(r"^#(\d+)\s+(?:0x[0-9a-f]+ in )?(\S+) \(.*?\)(?: at \S+| from (\S+))?")
+GENERIC = re.compile(r"<[^<>]*>")
+FRAME = re.compile(r"^#(\d+)\s+(?:0x[0-9a-f]+ in )?(.+?) \(")
+LIBRARY = re.compile(r" from (\S+)$")
 
 
 def cpu_seconds(pid):
@@ -68,13 +70,18 @@ def main():
             continue
         m = FRAME.match(line)
         if m and current is not None:
-            func, lib = m.group(2), m.group(3)
+            func = m.group(2)
+            lib = LIBRARY.search(line)
+            lib = lib.group(1) if lib else None
             if WAIT.search(func):
                 where = "wait"
             elif func in ("start_thread", "clone3", "clone"):
                 continue
             else:
-                where = func + "@" + (os.path.basename(lib) if lib else "exe")
+                # Generic arguments make Rust names unreadably long: keep the path alone.
+                while GENERIC.search(func):
+                    func = GENERIC.sub("", func)
+                where = func[-90:] + "@" + (os.path.basename(lib) if lib else "exe")
             frames = threads[current]["frames"]
             if not frames or frames[-1] != where:
                 frames.append(where)
