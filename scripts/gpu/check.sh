@@ -2,8 +2,9 @@
 # The GPU check: everything the CUDA and 7B issues measure, from binaries built elsewhere by
 # scripts/gpu/build.sh (carried as *.xz; unpacked here). Phases, each with its own time limit, so
 # that one that hangs costs only its limit, run in the order PHASES lists them:
-#   1. the GPU tests on cuda: block recomputation and our attention's gradients against the plain
-#      pass / Burn's composed attention (LLAMA2_TEST_GPU=cuda);
+#   1. the GPU tests' checks on cuda (`llama device-check`, the functions the GPU tests assert):
+#      our attention's gradients against Burn's composed attention on the CPU, block
+#      recomputation against the plain pass;
 #   2. `llama bench` on configs/gpu-125m.toml (16 x 512) on cuda in bf16, then PyTorch on the same
 #      GPU (scripts/bench/bench_torch.py, bf16 autocast, eager);
 #   3. per-kernel timings of 3 bf16 bench steps from CubeCL's own profiler (every launch timed,
@@ -32,15 +33,13 @@
 # (default docs/gpu/kernel-cache-h200.tar.xz when it exists), BUDGET_S, PACK_S. To try the
 # script's machinery without a GPU (wgpu on lavapipe, see path_on_cpu.sh): DEVICE=wgpu HALF=f16
 # CONFIG_125M=configs/tiny.toml SHAPE="--batch 2 --seq-len 64" PHASES="2 3 4" (wgpu has no bf16).
-# A device call carries at most 64 MiB with the working tree (7.8 MB), and device time is scarce
-# (15 minutes a session, start-up included), so a session runs it in two calls, the most
-# telling phases first (scripts/gpu/build.sh packs the folders so: gpu-bin/ 48 MB, gpu-tests/
-# 39.1 MB, too much together):
-#   carry ["gpu-bin"]:   PHASES="2 4 5 3 7 6" scripts/gpu/check.sh
-# (phase 2 compiles the bf16 kernels that phases 4 and 3 reuse; 5 compiles 7B's shapes).
-#   carry ["gpu-tests"]: BIN=gpu-tests PHASES=1 BUDGET_S=200 scripts/gpu/check.sh
-# The second call should reach the machine while it is still warm (it is given back after ~30 s
-# idle): the kernels the first call compiled (target/environment) then serve the second.
+# A device call carries at most 64 MiB with the working tree (7.9 MB): gpu-bin/ (48 MB,
+# scripts/gpu/build.sh) fits, so one call runs everything; device time is scarce (15 minutes a
+# session, start-up included), so the most telling phases go first:
+#   carry ["gpu-bin"], timeout_s 590:  BUDGET_S=540 PHASES="1 2 4 5 3 7 6" scripts/gpu/check.sh
+# (phase 1 compiles the small checks' kernels; phase 2 the bf16 ones that phases 4 and 3 reuse;
+# 5 compiles 7B's shapes). A second call on the same machine while it is warm (it is given back
+# after ~30 s idle) finds the kernels the first compiled in target/environment.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BIN="${BIN:-gpu-bin}"
@@ -177,9 +176,9 @@ limited() { # limit, log, command...
 }
 
 phase1() {
-    stamp "1. GPU tests on $DEVICE"
-    LLAMA2_TEST_GPU=$DEVICE limited "$LIMIT_FIRST" "$RAW/test-attention.log" "$bin/model-unit" recomputed_gradients_on_gpu --nocapture
-    LLAMA2_TEST_GPU=$DEVICE limited "$LIMIT_FIRST" "$RAW/test-recomputation.log" "$bin/model-model" block_recomputation_on_gpu --nocapture
+    stamp "1. device checks on $DEVICE: attention gradients, block recomputation"
+    limited "$LIMIT_FIRST" "$RAW/device-check.log" "$bin/llama" device-check --device "$DEVICE"
+    grep -E "FAILED|checks passed|on $DEVICE" "$RAW/device-check.log"
 }
 
 bench_ours() { # device, dtype, tag, extra flags

@@ -65,6 +65,16 @@ enum Command {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Check that a device computes what the CPU computes, on small problems: our attention's
+    /// gradients (one backward block and several) against Burn's composed attention on the CPU,
+    /// and block recomputation with chunked logits against the plain pass (loss and every
+    /// parameter's gradient). Prints each deviation and its tolerance; exit 1 if one fails.
+    /// On flex it compares the fused CPU kernels the same way.
+    DeviceCheck {
+        /// flex (CPU), or vulkan / wgpu / cuda[:N] when built with that feature.
+        #[arg(long, default_value = "flex")]
+        device: String,
+    },
     /// Benchmark training steps (forward, backward, AdamW) and KV-cache generation on random
     /// tokens: tokens/s, time per phase, achieved GFLOP/s, peak memory.
     Bench(bench::BenchArgs),
@@ -190,7 +200,32 @@ fn run(cli: Cli) -> Result<()> {
         Command::Convert(args) => convert::run(args),
         Command::Bench(args) => bench::run(args),
         Command::BenchOptimizer { params, steps, trainer, json } => bench_optimizer::run(params, steps, trainer, json),
+        Command::DeviceCheck { device } => device_check(&device),
         Command::Chat(args) => chat::run(args),
         Command::Generate(args) => generate::run(args),
     }
+}
+
+/// `llama device-check`: both checks of `llama_model::device_check` on `device`, each deviation
+/// printed as it is measured.
+fn device_check(device: &str) -> Result<()> {
+    use llama_model::device_check::{attention_gradients, block_recomputation};
+    let started = std::time::Instant::now();
+    let mut failed = 0;
+    let mut total = 0;
+    for (name, check) in [("attention gradients", attention_gradients as fn(&str) -> _), ("block recomputation", block_recomputation)] {
+        let t = std::time::Instant::now();
+        let deviations = check(device)?;
+        println!("{name} on {device} ({:.1} s):", t.elapsed().as_secs_f64());
+        for d in &deviations {
+            println!("  {d}");
+        }
+        failed += deviations.iter().filter(|d| !d.passed()).count();
+        total += deviations.len();
+    }
+    if failed > 0 {
+        anyhow::bail!("device {device}: {failed} of {total} checks failed");
+    }
+    println!("device {device}: all {total} checks passed in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(())
 }

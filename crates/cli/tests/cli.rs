@@ -860,3 +860,17 @@ fn shipped_gguf_tokenizer() -> llama_model::gguf::GgufTokenizer {
         add_bos: None,
     }
 }
+
+/// `llama device-check` (phase 1 of the GPU check) runs both checks and passes on the CPU, where
+/// they compare the fused kernels with Burn's composed ops; a device this build lacks is a clear
+/// error and exit 1.
+#[test]
+fn device_check_passes_on_flex_and_refuses_a_missing_device() {
+    let (ok, out, err) = llama(&["device-check", "--device", "flex"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("attention gradients on flex") && out.contains("block recomputation on flex"), "{out}");
+    assert!(out.contains("recomputed gradient of parameter") && out.contains("all") && out.contains("checks passed"), "{out}");
+    assert!(!out.contains("FAILED"), "{out}");
+    let (ok, _, err) = llama(&["device-check", "--device", "tpu"]);
+    assert!(!ok && err.contains("tpu") && !err.contains("panicked"), "{err}");
+}

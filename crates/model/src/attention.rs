@@ -182,7 +182,7 @@ fn matmul(dst: &mut [f32], dst_rs: usize, m: usize, n: usize, k: usize, lhs: Vie
 /// Query rows per block: block `[r0, r1)` is scored against keys `0..r1` only, so the matmuls
 /// skip all but the diagonal blocks above the causal diagonal (about 44% of the FLOPs at 512
 /// positions, instead of the full square).
-const BLOCK: usize = 64;
+pub(crate) const BLOCK: usize = 64;
 
 /// The starts and ends of the query blocks of a sequence of `t` positions.
 fn blocks(t: usize) -> impl Iterator<Item = (usize, usize)> {
@@ -329,7 +329,7 @@ pub const BACKWARD_BLOCK_ELEMENTS: usize = 1 << 26;
 
 thread_local! {
     /// [`BACKWARD_BLOCK_ELEMENTS`]; tests lower it to split small problems into several blocks.
-    static BACKWARD_BLOCK_BUDGET: Cell<usize> = const { Cell::new(BACKWARD_BLOCK_ELEMENTS) };
+    pub(crate) static BACKWARD_BLOCK_BUDGET: Cell<usize> = const { Cell::new(BACKWARD_BLOCK_ELEMENTS) };
 }
 
 /// Causal attention whose backward recomputes the probabilities (see the module doc), as a Burn
@@ -459,13 +459,7 @@ mod tests {
     use crate::flex_kernels::assert_close;
     use burn::tensor::{Device, Distribution};
 
-    /// Shapes with one query block and with several (the last one partial).
-    const SHAPES: [[usize; 4]; 2] = [[2, 3, 9, 8], [1, 2, 2 * BLOCK + 22, 8]];
-
-    fn qkv(device: &Device, shape: [usize; 4]) -> [Tensor<4>; 3] {
-        device.seed(7);
-        [0, 1, 2].map(|_| Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), device))
-    }
+    use crate::device_check::{ATTENTION_SHAPES as SHAPES, random_qkv as qkv};
 
     #[test]
     fn fused_forward_equals_composed() {
@@ -527,25 +521,8 @@ mod tests {
     fn recomputed_gradients_on_gpu_equal_composed_on_flex() {
         let spec = crate::device::gpu_for_tests().unwrap();
         eprintln!("attention gradients on {spec}");
-        let gpu = crate::device::parse(&spec).unwrap().autodiff();
-        let flex = Device::flex().autodiff();
-        for shape in SHAPES {
-            let [q, k, v] = qkv(&flex, shape);
-            let weights = Tensor::<4>::random(shape, Distribution::Normal(0.0, 1.0), &flex);
-            let grads_on = |device: &Device, attend: fn(Tensor<4>, Tensor<4>, Tensor<4>) -> Tensor<4>| {
-                let [q, k, v] = [&q, &k, &v].map(|t| t.clone().to_device(device).require_grad());
-                let out = attend(q.clone(), k.clone(), v.clone());
-                let grads = (out * weights.clone().to_device(device)).sum().backward();
-                [&q, &k, &v].map(|t| t.grad(&grads).unwrap().to_device(&Device::flex()))
-            };
-            let want = grads_on(&flex, composed_causal_attention);
-            let [b, h, t, _] = shape;
-            for budget in [BACKWARD_BLOCK_ELEMENTS, b * h * t * 64] {
-                let got = crate::with_setting(&BACKWARD_BLOCK_BUDGET, budget, || grads_on(&gpu, causal_attention));
-                for (g, w) in got.into_iter().zip(want.clone()) {
-                    assert_close(g, w, crate::device::f32_tolerance_for_tests(&spec));
-                }
-            }
+        for d in crate::device_check::attention_gradients(&spec).unwrap() {
+            assert!(d.passed(), "{d}");
         }
     }
 

@@ -22,6 +22,7 @@ pub mod config;
 pub mod decode_attention;
 pub mod decode_projection;
 pub mod device;
+pub mod device_check;
 mod files;
 mod flex_kernels;
 pub mod generate;

@@ -2,6 +2,7 @@
 
 use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use llama_model::device_check::{all_grads, gqa_batch, gradient_deviations, loss_and_grads};
 use llama_model::generate::{BatchDecoder, SamplingConfig, generate, generate_in_slots, generate_until, log_softmax_at, row_seed};
 use llama_model::recompute::{MemorySaving, with_memory_saving};
 use llama_model::{Llama, LlamaConfig};
@@ -267,18 +268,6 @@ fn generation_rejects_bad_prompts() {
 }
 
 /// Every parameter's gradient, flattened, in the module's visiting order.
-struct AllGrads<'a> {
-    grads: &'a burn::optim::GradientsParams,
-    out: Vec<(String, Vec<f32>)>,
-}
-
-impl burn::module::ModuleVisitor for AllGrads<'_> {
-    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<D>>) {
-        let grad = self.grads.get::<D>(param.id).map(host).unwrap_or_default();
-        self.out.push((format!("{:?}", param.val().dims()), grad));
-    }
-}
-
 /// The fused CPU kernels (cross-entropy, attention, RoPE, SwiGLU, RMSNorm) give the loss and
 /// every parameter's gradient that Burn's composed ops give, on a model with grouped-query
 /// attention and sequences longer than one attention block.
@@ -297,9 +286,7 @@ fn fused_kernels_equal_composed_ops_on_the_whole_model() {
         let logits = model.forward(ids(&rows, &device));
         let loss = llama_model::loss::token_nll(logits.reshape([b * t, 50]), targets.clone()).mean();
         let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
-        let mut all = AllGrads { grads: &grads, out: vec![] };
-        model.visit(&mut all);
-        (loss.into_scalar::<f32>(), all.out)
+        (loss.into_scalar::<f32>(), all_grads(&model, &grads))
     };
     let (fused_loss, fused) = run();
     let (composed_loss, composed) = llama_model::without_fused_kernels(run);
@@ -313,47 +300,12 @@ fn fused_kernels_equal_composed_ops_on_the_whole_model() {
     }
 }
 
-/// The loss and every parameter's gradient of one training pass of `model` (as a compute copy
-/// in `precision`, gradients on the f32 parameters) under `saving`.
-fn loss_and_grads(
-    model: &Llama,
-    rows: &[Vec<u32>],
-    targets: &Tensor<1, Int>,
-    precision: llama_model::Precision,
-    saving: MemorySaving,
-) -> (f32, Vec<(String, Vec<f32>)>) {
-    let device = model.device();
-    let loss = with_memory_saving(saving, || {
-        let compute = precision.compute_copy(model);
-        compute.token_nll(compute.forward_hidden(ids(rows, &device), None), targets.clone()).mean()
-    });
-    let grads = burn::optim::GradientsParams::from_grads(loss.backward(), model);
-    let mut all = AllGrads { grads: &grads, out: vec![] };
-    model.visit(&mut all);
-    (loss.into_scalar::<f32>(), all.out)
-}
-
 /// Asserts that two gradient lists agree parameter by parameter to `tol` relative to each
 /// parameter's largest reference gradient, and that every reference gradient is non-zero.
 fn assert_same_grads(what: &str, got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>)], tol: f32) {
-    assert_eq!(got.len(), want.len(), "{what}: parameter count");
-    for (i, ((shape, g), (_, w))) in got.iter().zip(want).enumerate() {
-        assert!(!w.is_empty() && w.iter().any(|x| x.abs() > 1e-7), "{what}: parameter {i} {shape}: no reference gradient");
-        let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-        let diff = max_abs_diff(g, w);
-        assert!(diff <= tol * scale, "{what}: parameter {i} {shape}: gradients differ by {diff} (largest {scale})");
+    for (parameter, deviation) in gradient_deviations(got, want) {
+        assert!(deviation <= tol, "{what}: {parameter}: gradients differ by {deviation} of the largest reference gradient (infinite: none)");
     }
-}
-
-fn gqa_batch(device: &Device, vocab: usize) -> (Llama, Vec<Vec<u32>>, Tensor<1, Int>) {
-    device.seed(5);
-    let config = LlamaConfig::new(32, 3, 4).with_n_kv_heads(2).with_vocab_size(vocab).with_multiple_of(16).with_max_seq_len(96);
-    let model = config.init(device);
-    let (b, t) = (2, 80);
-    let tokens: Vec<u32> = (0..b * (t + 1)).map(|i| (i * 11 + i / 7) as u32 % vocab as u32).collect();
-    let rows: Vec<Vec<u32>> = tokens.chunks(t + 1).map(|r| r[..t].to_vec()).collect();
-    let targets: Vec<i64> = tokens.chunks(t + 1).flat_map(|r| r[1..].iter().map(|&x| x as i64)).collect();
-    (model, rows, Tensor::from_data(TensorData::new(targets, [b * t]), device))
 }
 
 /// Block recomputation (with and without chunked logits) gives the loss and every parameter's
@@ -439,9 +391,7 @@ fn block_recomputation_with_an_attention_mask() {
     let run = |saving| {
         let loss = with_memory_saving(saving, || model.token_nll(model.forward_hidden(ids(&rows, &device), Some(mask.clone())), targets.clone()).mean());
         let grads = burn::optim::GradientsParams::from_grads(loss.backward(), &model);
-        let mut all = AllGrads { grads: &grads, out: vec![] };
-        model.visit(&mut all);
-        all.out
+        all_grads(&model, &grads)
     };
     let plain = run(MemorySaving::default());
     let recomputed = run(MemorySaving { recompute_blocks: true, logits_chunk: Some(50) });
@@ -455,14 +405,7 @@ fn block_recomputation_with_an_attention_mask() {
 #[test]
 fn block_recomputation_on_gpu() {
     let spec = llama_model::device::gpu_for_tests().unwrap();
-    let device = llama_model::device::parse(&spec).unwrap().autodiff();
-    let (model, rows, targets) = gqa_batch(&device, 60);
-    let before = llama_model::recompute::reruns();
-    let (plain_loss, plain) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving::default());
-    eprintln!("{spec}: plain pass done (loss {plain_loss})");
-    let (loss, grads) = loss_and_grads(&model, &rows, &targets, llama_model::Precision::F32, MemorySaving { recompute_blocks: true, logits_chunk: Some(48) });
-    assert!(llama_model::recompute::reruns() - before >= 7, "nothing was recomputed");
-    let tol = llama_model::device::f32_tolerance_for_tests(&spec);
-    assert!((loss - plain_loss).abs() < tol, "loss {loss} vs {plain_loss}");
-    assert_same_grads(&format!("block + chunks on {spec}"), &grads, &plain, tol);
+    for d in llama_model::device_check::block_recomputation(&spec).unwrap() {
+        assert!(d.passed(), "{d}");
+    }
 }
