@@ -66,7 +66,11 @@ impl Metrics {
             tb.scalar(tag, step, *v)?;
             line.insert(tag.into(), serde_json::Number::from_f64(*v).map_or(serde_json::Value::Null, Into::into));
         }
-        writeln!(jsonl, "{}", serde_json::Value::Object(line))?;
+        // One write of the whole row: `writeln!` formats in pieces, a write each, and a kill -9
+        // between two of them left half a row for the resumed run to append to.
+        let mut row = serde_json::Value::Object(line).to_string();
+        row.push('\n');
+        jsonl.write_all(row.as_bytes())?;
         tb.flush()?;
         Ok(())
     }
@@ -114,8 +118,12 @@ impl Metrics {
 /// that are not such rows are kept.
 fn drop_rows_from(path: &Path, from: u64) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
-    let step = |line: &str| serde_json::from_str::<serde_json::Value>(line).ok().and_then(|v| v.get("step")?.as_u64());
-    let kept: Vec<&str> = text.lines().filter(|l| step(l).is_none_or(|s| s < from)).collect();
+    let keep = |line: &str| match serde_json::from_str::<serde_json::Value>(line) {
+        Ok(row) => row.get("step").and_then(|s| s.as_u64()).is_none_or(|s| s < from),
+        // A row torn by a kill mid-write (a file written before rows went out in one write).
+        Err(_) => false,
+    };
+    let kept: Vec<&str> = text.lines().filter(|l| keep(l)).collect();
     if kept.len() == text.lines().count() {
         return Ok(());
     }
@@ -139,3 +147,24 @@ pub fn rows_logged(out_dir: &Path) -> usize {
 }
 
 pub use llama_model::host_memory::peak_rss_bytes;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A resumed run drops what the interrupted one logged after its checkpoint, a torn last row
+    /// included, and appends whole rows after it: every row of the file parses.
+    #[test]
+    fn a_resume_drops_later_and_torn_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("metrics.jsonl");
+        std::fs::write(&path, "{\"step\":1,\"train/loss\":3.0}\n{\"step\":2,\"train/loss\":2.5}\n{\"step\":3,\"train/loss\":2.0}\n{\"step\":4,\"tra").unwrap();
+        let mut metrics = Metrics::open(dir.path(), 10, 2).unwrap();
+        metrics.scalars(3, &[("train/loss", 2.1)]).unwrap();
+        drop(metrics);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let steps: Vec<u64> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+        assert_eq!(steps, [1, 2, 3], "{text}");
+        assert!(text.contains("2.1") && !text.contains("2.0}"), "{text}");
+    }
+}
