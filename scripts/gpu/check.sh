@@ -129,6 +129,7 @@ pack() {
     [ -n "${own_toml:-}" ] && rm -f cubecl.toml
     rm -rf "$bin" "$RAW"
     stamp "done"
+    sleep 1 # tee's last lines reach gpu-check.log before the call collects OUT
 }
 trap pack EXIT
 trap 'echo "  TERM: packing what there is"; exit 143' TERM INT
