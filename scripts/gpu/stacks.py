@@ -42,9 +42,13 @@ def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     pid, raw_out = int(sys.argv[1]), sys.argv[2]
-    before = cpu_seconds(pid)
-    time.sleep(1.0)
-    after = cpu_seconds(pid)
+    try:
+        before = cpu_seconds(pid)
+        time.sleep(1.0)
+        after = cpu_seconds(pid)
+    except FileNotFoundError:
+        print(f"  stacks: process {pid} has ended")
+        return
     busy = {tid: after[tid] - before.get(tid, 0.0) for tid in after}
     debugger = shutil.which("cuda-gdb") or shutil.which("gdb")
     if debugger is None:
