@@ -156,7 +156,7 @@ limited() { # limit, log, command...
     shift 2
     enough "$*" || return 1
     "$@" >"$log" 2>&1 &
-    local pid=$! start=$SECONDS
+    local pid=$! start=$SECONDS sample_at=45
     running=$pid
     while kill -0 "$pid" 2>/dev/null; do
         sleep 1
@@ -168,9 +168,11 @@ limited() { # limit, log, command...
             break
         fi
         [ $((t % 15)) -eq 0 ] && status "$pid" "$t"
-        # Where a long first run spends its CPU: the busy threads' stacks, twice.
-        if [ "$t" -eq 45 ] || [ "$t" -eq 150 ]; then
+        # Where a long first run spends its CPU: the busy threads' stacks, at 45 s and 150 s (a
+        # pass of this loop takes a second or more, so a test for an exact second could miss).
+        if [ "$t" -ge "$sample_at" ]; then
             python3 scripts/gpu/stacks.py "$pid" "$RAW/stacks-$(basename "$log" .log)-$t.txt"
+            sample_at=$((sample_at < 150 ? 150 : 1000000))
         fi
     done
     wait "$pid" 2>/dev/null

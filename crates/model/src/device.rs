@@ -36,6 +36,12 @@ pub fn parse(spec: &str) -> Result<Device, ModelError> {
     Ok(device)
 }
 
+/// Whether `spec` names a device this build has, without opening it: for validating a config,
+/// which should not start a GPU (the launch opens the device it runs on, through [`parse`]).
+pub fn check_available(spec: &str) -> Result<(), ModelError> {
+    parse_unopened(spec).map(drop)
+}
+
 /// [`parse`] without opening the device.
 fn parse_unopened(spec: &str) -> Result<Device, ModelError> {
     let (kind, index) = match spec.split_once(':') {

@@ -154,7 +154,7 @@ pub fn gradient_deviations(got: &[(String, Vec<f32>)], want: &[(String, Vec<f32>
         .enumerate()
         .map(|(i, ((shape, g), (_, w)))| {
             let scale = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            let diff = g.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(if g.len() == w.len() { 0.0 } else { f32::INFINITY }, f32::max);
+            let diff = if g.len() == w.len() { g.iter().zip(w).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max) } else { f32::INFINITY };
             (format!("parameter {i} {shape}"), if scale > 1e-7 { diff / scale } else { f32::INFINITY })
         })
         .collect()

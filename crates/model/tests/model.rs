@@ -267,7 +267,6 @@ fn generation_rejects_bad_prompts() {
     assert!(generate(&model, &[vec![1]], &long).unwrap_err().to_string().contains("max_seq_len"));
 }
 
-/// Every parameter's gradient, flattened, in the module's visiting order.
 /// The fused CPU kernels (cross-entropy, attention, RoPE, SwiGLU, RMSNorm) give the loss and
 /// every parameter's gradient that Burn's composed ops give, on a model with grouped-query
 /// attention and sequences longer than one attention block.

@@ -283,7 +283,7 @@ impl Default for RunConfig {
 impl RunConfig {
     pub fn validate(&self) -> Result<(), String> {
         crate::precision::parse(&self.dtype)?;
-        if let Err(e) = llama_model::device::parse(&self.device) {
+        if let Err(e) = llama_model::device::check_available(&self.device) {
             return Err(format!("run.device: {e}"));
         }
         if self.peak_tflops.is_some_and(|p| !(p > 0.0)) {

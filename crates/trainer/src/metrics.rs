@@ -114,8 +114,8 @@ impl Metrics {
     }
 }
 
-/// Rewrites `path` (JSON lines with a `step`) without the rows of step `from` or later; lines
-/// that are not such rows are kept.
+/// Rewrites `path` (JSON lines with a `step`) without the rows of step `from` or later, and
+/// without lines that are not JSON (a row torn by a kill); JSON lines without a step are kept.
 fn drop_rows_from(path: &Path, from: u64) -> anyhow::Result<()> {
     let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
     let keep = |line: &str| match serde_json::from_str::<serde_json::Value>(line) {
