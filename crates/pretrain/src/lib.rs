@@ -286,7 +286,7 @@ pub fn run_config(cfg: PretrainConfig, model_config: LlamaConfig, origin: &str, 
         }
         manifest.check_tokenizer(tokenizer.fingerprint(), tokenizer.vocab_size(), &cfg.data.shards)?;
     }
-    let device = llama_model::device::parse(&cfg.run.device)?;
+    let device = llama_trainer::parallel::rank_device(&cfg.run).map_err(anyhow::Error::msg)?;
     device.seed(cfg.train.seed);
     let train_device = device.clone().autodiff();
     // Each rank reads every `world`-th window of the one global stream.

@@ -263,7 +263,7 @@ impl<'a> PpoRun<'a> {
         let (prompts, longest) = load_prompts_with_longest(&cfg.data.prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
         let eval_prompts = load_prompts_for(&cfg.data.eval_prompts, &tokenizer, p.max_new_tokens, policy_config.max_seq_len)?;
         check_ppo_fits(cfg, &policy_config, longest, origin)?;
-        let device = llama_model::device::parse(&cfg.run.device)?;
+        let device = llama_trainer::parallel::rank_device(&cfg.run).map_err(anyhow::Error::msg)?;
         device.seed(p.seed);
         let train_device = device.clone().autodiff();
         let (policy_config, policy) = init_model(start, &train_device).with_context(|| format!("{origin}: policy"))?;

@@ -142,7 +142,7 @@ impl<'a> RsRun<'a> {
         let rs = &cfg.rejection_sampling;
         let tokenizer = cfg.data.load_tokenizer(origin)?;
         let toolbox = rs.tools.as_ref().map(|t| t.toolbox("rejection_sampling.tools")).transpose().map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
-        let device = llama_model::device::parse(&cfg.run.device)?;
+        let device = llama_trainer::parallel::rank_device(&cfg.run).map_err(anyhow::Error::msg)?;
         let train_device = device.clone().autodiff();
         let (policy_config, mut policy) = init_model(&cfg.policy, &train_device).with_context(|| format!("{origin}: policy"))?;
         let scorers = load_scorers(cfg, &policy_config, &tokenizer, &device, origin)?;

@@ -12,8 +12,8 @@ use crate::config::{RunConfig, TrainConfig};
 /// logits chunks and optimizer placement) fits in its memory.
 pub fn check_launch(run: &RunConfig, model: &LlamaConfig, train: &TrainConfig, seq_len: usize) -> Result<llama_model::Precision, String> {
     let precision = crate::precision::parse(&run.dtype)?;
-    // Opens a GPU device, so that a missing driver is this error before any work.
-    let device = llama_model::device::parse(&run.device).map_err(|e| format!("run.device: {e}"))?;
+    // Opens this rank's GPU, so that a missing driver is this error before any work.
+    let device = crate::parallel::rank_device(run)?;
     precision.check_device(&device, &run.device)?;
     let plan = run.training_memory(precision, train);
     check_fits(run, model, train.micro_batch_size, seq_len, &plan)?;
@@ -72,7 +72,8 @@ pub fn device_capacity(run: &RunConfig) -> Option<(u64, String)> {
     if llama_model::device::is_cpu(&run.device) {
         return Some((llama_model::host_memory::total_bytes()?, "/proc/meminfo MemTotal".into()));
     }
-    let index = run.device.split_once(':').map_or("0", |(_, i)| i);
+    let name = crate::parallel::rank_device_name(run).ok()?;
+    let index = name.split_once(':').map_or("0", |(_, i)| i);
     let out = std::process::Command::new("nvidia-smi").args(["--query-gpu=memory.total", "--format=csv,noheader,nounits", "-i", index]).output().ok()?;
     let mib: u64 = String::from_utf8_lossy(&out.stdout).trim().parse().ok()?;
     Some((mib << 20, format!("nvidia-smi, GPU {index}")))

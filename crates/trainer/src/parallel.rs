@@ -23,26 +23,48 @@ use crate::objective::Objective;
 use crate::optim::scale_grads;
 
 /// The devices of a run: `count` of the kind in `spec` (`flex`, `vulkan`, `cuda:2`, ...), indices
-/// counting up from the one given. On `flex` there is one CPU device: N replicas share it (for
-/// testing the arithmetic; no speed-up).
+/// counting up from the one given, or under MPI from this rank's share of its node ([`device_names`]).
+/// On `flex` there is one CPU device: N replicas share it (for testing the arithmetic; no speed-up).
 pub fn devices(spec: &str, count: usize) -> Result<Vec<Device>, String> {
+    device_names(spec, count, local_rank())?
+        .iter()
+        .map(|name| llama_model::device::parse(name).map(|d| d.autodiff()).map_err(|e| format!("run.devices: {e}")))
+        .collect()
+}
+
+/// This process's first device (no autodiff), the one a stage builds its model on and the launch
+/// check measures: `run.device` in one process; under MPI the node-local rank's, so that the
+/// ranks of a node neither all compute on GPU 0 nor each open a context there.
+pub fn rank_device(run: &crate::config::RunConfig) -> Result<Device, String> {
+    let first = rank_device_name(run)?;
+    llama_model::device::parse(&first).map_err(|e| format!("run.device: {e}"))
+}
+
+/// The name of [`rank_device`] (e.g. `cuda:3`), for messages and `nvidia-smi -i`.
+pub fn rank_device_name(run: &crate::config::RunConfig) -> Result<String, String> {
+    Ok(device_names(&run.device, run.devices, local_rank())?.swap_remove(0))
+}
+
+/// The node-local rank in an MPI job, `None` in one process.
+fn local_rank() -> Option<usize> {
+    let world = crate::distributed::world();
+    world.is_distributed().then(|| world.local_rank())
+}
+
+/// The names of `count` devices of `spec`'s kind for a process that is `local_rank` on its node
+/// (`None`: not an MPI job): indices count up from `spec`'s; in an MPI job each rank of a node
+/// takes the next `count` (`cuda:LOCAL_RANK` for one each), unless `spec` names an index. The CPU
+/// is one device, named `count` times.
+pub fn device_names(spec: &str, count: usize, local_rank: Option<usize>) -> Result<Vec<String>, String> {
     if count == 0 {
         return Err("run.devices must be >= 1".into());
     }
     let (kind, first) = match spec.split_once(':') {
         Some((k, i)) => (k, i.parse::<usize>().map_err(|_| format!("run.device `{spec}`: `{i}` is not a device index"))?),
-        None => (spec, 0),
+        None => (spec, local_rank.map_or(0, |r| r * count)),
     };
-    // In an MPI job each rank of a node takes the next `count` devices (`cuda:LOCAL_RANK` for
-    // one each), unless the spec names an index.
-    let world = crate::distributed::world();
-    let first = if world.is_distributed() && !spec.contains(':') { world.local_rank() * count } else { first };
-    (0..count)
-        .map(|i| {
-            let name = if llama_model::device::is_cpu(kind) || (count == 1 && first == 0) { spec.to_string() } else { format!("{kind}:{}", first + i) };
-            llama_model::device::parse(&name).map(|d| d.autodiff()).map_err(|e| format!("run.devices: {e}"))
-        })
-        .collect()
+    let keep_spec = llama_model::device::is_cpu(kind) || (count == 1 && first == 0);
+    Ok((0..count).map(|i| if keep_spec { spec.to_string() } else { format!("{kind}:{}", first + i) }).collect())
 }
 
 /// How a step's passes run: the compute dtype, the memory saving of the forward, and whether
@@ -249,5 +271,25 @@ impl ModuleVisitor for SumOnto {
         if let Some(total) = total {
             self.out.register(param.id, total);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_mpi_rank_takes_its_own_devices_of_the_node() {
+        let names = |spec, count, rank| device_names(spec, count, rank).unwrap();
+        assert_eq!(names("cuda", 1, None), ["cuda"]);
+        assert_eq!(names("cuda", 2, None), ["cuda:0", "cuda:1"]);
+        assert_eq!(names("cuda:2", 2, None), ["cuda:2", "cuda:3"]);
+        assert_eq!(names("cuda", 1, Some(0)), ["cuda"]);
+        assert_eq!(names("cuda", 1, Some(3)), ["cuda:3"]);
+        assert_eq!(names("vulkan", 2, Some(1)), ["vulkan:2", "vulkan:3"]);
+        assert_eq!(names("cuda:1", 1, Some(3)), ["cuda:1"], "an index named in the config is every rank's");
+        assert_eq!(names("flex", 2, Some(1)), ["flex", "flex"]);
+        assert!(device_names("cuda", 0, None).unwrap_err().contains("run.devices"));
+        assert!(device_names("cuda:x", 1, Some(1)).unwrap_err().contains("`x` is not a device index"));
     }
 }

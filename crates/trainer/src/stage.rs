@@ -53,7 +53,7 @@ impl Stage {
     /// Seeds `run.device` with `seed` and loads the weights onto its autodiff twin, which it
     /// returns beside the model.
     pub fn load_model(&self, run: &RunConfig, seed: u64) -> anyhow::Result<(Device, Llama)> {
-        let device = llama_model::device::parse(&run.device)?;
+        let device = crate::parallel::rank_device(run).map_err(anyhow::Error::msg)?;
         device.seed(seed);
         let train_device = device.autodiff();
         let (config, model) = crate::checkpoint::init_model(&self.init, &train_device).with_context(|| format!("{}: init", self.origin))?;
