@@ -20,10 +20,13 @@
 #      with Burn's attention instead of ours (A/B), PyTorch with torch.compile, ours in f32 (its
 #      kernels compile anew), ours on vulkan f16.
 # What comes back from a device call is at most 8 files of 16 MiB, so OUT (default
-# runs/gpu-check) holds three: gpu-check.log (this script's output, written as it goes),
+# runs/gpu-check) holds four: gpu-check.log (this script's output, written as it goes),
 # raw.tar.xz (every log, JSON, metrics file, nvidia-smi sample and CubeCL log, packed when the
-# script ends, also on a TERM) and kernel-cache.tar.xz (CubeCL's compiled kernels and autotune
-# results, for CACHE_IN of a later check). Copy what matters to docs/gpu/.
+# script ends, also on a TERM), kernel-cache.tar.xz (CubeCL's compiled kernels and autotune
+# results, for CACHE_IN of a later check) and kernel-sources.log.xz (CubeCL's compilation log at
+# level "full": every kernel's name, id and CUDA C++ source, in the order compiled, so that
+# scripts/gpu/nvrtc_replay.py can time NVRTC on each of them on any CPU; KERNEL_SOURCES=0 logs
+# the names only). Copy what matters to docs/gpu/.
 # The whole run keeps within BUDGET_S seconds (default 500: give the device call ~40 s more):
 # every limit below is cut to what is left of it less PACK_S (45) for packing, and a phase that
 # would start with under a minute left is skipped and says so.
@@ -58,6 +61,7 @@ CONFIG_125M="${CONFIG_125M:-configs/gpu-125m.toml}"
 SHAPE="${SHAPE:---batch 16 --seq-len 512}"
 HALF="${HALF:-bf16}"
 CACHE_IN="${CACHE_IN:-docs/gpu/kernel-cache-h200.tar.xz}"
+KERNEL_SOURCES="${KERNEL_SOURCES:-1}"
 started=$SECONDS
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
@@ -112,9 +116,12 @@ if [ -f "$CACHE_IN" ]; then
     mkdir -p target && tar -xJf "$CACHE_IN" -C target && echo "kernel cache from $CACHE_IN: $(du -sh target/environment | cut -f1)"
 fi
 # Each compilation CubeCL logs, stamped as it appears: the gap after a line is about what
-# compiling that kernel (and running up to the next one) took.
+# compiling that kernel (and running up to the next one) took. CubeCL logs a kernel before it
+# compiles it: "[Compiling kernel] NAME" at level "basic"; at "full" a block that starts
+# "[START_KERNEL_COMPILATION]", "name: NAME", then its id and source (only the name is stamped).
+COMPILED='^(\[Compiling kernel\]|\[START_KERNEL_COMPILATION\])'
 touch "$RAW/cubecl-compilation.log"
-tail -n +1 -F "$RAW/cubecl-compilation.log" 2>/dev/null | while IFS= read -r line; do
+tail -n +1 -F "$RAW/cubecl-compilation.log" 2>/dev/null | grep --line-buffered -E '^(\[Compiling kernel\]|name: )' | while IFS= read -r line; do
     printf '%s %s\n' "$(date +%s.%N)" "${line:0:240}"
 done >"$RAW/compilations-timed.log" &
 pack() {
@@ -122,11 +129,18 @@ pack() {
     stamp "packing"
     pkill -P $$ tail 2>/dev/null
     [ -n "${running:-}" ] && kill -9 "$running" 2>/dev/null
-    echo "compilation log: $(wc -l <"$RAW/cubecl-compilation.log" 2>/dev/null) lines; kernel cache: $(du -sh target/environment 2>/dev/null | cut -f1)"
+    echo "compilation log: $(grep -cE "$COMPILED" "$RAW/cubecl-compilation.log" 2>/dev/null) kernels, $(du -sh "$RAW/cubecl-compilation.log" | cut -f1); kernel cache: $(du -sh target/environment 2>/dev/null | cut -f1)"
     echo "the longest gaps after a logged compilation (s, kernel):"
     awk 'NR > 1 { printf "%8.2f  %s\n", $1 - t, k } { t = $1; $1 = ""; k = substr($0, 2, 150) }' "$RAW/compilations-timed.log" | sort -rn | head -10
     if [ -d target/environment ] && [ "$(du -sm target/environment | cut -f1)" -le 400 ]; then
         tar -cf - -C target environment | xz -T0 -6 >"$OUT/kernel-cache.tar.xz" && ls -l "$OUT/kernel-cache.tar.xz"
+    fi
+    if [ "$KERNEL_SOURCES" = 1 ]; then
+        # Its own file (a returned file holds at most 16 MiB): sources compress ~20x; the first
+        # 300 MB, should there be more.
+        head -c 300M "$RAW/cubecl-compilation.log" | xz -T0 -6 >"$OUT/kernel-sources.log.xz" && ls -l "$OUT/kernel-sources.log.xz"
+        [ "$(stat -c %s "$OUT/kernel-sources.log.xz")" -le 16000000 ] || { echo "  kernel-sources.log.xz over 16 MB: left out"; rm -f "$OUT/kernel-sources.log.xz"; }
+        rm -f "$RAW/cubecl-compilation.log"
     fi
     tar -cf - -C "$RAW" . | xz -T0 -6 >"$OUT/raw.tar.xz" && ls -l "$OUT/raw.tar.xz" && tar -tJf "$OUT/raw.tar.xz" | tr '\n' ' ' && echo
     [ -n "${own_toml:-}" ] && rm -f cubecl.toml
@@ -138,12 +152,14 @@ trap pack EXIT
 trap 'echo "  TERM: packing what there is"; exit 143' TERM INT
 if [ ! -e cubecl.toml ]; then
     own_toml=1
-    printf '[compilation.logger]\nlevel = "basic"\nfile = "%s"\n\n[autotune.logger]\nlevel = "minimal"\nfile = "%s"\n\n[profiling.logger]\nlevel = "disabled"\nfile = "%s"\n' \
-        "$RAW/cubecl-compilation.log" "$RAW/cubecl-autotune.log" "$RAW/cubecl-profiling.log" >cubecl.toml
+    level=basic
+    [ "$KERNEL_SOURCES" = 1 ] && level=full
+    printf '[compilation.logger]\nlevel = "%s"\nfile = "%s"\n\n[autotune.logger]\nlevel = "minimal"\nfile = "%s"\n\n[profiling.logger]\nlevel = "disabled"\nfile = "%s"\n' \
+        "$level" "$RAW/cubecl-compilation.log" "$RAW/cubecl-autotune.log" "$RAW/cubecl-profiling.log" >cubecl.toml
 fi
 
 status() { # pid, seconds
-    echo "  [$2 s: cpu $(awk '{print ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null) s, kernel cache $(du -sm target/environment 2>/dev/null | cut -f1) MB, $(cat "$RAW/cubecl-compilation.log" 2>/dev/null | wc -l) compilation log lines, gpu $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)]"
+    echo "  [$2 s: cpu $(awk '{print ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null) s, kernel cache $(du -sm target/environment 2>/dev/null | cut -f1) MB, $(grep -cE "$COMPILED" "$RAW/cubecl-compilation.log" 2>/dev/null) kernels compiled, gpu $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)]"
 }
 # Runs a command (output to LOG) for at most LIMIT seconds (cut to what is left of the budget),
 # printing every 15 s its CPU time, the kernel cache's size, the kernels compiled so far and the
