@@ -107,7 +107,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("log", help="CubeCL's compilation log at level full (kernel-sources.log.xz, unpacked)")
     p.add_argument("--cuda", required=True, help="a CUDA root with lib*/libnvrtc.so* and include/ (see the header)")
-    p.add_argument("--arch", default="sm_90a", help="what cubecl-cuda asks for on the GPU (sm_90a on an H100/H200)")
+    p.add_argument(
+        "--arch",
+        default="sm_90a",
+        help="what cubecl-cuda asks for (sm_90a on an H100/H200: PTX and a cubin, which cubecl-cuda drops); "
+        "compute_90a makes the PTX only, and the difference is ptxas, about what the driver pays again to load that PTX",
+    )
     p.add_argument("--opt", action="append", default=[], help="an extra NVRTC option (repeatable), e.g. --opt=-pch")
     p.add_argument("--hoist-includes", action="store_true", help="move each source's #include lines to its top, sorted")
     p.add_argument("--limit", type=int, default=0, help="only the first N kernels (0: all)")
