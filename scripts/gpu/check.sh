@@ -88,6 +88,11 @@ for f in $(for dir in $BIN; do ls -d "$dir"/*; done); do
     chmod +x "$bin/$name"
 done
 ls -l "$bin"
+# At level "full" CubeCL pipes each kernel's C++ through clang-format before logging and
+# compiling it (cubecl-cuda's load_transpiled), seconds for a run of large kernels; a stand-in
+# that fails at once keeps the sources as generated (and the log equal to what NVRTC compiled).
+mkdir -p "$bin/no-clang-format" && printf '#!/bin/sh\nexit 1\n' >"$bin/no-clang-format/clang-format" && chmod +x "$bin/no-clang-format/clang-format"
+export PATH="$bin/no-clang-format:$PATH"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || echo "nvidia-smi not found"
 nproc; free -g | head -2
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" 2>/dev/null || echo "no torch"
