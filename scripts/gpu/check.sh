@@ -141,7 +141,7 @@ pack() {
         tar -cf - -C target environment | xz -T0 -6 >"$OUT/kernel-cache.tar.xz" && ls -l "$OUT/kernel-cache.tar.xz"
     fi
     if [ "$KERNEL_SOURCES" = 1 ]; then
-        # Its own file (a returned file holds at most 16 MiB): sources compress ~20x; the first
+        # Its own file (a returned file holds at most 16 MiB): sources compress ~10x; the first
         # 300 MB, should there be more.
         head -c 300M "$RAW/cubecl-compilation.log" | xz -T0 -6 >"$OUT/kernel-sources.log.xz" && ls -l "$OUT/kernel-sources.log.xz"
         [ "$(stat -c %s "$OUT/kernel-sources.log.xz")" -le 16000000 ] || { echo "  kernel-sources.log.xz over 16 MB: left out"; rm -f "$OUT/kernel-sources.log.xz"; }
