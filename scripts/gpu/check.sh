@@ -124,7 +124,7 @@ fi
 # compiling that kernel (and running up to the next one) took. CubeCL logs a kernel before it
 # compiles it: "[Compiling kernel] NAME" at level "basic"; at "full" a block that starts
 # "[START_KERNEL_COMPILATION]", "name: NAME", then its id and source (only the name is stamped).
-COMPILED='^(\[Compiling kernel\]|\[START_KERNEL_COMPILATION\])'
+kernels_compiled() { grep -cE '^(\[Compiling kernel\]|\[START_KERNEL_COMPILATION\])' "$RAW/cubecl-compilation.log" 2>/dev/null; }
 touch "$RAW/cubecl-compilation.log"
 tail -n +1 -F "$RAW/cubecl-compilation.log" 2>/dev/null | grep --line-buffered -E '^(\[Compiling kernel\]|name: )' | while IFS= read -r line; do
     printf '%s %s\n' "$(date +%s.%N)" "${line:0:240}"
@@ -134,7 +134,7 @@ pack() {
     stamp "packing"
     pkill -P $$ tail 2>/dev/null
     [ -n "${running:-}" ] && kill -9 "$running" 2>/dev/null
-    echo "compilation log: $(grep -cE "$COMPILED" "$RAW/cubecl-compilation.log" 2>/dev/null) kernels, $(du -sh "$RAW/cubecl-compilation.log" | cut -f1); kernel cache: $(du -sh target/environment 2>/dev/null | cut -f1)"
+    echo "compilation log: $(kernels_compiled) kernels, $(du -sh "$RAW/cubecl-compilation.log" | cut -f1); kernel cache: $(du -sh target/environment 2>/dev/null | cut -f1)"
     echo "the longest gaps after a logged compilation (s, kernel):"
     awk 'NR > 1 { printf "%8.2f  %s\n", $1 - t, k } { t = $1; $1 = ""; k = substr($0, 2, 150) }' "$RAW/compilations-timed.log" | sort -rn | head -10
     if [ -d target/environment ] && [ "$(du -sm target/environment | cut -f1)" -le 400 ]; then
@@ -164,7 +164,7 @@ if [ ! -e cubecl.toml ]; then
 fi
 
 status() { # pid, seconds
-    echo "  [$2 s: cpu $(awk '{print ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null) s, kernel cache $(du -sm target/environment 2>/dev/null | cut -f1) MB, $(grep -cE "$COMPILED" "$RAW/cubecl-compilation.log" 2>/dev/null) kernels compiled, gpu $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)]"
+    echo "  [$2 s: cpu $(awk '{print ($14 + $15) / 100}' "/proc/$1/stat" 2>/dev/null) s, kernel cache $(du -sm target/environment 2>/dev/null | cut -f1) MB, $(kernels_compiled) kernels compiled, gpu $(nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader 2>/dev/null)]"
 }
 # Runs a command (output to LOG) for at most LIMIT seconds (cut to what is left of the budget),
 # printing every 15 s its CPU time, the kernel cache's size, the kernels compiled so far and the
