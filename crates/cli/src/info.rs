@@ -153,8 +153,9 @@ pub fn run(args: InfoArgs) -> Result<()> {
         }
     }
     println!(
-        "\nexpected peak = device total x {} (peak device memory measured on an H100 over this estimate); host = f32 master weights, AdamW moments and f32 gradients ({})",
-        llama_model::memory::MEASURED_OVERHEAD,
+        "\nexpected peak = resident state (weights, master, grads, AdamW) x {} + activations x {} (peaks measured on an H100 and an H200 over this estimate); host = f32 master weights, AdamW moments and f32 gradients ({})",
+        llama_model::memory::RESIDENT_OVERHEAD,
+        llama_model::memory::ACTIVATION_OVERHEAD,
         if ranks == 1 { "streamed a parameter at a time into the update" } else { "whole, flattened for the collectives" }
     );
     if ppo {
@@ -234,7 +235,9 @@ fn print_ppo(
         }
     }
     println!(
-        "policy and value = weights, master, gradients, AdamW and activations each; the update's activations and the rollout's KV cache are never alive at once, so the peak counts the larger; the rlhf stage runs f32 with both AdamWs on the device today"
+        "policy and value = weights, master, gradients, AdamW and activations each; the update's activations and the rollout's KV cache are never alive at once, so the peak counts the larger (x {}; the rest x {})",
+        llama_model::memory::ACTIVATION_OVERHEAD,
+        llama_model::memory::RESIDENT_OVERHEAD
     );
 }
 

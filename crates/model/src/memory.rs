@@ -26,8 +26,8 @@ pub struct TrainingMemory {
     /// in `precision`): the fused CPU attention does (flex, f32); on a GPU attention recomputes
     /// them in backward and keeps none.
     pub keeps_attention_probs: bool,
-    /// Micro-batches per optimizer step on each device: with the optimizer on the host and more
-    /// than one, their gradients are summed on the device in f32 (an f32 copy of the gradients).
+    /// Micro-batches per optimizer step on each device: with more than one, their gradients are
+    /// summed on the device in f32 (an f32 copy of the gradients), wherever the optimizer is.
     pub micro_batches: usize,
     /// With the optimizer on the host: whether the step's gradients come down a parameter at a
     /// time into the in-place update (one process on one device, `trainer::sharded`'s
@@ -63,8 +63,8 @@ pub struct MemoryEstimate {
     pub weights: u64,
     /// f32 master copy kept beside low-precision weights on the device (0 in f32 or on the host).
     pub master_weights: u64,
-    /// A micro-batch's gradients in the compute dtype, plus, with the optimizer on the host and
-    /// several micro-batches a step, their f32 sum (it leaves the device once per step).
+    /// A micro-batch's gradients in the compute dtype, plus, with several micro-batches a step,
+    /// their f32 sum (with the optimizer on the host it leaves the device once per step).
     pub gradients: u64,
     /// AdamW first and second moments, always f32 (0 when on the host).
     pub optimizer: u64,
@@ -78,12 +78,29 @@ pub struct MemoryEstimate {
     pub host_gradients: u64,
 }
 
-/// What a run really takes over [`MemoryEstimate::total`]: on an H100 (Vulkan) the 134M config's
-/// peak device memory (nvidia-smi) was 1.32x the estimate in f32 and 1.31x in f16 (allocator
-/// pools, the f32 logits copy, buffers kept for backward; docs/benchmarks.md). Measured when
-/// attention was Burn's composed op, whose two kept score-sized tensors per layer the estimate
-/// then counted; not re-measured since attention recomputes them.
-pub const MEASURED_OVERHEAD: f64 = 1.35;
+/// What a run really takes over the estimate of its resident state (weights, f32 master,
+/// gradients and their sum, AdamW moments): these are allocated at their exact sizes, and
+/// allocator rounding and the GPU context add a little. With [`ACTIVATION_OVERHEAD`] it covers
+/// the three peaks measured with nvidia-smi (docs/benchmarks.md): Llama 2 7B, 1 x 4096, f16,
+/// block recomputation, optimizer on the host, on an H200 through Vulkan: 33.94 GiB, against
+/// 25.10 GiB of state and 6.85 of activations (1.06x the sum; this model gives 35.95); and the
+/// 134M config, 16 x 512, on an H100 through Vulkan: 21.2 GiB in f32 and 13.3 in f16, against
+/// about 2.0 GiB of state and 14.4 and 8.2 of activations (this model gives 22.3 and 13.6).
+pub const RESIDENT_OVERHEAD: f64 = 1.05;
+
+/// What the activations really take over their estimate: allocator pools of many mid-sized
+/// buffers, the f32 copies of logits, buffers kept for backward that the estimate leaves out.
+/// The 134M runs above show it (1.33x in f32, 1.37x in f16, taking the state at
+/// [`RESIDENT_OVERHEAD`]); they were measured when attention was Burn's composed op, whose two
+/// kept score-sized tensors per layer the estimate then counted, and are not re-measured since
+/// attention recomputes them. A single overhead on the whole total, as before, would charge the
+/// 7B state's 100 GiB (the f32 master and moments on the device) the 134M runs' activation slack.
+pub const ACTIVATION_OVERHEAD: f64 = 1.4;
+
+/// The peak to plan for from a device's `resident` state and `transient` activations.
+pub fn expected_peak(resident: u64, transient: u64) -> u64 {
+    (resident as f64 * RESIDENT_OVERHEAD + transient as f64 * ACTIVATION_OVERHEAD) as u64
+}
 
 impl MemoryEstimate {
     /// The device's total.
@@ -96,26 +113,27 @@ impl MemoryEstimate {
         self.host_master_weights + self.host_optimizer + self.host_gradients
     }
 
-    /// The peak to plan for: the total times [`MEASURED_OVERHEAD`].
+    /// The peak to plan for: the resident state and the activations, each with its measured
+    /// overhead ([`expected_peak`]).
     pub fn expected_peak(&self) -> u64 {
-        (self.total() as f64 * MEASURED_OVERHEAD) as u64
+        expected_peak(self.total() - self.activations, self.activations)
     }
 }
 
 impl LlamaConfig {
     /// Memory needed to train on one device with `micro_batch` sequences of `seq_len` tokens.
     ///
-    /// Weights and gradients in the compute dtype; AdamW moments in f32 and an f32 master copy
-    /// (when the compute dtype is not f32) on the device, or with `OptimizerPlacement::Host` on
-    /// the host, with the gradients summed in f32 on the device over several micro-batches. Activations count the tensors our forward keeps
-    /// for backward and the logits with their f32 softmax and gradient; with `Recompute::Block`,
-    /// each block's input plus twice one block's tensors (its re-run and the gradients flowing
-    /// through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
+    /// Weights and gradients in the compute dtype, and with several micro-batches a step their
+    /// f32 sum; AdamW moments in f32 and an f32 master copy (when the compute dtype is not f32)
+    /// on the device, or with `OptimizerPlacement::Host` on the host. Activations count the
+    /// tensors our forward keeps for backward and the logits with their f32 softmax and
+    /// gradient; with `Recompute::Block`, each block's input plus twice one block's tensors (its
+    /// re-run and the gradients flowing through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
     /// tensor on a GPU (it recomputes its probabilities in backward, `crate::attention`), its
     /// probabilities with `keeps_attention_probs` (the fused CPU kernel); one layer's attention
     /// at a time holds four `[batch, heads, seq, seq]` tensors while it runs (Burn's composed
     /// forward, where the flash kernel does not launch). An estimate: allocator slack and
-    /// workspace are not counted (see [`MEASURED_OVERHEAD`]).
+    /// workspace are not counted ([`expected_peak`] adds them).
     pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> MemoryEstimate {
         self.estimate(self.num_params(), self.vocab_size as u64, micro_batch, seq_len, plan)
     }
@@ -158,7 +176,9 @@ impl LlamaConfig {
         let logits = logit_rows * outputs * (b + 4 + 4);
         let master = if plan.precision == Precision::F32 { 0 } else { p * 4 };
         let on_host = plan.optimizer == OptimizerPlacement::Host;
-        let gradient_sum = if on_host && plan.micro_batches > 1 { p * 4 } else { 0 };
+        // Several micro-batches a step: their f32 sum beside each pass's gradients (the trainer's
+        // `parallel::backward_part` adds them in a parameter at a time).
+        let gradient_sum = if plan.micro_batches > 1 { p * 4 } else { 0 };
         let largest_param = (self.vocab_size as u64).max(self.ffn_hidden() as u64) * d;
         let host_gradients = if plan.streams_gradients { largest_param * STREAMED_BYTES_PER_VALUE } else { p * 4 };
         MemoryEstimate {
@@ -179,9 +199,16 @@ impl LlamaConfig {
     pub fn ppo_memory_estimate(&self, reward: &LlamaConfig, micro_batch: usize, seq_len: usize, rollout_batch: usize, plan: &TrainingMemory) -> PpoMemory {
         let b = plan.precision.bytes();
         let kv_dim = (self.n_kv_heads() * self.head_dim()) as u64;
+        let (mut policy, mut value) = (self.memory_estimate(micro_batch, seq_len, plan), reward.reward_model_memory_estimate(micro_batch, seq_len, plan));
+        if plan.optimizer == OptimizerPlacement::Device {
+            // PPO's passes beside an f32 master run on its tracked cast (`Precision::compute_copy`),
+            // whose backward hands the gradients back in f32.
+            policy.gradients = self.num_params() * 4;
+            value.gradients = reward.reward_model_params() * 4;
+        }
         PpoMemory {
-            policy: self.memory_estimate(micro_batch, seq_len, plan),
-            value: reward.reward_model_memory_estimate(micro_batch, seq_len, plan),
+            policy,
+            value,
             reference: self.num_params() * b,
             reward_models: 2 * reward.reward_model_params() * b,
             kv_cache: 2 * self.n_layers as u64 * kv_dim * (rollout_batch * seq_len) as u64 * b,
@@ -209,13 +236,19 @@ impl PpoMemory {
     /// the rollout's KV cache, which are never alive at once.
     pub fn total(&self) -> u64 {
         let resident = |m: &MemoryEstimate| m.total() - m.activations;
-        let transient = (self.policy.activations + self.value.activations).max(self.kv_cache);
-        resident(&self.policy) + resident(&self.value) + self.reference + self.reward_models + transient
+        resident(&self.policy) + resident(&self.value) + self.reference + self.reward_models + self.transient()
     }
 
-    /// The peak to plan for: the total times [`MEASURED_OVERHEAD`].
+    /// The larger of the update's activations and the rollout's KV cache.
+    pub fn transient(&self) -> u64 {
+        (self.policy.activations + self.value.activations).max(self.kv_cache)
+    }
+
+    /// The peak to plan for: the resident models and the transient part (activations or KV
+    /// cache), each with its measured overhead ([`expected_peak`]).
     pub fn expected_peak(&self) -> u64 {
-        (self.total() as f64 * MEASURED_OVERHEAD) as u64
+        let transient = self.transient();
+        expected_peak(self.total() - transient, transient)
     }
 
     /// The host's total (the two AdamWs' state with the optimizer on the host).
@@ -280,6 +313,13 @@ mod tests {
             c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, optimizer: OptimizerPlacement::Host, ..TrainingMemory::new(Precision::Bf16) });
         assert_eq!(accumulating.total() - host.total(), 4 * p);
         assert_eq!(accumulating.host_total(), host.host_total());
+        // The same sum with the optimizer on the device (trainer's `gradient_memory` test measures both).
+        let on_device = c.memory_estimate(1, 4096, &TrainingMemory { micro_batches: 8, ..TrainingMemory::new(Precision::Bf16) });
+        assert_eq!(on_device.total() - plain.total(), 4 * p);
+        // The expected peak charges the activations more slack than the state.
+        let peak = on_device.expected_peak() as f64;
+        let state = (on_device.total() - on_device.activations) as f64;
+        assert!((peak - (state * RESIDENT_OVERHEAD + on_device.activations as f64 * ACTIVATION_OVERHEAD)).abs() < 2.0);
         // One process on one device: the gradients stream, a few of the embedding's 131 M
         // values at a time (3.1 GB, not 27 GB).
         let streaming = c.memory_estimate(
@@ -327,5 +367,10 @@ mod tests {
         let big = policy.ppo_memory_estimate(&reward, 2, 64, 4096, &plan);
         assert_eq!(big.total(), resident + big.kv_cache);
         assert!(big.kv_cache > big.policy.activations + big.value.activations);
+        // Beside an f32 master on the device the passes' gradients are f32; a host master's
+        // copy hands them back in the compute dtype.
+        assert_eq!(m.policy.gradients, policy.num_params() * 4);
+        let host = policy.ppo_memory_estimate(&reward, 2, 64, 8, &TrainingMemory { optimizer: OptimizerPlacement::Host, ..plan });
+        assert_eq!(host.policy.gradients, policy.num_params() * 2);
     }
 }

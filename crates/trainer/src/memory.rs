@@ -2,7 +2,7 @@
 //! it (the model crate's estimate of one device's training memory: weights, f32 master copy,
 //! gradients, AdamW moments, activations of a micro-batch, against what the device has).
 
-use llama_model::memory::MEASURED_OVERHEAD;
+use llama_model::memory::{ACTIVATION_OVERHEAD, RESIDENT_OVERHEAD};
 use llama_model::{LlamaConfig, OptimizerPlacement, Recompute, TrainingMemory};
 
 use crate::config::{RunConfig, TrainConfig};
@@ -101,7 +101,7 @@ pub fn check_fits(run: &RunConfig, model: &LlamaConfig, micro_batch: usize, seq_
     }
     knobs.push("or choose a larger device");
     Err(format!(
-        "this run needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate of micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {}, activations {} GiB) but the device has {} GiB ({source}); {} (`llama info --config ... --micro-batch N --recompute block --optimizer host` prints the estimate)",
+        "this run needs about {} GiB on device `{}` (micro-batch {micro_batch} x seq {seq_len} in {}: weights {}, f32 master {}, gradients {}, AdamW {} GiB, x {RESIDENT_OVERHEAD}; activations {} GiB, x {ACTIVATION_OVERHEAD}) but the device has {} GiB ({source}); {} (`llama info --config ... --micro-batch N --recompute block --optimizer host` prints the estimate)",
         g(expected),
         run.device,
         precision.name(),
@@ -124,7 +124,7 @@ pub fn check_ppo_fits(run: &RunConfig, m: &llama_model::PpoMemory, micro_batch: 
         return Ok(());
     }
     Err(format!(
-        "PPO needs about {} GiB on device `{}` ({MEASURED_OVERHEAD}x the estimate: policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB)) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
+        "PPO needs about {} GiB on device `{}` (policy {}, value model {}, reference {}, reward models {} GiB, and the larger of the update's activations (minibatch {micro_batch} x seq {seq_len}) and the rollout's KV cache ({rollout_batch} sequences, {} GiB); the resident models x {RESIDENT_OVERHEAD}, that larger part x {ACTIVATION_OVERHEAD}) but the device has {} GiB ({source}); lower ppo.batch_size or ppo.minibatch_size, set memory.recompute = \"block\", or choose a larger device (`llama info --config ... --ppo` prints the estimate)",
         g(expected),
         run.device,
         g(m.policy.total()),

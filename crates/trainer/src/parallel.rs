@@ -14,7 +14,7 @@
 //! [`reduce`] is the one function to swap when NCCL is available to test.
 
 use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use burn::optim::{GradientsAccumulator, GradientsParams};
+use burn::optim::GradientsParams;
 use burn::tensor::{Device, FloatDType, Tensor};
 use llama_model::Precision;
 use llama_model::recompute::{MemorySaving, with_memory_saving};
@@ -113,6 +113,14 @@ impl ModuleMapper for CastLeaves {
 /// `model`'s device: in f32, or with a host master and a single micro-batch in the compute
 /// dtype) and the sum of their (unscaled) losses. `total_weight` is the whole step's, across all
 /// replicas.
+///
+/// Memory, per parameter: in a half precision the passes run on a copy whose parameters are
+/// fresh leaves in the compute dtype (a host master's copy already is one; else it is made
+/// here from the f32 master), so a pass hands back its gradients in that dtype, and they are
+/// added into the f32 sum one parameter at a time. The device then holds the copy, the pass's
+/// gradients and the sum: 2 + 2 + 4 bytes in bf16, as `LlamaConfig::memory_estimate` counts. A
+/// cast tracked by autodiff would hand back every gradient in f32 at once, beside the sum (4
+/// bytes more), and casting the pass's gradients before summing would too.
 pub fn backward_part<'a, M, O>(
     model: &M,
     objective: &O,
@@ -126,44 +134,48 @@ where
     O: Objective<M>,
     O::Batch: 'a,
 {
-    let mut accumulator = GradientsAccumulator::<M>::new();
+    let mut sum = GradientsParams::new();
     let mut loss_sum = 0.0;
-    // A device copy is already in the compute dtype.
+    // A host master's device copy is already in the compute dtype.
     let precision = if plan.host_master { Precision::F32 } else { plan.precision };
     let batches: Vec<&O::Batch> = batches.into_iter().collect();
-    // With a host master and several micro-batches, their gradients are summed on the device in
-    // f32 (in the compute dtype the sum would round) and come down to the host once per step;
-    // a single micro-batch's come down as they are and are cast there. (Without one, the
-    // gradients reach the f32 master's leaves through the tracked cast, in f32.)
-    let sum_on_device = plan.host_master && batches.len() > 1;
+    // The sum is f32, except a host master's single micro-batch: its gradients come down to the
+    // host as they are, and are cast there.
+    let in_f32 = !(plan.host_master && batches.len() == 1);
     for batch in batches {
         let grads = with_memory_saving(plan.saving, || {
-            // A fresh compute copy per micro-batch: a backward pass consumes the graph, casts included.
-            let compute = precision.compute_copy(model);
+            // A fresh compute copy per micro-batch: a backward pass consumes the graph.
+            let compute = match precision {
+                Precision::F32 => model.clone(),
+                half => model.clone().map(&mut CastLeaves(half.dtype())),
+            };
             let loss = objective.loss_sum(&compute, batch).cast(FloatDType::F32);
             loss_sum += loss.clone().into_scalar::<f32>() as f64;
-            loss.mul_scalar(scale / total_weight).backward()
+            let grads = loss.mul_scalar(scale / total_weight).backward();
+            GradientsParams::from_grads(grads, &compute)
         });
-        let mut grads = GradientsParams::from_grads(grads, model);
-        if sum_on_device {
-            model.visit(&mut CastGrads { grads: &mut grads, dtype: FloatDType::F32 });
-        }
-        accumulator.accumulate(model, grads);
+        model.visit(&mut AddInto { sum: &mut sum, grads, in_f32 });
     }
-    (accumulator.grads(), loss_sum)
+    (sum, loss_sum)
 }
 
-/// Casts every parameter's gradient to `dtype` where it is (a no-op for those already in it).
-struct CastGrads<'a> {
-    grads: &'a mut GradientsParams,
-    dtype: FloatDType,
+/// Adds each parameter's gradient in `grads` into `sum` (cast to f32 first when `in_f32`), a
+/// parameter at a time, so that only one parameter's cast exists beside the gradients still to add.
+struct AddInto<'a> {
+    sum: &'a mut GradientsParams,
+    grads: GradientsParams,
+    in_f32: bool,
 }
 
-impl ModuleVisitor for CastGrads<'_> {
+impl ModuleVisitor for AddInto<'_> {
     fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
         if let Some(g) = self.grads.remove::<D>(param.id) {
-            let g = if g.dtype() == self.dtype.into() { g } else { g.cast(self.dtype) };
-            self.grads.register(param.id, g);
+            let g = if self.in_f32 && g.dtype() != FloatDType::F32.into() { g.cast(FloatDType::F32) } else { g };
+            let total = match self.sum.remove::<D>(param.id) {
+                Some(s) => s + g,
+                None => g,
+            };
+            self.sum.register(param.id, total);
         }
     }
 }

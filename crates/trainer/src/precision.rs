@@ -1,13 +1,17 @@
 //! Mixed precision, as the training loop does it (Burn has no autocast and no loss scaler).
 //!
 //! The model the optimizer sees (the *master*) always holds f32 parameters, and AdamW's moments
-//! are f32 because they are made from f32 gradients. For each step the loop builds a *compute
-//! copy* (`Precision::compute_copy`): every parameter cast to bf16 or f16 **as a tracked autodiff op**. The forward and
-//! backward passes run in the compute dtype; the cast's backward turns each parameter's gradient
-//! back into f32 on the master parameter, so `GradientsParams::from_grads(grads, &master)` reads
-//! f32 gradients and the update is applied in f32. Numerically sensitive parts stay f32 inside the
-//! model: RMSNorm statistics (Burn's `RmsNorm`), and the logits, which `Llama::project` casts to f32
-//! before any log-softmax.
+//! are f32 because they are made from f32 gradients. For each micro-batch the loop builds a
+//! *compute copy*: every parameter cast to bf16 or f16 as a fresh leaf with the master
+//! parameter's id (`parallel::backward_part`; with `run.optimizer = "host"` the optimizer writes
+//! that copy itself). The forward and backward passes run in the compute dtype, and each
+//! parameter's gradient is cast to f32 as it is added into the step's f32 sum, one parameter at a
+//! time (a host master's single micro-batch is cast on the host), so that the update is applied
+//! in f32 and no second full set of f32 gradients is ever held (`tests/gradient_memory.rs`
+//! measures it). `Precision::compute_copy`, a cast tracked by
+//! autodiff, gives the same gradients and serves the stages' frozen models and PPO's passes.
+//! Numerically sensitive parts stay f32 inside the model: RMSNorm statistics (Burn's `RmsNorm`),
+//! and the logits, which `Llama::project` casts to f32 before any log-softmax.
 //!
 //! f16 has a narrow exponent range, so it also needs loss scaling ([`LossScale`]): the loss is
 //! multiplied by a large factor before the backward pass so small gradients do not flush to
