@@ -33,18 +33,19 @@
 # Environment: BIN (folders of the binaries or their .xz, default gpu-bin), OUT, PHASES (default
 # "1 2 3 4 5 6 7"), STEPS_7B (3), LIMIT_7B (seconds from the 7B launch, 300), LIMIT_FIRST (seconds
 # for each bench and the 30 steps, 420: the first one compiles the kernels), LIMIT_CHECK (phase 1,
-# 150), CACHE_IN
-# (default docs/gpu/kernel-cache-h200.tar.xz when it exists), BUDGET_S, PACK_S. To try the
-# script's machinery without a GPU (wgpu on lavapipe, see path_on_cpu.sh): DEVICE=wgpu HALF=f16
-# CONFIG_125M=configs/tiny.toml SHAPE="--batch 2 --seq-len 64" PHASES="2 3 4" (wgpu has no bf16).
+# 150), CACHE_IN (default docs/gpu/kernel-cache-h200.tar.xz when it exists), BUDGET_S, PACK_S,
+# KERNEL_SOURCES (1). To try the script's machinery without a GPU (wgpu on lavapipe, see
+# path_on_cpu.sh): DEVICE=wgpu HALF=f16 CONFIG_125M=configs/tiny.toml SHAPE="--batch 2
+# --seq-len 64" PHASES="2 3 4" (wgpu has no bf16).
 # A device call carries at most 64 MiB with the working tree (7.9 MB): gpu-bin/ (48 MB,
 # scripts/gpu/build.sh) fits, so one call runs everything; device time is scarce (15 minutes a
 # session, start-up included), so the most telling phases go first:
 #   carry ["gpu-bin"], timeout_s 590:  BUDGET_S=540 PHASES="2 4 1 5 3 7 6" scripts/gpu/check.sh
 # (phase 2 compiles the bf16 kernels that phases 4 and 3 reuse; phase 1, LIMIT_CHECK 150 s, the
 # small checks' own; 5 compiles 7B's shapes). On a fresh machine compiling may take most of the
-# call (2026-12-04: the first step of gpu-125m did not end in 170 s): the headline figure first. A second call on the same machine while it is warm (it is given back
-# after ~30 s idle) finds the kernels the first compiled in target/environment.
+# call (2026-12-04: the first step of gpu-125m did not end in 170 s): the headline figure first.
+# A second call on the same machine while it is warm (it is given back after ~30 s idle) finds
+# the kernels the first compiled in target/environment.
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 BIN="${BIN:-gpu-bin}"

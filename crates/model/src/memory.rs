@@ -128,12 +128,12 @@ impl LlamaConfig {
     /// on the device, or with `OptimizerPlacement::Host` on the host. Activations count the
     /// tensors our forward keeps for backward and the logits with their f32 softmax and
     /// gradient; with `Recompute::Block`, each block's input plus twice one block's tensors (its
-    /// re-run and the gradients flowing through it); with `logits_chunk`, the logits of one chunk. Attention keeps no score-sized
-    /// tensor on a GPU (it recomputes its probabilities in backward, `crate::attention`), its
-    /// probabilities with `keeps_attention_probs` (the fused CPU kernel); one layer's attention
-    /// at a time holds four `[batch, heads, seq, seq]` tensors while it runs (Burn's composed
-    /// forward, where the flash kernel does not launch). An estimate: allocator slack and
-    /// workspace are not counted ([`expected_peak`] adds them).
+    /// re-run and the gradients flowing through it); with `logits_chunk`, the logits of one
+    /// chunk. Attention keeps no score-sized tensor on a GPU (it recomputes its probabilities in
+    /// backward, `crate::attention`), its probabilities with `keeps_attention_probs` (the fused
+    /// CPU kernel); one layer's attention at a time holds four `[batch, heads, seq, seq]`
+    /// tensors while it runs (Burn's composed forward, where the flash kernel does not launch).
+    /// An estimate: allocator slack and workspace are not counted ([`expected_peak`] adds them).
     pub fn memory_estimate(&self, micro_batch: usize, seq_len: usize, plan: &TrainingMemory) -> MemoryEstimate {
         self.estimate(self.num_params(), self.vocab_size as u64, micro_batch, seq_len, plan)
     }
@@ -203,8 +203,8 @@ impl LlamaConfig {
         if plan.optimizer == OptimizerPlacement::Device {
             // PPO's passes beside an f32 master run on its tracked cast (`Precision::compute_copy`),
             // whose backward hands the gradients back in f32.
-            policy.gradients = self.num_params() * 4;
-            value.gradients = reward.reward_model_params() * 4;
+            policy.gradients += self.num_params() * (4 - b);
+            value.gradients += reward.reward_model_params() * (4 - b);
         }
         PpoMemory {
             policy,

@@ -7,8 +7,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering::Relaxed};
 
-use burn::tensor::activation::log_softmax;
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::{Device, Tensor};
 use llama_model::{Llama, LlamaConfig, OptimizerPlacement, TrainingMemory};
 use llama_trainer::parallel::{StepPlan, accumulate, device_copy};
 use llama_trainer::{Metrics, Objective, Precision};
@@ -70,13 +69,7 @@ impl Objective<Llama> for Sequences {
         batch.len() * (batch[0].len() - 1)
     }
     fn loss_sum(&self, model: &Llama, batch: &Self::Batch) -> Tensor<1> {
-        let t = batch[0].len() - 1;
-        let inputs: Vec<i64> = batch.iter().flat_map(|w| w[..t].iter().map(|&x| x as i64)).collect();
-        let targets: Vec<i64> = batch.iter().flat_map(|w| w[1..].iter().map(|&x| x as i64)).collect();
-        let logits = model.forward(Tensor::<2, Int>::from_data(TensorData::new(inputs, [batch.len(), t]), &self.0));
-        let [b, t, v] = logits.dims();
-        let targets = Tensor::<2, Int>::from_data(TensorData::new(targets, [b * t, 1]), &self.0);
-        log_softmax(logits.reshape([b * t, v]), 1).gather(1, targets).sum().neg()
+        llama_model::loss::cross_entropy_sum(model, batch, &self.0)
     }
     fn evaluate(&mut self, _: &Llama, _: u64, _: &mut Metrics) -> anyhow::Result<()> {
         Ok(())
